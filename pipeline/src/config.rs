@@ -1,0 +1,527 @@
+//! Configuration: command-line flags, environment variables and a TOML file, resolved once into
+//! validated [`Settings`] before anything starts.
+//!
+//! Precedence, highest first: flag, environment variable (`TCPLAKE_*`), config file, built-in default.
+//! The file is strict (`deny_unknown_fields`): a misspelt key is an error naming the key and line, not
+//! a silently ignored setting.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+
+/// How the pipeline is deployed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Capture, aggregate and sink in one process, joined by bounded in-memory channels.
+    Monolith,
+}
+
+/// Where events come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceKind {
+    /// A deterministic generated workload (from --seed, exactly --events events); needs no privileges.
+    Synthetic,
+}
+
+/// Form of the end-of-run summary.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum SummaryFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+const ABOUT: &str =
+    "Capture TCP telemetry, aggregate it per flow and window, and write both the raw \
+event log and the flow table as Parquet that DuckDB reads directly.";
+
+const LONG_ABOUT: &str = "\
+Capture TCP telemetry, aggregate it per flow and window, and write both the raw event log \
+(events/) and the flow table (flows/) as Parquet that DuckDB reads directly.
+
+MODES
+  monolith   capture -> aggregate -> sink in one process; stages hand batches over bounded
+             in-memory channels (a full channel makes the producer wait, nothing is dropped).
+
+OUTPUT
+  <out>/events/date=YYYY-MM-DD/hour=HH/*.parquet   one row per event (the source of truth)
+  <out>/flows/date=YYYY-MM-DD/hour=HH/*.parquet    one row per flow per window (the projection)
+
+  Query:  duckdb -c \"SELECT sum(bytes_sent) FROM read_parquet('tcplake-data/flows/**/*.parquet', \
+hive_partitioning = true)\"
+
+CONFIGURATION
+  Every flag can also be set in a TOML file (--config) or an environment variable (shown per flag).
+  Precedence: flag > environment > file > default. SIGINT/SIGTERM flush everything and exit 0.";
+
+/// Command-line flags. Every value is optional here so the file and defaults can fill the gaps.
+#[derive(Debug, Parser, Default)]
+#[command(name = "tcplake", version, about = ABOUT, long_about = LONG_ABOUT)]
+pub struct Cli {
+    /// TOML configuration file.
+    #[arg(long, env = "TCPLAKE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Deployment mode [default: monolith].
+    #[arg(long, env = "TCPLAKE_MODE", value_enum)]
+    pub mode: Option<Mode>,
+    /// Event source [default: synthetic].
+    #[arg(long, env = "TCPLAKE_SOURCE", value_enum)]
+    pub source: Option<SourceKind>,
+    /// Number of events the synthetic source produces, exactly [default: 1000000].
+    #[arg(long, env = "TCPLAKE_EVENTS", value_name = "N")]
+    pub events: Option<u64>,
+    /// Seed of the synthetic workload [default: 1].
+    #[arg(long, env = "TCPLAKE_SEED", value_name = "S")]
+    pub seed: Option<u64>,
+    /// Event time of the first synthetic event, RFC 3339 [default: 2026-01-01T00:00:00Z].
+    #[arg(long, env = "TCPLAKE_START", value_name = "TIME")]
+    pub start: Option<String>,
+    /// Pace the source to this many events per second of wall time [default: as fast as possible].
+    #[arg(long, env = "TCPLAKE_RATE", value_name = "EVENTS_PER_SEC")]
+    pub rate: Option<u64>,
+    /// Output directory [default: ./tcplake-data].
+    #[arg(long, env = "TCPLAKE_OUT", value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Tumbling window length in seconds [default: 10].
+    #[arg(long, env = "TCPLAKE_WINDOW", value_name = "SECS")]
+    pub window: Option<u64>,
+    /// How far behind the newest event a window stays open, in seconds [default: 5].
+    #[arg(long, env = "TCPLAKE_ALLOWED_LATENESS", value_name = "SECS")]
+    pub allowed_lateness: Option<u64>,
+    /// Name of this node, stored in every row [default: the host name].
+    #[arg(long, env = "TCPLAKE_NODE")]
+    pub node: Option<String>,
+    /// Events per batch moved between stages [default: 4096].
+    #[arg(long, env = "TCPLAKE_BATCH_SIZE", value_name = "N")]
+    pub batch_size: Option<usize>,
+    /// Capacity of each in-memory edge, in batches [default: 16].
+    #[arg(long, env = "TCPLAKE_CHANNEL_CAPACITY", value_name = "BATCHES")]
+    pub channel_capacity: Option<usize>,
+    /// Close a Parquet file at this size, e.g. 128MiB [default: 128MiB].
+    #[arg(long, env = "TCPLAKE_MAX_FILE_SIZE", value_name = "SIZE")]
+    pub max_file_size: Option<String>,
+    /// Close a Parquet file after it has been open this long, e.g. 5m [default: 5m].
+    #[arg(long, env = "TCPLAKE_MAX_FILE_AGE", value_name = "DURATION")]
+    pub max_file_age: Option<String>,
+    /// Print the end-of-run summary as text or JSON.
+    #[arg(long, env = "TCPLAKE_SUMMARY", value_enum, default_value_t)]
+    pub summary: SummaryFormat,
+}
+
+/// The TOML file. Same settings as the flags, grouped by stage.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub mode: Option<Mode>,
+    pub node: Option<String>,
+    #[serde(default)]
+    pub capture: FileCapture,
+    #[serde(default)]
+    pub aggregate: FileAggregate,
+    #[serde(default)]
+    pub sink: FileSink,
+    #[serde(default)]
+    pub edge: FileEdge,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCapture {
+    pub source: Option<SourceKind>,
+    pub events: Option<u64>,
+    pub seed: Option<u64>,
+    pub start: Option<String>,
+    pub rate: Option<u64>,
+    pub batch_size: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAggregate {
+    pub window_secs: Option<u64>,
+    pub allowed_lateness_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSink {
+    pub out: Option<PathBuf>,
+    pub max_file_size: Option<String>,
+    pub max_file_age: Option<String>,
+    pub row_group_rows: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEdge {
+    pub channel_capacity: Option<usize>,
+}
+
+/// A configuration problem, phrased for the person who made it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file `{path}`: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file `{path}`{location}: {message}")]
+    Parse {
+        path: PathBuf,
+        location: String,
+        message: String,
+    },
+    #[error("invalid {setting} `{value}`: {reason}")]
+    Invalid {
+        setting: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+fn invalid(setting: &'static str, value: impl ToString, reason: impl ToString) -> ConfigError {
+    ConfigError::Invalid {
+        setting,
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// Fully resolved, validated settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Settings {
+    pub mode: Mode,
+    pub node: String,
+    pub source: SourceKind,
+    pub events: u64,
+    pub seed: u64,
+    pub start_us: i64,
+    pub rate: Option<u64>,
+    pub batch_size: usize,
+    pub window: Duration,
+    pub allowed_lateness: Duration,
+    pub out: PathBuf,
+    pub max_file_bytes: u64,
+    pub max_file_age: Duration,
+    pub row_group_rows: usize,
+    pub channel_capacity: usize,
+    pub summary: SummaryFormat,
+}
+
+/// Defaults, in one place (documented in `docs/configuration.md`).
+pub mod defaults {
+    pub const EVENTS: u64 = 1_000_000;
+    pub const SEED: u64 = 1;
+    pub const START: &str = "2026-01-01T00:00:00Z";
+    pub const BATCH_SIZE: usize = 4096;
+    pub const WINDOW_SECS: u64 = 10;
+    pub const ALLOWED_LATENESS_SECS: u64 = 5;
+    pub const OUT: &str = "./tcplake-data";
+    pub const MAX_FILE_SIZE: &str = "128MiB";
+    pub const MAX_FILE_AGE: &str = "5m";
+    pub const ROW_GROUP_ROWS: usize = 131_072;
+    pub const CHANNEL_CAPACITY: usize = 16;
+}
+
+impl FileConfig {
+    /// Reads and parses a config file; errors name the file, line and key.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let location = e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+                    format!(" line {line}")
+                })
+                .unwrap_or_default();
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                location,
+                message: e.message().replace('\n', " "),
+            }
+        })
+    }
+}
+
+/// Parses `128MiB`, `64MB`, `1GiB`, `4096`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| "expected a number with an optional unit, e.g. 128MiB".to_string())?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "kb" => 1_000,
+        "kib" | "k" => 1 << 10,
+        "mb" => 1_000_000,
+        "mib" | "m" => 1 << 20,
+        "gb" => 1_000_000_000,
+        "gib" | "g" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` (use B, KiB, MiB, GiB, KB, MB or GB)"
+            ))
+        }
+    };
+    n.checked_mul(mult).ok_or_else(|| "too large".to_string())
+}
+
+fn default_node() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "node".into());
+    let clean: String = raw
+        .trim()
+        .chars()
+        .map(|c| if is_node_char(c) { c } else { '-' })
+        .collect();
+    if clean.is_empty() {
+        "node".into()
+    } else {
+        clean
+    }
+}
+
+fn is_node_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+}
+
+impl Settings {
+    /// Resolves flags + environment (already merged by clap) over the file over the defaults.
+    pub fn resolve(cli: &Cli) -> Result<Self, ConfigError> {
+        let file = match &cli.config {
+            Some(p) => FileConfig::load(p)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(cli, file)
+    }
+
+    pub fn merge(cli: &Cli, file: FileConfig) -> Result<Self, ConfigError> {
+        let node = cli.node.clone().or(file.node).unwrap_or_else(default_node);
+        if node.is_empty() || node.len() > 64 || !node.chars().all(is_node_char) {
+            return Err(invalid(
+                "node name",
+                &node,
+                "use 1-64 characters from A-Z a-z 0-9 . _ -",
+            ));
+        }
+        let start = cli
+            .start
+            .clone()
+            .or(file.capture.start)
+            .unwrap_or_else(|| defaults::START.into());
+        let start_us = humantime::parse_rfc3339(&start)
+            .map_err(|e| invalid("start time", &start, e))?
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|_| invalid("start time", &start, "must be after 1970"))?
+            .as_micros() as i64;
+        let window_secs = cli
+            .window
+            .or(file.aggregate.window_secs)
+            .unwrap_or(defaults::WINDOW_SECS);
+        if window_secs == 0 || window_secs > 86_400 {
+            return Err(invalid(
+                "window",
+                window_secs,
+                "must be between 1 and 86400 seconds",
+            ));
+        }
+        let lateness = cli
+            .allowed_lateness
+            .or(file.aggregate.allowed_lateness_secs)
+            .unwrap_or(defaults::ALLOWED_LATENESS_SECS);
+        if lateness > 86_400 {
+            return Err(invalid(
+                "allowed lateness",
+                lateness,
+                "must be at most 86400 seconds",
+            ));
+        }
+        let batch_size = cli
+            .batch_size
+            .or(file.capture.batch_size)
+            .unwrap_or(defaults::BATCH_SIZE);
+        if !(1..=1_000_000).contains(&batch_size) {
+            return Err(invalid(
+                "batch size",
+                batch_size,
+                "must be between 1 and 1000000",
+            ));
+        }
+        let channel_capacity = cli
+            .channel_capacity
+            .or(file.edge.channel_capacity)
+            .unwrap_or(defaults::CHANNEL_CAPACITY);
+        if !(1..=65_536).contains(&channel_capacity) {
+            return Err(invalid(
+                "channel capacity",
+                channel_capacity,
+                "must be between 1 and 65536",
+            ));
+        }
+        let size = cli
+            .max_file_size
+            .clone()
+            .or(file.sink.max_file_size)
+            .unwrap_or_else(|| defaults::MAX_FILE_SIZE.into());
+        let max_file_bytes = parse_size(&size).map_err(|e| invalid("max file size", &size, e))?;
+        if max_file_bytes < 1024 {
+            return Err(invalid("max file size", &size, "must be at least 1KiB"));
+        }
+        let age = cli
+            .max_file_age
+            .clone()
+            .or(file.sink.max_file_age)
+            .unwrap_or_else(|| defaults::MAX_FILE_AGE.into());
+        let max_file_age =
+            humantime::parse_duration(&age).map_err(|e| invalid("max file age", &age, e))?;
+        if max_file_age.is_zero() {
+            return Err(invalid("max file age", &age, "must be longer than zero"));
+        }
+        let row_group_rows = file.sink.row_group_rows.unwrap_or(defaults::ROW_GROUP_ROWS);
+        if row_group_rows == 0 {
+            return Err(invalid("row_group_rows", 0, "must be at least 1"));
+        }
+        if cli.rate == Some(0) || file.capture.rate == Some(0) {
+            return Err(invalid(
+                "rate",
+                0,
+                "must be at least 1 event per second (omit it for no pacing)",
+            ));
+        }
+        Ok(Settings {
+            mode: cli.mode.or(file.mode).unwrap_or(Mode::Monolith),
+            node,
+            source: cli
+                .source
+                .or(file.capture.source)
+                .unwrap_or(SourceKind::Synthetic),
+            events: cli
+                .events
+                .or(file.capture.events)
+                .unwrap_or(defaults::EVENTS),
+            seed: cli.seed.or(file.capture.seed).unwrap_or(defaults::SEED),
+            start_us,
+            rate: cli.rate.or(file.capture.rate),
+            batch_size,
+            window: Duration::from_secs(window_secs),
+            allowed_lateness: Duration::from_secs(lateness),
+            out: cli
+                .out
+                .clone()
+                .or(file.sink.out)
+                .unwrap_or_else(|| defaults::OUT.into()),
+            max_file_bytes,
+            max_file_age,
+            row_group_rows,
+            channel_capacity,
+            summary: cli.summary,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<FileConfig, ConfigError> {
+        FileConfig::parse(Path::new("t.toml"), text)
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let err = parse("node = \"a\"\n[aggregate]\nwindow = 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("t.toml` line 3"), "{err}");
+        assert!(err.contains("unknown field `window`"), "{err}");
+        assert!(!err.contains('\n'), "one line: {err}");
+    }
+
+    #[test]
+    fn precedence_is_flag_over_file_over_default() {
+        let file =
+            parse("[aggregate]\nwindow_secs = 30\n[capture]\nevents = 7\nseed = 9\n").unwrap();
+        let cli = Cli {
+            seed: Some(3),
+            node: Some("n1".into()),
+            ..Cli::default()
+        };
+        let s = Settings::merge(&cli, file).unwrap();
+        assert_eq!(s.window, Duration::from_secs(30));
+        assert_eq!(s.events, 7);
+        assert_eq!(s.seed, 3);
+        assert_eq!(s.batch_size, defaults::BATCH_SIZE);
+        assert_eq!(s.max_file_bytes, 128 << 20);
+        assert_eq!(s.max_file_age, Duration::from_secs(300));
+        assert_eq!(s.start_us, 1_767_225_600_000_000);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let node = || Cli {
+            node: Some("n".into()),
+            ..Cli::default()
+        };
+        let err = |cli: Cli| {
+            Settings::merge(&cli, FileConfig::default())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(Cli {
+            window: Some(0),
+            ..node()
+        })
+        .contains("invalid window `0`"));
+        assert!(err(Cli {
+            max_file_size: Some("12 parsecs".into()),
+            ..node()
+        })
+        .contains("max file size"));
+        assert!(err(Cli {
+            node: Some("a/b".into()),
+            ..Cli::default()
+        })
+        .contains("node name `a/b`"));
+        assert!(err(Cli {
+            start: Some("yesterday".into()),
+            ..node()
+        })
+        .contains("start time"));
+        assert!(err(Cli {
+            rate: Some(0),
+            ..node()
+        })
+        .contains("rate"));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("128MiB"), Ok(128 << 20));
+        assert_eq!(parse_size("64MB"), Ok(64_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("5 lightyears").is_err());
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

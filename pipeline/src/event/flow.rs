@@ -1,0 +1,111 @@
+//! The flow record: one row per flow per window in the `flows/` dataset.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use super::{Comm, Event, Family};
+
+/// What identifies a flow within a window. The owning process is part of the key, so a 4-tuple reused
+/// by another process within one window yields two rows rather than a mixed one.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub node: Arc<str>,
+    pub pid: u32,
+    pub comm: Comm,
+    pub cgroup_id: u64,
+    pub local_addr: IpAddr,
+    pub local_port: u16,
+    pub remote_addr: IpAddr,
+    pub remote_port: u16,
+}
+
+impl FlowKey {
+    pub fn of(node: &Arc<str>, e: &Event) -> Self {
+        FlowKey {
+            node: Arc::clone(node),
+            pid: e.pid,
+            comm: e.comm,
+            cgroup_id: e.cgroup_id,
+            local_addr: e.local_addr,
+            local_port: e.local_port,
+            remote_addr: e.remote_addr,
+            remote_port: e.remote_port,
+        }
+    }
+
+    pub fn family(&self) -> Family {
+        Family::of(&self.local_addr)
+    }
+
+    /// A stable 64-bit hash of the key (FNV-1a over its fields), identical on every platform and
+    /// release: used to shard flows across aggregators.
+    pub fn stable_hash(&self) -> u64 {
+        let mut h = Fnv1a::default();
+        h.write(self.node.as_bytes());
+        h.write(&self.pid.to_le_bytes());
+        h.write(&self.comm.0);
+        h.write(&self.cgroup_id.to_le_bytes());
+        for addr in [self.local_addr, self.remote_addr] {
+            match addr {
+                IpAddr::V4(a) => h.write(&a.octets()),
+                IpAddr::V6(a) => h.write(&a.octets()),
+            }
+        }
+        h.write(&self.local_port.to_le_bytes());
+        h.write(&self.remote_port.to_le_bytes());
+        h.0
+    }
+}
+
+struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Fnv1a(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv1a {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// One flow in one tumbling window. See `docs/data-model.md` for every column.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlowRecord {
+    /// Inclusive start of the window, µs since the epoch (UTC).
+    pub window_start_us: i64,
+    /// Exclusive end of the window, µs since the epoch (UTC).
+    pub window_end_us: i64,
+    pub key: FlowKey,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub retransmits: u64,
+    /// Number of RTT samples in the window; the RTT columns are `None` when it is 0.
+    pub rtt_samples: u64,
+    pub rtt_min_us: Option<u32>,
+    pub rtt_p50_us: Option<u32>,
+    pub rtt_p99_us: Option<u32>,
+    pub rtt_max_us: Option<u32>,
+    /// Transitions into `ESTABLISHED`.
+    pub connections_opened: u64,
+    /// Transitions into `CLOSE` from a state reached only after establishment.
+    pub connections_closed: u64,
+    /// Aborts: `ESTABLISHED`/`CLOSE_WAIT` straight to `CLOSE` (RST sent or received).
+    pub resets: u64,
+    /// Events folded into this record.
+    pub events: u64,
+}
+
+/// Flow records cut by the aggregate stage: the unit the flows edge moves.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FlowBatch {
+    /// Who produced the batch (the aggregator's id, e.g. `agg-0`).
+    pub producer: Arc<str>,
+    /// Position of this batch in the producer's output (0, 1, 2, ...).
+    pub seq: u64,
+    pub records: Vec<FlowRecord>,
+}

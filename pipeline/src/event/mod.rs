@@ -1,0 +1,154 @@
+//! The domain model: one TCP telemetry [`Event`], batches of them, and the per-flow, per-window
+//! [`FlowRecord`] the aggregate stage projects them into.
+//!
+//! The model is defined once and encoded three ways, each in its own submodule and tested against the
+//! others: the kernel record ([`probe_common::TcpEvent`], decoded in [`kernel`]), this domain type, and
+//! the explicit Arrow schemas of the two datasets ([`schema`]).
+
+pub mod flow;
+pub mod kernel;
+pub mod schema;
+mod tcp_state;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+pub use flow::{FlowBatch, FlowKey, FlowRecord};
+pub use tcp_state::TcpState;
+
+/// Address family of a connection, derived from its addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub fn of(addr: &IpAddr) -> Self {
+        match addr {
+            IpAddr::V4(_) => Family::Ipv4,
+            IpAddr::V6(_) => Family::Ipv6,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "ipv4",
+            Family::Ipv6 => "ipv6",
+        }
+    }
+}
+
+/// A process name (`task->comm`): at most 16 bytes, stored inline so events never allocate.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Comm([u8; probe_common::COMM_LEN]);
+
+impl Comm {
+    /// Takes the bytes up to the first NUL (the kernel pads `comm` with NULs).
+    pub fn from_bytes(raw: &[u8]) -> Self {
+        let mut out = [0u8; probe_common::COMM_LEN];
+        let len = raw
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(raw.len())
+            .min(out.len());
+        out[..len].copy_from_slice(&raw[..len]);
+        Comm(out)
+    }
+
+    /// Text form; bytes that are not UTF-8 are replaced (comm is set by the process and may be anything).
+    pub fn as_str(&self) -> std::borrow::Cow<'_, str> {
+        let len = self.0.iter().position(|&b| b == 0).unwrap_or(self.0.len());
+        String::from_utf8_lossy(&self.0[..len])
+    }
+}
+
+impl std::fmt::Debug for Comm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+/// What happened to a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// The socket moved from one TCP state to another.
+    StateChange { old: TcpState, new: TcpState },
+    /// A segment was retransmitted while the socket was in `state`.
+    Retransmit { state: TcpState },
+    /// A smoothed RTT / congestion window sample.
+    RttSample { srtt_us: u32, snd_cwnd: u32 },
+    /// The application wrote `bytes` to the socket.
+    BytesSent { bytes: u64 },
+    /// The application read `bytes` from the socket.
+    BytesReceived { bytes: u64 },
+}
+
+impl EventKind {
+    /// The `kind` column value in the `events/` dataset.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::StateChange { .. } => "state_change",
+            EventKind::Retransmit { .. } => "retransmit",
+            EventKind::RttSample { .. } => "rtt",
+            EventKind::BytesSent { .. } => "bytes_sent",
+            EventKind::BytesReceived { .. } => "bytes_received",
+        }
+    }
+}
+
+/// One TCP telemetry event, as every stage sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// Position of this event in its node's stream (0, 1, 2, ...): with `node` it identifies the event.
+    pub seq: u64,
+    /// Event time, microseconds since the Unix epoch (UTC).
+    pub ts_us: i64,
+    /// Identifies one socket for its lifetime (kernel socket address; synthetic ids otherwise).
+    pub sock_id: u64,
+    /// cgroup v2 id of the owning task (0 when unknown).
+    pub cgroup_id: u64,
+    /// Process id of the owning task.
+    pub pid: u32,
+    /// Process name of the owning task.
+    pub comm: Comm,
+    pub local_addr: IpAddr,
+    pub local_port: u16,
+    pub remote_addr: IpAddr,
+    pub remote_port: u16,
+    pub kind: EventKind,
+}
+
+impl Event {
+    pub fn family(&self) -> Family {
+        Family::of(&self.local_addr)
+    }
+}
+
+/// A batch of events from one node: the unit every edge moves.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EventBatch {
+    /// Name of the node that captured these events.
+    pub node: Arc<str>,
+    /// The events, in capture order; their `seq` values are consecutive.
+    pub events: Vec<Event>,
+    /// The capture clock when the batch was cut (µs, UTC), if the source has a live clock: lets the
+    /// aggregator close windows while no traffic flows. Sources with simulated time leave it `None`, so
+    /// their output never depends on the wall clock.
+    pub clock_us: Option<i64>,
+}
+
+impl EventBatch {
+    /// Stream position of the first event, if any.
+    pub fn first_seq(&self) -> Option<u64> {
+        self.events.first().map(|e| e.seq)
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+}

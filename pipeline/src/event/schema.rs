@@ -1,0 +1,451 @@
+//! The explicit Arrow schemas of the two datasets, and conversions in both directions.
+//!
+//! Schemas are written out field by field, never inferred, and versioned: [`SCHEMA_VERSION`] goes into
+//! every Parquet file's key-value metadata. Timestamps are microseconds, UTC (what DuckDB, Athena and
+//! Spark all read correctly). Addresses are text (`127.0.0.1`, `::1`) so they read naturally in SQL.
+
+use std::net::IpAddr;
+use std::sync::{Arc, LazyLock};
+
+use arrow::array::{
+    Array, ArrayRef, RecordBatch, StringArray, StringBuilder, TimestampMicrosecondArray,
+    UInt16Array, UInt32Array, UInt64Array,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::error::ArrowError;
+
+use super::{Comm, Event, EventKind, FlowKey, FlowRecord, TcpState};
+
+/// Version of both dataset schemas, stored in file metadata under [`SCHEMA_VERSION_KEY`].
+pub const SCHEMA_VERSION: u32 = 1;
+/// File metadata key holding [`SCHEMA_VERSION`].
+pub const SCHEMA_VERSION_KEY: &str = "tcplake.schema_version";
+
+fn ts_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+/// Schema of the `events/` dataset (the raw event log).
+pub fn events_schema() -> SchemaRef {
+    static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+        Arc::new(Schema::new(vec![
+            Field::new("ts", ts_type(), false),
+            Field::new("node", DataType::Utf8, false),
+            Field::new("seq", DataType::UInt64, false),
+            Field::new("kind", DataType::Utf8, false),
+            Field::new("pid", DataType::UInt32, false),
+            Field::new("comm", DataType::Utf8, false),
+            Field::new("cgroup_id", DataType::UInt64, false),
+            Field::new("sock_id", DataType::UInt64, false),
+            Field::new("family", DataType::Utf8, false),
+            Field::new("local_addr", DataType::Utf8, false),
+            Field::new("local_port", DataType::UInt16, false),
+            Field::new("remote_addr", DataType::Utf8, false),
+            Field::new("remote_port", DataType::UInt16, false),
+            Field::new("old_state", DataType::Utf8, true),
+            Field::new("new_state", DataType::Utf8, true),
+            Field::new("bytes", DataType::UInt64, true),
+            Field::new("srtt_us", DataType::UInt32, true),
+            Field::new("snd_cwnd", DataType::UInt32, true),
+        ]))
+    });
+    SCHEMA.clone()
+}
+
+/// Schema of the `flows/` dataset (the projection).
+pub fn flows_schema() -> SchemaRef {
+    static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+        Arc::new(Schema::new(vec![
+            Field::new("window_start", ts_type(), false),
+            Field::new("window_end", ts_type(), false),
+            Field::new("node", DataType::Utf8, false),
+            Field::new("pid", DataType::UInt32, false),
+            Field::new("comm", DataType::Utf8, false),
+            Field::new("cgroup_id", DataType::UInt64, false),
+            Field::new("family", DataType::Utf8, false),
+            Field::new("local_addr", DataType::Utf8, false),
+            Field::new("local_port", DataType::UInt16, false),
+            Field::new("remote_addr", DataType::Utf8, false),
+            Field::new("remote_port", DataType::UInt16, false),
+            Field::new("bytes_sent", DataType::UInt64, false),
+            Field::new("bytes_received", DataType::UInt64, false),
+            Field::new("retransmits", DataType::UInt64, false),
+            Field::new("rtt_samples", DataType::UInt64, false),
+            Field::new("rtt_min_us", DataType::UInt32, true),
+            Field::new("rtt_p50_us", DataType::UInt32, true),
+            Field::new("rtt_p99_us", DataType::UInt32, true),
+            Field::new("rtt_max_us", DataType::UInt32, true),
+            Field::new("connections_opened", DataType::UInt64, false),
+            Field::new("connections_closed", DataType::UInt64, false),
+            Field::new("resets", DataType::UInt64, false),
+            Field::new("events", DataType::UInt64, false),
+        ]))
+    });
+    SCHEMA.clone()
+}
+
+/// Why a record batch could not be read back as events or flows.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error("column `{0}` is missing")]
+    MissingColumn(&'static str),
+    #[error("column `{column}` has type {found}, expected {expected}")]
+    WrongType {
+        column: &'static str,
+        found: DataType,
+        expected: &'static str,
+    },
+    #[error("row {row}: column `{column}`: {reason}")]
+    BadValue {
+        row: usize,
+        column: &'static str,
+        reason: String,
+    },
+    #[error(transparent)]
+    Arrow(#[from] ArrowError),
+}
+
+fn strings<'a, I: Iterator<Item = &'a str>>(len: usize, values: I) -> ArrayRef {
+    let mut b = StringBuilder::with_capacity(len, len * 8);
+    for v in values {
+        b.append_value(v);
+    }
+    Arc::new(b.finish())
+}
+
+fn utc_micros(values: Vec<i64>) -> ArrayRef {
+    Arc::new(TimestampMicrosecondArray::from(values).with_timezone("UTC"))
+}
+
+/// Encodes events captured on `node` as a record batch of [`events_schema`].
+pub fn events_to_batch(node: &str, events: &[Event]) -> Result<RecordBatch, ArrowError> {
+    let n = events.len();
+    let mut addr_buf = String::with_capacity(48);
+    let mut local = StringBuilder::with_capacity(n, n * 12);
+    let mut remote = StringBuilder::with_capacity(n, n * 12);
+    let mut comm = StringBuilder::with_capacity(n, n * 8);
+    for e in events {
+        append_addr(&mut local, &mut addr_buf, e.local_addr);
+        append_addr(&mut remote, &mut addr_buf, e.remote_addr);
+        comm.append_value(e.comm.as_str());
+    }
+    let (old_state, new_state): (Vec<_>, Vec<_>) = events
+        .iter()
+        .map(|e| match e.kind {
+            EventKind::StateChange { old, new } => (Some(old.name()), Some(new.name())),
+            EventKind::Retransmit { state } => (None, Some(state.name())),
+            _ => (None, None),
+        })
+        .unzip();
+    let bytes: UInt64Array = events
+        .iter()
+        .map(|e| match e.kind {
+            EventKind::BytesSent { bytes } | EventKind::BytesReceived { bytes } => Some(bytes),
+            _ => None,
+        })
+        .collect();
+    let (srtt, cwnd): (Vec<_>, Vec<_>) = events
+        .iter()
+        .map(|e| match e.kind {
+            EventKind::RttSample { srtt_us, snd_cwnd } => (Some(srtt_us), Some(snd_cwnd)),
+            _ => (None, None),
+        })
+        .unzip();
+    let columns: Vec<ArrayRef> = vec![
+        utc_micros(events.iter().map(|e| e.ts_us).collect()),
+        strings(n, std::iter::repeat_n(node, n)),
+        Arc::new(UInt64Array::from_iter_values(events.iter().map(|e| e.seq))),
+        strings(n, events.iter().map(|e| e.kind.name())),
+        Arc::new(UInt32Array::from_iter_values(events.iter().map(|e| e.pid))),
+        Arc::new(comm.finish()),
+        Arc::new(UInt64Array::from_iter_values(
+            events.iter().map(|e| e.cgroup_id),
+        )),
+        Arc::new(UInt64Array::from_iter_values(
+            events.iter().map(|e| e.sock_id),
+        )),
+        strings(n, events.iter().map(|e| e.family().as_str())),
+        Arc::new(local.finish()),
+        Arc::new(UInt16Array::from_iter_values(
+            events.iter().map(|e| e.local_port),
+        )),
+        Arc::new(remote.finish()),
+        Arc::new(UInt16Array::from_iter_values(
+            events.iter().map(|e| e.remote_port),
+        )),
+        Arc::new(StringArray::from(old_state)),
+        Arc::new(StringArray::from(new_state)),
+        Arc::new(bytes),
+        Arc::new(UInt32Array::from(srtt)),
+        Arc::new(UInt32Array::from(cwnd)),
+    ];
+    RecordBatch::try_new(events_schema(), columns)
+}
+
+/// Encodes flow records as a record batch of [`flows_schema`].
+pub fn flows_to_batch(records: &[FlowRecord]) -> Result<RecordBatch, ArrowError> {
+    let n = records.len();
+    let mut addr_buf = String::with_capacity(48);
+    let mut local = StringBuilder::with_capacity(n, n * 12);
+    let mut remote = StringBuilder::with_capacity(n, n * 12);
+    let mut comm = StringBuilder::with_capacity(n, n * 8);
+    for r in records {
+        append_addr(&mut local, &mut addr_buf, r.key.local_addr);
+        append_addr(&mut remote, &mut addr_buf, r.key.remote_addr);
+        comm.append_value(r.key.comm.as_str());
+    }
+    let u64s = |f: fn(&FlowRecord) -> u64| -> ArrayRef {
+        Arc::new(UInt64Array::from_iter_values(records.iter().map(f)))
+    };
+    let rtt = |f: fn(&FlowRecord) -> Option<u32>| -> ArrayRef {
+        Arc::new(records.iter().map(f).collect::<UInt32Array>())
+    };
+    let columns: Vec<ArrayRef> = vec![
+        utc_micros(records.iter().map(|r| r.window_start_us).collect()),
+        utc_micros(records.iter().map(|r| r.window_end_us).collect()),
+        strings(n, records.iter().map(|r| &*r.key.node)),
+        Arc::new(UInt32Array::from_iter_values(
+            records.iter().map(|r| r.key.pid),
+        )),
+        Arc::new(comm.finish()),
+        u64s(|r| r.key.cgroup_id),
+        strings(n, records.iter().map(|r| r.key.family().as_str())),
+        Arc::new(local.finish()),
+        Arc::new(UInt16Array::from_iter_values(
+            records.iter().map(|r| r.key.local_port),
+        )),
+        Arc::new(remote.finish()),
+        Arc::new(UInt16Array::from_iter_values(
+            records.iter().map(|r| r.key.remote_port),
+        )),
+        u64s(|r| r.bytes_sent),
+        u64s(|r| r.bytes_received),
+        u64s(|r| r.retransmits),
+        u64s(|r| r.rtt_samples),
+        rtt(|r| r.rtt_min_us),
+        rtt(|r| r.rtt_p50_us),
+        rtt(|r| r.rtt_p99_us),
+        rtt(|r| r.rtt_max_us),
+        u64s(|r| r.connections_opened),
+        u64s(|r| r.connections_closed),
+        u64s(|r| r.resets),
+        u64s(|r| r.events),
+    ];
+    RecordBatch::try_new(flows_schema(), columns)
+}
+
+fn append_addr(b: &mut StringBuilder, buf: &mut String, addr: IpAddr) {
+    use std::fmt::Write;
+    buf.clear();
+    // Writing to a String cannot fail.
+    let _ = write!(buf, "{addr}");
+    b.append_value(buf.as_str());
+}
+
+/// Typed access to the columns of a record batch, with errors that name the column and row.
+struct Columns<'a>(&'a RecordBatch);
+
+impl<'a> Columns<'a> {
+    fn get<T: Array + 'static>(
+        &self,
+        name: &'static str,
+        expected: &'static str,
+    ) -> Result<&'a T, SchemaError> {
+        let col = self
+            .0
+            .column_by_name(name)
+            .ok_or(SchemaError::MissingColumn(name))?;
+        col.as_any()
+            .downcast_ref::<T>()
+            .ok_or_else(|| SchemaError::WrongType {
+                column: name,
+                found: col.data_type().clone(),
+                expected,
+            })
+    }
+    fn u64(&self, name: &'static str) -> Result<&'a UInt64Array, SchemaError> {
+        self.get(name, "UInt64")
+    }
+    fn u32(&self, name: &'static str) -> Result<&'a UInt32Array, SchemaError> {
+        self.get(name, "UInt32")
+    }
+    fn u16(&self, name: &'static str) -> Result<&'a UInt16Array, SchemaError> {
+        self.get(name, "UInt16")
+    }
+    fn str(&self, name: &'static str) -> Result<&'a StringArray, SchemaError> {
+        self.get(name, "Utf8")
+    }
+    fn ts(&self, name: &'static str) -> Result<&'a TimestampMicrosecondArray, SchemaError> {
+        self.get(name, "Timestamp(Microsecond)")
+    }
+}
+
+fn bad(row: usize, column: &'static str, reason: impl Into<String>) -> SchemaError {
+    SchemaError::BadValue {
+        row,
+        column,
+        reason: reason.into(),
+    }
+}
+
+fn opt<T: arrow::array::ArrowPrimitiveType>(
+    a: &arrow::array::PrimitiveArray<T>,
+    i: usize,
+) -> Option<T::Native> {
+    a.is_valid(i).then(|| a.value(i))
+}
+
+fn parse_addr(a: &StringArray, row: usize, column: &'static str) -> Result<IpAddr, SchemaError> {
+    a.value(row).parse().map_err(|_| {
+        bad(
+            row,
+            column,
+            format!("`{}` is not an IP address", a.value(row)),
+        )
+    })
+}
+
+fn parse_state(a: &StringArray, row: usize, column: &'static str) -> Result<TcpState, SchemaError> {
+    if a.is_null(row) {
+        return Err(bad(row, column, "missing TCP state"));
+    }
+    TcpState::from_name(a.value(row))
+        .ok_or_else(|| bad(row, column, format!("unknown TCP state `{}`", a.value(row))))
+}
+
+/// Decodes a record batch of [`events_schema`] back into `(node, event)` pairs (replay, wire codec).
+pub fn batch_to_events(batch: &RecordBatch) -> Result<Vec<(Arc<str>, Event)>, SchemaError> {
+    let c = Columns(batch);
+    let (ts, node, seq, kind) = (c.ts("ts")?, c.str("node")?, c.u64("seq")?, c.str("kind")?);
+    let (pid, comm, cgroup, sock) = (
+        c.u32("pid")?,
+        c.str("comm")?,
+        c.u64("cgroup_id")?,
+        c.u64("sock_id")?,
+    );
+    let (laddr, lport, raddr, rport) = (
+        c.str("local_addr")?,
+        c.u16("local_port")?,
+        c.str("remote_addr")?,
+        c.u16("remote_port")?,
+    );
+    let (old_state, new_state) = (c.str("old_state")?, c.str("new_state")?);
+    let (bytes, srtt, cwnd) = (c.u64("bytes")?, c.u32("srtt_us")?, c.u32("snd_cwnd")?);
+    let mut out = Vec::with_capacity(batch.num_rows());
+    let mut last_node: Option<Arc<str>> = None;
+    for i in 0..batch.num_rows() {
+        let node = match &last_node {
+            Some(n) if **n == *node.value(i) => Arc::clone(n),
+            _ => {
+                let n: Arc<str> = node.value(i).into();
+                last_node = Some(Arc::clone(&n));
+                n
+            }
+        };
+        let need_bytes = || opt(bytes, i).ok_or_else(|| bad(i, "bytes", "missing byte count"));
+        let kind = match kind.value(i) {
+            "state_change" => EventKind::StateChange {
+                old: parse_state(old_state, i, "old_state")?,
+                new: parse_state(new_state, i, "new_state")?,
+            },
+            "retransmit" => EventKind::Retransmit {
+                state: parse_state(new_state, i, "new_state")?,
+            },
+            "rtt" => EventKind::RttSample {
+                srtt_us: opt(srtt, i).ok_or_else(|| bad(i, "srtt_us", "missing RTT"))?,
+                snd_cwnd: opt(cwnd, i).unwrap_or(0),
+            },
+            "bytes_sent" => EventKind::BytesSent {
+                bytes: need_bytes()?,
+            },
+            "bytes_received" => EventKind::BytesReceived {
+                bytes: need_bytes()?,
+            },
+            other => return Err(bad(i, "kind", format!("unknown event kind `{other}`"))),
+        };
+        out.push((
+            node,
+            Event {
+                seq: seq.value(i),
+                ts_us: ts.value(i),
+                sock_id: sock.value(i),
+                cgroup_id: cgroup.value(i),
+                pid: pid.value(i),
+                comm: Comm::from_bytes(comm.value(i).as_bytes()),
+                local_addr: parse_addr(laddr, i, "local_addr")?,
+                local_port: lport.value(i),
+                remote_addr: parse_addr(raddr, i, "remote_addr")?,
+                remote_port: rport.value(i),
+                kind,
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// Decodes a record batch of [`flows_schema`] back into flow records.
+pub fn batch_to_flows(batch: &RecordBatch) -> Result<Vec<FlowRecord>, SchemaError> {
+    let c = Columns(batch);
+    let (ws, we, node, pid, comm) = (
+        c.ts("window_start")?,
+        c.ts("window_end")?,
+        c.str("node")?,
+        c.u32("pid")?,
+        c.str("comm")?,
+    );
+    let (cgroup, laddr, lport, raddr, rport) = (
+        c.u64("cgroup_id")?,
+        c.str("local_addr")?,
+        c.u16("local_port")?,
+        c.str("remote_addr")?,
+        c.u16("remote_port")?,
+    );
+    let (sent, recv, retx, samples) = (
+        c.u64("bytes_sent")?,
+        c.u64("bytes_received")?,
+        c.u64("retransmits")?,
+        c.u64("rtt_samples")?,
+    );
+    let (rmin, rp50, rp99, rmax) = (
+        c.u32("rtt_min_us")?,
+        c.u32("rtt_p50_us")?,
+        c.u32("rtt_p99_us")?,
+        c.u32("rtt_max_us")?,
+    );
+    let (opened, closed, resets, events) = (
+        c.u64("connections_opened")?,
+        c.u64("connections_closed")?,
+        c.u64("resets")?,
+        c.u64("events")?,
+    );
+    (0..batch.num_rows())
+        .map(|i| {
+            Ok(FlowRecord {
+                window_start_us: ws.value(i),
+                window_end_us: we.value(i),
+                key: FlowKey {
+                    node: node.value(i).into(),
+                    pid: pid.value(i),
+                    comm: Comm::from_bytes(comm.value(i).as_bytes()),
+                    cgroup_id: cgroup.value(i),
+                    local_addr: parse_addr(laddr, i, "local_addr")?,
+                    local_port: lport.value(i),
+                    remote_addr: parse_addr(raddr, i, "remote_addr")?,
+                    remote_port: rport.value(i),
+                },
+                bytes_sent: sent.value(i),
+                bytes_received: recv.value(i),
+                retransmits: retx.value(i),
+                rtt_samples: samples.value(i),
+                rtt_min_us: opt(rmin, i),
+                rtt_p50_us: opt(rp50, i),
+                rtt_p99_us: opt(rp99, i),
+                rtt_max_us: opt(rmax, i),
+                connections_opened: opened.value(i),
+                connections_closed: closed.value(i),
+                resets: resets.value(i),
+                events: events.value(i),
+            })
+        })
+        .collect()
+}

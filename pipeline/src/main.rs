@@ -1,0 +1,54 @@
+//! The `tcplake` binary: parse the configuration, set up logging, run the mode, print the summary.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use pipeline::config::{Cli, Settings, SummaryFormat};
+use pipeline::metrics::Metrics;
+use pipeline::{mode, shutdown};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let settings = match Settings::resolve(&cli) {
+        Ok(s) => s,
+        Err(e) => return fail(&anyhow::Error::new(e), 2),
+    };
+    match run(&settings) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e, 1),
+    }
+}
+
+fn run(settings: &Settings) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let (trigger, listener) = shutdown::channel();
+        shutdown::on_signals(trigger)?;
+        let metrics = Arc::new(Metrics::default());
+        let summary = mode::run(settings, metrics, listener).await?;
+        match settings.summary {
+            SummaryFormat::Text => println!("{summary}"),
+            SummaryFormat::Json => println!("{}", serde_json::to_string(&summary)?),
+        }
+        Ok(())
+    })
+}
+
+/// One line on stderr naming the problem, then a non-zero exit.
+fn fail(e: &anyhow::Error, code: u8) -> ExitCode {
+    eprintln!("tcplake: error: {e:#}");
+    ExitCode::from(code)
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

@@ -1,0 +1,176 @@
+//! Every metric tcplake exposes, named in one place.
+//!
+//! Stages count locally in their hot loops and publish here once per batch, so an atomic add is paid
+//! per batch, not per event. The same values feed the end-of-run summary and the Prometheus text
+//! rendering ([`Metrics::render_prometheus`]).
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// A monotonically increasing count.
+#[derive(Debug, Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A value that goes up and down (queue depths).
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    pub fn add(&self, n: i64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn sub(&self, n: i64) {
+        self.0.fetch_sub(n, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Capture stage counters.
+#[derive(Debug, Default)]
+pub struct CaptureMetrics {
+    pub events: Counter,
+    pub batches: Counter,
+    /// Kernel records that could not be decoded (skipped, each counted).
+    pub decode_errors: Counter,
+    /// Records the kernel could not queue because the ring buffer was full.
+    pub kernel_drops: Counter,
+}
+
+/// Aggregate stage counters.
+#[derive(Debug, Default)]
+pub struct AggregateMetrics {
+    pub events_in: Counter,
+    /// Events whose window had already closed: left out of `flows/`, kept in `events/`.
+    pub late_events: Counter,
+    pub records_out: Counter,
+    pub windows_closed: Counter,
+}
+
+/// Sink counters for one dataset.
+#[derive(Debug, Default)]
+pub struct SinkMetrics {
+    pub rows: Counter,
+    pub batches: Counter,
+    pub files: Counter,
+    pub bytes: Counter,
+}
+
+/// Queue depth (in batches) of each in-process edge.
+#[derive(Debug, Default)]
+pub struct EdgeMetrics {
+    pub events_to_aggregate: Arc<Gauge>,
+    pub events_to_sink: Arc<Gauge>,
+    pub flows_to_sink: Arc<Gauge>,
+}
+
+/// All metrics of one tcplake process.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub capture: CaptureMetrics,
+    pub aggregate: AggregateMetrics,
+    pub sink_events: SinkMetrics,
+    pub sink_flows: SinkMetrics,
+    pub edges: EdgeMetrics,
+}
+
+impl Metrics {
+    /// The sink counters for `dataset` (`events` or `flows`).
+    pub fn sink(&self, dataset: crate::sink::Dataset) -> &SinkMetrics {
+        match dataset {
+            crate::sink::Dataset::Events => &self.sink_events,
+            crate::sink::Dataset::Flows => &self.sink_flows,
+        }
+    }
+
+    /// Prometheus text exposition format.
+    pub fn render_prometheus(&self) -> String {
+        let mut out = String::new();
+        let mut counter = |name: &str, help: &str, labels: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP tcplake_{name} {help}\n# TYPE tcplake_{name} counter"
+            );
+            let _ = writeln!(out, "tcplake_{name}{labels} {v}");
+        };
+        let c = &self.capture;
+        counter(
+            "capture_events_total",
+            "Events captured.",
+            "",
+            c.events.get(),
+        );
+        counter(
+            "capture_batches_total",
+            "Event batches captured.",
+            "",
+            c.batches.get(),
+        );
+        counter(
+            "capture_decode_errors_total",
+            "Kernel records skipped as undecodable.",
+            "",
+            c.decode_errors.get(),
+        );
+        counter(
+            "capture_kernel_drops_total",
+            "Records lost in the kernel ring buffer.",
+            "",
+            c.kernel_drops.get(),
+        );
+        let a = &self.aggregate;
+        counter(
+            "aggregate_events_total",
+            "Events folded into windows.",
+            "",
+            a.events_in.get(),
+        );
+        counter(
+            "aggregate_late_events_total",
+            "Events past the watermark (kept in events/, not in flows/).",
+            "",
+            a.late_events.get(),
+        );
+        counter(
+            "aggregate_records_total",
+            "Flow records emitted.",
+            "",
+            a.records_out.get(),
+        );
+        counter(
+            "aggregate_windows_closed_total",
+            "Windows closed.",
+            "",
+            a.windows_closed.get(),
+        );
+        for (ds, s) in [("events", &self.sink_events), ("flows", &self.sink_flows)] {
+            let l = format!("{{dataset=\"{ds}\"}}");
+            counter("sink_rows_total", "Rows written.", &l, s.rows.get());
+            counter("sink_files_total", "Files committed.", &l, s.files.get());
+            counter("sink_bytes_total", "Bytes committed.", &l, s.bytes.get());
+        }
+        for (edge, g) in [
+            ("events_to_aggregate", &self.edges.events_to_aggregate),
+            ("events_to_sink", &self.edges.events_to_sink),
+            ("flows_to_sink", &self.edges.flows_to_sink),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP tcplake_edge_queue_depth Batches queued on an edge.\n# TYPE tcplake_edge_queue_depth gauge\ntcplake_edge_queue_depth{{edge=\"{edge}\"}} {}",
+                g.get()
+            );
+        }
+        out
+    }
+}

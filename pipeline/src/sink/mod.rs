@@ -1,0 +1,220 @@
+//! The sink stage: batches in, committed Parquet files out.
+//!
+//! Contract: every row received is in exactly one committed file when the stage returns `Ok`; files are
+//! laid out Hive-style, `<dataset>/date=YYYY-MM-DD/hour=HH/<name>.parquet`, named deterministically from
+//! the first row they hold, and only ever appear complete. One sink instance serves one dataset; it does
+//! not know what feeds it.
+
+pub mod rolling;
+pub mod store;
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use arrow::error::ArrowError;
+
+use crate::edge::{EdgeError, Rx};
+use crate::event::schema::{events_schema, events_to_batch, flows_schema, flows_to_batch};
+use crate::event::{EventBatch, FlowBatch};
+use crate::metrics::SinkMetrics;
+use crate::time::utc_date_hour;
+pub use rolling::{CommittedFile, RollPolicy, RollingWriter, WriteError};
+pub use store::{LocalDir, StoreError};
+
+/// The two datasets tcplake writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dataset {
+    /// The raw event log: the source of truth.
+    Events,
+    /// Per-flow, per-window records: a projection of the log.
+    Flows,
+}
+
+impl Dataset {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dataset::Events => "events",
+            Dataset::Flows => "flows",
+        }
+    }
+
+    pub fn schema(self) -> SchemaRef {
+        match self {
+            Dataset::Events => events_schema(),
+            Dataset::Flows => flows_schema(),
+        }
+    }
+}
+
+/// A Hive partition: one UTC hour.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Partition {
+    pub year: i32,
+    pub month: u32,
+    pub day: u32,
+    pub hour: u32,
+}
+
+impl Partition {
+    pub fn of(ts_us: i64) -> Self {
+        let (year, month, day, hour) = utc_date_hour(ts_us);
+        Partition {
+            year,
+            month,
+            day,
+            hour,
+        }
+    }
+
+    /// `date=YYYY-MM-DD/hour=HH`
+    pub fn path(&self) -> String {
+        format!(
+            "date={:04}-{:02}-{:02}/hour={:02}",
+            self.year, self.month, self.day, self.hour
+        )
+    }
+}
+
+/// What a sink can write: a batch that splits into partitioned record batches.
+pub trait SinkRows: Send + 'static {
+    const DATASET: Dataset;
+    fn num_rows(&self) -> usize;
+    /// Event time that decides row `i`'s partition.
+    fn partition_ts(&self, i: usize) -> i64;
+    /// Rows `range` as Arrow.
+    fn to_arrow(&self, range: Range<usize>) -> Result<RecordBatch, ArrowError>;
+    /// Deterministic, unique file stem for a file whose first row is row `i` of this batch.
+    fn file_stem(&self, i: usize) -> String;
+}
+
+impl SinkRows for Arc<EventBatch> {
+    const DATASET: Dataset = Dataset::Events;
+    fn num_rows(&self) -> usize {
+        self.events.len()
+    }
+    fn partition_ts(&self, i: usize) -> i64 {
+        self.events[i].ts_us
+    }
+    fn to_arrow(&self, range: Range<usize>) -> Result<RecordBatch, ArrowError> {
+        events_to_batch(&self.node, &self.events[range])
+    }
+    fn file_stem(&self, i: usize) -> String {
+        // (node, seq) identifies an event: the file is named after its first one.
+        format!("{}-{:016}", self.node, self.events[i].seq)
+    }
+}
+
+impl SinkRows for FlowBatch {
+    const DATASET: Dataset = Dataset::Flows;
+    fn num_rows(&self) -> usize {
+        self.records.len()
+    }
+    fn partition_ts(&self, i: usize) -> i64 {
+        self.records[i].window_start_us
+    }
+    fn to_arrow(&self, range: Range<usize>) -> Result<RecordBatch, ArrowError> {
+        flows_to_batch(&self.records[range])
+    }
+    fn file_stem(&self, i: usize) -> String {
+        format!("{}-{:012}-{:06}", self.producer, self.seq, i)
+    }
+}
+
+/// Why the sink stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error(transparent)]
+    Edge(#[from] EdgeError),
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    #[error("encoding {dataset} rows as Arrow: {source}")]
+    Encode {
+        dataset: &'static str,
+        source: ArrowError,
+    },
+}
+
+/// What one sink did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SinkStats {
+    pub rows: u64,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// Maximal runs of consecutive rows in the same partition (one run for time-ordered input).
+fn partition_runs<T: SinkRows>(batch: &T) -> Vec<(Partition, Range<usize>)> {
+    let mut runs: Vec<(Partition, Range<usize>)> = Vec::new();
+    for i in 0..batch.num_rows() {
+        let p = Partition::of(batch.partition_ts(i));
+        match runs.last_mut() {
+            Some((last, r)) if *last == p => r.end = i + 1,
+            _ => runs.push((p, i..i + 1)),
+        }
+    }
+    runs
+}
+
+/// Runs one dataset's sink until its input ends, then commits every open file.
+pub async fn run<T, I>(
+    mut input: I,
+    mut writer: RollingWriter,
+    metrics: &SinkMetrics,
+) -> Result<SinkStats, SinkError>
+where
+    T: SinkRows,
+    I: Rx<T>,
+{
+    let mut stats = SinkStats::default();
+    // Files also close on age while no data arrives, so a quiet node still commits its data.
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let committed = tokio::select! {
+            item = input.recv() => match item? {
+                Some(batch) => write_batch(&mut writer, &batch, &mut stats, metrics)?,
+                None => break,
+            },
+            _ = tick.tick() => writer.roll_aged(Instant::now())?,
+        };
+        account(&committed, &mut stats, metrics);
+    }
+    let committed = writer.close_all()?;
+    account(&committed, &mut stats, metrics);
+    Ok(stats)
+}
+
+fn write_batch<T: SinkRows>(
+    writer: &mut RollingWriter,
+    batch: &T,
+    stats: &mut SinkStats,
+    metrics: &SinkMetrics,
+) -> Result<Vec<CommittedFile>, SinkError> {
+    let mut committed = Vec::new();
+    for (partition, range) in partition_runs(batch) {
+        let start = range.start;
+        let rows = range.len() as u64;
+        let arrow = batch.to_arrow(range).map_err(|source| SinkError::Encode {
+            dataset: T::DATASET.name(),
+            source,
+        })?;
+        committed.extend(writer.write(partition, || batch.file_stem(start), &arrow)?);
+        stats.rows += rows;
+        metrics.rows.add(rows);
+    }
+    metrics.batches.add(1);
+    Ok(committed)
+}
+
+fn account(committed: &[CommittedFile], stats: &mut SinkStats, metrics: &SinkMetrics) {
+    for f in committed {
+        stats.files += 1;
+        stats.bytes += f.bytes;
+        metrics.files.add(1);
+        metrics.bytes.add(f.bytes);
+        tracing::debug!(key = %f.key, rows = f.rows, bytes = f.bytes, "file committed");
+    }
+}

@@ -1,0 +1,218 @@
+//! Parquet files that stay open across many batches and windows, one per partition, and close on size
+//! or age. Many windows per file, never a file per batch: small files are what make data lakes slow
+//! and expensive to query.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use arrow::array::RecordBatch;
+use arrow::datatypes::SchemaRef;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+
+use super::store::{LocalDir, StoreError};
+use super::Partition;
+use crate::event::schema::{SCHEMA_VERSION, SCHEMA_VERSION_KEY};
+
+/// Why a file could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("writing Parquet file `{path}`: {source}")]
+    Parquet {
+        path: PathBuf,
+        source: parquet::errors::ParquetError,
+    },
+    #[error("syncing `{path}`: {source}")]
+    Sync {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// When an open file is closed and committed.
+#[derive(Clone, Copy, Debug)]
+pub struct RollPolicy {
+    /// Close once the file (written plus buffered) reaches this many bytes.
+    pub max_bytes: u64,
+    /// Close once the file has been open this long.
+    pub max_age: Duration,
+    /// Rows per Parquet row group (bounds the memory a file holds before flushing).
+    pub row_group_rows: usize,
+}
+
+/// A committed file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommittedFile {
+    pub key: String,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+struct OpenFile {
+    key: String,
+    staged: PathBuf,
+    writer: ArrowWriter<File>,
+    opened: Instant,
+    rows: u64,
+}
+
+/// One dataset's open files, keyed by partition.
+pub struct RollingWriter {
+    dataset: &'static str,
+    schema: SchemaRef,
+    store: LocalDir,
+    policy: RollPolicy,
+    props: WriterProperties,
+    open: BTreeMap<Partition, OpenFile>,
+}
+
+impl RollingWriter {
+    pub fn new(
+        dataset: &'static str,
+        schema: SchemaRef,
+        store: LocalDir,
+        policy: RollPolicy,
+    ) -> Self {
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(
+                ZstdLevel::try_new(3).expect("valid zstd level"),
+            ))
+            .set_statistics_enabled(EnabledStatistics::Page)
+            .set_max_row_group_row_count(Some(policy.row_group_rows.max(1)))
+            .set_created_by(format!("tcplake {}", env!("CARGO_PKG_VERSION")))
+            .set_key_value_metadata(Some(vec![
+                KeyValue::new(SCHEMA_VERSION_KEY.to_string(), SCHEMA_VERSION.to_string()),
+                KeyValue::new("tcplake.dataset".to_string(), dataset.to_string()),
+            ]))
+            .build();
+        RollingWriter {
+            dataset,
+            schema,
+            store,
+            policy,
+            props,
+            open: BTreeMap::new(),
+        }
+    }
+
+    /// Appends `batch` to the open file of `partition`, opening one named `stem` if there is none.
+    /// Returns files committed because they reached their size.
+    pub fn write(
+        &mut self,
+        partition: Partition,
+        stem: impl FnOnce() -> String,
+        batch: &RecordBatch,
+    ) -> Result<Vec<CommittedFile>, WriteError> {
+        if !self.open.contains_key(&partition) {
+            let file = self.create(&partition, &stem())?;
+            self.open.insert(partition.clone(), file);
+        }
+        let file = self.open.get_mut(&partition).expect("just inserted");
+        if let Err(source) = file.writer.write(batch) {
+            let path = file.staged.clone();
+            self.abandon(&partition);
+            return Err(WriteError::Parquet { path, source });
+        }
+        file.rows += batch.num_rows() as u64;
+        let size = (file.writer.bytes_written() + file.writer.in_progress_size()) as u64;
+        if size >= self.policy.max_bytes {
+            return Ok(vec![self.close(&partition)?]);
+        }
+        Ok(Vec::new())
+    }
+
+    /// Commits files open longer than the age limit.
+    pub fn roll_aged(&mut self, now: Instant) -> Result<Vec<CommittedFile>, WriteError> {
+        let aged: Vec<Partition> = self
+            .open
+            .iter()
+            .filter(|(_, f)| now.duration_since(f.opened) >= self.policy.max_age)
+            .map(|(p, _)| p.clone())
+            .collect();
+        aged.iter().map(|p| self.close(p)).collect()
+    }
+
+    /// Commits every open file (end of input, shutdown).
+    pub fn close_all(&mut self) -> Result<Vec<CommittedFile>, WriteError> {
+        let all: Vec<Partition> = self.open.keys().cloned().collect();
+        all.iter().map(|p| self.close(p)).collect()
+    }
+
+    fn create(&self, partition: &Partition, stem: &str) -> Result<OpenFile, WriteError> {
+        let key = format!("{}/{}/{stem}.parquet", self.dataset, partition.path());
+        let staged = self.store.staging_path(&key)?;
+        let parquet_err = |source| WriteError::Parquet {
+            path: staged.clone(),
+            source,
+        };
+        let file = File::create(&staged).map_err(|e| parquet_err(e.into()))?;
+        let writer = ArrowWriter::try_new(file, self.schema.clone(), Some(self.props.clone()))
+            .map_err(|e| {
+                self.store.discard(&staged);
+                parquet_err(e)
+            })?;
+        Ok(OpenFile {
+            key,
+            staged,
+            writer,
+            opened: Instant::now(),
+            rows: 0,
+        })
+    }
+
+    fn close(&mut self, partition: &Partition) -> Result<CommittedFile, WriteError> {
+        let f = self
+            .open
+            .remove(partition)
+            .expect("closing a file that is open");
+        let OpenFile {
+            key,
+            staged,
+            writer,
+            rows,
+            ..
+        } = f;
+        let finish = || -> Result<u64, WriteError> {
+            let file = writer.into_inner().map_err(|source| WriteError::Parquet {
+                path: staged.clone(),
+                source,
+            })?;
+            file.sync_all().map_err(|source| WriteError::Sync {
+                path: staged.clone(),
+                source,
+            })?;
+            let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
+            self.store.commit(&staged, &key)?;
+            Ok(bytes)
+        };
+        match finish() {
+            Ok(bytes) => Ok(CommittedFile { key, rows, bytes }),
+            Err(e) => {
+                self.store.discard(&staged);
+                Err(e)
+            }
+        }
+    }
+
+    fn abandon(&mut self, partition: &Partition) {
+        if let Some(f) = self.open.remove(partition) {
+            self.store.discard(&f.staged);
+        }
+    }
+}
+
+impl Drop for RollingWriter {
+    /// Files still open here were never committed (an error stopped the stage): remove their temporary
+    /// names so nothing half-written is left behind.
+    fn drop(&mut self) {
+        for (_, f) in std::mem::take(&mut self.open) {
+            self.store.discard(&f.staged);
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! The end-of-run summary: what was captured, projected and written, and how fast.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::metrics::Metrics;
+
+/// Figures printed when a run ends (text for people, JSON for scripts and `tcplake bench`).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Summary {
+    pub events: u64,
+    pub late_events: u64,
+    pub flows: u64,
+    pub windows: u64,
+    pub event_rows: u64,
+    pub flow_rows: u64,
+    pub files: u64,
+    pub bytes: u64,
+    pub elapsed_secs: f64,
+    pub events_per_sec: f64,
+    pub out: PathBuf,
+}
+
+impl Summary {
+    pub fn from_metrics(m: &Metrics, elapsed: Duration, out: &Path) -> Self {
+        let secs = elapsed.as_secs_f64();
+        let events = m.capture.events.get();
+        Summary {
+            events,
+            late_events: m.aggregate.late_events.get(),
+            flows: m.aggregate.records_out.get(),
+            windows: m.aggregate.windows_closed.get(),
+            event_rows: m.sink_events.rows.get(),
+            flow_rows: m.sink_flows.rows.get(),
+            files: m.sink_events.files.get() + m.sink_flows.files.get(),
+            bytes: m.sink_events.bytes.get() + m.sink_flows.bytes.get(),
+            elapsed_secs: secs,
+            events_per_sec: if secs > 0.0 {
+                events as f64 / secs
+            } else {
+                0.0
+            },
+            out: out.to_path_buf(),
+        }
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "tcplake: {} events -> {} flow records in {} windows ({} late, kept in events/ only)",
+            self.events, self.flows, self.windows, self.late_events
+        )?;
+        writeln!(
+            f,
+            "tcplake: wrote {} files, {:.1} MiB to {} ({} event rows, {} flow rows)",
+            self.files,
+            self.bytes as f64 / (1 << 20) as f64,
+            self.out.display(),
+            self.event_rows,
+            self.flow_rows
+        )?;
+        write!(
+            f,
+            "tcplake: {:.2} s elapsed, {:.0} events/s",
+            self.elapsed_secs, self.events_per_sec
+        )
+    }
+}

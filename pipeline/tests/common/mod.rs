@@ -1,0 +1,87 @@
+//! Helpers shared by the integration tests: run the real binary, query its output with DuckDB.
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// Runs the `tcplake` binary built for this test run.
+pub fn tcplake(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tcplake"));
+    cmd.args(args);
+    // Tests must not pick up settings from the developer's shell.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("TCPLAKE_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(envs.iter().copied());
+    cmd.output().expect("run tcplake")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The Python interpreter that has the `duckdb` package (installed by `scripts/setup.sh`).
+fn python() -> String {
+    std::env::var("TCPLAKE_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Runs `sql` in DuckDB (the Python package, as users run it) and returns the rows as JSON values.
+pub fn duckdb(sql: &str) -> Vec<Vec<serde_json::Value>> {
+    let script = r#"
+import duckdb, json, sys
+rows = duckdb.sql(sys.argv[1]).fetchall()
+print(json.dumps([list(r) for r in rows], default=str))
+"#;
+    let out = Command::new(python())
+        .args(["-c", script, sql])
+        .output()
+        .expect("run python3 (install the test dependencies with scripts/setup.sh)");
+    assert!(
+        out.status.success(),
+        "duckdb query failed: {sql}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("duckdb output is JSON")
+}
+
+/// A single integer result.
+pub fn duckdb_int(sql: &str) -> i64 {
+    let rows = duckdb(sql);
+    let v = &rows[0][0];
+    v.as_i64()
+        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+        .or_else(|| v.as_f64().map(|f| f as i64))
+        .unwrap_or_else(|| panic!("not an integer: {v} from {sql}"))
+}
+
+/// `read_parquet(...)` over one dataset of an output directory, Hive partitioning on.
+pub fn dataset(out: &Path, name: &str) -> String {
+    format!(
+        "read_parquet('{}/{name}/**/*.parquet', hive_partitioning = true)",
+        out.display()
+    )
+}
+
+/// Every file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}

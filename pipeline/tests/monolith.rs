@@ -1,0 +1,173 @@
+//! End to end: the real binary in monolith mode, its output read back with DuckDB.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+
+const N: u64 = 200_000;
+// Five seconds before an hour boundary, so the output spans two Hive partitions.
+const START: &str = "2026-01-01T00:59:55Z";
+
+fn run_monolith(out: &Path, extra: &[&str], envs: &[(&str, &str)]) -> serde_json::Value {
+    let n = N.to_string();
+    let mut args = vec![
+        "--mode",
+        "monolith",
+        "--source",
+        "synthetic",
+        "--events",
+        &n,
+        "--seed",
+        "7",
+        "--start",
+        START,
+        "--node",
+        "test-node",
+        "--out",
+        out.to_str().unwrap(),
+        "--summary",
+        "json",
+    ];
+    args.extend_from_slice(extra);
+    let o = tcplake(&args, envs);
+    assert!(o.status.success(), "tcplake failed: {}", stderr(&o));
+    serde_json::from_str(stdout(&o).trim()).expect("summary is JSON")
+}
+
+#[test]
+fn same_seed_gives_identical_flows_whatever_the_batching_and_totals_agree() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    let sa = run_monolith(&a, &[], &[]);
+    // Different batch size (through the environment), a one-batch channel and tiny files.
+    let sb = run_monolith(
+        &b,
+        &["--channel-capacity", "1", "--max-file-size", "256KiB"],
+        &[("TCPLAKE_BATCH_SIZE", "333")],
+    );
+    assert_eq!(sa["events"], N);
+    assert_eq!(sa["event_rows"], N);
+    assert_eq!(sa["late_events"], 0);
+    assert_eq!(sb["event_rows"], N);
+    assert_eq!(sb["flows"], sa["flows"]);
+
+    let (ea, fa, fb) = (
+        dataset(&a, "events"),
+        dataset(&a, "flows"),
+        dataset(&b, "flows"),
+    );
+    // events/ holds exactly N rows, one per seq, in both runs.
+    assert_eq!(duckdb_int(&format!("SELECT count(*) FROM {ea}")), N as i64);
+    assert_eq!(
+        duckdb_int(&format!("SELECT count(DISTINCT seq) FROM {ea}")),
+        N as i64
+    );
+    assert_eq!(
+        duckdb_int(&format!("SELECT count(*) FROM {}", dataset(&b, "events"))),
+        N as i64
+    );
+    // Bytes are conserved from the log to the projection; so is every event.
+    let log_bytes = duckdb_int(&format!("SELECT sum(bytes) FROM {ea}"));
+    let flow_bytes = duckdb_int(&format!(
+        "SELECT sum(bytes_sent + bytes_received) FROM {fa}"
+    ));
+    assert!(log_bytes > 0);
+    assert_eq!(log_bytes, flow_bytes);
+    assert_eq!(
+        duckdb_int(&format!("SELECT sum(events) FROM {fa}")),
+        N as i64
+    );
+    let opened = duckdb_int(&format!(
+        "SELECT count(*) FROM {ea} WHERE kind = 'state_change' AND new_state = 'ESTABLISHED'"
+    ));
+    assert_eq!(
+        duckdb_int(&format!("SELECT sum(connections_opened) FROM {fa}")),
+        opened
+    );
+    // Identical flow rows in both runs (as sets and counts).
+    let flows = duckdb_int(&format!("SELECT count(*) FROM {fa}"));
+    assert!(flows > 1_000, "{flows} flows");
+    assert_eq!(duckdb_int(&format!("SELECT count(*) FROM {fb}")), flows);
+    assert_eq!(
+        duckdb_int(&format!(
+            "SELECT count(*) FROM (SELECT * FROM {fa} EXCEPT ALL SELECT * FROM {fb})"
+        )),
+        0
+    );
+    assert_eq!(
+        duckdb_int(&format!(
+            "SELECT count(*) FROM (SELECT * FROM {fb} EXCEPT ALL SELECT * FROM {fa})"
+        )),
+        0
+    );
+    // Hive layout: two hour partitions, read back as columns.
+    // `hour=HH` is zero-padded (paths sort in time order), so DuckDB reads it as text.
+    let hours = duckdb(&format!(
+        "SELECT DISTINCT date::VARCHAR, hour FROM {ea} ORDER BY 2"
+    ));
+    let expected: Vec<Vec<serde_json::Value>> = vec![
+        vec!["2026-01-01".into(), "00".into()],
+        vec!["2026-01-01".into(), "01".into()],
+    ];
+    assert_eq!(hours, expected);
+    // Timestamps are microsecond UTC.
+    let ts_type = duckdb(&format!(
+        "SELECT typeof(window_start), typeof(ts) FROM {fa}, {ea} LIMIT 1"
+    ));
+    assert_eq!(
+        ts_type[0],
+        vec![serde_json::Value::from("TIMESTAMP WITH TIME ZONE"); 2]
+    );
+
+    // Files hold many batches and windows: run A is one file per dataset and hour.
+    let files_a = files_under(&a);
+    assert!(
+        files_a
+            .iter()
+            .all(|p| p.extension().is_some_and(|e| e == "parquet")),
+        "{files_a:?}"
+    );
+    assert_eq!(files_a.len(), 4, "{files_a:?}");
+    assert_eq!(sa["files"], 4);
+    // Run B rolled files at 256 KiB, and still wrote the same rows.
+    assert!(files_under(&b).len() > 4);
+    assert!(files_under(&b)
+        .iter()
+        .all(|p| p.extension().is_some_and(|e| e == "parquet")));
+}
+
+#[test]
+fn config_file_and_environment_are_honoured() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("tcplake.toml");
+    let out = tmp.path().join("out");
+    std::fs::write(
+        &cfg,
+        format!(
+            "node = \"from-file\"\n[capture]\nevents = 5000\nseed = 3\n[aggregate]\nwindow_secs = 1\n[sink]\nout = \"{}\"\n",
+            out.display()
+        ),
+    )
+    .unwrap();
+    let o = tcplake(
+        &["--config", cfg.to_str().unwrap(), "--summary", "json"],
+        &[("TCPLAKE_EVENTS", "7000")],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    // The environment wins over the file; the file over the defaults.
+    assert_eq!(s["events"], 7000);
+    let nodes = duckdb(&format!(
+        "SELECT DISTINCT node FROM {}",
+        dataset(&out, "events")
+    ));
+    assert_eq!(nodes, vec![vec![serde_json::Value::from("from-file")]]);
+    let widths = duckdb_int(&format!(
+        "SELECT max(epoch(window_end) - epoch(window_start)) FROM {}",
+        dataset(&out, "flows")
+    ));
+    assert_eq!(widths, 1);
+}

@@ -1,0 +1,130 @@
+//! The one event record shared by the kernel programs (`probe-ebpf`) and user space (`pipeline`).
+//!
+//! The layout is `#[repr(C)]` with explicit padding and no `bool` (a `Pod` type must have no implicit
+//! padding bytes, and the verifier rejects reads of uninitialised stack). Its size is asserted at compile
+//! time so a field added on one side without the other breaks the build, not the data.
+//!
+//! Every kind of TCP telemetry travels in the same record; [`TcpEvent::kind`] says which fields carry
+//! meaning:
+//!
+//! | kind | meaningful fields |
+//! |---|---|
+//! | [`KIND_STATE_CHANGE`] | `old_state`, `new_state` |
+//! | [`KIND_RETRANSMIT`] | `new_state` (socket state at the retransmit) |
+//! | [`KIND_RTT_SAMPLE`] | `srtt_us`, `snd_cwnd` |
+//! | [`KIND_BYTES_SENT`], [`KIND_BYTES_RECEIVED`] | `bytes` |
+#![no_std]
+
+/// TCP state change seen by `sock:inet_sock_set_state`.
+pub const KIND_STATE_CHANGE: u16 = 1;
+/// A segment retransmitted (`tcp:tcp_retransmit_skb`).
+pub const KIND_RETRANSMIT: u16 = 2;
+/// Smoothed RTT and congestion window sample (`tcp:tcp_probe`).
+pub const KIND_RTT_SAMPLE: u16 = 3;
+/// Bytes handed to the socket by the application since the previous record for this socket.
+pub const KIND_BYTES_SENT: u16 = 4;
+/// Bytes read from the socket by the application since the previous record for this socket.
+pub const KIND_BYTES_RECEIVED: u16 = 5;
+
+/// `AF_INET`.
+pub const FAMILY_IPV4: u16 = 2;
+/// `AF_INET6`.
+pub const FAMILY_IPV6: u16 = 10;
+
+/// Length of the kernel's `task->comm`.
+pub const COMM_LEN: usize = 16;
+
+/// One TCP telemetry record, as written by the kernel into the ring buffer.
+///
+/// Addresses are in network byte order; an IPv4 address occupies the first 4 bytes of its 16-byte
+/// field and the rest is zero. Ports are in host byte order. Timestamps are `bpf_ktime_get_boot_ns`
+/// (nanoseconds since boot, counting suspend); user space converts them to UTC.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpEvent {
+    /// Nanoseconds since boot.
+    pub ts_ns: u64,
+    /// Kernel address of the socket: identifies one connection for its lifetime.
+    pub sock_id: u64,
+    /// cgroup v2 id of the task that owns the socket (joins flows to containers/pods).
+    pub cgroup_id: u64,
+    /// Byte count for the bytes kinds.
+    pub bytes: u64,
+    /// Local address (network byte order).
+    pub saddr: [u8; 16],
+    /// Remote address (network byte order).
+    pub daddr: [u8; 16],
+    /// Process id (thread group id) of the owning task.
+    pub pid: u32,
+    /// Smoothed RTT in microseconds (RTT samples).
+    pub srtt_us: u32,
+    /// Congestion window in segments (RTT samples).
+    pub snd_cwnd: u32,
+    /// Local port (host byte order).
+    pub sport: u16,
+    /// Remote port (host byte order).
+    pub dport: u16,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u16,
+    /// One of the `KIND_*` constants.
+    pub kind: u16,
+    /// TCP state before the change (kernel numbering, `TCP_ESTABLISHED` = 1 ...).
+    pub old_state: u8,
+    /// TCP state after the change.
+    pub new_state: u8,
+    /// Explicit padding: always zero.
+    pub _pad: [u8; 2],
+    /// `task->comm` of the owning task, NUL padded.
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Size of [`TcpEvent`] in bytes; checked at compile time on both sides.
+pub const TCP_EVENT_SIZE: usize = 104;
+
+const _: () = assert!(core::mem::size_of::<TcpEvent>() == TCP_EVENT_SIZE);
+const _: () = assert!(core::mem::align_of::<TcpEvent>() == 8);
+
+impl TcpEvent {
+    /// An all-zero record, the starting point the kernel programs fill in.
+    pub const fn zeroed() -> Self {
+        Self {
+            ts_ns: 0,
+            sock_id: 0,
+            cgroup_id: 0,
+            bytes: 0,
+            saddr: [0; 16],
+            daddr: [0; 16],
+            pid: 0,
+            srtt_us: 0,
+            snd_cwnd: 0,
+            sport: 0,
+            dport: 0,
+            family: 0,
+            kind: 0,
+            old_state: 0,
+            new_state: 0,
+            _pad: [0; 2],
+            comm: [0; COMM_LEN],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::offset_of;
+
+    /// The offsets are part of the kernel/user contract: pin them.
+    #[test]
+    fn layout_is_stable() {
+        assert_eq!(offset_of!(TcpEvent, ts_ns), 0);
+        assert_eq!(offset_of!(TcpEvent, saddr), 32);
+        assert_eq!(offset_of!(TcpEvent, daddr), 48);
+        assert_eq!(offset_of!(TcpEvent, pid), 64);
+        assert_eq!(offset_of!(TcpEvent, sport), 76);
+        assert_eq!(offset_of!(TcpEvent, kind), 82);
+        assert_eq!(offset_of!(TcpEvent, old_state), 84);
+        assert_eq!(offset_of!(TcpEvent, _pad), 86);
+        assert_eq!(offset_of!(TcpEvent, comm), 88);
+    }
+}
