@@ -12,6 +12,33 @@ if command -v rustup >/dev/null 2>&1; then
   rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy
 fi
 
+# eBPF toolchain (see docs/operations.md): the kernel programs build with nightly + rust-src and link with
+# bpf-linker 0.10.1 (newer releases need an LLVM this toolchain does not ship).
+if command -v rustup >/dev/null 2>&1; then
+  rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+  rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src' \
+    || rustup component add rust-src --toolchain nightly
+  rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^clippy' \
+    || rustup component add clippy --toolchain nightly
+fi
+if ! bpf-linker --version 2>/dev/null | grep -q '0\.10\.1'; then
+  say "installing bpf-linker 0.10.1 (about 3 minutes)"
+  cargo install bpf-linker@0.10.1 --locked
+fi
+
+# The eBPF tests make their own network namespace and drop packets with nftables.
+if [ "$(id -u)" = 0 ]; then
+  missing=()
+  command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+  command -v nft >/dev/null 2>&1 || missing+=(nftables)
+  if [ ${#missing[@]} -gt 0 ]; then
+    say "installing ${missing[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  # The loader reads tracepoint layouts from tracefs.
+  mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing || true
+fi
+
 # DuckDB, the users' query tool: the tests read tcplake's output with the Python package, as users do.
 PYTHON=${TCPLAKE_TEST_PYTHON:-python3}
 DUCKDB_VERSION=1.5.5

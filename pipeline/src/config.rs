@@ -23,6 +23,8 @@ pub enum Mode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SourceKind {
+    /// Live TCP telemetry from the kernel via eBPF tracepoints (needs root or CAP_BPF + CAP_PERFMON).
+    Ebpf,
     /// A deterministic generated workload (from --seed, exactly --events events); needs no privileges.
     Synthetic,
 }
@@ -42,6 +44,11 @@ event log and the flow table as Parquet that DuckDB reads directly.";
 const LONG_ABOUT: &str = "\
 Capture TCP telemetry, aggregate it per flow and window, and write both the raw event log \
 (events/) and the flow table (flows/) as Parquet that DuckDB reads directly.
+
+SOURCES
+  ebpf       live TCP telemetry from kernel tracepoints (root, or CAP_BPF + CAP_PERFMON);
+             runs until SIGINT/SIGTERM or --duration.
+  synthetic  a deterministic workload from --seed, exactly --events events; no privileges.
 
 MODES
   monolith   capture -> aggregate -> sink in one process; stages hand batches over bounded
@@ -68,12 +75,27 @@ pub struct Cli {
     /// Deployment mode [default: monolith].
     #[arg(long, env = "TCPLAKE_MODE", value_enum)]
     pub mode: Option<Mode>,
-    /// Event source [default: synthetic].
+    /// Event source [default: ebpf].
     #[arg(long, env = "TCPLAKE_SOURCE", value_enum)]
     pub source: Option<SourceKind>,
-    /// Number of events the synthetic source produces, exactly [default: 1000000].
+    /// Events to capture: exactly this many for synthetic [default: 1000000]; a cap for ebpf [default: none].
     #[arg(long, env = "TCPLAKE_EVENTS", value_name = "N")]
     pub events: Option<u64>,
+    /// Stop capturing after this long, e.g. 30s, then flush and exit [default: run until SIGINT/SIGTERM].
+    #[arg(long, env = "TCPLAKE_DURATION", value_name = "DURATION")]
+    pub duration: Option<String>,
+    /// ebpf: only connections with this local or remote port.
+    #[arg(long, env = "TCPLAKE_PORT")]
+    pub port: Option<u16>,
+    /// ebpf: only connections owned by this process id.
+    #[arg(long, env = "TCPLAKE_PID")]
+    pub pid: Option<u32>,
+    /// ebpf: only connections of tasks in this cgroup (v2 id, or a path under /sys/fs/cgroup).
+    #[arg(long, env = "TCPLAKE_CGROUP", value_name = "ID_OR_PATH")]
+    pub cgroup: Option<String>,
+    /// ebpf: also capture tcplake's own connections (excluded by default).
+    #[arg(long, env = "TCPLAKE_INCLUDE_SELF")]
+    pub include_self: bool,
     /// Seed of the synthetic workload [default: 1].
     #[arg(long, env = "TCPLAKE_SEED", value_name = "S")]
     pub seed: Option<u64>,
@@ -133,6 +155,14 @@ pub struct FileConfig {
 pub struct FileCapture {
     pub source: Option<SourceKind>,
     pub events: Option<u64>,
+    pub duration: Option<String>,
+    pub port: Option<u16>,
+    pub pid: Option<u32>,
+    pub cgroup: Option<String>,
+    pub exclude_self: Option<bool>,
+    pub ring_buffer_size: Option<String>,
+    pub rtt_sample_interval: Option<String>,
+    pub bytes_flush_interval: Option<String>,
     pub seed: Option<u64>,
     pub start: Option<String>,
     pub rate: Option<u64>,
@@ -197,7 +227,10 @@ pub struct Settings {
     pub mode: Mode,
     pub node: String,
     pub source: SourceKind,
-    pub events: u64,
+    /// Synthetic: events to produce (exactly); ebpf: optional cap.
+    pub events: Option<u64>,
+    pub duration: Option<Duration>,
+    pub ebpf: EbpfSettings,
     pub seed: u64,
     pub start_us: i64,
     pub rate: Option<u64>,
@@ -210,6 +243,18 @@ pub struct Settings {
     pub row_group_rows: usize,
     pub channel_capacity: usize,
     pub summary: SummaryFormat,
+}
+
+/// Settings of the eBPF source.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EbpfSettings {
+    pub port: Option<u16>,
+    pub pid: Option<u32>,
+    pub cgroup_id: Option<u64>,
+    pub exclude_self: bool,
+    pub ring_buffer_bytes: u32,
+    pub rtt_sample_interval: Duration,
+    pub bytes_flush_interval: Duration,
 }
 
 /// Defaults, in one place (documented in `docs/configuration.md`).
@@ -225,6 +270,9 @@ pub mod defaults {
     pub const MAX_FILE_AGE: &str = "5m";
     pub const ROW_GROUP_ROWS: usize = 131_072;
     pub const CHANNEL_CAPACITY: usize = 16;
+    pub const RING_BUFFER_SIZE: &str = "4MiB";
+    pub const RTT_SAMPLE_INTERVAL: &str = "100ms";
+    pub const BYTES_FLUSH_INTERVAL: &str = "1s";
 }
 
 impl FileConfig {
@@ -323,7 +371,7 @@ impl Settings {
         let start = cli
             .start
             .clone()
-            .or(file.capture.start)
+            .or(file.capture.start.clone())
             .unwrap_or_else(|| defaults::START.into());
         let start_us = humantime::parse_rfc3339(&start)
             .map_err(|e| invalid("start time", &start, e))?
@@ -397,6 +445,23 @@ impl Settings {
         if row_group_rows == 0 {
             return Err(invalid("row_group_rows", 0, "must be at least 1"));
         }
+        let duration = cli
+            .duration
+            .clone()
+            .or(file.capture.duration.clone())
+            .map(|d| {
+                humantime::parse_duration(&d)
+                    .map_err(|e| invalid("duration", &d, e))
+                    .and_then(|v| {
+                        if v.is_zero() {
+                            Err(invalid("duration", &d, "must be longer than zero"))
+                        } else {
+                            Ok(v)
+                        }
+                    })
+            })
+            .transpose()?;
+        let ebpf = ebpf_settings(cli, &file.capture)?;
         if cli.rate == Some(0) || file.capture.rate == Some(0) {
             return Err(invalid(
                 "rate",
@@ -410,11 +475,10 @@ impl Settings {
             source: cli
                 .source
                 .or(file.capture.source)
-                .unwrap_or(SourceKind::Synthetic),
-            events: cli
-                .events
-                .or(file.capture.events)
-                .unwrap_or(defaults::EVENTS),
+                .unwrap_or(SourceKind::Ebpf),
+            events: cli.events.or(file.capture.events),
+            duration,
+            ebpf,
             seed: cli.seed.or(file.capture.seed).unwrap_or(defaults::SEED),
             start_us,
             rate: cli.rate.or(file.capture.rate),
@@ -433,6 +497,66 @@ impl Settings {
             summary: cli.summary,
         })
     }
+}
+
+fn duration_setting(
+    setting: &'static str,
+    value: Option<String>,
+    default: &str,
+) -> Result<Duration, ConfigError> {
+    let text = value.unwrap_or_else(|| default.into());
+    humantime::parse_duration(&text).map_err(|e| invalid(setting, &text, e))
+}
+
+fn ebpf_settings(cli: &Cli, file: &FileCapture) -> Result<EbpfSettings, ConfigError> {
+    let ring = file
+        .ring_buffer_size
+        .clone()
+        .unwrap_or_else(|| defaults::RING_BUFFER_SIZE.into());
+    let ring_bytes = parse_size(&ring).map_err(|e| invalid("ring buffer size", &ring, e))?;
+    // The kernel requires a power of two that is a multiple of the page size.
+    if !ring_bytes.is_power_of_two() || !(4096..=1 << 30).contains(&ring_bytes) {
+        return Err(invalid(
+            "ring buffer size",
+            &ring,
+            "must be a power of two between 4KiB and 1GiB",
+        ));
+    }
+    let cgroup_id = cli
+        .cgroup
+        .clone()
+        .or(file.cgroup.clone())
+        .map(|c| match c.parse::<u64>() {
+            Ok(id) => Ok(id),
+            // On cgroup v2 the id of a cgroup is the inode number of its directory.
+            Err(_) => std::fs::metadata(&c)
+                .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+                .map_err(|e| {
+                    invalid(
+                        "cgroup",
+                        &c,
+                        format!("not an id, and not a readable cgroup directory: {e}"),
+                    )
+                }),
+        })
+        .transpose()?;
+    Ok(EbpfSettings {
+        port: cli.port.or(file.port).filter(|&p| p != 0),
+        pid: cli.pid.or(file.pid).filter(|&p| p != 0),
+        cgroup_id,
+        exclude_self: !cli.include_self && file.exclude_self.unwrap_or(true),
+        ring_buffer_bytes: ring_bytes as u32,
+        rtt_sample_interval: duration_setting(
+            "rtt sample interval",
+            file.rtt_sample_interval.clone(),
+            defaults::RTT_SAMPLE_INTERVAL,
+        )?,
+        bytes_flush_interval: duration_setting(
+            "bytes flush interval",
+            file.bytes_flush_interval.clone(),
+            defaults::BYTES_FLUSH_INTERVAL,
+        )?,
+    })
 }
 
 #[cfg(test)]
@@ -464,7 +588,10 @@ mod tests {
         };
         let s = Settings::merge(&cli, file).unwrap();
         assert_eq!(s.window, Duration::from_secs(30));
-        assert_eq!(s.events, 7);
+        assert_eq!(s.events, Some(7));
+        assert_eq!(s.source, SourceKind::Ebpf);
+        assert!(s.ebpf.exclude_self);
+        assert_eq!(s.ebpf.ring_buffer_bytes, 4 << 20);
         assert_eq!(s.seed, 3);
         assert_eq!(s.batch_size, defaults::BATCH_SIZE);
         assert_eq!(s.max_file_bytes, 128 << 20);

@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
 use crate::aggregate::{self, AggregateConfig, WindowConfig};
+use crate::capture::ebpf::{EbpfConfig, EbpfSource};
 use crate::capture::synthetic::{Synthetic, SyntheticConfig};
-use crate::capture::{self, CaptureConfig, CaptureError};
-use crate::config::{Mode, Settings, SourceKind};
+use crate::capture::{self, AnySource, CaptureConfig, CaptureError};
+use crate::config::{defaults, Mode, Settings, SourceKind};
 use crate::edge::tee::Tee;
 use crate::edge::{memory, EdgeError};
 use crate::event::{EventBatch, FlowBatch};
@@ -69,6 +70,48 @@ pub async fn run(
     }
 }
 
+/// Opens the configured source (for eBPF: loads and attaches the kernel programs).
+fn open_source(
+    s: &Settings,
+    node: &Arc<str>,
+    metrics: &Arc<Metrics>,
+) -> Result<AnySource, RunError> {
+    Ok(match s.source {
+        SourceKind::Synthetic => AnySource::Synthetic(Synthetic::new(
+            Arc::clone(node),
+            SyntheticConfig {
+                seed: s.seed,
+                total: s.events.unwrap_or(defaults::EVENTS),
+                start_us: s.start_us,
+                events_per_sim_sec: SYNTHETIC_EVENTS_PER_SIM_SEC,
+            },
+        )),
+        SourceKind::Ebpf => {
+            let e = &s.ebpf;
+            let cfg = EbpfConfig {
+                probe: probe_common::ProbeConfig {
+                    filter_port: e.port.map_or(0, u32::from),
+                    filter_pid: e.pid.unwrap_or(0),
+                    exclude_pid: if e.exclude_self {
+                        std::process::id()
+                    } else {
+                        0
+                    },
+                    _pad: 0,
+                    filter_cgroup: e.cgroup_id.unwrap_or(0),
+                    rtt_interval_ns: e.rtt_sample_interval.as_nanos() as u64,
+                    flush_interval_ns: e.bytes_flush_interval.as_nanos() as u64,
+                },
+                ring_bytes: e.ring_buffer_bytes,
+                max_events: s.events,
+            };
+            let source = EbpfSource::start(Arc::clone(node), &cfg, Arc::clone(metrics))
+                .map_err(|e| RunError::Capture(e.into()))?;
+            AnySource::Ebpf(Box::new(source))
+        }
+    })
+}
+
 fn roll_policy(s: &Settings) -> RollPolicy {
     RollPolicy {
         max_bytes: s.max_file_bytes,
@@ -97,18 +140,9 @@ async fn monolith(
     let capture_cfg = CaptureConfig {
         batch_size: s.batch_size,
         rate: s.rate,
+        duration: s.duration,
     };
-    let source = match s.source {
-        SourceKind::Synthetic => Synthetic::new(
-            Arc::clone(&node),
-            SyntheticConfig {
-                seed: s.seed,
-                total: s.events,
-                start_us: s.start_us,
-                events_per_sim_sec: SYNTHETIC_EVENTS_PER_SIM_SEC,
-            },
-        ),
-    };
+    let source = open_source(s, &node, &metrics)?;
     let m = Arc::clone(&metrics);
     let capture = tokio::spawn(async move {
         capture::run(

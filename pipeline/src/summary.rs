@@ -11,6 +11,10 @@ use crate::metrics::Metrics;
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Summary {
     pub events: u64,
+    /// Records the kernel could not queue (ring buffer full).
+    pub kernel_drops: u64,
+    /// Kernel records skipped because they could not be decoded.
+    pub decode_errors: u64,
     pub late_events: u64,
     pub flows: u64,
     pub windows: u64,
@@ -29,6 +33,8 @@ impl Summary {
         let events = m.capture.events.get();
         Summary {
             events,
+            kernel_drops: m.capture.kernel_drops.get(),
+            decode_errors: m.capture.decode_errors.get(),
             late_events: m.aggregate.late_events.get(),
             flows: m.aggregate.records_out.get(),
             windows: m.aggregate.windows_closed.get(),
@@ -54,6 +60,13 @@ impl std::fmt::Display for Summary {
             "tcplake: {} events -> {} flow records in {} windows ({} late, kept in events/ only)",
             self.events, self.flows, self.windows, self.late_events
         )?;
+        if self.kernel_drops > 0 || self.decode_errors > 0 {
+            writeln!(
+                f,
+                "tcplake: {} records dropped in the kernel (ring buffer full), {} undecodable records skipped",
+                self.kernel_drops, self.decode_errors
+            )?;
+        }
         writeln!(
             f,
             "tcplake: wrote {} files, {:.1} MiB to {} ({} event rows, {} flow rows)",

@@ -87,7 +87,17 @@ fn unwritable_output_directory_fails_cleanly() {
     let blocker = tmp.path().join("not-a-dir");
     std::fs::write(&blocker, b"x").unwrap();
     let out = blocker.join("data");
-    let o = tcplake(&["--events", "1000", "--out", out.to_str().unwrap()], &[]);
+    let o = tcplake(
+        &[
+            "--source",
+            "synthetic",
+            "--events",
+            "1000",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
     assert_one_line_error(
         &o,
         1,

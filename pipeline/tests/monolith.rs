@@ -147,7 +147,7 @@ fn config_file_and_environment_are_honoured() {
     std::fs::write(
         &cfg,
         format!(
-            "node = \"from-file\"\n[capture]\nevents = 5000\nseed = 3\n[aggregate]\nwindow_secs = 1\n[sink]\nout = \"{}\"\n",
+            "node = \"from-file\"\n[capture]\nsource = \"synthetic\"\nevents = 5000\nseed = 3\n[aggregate]\nwindow_secs = 1\n[sink]\nout = \"{}\"\n",
             out.display()
         ),
     )

@@ -12,6 +12,8 @@ fn interrupt_mid_run(signal: &str) {
     let out = tmp.path().join("out");
     let child = Command::new(env!("CARGO_BIN_EXE_tcplake"))
         .args([
+            "--source",
+            "synthetic",
             "--events",
             "100000000",
             "--rate",
@@ -38,7 +40,8 @@ fn interrupt_mid_run(signal: &str) {
     let events = s["events"].as_i64().unwrap();
     assert!(
         events > 0 && events < 100_000_000,
-        "stopped early: {events}"
+        "stopped early: {events}: {}",
+        stdout(&o)
     );
     // Everything captured before the signal is in committed files; nothing temporary remains.
     assert_eq!(

@@ -109,6 +109,102 @@ impl TcpEvent {
     }
 }
 
+/// Offsets of the fields the programs read in `sock:inet_sock_set_state`'s record.
+///
+/// Read from tracefs `format` files at load time and handed to the programs as globals, so one object
+/// runs on kernels whose tracepoint layouts differ.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SetStateOffsets {
+    pub skaddr: u32,
+    pub oldstate: u32,
+    pub newstate: u32,
+    pub sport: u32,
+    pub dport: u32,
+    pub family: u32,
+    pub protocol: u32,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub saddr_v6: u32,
+    pub daddr_v6: u32,
+}
+
+/// Offsets in `tcp:tcp_retransmit_skb`'s record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetransmitOffsets {
+    pub skaddr: u32,
+    pub state: u32,
+    pub sport: u32,
+    pub dport: u32,
+    pub family: u32,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub saddr_v6: u32,
+    pub daddr_v6: u32,
+}
+
+/// Offsets in `tcp:tcp_probe`'s record. `saddr`/`daddr` are `struct sockaddr_in`/`sockaddr_in6`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeOffsets {
+    pub skaddr: u32,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u32,
+    pub dport: u32,
+    pub family: u32,
+    pub snd_cwnd: u32,
+    pub srtt: u32,
+}
+
+/// Offsets in `sock:sock_send_length` / `sock:sock_recv_length` (same layout for both).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LengthOffsets {
+    pub sk: u32,
+    pub family: u32,
+    pub protocol: u32,
+    pub ret: u32,
+    pub flags: u32,
+}
+
+/// Run-time settings of the programs, set by the loader.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProbeConfig {
+    /// Only connections with this local or remote port (0 = all).
+    pub filter_port: u32,
+    /// Only connections owned by this process (0 = all).
+    pub filter_pid: u32,
+    /// Connections owned by this process are ignored (tcplake's own S3/broker traffic; 0 = none).
+    pub exclude_pid: u32,
+    pub _pad: u32,
+    /// Only connections owned by a task in this cgroup (0 = all).
+    pub filter_cgroup: u64,
+    /// At most one RTT sample per socket per this many nanoseconds.
+    pub rtt_interval_ns: u64,
+    /// Byte counters are flushed per socket at most this often (and always on close).
+    pub flush_interval_ns: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are #[repr(C)], made only of integers, with no implicit padding (checked below).
+    unsafe impl aya::Pod for super::TcpEvent {}
+    unsafe impl aya::Pod for super::SetStateOffsets {}
+    unsafe impl aya::Pod for super::RetransmitOffsets {}
+    unsafe impl aya::Pod for super::ProbeOffsets {}
+    unsafe impl aya::Pod for super::LengthOffsets {}
+    unsafe impl aya::Pod for super::ProbeConfig {}
+}
+
+const _: () = assert!(core::mem::size_of::<SetStateOffsets>() == 11 * 4);
+const _: () = assert!(core::mem::size_of::<RetransmitOffsets>() == 9 * 4);
+const _: () = assert!(core::mem::size_of::<ProbeOffsets>() == 8 * 4);
+const _: () = assert!(core::mem::size_of::<LengthOffsets>() == 5 * 4);
+const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 16 + 24);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,7 @@
 //! numbers; when shutdown is requested the stage stops taking new events, sends what it holds and
 //! returns. The stage does not know what is downstream of its output edge.
 
+pub mod ebpf;
 mod rng;
 pub mod synthetic;
 
@@ -21,6 +22,8 @@ use crate::shutdown::Shutdown;
 pub enum CaptureError {
     #[error(transparent)]
     Edge(#[from] EdgeError),
+    #[error(transparent)]
+    Load(#[from] ebpf::LoadError),
 }
 
 /// Something that yields TCP events.
@@ -30,11 +33,33 @@ pub trait Source: Send {
         &mut self,
         max: usize,
     ) -> impl Future<Output = Result<Option<EventBatch>, CaptureError>> + Send;
+
+    /// Events the source still holds when capture stops (`next_batch` may be interrupted between
+    /// polls by shutdown; whatever it had gathered comes out here, so nothing is lost).
+    fn finish(&mut self) -> Option<EventBatch> {
+        None
+    }
 }
 
-impl Source for synthetic::Synthetic {
+/// The sources a mode can pick from.
+pub enum AnySource {
+    Synthetic(synthetic::Synthetic),
+    Ebpf(Box<ebpf::EbpfSource>),
+}
+
+impl Source for AnySource {
     async fn next_batch(&mut self, max: usize) -> Result<Option<EventBatch>, CaptureError> {
-        Ok(synthetic::Synthetic::next_batch(self, max))
+        Ok(match self {
+            AnySource::Synthetic(s) => s.next_batch(max),
+            AnySource::Ebpf(s) => s.next_batch(max).await,
+        })
+    }
+
+    fn finish(&mut self) -> Option<EventBatch> {
+        match self {
+            AnySource::Synthetic(_) => None,
+            AnySource::Ebpf(s) => s.finish(),
+        }
     }
 }
 
@@ -45,6 +70,8 @@ pub struct CaptureConfig {
     pub batch_size: usize,
     /// Optional pacing, events per second of wall time.
     pub rate: Option<u64>,
+    /// Stop capturing after this long (then drain and flush as on shutdown).
+    pub duration: Option<Duration>,
 }
 
 /// What the capture stage did.
@@ -68,22 +95,34 @@ where
 {
     let mut stats = CaptureStats::default();
     let started = tokio::time::Instant::now();
+    let deadline = cfg.duration.map(|d| started + d);
+    let until_deadline = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(until_deadline);
     while !shutdown.is_triggered() {
         let batch = tokio::select! {
             biased;
             _ = shutdown.wait() => break,
+            _ = &mut until_deadline => break,
             b = source.next_batch(cfg.batch_size.max(1)) => b?,
         };
         let Some(batch) = batch else { break };
         let n = batch.len() as u64;
-        if n == 0 {
+        // Empty batches only matter when they carry the clock (they let idle windows close).
+        if n == 0 && batch.clock_us.is_none() {
             continue;
         }
         output.send(Arc::new(batch)).await?;
-        stats.events += n;
-        stats.batches += 1;
-        metrics.events.add(n);
-        metrics.batches.add(1);
+        if n > 0 {
+            stats.events += n;
+            stats.batches += 1;
+            metrics.events.add(n);
+            metrics.batches.add(1);
+        }
         if let Some(rate) = cfg.rate.filter(|&r| r > 0) {
             let due = started + Duration::from_secs_f64(stats.events as f64 / rate as f64);
             tokio::select! {
@@ -91,6 +130,14 @@ where
                 _ = shutdown.wait() => break,
             }
         }
+    }
+    if let Some(last) = source.finish().filter(|b| !b.is_empty()) {
+        let n = last.len() as u64;
+        output.send(Arc::new(last)).await?;
+        stats.events += n;
+        stats.batches += 1;
+        metrics.events.add(n);
+        metrics.batches.add(1);
     }
     Ok(stats)
 }

@@ -1,0 +1,201 @@
+//! The eBPF source: live TCP telemetry from the kernel programs in `probe-ebpf`.
+//!
+//! The kernel writes records into one ring buffer without waking us; this source drains it on a short
+//! timer, decodes records into [`Event`]s with consecutive `seq` numbers, and cuts a batch when it is
+//! full or [`BATCH_LATENCY`] has passed. Every batch carries the capture clock so windows close even
+//! when no traffic flows. Undecodable records and kernel-side drops are counted, never ignored.
+
+mod attribution;
+pub mod loader;
+pub mod tracefs;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use probe_common::{ProbeConfig, TcpEvent, TCP_EVENT_SIZE};
+
+use crate::event::kernel::decode;
+use crate::event::{Event, EventBatch};
+use crate::metrics::CaptureMetrics;
+pub use loader::LoadError;
+
+/// How often the ring buffer is drained.
+const POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// Longest an event waits in user space before its batch is sent.
+const BATCH_LATENCY: Duration = Duration::from_millis(200);
+/// Longest a softirq-only event waits for its socket's owner (see [`attribution`]).
+const ATTRIBUTION_HOLD: Duration = Duration::from_secs(1);
+
+/// Settings of the eBPF source.
+#[derive(Clone, Debug)]
+pub struct EbpfConfig {
+    pub probe: ProbeConfig,
+    pub ring_bytes: u32,
+    /// Stop once this many events were captured (unbounded when `None`).
+    pub max_events: Option<u64>,
+}
+
+/// Live capture from the kernel.
+pub struct EbpfSource {
+    probe: loader::Probe,
+    node: Arc<str>,
+    seq: u64,
+    /// Arrival order of decoded records (provisional `seq` while attribution may hold them).
+    arrivals: u64,
+    attribution: attribution::Attribution,
+    boot_to_unix_us: i64,
+    pending: Vec<Event>,
+    remaining: Option<u64>,
+    metrics: Arc<crate::metrics::Metrics>,
+    reported_drops: u64,
+    last_cut: Instant,
+    poll: tokio::time::Interval,
+}
+
+fn clock_us(clock: libc::clockid_t) -> i64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid clock id and a valid out pointer.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec * 1_000_000 + ts.tv_nsec / 1_000
+}
+
+fn now_unix_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+impl EbpfSource {
+    /// Loads and attaches the probe. Must be called inside a tokio runtime.
+    pub fn start(
+        node: Arc<str>,
+        cfg: &EbpfConfig,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<Self, LoadError> {
+        let probe = loader::load(&cfg.probe, cfg.ring_bytes)?;
+        let mut poll = tokio::time::interval(POLL_INTERVAL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ok(EbpfSource {
+            probe,
+            node,
+            seq: 0,
+            arrivals: 0,
+            attribution: attribution::Attribution::new(ATTRIBUTION_HOLD),
+            // Kernel timestamps count from boot (including suspend): shift them onto UTC once.
+            boot_to_unix_us: clock_us(libc::CLOCK_REALTIME) - clock_us(libc::CLOCK_BOOTTIME),
+            pending: Vec::new(),
+            remaining: cfg.max_events,
+            metrics,
+            reported_drops: 0,
+            last_cut: Instant::now(),
+            poll,
+        })
+    }
+
+    fn drain(&mut self, max: usize) {
+        let mut decode_errors = 0;
+        let now = Instant::now();
+        let first_new = self.pending.len();
+        while self.pending.len() < max && self.remaining != Some(0) {
+            let Some(item) = self.probe.ring.next() else {
+                break;
+            };
+            if item.len() < TCP_EVENT_SIZE {
+                decode_errors += 1;
+                continue;
+            }
+            // SAFETY: at least TCP_EVENT_SIZE bytes; TcpEvent is plain integers (any bit pattern is valid).
+            let rec: TcpEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            match decode(&rec, self.boot_to_unix_us, self.arrivals) {
+                Ok(e) => {
+                    self.arrivals += 1;
+                    if let Some(r) = self.remaining.as_mut() {
+                        *r -= 1;
+                    }
+                    self.attribution.push(e, now, &mut self.pending);
+                }
+                Err(err) => {
+                    if decode_errors == 0 {
+                        tracing::warn!(error = %err, "skipping an undecodable kernel record (counted)");
+                    }
+                    decode_errors += 1;
+                }
+            }
+        }
+        if decode_errors > 0 {
+            self.capture_metrics().decode_errors.add(decode_errors);
+        }
+        self.attribution.expire(now, &mut self.pending);
+        if self.remaining == Some(0) {
+            // Nothing more will come to claim held events.
+            self.attribution.release_all(&mut self.pending);
+        }
+        self.number_from(first_new);
+    }
+
+    /// Final stream positions, in the order events leave this source.
+    fn number_from(&mut self, start: usize) {
+        for e in &mut self.pending[start..] {
+            e.seq = self.seq;
+            self.seq += 1;
+        }
+    }
+
+    fn capture_metrics(&self) -> &CaptureMetrics {
+        &self.metrics.capture
+    }
+
+    fn publish_drops(&mut self) {
+        let drops = self.probe.drops();
+        if drops > self.reported_drops {
+            if self.reported_drops == 0 {
+                tracing::warn!("the kernel ring buffer overflowed: records are being dropped (see kernel_drops)");
+            }
+            self.capture_metrics()
+                .kernel_drops
+                .add(drops - self.reported_drops);
+            self.reported_drops = drops;
+        }
+    }
+
+    /// Everything still in the ring buffer or gathered but not yet sent (capture is stopping).
+    pub fn finish(&mut self) -> Option<EventBatch> {
+        self.drain(usize::MAX);
+        let start = self.pending.len();
+        self.attribution.release_all(&mut self.pending);
+        self.number_from(start);
+        self.publish_drops();
+        Some(EventBatch {
+            node: Arc::clone(&self.node),
+            events: std::mem::take(&mut self.pending),
+            clock_us: Some(now_unix_us()),
+        })
+    }
+
+    /// The next batch: full, or whatever arrived within [`BATCH_LATENCY`] (possibly nothing: a
+    /// heartbeat carrying the clock). `None` once `max_events` were delivered.
+    pub async fn next_batch(&mut self, max: usize) -> Option<EventBatch> {
+        loop {
+            self.drain(max);
+            let done = self.remaining == Some(0);
+            if done && self.pending.is_empty() {
+                self.publish_drops();
+                return None;
+            }
+            if self.pending.len() >= max || done || self.last_cut.elapsed() >= BATCH_LATENCY {
+                self.publish_drops();
+                self.last_cut = Instant::now();
+                return Some(EventBatch {
+                    node: Arc::clone(&self.node),
+                    events: std::mem::take(&mut self.pending),
+                    clock_us: Some(now_unix_us()),
+                });
+            }
+            self.poll.tick().await;
+        }
+    }
+}

@@ -1,0 +1,451 @@
+//! The programs themselves (compiled for the BPF target only); see the crate docs.
+
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_ktime_get_boot_ns,
+    },
+    macros::{map, tracepoint},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+use probe_common::{
+    LengthOffsets, ProbeConfig, ProbeOffsets, RetransmitOffsets, SetStateOffsets, TcpEvent,
+    COMM_LEN, FAMILY_IPV4, FAMILY_IPV6, KIND_BYTES_RECEIVED, KIND_BYTES_SENT, KIND_RETRANSMIT,
+    KIND_RTT_SAMPLE, KIND_STATE_CHANGE,
+};
+
+const IPPROTO_TCP: u16 = 6;
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_NOEXIST: u64 = 1;
+const MSG_PEEK: i32 = 2;
+const TCP_SYN_SENT: i32 = 2;
+const TCP_SYN_RECV: i32 = 3;
+const TCP_CLOSE: i32 = 7;
+const TCP_LISTEN: i32 = 10;
+
+#[unsafe(no_mangle)]
+static SET_STATE: SetStateOffsets = unsafe { core::mem::zeroed() };
+#[unsafe(no_mangle)]
+static RETRANSMIT: RetransmitOffsets = unsafe { core::mem::zeroed() };
+#[unsafe(no_mangle)]
+static PROBE: ProbeOffsets = unsafe { core::mem::zeroed() };
+#[unsafe(no_mangle)]
+static LENGTH: LengthOffsets = unsafe { core::mem::zeroed() };
+#[unsafe(no_mangle)]
+static CONFIG: ProbeConfig = unsafe { core::mem::zeroed() };
+
+/// Reads a global the loader filled in. Volatile, so the compiler cannot fold the build-time zeros in.
+/// (Plain statics rather than `aya_ebpf::Global`: the generic wrapper's name is not valid BTF.)
+#[inline(always)]
+fn load<T: Copy>(global: &T) -> T {
+    // SAFETY: a valid, aligned static.
+    unsafe { core::ptr::read_volatile(global) }
+}
+
+/// Every record for user space. Its size is set by the loader.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(4 * 1024 * 1024, 0);
+/// Per-socket state: owner, 4-tuple, pending byte counts, sampling clocks.
+#[map]
+static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(65_536, 0);
+/// Owner of each listening port, inherited by the connections accepted on it.
+#[map]
+static LISTENERS: HashMap<u32, Owner> = HashMap::with_max_entries(4_096, 0);
+/// Records lost because the ring buffer was full (one counter per CPU).
+#[map]
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Owner {
+    pid: u32,
+    _pad: u32,
+    cgroup_id: u64,
+    comm: [u8; COMM_LEN],
+}
+
+#[repr(C)]
+struct SockInfo {
+    /// Bytes written since the last flush (updated atomically: several CPUs may touch one socket).
+    bytes_sent: u64,
+    /// Bytes read since the last flush.
+    bytes_recv: u64,
+    last_flush_ns: u64,
+    last_rtt_ns: u64,
+    /// Time of a `CLOSE -> SYN_SENT` not yet emitted: `connect` sets the state before it picks the
+    /// local port, so that record waits until the 4-tuple is complete.
+    pending_connect_ns: u64,
+    owner: Owner,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+    sport: u16,
+    dport: u16,
+    family: u16,
+    has_owner: u8,
+    has_tuple: u8,
+}
+
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = try_set_state(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
+    let _ = try_retransmit(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn tcp_probe(ctx: TracePointContext) -> u32 {
+    let _ = try_probe(&ctx);
+    0
+}
+
+#[tracepoint]
+pub fn sock_send_length(ctx: TracePointContext) -> u32 {
+    let _ = try_length(&ctx, KIND_BYTES_SENT);
+    0
+}
+
+#[tracepoint]
+pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
+    let _ = try_length(&ctx, KIND_BYTES_RECEIVED);
+    0
+}
+
+#[inline(always)]
+fn read<T>(ctx: &TracePointContext, offset: u32) -> Result<T, i32> {
+    // SAFETY: the offset comes from the tracepoint's own format file; the helper checks the access.
+    unsafe { ctx.read_at::<T>(offset as usize) }
+}
+
+fn current_owner() -> Owner {
+    Owner {
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        _pad: 0,
+        // SAFETY: plain helper call without arguments.
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        comm: bpf_get_current_comm().unwrap_or([0; COMM_LEN]),
+    }
+}
+
+/// The state of socket `sk`, created empty on first sight.
+#[inline(always)]
+fn sock_info(sk: u64) -> Option<*mut SockInfo> {
+    if let Some(p) = SOCKS.get_ptr_mut(sk) {
+        return Some(p);
+    }
+    // SAFETY: SockInfo is plain integers; all-zero is its empty state.
+    let empty: SockInfo = unsafe { core::mem::zeroed() };
+    // Another CPU may win the race to insert: fine, use whichever entry exists.
+    let _ = SOCKS.insert(sk, &empty, BPF_NOEXIST);
+    SOCKS.get_ptr_mut(sk)
+}
+
+/// Reads the 4-tuple from a tracepoint record laid out like `inet_sock_set_state`'s.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn read_tuple(
+    ctx: &TracePointContext,
+    info: &mut SockInfo,
+    family_off: u32,
+    sport_off: u32,
+    dport_off: u32,
+    saddr_off: u32,
+    daddr_off: u32,
+    saddr6_off: u32,
+    daddr6_off: u32,
+) -> Result<(), i32> {
+    let family: u16 = read(ctx, family_off)?;
+    let sport: u16 = read(ctx, sport_off)?;
+    if sport == 0 {
+        // Not bound yet (connect in progress): keep what we have.
+        return Ok(());
+    }
+    if family == FAMILY_IPV4 {
+        let s: [u8; 4] = read(ctx, saddr_off)?;
+        let d: [u8; 4] = read(ctx, daddr_off)?;
+        info.saddr = [0; 16];
+        info.daddr = [0; 16];
+        info.saddr[..4].copy_from_slice(&s);
+        info.daddr[..4].copy_from_slice(&d);
+    } else if family == FAMILY_IPV6 {
+        info.saddr = read(ctx, saddr6_off)?;
+        info.daddr = read(ctx, daddr6_off)?;
+    } else {
+        return Ok(());
+    }
+    info.family = family;
+    info.sport = sport;
+    info.dport = read(ctx, dport_off)?;
+    info.has_tuple = 1;
+    Ok(())
+}
+
+fn passes_filters(cfg: &ProbeConfig, info: &SockInfo) -> bool {
+    let pid = info.owner.pid;
+    if cfg.exclude_pid != 0 && pid == cfg.exclude_pid {
+        return false;
+    }
+    if cfg.filter_pid != 0 && pid != cfg.filter_pid {
+        return false;
+    }
+    if cfg.filter_cgroup != 0 && info.owner.cgroup_id != cfg.filter_cgroup {
+        return false;
+    }
+    let port = cfg.filter_port;
+    port == 0 || u32::from(info.sport) == port || u32::from(info.dport) == port
+}
+
+/// One record into the ring buffer, or one more drop counted.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn emit(
+    info: &SockInfo,
+    sk: u64,
+    ts_ns: u64,
+    kind: u16,
+    old_state: u8,
+    new_state: u8,
+    bytes: u64,
+    srtt_us: u32,
+    snd_cwnd: u32,
+) {
+    if info.has_tuple == 0 || !passes_filters(&load(&CONFIG), info) {
+        return;
+    }
+    let Some(mut entry) = EVENTS.reserve::<TcpEvent>(0) else {
+        if let Some(d) = DROPS.get_ptr_mut(0) {
+            // SAFETY: per-CPU slot, only this CPU writes it.
+            unsafe { *d += 1 };
+        }
+        return;
+    };
+    entry.write(TcpEvent {
+        ts_ns,
+        sock_id: sk,
+        cgroup_id: info.owner.cgroup_id,
+        bytes,
+        saddr: info.saddr,
+        daddr: info.daddr,
+        pid: info.owner.pid,
+        srtt_us,
+        snd_cwnd,
+        sport: info.sport,
+        dport: info.dport,
+        family: info.family,
+        kind,
+        old_state,
+        new_state,
+        _pad: [0; 2],
+        comm: info.owner.comm,
+    });
+    entry.submit(BPF_RB_NO_WAKEUP);
+}
+
+/// `*ptr += v` as one BPF atomic instruction (several CPUs may update one socket's counters).
+#[inline(always)]
+fn atomic_add(ptr: *mut u64, v: u64) {
+    // SAFETY: callers pass an aligned u64 inside a live map value.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(ptr, v) };
+}
+
+/// Emits and resets the socket's pending byte counts.
+#[inline(always)]
+fn flush(info: *mut SockInfo, sk: u64, now: u64) {
+    // SAFETY: `info` points into a map value; counters are only changed with atomic adds.
+    let (sent_ptr, recv_ptr) =
+        unsafe { (&raw mut (*info).bytes_sent, &raw mut (*info).bytes_recv) };
+    for (ptr, kind) in [(sent_ptr, KIND_BYTES_SENT), (recv_ptr, KIND_BYTES_RECEIVED)] {
+        // SAFETY: aligned u64 inside a live map value.
+        let n = unsafe { core::ptr::read_volatile(ptr) };
+        if n > 0 {
+            // Subtract what is emitted rather than storing 0: bytes added meanwhile are kept.
+            atomic_add(ptr, n.wrapping_neg());
+            // SAFETY: as above.
+            emit(unsafe { &*info }, sk, now, kind, 0, 0, n, 0, 0);
+        }
+    }
+    // SAFETY: as above.
+    unsafe { (*info).last_flush_ns = now };
+}
+
+fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
+    let o = load(&SET_STATE);
+    let protocol: u16 = read(ctx, o.protocol)?;
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let sk: u64 = read(ctx, o.skaddr)?;
+    let old: i32 = read(ctx, o.oldstate)?;
+    let new: i32 = read(ctx, o.newstate)?;
+    if new == TCP_LISTEN || old == TCP_LISTEN {
+        // listen() runs in the owning process: remember it for the connections it will accept.
+        let port = u32::from(read::<u16>(ctx, o.sport)?);
+        if new == TCP_LISTEN {
+            let _ = LISTENERS.insert(port, current_owner(), 0);
+        } else {
+            let _ = LISTENERS.remove(port);
+        }
+        return Ok(());
+    }
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    let info_ptr = sock_info(sk).ok_or(0)?;
+    // SAFETY: map value pointer, valid for this program run.
+    let info = unsafe { &mut *info_ptr };
+    read_tuple(
+        ctx, info, o.family, o.sport, o.dport, o.saddr, o.daddr, o.saddr_v6, o.daddr_v6,
+    )?;
+    if info.has_owner == 0 {
+        if new == TCP_SYN_SENT {
+            info.owner = current_owner();
+            info.has_owner = 1;
+        } else if new == TCP_SYN_RECV || old == TCP_SYN_RECV {
+            // SAFETY: map value read.
+            if let Some(l) = unsafe { LISTENERS.get(u32::from(info.sport)) } {
+                info.owner = *l;
+                info.has_owner = 1;
+            }
+        }
+    }
+    if new == TCP_SYN_SENT && info.has_tuple == 0 {
+        info.pending_connect_ns = now;
+        return Ok(());
+    }
+    if info.pending_connect_ns != 0 {
+        let ts = info.pending_connect_ns;
+        info.pending_connect_ns = 0;
+        emit(
+            info,
+            sk,
+            ts,
+            KIND_STATE_CHANGE,
+            TCP_CLOSE as u8,
+            TCP_SYN_SENT as u8,
+            0,
+            0,
+            0,
+        );
+    }
+    if new == TCP_CLOSE {
+        flush(info_ptr, sk, now);
+    }
+    emit(
+        info,
+        sk,
+        now,
+        KIND_STATE_CHANGE,
+        old as u8,
+        new as u8,
+        0,
+        0,
+        0,
+    );
+    if new == TCP_CLOSE {
+        let _ = SOCKS.remove(sk);
+    }
+    Ok(())
+}
+
+fn try_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
+    let o = load(&RETRANSMIT);
+    let sk: u64 = read(ctx, o.skaddr)?;
+    let state: i32 = read(ctx, o.state)?;
+    let info = unsafe { &mut *sock_info(sk).ok_or(0)? };
+    if info.has_tuple == 0 {
+        read_tuple(
+            ctx, info, o.family, o.sport, o.dport, o.saddr, o.daddr, o.saddr_v6, o.daddr_v6,
+        )?;
+    }
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    emit(info, sk, now, KIND_RETRANSMIT, 0, state as u8, 0, 0, 0);
+    Ok(())
+}
+
+fn try_probe(ctx: &TracePointContext) -> Result<(), i32> {
+    let o = load(&PROBE);
+    let sk: u64 = read(ctx, o.skaddr)?;
+    let info_ptr = sock_info(sk).ok_or(0)?;
+    // SAFETY: map value pointer, valid for this program run.
+    let info = unsafe { &mut *info_ptr };
+    if info.has_tuple == 0 {
+        // Addresses here are `struct sockaddr_in` (address at byte 4) or `sockaddr_in6` (at byte 8).
+        read_tuple(
+            ctx,
+            info,
+            o.family,
+            o.sport,
+            o.dport,
+            o.saddr + 4,
+            o.daddr + 4,
+            o.saddr + 8,
+            o.daddr + 8,
+        )?;
+    }
+    let cfg = load(&CONFIG);
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    if now.wrapping_sub(info.last_rtt_ns) >= cfg.rtt_interval_ns {
+        info.last_rtt_ns = now;
+        let srtt: u32 = read(ctx, o.srtt)?;
+        let cwnd: u32 = read(ctx, o.snd_cwnd)?;
+        emit(info, sk, now, KIND_RTT_SAMPLE, 0, 0, 0, srtt, cwnd);
+    }
+    if now.wrapping_sub(info.last_flush_ns) >= cfg.flush_interval_ns {
+        flush(info_ptr, sk, now);
+    }
+    Ok(())
+}
+
+fn try_length(ctx: &TracePointContext, kind: u16) -> Result<(), i32> {
+    let o = load(&LENGTH);
+    let protocol: u16 = read(ctx, o.protocol)?;
+    let family: u16 = read(ctx, o.family)?;
+    if protocol != IPPROTO_TCP || (family != FAMILY_IPV4 && family != FAMILY_IPV6) {
+        return Ok(());
+    }
+    let ret: i32 = read(ctx, o.ret)?;
+    if ret <= 0 {
+        return Ok(());
+    }
+    if kind == KIND_BYTES_RECEIVED && read::<i32>(ctx, o.flags)? & MSG_PEEK != 0 {
+        // A peek leaves the data in the socket: it is counted when actually read.
+        return Ok(());
+    }
+    let sk: u64 = read(ctx, o.sk)?;
+    let info_ptr = sock_info(sk).ok_or(0)?;
+    // SAFETY: map value pointer, valid for this program run.
+    let info = unsafe { &mut *info_ptr };
+    if info.has_owner == 0 {
+        // send/recv run in the calling process: the first one names a socket we did not see open.
+        info.owner = current_owner();
+        info.has_owner = 1;
+    }
+    let counter = if kind == KIND_BYTES_SENT {
+        &raw mut info.bytes_sent
+    } else {
+        &raw mut info.bytes_recv
+    };
+    atomic_add(counter, ret as u64);
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    if info.has_tuple != 0
+        && now.wrapping_sub(info.last_flush_ns) >= load(&CONFIG).flush_interval_ns
+    {
+        flush(info_ptr, sk, now);
+    }
+    Ok(())
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
