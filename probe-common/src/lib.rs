@@ -142,7 +142,13 @@ pub struct RetransmitOffsets {
     pub daddr: u32,
     pub saddr_v6: u32,
     pub daddr_v6: u32,
+    /// Offset of `err` (6.x kernels: the tracepoint also fires for failed attempts), or
+    /// [`NO_FIELD`] where the kernel has no such field.
+    pub err: u32,
 }
+
+/// An offset meaning "this kernel's tracepoint has no such field".
+pub const NO_FIELD: u32 = u32::MAX;
 
 /// Offsets in `tcp:tcp_probe`'s record. `saddr`/`daddr` are `struct sockaddr_in`/`sockaddr_in6`.
 #[repr(C)]
@@ -200,7 +206,7 @@ mod pod {
 }
 
 const _: () = assert!(core::mem::size_of::<SetStateOffsets>() == 11 * 4);
-const _: () = assert!(core::mem::size_of::<RetransmitOffsets>() == 9 * 4);
+const _: () = assert!(core::mem::size_of::<RetransmitOffsets>() == 10 * 4);
 const _: () = assert!(core::mem::size_of::<ProbeOffsets>() == 8 * 4);
 const _: () = assert!(core::mem::size_of::<LengthOffsets>() == 5 * 4);
 const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 16 + 24);

@@ -14,7 +14,7 @@ use aya_ebpf::{
 use probe_common::{
     LengthOffsets, ProbeConfig, ProbeOffsets, RetransmitOffsets, SetStateOffsets, TcpEvent,
     COMM_LEN, FAMILY_IPV4, FAMILY_IPV6, KIND_BYTES_RECEIVED, KIND_BYTES_SENT, KIND_RETRANSMIT,
-    KIND_RTT_SAMPLE, KIND_STATE_CHANGE,
+    KIND_RTT_SAMPLE, KIND_STATE_CHANGE, NO_FIELD,
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -354,6 +354,10 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
 
 fn try_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
     let o = load(&RETRANSMIT);
+    if o.err != NO_FIELD && read::<i32>(ctx, o.err)? != 0 {
+        // The attempt failed (e.g. the device queue was busy): nothing went on the wire.
+        return Ok(());
+    }
     let sk: u64 = read(ctx, o.skaddr)?;
     let state: i32 = read(ctx, o.state)?;
     let info = unsafe { &mut *sock_info(sk).ok_or(0)? };

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use probe_common::{LengthOffsets, ProbeOffsets, RetransmitOffsets, SetStateOffsets};
+use probe_common::{LengthOffsets, ProbeOffsets, RetransmitOffsets, SetStateOffsets, NO_FIELD};
 
 /// Why a tracepoint's layout could not be learnt.
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +92,15 @@ impl Format {
         }
     }
 
+    /// Offset of a field only some kernels have, or [`NO_FIELD`] when this one does not.
+    pub fn optional_offset(&self, field: &'static str, size: u32) -> Result<u32, FormatError> {
+        if self.fields.contains_key(field) {
+            self.offset(field, size)
+        } else {
+            Ok(NO_FIELD)
+        }
+    }
+
     /// Offset of `field`, checking its size.
     pub fn offset(&self, field: &'static str, size: u32) -> Result<u32, FormatError> {
         let &(offset, found) = self
@@ -140,6 +149,7 @@ pub fn retransmit(f: &Format) -> Result<RetransmitOffsets, FormatError> {
         daddr: f.offset("daddr", 4)?,
         saddr_v6: f.offset("saddr_v6", 16)?,
         daddr_v6: f.offset("daddr_v6", 16)?,
+        err: f.optional_offset("err", 4)?,
     })
 }
 
@@ -198,6 +208,13 @@ print fmt: \"skbaddr=%p\", REC->skbaddr
         let o = retransmit(&f).unwrap();
         assert_eq!((o.skaddr, o.state, o.sport, o.family), (16, 24, 28, 32));
         assert_eq!((o.saddr, o.daddr, o.saddr_v6, o.daddr_v6), (34, 38, 42, 58));
+        assert_eq!(o.err, 76);
+        // Older kernels have no `err`: the programs are told so instead of reading garbage.
+        let old = Format::parse(
+            "tcp:tcp_retransmit_skb",
+            &RETRANSMIT_6_18.replace("err;", "gone;"),
+        );
+        assert_eq!(retransmit(&old).unwrap().err, NO_FIELD);
     }
 
     #[test]
