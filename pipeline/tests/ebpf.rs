@@ -8,7 +8,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -43,7 +43,6 @@ fn free_port() -> u16 {
 /// A running `tcplake --source ebpf`, attached and ready.
 struct Capture {
     child: Child,
-    out: PathBuf,
     stderr: mpsc::Receiver<String>,
 }
 
@@ -86,11 +85,7 @@ impl Capture {
                 Err(e) => panic!("tcplake did not attach its probes: {e}"),
             }
         }
-        Capture {
-            child,
-            out: out.to_path_buf(),
-            stderr: rx,
-        }
+        Capture { child, stderr: rx }
     }
 
     /// SIGINT, then the end-of-run summary.
@@ -193,7 +188,7 @@ fn loopback_connections_bytes_resets_and_owners_are_exact() {
     assert_eq!(summary["kernel_drops"], 0, "{summary}");
     assert_eq!(summary["decode_errors"], 0, "{summary}");
 
-    let flows = dataset(&tmp.path().to_path_buf(), "flows");
+    let flows = dataset(tmp.path(), "flows");
     let side = |filter: &str| {
         duckdb(&format!(
             "SELECT count(DISTINCT (pid, comm)), min(pid), min(comm), sum(connections_opened), \
@@ -232,7 +227,7 @@ fn loopback_connections_bytes_resets_and_owners_are_exact() {
     assert_eq!(num(&s[7]), CONNS * REQ, "server bytes_received");
     assert!(num(&c[8]) + num(&s[8]) > 0, "RTT samples were taken");
     // The event log agrees with the projection, and nothing else was captured.
-    let events = dataset(&tmp.path().to_path_buf(), "events");
+    let events = dataset(tmp.path(), "events");
     assert_eq!(
         duckdb_int(&format!(
             "SELECT count(*) FROM {events} WHERE local_port <> {port} AND remote_port <> {port}"
