@@ -1,22 +1,59 @@
 #!/usr/bin/env bash
-# Sets up and runs tcplake on its embedded defaults (monolith, synthetic workload, ./tcplake-data).
-# Extra arguments go to tcplake, e.g. scripts/run.sh --events 5000000 --window 60
+# Sets up, builds and runs tcplake on its embedded defaults: monolith mode, live eBPF capture of this
+# machine's TCP traffic, 10 s windows, Parquet into ./tcplake-data. Needs root (it loads eBPF programs).
+#
+# With no arguments it captures for 30 s (TCPLAKE_RUN_FOR to change) while generating a little loopback
+# HTTP traffic so a first run has something to show (TCPLAKE_DEMO_TRAFFIC=0 to turn that off), then
+# prints the top talkers with DuckDB. With arguments, they go to tcplake as they are, e.g.
+#   scripts/run.sh --duration 5m --port 443
+#   scripts/run.sh --source synthetic --events 5000000
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/setup.sh
 cargo build --release --locked -p pipeline --bin tcplake
-./target/release/tcplake "$@"
+
+args=("$@")
+demo_pid=""
+if [ ${#args[@]} -eq 0 ]; then
+  args=(--duration "${TCPLAKE_RUN_FOR:-30s}")
+  if [ "${TCPLAKE_DEMO_TRAFFIC:-1}" != 0 ]; then
+    python3 - <<'PY' &
+import http.server, threading, time, urllib.request
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+srv.RequestHandlerClass.log_message = lambda *a: None
+threading.Thread(target=srv.serve_forever, daemon=True).start()
+url = f"http://127.0.0.1:{srv.server_address[1]}/"
+time.sleep(2)  # let tcplake attach first
+end = time.time() + 600
+while time.time() < end:
+    try:
+        urllib.request.urlopen(url).read()
+    except Exception:
+        pass
+    time.sleep(0.05)
+PY
+    demo_pid=$!
+    trap '[ -n "$demo_pid" ] && kill "$demo_pid" 2>/dev/null || true' EXIT
+    echo "run: capturing for ${TCPLAKE_RUN_FOR:-30s} with demo loopback HTTP traffic (Ctrl-C stops early)"
+  fi
+fi
+./target/release/tcplake "${args[@]}"
 
 out=${TCPLAKE_OUT:-./tcplake-data}
-for arg in "$@"; do [[ ${prev:-} == --out ]] && out=$arg; prev=$arg; done
+prev=""
+for arg in "${args[@]}"; do [ "$prev" = --out ] && out=$arg; prev=$arg; done
 echo
-echo "Top talkers in $out, straight from the Parquet files with DuckDB:"
+echo "Top processes by bytes in $out, straight from the Parquet files with DuckDB:"
 python3 - "$out" <<'PY'
-import sys, duckdb
+import glob, sys, duckdb
 out = sys.argv[1]
+if not glob.glob(f"{out}/flows/**/*.parquet", recursive=True):
+    sys.exit(f"no flow files under {out}/flows yet")
 print(duckdb.sql(f"""
-    SELECT comm, remote_addr, remote_port, sum(bytes_sent + bytes_received) AS bytes, count(*) AS flow_windows
+    SELECT comm, pid, sum(bytes_sent) AS sent, sum(bytes_received) AS received,
+           sum(connections_opened) AS opened, sum(resets) AS resets, sum(retransmits) AS retransmits,
+           max(rtt_p99_us) AS worst_rtt_p99_us
     FROM read_parquet('{out}/flows/**/*.parquet', hive_partitioning = true)
-    GROUP BY ALL ORDER BY bytes DESC LIMIT 5"""))
+    GROUP BY ALL ORDER BY sent + received DESC LIMIT 10"""))
 PY
