@@ -130,16 +130,13 @@ impl Capture {
     fn cpu_secs(&self) -> f64 {
         let stat =
             std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).unwrap_or_default();
-        // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+        // Fields after the parenthesised command name, from `state`: utime and stime are the 12th
+        // and 13th (tpgid may be -1, so count every field, not only the numeric ones).
         let rest = stat.rsplit(')').next().unwrap_or_default();
-        let f: Vec<u64> = rest
-            .split_whitespace()
-            .filter_map(|x| x.parse().ok())
-            .collect();
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        f.get(10)
-            .zip(f.get(11))
-            .map_or(0.0, |(u, s)| (u + s) as f64 / ticks)
+        (field(11) + field(12)) as f64 / ticks
     }
 
     fn stop(self) -> serde_json::Value {

@@ -298,9 +298,12 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
     let info_ptr = sock_info(sk).ok_or(0)?;
     // SAFETY: map value pointer, valid for this program run.
     let info = unsafe { &mut *info_ptr };
-    read_tuple(
-        ctx, info, o.family, o.sport, o.dport, o.saddr, o.daddr, o.saddr_v6, o.daddr_v6,
-    )?;
+    if info.has_tuple == 0 {
+        // A socket's addresses and ports never change once bound: read them until they are complete.
+        read_tuple(
+            ctx, info, o.family, o.sport, o.dport, o.saddr, o.daddr, o.saddr_v6, o.daddr_v6,
+        )?;
+    }
     if info.has_owner == 0 {
         if new == TCP_SYN_SENT {
             info.owner = current_owner();
