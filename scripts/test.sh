@@ -13,4 +13,9 @@ echo "== cargo clippy -D warnings (kernel programs, BPF target)"
 RUSTFLAGS='--cfg bpf_target_arch="x86_64"' cargo +nightly clippy --locked -p probe-ebpf \
   --target bpfel-unknown-none -Z build-std=core --target-dir target/bpf-clippy -- -D warnings
 echo "== cargo test"
-cargo test --workspace --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --locked 2>&1 | tee "$log"
+# One closing line with the totals over every test binary (cargo prints one line per binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

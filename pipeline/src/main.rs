@@ -38,9 +38,10 @@ fn run(settings: &Settings) -> anyhow::Result<()> {
     })
 }
 
-/// One line on stderr naming the problem, then a non-zero exit.
+/// One line on stderr naming the problem, then a non-zero exit. The library's error messages already
+/// carry their causes, so only the outermost message is printed (`{:#}` would repeat them).
 fn fail(e: &anyhow::Error, code: u8) -> ExitCode {
-    eprintln!("tcplake: error: {e:#}");
+    eprintln!("tcplake: error: {e}");
     ExitCode::from(code)
 }
 

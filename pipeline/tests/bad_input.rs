@@ -12,6 +12,12 @@ fn assert_one_line_error(o: &std::process::Output, code: i32, needles: &[&str]) 
     for n in needles {
         assert!(lines[0].contains(n), "`{n}` not in: {}", lines[0]);
     }
+    // A cause is stated once, not repeated by every layer that passed it on.
+    assert!(
+        lines[0].matches("(os error").count() <= 1,
+        "repeated cause: {}",
+        lines[0]
+    );
 }
 
 #[test]

@@ -365,3 +365,53 @@ fn retransmits_under_packet_loss_are_counted() {
         2 * (1_000_000 + 1_000)
     );
 }
+
+/// Without privileges, live capture fails with one line that names the cause and the fix, and the
+/// synthetic source still works.
+#[test]
+fn unprivileged_live_capture_fails_clearly_and_synthetic_still_runs() {
+    require_root();
+    if skipped() {
+        return;
+    }
+    // A copy of the binary where the unprivileged user can reach it (the checkout may be under /root).
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let bin = dir.join("tcplake");
+    std::fs::copy(env!("CARGO_BIN_EXE_tcplake"), &bin).unwrap();
+    let as_nobody = |args: &[&str]| {
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+            ])
+            .arg(&bin)
+            .args(args)
+            .output()
+            .expect("run setpriv (util-linux)")
+    };
+    let out = dir.join("out");
+    let o = as_nobody(&["--source", "ebpf", "--out", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains("permission denied"), "{err}");
+    assert!(
+        err.contains("CAP_BPF") && err.contains("--source synthetic"),
+        "{err}"
+    );
+
+    let o = as_nobody(&[
+        "--source",
+        "synthetic",
+        "--events",
+        "5000",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("5000 events"), "{}", stdout(&o));
+}

@@ -16,6 +16,11 @@ pub enum FormatError {
          run `mount -t tracefs tracefs /sys/kernel/tracing` as root"
     )]
     NoTracefs,
+    #[error(
+        "cannot read tracefs at `{0}`: permission denied; live capture needs root, or CAP_BPF and \
+         CAP_PERFMON plus read access to tracefs; --source synthetic needs no privileges"
+    )]
+    Denied(PathBuf),
     #[error("cannot read `{path}`: {source} (is the tracepoint available on this kernel?)")]
     Read {
         path: PathBuf,
@@ -37,11 +42,17 @@ pub enum FormatError {
 
 /// Where tracefs is mounted.
 pub fn tracefs_root() -> Result<PathBuf, FormatError> {
-    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.join("events").is_dir())
-        .ok_or(FormatError::NoTracefs)
+    for root in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"].map(PathBuf::from) {
+        match std::fs::read_dir(root.join("events")) {
+            Ok(_) => return Ok(root),
+            // Mounted but not ours to read: say so, rather than "not mounted".
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(FormatError::Denied(root))
+            }
+            Err(_) => {}
+        }
+    }
+    Err(FormatError::NoTracefs)
 }
 
 /// The fields of one tracepoint's record: name -> (offset, size).
