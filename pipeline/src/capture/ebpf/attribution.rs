@@ -1,12 +1,13 @@
 //! Names the process behind events the kernel could only see from softirq context.
 //!
-//! The kernel programs record a socket's owner (pid, comm, cgroup) wherever it runs in process context:
-//! `connect`, or the first send/recv. The server side of a connection is established in softirq context,
-//! before the accepting process has touched it, so its first events arrive with pid 0 ("unknown"). Rather
-//! than guess from whatever task was interrupted, this stage holds a socket's unattributed events until its
-//! owner shows up (typically the first `recv` after `accept`, microseconds to milliseconds later), then
-//! releases them with the owner filled in. Events whose socket closes, or stays unowned for
-//! [`Attribution::hold`], are released unattributed (pid 0, empty comm): late-bound, never dropped.
+//! The kernel programs record a socket's owner (pid, comm, cgroup) wherever it is known in process
+//! context: `connect`, `listen` (inherited by the connections the listener accepts), or the first
+//! send/recv. A connection accepted on a listener that predates tcplake, or a socket opened before it,
+//! has no known owner until its process next sends or receives, so its first events arrive with pid 0
+//! ("unknown"). Rather than guess from whatever task was interrupted, this stage holds a socket's
+//! unattributed events until its owner shows up, then releases them with the owner filled in. Events
+//! whose socket closes, or stays unowned for the hold time, are released unattributed (pid 0,
+//! empty comm): late-bound, never dropped.
 
 use std::time::{Duration, Instant};
 
