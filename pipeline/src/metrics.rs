@@ -174,3 +174,31 @@ impl Metrics {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_names_every_family_once_with_values() {
+        let m = Metrics::default();
+        m.capture.events.add(42);
+        m.sink_flows.rows.add(7);
+        m.edges.flows_to_sink.add(3);
+        let text = m.render_prometheus();
+        assert!(text.contains("tcplake_capture_events_total 42\n"), "{text}");
+        assert!(
+            text.contains("tcplake_sink_rows_total{dataset=\"flows\"} 7\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tcplake_edge_queue_depth{edge=\"flows_to_sink\"} 3\n"),
+            "{text}"
+        );
+        // Every sample line is `name{labels} value` with a numeric value.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let value = line.rsplit(' ').next().unwrap();
+            assert!(value.parse::<i64>().is_ok(), "{line}");
+        }
+    }
+}

@@ -115,11 +115,6 @@ impl Windows {
         self.stats
     }
 
-    /// Current watermark (µs), `i64::MIN` before the first event.
-    pub fn watermark(&self) -> i64 {
-        self.watermark
-    }
-
     fn window_start(&self, ts: i64) -> i64 {
         ts.div_euclid(self.cfg.window_us) * self.cfg.window_us
     }

@@ -36,41 +36,6 @@ impl FlowKey {
     pub fn family(&self) -> Family {
         Family::of(&self.local_addr)
     }
-
-    /// A stable 64-bit hash of the key (FNV-1a over its fields), identical on every platform and
-    /// release: used to shard flows across aggregators.
-    pub fn stable_hash(&self) -> u64 {
-        let mut h = Fnv1a::default();
-        h.write(self.node.as_bytes());
-        h.write(&self.pid.to_le_bytes());
-        h.write(&self.comm.0);
-        h.write(&self.cgroup_id.to_le_bytes());
-        for addr in [self.local_addr, self.remote_addr] {
-            match addr {
-                IpAddr::V4(a) => h.write(&a.octets()),
-                IpAddr::V6(a) => h.write(&a.octets()),
-            }
-        }
-        h.write(&self.local_port.to_le_bytes());
-        h.write(&self.remote_port.to_le_bytes());
-        h.0
-    }
-}
-
-struct Fnv1a(u64);
-
-impl Default for Fnv1a {
-    fn default() -> Self {
-        Fnv1a(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Fnv1a {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-        }
-    }
 }
 
 /// One flow in one tumbling window. See `docs/data-model.md` for every column.

@@ -139,11 +139,6 @@ pub struct EventBatch {
 }
 
 impl EventBatch {
-    /// Stream position of the first event, if any.
-    pub fn first_seq(&self) -> Option<u64> {
-        self.events.first().map(|e| e.seq)
-    }
-
     pub fn len(&self) -> usize {
         self.events.len()
     }

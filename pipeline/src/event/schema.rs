@@ -449,3 +449,123 @@ pub fn batch_to_flows(batch: &RecordBatch) -> Result<Vec<FlowRecord>, SchemaErro
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::{WindowConfig, Windows};
+    use crate::capture::synthetic::{Synthetic, SyntheticConfig};
+    use bytes::Bytes;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use parquet::arrow::ArrowWriter;
+
+    fn sample() -> (Arc<str>, Vec<Event>, Vec<FlowRecord>) {
+        let mut src = Synthetic::new(
+            "node-a".into(),
+            SyntheticConfig {
+                seed: 11,
+                total: 20_000,
+                start_us: 1_767_225_600_000_000,
+                events_per_sim_sec: 2_000,
+            },
+        );
+        let batch = src.next_batch(20_000).unwrap();
+        let mut w = Windows::new(WindowConfig {
+            window_us: 5_000_000,
+            allowed_lateness_us: 0,
+        });
+        w.add(&batch.node, &batch.events);
+        let mut flows = Vec::new();
+        w.drain_all(&mut flows);
+        (batch.node, batch.events, flows)
+    }
+
+    fn parquet_round_trip(batch: &RecordBatch) -> RecordBatch {
+        let mut buf = Vec::new();
+        let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), None).unwrap();
+        w.write(batch).unwrap();
+        w.close().unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(Bytes::from(buf))
+            .unwrap()
+            .with_batch_size(usize::MAX)
+            .build()
+            .unwrap();
+        let batches: Vec<RecordBatch> = reader.map(Result::unwrap).collect();
+        arrow::compute::concat_batches(&batch.schema(), &batches).unwrap()
+    }
+
+    #[test]
+    fn events_survive_arrow_and_parquet() {
+        let (node, events, _) = sample();
+        let batch = events_to_batch(&node, &events).unwrap();
+        let back = batch_to_events(&parquet_round_trip(&batch)).unwrap();
+        assert_eq!(back.len(), events.len());
+        assert!(back.iter().all(|(n, _)| **n == *node));
+        let back: Vec<Event> = back.into_iter().map(|(_, e)| e).collect();
+        assert_eq!(back, events);
+    }
+
+    #[test]
+    fn flows_survive_arrow_and_parquet() {
+        let (_, _, flows) = sample();
+        assert!(
+            flows.iter().any(|f| f.rtt_samples == 0) && flows.iter().any(|f| f.rtt_samples > 0)
+        );
+        let batch = flows_to_batch(&flows).unwrap();
+        assert_eq!(batch_to_flows(&parquet_round_trip(&batch)).unwrap(), flows);
+    }
+
+    /// The datasets' columns are a public contract (docs/data-model.md): changing them is deliberate.
+    #[test]
+    fn schema_snapshot() {
+        let describe = |s: SchemaRef| -> Vec<String> {
+            s.fields()
+                .iter()
+                .map(|f| {
+                    format!(
+                        "{}:{}{}",
+                        f.name(),
+                        f.data_type(),
+                        if f.is_nullable() { "?" } else { "" }
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(
+            describe(events_schema()).join(" "),
+            "ts:Timestamp(µs, \"UTC\") node:Utf8 seq:UInt64 kind:Utf8 pid:UInt32 comm:Utf8 \
+             cgroup_id:UInt64 sock_id:UInt64 family:Utf8 local_addr:Utf8 local_port:UInt16 \
+             remote_addr:Utf8 remote_port:UInt16 old_state:Utf8? new_state:Utf8? bytes:UInt64? \
+             srtt_us:UInt32? snd_cwnd:UInt32?"
+        );
+        assert_eq!(
+            describe(flows_schema()).join(" "),
+            "window_start:Timestamp(µs, \"UTC\") window_end:Timestamp(µs, \"UTC\") node:Utf8 \
+             pid:UInt32 comm:Utf8 cgroup_id:UInt64 family:Utf8 local_addr:Utf8 local_port:UInt16 \
+             remote_addr:Utf8 remote_port:UInt16 bytes_sent:UInt64 bytes_received:UInt64 \
+             retransmits:UInt64 rtt_samples:UInt64 rtt_min_us:UInt32? rtt_p50_us:UInt32? \
+             rtt_p99_us:UInt32? rtt_max_us:UInt32? connections_opened:UInt64 \
+             connections_closed:UInt64 resets:UInt64 events:UInt64"
+        );
+    }
+
+    #[test]
+    fn malformed_batches_are_rejected_with_column_and_row() {
+        let (node, events, _) = sample();
+        let batch = events_to_batch(&node, &events[..3]).unwrap();
+        let no_seq = batch.project(&[0, 1, 3]).unwrap();
+        assert_eq!(
+            batch_to_events(&no_seq).unwrap_err().to_string(),
+            "column `seq` is missing"
+        );
+        // A local_addr that is not an address.
+        let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
+        cols[9] = Arc::new(StringArray::from(vec!["10.0.0.5", "not-an-ip", "10.0.0.5"]));
+        let bad = RecordBatch::try_new(events_schema(), cols).unwrap();
+        let err = batch_to_events(&bad).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "row 1: column `local_addr`: `not-an-ip` is not an IP address"
+        );
+    }
+}
