@@ -237,9 +237,32 @@ pub fn flows_to_batch(records: &[FlowRecord]) -> Result<RecordBatch, ArrowError>
 fn append_addr(b: &mut StringBuilder, buf: &mut String, addr: IpAddr) {
     use std::fmt::Write;
     buf.clear();
-    // Writing to a String cannot fail.
-    let _ = write!(buf, "{addr}");
+    match addr {
+        // The hot case, formatted by hand: `Display` costs several times more per address.
+        IpAddr::V4(a) => {
+            for (i, octet) in a.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf.push('.');
+                }
+                push_decimal(buf, octet);
+            }
+        }
+        // Writing to a String cannot fail.
+        IpAddr::V6(a) => {
+            let _ = write!(buf, "{a}");
+        }
+    }
     b.append_value(buf.as_str());
+}
+
+fn push_decimal(buf: &mut String, n: u8) {
+    if n >= 100 {
+        buf.push(char::from(b'0' + n / 100));
+    }
+    if n >= 10 {
+        buf.push(char::from(b'0' + n / 10 % 10));
+    }
+    buf.push(char::from(b'0' + n % 10));
 }
 
 /// Typed access to the columns of a record batch, with errors that name the column and row.
@@ -547,6 +570,31 @@ mod tests {
              rtt_p99_us:UInt32? rtt_max_us:UInt32? connections_opened:UInt64 \
              connections_closed:UInt64 resets:UInt64 events:UInt64"
         );
+    }
+
+    #[test]
+    fn addresses_are_written_as_their_standard_text() {
+        let mut b = StringBuilder::new();
+        let mut buf = String::new();
+        let addrs: Vec<IpAddr> = [
+            "0.0.0.0",
+            "10.0.0.5",
+            "127.0.0.1",
+            "192.168.100.255",
+            "255.9.99.100",
+            "::1",
+            "fd00::5",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+        for a in &addrs {
+            append_addr(&mut b, &mut buf, *a);
+        }
+        let got = b.finish();
+        for (i, a) in addrs.iter().enumerate() {
+            assert_eq!(got.value(i), a.to_string());
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
 
 use super::store::{LocalDir, StoreError};
 use super::Partition;
@@ -33,6 +34,37 @@ pub enum WriteError {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// Columns whose values are nearly all distinct: a dictionary only costs time there (the writer builds
+/// one, overflows it, and falls back to plain encoding page after page).
+const HIGH_CARDINALITY: [&str; 7] = [
+    "ts",
+    "seq",
+    "sock_id",
+    "bytes",
+    "srtt_us",
+    "bytes_sent",
+    "bytes_received",
+];
+
+/// How every tcplake Parquet file is written: zstd, page statistics, schema version in the metadata.
+pub fn writer_properties(dataset: &str, row_group_rows: usize) -> WriterProperties {
+    let mut b = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(3).expect("valid zstd level"),
+        ))
+        .set_statistics_enabled(EnabledStatistics::Page)
+        .set_max_row_group_row_count(Some(row_group_rows.max(1)))
+        .set_created_by(format!("tcplake {}", env!("CARGO_PKG_VERSION")))
+        .set_key_value_metadata(Some(vec![
+            KeyValue::new(SCHEMA_VERSION_KEY.to_string(), SCHEMA_VERSION.to_string()),
+            KeyValue::new("tcplake.dataset".to_string(), dataset.to_string()),
+        ]));
+    for column in HIGH_CARDINALITY {
+        b = b.set_column_dictionary_enabled(ColumnPath::from(column), false);
+    }
+    b.build()
 }
 
 /// When an open file is closed and committed.
@@ -79,18 +111,7 @@ impl RollingWriter {
         store: LocalDir,
         policy: RollPolicy,
     ) -> Self {
-        let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(
-                ZstdLevel::try_new(3).expect("valid zstd level"),
-            ))
-            .set_statistics_enabled(EnabledStatistics::Page)
-            .set_max_row_group_row_count(Some(policy.row_group_rows.max(1)))
-            .set_created_by(format!("tcplake {}", env!("CARGO_PKG_VERSION")))
-            .set_key_value_metadata(Some(vec![
-                KeyValue::new(SCHEMA_VERSION_KEY.to_string(), SCHEMA_VERSION.to_string()),
-                KeyValue::new("tcplake.dataset".to_string(), dataset.to_string()),
-            ]))
-            .build();
+        let props = writer_properties(dataset, policy.row_group_rows);
         RollingWriter {
             dataset,
             schema,
