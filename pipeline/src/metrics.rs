@@ -86,14 +86,6 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// The sink counters for `dataset` (`events` or `flows`).
-    pub fn sink(&self, dataset: crate::sink::Dataset) -> &SinkMetrics {
-        match dataset {
-            crate::sink::Dataset::Events => &self.sink_events,
-            crate::sink::Dataset::Flows => &self.sink_flows,
-        }
-    }
-
     /// Prometheus text exposition format.
     pub fn render_prometheus(&self) -> String {
         let mut out = String::new();

@@ -147,15 +147,19 @@ pub struct SinkStats {
 
 /// Maximal runs of consecutive rows in the same partition (one run for time-ordered input).
 fn partition_runs<T: SinkRows>(batch: &T) -> Vec<(Partition, Range<usize>)> {
-    let mut runs: Vec<(Partition, Range<usize>)> = Vec::new();
+    const HOUR_US: i64 = 3_600_000_000;
+    // Compare hour numbers per row; the calendar date is only worked out once per run.
+    let mut runs: Vec<(i64, Range<usize>)> = Vec::new();
     for i in 0..batch.num_rows() {
-        let p = Partition::of(batch.partition_ts(i));
+        let hour = batch.partition_ts(i).div_euclid(HOUR_US);
         match runs.last_mut() {
-            Some((last, r)) if *last == p => r.end = i + 1,
-            _ => runs.push((p, i..i + 1)),
+            Some((last, r)) if *last == hour => r.end = i + 1,
+            _ => runs.push((hour, i..i + 1)),
         }
     }
-    runs
+    runs.into_iter()
+        .map(|(hour, r)| (Partition::of(hour * HOUR_US), r))
+        .collect()
 }
 
 /// Runs one dataset's sink until its input ends, then commits every open file.
