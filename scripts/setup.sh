@@ -42,8 +42,17 @@ fi
 # DuckDB, the users' query tool: the tests read tcplake's output with the Python package, as users do.
 PYTHON=${TCPLAKE_TEST_PYTHON:-python3}
 DUCKDB_VERSION=1.5.5
-if ! "$PYTHON" -c "import duckdb, sys; sys.exit(duckdb.__version__ != '$DUCKDB_VERSION')" 2>/dev/null; then
-  say "installing duckdb==$DUCKDB_VERSION for $PYTHON"
-  "$PYTHON" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "duckdb==$DUCKDB_VERSION"
+# httpfs comes from PyPI too (DuckDB's own extension download is not reachable here); its version must
+# match DuckDB's exactly.
+if ! "$PYTHON" -c "import duckdb, duckdb_extension_httpfs, sys; sys.exit(duckdb.__version__ != '$DUCKDB_VERSION')" 2>/dev/null; then
+  say "installing duckdb==$DUCKDB_VERSION and its httpfs extension for $PYTHON"
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    "duckdb==$DUCKDB_VERSION" "duckdb-extension-httpfs==$DUCKDB_VERSION"
+fi
+
+# A real S3-compatible server for the object-store tests (0.14.1: later releases need a newer rustc).
+if ! s3s-fs --version 2>/dev/null | grep -q '0\.14\.1'; then
+  say "installing s3s-fs 0.14.1 (about 5 CPU-minutes)"
+  cargo install s3s-fs@0.14.1 --features binary --locked
 fi
 say "ok"

@@ -105,9 +105,18 @@ pub struct Cli {
     /// Pace the source to this many events per second of wall time [default: as fast as possible].
     #[arg(long, env = "TCPLAKE_RATE", value_name = "EVENTS_PER_SEC")]
     pub rate: Option<u64>,
-    /// Output directory [default: ./tcplake-data].
-    #[arg(long, env = "TCPLAKE_OUT", value_name = "DIR")]
+    /// Output: a directory, or s3://bucket/prefix [default: ./tcplake-data].
+    #[arg(long, env = "TCPLAKE_OUT", value_name = "DIR|S3_URL")]
     pub out: Option<PathBuf>,
+    /// S3-compatible endpoint, e.g. http://127.0.0.1:9100 (path-style addressing) [default: AWS].
+    #[arg(long, env = "TCPLAKE_S3_ENDPOINT", value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region [default: from the AWS configuration, else us-east-1].
+    #[arg(long, env = "TCPLAKE_S3_REGION")]
+    pub s3_region: Option<String>,
+    /// Local directory where files wait before upload to S3 [default: $TMPDIR/tcplake-spool].
+    #[arg(long, env = "TCPLAKE_SPOOL_DIR", value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
     /// Tumbling window length in seconds [default: 10].
     #[arg(long, env = "TCPLAKE_WINDOW", value_name = "SECS")]
     pub window: Option<u64>,
@@ -180,6 +189,11 @@ pub struct FileAggregate {
 #[serde(deny_unknown_fields)]
 pub struct FileSink {
     pub out: Option<PathBuf>,
+    pub s3_endpoint: Option<String>,
+    pub s3_region: Option<String>,
+    pub s3_path_style: Option<bool>,
+    pub s3_max_retry: Option<String>,
+    pub spool_dir: Option<PathBuf>,
     pub max_file_size: Option<String>,
     pub max_file_age: Option<String>,
     pub row_group_rows: Option<usize>,
@@ -237,12 +251,19 @@ pub struct Settings {
     pub batch_size: usize,
     pub window: Duration,
     pub allowed_lateness: Duration,
-    pub out: PathBuf,
+    pub out: Output,
     pub max_file_bytes: u64,
     pub max_file_age: Duration,
     pub row_group_rows: usize,
     pub channel_capacity: usize,
     pub summary: SummaryFormat,
+}
+
+/// Where a run writes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Output {
+    Local(PathBuf),
+    S3(crate::sink::s3::S3Settings),
 }
 
 /// Settings of the eBPF source.
@@ -273,6 +294,7 @@ pub mod defaults {
     pub const RING_BUFFER_SIZE: &str = "4MiB";
     pub const RTT_SAMPLE_INTERVAL: &str = "100ms";
     pub const BYTES_FLUSH_INTERVAL: &str = "1s";
+    pub const S3_MAX_RETRY: &str = "10m";
 }
 
 impl FileConfig {
@@ -360,6 +382,7 @@ impl Settings {
     }
 
     pub fn merge(cli: &Cli, file: FileConfig) -> Result<Self, ConfigError> {
+        let out = output(cli, &file.sink)?;
         let node = cli.node.clone().or(file.node).unwrap_or_else(default_node);
         if node.is_empty() || node.len() > 64 || !node.chars().all(is_node_char) {
             return Err(invalid(
@@ -485,11 +508,7 @@ impl Settings {
             batch_size,
             window: Duration::from_secs(window_secs),
             allowed_lateness: Duration::from_secs(lateness),
-            out: cli
-                .out
-                .clone()
-                .or(file.sink.out)
-                .unwrap_or_else(|| defaults::OUT.into()),
+            out,
             max_file_bytes,
             max_file_age,
             row_group_rows,
@@ -497,6 +516,44 @@ impl Settings {
             summary: cli.summary,
         })
     }
+}
+
+fn output(cli: &Cli, file: &FileSink) -> Result<Output, ConfigError> {
+    let out = cli
+        .out
+        .clone()
+        .or(file.out.clone())
+        .unwrap_or_else(|| defaults::OUT.into());
+    let text = out.to_string_lossy();
+    if !text.starts_with("s3://") {
+        return Ok(Output::Local(out));
+    }
+    let (bucket, prefix) = crate::sink::s3::S3Settings::parse_url(&text).map_err(|_| {
+        invalid(
+            "output",
+            &text,
+            "expected s3://bucket[/prefix] with a valid bucket name",
+        )
+    })?;
+    let endpoint = cli.s3_endpoint.clone().or(file.s3_endpoint.clone());
+    Ok(Output::S3(crate::sink::s3::S3Settings {
+        bucket,
+        prefix,
+        // S3-compatible stores mostly need path-style addressing; AWS itself prefers virtual hosts.
+        path_style: file.s3_path_style.unwrap_or(endpoint.is_some()),
+        endpoint,
+        region: cli.s3_region.clone().or(file.s3_region.clone()),
+        spool: cli
+            .spool_dir
+            .clone()
+            .or(file.spool_dir.clone())
+            .unwrap_or_else(|| std::env::temp_dir().join("tcplake-spool")),
+        max_retry: duration_setting(
+            "S3 max retry",
+            file.s3_max_retry.clone(),
+            defaults::S3_MAX_RETRY,
+        )?,
+    }))
 }
 
 fn duration_setting(

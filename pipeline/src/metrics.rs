@@ -67,6 +67,53 @@ pub struct SinkMetrics {
     pub bytes: Counter,
 }
 
+/// Requests to the S3 store, by type: each attempt counts (retries included), as each is billed.
+#[derive(Debug, Default)]
+pub struct S3Metrics {
+    pub put: Counter,
+    pub create_multipart: Counter,
+    pub upload_part: Counter,
+    pub complete_multipart: Counter,
+    pub abort_multipart: Counter,
+    pub head: Counter,
+    pub list: Counter,
+    pub get: Counter,
+    /// Attempts that failed transiently and were tried again.
+    pub retries: Counter,
+    pub bytes_uploaded: Counter,
+}
+
+impl S3Metrics {
+    /// Counts one request of type `op` (the names used by the S3 store).
+    pub fn count(&self, op: &str) {
+        match op {
+            "put" => &self.put,
+            "create_multipart" => &self.create_multipart,
+            "upload_part" => &self.upload_part,
+            "complete_multipart" => &self.complete_multipart,
+            "abort_multipart" => &self.abort_multipart,
+            "head" => &self.head,
+            "list" => &self.list,
+            _ => &self.get,
+        }
+        .add(1);
+    }
+
+    /// (type, count) for every request type.
+    pub fn by_type(&self) -> [(&'static str, u64); 8] {
+        [
+            ("put", self.put.get()),
+            ("create_multipart", self.create_multipart.get()),
+            ("upload_part", self.upload_part.get()),
+            ("complete_multipart", self.complete_multipart.get()),
+            ("abort_multipart", self.abort_multipart.get()),
+            ("head", self.head.get()),
+            ("list", self.list.get()),
+            ("get", self.get.get()),
+        ]
+    }
+}
+
 /// Queue depth (in batches) of each in-process edge.
 #[derive(Debug, Default)]
 pub struct EdgeMetrics {
@@ -83,6 +130,7 @@ pub struct Metrics {
     pub sink_events: SinkMetrics,
     pub sink_flows: SinkMetrics,
     pub edges: EdgeMetrics,
+    pub s3: Arc<S3Metrics>,
 }
 
 impl Metrics {
@@ -152,6 +200,26 @@ impl Metrics {
             counter("sink_files_total", "Files committed.", &l, s.files.get());
             counter("sink_bytes_total", "Bytes committed.", &l, s.bytes.get());
         }
+        for (op, n) in self.s3.by_type() {
+            counter(
+                "s3_requests_total",
+                "Requests to the S3 store, by type.",
+                &format!("{{op=\"{op}\"}}"),
+                n,
+            );
+        }
+        counter(
+            "s3_retries_total",
+            "S3 attempts retried after a transient failure.",
+            "",
+            self.s3.retries.get(),
+        );
+        counter(
+            "s3_uploaded_bytes_total",
+            "Bytes uploaded to S3.",
+            "",
+            self.s3.bytes_uploaded.get(),
+        );
         for (edge, g) in [
             ("events_to_aggregate", &self.edges.events_to_aggregate),
             ("events_to_sink", &self.edges.events_to_sink),

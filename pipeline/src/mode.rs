@@ -12,13 +12,17 @@ use crate::aggregate::{self, AggregateConfig, WindowConfig};
 use crate::capture::ebpf::{EbpfConfig, EbpfSource};
 use crate::capture::synthetic::{Synthetic, SyntheticConfig};
 use crate::capture::{self, AnySource, CaptureConfig, CaptureError};
+use crate::config::Output;
 use crate::config::{defaults, Mode, Settings, SourceKind};
 use crate::edge::tee::Tee;
 use crate::edge::{memory, EdgeError};
 use crate::event::{EventBatch, FlowBatch};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
-use crate::sink::{self, Dataset, LocalDir, RollPolicy, RollingWriter, SinkError, StoreError};
+use crate::sink::s3::S3Store;
+use crate::sink::{
+    self, Dataset, LocalDir, RollPolicy, RollingWriter, SinkError, Store, StoreError,
+};
 use crate::summary::Summary;
 
 /// Simulated event rate of the synthetic source (events per second of event time).
@@ -112,6 +116,14 @@ fn open_source(
     })
 }
 
+/// Opens the output: checks a directory is writable, or a bucket reachable with these credentials.
+async fn open_store(s: &Settings, metrics: &Metrics) -> Result<Store, StoreError> {
+    Ok(match &s.out {
+        Output::Local(dir) => Store::Local(LocalDir::open(dir)?),
+        Output::S3(cfg) => Store::S3(S3Store::connect(cfg, Arc::clone(&metrics.s3)).await?),
+    })
+}
+
 fn roll_policy(s: &Settings) -> RollPolicy {
     RollPolicy {
         max_bytes: s.max_file_bytes,
@@ -126,7 +138,7 @@ async fn monolith(
     shutdown: Shutdown,
 ) -> Result<Summary, RunError> {
     let started = Instant::now();
-    let store = LocalDir::open(&s.out)?;
+    let store = open_store(s, &metrics).await?;
     let node: Arc<str> = s.node.as_str().into();
     let cap = s.channel_capacity;
     let e = &metrics.edges;
@@ -175,8 +187,9 @@ async fn monolith(
         |ds: Dataset| RollingWriter::new(ds.name(), ds.schema(), store.clone(), roll_policy(s));
     let m = Arc::clone(&metrics);
     let events_writer = writer(Dataset::Events);
+    let st = store.clone();
     let events_sink = tokio::spawn(async move {
-        sink::run(log_in, events_writer, &m.sink_events)
+        sink::run(log_in, events_writer, &st, &m.sink_events)
             .await
             .map_err(|source| RunError::Sink {
                 dataset: "events",
@@ -185,8 +198,9 @@ async fn monolith(
     });
     let m = Arc::clone(&metrics);
     let flows_writer = writer(Dataset::Flows);
+    let st = store.clone();
     let flows_sink = tokio::spawn(async move {
-        sink::run(flows_in, flows_writer, &m.sink_flows)
+        sink::run(flows_in, flows_writer, &st, &m.sink_flows)
             .await
             .map_err(|source| RunError::Sink {
                 dataset: "flows",
@@ -210,7 +224,7 @@ async fn monolith(
     Ok(Summary::from_metrics(
         &metrics,
         started.elapsed(),
-        store.root(),
+        store.describe(),
     ))
 }
 

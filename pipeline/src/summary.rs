@@ -1,6 +1,6 @@
 //! The end-of-run summary: what was captured, projected and written, and how fast.
 
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -24,11 +24,18 @@ pub struct Summary {
     pub bytes: u64,
     pub elapsed_secs: f64,
     pub events_per_sec: f64,
-    pub out: PathBuf,
+    /// `DIR` or `s3://bucket/prefix`.
+    pub out: String,
+    /// Requests to S3 by type (absent for local output).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s3_requests: Option<BTreeMap<&'static str, u64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s3_retries: Option<u64>,
 }
 
 impl Summary {
-    pub fn from_metrics(m: &Metrics, elapsed: Duration, out: &Path) -> Self {
+    pub fn from_metrics(m: &Metrics, elapsed: Duration, out: String) -> Self {
+        let s3 = out.starts_with("s3://");
         let secs = elapsed.as_secs_f64();
         let events = m.capture.events.get();
         Summary {
@@ -48,7 +55,9 @@ impl Summary {
             } else {
                 0.0
             },
-            out: out.to_path_buf(),
+            out,
+            s3_requests: s3.then(|| m.s3.by_type().into_iter().collect()),
+            s3_retries: s3.then(|| m.s3.retries.get()),
         }
     }
 }
@@ -72,10 +81,23 @@ impl std::fmt::Display for Summary {
             "tcplake: wrote {} files, {:.1} MiB to {} ({} event rows, {} flow rows)",
             self.files,
             self.bytes as f64 / (1 << 20) as f64,
-            self.out.display(),
+            self.out,
             self.event_rows,
             self.flow_rows
         )?;
+        if let Some(reqs) = &self.s3_requests {
+            let list: Vec<String> = reqs
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(op, n)| format!("{op} {n}"))
+                .collect();
+            writeln!(
+                f,
+                "tcplake: S3 requests: {} ({} retried)",
+                list.join(", "),
+                self.s3_retries.unwrap_or(0)
+            )?;
+        }
         write!(
             f,
             "tcplake: {:.2} s elapsed, {:.0} events/s",

@@ -6,6 +6,7 @@
 //! not know what feeds it.
 
 pub mod rolling;
+pub mod s3;
 pub mod store;
 
 use std::ops::Range;
@@ -21,8 +22,8 @@ use crate::event::schema::{events_schema, events_to_batch, flows_schema, flows_t
 use crate::event::{EventBatch, FlowBatch};
 use crate::metrics::SinkMetrics;
 use crate::time::utc_date_hour;
-pub use rolling::{CommittedFile, RollPolicy, RollingWriter, WriteError};
-pub use store::{LocalDir, StoreError};
+pub use rolling::{RollPolicy, RollingWriter, SealedFile, WriteError};
+pub use store::{LocalDir, Store, StoreError};
 
 /// The two datasets tcplake writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -130,6 +131,8 @@ pub enum SinkError {
     Edge(#[from] EdgeError),
     #[error(transparent)]
     Write(#[from] WriteError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("encoding {dataset} rows as Arrow: {source}")]
     Encode {
         dataset: &'static str,
@@ -166,6 +169,7 @@ fn partition_runs<T: SinkRows>(batch: &T) -> Vec<(Partition, Range<usize>)> {
 pub async fn run<T, I>(
     mut input: I,
     mut writer: RollingWriter,
+    store: &Store,
     metrics: &SinkMetrics,
 ) -> Result<SinkStats, SinkError>
 where
@@ -177,18 +181,44 @@ where
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let committed = tokio::select! {
+        let sealed = tokio::select! {
             item = input.recv() => match item? {
                 Some(batch) => write_batch(&mut writer, &batch, &mut stats, metrics)?,
                 None => break,
             },
             _ = tick.tick() => writer.roll_aged(Instant::now())?,
         };
-        account(&committed, &mut stats, metrics);
+        // While a commit waits on the store, no input is taken: the edge fills and the producer waits.
+        commit(sealed, store, &mut stats, metrics).await?;
     }
-    let committed = writer.close_all()?;
-    account(&committed, &mut stats, metrics);
+    let sealed = writer.close_all()?;
+    commit(sealed, store, &mut stats, metrics).await?;
     Ok(stats)
+}
+
+/// Commits sealed files in order; on failure the rest are discarded (they were never visible).
+async fn commit(
+    sealed: Vec<SealedFile>,
+    store: &Store,
+    stats: &mut SinkStats,
+    metrics: &SinkMetrics,
+) -> Result<(), SinkError> {
+    let mut files = sealed.into_iter();
+    while let Some(f) = files.next() {
+        if let Err(e) = store.commit(&f.staged, &f.key).await {
+            store.discard(&f.staged);
+            for rest in files {
+                store.discard(&rest.staged);
+            }
+            return Err(e.into());
+        }
+        stats.files += 1;
+        stats.bytes += f.bytes;
+        metrics.files.add(1);
+        metrics.bytes.add(f.bytes);
+        tracing::debug!(key = %f.key, rows = f.rows, bytes = f.bytes, "file committed");
+    }
+    Ok(())
 }
 
 fn write_batch<T: SinkRows>(
@@ -196,7 +226,7 @@ fn write_batch<T: SinkRows>(
     batch: &T,
     stats: &mut SinkStats,
     metrics: &SinkMetrics,
-) -> Result<Vec<CommittedFile>, SinkError> {
+) -> Result<Vec<SealedFile>, SinkError> {
     let mut committed = Vec::new();
     for (partition, range) in partition_runs(batch) {
         let start = range.start;
@@ -211,14 +241,4 @@ fn write_batch<T: SinkRows>(
     }
     metrics.batches.add(1);
     Ok(committed)
-}
-
-fn account(committed: &[CommittedFile], stats: &mut SinkStats, metrics: &SinkMetrics) {
-    for f in committed {
-        stats.files += 1;
-        stats.bytes += f.bytes;
-        metrics.files.add(1);
-        metrics.bytes.add(f.bytes);
-        tracing::debug!(key = %f.key, rows = f.rows, bytes = f.bytes, "file committed");
-    }
 }

@@ -15,7 +15,7 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
-use super::store::{LocalDir, StoreError};
+use super::store::{Store, StoreError};
 use super::Partition;
 use crate::event::schema::{SCHEMA_VERSION, SCHEMA_VERSION_KEY};
 
@@ -78,10 +78,13 @@ pub struct RollPolicy {
     pub row_group_rows: usize,
 }
 
-/// A committed file.
+/// A complete, fsynced Parquet file under its temporary name, ready for [`Store::commit`].
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CommittedFile {
+pub struct SealedFile {
+    /// Where it goes in the store (`<dataset>/date=.../hour=../<name>.parquet`).
     pub key: String,
+    /// Where it is now.
+    pub staged: PathBuf,
     pub rows: u64,
     pub bytes: u64,
 }
@@ -98,19 +101,14 @@ struct OpenFile {
 pub struct RollingWriter {
     dataset: &'static str,
     schema: SchemaRef,
-    store: LocalDir,
+    store: Store,
     policy: RollPolicy,
     props: WriterProperties,
     open: BTreeMap<Partition, OpenFile>,
 }
 
 impl RollingWriter {
-    pub fn new(
-        dataset: &'static str,
-        schema: SchemaRef,
-        store: LocalDir,
-        policy: RollPolicy,
-    ) -> Self {
+    pub fn new(dataset: &'static str, schema: SchemaRef, store: Store, policy: RollPolicy) -> Self {
         let props = writer_properties(dataset, policy.row_group_rows);
         RollingWriter {
             dataset,
@@ -123,13 +121,13 @@ impl RollingWriter {
     }
 
     /// Appends `batch` to the open file of `partition`, opening one named `stem` if there is none.
-    /// Returns files committed because they reached their size.
+    /// Returns files sealed because they reached their size.
     pub fn write(
         &mut self,
         partition: Partition,
         stem: impl FnOnce() -> String,
         batch: &RecordBatch,
-    ) -> Result<Vec<CommittedFile>, WriteError> {
+    ) -> Result<Vec<SealedFile>, WriteError> {
         if !self.open.contains_key(&partition) {
             let file = self.create(&partition, &stem())?;
             self.open.insert(partition.clone(), file);
@@ -148,8 +146,8 @@ impl RollingWriter {
         Ok(Vec::new())
     }
 
-    /// Commits files open longer than the age limit.
-    pub fn roll_aged(&mut self, now: Instant) -> Result<Vec<CommittedFile>, WriteError> {
+    /// Seals files open longer than the age limit.
+    pub fn roll_aged(&mut self, now: Instant) -> Result<Vec<SealedFile>, WriteError> {
         let aged: Vec<Partition> = self
             .open
             .iter()
@@ -159,8 +157,8 @@ impl RollingWriter {
         aged.iter().map(|p| self.close(p)).collect()
     }
 
-    /// Commits every open file (end of input, shutdown).
-    pub fn close_all(&mut self) -> Result<Vec<CommittedFile>, WriteError> {
+    /// Seals every open file (end of input, shutdown).
+    pub fn close_all(&mut self) -> Result<Vec<SealedFile>, WriteError> {
         let all: Vec<Partition> = self.open.keys().cloned().collect();
         all.iter().map(|p| self.close(p)).collect()
     }
@@ -187,7 +185,7 @@ impl RollingWriter {
         })
     }
 
-    fn close(&mut self, partition: &Partition) -> Result<CommittedFile, WriteError> {
+    fn close(&mut self, partition: &Partition) -> Result<SealedFile, WriteError> {
         let f = self
             .open
             .remove(partition)
@@ -199,7 +197,7 @@ impl RollingWriter {
             rows,
             ..
         } = f;
-        let finish = || -> Result<u64, WriteError> {
+        let seal = || -> Result<u64, WriteError> {
             let file = writer.into_inner().map_err(|source| WriteError::Parquet {
                 path: staged.clone(),
                 source,
@@ -208,12 +206,15 @@ impl RollingWriter {
                 path: staged.clone(),
                 source,
             })?;
-            let bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
-            self.store.commit(&staged, &key)?;
-            Ok(bytes)
+            Ok(file.metadata().map(|m| m.len()).unwrap_or(0))
         };
-        match finish() {
-            Ok(bytes) => Ok(CommittedFile { key, rows, bytes }),
+        match seal() {
+            Ok(bytes) => Ok(SealedFile {
+                key,
+                staged,
+                rows,
+                bytes,
+            }),
             Err(e) => {
                 self.store.discard(&staged);
                 Err(e)

@@ -1,5 +1,7 @@
-//! Where committed files go. Files are written under a temporary name and made visible by one atomic
-//! step ([`LocalDir::commit`]), so a reader never sees half a file.
+//! Where committed files go: a local directory (the embedded default) or an S3-compatible bucket.
+//!
+//! Files are written complete under a temporary name first and made visible in one step (a rename, or
+//! one PUT / multipart completion), so a reader never sees half a file.
 
 use std::fs;
 use std::io;
@@ -8,6 +10,8 @@ use std::path::{Path, PathBuf};
 /// Why the store could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    #[error(transparent)]
+    S3(#[from] super::s3::S3Error),
     #[error("cannot write to output directory `{path}`: {source}")]
     NotWritable { path: PathBuf, source: io::Error },
     #[error("cannot {action} `{path}`: {source}")]
@@ -83,6 +87,50 @@ impl LocalDir {
             if e.kind() != io::ErrorKind::NotFound {
                 tracing::warn!(path = %staged.display(), error = %e, "could not remove temporary file");
             }
+        }
+    }
+}
+
+/// Where a run writes: chosen by `--out` (`DIR` or `s3://bucket/prefix`).
+#[derive(Clone, Debug)]
+pub enum Store {
+    Local(LocalDir),
+    S3(super::s3::S3Store),
+}
+
+impl Store {
+    /// A temporary local path for the file that will be committed as `key`.
+    pub fn staging_path(&self, key: &str) -> Result<PathBuf, StoreError> {
+        match self {
+            Store::Local(d) => d.staging_path(key),
+            Store::S3(s) => s.spool().staging_path(key),
+        }
+    }
+
+    /// Makes a sealed file visible under its key, then forgets the temporary copy.
+    pub async fn commit(&self, staged: &Path, key: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Local(d) => d.commit(staged, key),
+            Store::S3(s) => {
+                let result = s.put_file(staged, key).await.map_err(StoreError::from);
+                s.spool().discard(staged);
+                result
+            }
+        }
+    }
+
+    pub fn discard(&self, staged: &Path) {
+        match self {
+            Store::Local(d) => d.discard(staged),
+            Store::S3(s) => s.spool().discard(staged),
+        }
+    }
+
+    /// `DIR` or `s3://bucket/prefix`, for summaries and logs.
+    pub fn describe(&self) -> String {
+        match self {
+            Store::Local(d) => d.root().display().to_string(),
+            Store::S3(s) => s.url(),
         }
     }
 }

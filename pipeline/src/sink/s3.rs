@@ -1,0 +1,495 @@
+//! The S3 store (aws-sdk-s3): any S3-compatible endpoint, the standard AWS credential chain.
+//!
+//! A sealed file is uploaded from the local spool with one PUT, or as a multipart upload in
+//! [`PART_SIZE`] parts when larger than [`MULTIPART_THRESHOLD`] (one part in memory at a time). Keys are
+//! deterministic, and uploads are conditional (`If-None-Match: *`): a file another attempt already
+//! committed is left as it is. Every request is counted by type ([`S3Metrics`]). Transient failures
+//! (timeouts, connection errors, 5xx, throttling) are retried with exponential backoff and jitter for up
+//! to the configured time, while the sink — and through the edges, capture — waits; multipart uploads
+//! that fail are aborted, and dangling ones under the prefix are aborted at startup.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::config::{BehaviorVersion, Region};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::Client;
+use tokio::io::AsyncReadExt;
+
+use super::store::{LocalDir, StoreError};
+use crate::metrics::S3Metrics;
+
+/// Files above this size go up as multipart uploads.
+pub const MULTIPART_THRESHOLD: u64 = 16 << 20;
+/// Size of each part (S3's minimum is 5 MiB).
+pub const PART_SIZE: usize = 8 << 20;
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Why talking to S3 failed, phrased for the operator.
+#[derive(Debug, thiserror::Error)]
+pub enum S3Error {
+    #[error("invalid S3 URL `{0}`: expected s3://bucket[/prefix]")]
+    BadUrl(String),
+    #[error("bucket `{bucket}` does not exist at {endpoint}")]
+    NoSuchBucket { bucket: String, endpoint: String },
+    #[error(
+        "access to bucket `{bucket}` at {endpoint} was denied (HTTP {status}): check the credentials \
+         (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the instance/web identity role)"
+    )]
+    Denied {
+        bucket: String,
+        endpoint: String,
+        status: u16,
+    },
+    #[error("S3 {op} `{key}` failed{retried}: {message}")]
+    Request {
+        op: &'static str,
+        key: String,
+        retried: String,
+        message: String,
+    },
+    #[error("reading `{path}` for upload: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Where and how to reach the bucket.
+#[derive(Clone, Debug, PartialEq)]
+pub struct S3Settings {
+    pub bucket: String,
+    /// Key prefix, without leading or trailing `/` (may be empty).
+    pub prefix: String,
+    /// Custom endpoint for S3-compatible stores (`http://127.0.0.1:9100`); AWS when `None`.
+    pub endpoint: Option<String>,
+    /// Region; from the AWS configuration chain when `None`, else `us-east-1`.
+    pub region: Option<String>,
+    /// Path-style addressing (`endpoint/bucket/key`), which most S3-compatible stores need.
+    pub path_style: bool,
+    /// Local directory where files are written before upload.
+    pub spool: PathBuf,
+    /// How long a transient failure is retried before the run fails.
+    pub max_retry: Duration,
+}
+
+impl S3Settings {
+    /// Splits `s3://bucket/some/prefix` into bucket and prefix.
+    pub fn parse_url(url: &str) -> Result<(String, String), S3Error> {
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or_else(|| S3Error::BadUrl(url.into()))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let valid =
+            |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.');
+        if bucket.len() < 3 || bucket.len() > 63 || !bucket.chars().all(valid) {
+            return Err(S3Error::BadUrl(url.into()));
+        }
+        Ok((bucket.to_string(), prefix.trim_matches('/').to_string()))
+    }
+}
+
+/// An S3 bucket (and prefix) as the object store.
+#[derive(Clone, Debug)]
+pub struct S3Store {
+    client: Client,
+    bucket: String,
+    prefix: String,
+    endpoint: String,
+    spool: LocalDir,
+    max_retry: Duration,
+    metrics: Arc<S3Metrics>,
+}
+
+/// Status code of a failed request, when the server answered.
+fn status<E>(e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Option<u16> {
+    e.raw_response().map(|r| r.status().as_u16())
+}
+
+/// Worth trying again: the server did not answer, or said it is overloaded or broken.
+fn transient<E: ProvideErrorMetadata>(
+    e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> bool {
+    match e {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            true
+        }
+        SdkError::ServiceError(s) => {
+            // 501/505: the store does not support the request; asking again will not change that.
+            matches!(status(e), Some(500 | 502..=504 | 506..=599 | 408 | 429))
+                || matches!(
+                    s.err().code(),
+                    Some("SlowDown" | "RequestTimeout" | "InternalError")
+                )
+        }
+        _ => false,
+    }
+}
+
+/// Full jitter: a random wait between half and all of `d`, so retrying clients do not march in step.
+fn jittered(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    let frac = 0.5 + f64::from(nanos % 1000) / 2000.0;
+    d.mul_f64(frac)
+}
+
+impl S3Store {
+    /// Builds the client, checks the bucket, and aborts multipart uploads a crashed run left behind.
+    pub async fn connect(s: &S3Settings, metrics: Arc<S3Metrics>) -> Result<Self, StoreError> {
+        let spool = LocalDir::open(&s.spool)?;
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            // Retries are ours (below): every attempt is then counted, and outages are ridden out.
+            .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled());
+        if let Some(r) = &s.region {
+            loader = loader.region(Region::new(r.clone()));
+        }
+        let shared = loader.load().await;
+        let mut conf = aws_sdk_s3::config::Builder::from(&shared).force_path_style(s.path_style);
+        if shared.region().is_none() {
+            conf = conf.region(Region::new("us-east-1"));
+        }
+        if let Some(ep) = &s.endpoint {
+            conf = conf.endpoint_url(ep);
+        }
+        let store = S3Store {
+            client: Client::from_conf(conf.build()),
+            bucket: s.bucket.clone(),
+            prefix: s.prefix.clone(),
+            endpoint: s.endpoint.clone().unwrap_or_else(|| "AWS S3".into()),
+            spool,
+            max_retry: s.max_retry,
+            metrics,
+        };
+        store.check_bucket().await?;
+        store.abort_dangling_uploads().await?;
+        Ok(store)
+    }
+
+    pub fn spool(&self) -> &LocalDir {
+        &self.spool
+    }
+
+    pub fn url(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.prefix)
+    }
+
+    fn object_key(&self, key: &str) -> String {
+        if self.prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}/{key}", self.prefix)
+        }
+    }
+
+    /// Runs one request with retries; `op` names it in metrics and errors.
+    async fn request<T, E, F, Fut>(
+        &self,
+        op: &'static str,
+        key: &str,
+        mut send: F,
+    ) -> Result<T, SdkError<E, aws_sdk_s3::config::http::HttpResponse>>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, SdkError<E, aws_sdk_s3::config::http::HttpResponse>>>,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let started = Instant::now();
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            self.metrics.count(op);
+            match send().await {
+                Ok(v) => return Ok(v),
+                Err(e) if transient(&e) && started.elapsed() < self.max_retry => {
+                    self.metrics.retries.add(1);
+                    if backoff == FIRST_BACKOFF {
+                        tracing::warn!(op, key, error = %describe(&e), "S3 request failed; retrying with backoff");
+                    }
+                    tokio::time::sleep(jittered(backoff)).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn failed<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
+        &self,
+        op: &'static str,
+        key: &str,
+        e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+    ) -> S3Error {
+        if matches!(status(e), Some(401 | 403)) {
+            return S3Error::Denied {
+                bucket: self.bucket.clone(),
+                endpoint: self.endpoint.clone(),
+                status: status(e).unwrap_or(403),
+            };
+        }
+        S3Error::Request {
+            op,
+            key: key.to_string(),
+            retried: if transient_any(e) {
+                format!(" after retrying for {} s", self.max_retry.as_secs())
+            } else {
+                String::new()
+            },
+            message: describe(e),
+        }
+    }
+
+    async fn check_bucket(&self) -> Result<(), S3Error> {
+        let r = self
+            .request("head", &self.bucket, || {
+                self.client.head_bucket().bucket(&self.bucket).send()
+            })
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if status(&e) == Some(404) => Err(S3Error::NoSuchBucket {
+                bucket: self.bucket.clone(),
+                endpoint: self.endpoint.clone(),
+            }),
+            Err(e) => Err(self.failed("HEAD bucket", &self.bucket, &e)),
+        }
+    }
+
+    /// Multipart uploads under our prefix can only be ours, from a run that died mid-upload.
+    async fn abort_dangling_uploads(&self) -> Result<(), S3Error> {
+        let prefix = self.object_key("");
+        let listed = match self
+            .request("list", &prefix, || {
+                self.client
+                    .list_multipart_uploads()
+                    .bucket(&self.bucket)
+                    .prefix(&prefix)
+                    .send()
+            })
+            .await
+        {
+            Ok(l) => l,
+            Err(e) if status(&e) == Some(501) => {
+                tracing::warn!(
+                    "this S3 store cannot list multipart uploads: uploads left by a crashed run cannot be \
+                     aborted at startup (set a bucket lifecycle rule to expire them)"
+                );
+                return Ok(());
+            }
+            Err(e) => return Err(self.failed("list multipart uploads under", &prefix, &e)),
+        };
+        for u in listed.uploads() {
+            let (Some(key), Some(id)) = (u.key(), u.upload_id()) else {
+                continue;
+            };
+            tracing::info!(key, "aborting a multipart upload left by an earlier run");
+            self.request("abort_multipart", key, || {
+                self.client
+                    .abort_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(id)
+                    .send()
+            })
+            .await
+            .map_err(|e| self.failed("abort multipart upload", key, &e))?;
+        }
+        Ok(())
+    }
+
+    /// Uploads a sealed file as `key` (under the prefix). An object already there is kept: keys are
+    /// deterministic, so it holds the same rows.
+    pub async fn put_file(&self, path: &Path, key: &str) -> Result<(), S3Error> {
+        let key = self.object_key(key);
+        let size = tokio::fs::metadata(path)
+            .await
+            .map_err(|source| S3Error::Read {
+                path: path.into(),
+                source,
+            })?
+            .len();
+        if size > MULTIPART_THRESHOLD {
+            return self.put_multipart(path, &key, size).await;
+        }
+        let (client, bucket, object) = (&self.client, &self.bucket, &key);
+        let r = self
+            .request("put", &key, || async move {
+                // Streamed from the file: memory stays bounded whatever the file size.
+                let body = ByteStream::from_path(path).await.map_err(|e| {
+                    SdkError::construction_failure(std::io::Error::other(e.to_string()))
+                })?;
+                client
+                    .put_object()
+                    .bucket(bucket)
+                    .key(object)
+                    .if_none_match("*")
+                    .body(body)
+                    .send()
+                    .await
+            })
+            .await;
+        match r {
+            Ok(_) => {
+                self.metrics.bytes_uploaded.add(size);
+                Ok(())
+            }
+            Err(e) if status(&e) == Some(412) => {
+                tracing::debug!(key, "object already committed by an earlier attempt; kept");
+                Ok(())
+            }
+            Err(e) => Err(self.failed("PUT", &key, &e)),
+        }
+    }
+
+    async fn put_multipart(&self, path: &Path, key: &str, size: u64) -> Result<(), S3Error> {
+        let created = self
+            .request("create_multipart", key, || {
+                self.client
+                    .create_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .send()
+            })
+            .await
+            .map_err(|e| self.failed("create multipart upload", key, &e))?;
+        let id = created.upload_id().unwrap_or_default().to_string();
+        match self.upload_parts(path, key, &id, size).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // Never leave a half upload behind: it costs storage and confuses the next run.
+                let _ = self
+                    .request("abort_multipart", key, || {
+                        self.client
+                            .abort_multipart_upload()
+                            .bucket(&self.bucket)
+                            .key(key)
+                            .upload_id(&id)
+                            .send()
+                    })
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn upload_parts(
+        &self,
+        path: &Path,
+        key: &str,
+        id: &str,
+        size: u64,
+    ) -> Result<(), S3Error> {
+        let read_err = |source| S3Error::Read {
+            path: path.into(),
+            source,
+        };
+        let mut file = tokio::fs::File::open(path).await.map_err(read_err)?;
+        let mut parts = Vec::new();
+        let mut sent = 0u64;
+        let mut number = 1;
+        while sent < size {
+            let len = PART_SIZE.min((size - sent) as usize);
+            let mut buf = vec![0u8; len];
+            file.read_exact(&mut buf).await.map_err(read_err)?;
+            let body = bytes::Bytes::from(buf);
+            let part = self
+                .request("upload_part", key, || {
+                    self.client
+                        .upload_part()
+                        .bucket(&self.bucket)
+                        .key(key)
+                        .upload_id(id)
+                        .part_number(number)
+                        .body(ByteStream::from(body.clone()))
+                        .send()
+                })
+                .await
+                .map_err(|e| self.failed("upload part of", key, &e))?;
+            parts.push(
+                CompletedPart::builder()
+                    .part_number(number)
+                    .set_e_tag(part.e_tag().map(str::to_string))
+                    .build(),
+            );
+            self.metrics.bytes_uploaded.add(len as u64);
+            sent += len as u64;
+            number += 1;
+        }
+        let done = CompletedMultipartUpload::builder()
+            .set_parts(Some(parts))
+            .build();
+        let r = self
+            .request("complete_multipart", key, || {
+                self.client
+                    .complete_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(id)
+                    .multipart_upload(done.clone())
+                    .if_none_match("*")
+                    .send()
+            })
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if status(&e) == Some(412) => Ok(()),
+            Err(e) => Err(self.failed("complete multipart upload", key, &e)),
+        }
+    }
+}
+
+fn transient_any<E>(e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> bool {
+    matches!(
+        e,
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_)
+    ) || matches!(status(e), Some(500 | 502..=504 | 506..=599 | 408 | 429))
+}
+
+/// One line: the service's code and message, or the transport failure.
+fn describe<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
+    e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> String {
+    match e {
+        SdkError::ServiceError(s) => format!(
+            "{} (HTTP {}): {}",
+            s.err().code().unwrap_or("error"),
+            status(e).unwrap_or(0),
+            s.err().message().unwrap_or("no message")
+        ),
+        other => DisplayErrorContext(other).to_string().replace('\n', " "),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            S3Settings::parse_url("s3://my-bucket/a/b/").unwrap(),
+            ("my-bucket".into(), "a/b".into())
+        );
+        assert_eq!(
+            S3Settings::parse_url("s3://bkt").unwrap(),
+            ("bkt".into(), String::new())
+        );
+        for bad in ["s3://", "s3://B_ad/x", "http://x/y", "s3://ab"] {
+            assert!(S3Settings::parse_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn jitter_stays_within_half_to_full() {
+        for _ in 0..100 {
+            let d = jittered(Duration::from_millis(1000));
+            assert!(d >= Duration::from_millis(500) && d <= Duration::from_millis(1000));
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! The S3 sink against a real S3-compatible server (s3s-fs on loopback, installed by scripts/setup.sh),
+//! read back with DuckDB's httpfs straight from the bucket.
+
+mod common;
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const KEY: &str = "AKIATEST";
+const SECRET: &str = "secretsecret";
+const BUCKET: &str = "tcplake-test";
+
+/// An s3s-fs server on a free loopback port, stopped when dropped.
+struct S3Server {
+    child: Child,
+    port: u16,
+    _data: tempfile::TempDir,
+}
+
+fn s3s_fs() -> PathBuf {
+    let home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cargo"));
+    let installed = home.join("bin/s3s-fs");
+    if installed.exists() {
+        installed
+    } else {
+        PathBuf::from("s3s-fs")
+    }
+}
+
+impl S3Server {
+    fn start() -> S3Server {
+        let data = tempfile::tempdir().unwrap();
+        std::fs::create_dir(data.path().join(BUCKET)).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(s3s_fs())
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", KEY, "--secret-key", SECRET])
+            .arg(data.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start s3s-fs (install it with scripts/setup.sh)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "s3s-fs did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        S3Server {
+            child,
+            port,
+            _data: data,
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run_to(out: &str, endpoint: &str, secret: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "--source",
+        "synthetic",
+        "--seed",
+        "5",
+        "--node",
+        "s3-node",
+        "--summary",
+        "json",
+        "--out",
+        out,
+        "--s3-endpoint",
+        endpoint,
+        "--s3-region",
+        "us-east-1",
+    ];
+    args.extend_from_slice(extra);
+    tcplake(
+        &args,
+        &[
+            ("AWS_ACCESS_KEY_ID", KEY),
+            ("AWS_SECRET_ACCESS_KEY", secret),
+        ],
+    )
+}
+
+/// DuckDB with httpfs loaded from the pinned PyPI package and a secret for the test server.
+fn duckdb_s3(server: &S3Server, sql: &str) -> i64 {
+    let ext = duckdb(
+        "SELECT 1", // warm-up: makes sure duckdb itself works before the extension path is used
+    );
+    assert_eq!(ext.len(), 1);
+    let setup = format!(
+        "LOAD '{}'; CREATE SECRET (TYPE s3, KEY_ID '{KEY}', SECRET '{SECRET}', REGION 'us-east-1', \
+         ENDPOINT '127.0.0.1:{}', URL_STYLE 'path', USE_SSL false);",
+        httpfs_extension().display(),
+        server.port
+    );
+    duckdb_int(&format!("{setup} {sql}"))
+}
+
+fn httpfs_extension() -> PathBuf {
+    let out = Command::new("python3")
+        .args(["-c", "import duckdb_extension_httpfs as m, os, glob; print(glob.glob(os.path.join(os.path.dirname(m.__file__), 'extensions', '*', 'httpfs.duckdb_extension'))[0])"])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "duckdb-extension-httpfs missing: run scripts/setup.sh"
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+#[test]
+fn monolith_to_s3_reads_back_identical_to_local() {
+    let server = S3Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = tmp.path().join("spool");
+    // 1.5 M events: the event file passes the multipart threshold, the flow file goes up in one PUT.
+    let o = run_to(
+        &format!("s3://{BUCKET}/runs/a"),
+        &server.endpoint(),
+        SECRET,
+        &[
+            "--events",
+            "1500000",
+            "--spool-dir",
+            spool.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(s["out"], format!("s3://{BUCKET}/runs/a"));
+    let req = &s["s3_requests"];
+    assert!(
+        req["upload_part"].as_u64().unwrap() >= 2,
+        "multipart used: {s}"
+    );
+    assert_eq!(req["complete_multipart"], 1, "{s}");
+    assert!(req["put"].as_u64().unwrap() >= 1, "{s}");
+    assert_eq!(req["head"], 1);
+    assert_eq!(req["list"], 1);
+    // The spool holds nothing once everything is committed.
+    assert_eq!(files_under(&spool), Vec::<PathBuf>::new());
+
+    let local = tmp.path().join("local");
+    let o = tcplake(
+        &[
+            "--source",
+            "synthetic",
+            "--seed",
+            "5",
+            "--node",
+            "s3-node",
+            "--events",
+            "1500000",
+            "--out",
+            local.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let remote = |ds: &str| {
+        format!("read_parquet('s3://{BUCKET}/runs/a/{ds}/**/*.parquet', hive_partitioning = true)")
+    };
+    assert_eq!(
+        duckdb_s3(
+            &server,
+            &format!("SELECT count(*) FROM {}", remote("events"))
+        ),
+        1_500_000
+    );
+    let local_flows = dataset(&local, "flows");
+    assert_eq!(
+        duckdb_s3(
+            &server,
+            &format!(
+                "SELECT count(*) FROM (SELECT * FROM {} EXCEPT ALL SELECT * FROM {local_flows})",
+                remote("flows")
+            )
+        ),
+        0
+    );
+    assert_eq!(
+        duckdb_s3(
+            &server,
+            &format!(
+                "SELECT count(*) FROM (SELECT * FROM {local_flows} EXCEPT ALL SELECT * FROM {})",
+                remote("flows")
+            )
+        ),
+        0
+    );
+    assert_eq!(
+        duckdb_s3(
+            &server,
+            &format!("SELECT sum(bytes) FROM {}", remote("events"))
+        ),
+        duckdb_int(&format!(
+            "SELECT sum(bytes_sent + bytes_received) FROM {local_flows}"
+        ))
+    );
+}
+
+fn assert_one_line(o: &std::process::Output, needles: &[&str]) {
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(o));
+    let err = stderr(o);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    for n in needles {
+        assert!(err.contains(n), "`{n}` not in: {err}");
+    }
+}
+
+#[test]
+fn wrong_credentials_and_missing_bucket_fail_with_one_clear_line() {
+    let server = S3Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = tmp.path().join("spool");
+    let spool = spool.to_str().unwrap();
+    let o = run_to(
+        &format!("s3://{BUCKET}/x"),
+        &server.endpoint(),
+        "wrong-secret",
+        &["--events", "10", "--spool-dir", spool],
+    );
+    assert_one_line(&o, &["denied", "credentials", BUCKET]);
+    let o = run_to(
+        "s3://no-such-bucket/x",
+        &server.endpoint(),
+        SECRET,
+        &["--events", "10", "--spool-dir", spool],
+    );
+    assert_one_line(&o, &["bucket `no-such-bucket` does not exist"]);
+    assert_eq!(files_under(Path::new(spool)), Vec::<PathBuf>::new());
+}
