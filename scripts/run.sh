@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-scripts/setup.sh
+scripts/setup.sh run
 cargo build --release --locked -p pipeline --bin tcplake
 
 args=("$@")

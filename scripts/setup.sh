@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Installs everything tcplake's build and tests need on a fresh Debian machine of this kind.
 # Idempotent: every step checks before it installs, so reruns take seconds.
+#   scripts/setup.sh        everything the tests need (the default)
+#   scripts/setup.sh run    only what building and running tcplake needs
 set -euo pipefail
 cd "$(dirname "$0")/.."
+purpose=${1:-test}
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -27,7 +30,7 @@ if ! bpf-linker --version 2>/dev/null | grep -q '0\.10\.1'; then
 fi
 
 # The eBPF tests make their own network namespace and drop packets with nftables.
-if [ "$(id -u)" = 0 ]; then
+if [ "$(id -u)" = 0 ] && [ "$purpose" = test ]; then
   missing=()
   command -v ip >/dev/null 2>&1 || missing+=(iproute2)
   command -v nft >/dev/null 2>&1 || missing+=(nftables)
@@ -35,7 +38,9 @@ if [ "$(id -u)" = 0 ]; then
     say "installing ${missing[*]}"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
-  # The loader reads tracepoint layouts from tracefs.
+fi
+# The loader reads tracepoint layouts from tracefs.
+if [ "$(id -u)" = 0 ]; then
   mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing || true
 fi
 
@@ -51,7 +56,7 @@ if ! "$PYTHON" -c "import duckdb, duckdb_extension_httpfs, sys; sys.exit(duckdb.
 fi
 
 # A real S3-compatible server for the object-store tests (0.14.1: later releases need a newer rustc).
-if ! s3s-fs --version 2>/dev/null | grep -q '0\.14\.1'; then
+if [ "$purpose" = test ] && ! s3s-fs --version 2>/dev/null | grep -q '0\.14\.1'; then
   say "installing s3s-fs 0.14.1 (about 5 CPU-minutes)"
   cargo install s3s-fs@0.14.1 --features binary --locked
 fi
