@@ -394,3 +394,88 @@ fn store_outage_mid_run_is_ridden_out_with_nothing_lost() {
         duckdb_int(&format!("SELECT count(*) FROM {local_flows}"))
     );
 }
+
+/// Loopback connections for about three seconds.
+const TRAFFIC: &str = "
+import socket, threading, time
+srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen(64)
+def serve():
+    while True:
+        c, _ = srv.accept(); c.recv(100); c.close()
+threading.Thread(target=serve, daemon=True).start()
+for _ in range(30):
+    s = socket.create_connection(srv.getsockname()); s.sendall(b'x' * 100); s.close(); time.sleep(0.1)
+";
+
+/// Live capture writing to S3 does not capture its own uploads (`--exclude-self`, the default), while
+/// the store's side of the same connections is captured; `--include-self` captures both. Needs root.
+#[test]
+fn live_capture_excludes_its_own_s3_traffic_unless_asked() {
+    if std::env::var_os("TCPLAKE_SKIP_EBPF_TESTS").is_some() {
+        return;
+    }
+    let server = S3Server::start();
+    let s3s_pid = server.child.id();
+    let tmp = tempfile::tempdir().unwrap();
+    for (run, include_self) in [("excluded", false), ("included", true)] {
+        let out = format!("s3://{BUCKET}/self-{run}");
+        let mut args = vec![
+            "--source",
+            "ebpf",
+            "--duration",
+            "6s",
+            "--max-file-age",
+            "1s",
+        ];
+        args.extend(["--summary", "json", "--out", &out, "--s3-endpoint"]);
+        let endpoint = server.endpoint();
+        args.push(&endpoint);
+        let spool = tmp.path().join(run);
+        args.extend([
+            "--s3-region",
+            "us-east-1",
+            "--spool-dir",
+            spool.to_str().unwrap(),
+        ]);
+        if include_self {
+            args.push("--include-self");
+        }
+        let child = Command::new(env!("CARGO_BIN_EXE_tcplake"))
+            .args(&args)
+            .env("AWS_ACCESS_KEY_ID", KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let tcplake_pid = child.id();
+        // Some traffic to capture, so files fill and upload (every second) while capture runs.
+        std::thread::sleep(Duration::from_secs(1));
+        let traffic = Command::new("python3")
+            .args(["-c", TRAFFIC])
+            .status()
+            .unwrap();
+        assert!(traffic.success());
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let events = format!("read_parquet('s3://{BUCKET}/self-{run}/events/**/*.parquet')");
+        let port = server.port;
+        let own = duckdb_s3(
+            &server,
+            &format!("SELECT count(*) FROM {events} WHERE pid = {tcplake_pid}"),
+        );
+        let store_side = duckdb_s3(
+            &server,
+            &format!("SELECT count(*) FROM {events} WHERE pid = {s3s_pid} AND local_port = {port}"),
+        );
+        assert!(
+            store_side > 0,
+            "{run}: the uploads were seen from the store's side"
+        );
+        if include_self {
+            assert!(own > 0, "--include-self captures tcplake's own connections");
+        } else {
+            assert_eq!(own, 0, "tcplake captured its own S3 traffic");
+        }
+    }
+}
