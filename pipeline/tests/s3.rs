@@ -133,6 +133,38 @@ fn httpfs_extension() -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
+/// What a run wrote under `prefix` in the bucket, read by DuckDB, equals a local run of the same seed:
+/// exactly `n` distinct events, flow rows identical both ways, bytes conserved.
+fn assert_bucket_matches_local(server: &S3Server, prefix: &str, local: &Path, n: i64) {
+    let remote = |ds: &str| {
+        format!(
+            "read_parquet('s3://{BUCKET}/{prefix}/{ds}/**/*.parquet', hive_partitioning = true)"
+        )
+    };
+    let (events, flows, local_flows) = (remote("events"), remote("flows"), dataset(local, "flows"));
+    let q = |sql: String| duckdb_s3(server, &sql);
+    assert_eq!(q(format!("SELECT count(*) FROM {events}")), n);
+    assert_eq!(q(format!("SELECT count(DISTINCT seq) FROM {events}")), n);
+    for (a, b) in [(&flows, &local_flows), (&local_flows, &flows)] {
+        assert_eq!(
+            q(format!(
+                "SELECT count(*) FROM (SELECT * FROM {a} EXCEPT ALL SELECT * FROM {b})"
+            )),
+            0
+        );
+    }
+    assert_eq!(
+        q(format!("SELECT count(*) FROM {flows}")),
+        duckdb_int(&format!("SELECT count(*) FROM {local_flows}"))
+    );
+    assert_eq!(
+        q(format!("SELECT sum(bytes) FROM {events}")),
+        duckdb_int(&format!(
+            "SELECT sum(bytes_sent + bytes_received) FROM {local_flows}"
+        ))
+    );
+}
+
 #[test]
 fn monolith_to_s3_reads_back_identical_to_local() {
     let server = S3Server::start();
@@ -182,46 +214,7 @@ fn monolith_to_s3_reads_back_identical_to_local() {
         &[],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    let remote = |ds: &str| {
-        format!("read_parquet('s3://{BUCKET}/runs/a/{ds}/**/*.parquet', hive_partitioning = true)")
-    };
-    assert_eq!(
-        duckdb_s3(
-            &server,
-            &format!("SELECT count(*) FROM {}", remote("events"))
-        ),
-        1_500_000
-    );
-    let local_flows = dataset(&local, "flows");
-    assert_eq!(
-        duckdb_s3(
-            &server,
-            &format!(
-                "SELECT count(*) FROM (SELECT * FROM {} EXCEPT ALL SELECT * FROM {local_flows})",
-                remote("flows")
-            )
-        ),
-        0
-    );
-    assert_eq!(
-        duckdb_s3(
-            &server,
-            &format!(
-                "SELECT count(*) FROM (SELECT * FROM {local_flows} EXCEPT ALL SELECT * FROM {})",
-                remote("flows")
-            )
-        ),
-        0
-    );
-    assert_eq!(
-        duckdb_s3(
-            &server,
-            &format!("SELECT sum(bytes) FROM {}", remote("events"))
-        ),
-        duckdb_int(&format!(
-            "SELECT sum(bytes_sent + bytes_received) FROM {local_flows}"
-        ))
-    );
+    assert_bucket_matches_local(&server, "runs/a", &local, 1_500_000);
 }
 
 fn assert_one_line(o: &std::process::Output, needles: &[&str]) {
@@ -358,41 +351,7 @@ fn store_outage_mid_run_is_ridden_out_with_nothing_lost() {
         &[],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    let remote = |ds: &str| {
-        format!("read_parquet('s3://{BUCKET}/outage/{ds}/**/*.parquet', hive_partitioning = true)")
-    };
-    assert_eq!(
-        duckdb_s3(
-            &server,
-            &format!("SELECT count(DISTINCT seq) FROM {}", remote("events"))
-        ),
-        N as i64
-    );
-    assert_eq!(
-        duckdb_s3(
-            &server,
-            &format!("SELECT count(*) FROM {}", remote("events"))
-        ),
-        N as i64
-    );
-    let local_flows = dataset(&local, "flows");
-    assert_eq!(
-        duckdb_s3(
-            &server,
-            &format!(
-                "SELECT count(*) FROM (SELECT * FROM {} EXCEPT ALL SELECT * FROM {local_flows})",
-                remote("flows")
-            )
-        ),
-        0
-    );
-    assert_eq!(
-        duckdb_s3(
-            &server,
-            &format!("SELECT count(*) FROM {}", remote("flows"))
-        ),
-        duckdb_int(&format!("SELECT count(*) FROM {local_flows}"))
-    );
+    assert_bucket_matches_local(&server, "outage", &local, N as i64);
 }
 
 /// Loopback connections for about three seconds.

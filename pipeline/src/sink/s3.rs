@@ -236,7 +236,7 @@ impl S3Store {
         S3Error::Request {
             op,
             key: key.to_string(),
-            retried: if transient_any(e) {
+            retried: if transient(e) {
                 format!(" after retrying for {} s", self.max_retry.as_secs())
             } else {
                 String::new()
@@ -442,13 +442,6 @@ impl S3Store {
             Err(e) => Err(self.failed("complete multipart upload", key, &e)),
         }
     }
-}
-
-fn transient_any<E>(e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> bool {
-    matches!(
-        e,
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_)
-    ) || matches!(status(e), Some(500 | 502..=504 | 506..=599 | 408 | 429))
 }
 
 /// One line: the service's code and message, or the transport failure.
