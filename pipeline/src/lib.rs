@@ -17,6 +17,7 @@ pub mod edge;
 pub mod event;
 pub mod metrics;
 pub mod mode;
+pub mod replay;
 pub mod shutdown;
 pub mod sink;
 pub mod summary;

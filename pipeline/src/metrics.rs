@@ -78,9 +78,11 @@ pub struct S3Metrics {
     pub head: Counter,
     pub list: Counter,
     pub get: Counter,
+    pub delete: Counter,
     /// Attempts that failed transiently and were tried again.
     pub retries: Counter,
     pub bytes_uploaded: Counter,
+    pub bytes_downloaded: Counter,
 }
 
 impl S3Metrics {
@@ -94,13 +96,14 @@ impl S3Metrics {
             "abort_multipart" => &self.abort_multipart,
             "head" => &self.head,
             "list" => &self.list,
+            "delete" => &self.delete,
             _ => &self.get,
         }
         .add(1);
     }
 
     /// (type, count) for every request type.
-    pub fn by_type(&self) -> [(&'static str, u64); 8] {
+    pub fn by_type(&self) -> [(&'static str, u64); 9] {
         [
             ("put", self.put.get()),
             ("create_multipart", self.create_multipart.get()),
@@ -110,6 +113,7 @@ impl S3Metrics {
             ("head", self.head.get()),
             ("list", self.list.get()),
             ("get", self.get.get()),
+            ("delete", self.delete.get()),
         ]
     }
 }

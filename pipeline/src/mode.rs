@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 
-use crate::aggregate::{self, AggregateConfig, WindowConfig};
+use crate::aggregate::{self, AggregateConfig, Resume, WindowConfig};
 use crate::capture::ebpf::{EbpfConfig, EbpfSource};
 use crate::capture::synthetic::{Synthetic, SyntheticConfig};
 use crate::capture::{self, AnySource, CaptureConfig, CaptureError};
@@ -16,12 +16,14 @@ use crate::config::Output;
 use crate::config::{defaults, Mode, Settings, SourceKind};
 use crate::edge::tee::Tee;
 use crate::edge::{memory, EdgeError};
-use crate::event::{EventBatch, FlowBatch};
+use crate::event::{EventBatch, FlowBatch, ReplayPoint};
 use crate::metrics::Metrics;
+use crate::replay::{self, ReplayError};
 use crate::shutdown::Shutdown;
 use crate::sink::s3::S3Store;
 use crate::sink::{
-    self, Dataset, LocalDir, RollPolicy, RollingWriter, SinkError, Store, StoreError,
+    self, CommitError, CommitLog, CommitOrder, Dataset, LocalDir, Position, RollPolicy,
+    RollingWriter, SinkError, Store, StoreError,
 };
 use crate::summary::Summary;
 
@@ -35,6 +37,10 @@ const MAX_FLOW_BATCH: usize = 8_192;
 pub enum RunError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("reading the last commit: {0}")]
+    Recover(#[from] CommitError),
+    #[error("replaying the event log after a restart: {0}")]
+    Replay(#[from] ReplayError),
     #[error("capture: {0}")]
     Capture(#[from] CaptureError),
     #[error("aggregate: {0}")]
@@ -132,6 +138,52 @@ fn roll_policy(s: &Settings) -> RollPolicy {
     }
 }
 
+/// Where a restarted run picks up, from the newest commit records of both datasets.
+struct Restart {
+    events_log: CommitLog,
+    flows_log: CommitLog,
+    /// Next event `seq`: everything before it is in the committed log.
+    resume_seq: u64,
+    /// How the aggregator continues after the last committed flow row.
+    aggregate: Option<Resume>,
+}
+
+impl Restart {
+    async fn read(store: &Store, node: &str, producer: &str) -> Result<Self, CommitError> {
+        let events_log = CommitLog::recover(store.clone(), Dataset::Events, node).await?;
+        let flows_log = CommitLog::recover(store.clone(), Dataset::Flows, producer).await?;
+        let resume_seq = match events_log.last().map(|r| r.last) {
+            Some(Position::Event { seq }) => seq + 1,
+            _ => 0,
+        };
+        let aggregate = match flows_log.last().map(|r| r.last) {
+            Some(Position::Flow {
+                window_start_us,
+                rank,
+                replay_from_seq,
+                replay_watermark_us,
+                through_seq,
+                closing,
+            }) => Some(Resume {
+                point: ReplayPoint {
+                    from_seq: replay_from_seq,
+                    watermark_us: replay_watermark_us,
+                    through_seq,
+                    closing,
+                },
+                committed_through: (window_start_us, rank),
+            }),
+            _ => None,
+        };
+        Ok(Restart {
+            events_log,
+            flows_log,
+            resume_seq,
+            aggregate,
+        })
+    }
+}
+
 async fn monolith(
     s: &Settings,
     metrics: Arc<Metrics>,
@@ -140,41 +192,42 @@ async fn monolith(
     let started = Instant::now();
     let store = open_store(s, &metrics).await?;
     let node: Arc<str> = s.node.as_str().into();
+    let producer = format!("{}-agg-0", s.node);
+    let restart = Restart::read(&store, &node, &producer).await?;
+    let Restart {
+        mut events_log,
+        mut flows_log,
+        resume_seq,
+        aggregate: agg_resume,
+    } = restart;
+    let replay_from = agg_resume.map_or(0, |r| r.point.from_seq);
+    // Opened before any stage starts: a source that cannot start must not make the aggregator flush.
+    let mut source = open_source(s, &node, &metrics)?;
+    source.resume_at(resume_seq);
+    if resume_seq > 0 {
+        tracing::info!(
+            resume_seq,
+            replay_from,
+            "resuming after the last commit: replaying the event log into the aggregator"
+        );
+    }
     let cap = s.channel_capacity;
     let e = &metrics.edges;
-    let (to_agg, agg_in) =
+    let (mut to_agg, agg_in) =
         memory::channel::<Arc<EventBatch>>("events→aggregate", cap, e.events_to_aggregate.clone());
     let (to_log, log_in) =
         memory::channel::<Arc<EventBatch>>("events→sink", cap, e.events_to_sink.clone());
     let (to_flows, flows_in) =
         memory::channel::<FlowBatch>("flows→sink", cap, e.flows_to_sink.clone());
 
-    let capture_cfg = CaptureConfig {
-        batch_size: s.batch_size,
-        rate: s.rate,
-        duration: s.duration,
-    };
-    let source = open_source(s, &node, &metrics)?;
-    let m = Arc::clone(&metrics);
-    let capture = tokio::spawn(async move {
-        capture::run(
-            capture_cfg,
-            source,
-            Tee::new(to_agg, to_log),
-            shutdown,
-            &m.capture,
-        )
-        .await
-        .map_err(RunError::from)
-    });
-
     let agg_cfg = AggregateConfig {
         windows: WindowConfig {
             window_us: micros(s.window),
             allowed_lateness_us: micros(s.allowed_lateness),
         },
-        producer: format!("{}-agg-0", s.node).into(),
+        producer: producer.as_str().into(),
         max_batch_records: MAX_FLOW_BATCH,
+        resume: agg_resume,
     };
     let m = Arc::clone(&metrics);
     let aggregate = tokio::spawn(async move {
@@ -188,24 +241,85 @@ async fn monolith(
     let m = Arc::clone(&metrics);
     let events_writer = writer(Dataset::Events);
     let st = store.clone();
+    let (announce, after) = tokio::sync::watch::channel(resume_seq);
+    let events_order = CommitOrder {
+        announce: Some(announce),
+        after: None,
+    };
     let events_sink = tokio::spawn(async move {
-        sink::run(log_in, events_writer, &st, &m.sink_events)
-            .await
-            .map_err(|source| RunError::Sink {
-                dataset: "events",
-                source,
-            })
+        let _store = st;
+        sink::run(
+            log_in,
+            events_writer,
+            &mut events_log,
+            events_order,
+            &m.sink_events,
+        )
+        .await
+        .map_err(|source| RunError::Sink {
+            dataset: "events",
+            source,
+        })
     });
     let m = Arc::clone(&metrics);
     let flows_writer = writer(Dataset::Flows);
     let st = store.clone();
+    let flows_order = CommitOrder {
+        announce: None,
+        after: Some(after),
+    };
     let flows_sink = tokio::spawn(async move {
-        sink::run(flows_in, flows_writer, &st, &m.sink_flows)
-            .await
-            .map_err(|source| RunError::Sink {
-                dataset: "flows",
-                source,
-            })
+        let _store = st;
+        sink::run(
+            flows_in,
+            flows_writer,
+            &mut flows_log,
+            flows_order,
+            &m.sink_flows,
+        )
+        .await
+        .map_err(|source| RunError::Sink {
+            dataset: "flows",
+            source,
+        })
+    });
+
+    // The aggregator first sees the committed events it needs again, then live ones.
+    let replayed = match replay::feed(
+        &store,
+        &node,
+        replay_from,
+        resume_seq,
+        s.batch_size,
+        &mut to_agg,
+    )
+    .await
+    {
+        Ok(n) => n,
+        Err(e) => {
+            // Stop the aggregator before its input ends: ending it would flush half-rebuilt windows.
+            aggregate.abort();
+            let _ = aggregate.await;
+            return Err(e.into());
+        }
+    };
+    let capture_cfg = CaptureConfig {
+        batch_size: s.batch_size,
+        rate: s.rate,
+        duration: s.duration,
+    };
+
+    let m = Arc::clone(&metrics);
+    let capture = tokio::spawn(async move {
+        capture::run(
+            capture_cfg,
+            source,
+            Tee::new(to_agg, to_log),
+            shutdown,
+            &m.capture,
+        )
+        .await
+        .map_err(RunError::from)
     });
 
     let (c, a, ev, fl) = tokio::join!(
@@ -221,11 +335,10 @@ async fn monolith(
     if let Some(first) = errors.into_iter().next() {
         return Err(first);
     }
-    Ok(Summary::from_metrics(
-        &metrics,
-        started.elapsed(),
-        store.describe(),
-    ))
+    let mut summary = Summary::from_metrics(&metrics, started.elapsed(), store.describe());
+    summary.resumed_at_seq = resume_seq;
+    summary.replayed_events = replayed;
+    Ok(summary)
 }
 
 async fn join<T>(h: JoinHandle<Result<T, RunError>>) -> Result<T, RunError> {

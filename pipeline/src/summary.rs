@@ -22,6 +22,10 @@ pub struct Summary {
     pub flow_rows: u64,
     pub files: u64,
     pub bytes: u64,
+    /// First event `seq` of this run: where the committed log of an earlier run ended (0 if none).
+    pub resumed_at_seq: u64,
+    /// Committed events fed to the aggregator again to rebuild the windows open at the last commit.
+    pub replayed_events: u64,
     pub elapsed_secs: f64,
     pub events_per_sec: f64,
     /// `DIR` or `s3://bucket/prefix`.
@@ -49,6 +53,8 @@ impl Summary {
             flow_rows: m.sink_flows.rows.get(),
             files: m.sink_events.files.get() + m.sink_flows.files.get(),
             bytes: m.sink_events.bytes.get() + m.sink_flows.bytes.get(),
+            resumed_at_seq: 0,
+            replayed_events: 0,
             elapsed_secs: secs,
             events_per_sec: if secs > 0.0 {
                 events as f64 / secs

@@ -122,21 +122,22 @@ fn same_seed_gives_identical_flows_whatever_the_batching_and_totals_agree() {
         vec![serde_json::Value::from("TIMESTAMP WITH TIME ZONE"); 2]
     );
 
-    // Files hold many batches and windows: run A is one file per dataset and hour.
-    let files_a = files_under(&a);
-    assert!(
-        files_a
-            .iter()
-            .all(|p| p.extension().is_some_and(|e| e == "parquet")),
-        "{files_a:?}"
-    );
+    // Files hold many batches and windows: run A is one file per dataset and hour, each with its
+    // commit record, and nothing else (no temporary files left).
+    let data = |dir: &Path| -> Vec<_> {
+        files_under(dir)
+            .into_iter()
+            .filter(|p| !p.starts_with(dir.join("_tcplake")))
+            .collect()
+    };
+    let files_a = data(&a);
+    assert_eq!(leftovers(&a), Vec::<std::path::PathBuf>::new());
     assert_eq!(files_a.len(), 4, "{files_a:?}");
     assert_eq!(sa["files"], 4);
+    assert_eq!(files_under(&a.join("_tcplake/commits")).len(), 4);
     // Run B rolled files at 256 KiB, and still wrote the same rows.
-    assert!(files_under(&b).len() > 4);
-    assert!(files_under(&b)
-        .iter()
-        .all(|p| p.extension().is_some_and(|e| e == "parquet")));
+    assert!(data(&b).len() > 4);
+    assert_eq!(leftovers(&b), Vec::<std::path::PathBuf>::new());
 }
 
 #[test]

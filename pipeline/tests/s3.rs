@@ -190,10 +190,13 @@ fn monolith_to_s3_reads_back_identical_to_local() {
         req["upload_part"].as_u64().unwrap() >= 2,
         "multipart used: {s}"
     );
+    // One file per dataset, each after its commit record: the event file in parts, the flow file and
+    // both records in one PUT each. Startup: HEAD bucket, LIST multipart uploads, LIST each commit log.
     assert_eq!(req["complete_multipart"], 1, "{s}");
-    assert!(req["put"].as_u64().unwrap() >= 1, "{s}");
-    assert_eq!(req["head"], 1);
-    assert_eq!(req["list"], 1);
+    assert_eq!(req["put"], 3, "{s}");
+    assert_eq!(req["head"], 1, "{s}");
+    assert_eq!(req["list"], 3, "{s}");
+    assert_eq!(s["files"], 2, "{s}");
     // The spool holds nothing once everything is committed.
     assert_eq!(files_under(&spool), Vec::<PathBuf>::new());
 
@@ -352,6 +355,143 @@ fn store_outage_mid_run_is_ridden_out_with_nothing_lost() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     assert_bucket_matches_local(&server, "outage", &local, N as i64);
+}
+
+/// Files s3s-fs keeps for multipart uploads in progress (`.upload-<id>.json`, `.upload_id-<id>.part-N`).
+fn multipart_leftovers(server: &S3Server) -> Vec<String> {
+    std::fs::read_dir(server.data.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".upload"))
+        .collect()
+}
+
+#[test]
+fn kill_9_mid_upload_then_restart_loses_and_duplicates_nothing() {
+    // 15 s at the paced rate; event files of ~2 M events (> 16 MiB: multipart) close every 5 s.
+    const N: u64 = 6_000_000;
+    let server = S3Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = tmp.path().join("spool");
+    let n = N.to_string();
+    let out = format!("s3://{BUCKET}/crash");
+    let endpoint = server.endpoint();
+    let args = |paced: bool| {
+        let mut a: Vec<String> = [
+            "--source",
+            "synthetic",
+            "--seed",
+            "21",
+            "--node",
+            "crash",
+            "--events",
+            &n,
+            "--max-file-age",
+            "4s",
+            "--summary",
+            "json",
+            "--out",
+            &out,
+            "--s3-endpoint",
+            &endpoint,
+            "--s3-region",
+            "us-east-1",
+            "--spool-dir",
+            spool.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if paced {
+            a.extend(["--rate".into(), "400000".into()]);
+        }
+        a
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tcplake"))
+        .args(args(true))
+        .env("AWS_ACCESS_KEY_ID", KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until flows have been committed, then until an event file is going up in parts; kill -9.
+    let bucket = server.data.path().join(BUCKET).join("crash");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut alive = || {
+        assert!(
+            Instant::now() < deadline,
+            "never saw a multipart upload in progress"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+    };
+    while !files_under(&bucket.join("flows"))
+        .iter()
+        .any(|p| p.extension().is_some_and(|e| e == "parquet"))
+    {
+        alive();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Parts on the server: the upload is under way (and journalled by tcplake before its first part).
+    while !multipart_leftovers(&server).iter().any(|n| n.contains(".part-")) {
+        alive();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !multipart_leftovers(&server).is_empty(),
+        "killed mid-upload"
+    );
+
+    let o = tcplake(
+        &args(false).iter().map(String::as_str).collect::<Vec<_>>(),
+        &[
+            ("AWS_ACCESS_KEY_ID", KEY),
+            ("AWS_SECRET_ACCESS_KEY", SECRET),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let resumed = s["resumed_at_seq"].as_u64().unwrap();
+    assert!(
+        resumed > 0 && resumed < N,
+        "resumed after the last commit: {s}"
+    );
+    assert_eq!(s["events"].as_u64().unwrap(), N - resumed, "{s}");
+    assert!(
+        s["replayed_events"].as_u64().unwrap() > 0,
+        "open windows rebuilt from the log: {s}"
+    );
+    assert!(
+        multipart_leftovers(&server).is_empty(),
+        "{:?}",
+        multipart_leftovers(&server)
+    );
+    assert!(files_under(&spool).is_empty(), "{:?}", files_under(&spool));
+
+    let local = tmp.path().join("local");
+    let o = tcplake(
+        &[
+            "--source",
+            "synthetic",
+            "--seed",
+            "21",
+            "--node",
+            "crash",
+            "--events",
+            &n,
+            "--out",
+            local.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_bucket_matches_local(&server, "crash", &local, N as i64);
 }
 
 /// Loopback connections for about three seconds.

@@ -10,6 +10,10 @@
 //!
 //! Lateness is decided per event against the watermark built from the events before it, so the output
 //! depends only on the order of events, never on how they were cut into batches.
+//!
+//! Each open window remembers its first event's `seq` and the watermark just before it
+//! ([`Windows::replay_point`]): replaying the log from there, with that watermark, rebuilds every open
+//! window exactly (for sources whose watermark comes from event times alone).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,7 +21,7 @@ use std::sync::Arc;
 use rustc_hash::FxHashMap;
 
 use super::sketch::RttSketch;
-use crate::event::{Event, EventKind, FlowKey, FlowRecord};
+use crate::event::{Event, EventKind, FlowKey, FlowRecord, ReplayPoint};
 
 /// Window length and lateness, in microseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,12 +95,22 @@ impl FlowState {
     }
 }
 
+/// One open window: its flows, and where its events began.
+#[derive(Debug)]
+struct OpenWindow {
+    flows: FxHashMap<FlowKey, FlowState>,
+    first_seq: u64,
+    watermark_before: i64,
+}
+
 /// Per-flow, per-window state.
 #[derive(Debug)]
 pub struct Windows {
     cfg: WindowConfig,
-    open: BTreeMap<i64, FxHashMap<FlowKey, FlowState>>,
+    open: BTreeMap<i64, OpenWindow>,
     watermark: i64,
+    /// One past the largest `seq` folded in.
+    next_seq: u64,
     stats: WindowStats,
 }
 
@@ -107,7 +121,32 @@ impl Windows {
             cfg,
             open: BTreeMap::new(),
             watermark: i64::MIN,
+            next_seq: 0,
             stats: WindowStats::default(),
+        }
+    }
+
+    /// Windows that resume a replay from a [`ReplayPoint`]: the watermark as it was there.
+    pub fn resumed(cfg: WindowConfig, point: ReplayPoint) -> Self {
+        let mut w = Windows::new(cfg);
+        w.watermark = point.watermark_us;
+        w.next_seq = point.from_seq;
+        w
+    }
+
+    /// Where a replay must start to rebuild every window open now, and what has been consumed.
+    pub fn replay_point(&self) -> ReplayPoint {
+        let oldest = self
+            .open
+            .values()
+            .min_by_key(|w| w.first_seq)
+            .map(|w| (w.first_seq, w.watermark_before));
+        let (from_seq, watermark_us) = oldest.unwrap_or((self.next_seq, self.watermark));
+        ReplayPoint {
+            from_seq,
+            watermark_us,
+            through_seq: self.next_seq,
+            closing: false,
         }
     }
 
@@ -123,14 +162,20 @@ impl Windows {
     pub fn add(&mut self, node: &Arc<str>, events: &[Event]) {
         for e in events {
             self.stats.events_in += 1;
+            self.next_seq = self.next_seq.max(e.seq + 1);
             let start = self.window_start(e.ts_us);
             if start.saturating_add(self.cfg.window_us) <= self.watermark {
                 self.stats.late_events += 1;
                 continue;
             }
-            let flows = self.open.entry(start).or_default();
+            let watermark = self.watermark;
+            let window = self.open.entry(start).or_insert_with(|| OpenWindow {
+                flows: FxHashMap::default(),
+                first_seq: e.seq,
+                watermark_before: watermark,
+            });
             let key = FlowKey::of(node, e);
-            flows.entry(key).or_default().apply(&e.kind);
+            window.flows.entry(key).or_default().apply(&e.kind);
             self.advance_to(e.ts_us.saturating_sub(self.cfg.allowed_lateness_us));
         }
     }
@@ -147,15 +192,17 @@ impl Windows {
                 break;
             }
             let start = *entry.key();
-            let flows = entry.remove();
-            self.emit(start, flows, out);
+            let window = entry.remove();
+            self.emit(start, window.flows, out);
         }
     }
 
-    /// Appends the records of every open window (end of input).
+    /// Appends the records of every open window (end of input). The watermark moves past them: they
+    /// are closed for good, and events for them that a resumed run sees are late.
     pub fn drain_all(&mut self, out: &mut Vec<FlowRecord>) {
-        while let Some((start, flows)) = self.open.pop_first() {
-            self.emit(start, flows, out);
+        while let Some((start, window)) = self.open.pop_first() {
+            self.advance_to(start.saturating_add(self.cfg.window_us));
+            self.emit(start, window.flows, out);
         }
     }
 

@@ -47,6 +47,16 @@ pub enum AnySource {
     Ebpf(Box<ebpf::EbpfSource>),
 }
 
+impl AnySource {
+    /// Continues a stream whose events up to `seq` (exclusive) are already committed.
+    pub fn resume_at(&mut self, seq: u64) {
+        match self {
+            AnySource::Synthetic(s) => s.resume_at(seq),
+            AnySource::Ebpf(s) => s.resume_at(seq),
+        }
+    }
+}
+
 impl Source for AnySource {
     async fn next_batch(&mut self, max: usize) -> Result<Option<EventBatch>, CaptureError> {
         Ok(match self {

@@ -103,6 +103,14 @@ impl Synthetic {
         self.cfg.total - self.emitted
     }
 
+    /// Continues a stream another run committed up to `seq` (exclusive): the events before it are
+    /// generated and dropped, so the ones after are exactly those that run would have produced.
+    pub fn resume_at(&mut self, seq: u64) {
+        while self.emitted < seq.min(self.cfg.total) {
+            self.next_event();
+        }
+    }
+
     /// The next batch of at most `max` events, or `None` once all `total` were produced.
     pub fn next_batch(&mut self, max: usize) -> Option<EventBatch> {
         let n = (max as u64).min(self.remaining()) as usize;

@@ -73,4 +73,22 @@ pub struct FlowBatch {
     /// Position of this batch in the producer's output (0, 1, 2, ...).
     pub seq: u64,
     pub records: Vec<FlowRecord>,
+    /// Rank of each record among its window's rows (which leave sorted, window by window).
+    pub ranks: Vec<u32>,
+    /// How to emit these records again after a restart (see `sink::commit`).
+    pub replay: ReplayPoint,
+}
+
+/// Where the aggregator must replay the event log from to rebuild the state these records came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ReplayPoint {
+    /// First event `seq` of the oldest window that was still open.
+    pub from_seq: u64,
+    /// The watermark just before that event: seeding it makes every lateness decision come out the same.
+    pub watermark_us: i64,
+    /// Events consumed so far (next `seq`).
+    pub through_seq: u64,
+    /// The records came from the final flush at the end of the input: a resumed run replays up to
+    /// `through_seq` and flushes again, instead of waiting for the watermark.
+    pub closing: bool,
 }

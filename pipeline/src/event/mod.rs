@@ -13,7 +13,7 @@ mod tcp_state;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-pub use flow::{FlowBatch, FlowKey, FlowRecord};
+pub use flow::{FlowBatch, FlowKey, FlowRecord, ReplayPoint};
 pub use tcp_state::TcpState;
 
 /// Address family of a connection, derived from its addresses.

@@ -2,9 +2,10 @@
 //!
 //! Contract: every row received is in exactly one committed file when the stage returns `Ok`; files are
 //! laid out Hive-style, `<dataset>/date=YYYY-MM-DD/hour=HH/<name>.parquet`, named deterministically from
-//! the first row they hold, and only ever appear complete. One sink instance serves one dataset; it does
-//! not know what feeds it.
+//! the first row they hold, only ever appear complete, and are committed in stream order with a commit
+//! record each ([`commit`]). One sink instance serves one dataset; it does not know what feeds it.
 
+pub mod commit;
 pub mod rolling;
 pub mod s3;
 pub mod store;
@@ -17,11 +18,14 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use arrow::error::ArrowError;
 
+use tokio::sync::watch;
+
 use crate::edge::{EdgeError, Rx};
 use crate::event::schema::{events_schema, events_to_batch, flows_schema, flows_to_batch};
 use crate::event::{EventBatch, FlowBatch};
 use crate::metrics::SinkMetrics;
 use crate::time::utc_date_hour;
+pub use commit::{CommitError, CommitLog, Position};
 pub use rolling::{RollPolicy, RollingWriter, SealedFile, WriteError};
 pub use store::{LocalDir, Store, StoreError};
 
@@ -89,6 +93,8 @@ pub trait SinkRows: Send + 'static {
     fn to_arrow(&self, range: Range<usize>) -> Result<RecordBatch, ArrowError>;
     /// Deterministic, unique file stem for a file whose first row is row `i` of this batch.
     fn file_stem(&self, i: usize) -> String;
+    /// Stream position of row `i`.
+    fn position(&self, i: usize) -> Position;
 }
 
 impl SinkRows for Arc<EventBatch> {
@@ -106,6 +112,11 @@ impl SinkRows for Arc<EventBatch> {
         // (node, seq) identifies an event: the file is named after its first one.
         format!("{}-{:016}", self.node, self.events[i].seq)
     }
+    fn position(&self, i: usize) -> Position {
+        Position::Event {
+            seq: self.events[i].seq,
+        }
+    }
 }
 
 impl SinkRows for FlowBatch {
@@ -120,8 +131,31 @@ impl SinkRows for FlowBatch {
         flows_to_batch(&self.records[range])
     }
     fn file_stem(&self, i: usize) -> String {
-        format!("{}-{:012}-{:06}", self.producer, self.seq, i)
+        // (window, rank) identifies a row whatever run emitted it (batch numbers restart with a run).
+        format!(
+            "{}-{:016}-{:06}",
+            self.producer, self.records[i].window_start_us, self.ranks[i]
+        )
     }
+    fn position(&self, i: usize) -> Position {
+        Position::Flow {
+            window_start_us: self.records[i].window_start_us,
+            rank: self.ranks[i],
+            replay_from_seq: self.replay.from_seq,
+            replay_watermark_us: self.replay.watermark_us,
+            through_seq: self.replay.through_seq,
+            closing: self.replay.closing,
+        }
+    }
+}
+
+/// How one sink's commits are ordered against the other's: the event-log sink announces how far the
+/// log is committed (next `seq`), and the flows sink waits for it, so no committed flow row ever counts
+/// an event the log does not hold.
+#[derive(Debug, Default)]
+pub struct CommitOrder {
+    pub announce: Option<watch::Sender<u64>>,
+    pub after: Option<watch::Receiver<u64>>,
 }
 
 /// Why the sink stopped.
@@ -133,6 +167,8 @@ pub enum SinkError {
     Write(#[from] WriteError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Commit(#[from] CommitError),
     #[error("encoding {dataset} rows as Arrow: {source}")]
     Encode {
         dataset: &'static str,
@@ -169,7 +205,8 @@ fn partition_runs<T: SinkRows>(batch: &T) -> Vec<(Partition, Range<usize>)> {
 pub async fn run<T, I>(
     mut input: I,
     mut writer: RollingWriter,
-    store: &Store,
+    log: &mut CommitLog,
+    mut order: CommitOrder,
     metrics: &SinkMetrics,
 ) -> Result<SinkStats, SinkError>
 where
@@ -177,6 +214,7 @@ where
     I: Rx<T>,
 {
     let mut stats = SinkStats::default();
+    let store = writer.store().clone();
     // Files also close on age while no data arrives, so a quiet node still commits its data.
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -189,10 +227,10 @@ where
             _ = tick.tick() => writer.roll_aged(Instant::now())?,
         };
         // While a commit waits on the store, no input is taken: the edge fills and the producer waits.
-        commit(sealed, store, &mut stats, metrics).await?;
+        commit(sealed, &store, log, &mut order, &mut stats, metrics).await?;
     }
     let sealed = writer.close_all()?;
-    commit(sealed, store, &mut stats, metrics).await?;
+    commit(sealed, &store, log, &mut order, &mut stats, metrics).await?;
     Ok(stats)
 }
 
@@ -200,23 +238,45 @@ where
 async fn commit(
     sealed: Vec<SealedFile>,
     store: &Store,
+    log: &mut CommitLog,
+    order: &mut CommitOrder,
     stats: &mut SinkStats,
     metrics: &SinkMetrics,
 ) -> Result<(), SinkError> {
     let mut files = sealed.into_iter();
     while let Some(f) = files.next() {
-        if let Err(e) = store.commit(&f.staged, &f.key).await {
+        let result = commit_one(&f, log, order).await;
+        if let Err(e) = result {
             store.discard(&f.staged);
             for rest in files {
                 store.discard(&rest.staged);
             }
-            return Err(e.into());
+            return Err(e);
         }
         stats.files += 1;
         stats.bytes += f.bytes;
         metrics.files.add(1);
         metrics.bytes.add(f.bytes);
         tracing::debug!(key = %f.key, rows = f.rows, bytes = f.bytes, "file committed");
+    }
+    Ok(())
+}
+
+async fn commit_one(
+    f: &SealedFile,
+    log: &mut CommitLog,
+    order: &mut CommitOrder,
+) -> Result<(), SinkError> {
+    if let (Some(after), Position::Flow { through_seq, .. }) = (order.after.as_mut(), f.last) {
+        after
+            .wait_for(|committed| *committed >= through_seq)
+            .await
+            .map_err(|_| EdgeError::Closed("event-log commit"))?;
+    }
+    log.commit(&f.staged, &f.key, f.rows, f.bytes, f.first, f.last)
+        .await?;
+    if let (Some(announce), Position::Event { seq }) = (&order.announce, f.last) {
+        announce.send_replace(seq + 1);
     }
     Ok(())
 }
@@ -230,12 +290,13 @@ fn write_batch<T: SinkRows>(
     let mut committed = Vec::new();
     for (partition, range) in partition_runs(batch) {
         let start = range.start;
+        let span = (batch.position(start), batch.position(range.end - 1));
         let rows = range.len() as u64;
         let arrow = batch.to_arrow(range).map_err(|source| SinkError::Encode {
             dataset: T::DATASET.name(),
             source,
         })?;
-        committed.extend(writer.write(partition, || batch.file_stem(start), &arrow)?);
+        committed.extend(writer.write(partition, || batch.file_stem(start), &arrow, span)?);
         stats.rows += rows;
         metrics.rows.add(rows);
     }

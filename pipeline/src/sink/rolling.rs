@@ -1,6 +1,10 @@
-//! Parquet files that stay open across many batches and windows, one per partition, and close on size
-//! or age. Many windows per file, never a file per batch: small files are what make data lakes slow
-//! and expensive to query.
+//! Parquet files that stay open across many batches and windows and close on size or age. Many windows
+//! per file, never a file per batch: small files are what make data lakes slow and expensive to query.
+//!
+//! At most one file is open at a time: a row for another partition seals the open file first. Files
+//! then hold contiguous stretches of the stream and are committed in stream order, which is what lets a
+//! restart resume from the last commit (`sink::commit`). Time-ordered input changes partition once an
+//! hour; a live source's slight disorder at an hour boundary costs a few small files then.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -15,6 +19,7 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
+use super::commit::Position;
 use super::store::{Store, StoreError};
 use super::Partition;
 use crate::event::schema::{SCHEMA_VERSION, SCHEMA_VERSION_KEY};
@@ -87,6 +92,9 @@ pub struct SealedFile {
     pub staged: PathBuf,
     pub rows: u64,
     pub bytes: u64,
+    /// Stream positions of the first and last rows.
+    pub first: Position,
+    pub last: Position,
 }
 
 struct OpenFile {
@@ -95,6 +103,8 @@ struct OpenFile {
     writer: ArrowWriter<File>,
     opened: Instant,
     rows: u64,
+    first: Position,
+    last: Position,
 }
 
 /// One dataset's open files, keyed by partition.
@@ -120,16 +130,28 @@ impl RollingWriter {
         }
     }
 
-    /// Appends `batch` to the open file of `partition`, opening one named `stem` if there is none.
-    /// Returns files sealed because they reached their size.
+    /// Appends `batch` (rows at stream positions `first..=last`) to the open file of `partition`,
+    /// opening one named `stem` if there is none. Returns the files sealed: one of another partition,
+    /// and this one if it reached its size.
     pub fn write(
         &mut self,
         partition: Partition,
         stem: impl FnOnce() -> String,
         batch: &RecordBatch,
+        (first, last): (Position, Position),
     ) -> Result<Vec<SealedFile>, WriteError> {
+        let mut sealed = Vec::new();
+        let others: Vec<Partition> = self
+            .open
+            .keys()
+            .filter(|p| **p != partition)
+            .cloned()
+            .collect();
+        for p in others {
+            sealed.push(self.close(&p)?);
+        }
         if !self.open.contains_key(&partition) {
-            let file = self.create(&partition, &stem())?;
+            let file = self.create(&partition, &stem(), first)?;
             self.open.insert(partition.clone(), file);
         }
         let file = self.open.get_mut(&partition).expect("just inserted");
@@ -139,11 +161,16 @@ impl RollingWriter {
             return Err(WriteError::Parquet { path, source });
         }
         file.rows += batch.num_rows() as u64;
+        file.last = last;
         let size = (file.writer.bytes_written() + file.writer.in_progress_size()) as u64;
         if size >= self.policy.max_bytes {
-            return Ok(vec![self.close(&partition)?]);
+            sealed.push(self.close(&partition)?);
         }
-        Ok(Vec::new())
+        Ok(sealed)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
     }
 
     /// Seals files open longer than the age limit.
@@ -163,7 +190,12 @@ impl RollingWriter {
         all.iter().map(|p| self.close(p)).collect()
     }
 
-    fn create(&self, partition: &Partition, stem: &str) -> Result<OpenFile, WriteError> {
+    fn create(
+        &self,
+        partition: &Partition,
+        stem: &str,
+        first: Position,
+    ) -> Result<OpenFile, WriteError> {
         let key = format!("{}/{}/{stem}.parquet", self.dataset, partition.path());
         let staged = self.store.staging_path(&key)?;
         let parquet_err = |source| WriteError::Parquet {
@@ -182,6 +214,8 @@ impl RollingWriter {
             writer,
             opened: Instant::now(),
             rows: 0,
+            first,
+            last: first,
         })
     }
 
@@ -195,6 +229,8 @@ impl RollingWriter {
             staged,
             writer,
             rows,
+            first,
+            last,
             ..
         } = f;
         let seal = || -> Result<u64, WriteError> {
@@ -214,6 +250,8 @@ impl RollingWriter {
                 staged,
                 rows,
                 bytes,
+                first,
+                last,
             }),
             Err(e) => {
                 self.store.discard(&staged);

@@ -2,8 +2,8 @@
 //!
 //! A sealed file is uploaded from the local spool with one PUT, or as a multipart upload in
 //! [`PART_SIZE`] parts when larger than [`MULTIPART_THRESHOLD`] (one part in memory at a time). Keys are
-//! deterministic, and uploads are conditional (`If-None-Match: *`): a file another attempt already
-//! committed is left as it is. Every request is counted by type ([`S3Metrics`]). Transient failures
+//! deterministic, and uploads are conditional (`If-None-Match: *`): an object already there is left as
+//! it is and reported to the commit log (`sink::commit`), which decides what it means. Every request is counted by type ([`S3Metrics`]). Transient failures
 //! (timeouts, connection errors, 5xx, throttling) are retried with exponential backoff and jitter for up
 //! to the configured time, while the sink — and through the edges, capture — waits; multipart uploads
 //! that fail are aborted, and dangling ones under the prefix are aborted at startup.
@@ -169,6 +169,7 @@ impl S3Store {
             metrics,
         };
         store.check_bucket().await?;
+        store.abort_journalled_uploads().await?;
         store.abort_dangling_uploads().await?;
         Ok(store)
     }
@@ -276,9 +277,9 @@ impl S3Store {
         {
             Ok(l) => l,
             Err(e) if status(&e) == Some(501) => {
-                tracing::warn!(
-                    "this S3 store cannot list multipart uploads: uploads left by a crashed run cannot be \
-                     aborted at startup (set a bucket lifecycle rule to expire them)"
+                tracing::debug!(
+                    "this S3 store cannot list multipart uploads: only those journalled in the spool \
+                     directory are aborted at startup"
                 );
                 return Ok(());
             }
@@ -303,9 +304,9 @@ impl S3Store {
         Ok(())
     }
 
-    /// Uploads a sealed file as `key` (under the prefix). An object already there is kept: keys are
-    /// deterministic, so it holds the same rows.
-    pub async fn put_file(&self, path: &Path, key: &str) -> Result<(), S3Error> {
+    /// Uploads a sealed file as `key` (under the prefix). `false`: an object was already there (kept;
+    /// the commit log decides whether that is our own earlier attempt).
+    pub async fn put_file(&self, path: &Path, key: &str) -> Result<bool, S3Error> {
         let key = self.object_key(key);
         let size = tokio::fs::metadata(path)
             .await
@@ -337,17 +338,142 @@ impl S3Store {
         match r {
             Ok(_) => {
                 self.metrics.bytes_uploaded.add(size);
-                Ok(())
+                Ok(true)
             }
             Err(e) if status(&e) == Some(412) => {
-                tracing::debug!(key, "object already committed by an earlier attempt; kept");
-                Ok(())
+                tracing::debug!(key, "object already there; kept");
+                Ok(false)
             }
             Err(e) => Err(self.failed("PUT", &key, &e)),
         }
     }
 
-    async fn put_multipart(&self, path: &Path, key: &str, size: u64) -> Result<(), S3Error> {
+    /// Creates a small object from memory unless one exists (`false` then).
+    pub async fn put_bytes(&self, key: &str, body: &[u8]) -> Result<bool, S3Error> {
+        let key = self.object_key(key);
+        let body = bytes::Bytes::copy_from_slice(body);
+        let r = self
+            .request("put", &key, || {
+                self.client
+                    .put_object()
+                    .bucket(&self.bucket)
+                    .key(&key)
+                    .if_none_match("*")
+                    .body(ByteStream::from(body.clone()))
+                    .send()
+            })
+            .await;
+        match r {
+            Ok(_) => {
+                self.metrics.bytes_uploaded.add(body.len() as u64);
+                Ok(true)
+            }
+            Err(e) if status(&e) == Some(412) => Ok(false),
+            Err(e) => Err(self.failed("PUT", &key, &e)),
+        }
+    }
+
+    /// The whole object, or `None` if there is none.
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, S3Error> {
+        let key = self.object_key(key);
+        let r = self
+            .request("get", &key, || {
+                self.client
+                    .get_object()
+                    .bucket(&self.bucket)
+                    .key(&key)
+                    .send()
+            })
+            .await;
+        match r {
+            Ok(out) => {
+                let body = out.body.collect().await.map_err(|e| S3Error::Request {
+                    op: "GET",
+                    key: key.clone(),
+                    retried: String::new(),
+                    message: e.to_string(),
+                })?;
+                let bytes = body.into_bytes().to_vec();
+                self.metrics.bytes_downloaded.add(bytes.len() as u64);
+                Ok(Some(bytes))
+            }
+            Err(e) if status(&e) == Some(404) => Ok(None),
+            Err(e) => Err(self.failed("GET", &key, &e)),
+        }
+    }
+
+    /// The object's size, or `None` if there is none.
+    pub async fn head(&self, key: &str) -> Result<Option<u64>, S3Error> {
+        let key = self.object_key(key);
+        let r = self
+            .request("head", &key, || {
+                self.client
+                    .head_object()
+                    .bucket(&self.bucket)
+                    .key(&key)
+                    .send()
+            })
+            .await;
+        match r {
+            Ok(out) => Ok(Some(out.content_length().unwrap_or(0).max(0) as u64)),
+            Err(e) if status(&e) == Some(404) => Ok(None),
+            Err(e) => Err(self.failed("HEAD", &key, &e)),
+        }
+    }
+
+    /// Keys under `prefix` (relative to the store prefix), sorted; every page is one LIST request.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>, S3Error> {
+        let full = self.object_key(prefix);
+        let strip = self.object_key("");
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .request("list", &full, || {
+                    self.client
+                        .list_objects_v2()
+                        .bucket(&self.bucket)
+                        .prefix(&full)
+                        .set_continuation_token(token.clone())
+                        .send()
+                })
+                .await
+                .map_err(|e| self.failed("LIST", &full, &e))?;
+            for o in page.contents() {
+                if let Some(k) = o.key() {
+                    let rel = if strip.is_empty() {
+                        k
+                    } else {
+                        k.strip_prefix(strip.as_str()).unwrap_or(k)
+                    };
+                    keys.push(rel.trim_start_matches('/').to_string());
+                }
+            }
+            token = page.next_continuation_token().map(str::to_string);
+            if token.is_none() {
+                break;
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// Removes an object (absent is fine: S3 answers 204 either way).
+    pub async fn delete(&self, key: &str) -> Result<(), S3Error> {
+        let key = self.object_key(key);
+        self.request("delete", &key, || {
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(&key)
+                .send()
+        })
+        .await
+        .map_err(|e| self.failed("DELETE", &key, &e))?;
+        Ok(())
+    }
+
+    async fn put_multipart(&self, path: &Path, key: &str, size: u64) -> Result<bool, S3Error> {
         let created = self
             .request("create_multipart", key, || {
                 self.client
@@ -359,23 +485,83 @@ impl S3Store {
             .await
             .map_err(|e| self.failed("create multipart upload", key, &e))?;
         let id = created.upload_id().unwrap_or_default().to_string();
-        match self.upload_parts(path, key, &id, size).await {
-            Ok(()) => Ok(()),
+        // Journalled locally so a run that dies mid-upload has it aborted by the next one, even on
+        // stores that cannot list multipart uploads.
+        let journal = self.journal_upload(key, &id)?;
+        let result = match self.upload_parts(path, key, &id, size).await {
+            Ok(created) => Ok(created),
             Err(e) => {
                 // Never leave a half upload behind: it costs storage and confuses the next run.
-                let _ = self
-                    .request("abort_multipart", key, || {
-                        self.client
-                            .abort_multipart_upload()
-                            .bucket(&self.bucket)
-                            .key(key)
-                            .upload_id(&id)
-                            .send()
-                    })
-                    .await;
+                let _ = self.abort_upload(key, &id).await;
                 Err(e)
             }
+        };
+        let _ = std::fs::remove_file(&journal);
+        result
+    }
+
+    fn journal_dir(&self) -> PathBuf {
+        self.spool.root().join(".uploads")
+    }
+
+    fn journal_upload(&self, key: &str, id: &str) -> Result<PathBuf, S3Error> {
+        let dir = self.journal_dir();
+        let name: String = id.bytes().map(|b| format!("{b:02x}")).collect();
+        let path = dir.join(name);
+        let body = serde_json::json!({ "key": key, "upload_id": id }).to_string();
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(&path, body))
+            .and_then(|()| std::fs::File::open(&path)?.sync_all())
+            .map_err(|source| S3Error::Read {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(path)
+    }
+
+    async fn abort_upload(&self, key: &str, id: &str) -> Result<(), S3Error> {
+        match self
+            .request("abort_multipart", key, || {
+                self.client
+                    .abort_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(id)
+                    .send()
+            })
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Completed or already aborted: nothing is left over.
+            Err(e) if status(&e) == Some(404) => Ok(()),
+            Err(e) => Err(self.failed("abort multipart upload", key, &e)),
         }
+    }
+
+    /// Aborts the uploads journalled by a run that died before completing or aborting them.
+    async fn abort_journalled_uploads(&self) -> Result<(), S3Error> {
+        let Ok(entries) = std::fs::read_dir(self.journal_dir()) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(body) = std::fs::read(&path) else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) else {
+                tracing::warn!(path = %path.display(), "unreadable upload journal entry; removed");
+                let _ = std::fs::remove_file(&path);
+                continue;
+            };
+            let (Some(key), Some(id)) = (v["key"].as_str(), v["upload_id"].as_str()) else {
+                let _ = std::fs::remove_file(&path);
+                continue;
+            };
+            tracing::info!(key, "aborting a multipart upload a crashed run left behind");
+            self.abort_upload(key, id).await?;
+            let _ = std::fs::remove_file(&path);
+        }
+        Ok(())
     }
 
     async fn upload_parts(
@@ -384,7 +570,7 @@ impl S3Store {
         key: &str,
         id: &str,
         size: u64,
-    ) -> Result<(), S3Error> {
+    ) -> Result<bool, S3Error> {
         let read_err = |source| S3Error::Read {
             path: path.into(),
             source,
@@ -437,8 +623,8 @@ impl S3Store {
             })
             .await;
         match r {
-            Ok(_) => Ok(()),
-            Err(e) if status(&e) == Some(412) => Ok(()),
+            Ok(_) => Ok(true),
+            Err(e) if status(&e) == Some(412) => Ok(false),
             Err(e) => Err(self.failed("complete multipart upload", key, &e)),
         }
     }

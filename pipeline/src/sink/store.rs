@@ -7,6 +7,9 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+/// Where files are written before they are committed (under the output directory or spool).
+const STAGING_DIR: &str = ".staging";
+
 /// Why the store could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -48,37 +51,125 @@ impl LocalDir {
         let probe = root.join(format!(".tcplake-write-test-{}", std::process::id()));
         fs::write(&probe, b"").map_err(not_writable)?;
         fs::remove_file(&probe).map_err(not_writable)?;
-        Ok(LocalDir { root })
+        let dir = LocalDir { root };
+        dir.remove_stale_staging();
+        Ok(dir)
     }
 
     pub fn root(&self) -> &Path {
         &self.root
     }
 
-    /// A temporary path in the same directory as `key` (so the commit is a same-filesystem rename). The
-    /// name starts with a dot and does not end in `.parquet`, so `**/*.parquet` globs never match it.
+    /// A temporary path for the file that will become `key`: in `.staging/` under the root (same
+    /// filesystem, so committing is a link), named after the key and this process. Hidden, and not
+    /// ending in `.parquet`, so `**/*.parquet` globs never match it.
     pub fn staging_path(&self, key: &str) -> Result<PathBuf, StoreError> {
-        let final_path = self.root.join(key);
-        let dir = final_path.parent().unwrap_or(&self.root);
-        fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
-        let name = final_path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        Ok(dir.join(format!(".{name}.{}.tmp", std::process::id())))
+        let dir = self.root.join(STAGING_DIR);
+        fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
+        Ok(dir.join(format!(
+            "{}.{}.tmp",
+            key.replace('/', "%"),
+            std::process::id()
+        )))
     }
 
-    /// Makes a fully written, fsynced staging file visible under `key`.
-    pub fn commit(&self, staged: &Path, key: &str) -> Result<(), StoreError> {
+    /// Removes temporary files of runs that are no longer alive (killed mid-file): their rows were
+    /// never committed, and the commit log makes the next run write them again.
+    fn remove_stale_staging(&self) {
+        let Ok(entries) = fs::read_dir(self.root.join(STAGING_DIR)) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .strip_suffix(".tmp")
+                .and_then(|n| n.rsplit('.').next())
+                .and_then(|p| p.parse::<u32>().ok());
+            let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+            if !alive {
+                tracing::debug!(file = %name, "removing a temporary file left by a dead run");
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    /// Makes a fully written, fsynced staging file visible under `key` unless something is already
+    /// there (then `false`, and the staging file is removed). A hard link is atomic and never replaces.
+    pub fn commit(&self, staged: &Path, key: &str) -> Result<bool, StoreError> {
         let final_path = self.root.join(key);
-        fs::rename(staged, &final_path).map_err(io_err("rename into place", &final_path))?;
-        // Persist the rename itself: without this a crash can forget a file we reported as written.
+        if let Some(dir) = final_path.parent() {
+            fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+        }
+        let created = match fs::hard_link(staged, &final_path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+            Err(e) => return Err(io_err("link into place", &final_path)(e)),
+        };
+        self.discard(staged);
+        // Persist the link itself: without this a crash can forget a file we reported as written.
         if let Some(dir) = final_path.parent() {
             fs::File::open(dir)
                 .and_then(|d| d.sync_all())
                 .map_err(io_err("sync directory", dir))?;
         }
-        Ok(())
+        Ok(created)
+    }
+
+    /// Writes a small object under `key` unless one exists (`false` then).
+    pub fn put_if_absent(&self, key: &str, body: &[u8]) -> Result<bool, StoreError> {
+        let staged = self.staging_path(key)?;
+        fs::write(&staged, body)
+            .and_then(|()| fs::File::open(&staged)?.sync_all())
+            .map_err(io_err("write", &staged))?;
+        self.commit(&staged, key)
+    }
+
+    pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.root.join(key);
+        match fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("read", &path)(e)),
+        }
+    }
+
+    pub fn size(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        let path = self.root.join(key);
+        match fs::metadata(&path) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err("stat", &path)(e)),
+        }
+    }
+
+    /// Keys of the files directly under the directory `prefix` (which ends in `/`); hidden names
+    /// (temporary files) are left out.
+    pub fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let dir = self.root.join(prefix);
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err("list", &dir)(e)),
+        };
+        let mut keys = Vec::new();
+        for entry in entries {
+            let name = entry.map_err(io_err("list", &dir))?.file_name();
+            let name = name.to_string_lossy();
+            if !name.starts_with('.') {
+                keys.push(format!("{prefix}{name}"));
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
+    pub fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let path = self.root.join(key);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("remove", &path)(e)),
+        }
     }
 
     /// Removes a staging file that will not be committed (error or abandoned write).
@@ -107,8 +198,9 @@ impl Store {
         }
     }
 
-    /// Makes a sealed file visible under its key, then forgets the temporary copy.
-    pub async fn commit(&self, staged: &Path, key: &str) -> Result<(), StoreError> {
+    /// Makes a sealed file visible under its key, then forgets the temporary copy. `false`: an object
+    /// was already there and was left as it is.
+    pub async fn commit(&self, staged: &Path, key: &str) -> Result<bool, StoreError> {
         match self {
             Store::Local(d) => d.commit(staged, key),
             Store::S3(s) => {
@@ -116,6 +208,46 @@ impl Store {
                 s.spool().discard(staged);
                 result
             }
+        }
+    }
+
+    /// Creates a small object unless one exists (`false` then).
+    pub async fn put_if_absent(&self, key: &str, body: &[u8]) -> Result<bool, StoreError> {
+        match self {
+            Store::Local(d) => d.put_if_absent(key, body),
+            Store::S3(s) => Ok(s.put_bytes(key, body).await?),
+        }
+    }
+
+    /// The whole object, or `None` if there is none.
+    pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        match self {
+            Store::Local(d) => d.get(key),
+            Store::S3(s) => Ok(s.get(key).await?),
+        }
+    }
+
+    /// The object's size, or `None` if there is none.
+    pub async fn size(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        match self {
+            Store::Local(d) => d.size(key),
+            Store::S3(s) => Ok(s.head(key).await?),
+        }
+    }
+
+    /// Keys directly under `prefix` (a directory, ending in `/`), sorted.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        match self {
+            Store::Local(d) => d.list(prefix),
+            Store::S3(s) => Ok(s.list(prefix).await?),
+        }
+    }
+
+    /// Removes an object (absent is fine).
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Local(d) => d.delete(key),
+            Store::S3(s) => Ok(s.delete(key).await?),
         }
     }
 

@@ -85,3 +85,17 @@ pub fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Files under an output directory that are neither data (`*.parquet` in a dataset) nor commit records
+/// (`_tcplake/**/*.json`): temporary files a run left behind. Empty after any run that ended.
+pub fn leftovers(out: &Path) -> Vec<std::path::PathBuf> {
+    files_under(out)
+        .into_iter()
+        .filter(|p| {
+            let ext = |e: &str| p.extension().is_some_and(|x| x == e);
+            let meta = p.starts_with(out.join("_tcplake"));
+            !((meta && ext("json"))
+                || (!meta && ext("parquet") && !p.starts_with(out.join(".staging"))))
+        })
+        .collect()
+}

@@ -96,6 +96,11 @@ impl EbpfSource {
         })
     }
 
+    /// Numbers events from `seq` on: the stream continues where the last committed one ended.
+    pub fn resume_at(&mut self, seq: u64) {
+        self.seq = seq;
+    }
+
     fn drain(&mut self, max: usize) {
         let mut decode_errors = 0;
         let now = Instant::now();
