@@ -43,7 +43,8 @@ fn flows(node: &Arc<str>, events: &[Event]) -> Vec<FlowRecord> {
     let mut w = Windows::new(window_cfg());
     let mut out = Vec::new();
     for chunk in events.chunks(4096) {
-        w.add(node, chunk);
+        let pos = chunk[0].seq..chunk[chunk.len() - 1].seq + 1;
+        w.add(node, chunk, pos, |_| true);
         w.drain_closed(&mut out);
     }
     w.drain_all(&mut out);

@@ -17,6 +17,18 @@ use serde::Deserialize;
 pub enum Mode {
     /// Capture, aggregate and sink in one process, joined by bounded in-memory channels.
     Monolith,
+    /// Only capture: publish event batches to the broker.
+    Capture,
+    /// Only aggregate (one shard): events from the broker in, flow batches to the broker out.
+    Aggregate,
+    /// Only sink: events and flow batches from the broker in, Parquet out.
+    Sink,
+}
+
+impl Mode {
+    pub fn is_split(self) -> bool {
+        self != Mode::Monolith
+    }
 }
 
 /// Where events come from.
@@ -53,6 +65,9 @@ SOURCES
 MODES
   monolith   capture -> aggregate -> sink in one process; stages hand batches over bounded
              in-memory channels (a full channel makes the producer wait, nothing is dropped).
+  capture    one stage per process, joined by NATS JetStream (--broker): capture publishes
+  aggregate  events; each aggregator (--shard I/N) folds its share of the flows; the sink
+  sink       (--shards N) writes both datasets. Same stage code as the monolith.
 
 OUTPUT
   <out>/events/date=YYYY-MM-DD/hour=HH/*.parquet   one row per event (the source of truth)
@@ -138,6 +153,15 @@ pub struct Cli {
     /// Close a Parquet file after it has been open this long, e.g. 5m [default: 5m].
     #[arg(long, env = "TCPLAKE_MAX_FILE_AGE", value_name = "DURATION")]
     pub max_file_age: Option<String>,
+    /// Split modes: the NATS JetStream broker, e.g. nats://127.0.0.1:4222.
+    #[arg(long, env = "TCPLAKE_BROKER", value_name = "URL")]
+    pub broker: Option<String>,
+    /// Aggregate mode: this aggregator's shard, I/N (0-based) [default: 0/1].
+    #[arg(long, env = "TCPLAKE_SHARD", value_name = "I/N")]
+    pub shard: Option<String>,
+    /// Sink mode: how many aggregator shards publish flows [default: 1].
+    #[arg(long, env = "TCPLAKE_SHARDS", value_name = "N")]
+    pub shards: Option<u32>,
     /// Print the end-of-run summary as text or JSON.
     #[arg(long, env = "TCPLAKE_SUMMARY", value_enum, default_value_t)]
     pub summary: SummaryFormat,
@@ -157,6 +181,19 @@ pub struct FileConfig {
     pub sink: FileSink,
     #[serde(default)]
     pub edge: FileEdge,
+    #[serde(default)]
+    pub broker: FileBroker,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileBroker {
+    pub url: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub max_age: Option<String>,
+    pub max_bytes: Option<String>,
+    pub max_in_flight: Option<usize>,
+    pub compress: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -183,6 +220,7 @@ pub struct FileCapture {
 pub struct FileAggregate {
     pub window_secs: Option<u64>,
     pub allowed_lateness_secs: Option<u64>,
+    pub shard: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -197,6 +235,7 @@ pub struct FileSink {
     pub max_file_size: Option<String>,
     pub max_file_age: Option<String>,
     pub row_group_rows: Option<usize>,
+    pub shards: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -257,6 +296,12 @@ pub struct Settings {
     pub row_group_rows: usize,
     pub channel_capacity: usize,
     pub summary: SummaryFormat,
+    /// Split modes only.
+    pub broker: Option<crate::edge::broker::BrokerSettings>,
+    /// Aggregate mode: which flows this process owns.
+    pub shard: crate::aggregate::Shard,
+    /// Sink mode: how many aggregator shards publish flows.
+    pub shards: u32,
 }
 
 /// Where a run writes.
@@ -295,6 +340,10 @@ pub mod defaults {
     pub const RTT_SAMPLE_INTERVAL: &str = "100ms";
     pub const BYTES_FLUSH_INTERVAL: &str = "1s";
     pub const S3_MAX_RETRY: &str = "10m";
+    pub const BROKER_CONNECT_TIMEOUT: &str = "30s";
+    pub const BROKER_MAX_AGE: &str = "24h";
+    pub const BROKER_MAX_BYTES: &str = "8GiB";
+    pub const BROKER_MAX_IN_FLIGHT: usize = 256;
 }
 
 impl FileConfig {
@@ -492,8 +541,34 @@ impl Settings {
                 "must be at least 1 event per second (omit it for no pacing)",
             ));
         }
+        let mode = cli.mode.or(file.mode).unwrap_or(Mode::Monolith);
+        let broker = broker_settings(cli, &file.broker)?;
+        if mode.is_split() {
+            if broker.is_none() {
+                return Err(invalid(
+                    "mode",
+                    format!("{mode:?}").to_lowercase(),
+                    "split modes need a broker: --broker nats://HOST:PORT (or broker.url)",
+                ));
+            }
+            if node.contains('.') {
+                return Err(invalid(
+                    "node name",
+                    &node,
+                    "split modes use the node name in broker subjects: no `.`",
+                ));
+            }
+        }
+        let shard = match cli.shard.clone().or(file.aggregate.shard.clone()) {
+            Some(s) => parse_shard(&s)?,
+            None => crate::aggregate::Shard::ALL,
+        };
+        let shards = cli.shards.or(file.sink.shards).unwrap_or(1);
+        if !(1..=1024).contains(&shards) {
+            return Err(invalid("shards", shards, "must be between 1 and 1024"));
+        }
         Ok(Settings {
-            mode: cli.mode.or(file.mode).unwrap_or(Mode::Monolith),
+            mode,
             node,
             source: cli
                 .source
@@ -514,8 +589,76 @@ impl Settings {
             row_group_rows,
             channel_capacity,
             summary: cli.summary,
+            broker,
+            shard,
+            shards,
         })
     }
+}
+
+impl Settings {
+    /// The broker URL (split modes), for summaries.
+    pub fn broker_url(&self) -> String {
+        self.broker
+            .as_ref()
+            .map(|b| b.url.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// `I/N` with `I < N`.
+fn parse_shard(s: &str) -> Result<crate::aggregate::Shard, ConfigError> {
+    let bad = || invalid("shard", s, "expected I/N with 0 <= I < N <= 1024, e.g. 0/2");
+    let (i, n) = s.split_once('/').ok_or_else(bad)?;
+    let (index, count): (u32, u32) = (
+        i.trim().parse().map_err(|_| bad())?,
+        n.trim().parse().map_err(|_| bad())?,
+    );
+    if count == 0 || count > 1024 || index >= count {
+        return Err(bad());
+    }
+    Ok(crate::aggregate::Shard { index, count })
+}
+
+fn broker_settings(
+    cli: &Cli,
+    file: &FileBroker,
+) -> Result<Option<crate::edge::broker::BrokerSettings>, ConfigError> {
+    let Some(url) = cli.broker.clone().or(file.url.clone()) else {
+        return Ok(None);
+    };
+    if !url.starts_with("nats://") {
+        return Err(invalid("broker", &url, "expected nats://HOST:PORT"));
+    }
+    let size = file
+        .max_bytes
+        .clone()
+        .unwrap_or_else(|| defaults::BROKER_MAX_BYTES.into());
+    let max_bytes = parse_size(&size).map_err(|e| invalid("broker.max_bytes", &size, e))?;
+    let max_in_flight = file.max_in_flight.unwrap_or(defaults::BROKER_MAX_IN_FLIGHT);
+    if !(1..=65_536).contains(&max_in_flight) {
+        return Err(invalid(
+            "broker.max_in_flight",
+            max_in_flight,
+            "must be between 1 and 65536",
+        ));
+    }
+    Ok(Some(crate::edge::broker::BrokerSettings {
+        url,
+        connect_for: duration_setting(
+            "broker.connect_timeout",
+            file.connect_timeout.clone(),
+            defaults::BROKER_CONNECT_TIMEOUT,
+        )?,
+        max_age: duration_setting(
+            "broker.max_age",
+            file.max_age.clone(),
+            defaults::BROKER_MAX_AGE,
+        )?,
+        max_bytes: i64::try_from(max_bytes).unwrap_or(i64::MAX),
+        max_in_flight,
+        compress: file.compress.unwrap_or(true),
+    }))
 }
 
 fn output(cli: &Cli, file: &FileSink) -> Result<Output, ConfigError> {

@@ -118,6 +118,24 @@ impl S3Metrics {
     }
 }
 
+/// Traffic on the broker edges of this process (split modes).
+#[derive(Debug, Default)]
+pub struct BrokerMetrics {
+    pub published_messages: Counter,
+    pub published_bytes: Counter,
+    pub consumed_messages: Counter,
+    pub consumed_bytes: Counter,
+    pub acks: Counter,
+    /// Publishes retried (full stream, server restarting, ack lost).
+    pub publish_retries: Counter,
+    /// Re-published messages the server recognised by id and dropped.
+    pub duplicates_dropped: Counter,
+    /// Undecodable messages moved to the dead-letter stream.
+    pub dead_letters: Counter,
+    /// Rows received again after a restart or redelivery and skipped (already written).
+    pub redelivered_rows_skipped: Counter,
+}
+
 /// Queue depth (in batches) of each in-process edge.
 #[derive(Debug, Default)]
 pub struct EdgeMetrics {
@@ -135,6 +153,7 @@ pub struct Metrics {
     pub sink_flows: SinkMetrics,
     pub edges: EdgeMetrics,
     pub s3: Arc<S3Metrics>,
+    pub broker: Arc<BrokerMetrics>,
 }
 
 impl Metrics {
@@ -224,6 +243,52 @@ impl Metrics {
             "",
             self.s3.bytes_uploaded.get(),
         );
+        let b = &self.broker;
+        for (name, help, v) in [
+            (
+                "broker_published_messages_total",
+                "Messages published to the broker.",
+                b.published_messages.get(),
+            ),
+            (
+                "broker_published_bytes_total",
+                "Bytes published to the broker.",
+                b.published_bytes.get(),
+            ),
+            (
+                "broker_consumed_messages_total",
+                "Messages consumed from the broker.",
+                b.consumed_messages.get(),
+            ),
+            (
+                "broker_consumed_bytes_total",
+                "Bytes consumed from the broker.",
+                b.consumed_bytes.get(),
+            ),
+            ("broker_acks_total", "Messages acknowledged.", b.acks.get()),
+            (
+                "broker_publish_retries_total",
+                "Publishes retried.",
+                b.publish_retries.get(),
+            ),
+            (
+                "broker_duplicates_dropped_total",
+                "Re-published messages the broker dropped as duplicates.",
+                b.duplicates_dropped.get(),
+            ),
+            (
+                "broker_dead_letters_total",
+                "Undecodable messages moved to the dead-letter stream.",
+                b.dead_letters.get(),
+            ),
+            (
+                "broker_redelivered_rows_skipped_total",
+                "Rows received again and skipped (already written).",
+                b.redelivered_rows_skipped.get(),
+            ),
+        ] {
+            counter(name, help, "", v);
+        }
         for (edge, g) in [
             ("events_to_aggregate", &self.edges.events_to_aggregate),
             ("events_to_sink", &self.edges.events_to_sink),

@@ -105,12 +105,8 @@ pub async fn feed<O: Tx<Arc<EventBatch>>>(
                 continue;
             }
             sent += events.len() as u64;
-            out.send(Arc::new(EventBatch {
-                node: Arc::clone(node),
-                events,
-                clock_us: None,
-            }))
-            .await?;
+            out.send(Arc::new(EventBatch::new(Arc::clone(node), events, None)))
+                .await?;
         }
         expected = last + 1;
         if expected >= to {

@@ -437,7 +437,10 @@ fn kill_9_mid_upload_then_restart_loses_and_duplicates_nothing() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // Parts on the server: the upload is under way (and journalled by tcplake before its first part).
-    while !multipart_leftovers(&server).iter().any(|n| n.contains(".part-")) {
+    while !multipart_leftovers(&server)
+        .iter()
+        .any(|n| n.contains(".part-"))
+    {
         alive();
         std::thread::sleep(Duration::from_millis(1));
     }

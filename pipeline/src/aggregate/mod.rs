@@ -27,6 +27,57 @@ pub struct AggregateConfig {
     pub max_batch_records: usize,
     /// Set when continuing after the last committed row rather than from an empty state.
     pub resume: Option<Resume>,
+    /// Which flows this aggregator owns (all of them unless sharded).
+    pub shard: Shard,
+}
+
+/// One of `count` aggregators, each owning the flows whose key hashes to its index: together they
+/// count every flow exactly once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Shard {
+    pub const ALL: Shard = Shard { index: 0, count: 1 };
+
+    /// Does this shard own the flow of `e`? The hash is fixed (FNV-1a over the key's fields), so every
+    /// process agrees whatever its build or start order.
+    pub fn owns(&self, node: &str, e: &crate::event::Event) -> bool {
+        if self.count <= 1 {
+            return true;
+        }
+        let mut h = Fnv::default();
+        h.bytes(node.as_bytes());
+        h.bytes(&e.pid.to_le_bytes());
+        h.bytes(e.comm.as_bytes());
+        h.bytes(&e.cgroup_id.to_le_bytes());
+        for (addr, port) in [(e.local_addr, e.local_port), (e.remote_addr, e.remote_port)] {
+            match addr {
+                std::net::IpAddr::V4(a) => h.bytes(&a.octets()),
+                std::net::IpAddr::V6(a) => h.bytes(&a.octets()),
+            }
+            h.bytes(&port.to_le_bytes());
+        }
+        h.0 % u64::from(self.count) == u64::from(self.index)
+    }
+}
+
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    fn bytes(&mut self, b: &[u8]) {
+        for &x in b {
+            self.0 = (self.0 ^ u64::from(x)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
 }
 
 /// Where a restarted aggregator picks up: its input starts at `point.from_seq`.
@@ -95,17 +146,19 @@ where
             input.recv().await?
         } else {
             // Nothing may need replaying before the redone flush: check before the first receive.
-            Some(Arc::new(EventBatch {
-                node: Arc::clone(&cfg.producer),
-                events: Vec::new(),
-                clock_us: None,
-            }))
+            Some(Arc::new(EventBatch::new(
+                Arc::clone(&cfg.producer),
+                Vec::new(),
+                None,
+            )))
         };
         started = true;
         let mut replay;
         match &batch {
             Some(b) => {
-                windows.add(&b.node, &b.events);
+                windows.add(&b.node, &b.events, b.position.clone(), |e| {
+                    cfg.shard.owns(&b.node, e)
+                });
                 if let Some(clock) = b.clock_us {
                     windows.advance_to(clock.saturating_sub(cfg.windows.allowed_lateness_us));
                 }
@@ -144,6 +197,7 @@ where
             output.send(out).await?;
         }
         if batch.is_none() {
+            output.close(true).await?;
             return Ok(windows.stats());
         }
     }
@@ -187,6 +241,15 @@ mod tests {
 
     /// Runs the stage over `events` (batches of `batch`) and returns what it emitted.
     async fn run_over(events: &[Event], batch: usize, resume: Option<Resume>) -> Vec<FlowBatch> {
+        run_shard(events, batch, resume, Shard::ALL).await
+    }
+
+    async fn run_shard(
+        events: &[Event],
+        batch: usize,
+        resume: Option<Resume>,
+        shard: Shard,
+    ) -> Vec<FlowBatch> {
         let cfg = AggregateConfig {
             windows: WindowConfig {
                 window_us: 10 * S,
@@ -195,16 +258,13 @@ mod tests {
             producer: "agg".into(),
             max_batch_records: 500,
             resume,
+            shard,
         };
         let gauge = Arc::new(crate::metrics::Gauge::default());
         let (mut tx, rx) = memory::channel("in", 1 << 16, Arc::clone(&gauge));
         let (otx, mut orx) = memory::channel("out", 1 << 16, gauge);
         for chunk in events.chunks(batch) {
-            let b = EventBatch {
-                node: "n".into(),
-                events: chunk.to_vec(),
-                clock_us: None,
-            };
+            let b = EventBatch::new("n".into(), chunk.to_vec(), None);
             tx.send(Arc::new(b)).await.unwrap();
         }
         drop(tx);
@@ -252,6 +312,35 @@ mod tests {
             assert_eq!(got.len(), expected.len(), "after row {i}");
             assert!(got == expected, "rows after row {i} differ");
         }
+    }
+
+    #[tokio::test]
+    async fn shards_split_the_flows_and_together_equal_one_aggregator() {
+        let mut all = events(60_000);
+        // A few late events, so lateness decisions are part of what must agree.
+        all[30_000].ts_us -= 15 * S;
+        all[45_000].ts_us -= 15 * S;
+        let key = |r: &FlowRecord| (r.window_start_us, r.key.clone());
+        let mut one: Vec<_> = rows(&run_over(&all, 1_000, None).await)
+            .into_iter()
+            .map(|(r, _, _)| r)
+            .collect();
+        let mut parts = Vec::new();
+        for index in 0..3 {
+            let shard = Shard { index, count: 3 };
+            let got = rows(&run_shard(&all, 777, None, shard).await);
+            assert!(
+                !got.is_empty() && got.len() < one.len(),
+                "shard {index} has a share"
+            );
+            parts.extend(got.into_iter().map(|(r, _, _)| r));
+        }
+        one.sort_by_key(key);
+        parts.sort_by_key(key);
+        assert!(
+            parts == one,
+            "the shards' rows are exactly the single aggregator's"
+        );
     }
 
     #[test]

@@ -11,9 +11,12 @@
 //! Lateness is decided per event against the watermark built from the events before it, so the output
 //! depends only on the order of events, never on how they were cut into batches.
 //!
-//! Each open window remembers its first event's `seq` and the watermark just before it
-//! ([`Windows::replay_point`]): replaying the log from there, with that watermark, rebuilds every open
-//! window exactly (for sources whose watermark comes from event times alone).
+//! Each open window remembers the input position of the batch that opened it and the watermark at that
+//! batch's start ([`Windows::replay_point`]): replaying the input from there, with that watermark,
+//! rebuilds every open window exactly (for sources whose watermark comes from event times alone).
+//!
+//! A sharded aggregator folds only its share of the flows (`keep`) but lets every on-time event move
+//! the watermark, so each shard makes exactly the lateness decisions a single aggregator would.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -99,7 +102,9 @@ impl FlowState {
 #[derive(Debug)]
 struct OpenWindow {
     flows: FxHashMap<FlowKey, FlowState>,
-    first_seq: u64,
+    /// Input position of the batch that opened the window.
+    first_pos: u64,
+    /// The watermark when that batch began.
     watermark_before: i64,
 }
 
@@ -109,8 +114,8 @@ pub struct Windows {
     cfg: WindowConfig,
     open: BTreeMap<i64, OpenWindow>,
     watermark: i64,
-    /// One past the largest `seq` folded in.
-    next_seq: u64,
+    /// End of the input consumed so far (position).
+    next_pos: u64,
     stats: WindowStats,
 }
 
@@ -121,7 +126,7 @@ impl Windows {
             cfg,
             open: BTreeMap::new(),
             watermark: i64::MIN,
-            next_seq: 0,
+            next_pos: 0,
             stats: WindowStats::default(),
         }
     }
@@ -130,7 +135,7 @@ impl Windows {
     pub fn resumed(cfg: WindowConfig, point: ReplayPoint) -> Self {
         let mut w = Windows::new(cfg);
         w.watermark = point.watermark_us;
-        w.next_seq = point.from_seq;
+        w.next_pos = point.from_seq;
         w
     }
 
@@ -139,13 +144,13 @@ impl Windows {
         let oldest = self
             .open
             .values()
-            .min_by_key(|w| w.first_seq)
-            .map(|w| (w.first_seq, w.watermark_before));
-        let (from_seq, watermark_us) = oldest.unwrap_or((self.next_seq, self.watermark));
+            .min_by_key(|w| w.first_pos)
+            .map(|w| (w.first_pos, w.watermark_before));
+        let (from_seq, watermark_us) = oldest.unwrap_or((self.next_pos, self.watermark));
         ReplayPoint {
             from_seq,
             watermark_us,
-            through_seq: self.next_seq,
+            through_seq: self.next_pos,
             closing: false,
         }
     }
@@ -158,26 +163,41 @@ impl Windows {
         ts.div_euclid(self.cfg.window_us) * self.cfg.window_us
     }
 
-    /// Folds the events of one node into their windows.
-    pub fn add(&mut self, node: &Arc<str>, events: &[Event]) {
+    /// Folds one batch of a node's events, found at input `position`, into their windows: all of
+    /// them, or (sharded) those `keep` selects.
+    pub fn add(
+        &mut self,
+        node: &Arc<str>,
+        events: &[Event],
+        position: std::ops::Range<u64>,
+        keep: impl Fn(&Event) -> bool,
+    ) {
+        let watermark_before = self.watermark;
         for e in events {
-            self.stats.events_in += 1;
-            self.next_seq = self.next_seq.max(e.seq + 1);
             let start = self.window_start(e.ts_us);
-            if start.saturating_add(self.cfg.window_us) <= self.watermark {
+            let late = start.saturating_add(self.cfg.window_us) <= self.watermark;
+            if !keep(e) {
+                // Another shard's event: it only moves the watermark, as it would in one aggregator.
+                if !late {
+                    self.advance_to(e.ts_us.saturating_sub(self.cfg.allowed_lateness_us));
+                }
+                continue;
+            }
+            self.stats.events_in += 1;
+            if late {
                 self.stats.late_events += 1;
                 continue;
             }
-            let watermark = self.watermark;
             let window = self.open.entry(start).or_insert_with(|| OpenWindow {
                 flows: FxHashMap::default(),
-                first_seq: e.seq,
-                watermark_before: watermark,
+                first_pos: position.start,
+                watermark_before,
             });
             let key = FlowKey::of(node, e);
             window.flows.entry(key).or_default().apply(&e.kind);
             self.advance_to(e.ts_us.saturating_sub(self.cfg.allowed_lateness_us));
         }
+        self.next_pos = self.next_pos.max(position.end);
     }
 
     /// Moves the watermark forward (never back), e.g. from a live capture clock.
@@ -253,6 +273,11 @@ mod tests {
         }
     }
 
+    fn add(w: &mut Windows, node: &Arc<str>, events: &[Event]) {
+        let pos = events.first().map_or(0, |e| e.seq)..events.last().map_or(0, |e| e.seq + 1);
+        w.add(node, events, pos, |_| true);
+    }
+
     fn sc(old: TcpState, new: TcpState) -> EventKind {
         EventKind::StateChange { old, new }
     }
@@ -262,7 +287,8 @@ mod tests {
         use TcpState::*;
         let node: Arc<str> = "n".into();
         let mut w = Windows::new(cfg());
-        w.add(
+        add(
+            &mut w,
             &node,
             &[
                 ev(0, 1.0, sc(SynSent, Established)),
@@ -318,14 +344,14 @@ mod tests {
         let node: Arc<str> = "n".into();
         let mut w = Windows::new(cfg());
         let b = |bytes| EventKind::BytesSent { bytes };
-        w.add(&node, &[ev(0, 5.0, b(1)), ev(1, 12.5, b(2))]);
+        add(&mut w, &node, &[ev(0, 5.0, b(1)), ev(1, 12.5, b(2))]);
         // Watermark 10.5 s: window [0, 10) is closed.
         let mut out = Vec::new();
         w.drain_closed(&mut out);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].bytes_sent, 1);
         // 9.9 s belongs to the closed window [0, 10): late. 11.0 s is on time.
-        w.add(&node, &[ev(2, 9.9, b(4)), ev(3, 11.0, b(8))]);
+        add(&mut w, &node, &[ev(2, 9.9, b(4)), ev(3, 11.0, b(8))]);
         assert_eq!(w.stats().late_events, 1);
         w.drain_all(&mut out);
         assert_eq!(out.len(), 2);
@@ -339,7 +365,7 @@ mod tests {
         let mut w = Windows::new(cfg());
         let b = |bytes| EventKind::BytesSent { bytes };
         // 11.0 s moves the watermark to 9.0 s: window [0, 10) is still open for the 9.5 s event.
-        w.add(&node, &[ev(0, 11.0, b(1)), ev(1, 9.5, b(2))]);
+        add(&mut w, &node, &[ev(0, 11.0, b(1)), ev(1, 9.5, b(2))]);
         let mut out = Vec::new();
         w.drain_all(&mut out);
         assert_eq!(w.stats().late_events, 0);
@@ -368,7 +394,7 @@ mod tests {
                     bytes += n;
                 }
             }
-            w.add(&b.node, &b.events);
+            w.add(&b.node, &b.events, b.position.clone(), |_| true);
             w.drain_closed(&mut out);
         }
         w.drain_all(&mut out);

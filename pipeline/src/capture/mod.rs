@@ -2,7 +2,8 @@
 //!
 //! Contract: every event the source yields is sent exactly once, in order, with consecutive `seq`
 //! numbers; when shutdown is requested the stage stops taking new events, sends what it holds and
-//! returns. The stage does not know what is downstream of its output edge.
+//! returns. It closes its output edge at the end, marking the end of the stream only when the source
+//! is exhausted. The stage does not know what is downstream of its output edge.
 
 pub mod ebpf;
 mod rng;
@@ -113,6 +114,7 @@ where
         }
     };
     tokio::pin!(until_deadline);
+    let mut exhausted = false;
     while !shutdown.is_triggered() {
         let batch = tokio::select! {
             biased;
@@ -120,7 +122,10 @@ where
             _ = &mut until_deadline => break,
             b = source.next_batch(cfg.batch_size.max(1)) => b?,
         };
-        let Some(batch) = batch else { break };
+        let Some(batch) = batch else {
+            exhausted = true;
+            break;
+        };
         let n = batch.len() as u64;
         // Empty batches only matter when they carry the clock (they let idle windows close).
         if n == 0 && batch.clock_us.is_none() {
@@ -149,5 +154,7 @@ where
         metrics.events.add(n);
         metrics.batches.add(1);
     }
+    // Only an exhausted source ends the stream for good; a stopped capture may be restarted.
+    output.close(exhausted).await?;
     Ok(stats)
 }

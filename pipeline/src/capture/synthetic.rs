@@ -121,11 +121,7 @@ impl Synthetic {
         for _ in 0..n {
             events.push(self.next_event());
         }
-        Some(EventBatch {
-            node: Arc::clone(&self.node),
-            events,
-            clock_us: None,
-        })
+        Some(EventBatch::new(Arc::clone(&self.node), events, None))
     }
 
     fn next_event(&mut self) -> Event {

@@ -4,8 +4,10 @@
 //! whether its neighbours are in the same process ([`memory`]) or elsewhere. Every edge applies
 //! back-pressure: when the next stage is slow, `send` waits; nothing is dropped to make room.
 
+pub mod broker;
 pub mod memory;
 pub mod tee;
+pub mod wire;
 
 use std::future::Future;
 
@@ -15,12 +17,23 @@ pub enum EdgeError {
     /// The other side is gone (it failed or shut down early); the item was not delivered.
     #[error("the {0} edge is closed: the stage on the other side stopped")]
     Closed(&'static str),
+    /// The broker could not take or give an item (after retrying).
+    #[error("broker: {0}")]
+    Broker(String),
 }
 
 /// The sending half of an edge.
 pub trait Tx<T>: Send {
     /// Delivers `item`, waiting while the edge is full.
     fn send(&mut self, item: T) -> impl Future<Output = Result<(), EdgeError>> + Send;
+
+    /// Makes everything sent durable on the other side; with `end_of_stream`, also tells the other
+    /// side that nothing more will come (a finite source was exhausted). In-process edges need
+    /// neither: dropping the sender ends the stream.
+    fn close(&mut self, end_of_stream: bool) -> impl Future<Output = Result<(), EdgeError>> + Send {
+        let _ = end_of_stream;
+        async { Ok(()) }
+    }
 }
 
 /// The receiving half of an edge.

@@ -24,4 +24,9 @@ where
         self.a.send(item.clone()).await?;
         self.b.send(item).await
     }
+
+    async fn close(&mut self, end_of_stream: bool) -> Result<(), EdgeError> {
+        self.a.close(end_of_stream).await?;
+        self.b.close(end_of_stream).await
+    }
 }

@@ -56,6 +56,11 @@ impl Comm {
         Comm(out)
     }
 
+    /// The raw, NUL-padded bytes.
+    pub fn as_bytes(&self) -> &[u8; probe_common::COMM_LEN] {
+        &self.0
+    }
+
     /// Text form; bytes that are not UTF-8 are replaced (comm is set by the process and may be anything).
     pub fn as_str(&self) -> std::borrow::Cow<'_, str> {
         let len = self.0.iter().position(|&b| b == 0).unwrap_or(self.0.len());
@@ -136,9 +141,27 @@ pub struct EventBatch {
     /// aggregator close windows while no traffic flows. Sources with simulated time leave it `None`, so
     /// their output never depends on the wall clock.
     pub clock_us: Option<i64>,
+    /// Where the batch sits on the edge it arrived by, `[start, end)`: its events' `seq`s on memory
+    /// edges and when read back from the log; the broker's stream sequence `[s, s + 1)` on a broker
+    /// edge. The aggregator records it so a restart knows where to replay from.
+    pub position: std::ops::Range<u64>,
 }
 
 impl EventBatch {
+    /// A batch positioned by its events' `seq`s (consecutive, as capture numbers them).
+    pub fn new(node: Arc<str>, events: Vec<Event>, clock_us: Option<i64>) -> Self {
+        let position = match (events.first(), events.last()) {
+            (Some(a), Some(b)) => a.seq..b.seq + 1,
+            _ => 0..0,
+        };
+        EventBatch {
+            node,
+            events,
+            clock_us,
+            position,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.events.len()
     }

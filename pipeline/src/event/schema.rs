@@ -497,7 +497,7 @@ mod tests {
             window_us: 5_000_000,
             allowed_lateness_us: 0,
         });
-        w.add(&batch.node, &batch.events);
+        w.add(&batch.node, &batch.events, batch.position.clone(), |_| true);
         let mut flows = Vec::new();
         w.drain_all(&mut flows);
         (batch.node, batch.events, flows)

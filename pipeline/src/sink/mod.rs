@@ -149,12 +149,15 @@ impl SinkRows for FlowBatch {
     }
 }
 
-/// How one sink's commits are ordered against the other's: the event-log sink announces how far the
-/// log is committed (next `seq`), and the flows sink waits for it, so no committed flow row ever counts
-/// an event the log does not hold.
+/// How a sink's commits relate to the world: it announces the last row of every file it commits (so
+/// an edge can ack what is durable, and the flows sink can learn how far the log is), and the flows
+/// sink waits until the event log is committed through the position its rows have consumed, so no
+/// committed flow row ever counts an event the log does not hold.
 #[derive(Debug, Default)]
 pub struct CommitOrder {
-    pub announce: Option<watch::Sender<u64>>,
+    /// Told the position of the last row of each committed file.
+    pub committed: Option<watch::Sender<Option<Position>>>,
+    /// The event log's committed position on the events edge (next position not yet committed).
     pub after: Option<watch::Receiver<u64>>,
 }
 
@@ -275,8 +278,8 @@ async fn commit_one(
     }
     log.commit(&f.staged, &f.key, f.rows, f.bytes, f.first, f.last)
         .await?;
-    if let (Some(announce), Position::Event { seq }) = (&order.announce, f.last) {
-        announce.send_replace(seq + 1);
+    if let Some(committed) = &order.committed {
+        committed.send_replace(Some(f.last));
     }
     Ok(())
 }

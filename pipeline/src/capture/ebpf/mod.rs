@@ -174,11 +174,11 @@ impl EbpfSource {
         self.attribution.release_all(&mut self.pending);
         self.number_from(start);
         self.publish_drops();
-        Some(EventBatch {
-            node: Arc::clone(&self.node),
-            events: std::mem::take(&mut self.pending),
-            clock_us: Some(now_unix_us()),
-        })
+        Some(EventBatch::new(
+            Arc::clone(&self.node),
+            std::mem::take(&mut self.pending),
+            Some(now_unix_us()),
+        ))
     }
 
     /// The next batch: full, or whatever arrived within [`BATCH_LATENCY`] (possibly nothing: a
@@ -194,11 +194,11 @@ impl EbpfSource {
             if self.pending.len() >= max || done || self.last_cut.elapsed() >= BATCH_LATENCY {
                 self.publish_drops();
                 self.last_cut = Instant::now();
-                return Some(EventBatch {
-                    node: Arc::clone(&self.node),
-                    events: std::mem::take(&mut self.pending),
-                    clock_us: Some(now_unix_us()),
-                });
+                return Some(EventBatch::new(
+                    Arc::clone(&self.node),
+                    std::mem::take(&mut self.pending),
+                    Some(now_unix_us()),
+                ));
             }
             self.poll.tick().await;
         }

@@ -1,7 +1,10 @@
 //! Modes: which stages run in this process and which edges join them. Nothing else.
 //!
 //! The monolith wires capture -> aggregate -> sink with bounded in-memory edges; events also fan out
-//! to the event-log sink. Stage code is identical in every mode.
+//! to the event-log sink. The split modes ([`split`]) run one stage each, joined by the broker. Stage
+//! code is identical in every mode.
+
+mod split;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,6 +40,8 @@ const MAX_FLOW_BATCH: usize = 8_192;
 pub enum RunError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Broker(#[from] crate::edge::broker::BrokerError),
     #[error("reading the last commit: {0}")]
     Recover(#[from] CommitError),
     #[error("replaying the event log after a restart: {0}")]
@@ -77,6 +82,9 @@ pub async fn run(
 ) -> Result<Summary, RunError> {
     match settings.mode {
         Mode::Monolith => monolith(settings, metrics, shutdown).await,
+        Mode::Capture => split::capture(settings, metrics, shutdown).await,
+        Mode::Aggregate => split::aggregate(settings, metrics, shutdown).await,
+        Mode::Sink => split::sink(settings, metrics, shutdown).await,
     }
 }
 
@@ -228,6 +236,7 @@ async fn monolith(
         producer: producer.as_str().into(),
         max_batch_records: MAX_FLOW_BATCH,
         resume: agg_resume,
+        shard: aggregate::Shard::ALL,
     };
     let m = Arc::clone(&metrics);
     let aggregate = tokio::spawn(async move {
@@ -241,9 +250,19 @@ async fn monolith(
     let m = Arc::clone(&metrics);
     let events_writer = writer(Dataset::Events);
     let st = store.clone();
-    let (announce, after) = tokio::sync::watch::channel(resume_seq);
+    let (committed, mut events_committed) = tokio::sync::watch::channel(None);
+    let (log_through, after) = tokio::sync::watch::channel(resume_seq);
+    // In one process the events edge's positions are the events' `seq`s.
+    tokio::spawn(async move {
+        while events_committed.changed().await.is_ok() {
+            let last = *events_committed.borrow_and_update();
+            if let Some(Position::Event { seq }) = last {
+                log_through.send_replace(seq + 1);
+            }
+        }
+    });
     let events_order = CommitOrder {
-        announce: Some(announce),
+        committed: Some(committed),
         after: None,
     };
     let events_sink = tokio::spawn(async move {
@@ -265,7 +284,7 @@ async fn monolith(
     let flows_writer = writer(Dataset::Flows);
     let st = store.clone();
     let flows_order = CommitOrder {
-        announce: None,
+        committed: None,
         after: Some(after),
     };
     let flows_sink = tokio::spawn(async move {

@@ -1,0 +1,657 @@
+//! The broker edge: NATS JetStream between processes (`--mode capture|aggregate|sink`).
+//!
+//! * Streams (created idempotently at startup, limits explicit): `TCPLAKE_EVENTS` on
+//!   `tcplake.events.<node>`, `TCPLAKE_FLOWS` on `tcplake.flows.<shard>`, and `TCPLAKE_DEAD` on
+//!   `tcplake.dead.<kind>` for messages that cannot be decoded. Retention is by limits with
+//!   `discard: new`: a full stream refuses publishes (the producer waits and retries) instead of
+//!   silently dropping the oldest data a consumer may still need.
+//! * Producers publish many events per message ([`super::wire`]), keep a bounded number of acks in
+//!   flight, and re-publish what was not acknowledged; a message id (`Nats-Msg-Id`) derived from the
+//!   batch's stream position lets the server drop duplicates.
+//! * A stream ends with an end marker (header `Tcplake-End`) when a finite source is exhausted; a stop
+//!   by signal sends none, so a restarted producer simply continues.
+//! * Consumers: aggregators read with an ordered consumer from the position their last published flow
+//!   batch names (their own output is their checkpoint); the sink uses durable consumers and acks a
+//!   message only once the files holding its rows are committed.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use super::wire::{self, WireError};
+use super::{EdgeError, Rx, Tx};
+use crate::event::{EventBatch, FlowBatch};
+use crate::metrics::BrokerMetrics;
+
+pub const EVENTS_STREAM: &str = "TCPLAKE_EVENTS";
+pub const FLOWS_STREAM: &str = "TCPLAKE_FLOWS";
+pub const DEAD_STREAM: &str = "TCPLAKE_DEAD";
+const END_HEADER: &str = "Tcplake-End";
+const MSG_ID: &str = "Nats-Msg-Id";
+/// How long a failed publish is retried before the producing stage fails.
+const PUBLISH_RETRY_FOR: Duration = Duration::from_secs(120);
+
+pub fn events_subject(node: &str) -> String {
+    format!("tcplake.events.{node}")
+}
+
+pub fn flows_subject(shard: u32) -> String {
+    format!("tcplake.flows.{shard}")
+}
+
+/// A node name usable in a subject: letters, digits, `-` and `_`.
+pub fn valid_node(node: &str) -> bool {
+    !node.is_empty()
+        && node
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// How to reach the broker and what limits its streams get.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BrokerSettings {
+    /// `nats://host:port`
+    pub url: String,
+    /// Keep retrying an unreachable broker at startup for this long.
+    pub connect_for: Duration,
+    /// Stream retention: messages older than this are removed.
+    pub max_age: Duration,
+    /// Stream retention: at most this many bytes per stream (then publishes wait).
+    pub max_bytes: i64,
+    /// Publishes awaiting their ack, per producer.
+    pub max_in_flight: usize,
+    /// zstd-compress message bodies.
+    pub compress: bool,
+}
+
+/// Why the broker could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error(
+        "cannot reach the broker at {url} (tried for {secs} s): {reason}; is nats-server running with \
+         JetStream (-js)?"
+    )]
+    Unreachable {
+        url: String,
+        secs: u64,
+        reason: String,
+    },
+    #[error("broker stream {name}: {reason}")]
+    Stream { name: &'static str, reason: String },
+    #[error("broker consumer on {subject}: {reason}")]
+    Consumer { subject: String, reason: String },
+    #[error(
+        "node name `{0}` cannot be used in a broker subject: use letters, digits, `-` and `_` only"
+    )]
+    NodeName(String),
+}
+
+/// A connection to JetStream with the tcplake streams in place.
+#[derive(Clone)]
+pub struct Broker {
+    js: jetstream::Context,
+    settings: BrokerSettings,
+    metrics: Arc<BrokerMetrics>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("url", &self.settings.url)
+            .finish()
+    }
+}
+
+impl Broker {
+    /// Connects (retrying with backoff for `connect_for`) and creates or updates the streams.
+    pub async fn connect(
+        settings: &BrokerSettings,
+        metrics: Arc<BrokerMetrics>,
+    ) -> Result<Self, BrokerError> {
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        let client = loop {
+            let attempt = async_nats::ConnectOptions::new()
+                .connection_timeout(Duration::from_secs(2))
+                .connect(settings.url.as_str())
+                .await;
+            match attempt {
+                Ok(c) => break c,
+                Err(e) if started.elapsed() < settings.connect_for => {
+                    if backoff == Duration::from_millis(100) {
+                        tracing::warn!(url = %settings.url, error = %e, "broker unreachable; retrying");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    return Err(BrokerError::Unreachable {
+                        url: settings.url.clone(),
+                        secs: settings.connect_for.as_secs(),
+                        reason: e.to_string(),
+                    })
+                }
+            }
+        };
+        let broker = Broker {
+            js: jetstream::new(client),
+            settings: settings.clone(),
+            metrics,
+        };
+        for (name, subjects) in [
+            (EVENTS_STREAM, "tcplake.events.>"),
+            (FLOWS_STREAM, "tcplake.flows.>"),
+            (DEAD_STREAM, "tcplake.dead.>"),
+        ] {
+            broker
+                .js
+                .create_or_update_stream(stream::Config {
+                    name: name.to_string(),
+                    subjects: vec![subjects.to_string()],
+                    retention: stream::RetentionPolicy::Limits,
+                    discard: stream::DiscardPolicy::New,
+                    max_age: settings.max_age,
+                    max_bytes: settings.max_bytes,
+                    storage: stream::StorageType::File,
+                    duplicate_window: Duration::from_secs(120),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| BrokerError::Stream {
+                    name,
+                    reason: e.to_string(),
+                })?;
+        }
+        Ok(broker)
+    }
+
+    pub fn metrics(&self) -> &Arc<BrokerMetrics> {
+        &self.metrics
+    }
+
+    async fn stream(&self, name: &'static str) -> Result<stream::Stream, BrokerError> {
+        self.js
+            .get_stream(name)
+            .await
+            .map_err(|e| BrokerError::Stream {
+                name,
+                reason: e.to_string(),
+            })
+    }
+
+    /// The last message on `subject`, if any.
+    async fn last_on(
+        &self,
+        name: &'static str,
+        subject: &str,
+    ) -> Result<Option<jetstream::message::StreamMessage>, BrokerError> {
+        let stream = self.stream(name).await?;
+        match stream.get_last_raw_message_by_subject(subject).await {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {
+                Ok(None)
+            }
+            Err(e) => Err(BrokerError::Stream {
+                name,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// Where a capture node's stream stands: `Ok(None)` if it never published, `Some(None)` if it
+    /// ended, `Some(Some(seq))` with the last event `seq` published.
+    pub async fn capture_progress(&self, node: &str) -> Result<Option<Option<u64>>, BrokerError> {
+        let Some(m) = self.last_on(EVENTS_STREAM, &events_subject(node)).await? else {
+            return Ok(None);
+        };
+        if m.headers.get(END_HEADER).is_some() {
+            return Ok(Some(None));
+        }
+        let batch = wire::decode_events(&m.payload).map_err(|e| BrokerError::Stream {
+            name: EVENTS_STREAM,
+            reason: format!("the last message of node `{node}` is unreadable: {e}"),
+        })?;
+        Ok(Some(batch.events.last().map(|e| e.seq)))
+    }
+
+    /// The last flow batch a shard published: `Ok(None)` if none, `Some(None)` if the shard ended.
+    pub async fn shard_progress(
+        &self,
+        shard: u32,
+    ) -> Result<Option<Option<FlowBatch>>, BrokerError> {
+        let Some(m) = self.last_on(FLOWS_STREAM, &flows_subject(shard)).await? else {
+            return Ok(None);
+        };
+        if m.headers.get(END_HEADER).is_some() {
+            return Ok(Some(None));
+        }
+        let batch = wire::decode_flows(&m.payload).map_err(|e| BrokerError::Stream {
+            name: FLOWS_STREAM,
+            reason: format!("the last message of shard {shard} is unreadable: {e}"),
+        })?;
+        Ok(Some(Some(batch)))
+    }
+
+    /// A producer of event batches for `node`.
+    pub fn events_tx(&self, node: &str) -> Result<BrokerTx<Arc<EventBatch>>, BrokerError> {
+        if !valid_node(node) {
+            return Err(BrokerError::NodeName(node.to_string()));
+        }
+        let compress = self.settings.compress;
+        let node = node.to_string();
+        Ok(BrokerTx::new(
+            self.clone(),
+            events_subject(&node),
+            Box::new(move |b: &Arc<EventBatch>| {
+                let id = b.events.first().map(|e| format!("{node}-{}", e.seq));
+                (wire::encode_events(b, compress), id)
+            }),
+        ))
+    }
+
+    /// A producer of flow batches for `shard`.
+    pub fn flows_tx(&self, shard: u32) -> BrokerTx<FlowBatch> {
+        let compress = self.settings.compress;
+        BrokerTx::new(
+            self.clone(),
+            flows_subject(shard),
+            Box::new(move |b: &FlowBatch| {
+                let id = match (b.records.first(), b.ranks.first()) {
+                    (Some(r), Some(k)) => Some(format!("{}-{}-{k}", b.producer, r.window_start_us)),
+                    _ => None,
+                };
+                (wire::encode_flows(b, compress), id)
+            }),
+        )
+    }
+
+    /// Every event batch from stream position `from` on, in order (aggregators).
+    pub async fn events_from(&self, from: u64) -> Result<BrokerRx<Arc<EventBatch>>, BrokerError> {
+        let stream = self.stream(EVENTS_STREAM).await?;
+        let info = stream.get_info().await.map_err(|e| BrokerError::Stream {
+            name: EVENTS_STREAM,
+            reason: e.to_string(),
+        })?;
+        if from > 0 && from < info.state.first_sequence {
+            return Err(BrokerError::Consumer {
+                subject: "tcplake.events.>".into(),
+                reason: format!(
+                    "rebuilding the open windows needs messages from {from} on, but retention already \
+                     removed everything before {} (raise broker.max_age / broker.max_bytes)",
+                    info.state.first_sequence
+                ),
+            });
+        }
+        let deliver_policy = if from == 0 {
+            consumer::DeliverPolicy::All
+        } else {
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: from,
+            }
+        };
+        let c = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: "tcplake.events.>".into(),
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| consumer_err("tcplake.events.>", e))?;
+        let messages = c
+            .messages()
+            .await
+            .map_err(|e| consumer_err("tcplake.events.>", e))?;
+        Ok(BrokerRx::new(
+            self.clone(),
+            Box::pin(messages.map(|m| m.map_err(|e| e.to_string()))),
+            Box::new(decode_positioned_events),
+            Ends::AllSeenNodes,
+        ))
+    }
+
+    /// A durable consumer (the sink's): redelivers whatever it did not ack, after a restart too.
+    pub async fn durable<T: Send + 'static>(
+        &self,
+        stream: &'static str,
+        name: &str,
+        subject: &str,
+        ack_wait: Duration,
+        decode: Decoder<T>,
+        ends: Ends,
+    ) -> Result<BrokerRx<T>, BrokerError> {
+        let s = self.stream(stream).await?;
+        let c = s
+            .get_or_create_consumer(
+                name,
+                consumer::pull::Config {
+                    durable_name: Some(name.to_string()),
+                    filter_subject: subject.to_string(),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait,
+                    // Unacked messages are those in open files: bounded by file size and age.
+                    max_ack_pending: 100_000,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| consumer_err(subject, e))?;
+        let messages = c.messages().await.map_err(|e| consumer_err(subject, e))?;
+        Ok(BrokerRx::new(
+            self.clone(),
+            Box::pin(messages.map(|m| m.map_err(|e| e.to_string()))),
+            decode,
+            ends,
+        ))
+    }
+
+    /// Moves an undecodable message aside, with the reason, so it can be inspected and replayed.
+    async fn dead_letter(&self, kind: &str, msg: &jetstream::Message, reason: &WireError) {
+        self.metrics.dead_letters.add(1);
+        let mut headers = HeaderMap::new();
+        headers.insert("Tcplake-Reason", reason.to_string().as_str());
+        headers.insert("Tcplake-Subject", msg.subject.as_str());
+        if let Ok(info) = msg.info() {
+            headers.insert("Tcplake-Seq", info.stream_sequence.to_string().as_str());
+        }
+        let subject = format!("tcplake.dead.{kind}");
+        match self
+            .js
+            .publish_with_headers(subject, headers, msg.payload.clone())
+            .await
+        {
+            Ok(ack) => {
+                if let Err(e) = ack.await {
+                    tracing::error!(error = %e, "could not dead-letter a bad message");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "could not dead-letter a bad message"),
+        }
+    }
+}
+
+fn consumer_err(subject: &str, e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Consumer {
+        subject: subject.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+type Encoder<T> = Box<dyn Fn(&T) -> (Vec<u8>, Option<String>) + Send + Sync>;
+
+struct InFlight {
+    ack: jetstream::context::PublishAckFuture,
+    payload: Bytes,
+    id: Option<String>,
+}
+
+/// The producing half: publishes with at most `max_in_flight` acks outstanding.
+pub struct BrokerTx<T> {
+    broker: Broker,
+    subject: String,
+    encode: Encoder<T>,
+    in_flight: VecDeque<InFlight>,
+}
+
+impl<T> BrokerTx<T> {
+    fn new(broker: Broker, subject: String, encode: Encoder<T>) -> Self {
+        BrokerTx {
+            broker,
+            subject,
+            encode,
+            in_flight: VecDeque::new(),
+        }
+    }
+
+    fn headers(id: &Option<String>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(id) = id {
+            h.insert(MSG_ID, id.as_str());
+        }
+        h
+    }
+
+    /// Publishes until the server has the message, retrying for [`PUBLISH_RETRY_FOR`] (a full stream,
+    /// a restarting server). Duplicates of a retried message are dropped by the server (message id).
+    async fn publish(
+        &self,
+        payload: Bytes,
+        id: &Option<String>,
+    ) -> Result<jetstream::context::PublishAckFuture, EdgeError> {
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let r = self
+                .broker
+                .js
+                .publish_with_headers(self.subject.clone(), Self::headers(id), payload.clone())
+                .await;
+            match r {
+                Ok(ack) => {
+                    self.broker.metrics.published_messages.add(1);
+                    self.broker
+                        .metrics
+                        .published_bytes
+                        .add(payload.len() as u64);
+                    return Ok(ack);
+                }
+                Err(e) if started.elapsed() < PUBLISH_RETRY_FOR => {
+                    self.broker.metrics.publish_retries.add(1);
+                    tracing::warn!(subject = %self.subject, error = %e, "publish failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => {
+                    return Err(EdgeError::Broker(format!(
+                        "publish to {}: {e}",
+                        self.subject
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Waits for the oldest outstanding ack, re-publishing if the server did not take the message.
+    async fn settle_oldest(&mut self) -> Result<(), EdgeError> {
+        let Some(mut f) = self.in_flight.pop_front() else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        loop {
+            match f.ack.await {
+                Ok(ack) => {
+                    if ack.duplicate {
+                        self.broker.metrics.duplicates_dropped.add(1);
+                    }
+                    return Ok(());
+                }
+                Err(e) if started.elapsed() < PUBLISH_RETRY_FOR => {
+                    self.broker.metrics.publish_retries.add(1);
+                    tracing::warn!(subject = %self.subject, error = %e, "publish not acknowledged; publishing again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    f.ack = self.publish(f.payload.clone(), &f.id).await?;
+                }
+                Err(e) => {
+                    return Err(EdgeError::Broker(format!(
+                        "publish to {} not acknowledged: {e}",
+                        self.subject
+                    )))
+                }
+            }
+        }
+    }
+}
+
+impl<T: Send + Sync> Tx<T> for BrokerTx<T> {
+    async fn send(&mut self, item: T) -> Result<(), EdgeError> {
+        let (body, id) = (self.encode)(&item);
+        let payload = Bytes::from(body);
+        while self.in_flight.len() >= self.broker.settings.max_in_flight.max(1) {
+            self.settle_oldest().await?;
+        }
+        let ack = self.publish(payload.clone(), &id).await?;
+        self.in_flight.push_back(InFlight { ack, payload, id });
+        Ok(())
+    }
+
+    async fn close(&mut self, end_of_stream: bool) -> Result<(), EdgeError> {
+        while !self.in_flight.is_empty() {
+            self.settle_oldest().await?;
+        }
+        if end_of_stream {
+            let mut h = HeaderMap::new();
+            h.insert(END_HEADER, "1");
+            let ack = self
+                .broker
+                .js
+                .publish_with_headers(self.subject.clone(), h, Bytes::new())
+                .await
+                .map_err(|e| EdgeError::Broker(format!("end marker on {}: {e}", self.subject)))?;
+            ack.await
+                .map_err(|e| EdgeError::Broker(format!("end marker on {}: {e}", self.subject)))?;
+        }
+        Ok(())
+    }
+}
+
+/// Turns a message into an item; `Err` sends it to the dead-letter stream.
+pub type Decoder<T> = Box<dyn Fn(&jetstream::Message) -> Result<T, WireError> + Send + Sync>;
+
+fn decode_positioned_events(m: &jetstream::Message) -> Result<Arc<EventBatch>, WireError> {
+    let mut b = wire::decode_events(&m.payload)?;
+    // The batch's place on this edge is the broker's stream sequence.
+    let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+    b.position = seq..seq + 1;
+    Ok(Arc::new(b))
+}
+
+/// Decoder for the sink's event consumer (positions do not matter there).
+pub fn decode_events_msg(m: &jetstream::Message) -> Result<Arc<EventBatch>, WireError> {
+    decode_positioned_events(m)
+}
+
+pub fn decode_flows_msg(m: &jetstream::Message) -> Result<FlowBatch, WireError> {
+    wire::decode_flows(&m.payload)
+}
+
+/// When a consuming edge has seen the end of its input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ends {
+    /// Every node that published has sent its end marker (the events stream).
+    AllSeenNodes,
+    /// The one producer of this subject sent its end marker (a flows shard).
+    Marker,
+}
+
+type MessageStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<jetstream::Message, String>> + Send>>;
+
+/// A received item and the message to ack once it is durable downstream.
+pub struct Delivery<T> {
+    pub item: T,
+    pub message: jetstream::Message,
+}
+
+/// The consuming half.
+pub struct BrokerRx<T> {
+    broker: Broker,
+    messages: MessageStream,
+    decode: Decoder<T>,
+    ends: Ends,
+    live_nodes: std::collections::BTreeSet<String>,
+    ended_nodes: std::collections::BTreeSet<String>,
+    /// Messages that carried no item (end markers, dead letters): the caller acks them.
+    pub settled: Vec<jetstream::Message>,
+}
+
+impl<T> BrokerRx<T> {
+    fn new(broker: Broker, messages: MessageStream, decode: Decoder<T>, ends: Ends) -> Self {
+        BrokerRx {
+            broker,
+            messages,
+            decode,
+            ends,
+            live_nodes: Default::default(),
+            ended_nodes: Default::default(),
+            settled: Vec::new(),
+        }
+    }
+
+    /// The next item with its message, or `None` at the end of the input.
+    pub async fn next(&mut self) -> Result<Option<Delivery<T>>, EdgeError> {
+        loop {
+            let Some(m) = self.messages.next().await else {
+                return Ok(None);
+            };
+            let m = m.map_err(|e| EdgeError::Broker(format!("consuming: {e}")))?;
+            let node = m
+                .subject
+                .as_str()
+                .strip_prefix("tcplake.events.")
+                .map(str::to_string);
+            if m.headers
+                .as_ref()
+                .is_some_and(|h| h.get(END_HEADER).is_some())
+            {
+                let done = match (&self.ends, node) {
+                    (Ends::Marker, _) => true,
+                    (Ends::AllSeenNodes, Some(n)) => {
+                        self.live_nodes.remove(&n);
+                        self.ended_nodes.insert(n);
+                        self.live_nodes.is_empty()
+                    }
+                    (Ends::AllSeenNodes, None) => false,
+                };
+                self.settled.push(m);
+                if done {
+                    return Ok(None);
+                }
+                continue;
+            }
+            if let Some(n) = node {
+                if !self.ended_nodes.contains(&n) {
+                    self.live_nodes.insert(n);
+                }
+            }
+            self.broker.metrics.consumed_messages.add(1);
+            self.broker
+                .metrics
+                .consumed_bytes
+                .add(m.payload.len() as u64);
+            match (self.decode)(&m) {
+                Ok(item) => return Ok(Some(Delivery { item, message: m })),
+                Err(e) => {
+                    // Counted, logged once per reason, set aside; the stream goes on.
+                    tracing::warn!(subject = %m.subject, error = %e, "undecodable message sent to the dead-letter stream");
+                    let kind = if m.subject.as_str().starts_with("tcplake.flows") {
+                        "flows"
+                    } else {
+                        "events"
+                    };
+                    self.broker.dead_letter(kind, &m, &e).await;
+                    self.settled.push(m);
+                }
+            }
+        }
+    }
+}
+
+/// Aggregators read positions, not acks: their input edge is a plain [`Rx`].
+impl Rx<Arc<EventBatch>> for BrokerRx<Arc<EventBatch>> {
+    async fn recv(&mut self) -> Result<Option<Arc<EventBatch>>, EdgeError> {
+        self.settled.clear();
+        Ok(self.next().await?.map(|d| d.item))
+    }
+}
+
+/// Acks a message, counting it; a failed ack only means a redelivery, which the sink deduplicates.
+pub async fn ack(metrics: &BrokerMetrics, m: &jetstream::Message) {
+    metrics.acks.add(1);
+    if let Err(e) = m.ack().await {
+        tracing::debug!(error = %e, "ack failed; the message will be redelivered and deduplicated");
+    }
+}
