@@ -29,11 +29,14 @@ if ! bpf-linker --version 2>/dev/null | grep -q '0\.10\.1'; then
   cargo install bpf-linker@0.10.1 --locked
 fi
 
-# The eBPF tests make their own network namespace and drop packets with nftables.
+# The eBPF tests make their own network namespace and drop packets with nftables; the split-mode tests
+# need nats-server (Debian's 2.9: its systemd unit is not used, the tests start their own on loopback).
 if [ "$(id -u)" = 0 ] && [ "$purpose" = test ]; then
   missing=()
   command -v ip >/dev/null 2>&1 || missing+=(iproute2)
   command -v nft >/dev/null 2>&1 || missing+=(nftables)
+  # The split-mode tests join the stages with a real NATS JetStream broker.
+  command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${missing[*]}"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

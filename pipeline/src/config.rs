@@ -194,6 +194,7 @@ pub struct FileBroker {
     pub max_bytes: Option<String>,
     pub max_in_flight: Option<usize>,
     pub compress: Option<bool>,
+    pub ack_wait: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -658,6 +659,11 @@ fn broker_settings(
         max_bytes: i64::try_from(max_bytes).unwrap_or(i64::MAX),
         max_in_flight,
         compress: file.compress.unwrap_or(true),
+        ack_wait: file
+            .ack_wait
+            .as_ref()
+            .map(|t| humantime::parse_duration(t).map_err(|e| invalid("broker.ack_wait", t, e)))
+            .transpose()?,
     }))
 }
 

@@ -35,6 +35,23 @@ pub struct Summary {
     pub s3_requests: Option<BTreeMap<&'static str, u64>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub s3_retries: Option<u64>,
+    /// Undecodable broker messages moved to the dead-letter stream.
+    pub dead_letters: u64,
+    /// Broker traffic of this process (split modes only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker: Option<BrokerSummary>,
+}
+
+/// What crossed the broker boundary from or to this process.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct BrokerSummary {
+    pub published_messages: u64,
+    pub published_bytes: u64,
+    pub consumed_messages: u64,
+    pub consumed_bytes: u64,
+    pub acks: u64,
+    pub publish_retries: u64,
+    pub redelivered_rows_skipped: u64,
 }
 
 impl Summary {
@@ -64,6 +81,21 @@ impl Summary {
             out,
             s3_requests: s3.then(|| m.s3.by_type().into_iter().collect()),
             s3_retries: s3.then(|| m.s3.retries.get()),
+            dead_letters: m.broker.dead_letters.get(),
+            broker: {
+                let b = &m.broker;
+                let used =
+                    b.published_messages.get() + b.consumed_messages.get() + b.acks.get() > 0;
+                used.then(|| BrokerSummary {
+                    published_messages: b.published_messages.get(),
+                    published_bytes: b.published_bytes.get(),
+                    consumed_messages: b.consumed_messages.get(),
+                    consumed_bytes: b.consumed_bytes.get(),
+                    acks: b.acks.get(),
+                    publish_retries: b.publish_retries.get(),
+                    redelivered_rows_skipped: b.redelivered_rows_skipped.get(),
+                })
+            },
         }
     }
 }
@@ -102,6 +134,17 @@ impl std::fmt::Display for Summary {
                 "tcplake: S3 requests: {} ({} retried)",
                 list.join(", "),
                 self.s3_retries.unwrap_or(0)
+            )?;
+        }
+        if let Some(b) = &self.broker {
+            writeln!(
+                f,
+                "tcplake: broker: published {} messages ({:.1} MiB), consumed {} ({:.1} MiB), {} dead-lettered",
+                b.published_messages,
+                b.published_bytes as f64 / (1 << 20) as f64,
+                b.consumed_messages,
+                b.consumed_bytes as f64 / (1 << 20) as f64,
+                self.dead_letters
             )?;
         }
         write!(

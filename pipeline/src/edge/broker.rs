@@ -67,6 +67,10 @@ pub struct BrokerSettings {
     pub max_in_flight: usize,
     /// zstd-compress message bodies.
     pub compress: bool,
+    /// Sink: how long a delivered message may stay unacked before the broker redelivers it
+    /// [default: the max file age + 30 s]. Redeliveries are deduplicated; a short wait after a sink
+    /// crash makes the restarted sink get its messages sooner.
+    pub ack_wait: Option<Duration>,
 }
 
 /// Why the broker could not be used.
@@ -315,6 +319,11 @@ impl Broker {
     }
 
     /// A durable consumer (the sink's): redelivers whatever it did not ack, after a restart too.
+    ///
+    /// At startup the consumer is recreated from its ack floor, so messages a crashed predecessor held
+    /// unacked come again *in stream order*, before newer ones (a surviving consumer would redeliver
+    /// them only after the ack wait, behind newer messages, and per-producer order is what lets the
+    /// sink skip what it already wrote).
     pub async fn durable<T: Send + 'static>(
         &self,
         stream: &'static str,
@@ -325,19 +334,33 @@ impl Broker {
         ends: Ends,
     ) -> Result<BrokerRx<T>, BrokerError> {
         let s = self.stream(stream).await?;
+        let deliver_policy = match s.consumer_info(name).await {
+            Ok(info) => {
+                let floor = info.ack_floor.stream_sequence;
+                s.delete_consumer(name)
+                    .await
+                    .map_err(|e| consumer_err(subject, e))?;
+                if floor == 0 {
+                    consumer::DeliverPolicy::All
+                } else {
+                    consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: floor + 1,
+                    }
+                }
+            }
+            Err(_) => consumer::DeliverPolicy::All,
+        };
         let c = s
-            .get_or_create_consumer(
-                name,
-                consumer::pull::Config {
-                    durable_name: Some(name.to_string()),
-                    filter_subject: subject.to_string(),
-                    ack_policy: consumer::AckPolicy::Explicit,
-                    ack_wait,
-                    // Unacked messages are those in open files: bounded by file size and age.
-                    max_ack_pending: 100_000,
-                    ..Default::default()
-                },
-            )
+            .create_consumer(consumer::pull::Config {
+                durable_name: Some(name.to_string()),
+                filter_subject: subject.to_string(),
+                deliver_policy,
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait,
+                // Unacked messages are those in open files: bounded by file size and age.
+                max_ack_pending: 100_000,
+                ..Default::default()
+            })
             .await
             .map_err(|e| consumer_err(subject, e))?;
         let messages = c.messages().await.map_err(|e| consumer_err(subject, e))?;
@@ -612,18 +635,21 @@ impl<T> BrokerRx<T> {
                 }
                 continue;
             }
-            if let Some(n) = node {
-                if !self.ended_nodes.contains(&n) {
-                    self.live_nodes.insert(n);
-                }
-            }
             self.broker.metrics.consumed_messages.add(1);
             self.broker
                 .metrics
                 .consumed_bytes
                 .add(m.payload.len() as u64);
             match (self.decode)(&m) {
-                Ok(item) => return Ok(Some(Delivery { item, message: m })),
+                Ok(item) => {
+                    // A node is waited for once it has sent something readable.
+                    if let Some(n) = node {
+                        if !self.ended_nodes.contains(&n) {
+                            self.live_nodes.insert(n);
+                        }
+                    }
+                    return Ok(Some(Delivery { item, message: m }));
+                }
                 Err(e) => {
                     // Counted, logged once per reason, set aside; the stream goes on.
                     tracing::warn!(subject = %m.subject, error = %e, "undecodable message sent to the dead-letter stream");

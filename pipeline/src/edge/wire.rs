@@ -524,6 +524,9 @@ mod tests {
         corrupt[HEADER + 4] ^= 0xff;
         assert!(decode_events(&corrupt).is_err());
         // Every truncation of a valid message is an error, never a panic.
+        let mut small = batch();
+        small.events.truncate(20);
+        let raw = encode_events(&small, false);
         for cut in 0..raw.len() {
             let mut m = raw[..cut].to_vec();
             if m.len() >= HEADER {

@@ -179,7 +179,10 @@ fn log_through(open: &BTreeSet<u64>, seen: u64) -> u64 {
 /// The event-log sink of one node, fed by the router.
 struct NodeSink {
     tx: memory::MemoryTx<Arc<EventBatch>>,
+    /// Next `seq` not yet handed to the sink (rows before it are skipped: redelivered).
     next_seq: u64,
+    /// Next `seq` not yet committed.
+    committed: u64,
     unacked: Unacked<u64>,
     task: JoinHandle<Result<SinkStats, SinkError>>,
 }
@@ -193,8 +196,10 @@ pub async fn sink(
     let started = Instant::now();
     let store = open_store(s, &metrics).await?;
     let broker = connect(s, &metrics).await?;
-    // Messages stay unacked while their rows sit in open files: longer than a file stays open.
-    let ack_wait = s.max_file_age * 2 + Duration::from_secs(60);
+    let ack_wait = s.broker.as_ref().and_then(|b| b.ack_wait).unwrap_or(
+        // Messages stay unacked while their rows sit in open files: longer than a file stays open.
+        s.max_file_age + Duration::from_secs(30),
+    );
     let events_in = broker
         .durable(
             EVENTS_STREAM,
@@ -316,7 +321,14 @@ async fn route_events(
         let skipped = batch.events.len() - fresh.len();
         metrics.broker.redelivered_rows_skipped.add(skipped as u64);
         let Some(last) = fresh.last().map(|e| e.seq) else {
-            broker::ack(&bm, &d.message).await;
+            // All seen before; ack now only if also committed, else once they are.
+            let last = batch.events.last().map_or(0, |e| e.seq);
+            if batch.events.is_empty() || last < ns.committed {
+                broker::ack(&bm, &d.message).await;
+            } else {
+                ns.unacked.pending.push_back((last, sseq, d.message));
+                open.insert(sseq);
+            }
             through.send_replace(log_through(&open, seen));
             continue;
         };
@@ -372,6 +384,7 @@ async fn release_node(
     bm: &BrokerMetrics,
 ) {
     if let (Some(ns), Position::Event { seq }) = (nodes.get_mut(node), pos) {
+        ns.committed = ns.committed.max(seq + 1);
         for m in ns.unacked.release(seq, open) {
             broker::ack(bm, &m).await;
         }
@@ -415,6 +428,7 @@ async fn start_node_sink(
     Ok(NodeSink {
         tx,
         next_seq,
+        committed: next_seq,
         unacked: Unacked::new(),
         task,
     })
@@ -482,6 +496,8 @@ async fn route_flows(
         sink::run(rx, writer, &mut log, order, &m.sink_flows).await
     });
     let mut unacked: Unacked<(i64, u32)> = Unacked::new();
+    // The last committed row: a redelivered message is acked at once only if it is not beyond it.
+    let mut committed_through = high;
     let mut open = BTreeSet::new();
     let release =
         |pos: Position, unacked: &mut Unacked<(i64, u32)>, open: &mut BTreeSet<u64>| match pos {
@@ -496,6 +512,9 @@ async fn route_flows(
         let delivery = tokio::select! {
             biased;
             Some(((), pos)) = commits.recv() => {
+                if let Position::Flow { window_start_us, rank, .. } = pos {
+                    committed_through = Some((window_start_us, rank));
+                }
                 for m in release(pos, &mut unacked, &mut open) {
                     broker::ack(&bm, &m).await;
                 }
@@ -509,6 +528,10 @@ async fn route_flows(
         }
         let Some(d) = delivery else { break };
         let mut batch = d.item;
+        let original_last = match (batch.records.last(), batch.ranks.last()) {
+            (Some(r), Some(&k)) => Some((r.window_start_us, k)),
+            _ => None,
+        };
         let keep: Vec<bool> = batch
             .records
             .iter()
@@ -526,7 +549,15 @@ async fn route_flows(
         let last = match (batch.records.last(), batch.ranks.last()) {
             (Some(r), Some(&k)) => (r.window_start_us, k),
             _ => {
-                broker::ack(&bm, &d.message).await;
+                // All seen before; ack now only if also committed, else once they are.
+                match original_last {
+                    Some(k) if committed_through.is_none_or(|c| k > c) => {
+                        unacked
+                            .pending
+                            .push_back((k, stream_seq(&d.message), d.message));
+                    }
+                    _ => broker::ack(&bm, &d.message).await,
+                }
                 continue;
             }
         };

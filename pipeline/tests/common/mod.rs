@@ -36,7 +36,10 @@ fn python() -> String {
 pub fn duckdb(sql: &str) -> Vec<Vec<serde_json::Value>> {
     let script = r#"
 import duckdb, json, sys
-rows = duckdb.sql(sys.argv[1]).fetchall()
+# No progress bar: it goes to stdout, which carries the JSON answer.
+con = duckdb.connect()
+con.execute("SET enable_progress_bar = false")
+rows = con.sql(sys.argv[1]).fetchall()
 print(json.dumps([list(r) for r in rows], default=str))
 "#;
     let out = Command::new(python())
