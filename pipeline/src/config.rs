@@ -156,6 +156,10 @@ pub struct Cli {
     /// Split modes: the NATS JetStream broker, e.g. nats://127.0.0.1:4222.
     #[arg(long, env = "TCPLAKE_BROKER", value_name = "URL")]
     pub broker: Option<String>,
+    /// Split modes without a broker: hand batches over through this object store (a directory or
+    /// s3://bucket/prefix), the seed's original design, for comparison (no crash recovery).
+    #[arg(long, env = "TCPLAKE_HANDOFF", value_name = "DIR|S3_URL")]
+    pub handoff: Option<PathBuf>,
     /// Aggregate mode: this aggregator's shard, I/N (0-based) [default: 0/1].
     #[arg(long, env = "TCPLAKE_SHARD", value_name = "I/N")]
     pub shard: Option<String>,
@@ -165,6 +169,43 @@ pub struct Cli {
     /// Print the end-of-run summary as text or JSON.
     #[arg(long, env = "TCPLAKE_SUMMARY", value_enum, default_value_t)]
     pub summary: SummaryFormat,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Subcommands (without one, tcplake runs the pipeline).
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Run one synthetic workload through each deployment mode as real processes; report throughput,
+    /// CPU, memory, bytes across boundaries and cost per 10^9 events; fail if outputs differ.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Synthetic events per mode.
+    #[arg(long, default_value_t = 5_000_000)]
+    pub events: u64,
+    /// Seed of the workload.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Modes to run, in order; the first is the baseline.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "monolith,split-broker,split-object-store"
+    )]
+    pub modes: Vec<crate::bench::BenchMode>,
+    /// Aggregator processes in split modes.
+    #[arg(long, default_value_t = 2)]
+    pub shards: u32,
+    /// Price table (TOML) instead of the built-in AWS list prices.
+    #[arg(long, value_name = "FILE")]
+    pub prices: Option<PathBuf>,
+    /// Directory for the outputs, report.json and report.md [default: $TMPDIR/tcplake-bench].
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<PathBuf>,
 }
 
 /// The TOML file. Same settings as the flags, grouped by stage.
@@ -243,6 +284,7 @@ pub struct FileSink {
 #[serde(deny_unknown_fields)]
 pub struct FileEdge {
     pub channel_capacity: Option<usize>,
+    pub handoff: Option<PathBuf>,
 }
 
 /// A configuration problem, phrased for the person who made it.
@@ -297,8 +339,9 @@ pub struct Settings {
     pub row_group_rows: usize,
     pub channel_capacity: usize,
     pub summary: SummaryFormat,
-    /// Split modes only.
+    /// Split modes only: the broker, or else the object-store hand-off.
     pub broker: Option<crate::edge::broker::BrokerSettings>,
+    pub handoff: Option<Output>,
     /// Aggregate mode: which flows this process owns.
     pub shard: crate::aggregate::Shard,
     /// Sink mode: how many aggregator shards publish flows.
@@ -433,6 +476,19 @@ impl Settings {
 
     pub fn merge(cli: &Cli, file: FileConfig) -> Result<Self, ConfigError> {
         let out = output(cli, &file.sink)?;
+        let handoff = match cli.handoff.clone().or(file.edge.handoff.clone()) {
+            Some(h) => Some(output(
+                &Cli {
+                    out: Some(h),
+                    s3_endpoint: cli.s3_endpoint.clone(),
+                    s3_region: cli.s3_region.clone(),
+                    spool_dir: cli.spool_dir.clone(),
+                    ..Cli::default()
+                },
+                &file.sink,
+            )?),
+            None => None,
+        };
         let node = cli.node.clone().or(file.node).unwrap_or_else(default_node);
         if node.is_empty() || node.len() > 64 || !node.chars().all(is_node_char) {
             return Err(invalid(
@@ -545,11 +601,11 @@ impl Settings {
         let mode = cli.mode.or(file.mode).unwrap_or(Mode::Monolith);
         let broker = broker_settings(cli, &file.broker)?;
         if mode.is_split() {
-            if broker.is_none() {
+            if broker.is_none() && handoff.is_none() {
                 return Err(invalid(
                     "mode",
                     format!("{mode:?}").to_lowercase(),
-                    "split modes need a broker: --broker nats://HOST:PORT (or broker.url)",
+                    "split modes need a broker: --broker nats://HOST:PORT (or --handoff DIR|s3://...)",
                 ));
             }
             if node.contains('.') {
@@ -591,6 +647,7 @@ impl Settings {
             channel_capacity,
             summary: cli.summary,
             broker,
+            handoff,
             shard,
             shards,
         })

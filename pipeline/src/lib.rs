@@ -11,6 +11,7 @@
 //! (`events/`): it is the source of truth and the flow table (`flows/`) is a projection of it.
 
 pub mod aggregate;
+pub mod bench;
 pub mod capture;
 pub mod config;
 pub mod edge;

@@ -4,13 +4,19 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use pipeline::config::{Cli, Settings, SummaryFormat};
+use pipeline::config::{BenchArgs, Cli, Command, Settings, SummaryFormat};
 use pipeline::metrics::Metrics;
 use pipeline::{mode, shutdown};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
+    if let Some(Command::Bench(args)) = &cli.command {
+        return match bench(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e, 1),
+        };
+    }
     let settings = match Settings::resolve(&cli) {
         Ok(s) => s,
         Err(e) => return fail(&anyhow::Error::new(e), 2),
@@ -36,6 +42,18 @@ fn run(settings: &Settings) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    let cfg = pipeline::bench::config(args).map_err(anyhow::Error::msg)?;
+    let report = pipeline::bench::run(&cfg)?;
+    println!("{}", report.table());
+    report.write(&cfg.dir)?;
+    eprintln!(
+        "bench: report in {}/report.md and report.json",
+        cfg.dir.display()
+    );
+    Ok(())
 }
 
 /// One line on stderr naming the problem, then a non-zero exit. The library's error messages already

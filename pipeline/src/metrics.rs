@@ -136,6 +136,17 @@ pub struct BrokerMetrics {
     pub redelivered_rows_skipped: Counter,
 }
 
+/// Requests of the object-store hand-off edge, counted as S3 would bill them (whatever the store).
+#[derive(Debug, Default)]
+pub struct HandoffMetrics {
+    pub puts: Counter,
+    /// GETs, including those that found nothing yet (polls).
+    pub gets: Counter,
+    pub misses: Counter,
+    pub bytes_written: Counter,
+    pub bytes_read: Counter,
+}
+
 /// Queue depth (in batches) of each in-process edge.
 #[derive(Debug, Default)]
 pub struct EdgeMetrics {
@@ -154,6 +165,7 @@ pub struct Metrics {
     pub edges: EdgeMetrics,
     pub s3: Arc<S3Metrics>,
     pub broker: Arc<BrokerMetrics>,
+    pub handoff: Arc<HandoffMetrics>,
 }
 
 impl Metrics {

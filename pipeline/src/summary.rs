@@ -40,6 +40,19 @@ pub struct Summary {
     /// Broker traffic of this process (split modes only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broker: Option<BrokerSummary>,
+    /// Object-store hand-off traffic of this process (split modes over `--handoff`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handoff: Option<HandoffSummary>,
+}
+
+/// Requests and bytes of the object-store hand-off edge.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct HandoffSummary {
+    pub puts: u64,
+    pub gets: u64,
+    pub misses: u64,
+    pub bytes_written: u64,
+    pub bytes_read: u64,
 }
 
 /// What crossed the broker boundary from or to this process.
@@ -94,6 +107,16 @@ impl Summary {
                     acks: b.acks.get(),
                     publish_retries: b.publish_retries.get(),
                     redelivered_rows_skipped: b.redelivered_rows_skipped.get(),
+                })
+            },
+            handoff: {
+                let h = &m.handoff;
+                (h.puts.get() + h.gets.get() > 0).then(|| HandoffSummary {
+                    puts: h.puts.get(),
+                    gets: h.gets.get(),
+                    misses: h.misses.get(),
+                    bytes_written: h.bytes_written.get(),
+                    bytes_read: h.bytes_read.get(),
                 })
             },
         }

@@ -3,7 +3,8 @@
 //! Contract: every event the source yields is sent exactly once, in order, with consecutive `seq`
 //! numbers; when shutdown is requested the stage stops taking new events, sends what it holds and
 //! returns. It closes its output edge at the end, marking the end of the stream only when the source
-//! is exhausted. The stage does not know what is downstream of its output edge.
+//! is exhausted or `--duration` is over (not on a signal: a restarted capture continues the stream).
+//! The stage does not know what is downstream of its output edge.
 
 pub mod ebpf;
 mod rng;
@@ -119,7 +120,11 @@ where
         let batch = tokio::select! {
             biased;
             _ = shutdown.wait() => break,
-            _ = &mut until_deadline => break,
+            _ = &mut until_deadline => {
+                // A bounded capture (--duration) is a finite stream: it ends like an exhausted source.
+                exhausted = true;
+                break;
+            }
             b = source.next_batch(cfg.batch_size.max(1)) => b?,
         };
         let Some(batch) = batch else {
@@ -154,7 +159,8 @@ where
         metrics.events.add(n);
         metrics.batches.add(1);
     }
-    // Only an exhausted source ends the stream for good; a stopped capture may be restarted.
+    // Only an exhausted source or the end of --duration ends the stream for good; a capture stopped by
+    // a signal may be restarted and continue it.
     output.close(exhausted).await?;
     Ok(stats)
 }

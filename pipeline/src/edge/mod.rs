@@ -6,6 +6,7 @@
 
 pub mod broker;
 pub mod memory;
+pub mod objects;
 pub mod tee;
 pub mod wire;
 

@@ -132,7 +132,11 @@ fn open_source(
 
 /// Opens the output: checks a directory is writable, or a bucket reachable with these credentials.
 async fn open_store(s: &Settings, metrics: &Metrics) -> Result<Store, StoreError> {
-    Ok(match &s.out {
+    open_output(&s.out, metrics).await
+}
+
+async fn open_output(out: &Output, metrics: &Metrics) -> Result<Store, StoreError> {
+    Ok(match out {
         Output::Local(dir) => Store::Local(LocalDir::open(dir)?),
         Output::S3(cfg) => Store::S3(S3Store::connect(cfg, Arc::clone(&metrics.s3)).await?),
     })

@@ -15,7 +15,7 @@ use async_nats::jetstream::Message;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::{micros, open_source, open_store, roll_policy, RunError, MAX_FLOW_BATCH};
+use super::{micros, open_output, open_source, open_store, roll_policy, RunError, MAX_FLOW_BATCH};
 use crate::aggregate::{self, AggregateConfig, Resume, WindowConfig};
 use crate::capture::{self, CaptureConfig};
 use crate::config::Settings;
@@ -23,6 +23,7 @@ use crate::edge::broker::{
     self, decode_events_msg, decode_flows_msg, flows_subject, Broker, BrokerRx, Ends,
     EVENTS_STREAM, FLOWS_STREAM,
 };
+use crate::edge::objects::{self, ObjectRx, ObjectTx};
 use crate::edge::{memory, EdgeError, Tx};
 use crate::event::{EventBatch, FlowBatch};
 use crate::metrics::{BrokerMetrics, Metrics};
@@ -31,6 +32,14 @@ use crate::sink::{
     self, CommitLog, CommitOrder, Dataset, Position, RollingWriter, SinkError, SinkStats, Store,
 };
 use crate::summary::Summary;
+
+/// The object store that stands in for the broker (`--handoff`), if that is the chosen edge.
+async fn handoff_store(s: &Settings, metrics: &Metrics) -> Result<Option<Store>, RunError> {
+    match (&s.broker, &s.handoff) {
+        (None, Some(out)) => Ok(Some(open_output(out, metrics).await?)),
+        _ => Ok(None),
+    }
+}
 
 async fn connect(s: &Settings, metrics: &Metrics) -> Result<Broker, RunError> {
     let settings = s
@@ -51,6 +60,22 @@ pub async fn capture(
     shutdown: Shutdown,
 ) -> Result<Summary, RunError> {
     let started = Instant::now();
+    let cfg = CaptureConfig {
+        batch_size: s.batch_size,
+        rate: s.rate,
+        duration: s.duration,
+    };
+    let node: Arc<str> = s.node.as_str().into();
+    if let Some(store) = handoff_store(s, &metrics).await? {
+        let source = open_source(s, &node, &metrics)?;
+        let output = ObjectTx::new(
+            store.clone(),
+            objects::events_stream(&s.node),
+            Arc::clone(&metrics.handoff),
+        );
+        capture::run(cfg, source, output, shutdown, &metrics.capture).await?;
+        return Ok(summary(&metrics, started, store.describe()));
+    }
     let broker = connect(s, &metrics).await?;
     let resume_seq = match broker.capture_progress(&s.node).await? {
         None => 0,
@@ -60,7 +85,6 @@ pub async fn capture(
             return Ok(summary(&metrics, started, s.broker_url()));
         }
     };
-    let node: Arc<str> = s.node.as_str().into();
     let mut source = open_source(s, &node, &metrics)?;
     source.resume_at(resume_seq);
     if resume_seq > 0 {
@@ -70,11 +94,6 @@ pub async fn capture(
         );
     }
     let output = broker.events_tx(&s.node)?;
-    let cfg = CaptureConfig {
-        batch_size: s.batch_size,
-        rate: s.rate,
-        duration: s.duration,
-    };
     capture::run(cfg, source, output, shutdown, &metrics.capture).await?;
     let mut sum = summary(&metrics, started, s.broker_url());
     sum.resumed_at_seq = resume_seq;
@@ -88,8 +107,36 @@ pub async fn aggregate(
     mut shutdown: Shutdown,
 ) -> Result<Summary, RunError> {
     let started = Instant::now();
-    let broker = connect(s, &metrics).await?;
     let shard = s.shard;
+    let windows = WindowConfig {
+        window_us: micros(s.window),
+        allowed_lateness_us: micros(s.allowed_lateness),
+    };
+    if let Some(store) = handoff_store(s, &metrics).await? {
+        // Reads the hand-off objects of this process's --node (one capture node per topology).
+        let input: ObjectRx<Arc<EventBatch>> = ObjectRx::new(
+            store.clone(),
+            objects::events_stream(&s.node),
+            Arc::clone(&metrics.handoff),
+        );
+        let output = ObjectTx::new(
+            store.clone(),
+            objects::flows_stream(shard.index),
+            Arc::clone(&metrics.handoff),
+        );
+        let cfg = AggregateConfig {
+            windows,
+            producer: format!("agg-{}", shard.index).into(),
+            max_batch_records: MAX_FLOW_BATCH,
+            resume: None,
+            shard,
+        };
+        aggregate::run(cfg, input, output, &metrics.aggregate)
+            .await
+            .map_err(RunError::Aggregate)?;
+        return Ok(summary(&metrics, started, store.describe()));
+    }
+    let broker = connect(s, &metrics).await?;
     let resume = match broker.shard_progress(shard.index).await? {
         None => None,
         Some(None) => {
@@ -114,10 +161,7 @@ pub async fn aggregate(
     let input = broker.events_from(from).await?;
     let output = broker.flows_tx(shard.index);
     let cfg = AggregateConfig {
-        windows: WindowConfig {
-            window_us: micros(s.window),
-            allowed_lateness_us: micros(s.allowed_lateness),
-        },
+        windows,
         producer: format!("agg-{}", shard.index).into(),
         max_batch_records: MAX_FLOW_BATCH,
         resume,
@@ -195,6 +239,9 @@ pub async fn sink(
 ) -> Result<Summary, RunError> {
     let started = Instant::now();
     let store = open_store(s, &metrics).await?;
+    if let Some(handoff) = handoff_store(s, &metrics).await? {
+        return sink_from_objects(s, metrics, store, handoff, started).await;
+    }
     let broker = connect(s, &metrics).await?;
     let ack_wait = s.broker.as_ref().and_then(|b| b.ack_wait).unwrap_or(
         // Messages stay unacked while their rows sit in open files: longer than a file stays open.
@@ -257,6 +304,58 @@ pub async fn sink(
     }
     if let Some(e) = first_error {
         return Err(e);
+    }
+    Ok(summary(&metrics, started, store.describe()))
+}
+
+/// The sink over the object-store hand-off: the same sink stage, reading numbered objects.
+async fn sink_from_objects(
+    s: &Settings,
+    metrics: Arc<Metrics>,
+    store: Store,
+    handoff: Store,
+    started: Instant,
+) -> Result<Summary, RunError> {
+    let writer =
+        |ds: Dataset| RollingWriter::new(ds.name(), ds.schema(), store.clone(), roll_policy(s));
+    let mut tasks = Vec::new();
+    let events_in: ObjectRx<Arc<EventBatch>> = ObjectRx::new(
+        handoff.clone(),
+        objects::events_stream(&s.node),
+        Arc::clone(&metrics.handoff),
+    );
+    let mut log = CommitLog::recover(store.clone(), Dataset::Events, &s.node).await?;
+    let (m, w) = (Arc::clone(&metrics), writer(Dataset::Events));
+    tasks.push(tokio::spawn(async move {
+        sink::run(
+            events_in,
+            w,
+            &mut log,
+            CommitOrder::default(),
+            &m.sink_events,
+        )
+        .await
+        .map(|_| ())
+        .map_err(sink_err("events"))
+    }));
+    for i in 0..s.shards {
+        let input: ObjectRx<FlowBatch> = ObjectRx::new(
+            handoff.clone(),
+            objects::flows_stream(i),
+            Arc::clone(&metrics.handoff),
+        );
+        let mut log =
+            CommitLog::recover(store.clone(), Dataset::Flows, &format!("agg-{i}")).await?;
+        let (m, w) = (Arc::clone(&metrics), writer(Dataset::Flows));
+        tasks.push(tokio::spawn(async move {
+            sink::run(input, w, &mut log, CommitOrder::default(), &m.sink_flows)
+                .await
+                .map(|_| ())
+                .map_err(sink_err("flows"))
+        }));
+    }
+    for t in tasks {
+        t.await.map_err(|e| RunError::Panicked(e.to_string()))??;
     }
     Ok(summary(&metrics, started, store.describe()))
 }

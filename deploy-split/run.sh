@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Runs tcplake as separate services on one machine: nats-server (JetStream), one capture, N aggregators
+# (sharded by flow key) and one sink, all on loopback. The stages are the monolith's code; only the
+# edges between them are the broker.
+#
+#   deploy-split/run.sh                      live eBPF capture for 30 s (root), 2 aggregators
+#   deploy-split/run.sh --source synthetic --events 2000000
+#
+# Environment: TCPLAKE_SHARDS (aggregators, default 2), TCPLAKE_OUT (default ./tcplake-data-split),
+# NATS_PORT (default 4222), NATS_STORE (default ./nats-store), TCPLAKE_RUN_FOR (live capture, 30s).
+# Extra arguments go to every tcplake process. Logs go to $TCPLAKE_OUT/../split-logs/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+shards=${TCPLAKE_SHARDS:-2}
+out=${TCPLAKE_OUT:-./tcplake-data-split}
+port=${NATS_PORT:-4222}
+store=${NATS_STORE:-./nats-store}
+logs=$(dirname "$out")/split-logs
+mkdir -p "$logs"
+
+scripts/setup.sh run
+if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
+  echo "split: installing nats-server" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
+fi
+nats=$(command -v nats-server || echo /usr/sbin/nats-server)
+cargo build --release --locked -p pipeline --bin tcplake
+bin=./target/release/tcplake
+
+args=("$@")
+if [ ${#args[@]} -eq 0 ]; then
+  args=(--duration "${TCPLAKE_RUN_FOR:-30s}")
+fi
+broker="nats://127.0.0.1:$port"
+
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; }
+trap cleanup EXIT
+
+"$nats" -js -a 127.0.0.1 -p "$port" -sd "$store" >"$logs/nats.log" 2>&1 &
+nats_pid=$!
+pids+=("$nats_pid")
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
+
+"$bin" --mode sink --broker "$broker" --shards "$shards" --out "$out" "${args[@]}" >"$logs/sink.out" 2>"$logs/sink.log" &
+sink_pid=$!
+pids+=("$sink_pid")
+agg_pids=()
+for i in $(seq 0 $((shards - 1))); do
+  "$bin" --mode aggregate --broker "$broker" --shard "$i/$shards" "${args[@]}" >"$logs/aggregate-$i.out" 2>"$logs/aggregate-$i.log" &
+  agg_pids+=("$!")
+  pids+=("$!")
+done
+echo "split: nats-server, sink and $shards aggregators running (logs in $logs); capturing..."
+# Capture in the foreground: Ctrl-C stops it, and the others then finish what they hold.
+"$bin" --mode capture --broker "$broker" "${args[@]}" | tee "$logs/capture.out"
+
+# A finite source (synthetic, --events, --duration) ends the stream: the aggregators and the sink then
+# finish by themselves. A capture stopped by a signal does not (it could be restarted), so whatever is
+# still running after a grace period is told to stop: aggregators first, then the sink.
+for _ in $(seq 60); do
+  kill -0 "${agg_pids[@]}" 2>/dev/null || break
+  sleep 1
+done
+kill -TERM "${agg_pids[@]}" 2>/dev/null || true
+sleep 1
+kill -TERM "$sink_pid" 2>/dev/null || true
+wait "$sink_pid" || true
+cat "$logs/sink.out"
+echo "split: output in $out (query it like the monolith's, see README.md)"
