@@ -50,7 +50,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     println!("{}", report.table());
     report.write(&cfg.dir)?;
     eprintln!(
-        "bench: report in {}/report.md and report.json",
+        "bench: report in {}/report.md (with report.json and report.svg)",
         cfg.dir.display()
     );
     Ok(())

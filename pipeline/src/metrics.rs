@@ -65,6 +65,27 @@ pub struct SinkMetrics {
     pub batches: Counter,
     pub files: Counter,
     pub bytes: Counter,
+    /// Capture-to-commit latency per batch, µs (events: when the rows became durable).
+    pub latency_us: std::sync::Mutex<crate::aggregate::sketch::RttSketch>,
+}
+
+impl SinkMetrics {
+    /// Adds latency samples (µs), once per committed file.
+    pub fn record_latencies(&self, samples: impl Iterator<Item = i64>) {
+        let mut sketch = self.latency_us.lock().unwrap_or_else(|p| p.into_inner());
+        for v in samples {
+            sketch.insert(v.clamp(0, i64::from(u32::MAX)) as u32);
+        }
+    }
+
+    /// (p50, p99) in milliseconds, if any batch was committed.
+    pub fn latency_ms(&self) -> Option<(f64, f64)> {
+        let sketch = self.latency_us.lock().unwrap_or_else(|p| p.into_inner());
+        Some((
+            f64::from(sketch.quantile(0.50)?) / 1000.0,
+            f64::from(sketch.quantile(0.99)?) / 1000.0,
+        ))
+    }
 }
 
 /// Requests to the S3 store, by type: each attempt counts (retries included), as each is billed.

@@ -26,6 +26,11 @@ pub struct Summary {
     pub resumed_at_seq: u64,
     /// Committed events fed to the aggregator again to rebuild the windows open at the last commit.
     pub replayed_events: u64,
+    /// Capture-to-durable latency of event batches (median, 99th percentile), ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_p50_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_p99_ms: Option<f64>,
     pub elapsed_secs: f64,
     pub events_per_sec: f64,
     /// `DIR` or `s3://bucket/prefix`.
@@ -85,6 +90,8 @@ impl Summary {
             bytes: m.sink_events.bytes.get() + m.sink_flows.bytes.get(),
             resumed_at_seq: 0,
             replayed_events: 0,
+            latency_p50_ms: m.sink_events.latency_ms().map(|l| l.0),
+            latency_p99_ms: m.sink_events.latency_ms().map(|l| l.1),
             elapsed_secs: secs,
             events_per_sec: if secs > 0.0 {
                 events as f64 / secs

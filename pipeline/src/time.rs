@@ -1,4 +1,12 @@
-//! UTC calendar arithmetic for partition paths, without a date-time dependency.
+//! UTC calendar arithmetic for partition paths, without a date-time dependency; the wall clock.
+
+/// Wall-clock time now, µs since the Unix epoch.
+pub fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
 
 /// `(year, month, day, hour)` of a timestamp in µs since the epoch, UTC.
 pub fn utc_date_hour(ts_us: i64) -> (i32, u32, u32, u32) {

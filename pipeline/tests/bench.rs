@@ -48,6 +48,15 @@ fn bench_runs_every_mode_checks_outputs_and_writes_the_report() {
     assert_eq!(modes[0]["boundary_bytes"], 0);
     assert!(modes[1]["broker_messages"].as_u64().unwrap() > 0);
     assert!(modes[2]["handoff_puts"].as_u64().unwrap() >= 120_000 / 4096);
+    let svg = std::fs::read_to_string(report.join("report.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("split-object-store"),
+        "{svg}"
+    );
+    // Capture-to-durable latency is measured in every mode.
+    for m in modes {
+        assert!(m["latency_p99_ms"].as_f64().unwrap() > 0.0, "{m}");
+    }
     assert!(std::fs::read_to_string(report.join("report.md"))
         .unwrap()
         .contains("identical `flows/` rows: true"));

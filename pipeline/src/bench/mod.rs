@@ -138,6 +138,9 @@ pub struct ModeReport {
     pub handoff_gets: u64,
     pub flow_rows: u64,
     pub files: u64,
+    /// Capture-to-durable latency of event batches (the sink's figures), ms.
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
     pub usage: Usage,
     pub cost_per_billion_events: Cost,
 }
@@ -352,6 +355,14 @@ fn mode_report(
         handoff_puts,
         handoff_gets: sum(&["handoff", "gets"]),
         flow_rows: sum(&["flow_rows"]),
+        latency_p50_ms: procs
+            .iter()
+            .filter_map(|p| p.summary["latency_p50_ms"].as_f64())
+            .fold(0.0, f64::max),
+        latency_p99_ms: procs
+            .iter()
+            .filter_map(|p| p.summary["latency_p99_ms"].as_f64())
+            .fold(0.0, f64::max),
         files,
         usage,
         cost_per_billion_events: cost,
@@ -418,13 +429,13 @@ impl Report {
     pub fn table(&self) -> String {
         let mut s = String::new();
         s.push_str(
-            "| mode | wall s | events/s | CPU s | CPU s / M events | peak RSS MiB | boundary MiB | broker msgs | $ / 10^9 events (compute + S3 + broker + orchestration) |\n",
+            "| mode | wall s | events/s | CPU s | CPU s / M events | peak RSS MiB | boundary MiB | broker msgs | hand-off PUT/GET | latency p50/p99 ms | $ / 10^9 events (compute + S3 + broker + orchestration) |\n",
         );
-        s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---|\n");
+        s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
         for m in &self.modes {
             let c = &m.cost_per_billion_events;
             s.push_str(&format!(
-                "| {} | {:.1} | {:.0} | {:.2} | {:.2} | {:.0} | {:.1} | {} | **{:.2}** = {:.2} + {:.2} + {:.2} + {:.2} |\n",
+                "| {} | {:.1} | {:.0} | {:.2} | {:.2} | {:.0} | {:.1} | {} | {}/{} | {:.0}/{:.0} | **{:.2}** = {:.2} + {:.2} + {:.2} + {:.2} |\n",
                 m.mode.name(),
                 m.wall_seconds,
                 m.events_per_sec,
@@ -433,6 +444,10 @@ impl Report {
                 m.peak_rss_mib,
                 m.boundary_bytes as f64 / (1 << 20) as f64,
                 m.broker_messages,
+                m.handoff_puts,
+                m.handoff_gets,
+                m.latency_p50_ms,
+                m.latency_p99_ms,
                 c.total,
                 c.compute,
                 c.s3_requests,
@@ -459,7 +474,7 @@ impl Report {
     pub fn markdown(&self) -> String {
         format!(
             "# tcplake bench\n\n{} synthetic events (seed {}), every mode as real processes on {}.\n\
-             Every mode wrote identical `flows/` rows: {}.\n\nPrices: {}.\n\n{}",
+             Every mode wrote identical `flows/` rows: {}.\n\nPrices: {}.\n\n{}\n![throughput and cost](report.svg)\n",
             self.events,
             self.seed,
             self.machine,
@@ -469,7 +484,59 @@ impl Report {
         )
     }
 
-    /// Writes `report.json` and `report.md` into `dir`.
+    /// A bar chart of throughput and cost per mode (plain SVG, viewable anywhere).
+    pub fn svg(&self) -> String {
+        let (w, bar_h, gap, left) = (760.0_f64, 26.0_f64, 10.0_f64, 170.0_f64);
+        let n = self.modes.len() as f64;
+        let panel_h = 40.0 + n * (bar_h + gap);
+        let mut s = format!(
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"13\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
+            panel_h * 2.0 + 20.0
+        );
+        type Value = fn(&ModeReport) -> f64;
+        let panels: [(&str, Value, &str); 2] = [
+            (
+                "Throughput (events/s, higher is better)",
+                |m| m.events_per_sec,
+                "#4878a8",
+            ),
+            (
+                "Cost ($ per 10^9 events, lower is better)",
+                |m| m.cost_per_billion_events.total,
+                "#c0504d",
+            ),
+        ];
+        for (p, (title, value, colour)) in panels.iter().enumerate() {
+            let top = p as f64 * (panel_h + 20.0);
+            let max = self
+                .modes
+                .iter()
+                .map(value)
+                .fold(0.0_f64, f64::max)
+                .max(1e-12);
+            s.push_str(&format!(
+                "<text x=\"10\" y=\"{}\" font-weight=\"bold\">{title}</text>\n",
+                top + 22.0
+            ));
+            for (i, m) in self.modes.iter().enumerate() {
+                let y = top + 36.0 + i as f64 * (bar_h + gap);
+                let v = value(m);
+                let len = (w - left - 120.0) * v / max;
+                s.push_str(&format!(
+                    "<text x=\"10\" y=\"{}\">{}</text><rect x=\"{left}\" y=\"{y}\" width=\"{len:.1}\" height=\"{bar_h}\" fill=\"{colour}\"/><text x=\"{:.1}\" y=\"{}\">{}</text>\n",
+                    y + 18.0,
+                    m.mode.name(),
+                    left + len + 6.0,
+                    y + 18.0,
+                    if v >= 100.0 { format!("{v:.0}") } else { format!("{v:.2}") }
+                ));
+            }
+        }
+        s.push_str("</svg>\n");
+        s
+    }
+
+    /// Writes `report.json`, `report.md` and `report.svg` into `dir`.
     pub fn write(&self, dir: &Path) -> Result<(), BenchError> {
         let w = |name: &str, body: String| {
             let path = dir.join(name);
@@ -479,7 +546,8 @@ impl Report {
             "report.json",
             serde_json::to_string_pretty(self).expect("a report serializes"),
         )?;
-        w("report.md", self.markdown())
+        w("report.md", self.markdown())?;
+        w("report.svg", self.svg())
     }
 }
 

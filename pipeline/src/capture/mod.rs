@@ -136,6 +136,8 @@ where
         if n == 0 && batch.clock_us.is_none() {
             continue;
         }
+        let mut batch = batch;
+        batch.sent_at_us = Some(crate::time::now_us());
         output.send(Arc::new(batch)).await?;
         if n > 0 {
             stats.events += n;
@@ -151,7 +153,8 @@ where
             }
         }
     }
-    if let Some(last) = source.finish().filter(|b| !b.is_empty()) {
+    if let Some(mut last) = source.finish().filter(|b| !b.is_empty()) {
+        last.sent_at_us = Some(crate::time::now_us());
         let n = last.len() as u64;
         output.send(Arc::new(last)).await?;
         stats.events += n;

@@ -210,6 +210,8 @@ pub fn encode_events(b: &EventBatch, compress: bool) -> Vec<u8> {
             w.i64(0);
         }
     }
+    w.u8(u8::from(b.sent_at_us.is_some()));
+    w.i64(b.sent_at_us.unwrap_or(0));
     w.u32(b.events.len() as u32);
     for e in &b.events {
         w.u64(e.seq);
@@ -245,6 +247,8 @@ pub fn decode_events(msg: &[u8]) -> Result<EventBatch, WireError> {
     let node: Arc<str> = r.str("node")?.into();
     let has_clock = r.u8("clock")?;
     let clock = r.i64("clock")?;
+    let has_sent = r.u8("sent_at")?;
+    let sent_at = r.i64("sent_at")?;
     let n = r.u32("count")? as usize;
     let mut events = Vec::with_capacity(n.min(1 << 20));
     for _ in 0..n {
@@ -305,11 +309,9 @@ pub fn decode_events(msg: &[u8]) -> Result<EventBatch, WireError> {
     if !r.0.is_empty() {
         return Err(WireError::Trailing(r.0.len()));
     }
-    Ok(EventBatch::new(
-        node,
-        events,
-        (has_clock == 1).then_some(clock),
-    ))
+    let mut batch = EventBatch::new(node, events, (has_clock == 1).then_some(clock));
+    batch.sent_at_us = (has_sent == 1).then_some(sent_at);
+    Ok(batch)
 }
 
 fn opt(w: &mut Writer, v: Option<u32>) {
@@ -457,6 +459,7 @@ mod tests {
         );
         let mut b = s.next_batch(5_000).unwrap();
         b.clock_us = Some(42);
+        b.sent_at_us = Some(1_700_000_000_123_456);
         b
     }
 

@@ -145,6 +145,9 @@ pub struct EventBatch {
     /// edges and when read back from the log; the broker's stream sequence `[s, s + 1)` on a broker
     /// edge. The aggregator records it so a restart knows where to replay from.
     pub position: std::ops::Range<u64>,
+    /// Wall-clock time (µs, UTC) capture handed the batch on: the start of its end-to-end latency,
+    /// which the sink measures when the batch's rows are committed.
+    pub sent_at_us: Option<i64>,
 }
 
 impl EventBatch {
@@ -159,6 +162,7 @@ impl EventBatch {
             events,
             clock_us,
             position,
+            sent_at_us: None,
         }
     }
 

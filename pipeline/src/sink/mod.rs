@@ -95,6 +95,10 @@ pub trait SinkRows: Send + 'static {
     fn file_stem(&self, i: usize) -> String;
     /// Stream position of row `i`.
     fn position(&self, i: usize) -> Position;
+    /// When capture sent these rows on (events only: flow rows wait for their window by design).
+    fn sent_at_us(&self) -> Option<i64> {
+        None
+    }
 }
 
 impl SinkRows for Arc<EventBatch> {
@@ -116,6 +120,9 @@ impl SinkRows for Arc<EventBatch> {
         Position::Event {
             seq: self.events[i].seq,
         }
+    }
+    fn sent_at_us(&self) -> Option<i64> {
+        self.sent_at_us
     }
 }
 
@@ -256,6 +263,8 @@ async fn commit(
             }
             return Err(e);
         }
+        let now = crate::time::now_us();
+        metrics.record_latencies(f.sent_at_us.iter().map(|t| now.saturating_sub(*t)));
         stats.files += 1;
         stats.bytes += f.bytes;
         metrics.files.add(1);
@@ -299,7 +308,13 @@ fn write_batch<T: SinkRows>(
             dataset: T::DATASET.name(),
             source,
         })?;
-        committed.extend(writer.write(partition, || batch.file_stem(start), &arrow, span)?);
+        committed.extend(writer.write(
+            partition,
+            || batch.file_stem(start),
+            &arrow,
+            span,
+            batch.sent_at_us(),
+        )?);
         stats.rows += rows;
         metrics.rows.add(rows);
     }

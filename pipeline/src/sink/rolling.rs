@@ -95,6 +95,8 @@ pub struct SealedFile {
     /// Stream positions of the first and last rows.
     pub first: Position,
     pub last: Position,
+    /// When capture sent each batch with rows in this file (for end-to-end latency).
+    pub sent_at_us: Vec<i64>,
 }
 
 struct OpenFile {
@@ -105,6 +107,7 @@ struct OpenFile {
     rows: u64,
     first: Position,
     last: Position,
+    sent_at_us: Vec<i64>,
 }
 
 /// One dataset's open files, keyed by partition.
@@ -139,6 +142,7 @@ impl RollingWriter {
         stem: impl FnOnce() -> String,
         batch: &RecordBatch,
         (first, last): (Position, Position),
+        sent_at_us: Option<i64>,
     ) -> Result<Vec<SealedFile>, WriteError> {
         let mut sealed = Vec::new();
         let others: Vec<Partition> = self
@@ -162,6 +166,7 @@ impl RollingWriter {
         }
         file.rows += batch.num_rows() as u64;
         file.last = last;
+        file.sent_at_us.extend(sent_at_us);
         let size = (file.writer.bytes_written() + file.writer.in_progress_size()) as u64;
         if size >= self.policy.max_bytes {
             sealed.push(self.close(&partition)?);
@@ -216,6 +221,7 @@ impl RollingWriter {
             rows: 0,
             first,
             last: first,
+            sent_at_us: Vec::new(),
         })
     }
 
@@ -231,6 +237,7 @@ impl RollingWriter {
             rows,
             first,
             last,
+            sent_at_us,
             ..
         } = f;
         let seal = || -> Result<u64, WriteError> {
@@ -252,6 +259,7 @@ impl RollingWriter {
                 bytes,
                 first,
                 last,
+                sent_at_us,
             }),
             Err(e) => {
                 self.store.discard(&staged);
