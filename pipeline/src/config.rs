@@ -39,6 +39,35 @@ pub enum SourceKind {
     Ebpf,
     /// A deterministic generated workload (from --seed, exactly --events events); needs no privileges.
     Synthetic,
+    /// A recorded event log (`replay:DIR|s3://bucket/prefix`), fed through again.
+    Replay,
+}
+
+/// `--source`: `ebpf`, `synthetic`, or `replay:URL`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SourceArg {
+    pub kind: SourceKind,
+    pub from: Option<PathBuf>,
+}
+
+fn parse_source_arg(s: &str) -> Result<SourceArg, String> {
+    match s {
+        "ebpf" => Ok(SourceArg {
+            kind: SourceKind::Ebpf,
+            from: None,
+        }),
+        "synthetic" => Ok(SourceArg {
+            kind: SourceKind::Synthetic,
+            from: None,
+        }),
+        _ => match s.strip_prefix("replay:") {
+            Some(url) if !url.is_empty() => Ok(SourceArg {
+                kind: SourceKind::Replay,
+                from: Some(url.into()),
+            }),
+            _ => Err("expected ebpf, synthetic or replay:DIR|s3://bucket/prefix".into()),
+        },
+    }
 }
 
 /// Form of the end-of-run summary.
@@ -61,6 +90,9 @@ SOURCES
   ebpf       live TCP telemetry from kernel tracepoints (root, or CAP_BPF + CAP_PERFMON);
              runs until SIGINT/SIGTERM or --duration.
   synthetic  a deterministic workload from --seed, exactly --events events; no privileges.
+  replay:URL a recorded output's events/ (a directory or s3://bucket/prefix), fed through again:
+             with the original settings it rebuilds flows/ row for row; with another --window
+             it is a new projection.
 
 MODES
   monolith   capture -> aggregate -> sink in one process; stages hand batches over bounded
@@ -90,9 +122,10 @@ pub struct Cli {
     /// Deployment mode [default: monolith].
     #[arg(long, env = "TCPLAKE_MODE", value_enum)]
     pub mode: Option<Mode>,
-    /// Event source [default: ebpf].
-    #[arg(long, env = "TCPLAKE_SOURCE", value_enum)]
-    pub source: Option<SourceKind>,
+    /// Event source: ebpf, synthetic, or replay:DIR|s3://bucket/prefix (a recorded event log)
+    /// [default: ebpf].
+    #[arg(long, env = "TCPLAKE_SOURCE", value_parser = parse_source_arg, value_name = "SOURCE")]
+    pub source: Option<SourceArg>,
     /// Events to capture: exactly this many for synthetic [default: 1000000]; a cap for ebpf [default: none].
     #[arg(long, env = "TCPLAKE_EVENTS", value_name = "N")]
     pub events: Option<u64>,
@@ -242,6 +275,8 @@ pub struct FileBroker {
 #[serde(deny_unknown_fields)]
 pub struct FileCapture {
     pub source: Option<SourceKind>,
+    /// With `source = "replay"`: the recorded output to read (`DIR` or `s3://bucket/prefix`).
+    pub replay_from: Option<PathBuf>,
     pub events: Option<u64>,
     pub duration: Option<String>,
     pub port: Option<u16>,
@@ -322,7 +357,11 @@ fn invalid(setting: &'static str, value: impl ToString, reason: impl ToString) -
 pub struct Settings {
     pub mode: Mode,
     pub node: String,
+    /// The node name was set (flag, environment or file), not taken from the host name.
+    pub node_given: bool,
     pub source: SourceKind,
+    /// With the replay source: the recorded output it reads.
+    pub replay_from: Option<Output>,
     /// Synthetic: events to produce (exactly); ebpf: optional cap.
     pub events: Option<u64>,
     pub duration: Option<Duration>,
@@ -489,6 +528,7 @@ impl Settings {
             )?),
             None => None,
         };
+        let node_given = cli.node.is_some() || file.node.is_some();
         let node = cli.node.clone().or(file.node).unwrap_or_else(default_node);
         if node.is_empty() || node.len() > 64 || !node.chars().all(is_node_char) {
             return Err(invalid(
@@ -624,13 +664,45 @@ impl Settings {
         if !(1..=1024).contains(&shards) {
             return Err(invalid("shards", shards, "must be between 1 and 1024"));
         }
+        let source = cli
+            .source
+            .as_ref()
+            .map(|s| s.kind)
+            .or(file.capture.source)
+            .unwrap_or(SourceKind::Ebpf);
+        let replay_from = match source {
+            SourceKind::Replay => {
+                let from = cli
+                    .source
+                    .as_ref()
+                    .and_then(|s| s.from.clone())
+                    .or(file.capture.replay_from.clone())
+                    .ok_or_else(|| {
+                        invalid(
+                            "source",
+                            "replay",
+                            "name the log to read: --source replay:DIR|s3://...",
+                        )
+                    })?;
+                Some(output(
+                    &Cli {
+                        out: Some(from),
+                        s3_endpoint: cli.s3_endpoint.clone(),
+                        s3_region: cli.s3_region.clone(),
+                        spool_dir: cli.spool_dir.clone(),
+                        ..Cli::default()
+                    },
+                    &FileSink::default(),
+                )?)
+            }
+            _ => None,
+        };
         Ok(Settings {
             mode,
             node,
-            source: cli
-                .source
-                .or(file.capture.source)
-                .unwrap_or(SourceKind::Ebpf),
+            node_given,
+            source,
+            replay_from,
             events: cli.events.or(file.capture.events),
             duration,
             ebpf,

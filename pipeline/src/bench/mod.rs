@@ -561,7 +561,10 @@ mod tests {
             .build()
             .unwrap();
         let cli = crate::config::Cli {
-            source: Some(crate::config::SourceKind::Synthetic),
+            source: Some(crate::config::SourceArg {
+                kind: crate::config::SourceKind::Synthetic,
+                from: None,
+            }),
             seed: Some(seed),
             events: Some(events),
             out: Some(dir.to_path_buf()),

@@ -7,6 +7,7 @@
 //! The stage does not know what is downstream of its output edge.
 
 pub mod ebpf;
+pub mod recorded;
 mod rng;
 pub mod synthetic;
 
@@ -26,6 +27,8 @@ pub enum CaptureError {
     Edge(#[from] EdgeError),
     #[error(transparent)]
     Load(#[from] ebpf::LoadError),
+    #[error("replay source: {0}")]
+    Replay(String),
 }
 
 /// Something that yields TCP events.
@@ -47,6 +50,7 @@ pub trait Source: Send {
 pub enum AnySource {
     Synthetic(synthetic::Synthetic),
     Ebpf(Box<ebpf::EbpfSource>),
+    Recorded(Box<recorded::Recorded>),
 }
 
 impl AnySource {
@@ -55,6 +59,7 @@ impl AnySource {
         match self {
             AnySource::Synthetic(s) => s.resume_at(seq),
             AnySource::Ebpf(s) => s.resume_at(seq),
+            AnySource::Recorded(s) => s.resume_at(seq),
         }
     }
 }
@@ -64,12 +69,13 @@ impl Source for AnySource {
         Ok(match self {
             AnySource::Synthetic(s) => s.next_batch(max),
             AnySource::Ebpf(s) => s.next_batch(max).await,
+            AnySource::Recorded(s) => s.next_batch(max).await?,
         })
     }
 
     fn finish(&mut self) -> Option<EventBatch> {
         match self {
-            AnySource::Synthetic(_) => None,
+            AnySource::Synthetic(_) | AnySource::Recorded(_) => None,
             AnySource::Ebpf(s) => s.finish(),
         }
     }

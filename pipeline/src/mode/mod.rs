@@ -88,13 +88,30 @@ pub async fn run(
     }
 }
 
-/// Opens the configured source (for eBPF: loads and attaches the kernel programs).
-fn open_source(
+/// Opens the configured source (for eBPF: loads and attaches the kernel programs; for a replay: finds
+/// the recorded log, whose node name the run then takes).
+async fn open_source(
     s: &Settings,
     node: &Arc<str>,
     metrics: &Arc<Metrics>,
 ) -> Result<AnySource, RunError> {
     Ok(match s.source {
+        SourceKind::Replay => {
+            let from = s.replay_from.as_ref().expect("validated: replay has a log");
+            if let Output::Local(dir) = from {
+                // Reading must not create anything: a mistyped path is an error, not an empty log.
+                if !dir.is_dir() {
+                    return Err(RunError::Capture(CaptureError::Replay(format!(
+                        "no committed event log in {}: the directory does not exist",
+                        dir.display()
+                    ))));
+                }
+            }
+            let store = open_output(from, metrics).await?;
+            let explicit = (s.node_given).then_some(s.node.as_str());
+            let rec = crate::capture::recorded::Recorded::open(store, explicit).await?;
+            AnySource::Recorded(Box::new(rec))
+        }
         SourceKind::Synthetic => AnySource::Synthetic(Synthetic::new(
             Arc::clone(node),
             SyntheticConfig {
@@ -203,8 +220,13 @@ async fn monolith(
 ) -> Result<Summary, RunError> {
     let started = Instant::now();
     let store = open_store(s, &metrics).await?;
-    let node: Arc<str> = s.node.as_str().into();
-    let producer = format!("{}-agg-0", s.node);
+    // Opened before any stage starts: a source that cannot start must not make the aggregator flush.
+    let mut source = open_source(s, &s.node.as_str().into(), &metrics).await?;
+    let node: Arc<str> = match &source {
+        AnySource::Recorded(r) => Arc::clone(r.node()),
+        _ => s.node.as_str().into(),
+    };
+    let producer = format!("{node}-agg-0");
     let restart = Restart::read(&store, &node, &producer).await?;
     let Restart {
         mut events_log,
@@ -213,8 +235,6 @@ async fn monolith(
         aggregate: agg_resume,
     } = restart;
     let replay_from = agg_resume.map_or(0, |r| r.point.from_seq);
-    // Opened before any stage starts: a source that cannot start must not make the aggregator flush.
-    let mut source = open_source(s, &node, &metrics)?;
     source.resume_at(resume_seq);
     if resume_seq > 0 {
         tracing::info!(

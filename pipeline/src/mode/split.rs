@@ -67,7 +67,7 @@ pub async fn capture(
     };
     let node: Arc<str> = s.node.as_str().into();
     if let Some(store) = handoff_store(s, &metrics).await? {
-        let source = open_source(s, &node, &metrics)?;
+        let source = open_source(s, &node, &metrics).await?;
         let output = ObjectTx::new(
             store.clone(),
             objects::events_stream(&s.node),
@@ -85,7 +85,7 @@ pub async fn capture(
             return Ok(summary(&metrics, started, s.broker_url()));
         }
     };
-    let mut source = open_source(s, &node, &metrics)?;
+    let mut source = open_source(s, &node, &metrics).await?;
     source.resume_at(resume_seq);
     if resume_seq > 0 {
         tracing::info!(

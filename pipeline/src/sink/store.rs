@@ -243,6 +243,41 @@ impl Store {
         }
     }
 
+    /// Names of the "directories" directly under `prefix` (ending in `/`), sorted.
+    pub async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        match self {
+            Store::Local(d) => {
+                let dir = d.root().join(prefix);
+                let entries = match fs::read_dir(&dir) {
+                    Ok(e) => e,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+                    Err(e) => return Err(io_err("list", &dir)(e)),
+                };
+                let mut names: Vec<String> = entries
+                    .flatten()
+                    .filter(|e| e.path().is_dir())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
+                names.sort();
+                Ok(names)
+            }
+            Store::S3(s) => {
+                let mut names: Vec<String> = s
+                    .list(prefix)
+                    .await?
+                    .iter()
+                    .filter_map(|k| {
+                        k.strip_prefix(prefix)?
+                            .split_once('/')
+                            .map(|(d, _)| d.to_string())
+                    })
+                    .collect();
+                names.dedup();
+                Ok(names)
+            }
+        }
+    }
+
     /// Removes an object (absent is fine).
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
         match self {
