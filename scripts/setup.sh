@@ -52,10 +52,11 @@ PYTHON=${TCPLAKE_TEST_PYTHON:-python3}
 DUCKDB_VERSION=1.5.5
 # httpfs comes from PyPI too (DuckDB's own extension download is not reachable here); its version must
 # match DuckDB's exactly.
-if ! "$PYTHON" -c "import duckdb, duckdb_extension_httpfs, sys; sys.exit(duckdb.__version__ != '$DUCKDB_VERSION')" 2>/dev/null; then
-  say "installing duckdb==$DUCKDB_VERSION and its httpfs extension for $PYTHON"
+# pytz: DuckDB's Python client needs it to return TIMESTAMP WITH TIME ZONE values (window_start, ts).
+if ! "$PYTHON" -c "import duckdb, duckdb_extension_httpfs, pytz, sys; sys.exit(duckdb.__version__ != '$DUCKDB_VERSION')" 2>/dev/null; then
+  say "installing duckdb==$DUCKDB_VERSION, its httpfs extension and pytz for $PYTHON"
   "$PYTHON" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
-    "duckdb==$DUCKDB_VERSION" "duckdb-extension-httpfs==$DUCKDB_VERSION"
+    "duckdb==$DUCKDB_VERSION" "duckdb-extension-httpfs==$DUCKDB_VERSION" "pytz==2025.2"
 fi
 
 # A real S3-compatible server for the object-store tests (0.14.1: later releases need a newer rustc).
