@@ -12,7 +12,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use crate::edge::{EdgeError, Tx};
 use crate::event::schema::{batch_to_events, SchemaError};
 use crate::event::EventBatch;
-use crate::sink::{CommitError, CommitLog, Dataset, Position, Store, StoreError};
+use crate::sink::{CommitError, CommitLog, Dataset, Store, StoreError};
 
 /// Why the log could not be read back.
 #[derive(Debug, thiserror::Error)]
@@ -38,13 +38,6 @@ pub enum ReplayError {
     },
 }
 
-fn seq_of(p: Position) -> u64 {
-    match p {
-        Position::Event { seq } => seq,
-        Position::Flow { through_seq, .. } => through_seq,
-    }
-}
-
 /// Sends the committed events of `node` with `from <= seq < to` to `out`, in order, in batches of at
 /// most `batch` events. Returns how many were sent.
 pub async fn feed<O: Tx<Arc<EventBatch>>>(
@@ -62,7 +55,7 @@ pub async fn feed<O: Tx<Arc<EventBatch>>>(
     let mut sent = 0u64;
     let mut expected = from;
     for r in records {
-        let (first, last) = (seq_of(r.first), seq_of(r.last));
+        let (first, last) = (r.first.event_seq(), r.last.event_seq());
         if last < from || first >= to {
             continue;
         }

@@ -133,9 +133,34 @@ fn httpfs_extension() -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
-/// What a run wrote under `prefix` in the bucket, read by DuckDB, equals a local run of the same seed:
-/// exactly `n` distinct events, flow rows identical both ways, bytes conserved.
-fn assert_bucket_matches_local(server: &S3Server, prefix: &str, local: &Path, n: i64) {
+/// What a run wrote under `prefix` in the bucket, read by DuckDB, equals a local run of the same seed
+/// (made here): exactly `n` distinct events, flow rows identical both ways, bytes conserved.
+fn assert_bucket_matches_local_run(
+    server: &S3Server,
+    prefix: &str,
+    tmp: &Path,
+    seed: &str,
+    node: &str,
+    n: i64,
+) {
+    let local = tmp.join("local");
+    let o = tcplake(
+        &[
+            "--source",
+            "synthetic",
+            "--seed",
+            seed,
+            "--node",
+            node,
+            "--events",
+            &n.to_string(),
+            "--out",
+            local.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let local = local.as_path();
     let remote = |ds: &str| {
         format!(
             "read_parquet('s3://{BUCKET}/{prefix}/{ds}/**/*.parquet', hive_partitioning = true)"
@@ -200,24 +225,7 @@ fn monolith_to_s3_reads_back_identical_to_local() {
     // The spool holds nothing once everything is committed.
     assert_eq!(files_under(&spool), Vec::<PathBuf>::new());
 
-    let local = tmp.path().join("local");
-    let o = tcplake(
-        &[
-            "--source",
-            "synthetic",
-            "--seed",
-            "5",
-            "--node",
-            "s3-node",
-            "--events",
-            "1500000",
-            "--out",
-            local.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert_bucket_matches_local(&server, "runs/a", &local, 1_500_000);
+    assert_bucket_matches_local_run(&server, "runs/a", tmp.path(), "5", "s3-node", 1_500_000);
 }
 
 fn assert_one_line(o: &std::process::Output, needles: &[&str]) {
@@ -337,24 +345,7 @@ fn store_outage_mid_run_is_ridden_out_with_nothing_lost() {
         "memory grew from {rss_before} KiB to {peak} KiB during the outage"
     );
     // Nothing lost: every event is in the bucket, and the flows match a local run of the same seed.
-    let local = tmp.path().join("local");
-    let o = tcplake(
-        &[
-            "--source",
-            "synthetic",
-            "--seed",
-            "9",
-            "--node",
-            "outage",
-            "--events",
-            &n,
-            "--out",
-            local.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert_bucket_matches_local(&server, "outage", &local, N as i64);
+    assert_bucket_matches_local_run(&server, "outage", tmp.path(), "9", "outage", N as i64);
 }
 
 /// Files s3s-fs keeps for multipart uploads in progress (`.upload-<id>.json`, `.upload_id-<id>.part-N`).
@@ -477,24 +468,7 @@ fn kill_9_mid_upload_then_restart_loses_and_duplicates_nothing() {
     );
     assert!(files_under(&spool).is_empty(), "{:?}", files_under(&spool));
 
-    let local = tmp.path().join("local");
-    let o = tcplake(
-        &[
-            "--source",
-            "synthetic",
-            "--seed",
-            "21",
-            "--node",
-            "crash",
-            "--events",
-            &n,
-            "--out",
-            local.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert_bucket_matches_local(&server, "crash", &local, N as i64);
+    assert_bucket_matches_local_run(&server, "crash", tmp.path(), "21", "crash", N as i64);
 }
 
 /// Loopback connections for about three seconds.

@@ -10,7 +10,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use super::CaptureError;
 use crate::event::schema::batch_to_events;
 use crate::event::{Event, EventBatch};
-use crate::sink::{CommitLog, CommitRecord, Dataset, Position, Store};
+use crate::sink::{CommitLog, CommitRecord, Dataset, Store};
 
 /// Reads committed event files one at a time.
 pub struct Recorded {
@@ -19,13 +19,6 @@ pub struct Recorded {
     files: VecDeque<CommitRecord>,
     pending: VecDeque<Event>,
     next_seq: u64,
-}
-
-fn seq_of(p: Position) -> u64 {
-    match p {
-        Position::Event { seq } => seq,
-        Position::Flow { through_seq, .. } => through_seq,
-    }
 }
 
 impl Recorded {
@@ -79,7 +72,7 @@ impl Recorded {
     /// Skips the events before `seq` (a restarted replay continues after its last commit).
     pub fn resume_at(&mut self, seq: u64) {
         self.next_seq = seq;
-        while self.files.front().is_some_and(|f| seq_of(f.last) < seq) {
+        while self.files.front().is_some_and(|f| f.last.event_seq() < seq) {
             self.files.pop_front();
         }
     }

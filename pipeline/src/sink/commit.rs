@@ -42,6 +42,16 @@ pub enum Position {
     },
 }
 
+impl Position {
+    /// The position on the events edge: an event's `seq`, or what a flow row had consumed.
+    pub fn event_seq(self) -> u64 {
+        match self {
+            Position::Event { seq } => seq,
+            Position::Flow { through_seq, .. } => through_seq,
+        }
+    }
+}
+
 /// What a record says about one committed file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
