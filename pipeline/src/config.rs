@@ -212,6 +212,34 @@ pub enum Command {
     /// Run one synthetic workload through each deployment mode as real processes; report throughput,
     /// CPU, memory, bytes across boundaries and cost per 10^9 events; fail if outputs differ.
     Bench(BenchArgs),
+    /// Rebuild flows/ from a recorded event log: the same as `--source replay:FROM --out TO` (other
+    /// flags, such as --window, apply as usual). Restartable: a rerun continues after its last commit.
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    /// The recorded output to read (a directory or s3://bucket/prefix).
+    #[arg(long, value_name = "DIR|S3_URL")]
+    pub from: PathBuf,
+    /// Where the rebuilt output goes.
+    #[arg(long, value_name = "DIR|S3_URL")]
+    pub to: PathBuf,
+}
+
+impl Cli {
+    /// Folds a subcommand that is only a shorthand for flags into those flags.
+    pub fn expand(mut self) -> Self {
+        if let Some(Command::Replay(r)) = &self.command {
+            self.source = Some(SourceArg {
+                kind: SourceKind::Replay,
+                from: Some(r.from.clone()),
+            });
+            self.out = Some(r.to.clone());
+            self.command = None;
+        }
+        self
+    }
 }
 
 #[derive(Debug, clap::Args)]

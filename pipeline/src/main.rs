@@ -9,7 +9,7 @@ use pipeline::metrics::Metrics;
 use pipeline::{mode, shutdown};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse().expand();
     init_tracing();
     if let Some(Command::Bench(args)) = &cli.command {
         return match bench(args) {

@@ -70,7 +70,7 @@ fn replaying_the_log_rebuilds_the_flows_even_after_a_kill() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(2_500));
+    wait_for_commit_beyond(&replayed, "events", 0);
     assert!(child.try_wait().unwrap().is_none(), "ended before the kill");
     child.kill().unwrap();
     child.wait().unwrap();
@@ -85,15 +85,17 @@ fn replaying_the_log_rebuilds_the_flows_even_after_a_kill() {
     same_rows(&live, &replayed, "events");
     assert_eq!(leftovers(&replayed), Vec::<std::path::PathBuf>::new());
 
-    // Another window size: a new projection of the same events, with the same totals.
+    // Another window size: a new projection of the same events, with the same totals (through the
+    // `replay` subcommand, the shorthand for --source replay:FROM --out TO).
     let coarse = tmp.path().join("coarse");
     let o = tcplake(
         &[
-            "--source",
-            &source,
             "--window",
             "30",
-            "--out",
+            "replay",
+            "--from",
+            live.to_str().unwrap(),
+            "--to",
             coarse.to_str().unwrap(),
         ],
         &[],

@@ -34,8 +34,10 @@ fn args(out: &Path) -> Vec<String> {
     .collect()
 }
 
-/// Starts a paced run and kills it with SIGKILL after `after`.
+/// Starts a paced run and kills it with SIGKILL `after` its first new commit (so every kill lands
+/// mid-run, after something was committed, however loaded the machine is).
 fn run_and_kill(out: &Path, after: Duration) {
+    let known = commits(out, "events");
     let mut child = Command::new(env!("CARGO_BIN_EXE_tcplake"))
         .args(args(out))
         .args(["--rate", "150000"])
@@ -43,6 +45,7 @@ fn run_and_kill(out: &Path, after: Duration) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    wait_for_commit_beyond(out, "events", known);
     std::thread::sleep(after);
     assert!(child.try_wait().unwrap().is_none(), "ended before the kill");
     child.kill().unwrap();
@@ -53,8 +56,8 @@ fn run_and_kill(out: &Path, after: Duration) {
 fn killed_twice_and_restarted_writes_exactly_the_undisturbed_rows() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("crashed");
-    run_and_kill(&out, Duration::from_millis(2_500));
-    run_and_kill(&out, Duration::from_millis(1_700));
+    run_and_kill(&out, Duration::from_millis(700));
+    run_and_kill(&out, Duration::from_millis(300));
     let o = tcplake(
         &args(&out).iter().map(String::as_str).collect::<Vec<_>>(),
         &[],

@@ -214,7 +214,8 @@ fn each_service_killed_mid_run_and_restarted_still_writes_the_monolith_rows() {
     pause();
     kill(agg0);
     let agg0 = run.spawn("aggregate", &["--shard", "0/2"]);
-    pause();
+    // The sink is killed after it has committed something, so its successor must resume.
+    wait_for_commit_beyond(&run.out, "events", 0);
     kill(sink);
     let sink = run.spawn("sink", &sink_args);
     pause();

@@ -102,3 +102,22 @@ pub fn leftovers(out: &Path) -> Vec<std::path::PathBuf> {
         })
         .collect()
 }
+
+/// Number of commit records of `dataset` under an output directory.
+pub fn commits(out: &Path, dataset: &str) -> usize {
+    files_under(&out.join("_tcplake/commits").join(dataset)).len()
+}
+
+/// Waits (up to a minute) until `dataset` has more than `known` commit records: a kill after this
+/// lands after a commit whatever the machine's load, which fixed sleeps cannot promise.
+pub fn wait_for_commit_beyond(out: &Path, dataset: &str, known: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while commits(out, dataset) <= known {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no new {dataset} commit under {} within a minute",
+            out.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
