@@ -15,7 +15,8 @@ RUSTFLAGS='--cfg bpf_target_arch="x86_64"' cargo +nightly clippy --locked -p pro
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --workspace --locked 2>&1 | tee "$log"
+# --no-fail-fast: one failing binary must not hide the results of the others.
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
 # One closing line with the totals over every test binary (cargo prints one line per binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
