@@ -16,7 +16,10 @@ echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # --no-fail-fast: one failing binary must not hide the results of the others.
-cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log"
-# One closing line with the totals over every test binary (cargo prints one line per binary).
+status=0
+cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
+# One closing line with the totals over every test binary (cargo prints one line per binary), also
+# when some failed; the exit status is cargo's.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
