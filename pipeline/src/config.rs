@@ -453,7 +453,8 @@ pub mod defaults {
     pub const S3_MAX_RETRY: &str = "10m";
     pub const BROKER_CONNECT_TIMEOUT: &str = "30s";
     pub const BROKER_MAX_AGE: &str = "24h";
-    pub const BROKER_MAX_BYTES: &str = "8GiB";
+    /// Per stream. JetStream reserves it on disk up front, so it must fit the broker's free space.
+    pub const BROKER_MAX_BYTES: &str = "1GiB";
     pub const BROKER_MAX_IN_FLIGHT: usize = 256;
 }
 

@@ -75,7 +75,12 @@ impl Run {
     fn new(nats: &Nats, tmp: &Path, seed: &'static str, events: u64) -> Run {
         // Short ack wait: a restarted sink gets the messages its killed predecessor held sooner.
         let config = tmp.join("split.toml");
-        std::fs::write(&config, "[broker]\nack_wait = \"3s\"\n").unwrap();
+        // Small streams: JetStream reserves their size on disk up front.
+        std::fs::write(
+            &config,
+            "[broker]\nack_wait = \"3s\"\nmax_bytes = \"256MiB\"\n",
+        )
+        .unwrap();
         Run {
             seed,
             events,

@@ -147,10 +147,11 @@ impl Broker {
             settings: settings.clone(),
             metrics,
         };
-        for (name, subjects) in [
-            (EVENTS_STREAM, "tcplake.events.>"),
-            (FLOWS_STREAM, "tcplake.flows.>"),
-            (DEAD_STREAM, "tcplake.dead.>"),
+        // Dead letters are rare and small: they get a small fixed budget.
+        for (name, subjects, max_bytes) in [
+            (EVENTS_STREAM, "tcplake.events.>", settings.max_bytes),
+            (FLOWS_STREAM, "tcplake.flows.>", settings.max_bytes),
+            (DEAD_STREAM, "tcplake.dead.>", 64 << 20),
         ] {
             broker
                 .js
@@ -160,7 +161,7 @@ impl Broker {
                     retention: stream::RetentionPolicy::Limits,
                     discard: stream::DiscardPolicy::New,
                     max_age: settings.max_age,
-                    max_bytes: settings.max_bytes,
+                    max_bytes,
                     storage: stream::StorageType::File,
                     duplicate_window: Duration::from_secs(120),
                     ..Default::default()

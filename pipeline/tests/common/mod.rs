@@ -103,9 +103,19 @@ pub fn leftovers(out: &Path) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
-/// Number of commit records of `dataset` under an output directory.
+/// Number of committed files of `dataset` under an output directory: records whose data exists (a
+/// record is written before its data, so a record alone is not yet a commit).
 pub fn commits(out: &Path, dataset: &str) -> usize {
-    files_under(&out.join("_tcplake/commits").join(dataset)).len()
+    files_under(&out.join("_tcplake/commits").join(dataset))
+        .iter()
+        .filter(|r| {
+            std::fs::read(r)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["key"].as_str().map(|k| out.join(k).exists()))
+                .unwrap_or(false)
+        })
+        .count()
 }
 
 /// Waits (up to a minute) until `dataset` has more than `known` commit records: a kill after this
