@@ -5,10 +5,9 @@
 
 mod common;
 
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -22,11 +21,7 @@ struct Nats {
 impl Nats {
     fn start() -> Nats {
         let store = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
             .into_iter()
             .find(|p| Path::new(p).exists())
@@ -38,11 +33,7 @@ impl Nats {
             .stderr(Stdio::null())
             .spawn()
             .expect("start nats-server (install it with scripts/setup.sh)");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nats-server did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_port(port, "nats-server");
         Nats {
             child,
             port,
@@ -245,11 +236,7 @@ fn each_service_killed_mid_run_and_restarted_still_writes_the_monolith_rows() {
 #[test]
 fn broker_unreachable_and_bad_messages_are_reported_clearly() {
     // Nothing listens on this port: after retrying briefly, one line naming the broker and the fix.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let tmp = tempfile::tempdir().unwrap();
     let config = tmp.path().join("c.toml");
     std::fs::write(&config, "[broker]\nconnect_timeout = \"1s\"\n").unwrap();

@@ -131,3 +131,21 @@ pub fn wait_for_commit_beyond(out: &Path, dataset: &str, known: usize) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// A loopback port nothing listens on (for a server a test starts, or one it expects to be absent).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits up to 20 s until a server accepts connections on `port`.
+pub fn wait_for_port(port: u16, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "{what} did not start");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
