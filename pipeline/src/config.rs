@@ -117,7 +117,7 @@ CONFIGURATION
 #[command(name = "tcplake", version, about = ABOUT, long_about = LONG_ABOUT)]
 pub struct Cli {
     /// TOML configuration file.
-    #[arg(long, env = "TCPLAKE_CONFIG", value_name = "FILE")]
+    #[arg(long, global = true, env = "TCPLAKE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Deployment mode [default: monolith].
     #[arg(long, env = "TCPLAKE_MODE", value_enum)]
@@ -126,6 +126,12 @@ pub struct Cli {
     /// [default: ebpf].
     #[arg(long, env = "TCPLAKE_SOURCE", value_parser = parse_source_arg, value_name = "SOURCE")]
     pub source: Option<SourceArg>,
+    /// Replay source: start at the first recorded event at or after this time (RFC 3339).
+    #[arg(long, env = "TCPLAKE_SINCE", value_name = "TIME")]
+    pub since: Option<String>,
+    /// Replay source: stop at the first recorded event at or after this time (RFC 3339).
+    #[arg(long, env = "TCPLAKE_UNTIL", value_name = "TIME")]
+    pub until: Option<String>,
     /// Events to capture: exactly this many for synthetic [default: 1000000]; a cap for ebpf [default: none].
     #[arg(long, env = "TCPLAKE_EVENTS", value_name = "N")]
     pub events: Option<u64>,
@@ -154,16 +160,16 @@ pub struct Cli {
     #[arg(long, env = "TCPLAKE_RATE", value_name = "EVENTS_PER_SEC")]
     pub rate: Option<u64>,
     /// Output: a directory, or s3://bucket/prefix [default: ./tcplake-data].
-    #[arg(long, env = "TCPLAKE_OUT", value_name = "DIR|S3_URL")]
+    #[arg(long, global = true, env = "TCPLAKE_OUT", value_name = "DIR|S3_URL")]
     pub out: Option<PathBuf>,
     /// S3-compatible endpoint, e.g. http://127.0.0.1:9100 (path-style addressing) [default: AWS].
-    #[arg(long, env = "TCPLAKE_S3_ENDPOINT", value_name = "URL")]
+    #[arg(long, global = true, env = "TCPLAKE_S3_ENDPOINT", value_name = "URL")]
     pub s3_endpoint: Option<String>,
     /// S3 region [default: from the AWS configuration, else us-east-1].
-    #[arg(long, env = "TCPLAKE_S3_REGION")]
+    #[arg(long, global = true, env = "TCPLAKE_S3_REGION")]
     pub s3_region: Option<String>,
     /// Local directory where files wait before upload to S3 [default: $TMPDIR/tcplake-spool].
-    #[arg(long, env = "TCPLAKE_SPOOL_DIR", value_name = "DIR")]
+    #[arg(long, global = true, env = "TCPLAKE_SPOOL_DIR", value_name = "DIR")]
     pub spool_dir: Option<PathBuf>,
     /// Tumbling window length in seconds [default: 10].
     #[arg(long, env = "TCPLAKE_WINDOW", value_name = "SECS")]
@@ -200,7 +206,13 @@ pub struct Cli {
     #[arg(long, env = "TCPLAKE_SHARDS", value_name = "N")]
     pub shards: Option<u32>,
     /// Print the end-of-run summary as text or JSON.
-    #[arg(long, env = "TCPLAKE_SUMMARY", value_enum, default_value_t)]
+    #[arg(
+        long,
+        global = true,
+        env = "TCPLAKE_SUMMARY",
+        value_enum,
+        default_value_t
+    )]
     pub summary: SummaryFormat,
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -212,9 +224,41 @@ pub enum Command {
     /// Run one synthetic workload through each deployment mode as real processes; report throughput,
     /// CPU, memory, bytes across boundaries and cost per 10^9 events; fail if outputs differ.
     Bench(BenchArgs),
+    /// Merge the small files of closed partitions into large ones (of --out), atomically and
+    /// restartably: an interrupted run is finished by the next.
+    Compact(CompactArgs),
     /// Rebuild flows/ from a recorded event log: the same as `--source replay:FROM --out TO` (other
     /// flags, such as --window, apply as usual). Restartable: a rerun continues after its last commit.
     Replay(ReplayArgs),
+}
+
+/// `tcplake compact --dataset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DatasetArg {
+    Events,
+    Flows,
+}
+
+impl From<DatasetArg> for crate::sink::Dataset {
+    fn from(d: DatasetArg) -> Self {
+        match d {
+            DatasetArg::Events => crate::sink::Dataset::Events,
+            DatasetArg::Flows => crate::sink::Dataset::Flows,
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CompactArgs {
+    /// Which dataset [default: both].
+    #[arg(long, value_enum)]
+    pub dataset: Option<DatasetArg>,
+    /// Only this partition: date=YYYY-MM-DD or date=YYYY-MM-DD/hour=HH [default: every closed one].
+    #[arg(long, value_name = "PARTITION")]
+    pub partition: Option<String>,
+    /// Size merged files grow to, e.g. 256MiB [default: --max-file-size, 128MiB].
+    #[arg(long, value_name = "SIZE")]
+    pub target_size: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -225,6 +269,15 @@ pub struct ReplayArgs {
     /// Where the rebuilt output goes.
     #[arg(long, value_name = "DIR|S3_URL")]
     pub to: PathBuf,
+    /// Start at the first recorded event at or after this time (RFC 3339).
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Stop at the first recorded event at or after this time (RFC 3339).
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<String>,
+    /// Window length of the rebuilt projection, in seconds [default: 10, as live runs].
+    #[arg(long, value_name = "SECS")]
+    pub window: Option<u64>,
 }
 
 impl Cli {
@@ -236,6 +289,9 @@ impl Cli {
                 from: Some(r.from.clone()),
             });
             self.out = Some(r.to.clone());
+            self.since = r.since.clone().or(self.since);
+            self.until = r.until.clone().or(self.until);
+            self.window = r.window.or(self.window);
             self.command = None;
         }
         self
@@ -305,6 +361,9 @@ pub struct FileCapture {
     pub source: Option<SourceKind>,
     /// With `source = "replay"`: the recorded output to read (`DIR` or `s3://bucket/prefix`).
     pub replay_from: Option<PathBuf>,
+    /// With `source = "replay"`: RFC 3339 times bounding the replayed stretch.
+    pub replay_since: Option<String>,
+    pub replay_until: Option<String>,
     pub events: Option<u64>,
     pub duration: Option<String>,
     pub port: Option<u16>,
@@ -390,6 +449,8 @@ pub struct Settings {
     pub source: SourceKind,
     /// With the replay source: the recorded output it reads.
     pub replay_from: Option<Output>,
+    /// With the replay source: which stretch of the log, by event time.
+    pub replay_range: crate::capture::recorded::TimeRange,
     /// Synthetic: events to produce (exactly); ebpf: optional cap.
     pub events: Option<u64>,
     pub duration: Option<Duration>,
@@ -571,11 +632,7 @@ impl Settings {
             .clone()
             .or(file.capture.start.clone())
             .unwrap_or_else(|| defaults::START.into());
-        let start_us = humantime::parse_rfc3339(&start)
-            .map_err(|e| invalid("start time", &start, e))?
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_err(|_| invalid("start time", &start, "must be after 1970"))?
-            .as_micros() as i64;
+        let start_us = rfc3339_us("start time", &start)?;
         let window_secs = cli
             .window
             .or(file.aggregate.window_secs)
@@ -726,12 +783,14 @@ impl Settings {
             }
             _ => None,
         };
+        let replay_range = replay_range(cli, &file.capture, source)?;
         Ok(Settings {
             mode,
             node,
             node_given,
             source,
             replay_from,
+            replay_range,
             events: cli.events.or(file.capture.events),
             duration,
             ebpf,
@@ -753,6 +812,52 @@ impl Settings {
             shards,
         })
     }
+}
+
+fn rfc3339_us(what: &'static str, t: &str) -> Result<i64, ConfigError> {
+    Ok(humantime::parse_rfc3339(t)
+        .map_err(|e| invalid(what, t, e))?
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| invalid(what, t, "must be after 1970"))?
+        .as_micros() as i64)
+}
+
+fn replay_range(
+    cli: &Cli,
+    file: &FileCapture,
+    source: SourceKind,
+) -> Result<crate::capture::recorded::TimeRange, ConfigError> {
+    let since = cli.since.clone().or(file.replay_since.clone());
+    let until = cli.until.clone().or(file.replay_until.clone());
+    if source != SourceKind::Replay {
+        if let Some(t) = since.as_ref().or(until.as_ref()) {
+            return Err(invalid(
+                "since/until",
+                t,
+                "only a replay reads a recorded stretch: use --source replay:DIR or `tcplake replay`",
+            ));
+        }
+    }
+    let range = crate::capture::recorded::TimeRange {
+        since_us: since
+            .as_deref()
+            .map(|t| rfc3339_us("since", t))
+            .transpose()?,
+        until_us: until
+            .as_deref()
+            .map(|t| rfc3339_us("until", t))
+            .transpose()?,
+    };
+    if let (Some(a), Some(b)) = (range.since_us, range.until_us) {
+        if a >= b {
+            return Err(invalid(
+                "until",
+                until.unwrap_or_default(),
+                "must be later than --since",
+            ));
+        }
+    }
+    Ok(range)
 }
 
 impl Settings {

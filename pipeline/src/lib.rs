@@ -13,6 +13,7 @@
 pub mod aggregate;
 pub mod bench;
 pub mod capture;
+pub mod compact;
 pub mod config;
 pub mod edge;
 pub mod event;

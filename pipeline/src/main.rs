@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use pipeline::config::{BenchArgs, Cli, Command, Settings, SummaryFormat};
+use pipeline::config::{BenchArgs, Cli, Command, CompactArgs, Settings, SummaryFormat};
 use pipeline::metrics::Metrics;
 use pipeline::{mode, shutdown};
 
@@ -21,6 +21,12 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(&anyhow::Error::new(e), 2),
     };
+    if let Some(Command::Compact(args)) = &cli.command {
+        return match compact(&settings, args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(&e, 1),
+        };
+    }
     match run(&settings) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e, 1),
@@ -39,6 +45,42 @@ fn run(settings: &Settings) -> anyhow::Result<()> {
         match settings.summary {
             SummaryFormat::Text => println!("{summary}"),
             SummaryFormat::Json => println!("{}", serde_json::to_string(&summary)?),
+        }
+        Ok(())
+    })
+}
+
+fn compact(settings: &Settings, args: &CompactArgs) -> anyhow::Result<()> {
+    let target_bytes = match &args.target_size {
+        Some(t) => pipeline::config::parse_size(t)
+            .map_err(|e| anyhow::anyhow!("invalid target size `{t}`: {e}"))?,
+        None => settings.max_file_bytes,
+    };
+    let datasets = match args.dataset {
+        Some(d) => vec![d.into()],
+        None => vec![
+            pipeline::sink::Dataset::Events,
+            pipeline::sink::Dataset::Flows,
+        ],
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let metrics = Metrics::default();
+        let store = mode::open_existing(&settings.out, &metrics).await?;
+        for dataset in datasets {
+            let opts = pipeline::compact::CompactOptions {
+                dataset,
+                partition: args.partition.clone(),
+                target_bytes,
+                row_group_rows: settings.row_group_rows,
+            };
+            let report = pipeline::compact::run(&store, &opts).await?;
+            match settings.summary {
+                SummaryFormat::Text => println!("{report}"),
+                SummaryFormat::Json => println!("{}", serde_json::to_string(&report)?),
+            }
         }
         Ok(())
     })

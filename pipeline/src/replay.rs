@@ -7,12 +7,11 @@
 
 use std::sync::Arc;
 
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-
 use crate::edge::{EdgeError, Tx};
 use crate::event::schema::{batch_to_events, SchemaError};
 use crate::event::EventBatch;
-use crate::sink::{CommitError, CommitLog, Dataset, Store, StoreError};
+use crate::sink::read::{self, ReadError};
+use crate::sink::{CommitError, CommitLog, Dataset, Store};
 
 /// Why the log could not be read back.
 #[derive(Debug, thiserror::Error)]
@@ -20,13 +19,9 @@ pub enum ReplayError {
     #[error(transparent)]
     Commit(#[from] CommitError),
     #[error(transparent)]
-    Store(#[from] StoreError),
+    Read(#[from] ReadError),
     #[error(transparent)]
     Edge(#[from] EdgeError),
-    #[error("committed file `{key}` is missing from the store")]
-    Missing { key: String },
-    #[error("reading committed file `{key}`: {reason}")]
-    Decode { key: String, reason: String },
     #[error("committed file `{key}`: {source}")]
     Schema { key: String, source: SchemaError },
     #[error("the event log of `{node}` has a gap: seq {expected} expected, file `{key}` starts at {found}")]
@@ -54,6 +49,8 @@ pub async fn feed<O: Tx<Arc<EventBatch>>>(
     let records = CommitLog::all(store, Dataset::Events, node).await?;
     let mut sent = 0u64;
     let mut expected = from;
+    // Compacted records share one file: it is read once, with every row in range.
+    let mut read_key: Option<String> = None;
     for r in records {
         let (first, last) = (r.first.event_seq(), r.last.event_seq());
         if last < from || first >= to {
@@ -67,27 +64,16 @@ pub async fn feed<O: Tx<Arc<EventBatch>>>(
                 found: first,
             });
         }
-        let bytes = store
-            .get(&r.key)
-            .await?
-            .ok_or_else(|| ReplayError::Missing { key: r.key.clone() })?;
-        let decode = |e: parquet::errors::ParquetError| ReplayError::Decode {
-            key: r.key.clone(),
-            reason: e.to_string(),
-        };
-        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
-            .map_err(decode)?
-            .with_batch_size(batch.max(1))
-            .build()
-            .map_err(decode)?;
-        for rb in reader {
-            let rb = rb.map_err(|e| ReplayError::Decode {
-                key: r.key.clone(),
-                reason: e.to_string(),
-            })?;
+        expected = last + 1;
+        let key = r.data_key();
+        if read_key.as_deref() == Some(key) {
+            continue;
+        }
+        for rb in read::open(store, key, batch).await? {
+            let rb = rb.map_err(|e| read::batch_error(key, e))?;
             let events: Vec<_> = batch_to_events(&rb)
                 .map_err(|source| ReplayError::Schema {
-                    key: r.key.clone(),
+                    key: key.to_string(),
                     source,
                 })?
                 .into_iter()
@@ -101,7 +87,7 @@ pub async fn feed<O: Tx<Arc<EventBatch>>>(
             out.send(Arc::new(EventBatch::new(Arc::clone(node), events, None)))
                 .await?;
         }
-        expected = last + 1;
+        read_key = Some(key.to_string());
         if expected >= to {
             break;
         }

@@ -11,16 +11,6 @@ use common::*;
 
 const N: u64 = 600_000;
 
-fn same_rows(a: &Path, b: &Path, ds: &str) {
-    let (x, y) = (dataset(a, ds), dataset(b, ds));
-    for (p, q) in [(&x, &y), (&y, &x)] {
-        let diff = duckdb_int(&format!(
-            "SELECT count(*) FROM (SELECT * FROM {p} EXCEPT ALL SELECT * FROM {q})"
-        ));
-        assert_eq!(diff, 0, "{ds}: rows in one output and not the other");
-    }
-}
-
 #[test]
 fn replaying_the_log_rebuilds_the_flows_even_after_a_kill() {
     let tmp = tempfile::tempdir().unwrap();

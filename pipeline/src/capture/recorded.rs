@@ -5,12 +5,23 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use indicatif::{ProgressBar, ProgressStyle};
 
 use super::CaptureError;
 use crate::event::schema::batch_to_events;
 use crate::event::{Event, EventBatch};
+use crate::sink::read;
 use crate::sink::{CommitLog, CommitRecord, Dataset, Store};
+
+/// Which stretch of a recorded log to replay, by event time (microseconds since the epoch). A log is
+/// replayed as it was recorded, in `seq` order: the stretch starts at the first event at or after
+/// `since` and ends before the first event at or after `until`, so it is one contiguous run of `seq`
+/// (events slightly out of time order inside it stay in; their neighbours decide, not their own time).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TimeRange {
+    pub since_us: Option<i64>,
+    pub until_us: Option<i64>,
+}
 
 /// Reads committed event files one at a time.
 pub struct Recorded {
@@ -19,11 +30,21 @@ pub struct Recorded {
     files: VecDeque<CommitRecord>,
     pending: VecDeque<Event>,
     next_seq: u64,
+    range: TimeRange,
+    /// The stretch has begun (an event at or after `since` was seen, or there is no `since`).
+    started: bool,
+    /// The stretch has ended (an event at or after `until` was seen).
+    ended: bool,
+    progress: ProgressBar,
 }
 
 impl Recorded {
     /// Opens the log of `node` in `store` (the only node there when `node` is `None`).
-    pub async fn open(store: Store, node: Option<&str>) -> Result<Self, CaptureError> {
+    pub async fn open(
+        store: Store,
+        node: Option<&str>,
+        range: TimeRange,
+    ) -> Result<Self, CaptureError> {
         let nodes: Vec<String> = store
             .list_dirs("_tcplake/commits/events/")
             .await
@@ -55,13 +76,32 @@ impl Recorded {
         let files = CommitLog::all(&store, Dataset::Events, &node)
             .await
             .map_err(|e| CaptureError::Replay(e.to_string()))?;
-        Ok(Recorded {
+        // Drawn only on a terminal (indicatif hides it otherwise): services and tests log no bars.
+        let progress = ProgressBar::new(0).with_style(
+            ProgressStyle::with_template(
+                "replay {bar:30} {human_pos}/{human_len} events, {per_sec}, ETA {eta}",
+            )
+            .expect("a valid progress template"),
+        );
+        let rec = Recorded {
             store,
             node: node.into(),
             files: files.into(),
             pending: VecDeque::new(),
             next_seq: 0,
-        })
+            range,
+            started: range.since_us.is_none(),
+            ended: false,
+            progress,
+        };
+        rec.set_progress_length();
+        Ok(rec)
+    }
+
+    /// The bar's length: rows still to read (an upper bound when --since/--until cut the log).
+    fn set_progress_length(&self) {
+        let rows: u64 = self.files.iter().map(|f| f.rows).sum();
+        self.progress.set_length(rows);
     }
 
     /// The recorded node's name (rows keep it).
@@ -75,31 +115,52 @@ impl Recorded {
         while self.files.front().is_some_and(|f| f.last.event_seq() < seq) {
             self.files.pop_front();
         }
+        // Events before `seq` were replayed and committed: the stretch had begun.
+        self.started |= seq > 0;
+        self.set_progress_length();
     }
 
     async fn load_next_file(&mut self) -> Result<bool, CaptureError> {
         let Some(f) = self.files.pop_front() else {
             return Ok(false);
         };
-        let err = |reason: String| CaptureError::Replay(format!("reading `{}`: {reason}", f.key));
-        let bytes = self
-            .store
-            .get(&f.key)
+        // Records merged by `tcplake compact` share one file: read it once.
+        while self
+            .files
+            .front()
+            .is_some_and(|g| g.data_key() == f.data_key())
+        {
+            self.files.pop_front();
+        }
+        let key = f.data_key();
+        let err = CaptureError::Replay;
+        for rb in read::open(&self.store, key, 8192)
             .await
             .map_err(|e| err(e.to_string()))?
-            .ok_or_else(|| err("committed but missing".into()))?;
-        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes))
-            .and_then(|b| b.build())
-            .map_err(|e| err(e.to_string()))?;
-        for rb in reader {
-            let rb = rb.map_err(|e| err(e.to_string()))?;
-            let events = batch_to_events(&rb).map_err(|e| err(e.to_string()))?;
-            self.pending.extend(
-                events
-                    .into_iter()
-                    .map(|(_, e)| e)
-                    .filter(|e| e.seq >= self.next_seq),
-            );
+        {
+            let rb = rb.map_err(|e| err(read::batch_error(key, e).to_string()))?;
+            self.progress.inc(rb.num_rows() as u64);
+            let events = batch_to_events(&rb).map_err(|e| err(format!("reading `{key}`: {e}")))?;
+            for (_, e) in events {
+                if e.seq < self.next_seq {
+                    continue;
+                }
+                if !self.started {
+                    if self.range.since_us.is_some_and(|t| e.ts_us < t) {
+                        continue;
+                    }
+                    self.started = true;
+                }
+                if self.range.until_us.is_some_and(|t| e.ts_us >= t) {
+                    self.ended = true;
+                    self.files.clear();
+                    break;
+                }
+                self.pending.push_back(e);
+            }
+            if self.ended {
+                break;
+            }
         }
         Ok(true)
     }
@@ -107,6 +168,7 @@ impl Recorded {
     pub async fn next_batch(&mut self, max: usize) -> Result<Option<EventBatch>, CaptureError> {
         while self.pending.is_empty() {
             if !self.load_next_file().await? {
+                self.progress.finish_and_clear();
                 return Ok(None);
             }
         }

@@ -265,6 +265,40 @@ fn push_decimal(buf: &mut String, n: u8) {
     buf.push(char::from(b'0' + n % 10));
 }
 
+/// A batch in the layout of `schema`, whatever older layout it was written in: columns are picked by
+/// name, a nullable column the file lacks (added by a later schema version) reads as all nulls, and
+/// columns this build does not know are left out. A missing required column is left missing, for
+/// [`Columns`] to report by name.
+fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, SchemaError> {
+    if batch.schema_ref().fields() == schema.fields() {
+        return Ok(batch.clone());
+    }
+    let mut fields = Vec::with_capacity(schema.fields().len());
+    let mut columns = Vec::with_capacity(schema.fields().len());
+    for f in schema.fields() {
+        match batch.column_by_name(f.name()) {
+            Some(c) => {
+                fields.push(Field::new(f.name(), c.data_type().clone(), true));
+                columns.push(Arc::clone(c));
+            }
+            None if f.is_nullable() => {
+                fields.push(Field::new(f.name(), f.data_type().clone(), true));
+                columns.push(arrow::array::new_null_array(
+                    f.data_type(),
+                    batch.num_rows(),
+                ));
+            }
+            None => {}
+        }
+    }
+    let options = arrow::array::RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
+    Ok(RecordBatch::try_new_with_options(
+        Arc::new(Schema::new(fields)),
+        columns,
+        &options,
+    )?)
+}
+
 /// Typed access to the columns of a record batch, with errors that name the column and row.
 struct Columns<'a>(&'a RecordBatch);
 
@@ -338,6 +372,7 @@ fn parse_state(a: &StringArray, row: usize, column: &'static str) -> Result<TcpS
 
 /// Decodes a record batch of [`events_schema`] back into `(node, event)` pairs (replay, wire codec).
 pub fn batch_to_events(batch: &RecordBatch) -> Result<Vec<(Arc<str>, Event)>, SchemaError> {
+    let batch = &conform(batch, &events_schema())?;
     let c = Columns(batch);
     let (ts, node, seq, kind) = (c.ts("ts")?, c.str("node")?, c.u64("seq")?, c.str("kind")?);
     let (pid, comm, cgroup, sock) = (
@@ -408,6 +443,7 @@ pub fn batch_to_events(batch: &RecordBatch) -> Result<Vec<(Arc<str>, Event)>, Sc
 
 /// Decodes a record batch of [`flows_schema`] back into flow records.
 pub fn batch_to_flows(batch: &RecordBatch) -> Result<Vec<FlowRecord>, SchemaError> {
+    let batch = &conform(batch, &flows_schema())?;
     let c = Columns(batch);
     let (ws, we, node, pid, comm) = (
         c.ts("window_start")?,
@@ -614,6 +650,49 @@ mod tests {
         assert_eq!(
             err,
             "row 1: column `local_addr`: `not-an-ip` is not an IP address"
+        );
+    }
+
+    /// Evolution rule: a file without a nullable column (an older version's file, read by a newer
+    /// build) reads with that column null; a column this build does not know is ignored.
+    #[test]
+    fn older_and_wider_layouts_are_read_by_name() {
+        let (_, _, flows) = sample();
+        let batch = flows_to_batch(&flows).unwrap();
+        let schema = batch.schema();
+        // Without rtt_max_us, columns reordered, and an extra column at the front.
+        let mut fields = vec![Arc::new(Field::new("future_col", DataType::Utf8, true))];
+        let mut cols: Vec<ArrayRef> = vec![arrow::array::new_null_array(
+            &DataType::Utf8,
+            batch.num_rows(),
+        )];
+        for (i, f) in schema.fields().iter().enumerate().rev() {
+            if f.name() != "rtt_max_us" {
+                fields.push(Arc::clone(f));
+                cols.push(Arc::clone(batch.column(i)));
+            }
+        }
+        let old = RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap();
+        let back = batch_to_flows(&parquet_round_trip(&old)).unwrap();
+        let expected: Vec<FlowRecord> = flows
+            .iter()
+            .map(|f| FlowRecord {
+                rtt_max_us: None,
+                ..f.clone()
+            })
+            .collect();
+        assert_eq!(back, expected);
+        // A required column is never filled in: its absence stays an error naming it.
+        let no_bytes = batch
+            .project(
+                &(0..batch.num_columns())
+                    .filter(|&i| schema.field(i).name() != "bytes_sent")
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+        assert_eq!(
+            batch_to_flows(&no_bytes).unwrap_err().to_string(),
+            "column `bytes_sent` is missing"
         );
     }
 }

@@ -98,18 +98,15 @@ async fn open_source(
     Ok(match s.source {
         SourceKind::Replay => {
             let from = s.replay_from.as_ref().expect("validated: replay has a log");
-            if let Output::Local(dir) = from {
-                // Reading must not create anything: a mistyped path is an error, not an empty log.
-                if !dir.is_dir() {
-                    return Err(RunError::Capture(CaptureError::Replay(format!(
-                        "no committed event log in {}: the directory does not exist",
-                        dir.display()
-                    ))));
-                }
-            }
-            let store = open_output(from, metrics).await?;
+            let store = open_existing(from, metrics).await.map_err(|e| match e {
+                OpenError::Missing(dir) => RunError::Capture(CaptureError::Replay(format!(
+                    "no committed event log in {dir}: the directory does not exist"
+                ))),
+                OpenError::Store(e) => e.into(),
+            })?;
             let explicit = (s.node_given).then_some(s.node.as_str());
-            let rec = crate::capture::recorded::Recorded::open(store, explicit).await?;
+            let rec =
+                crate::capture::recorded::Recorded::open(store, explicit, s.replay_range).await?;
             AnySource::Recorded(Box::new(rec))
         }
         SourceKind::Synthetic => AnySource::Synthetic(Synthetic::new(
@@ -150,6 +147,26 @@ async fn open_source(
 /// Opens the output: checks a directory is writable, or a bucket reachable with these credentials.
 async fn open_store(s: &Settings, metrics: &Metrics) -> Result<Store, StoreError> {
     open_output(&s.out, metrics).await
+}
+
+/// Opening an output that must already exist failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{0} does not exist")]
+    Missing(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Opens an output to read or rework (replay, compact): unlike a run's output, a local directory must
+/// exist already, so a mistyped path is an error rather than a new, empty directory.
+pub async fn open_existing(out: &Output, metrics: &Metrics) -> Result<Store, OpenError> {
+    if let Output::Local(dir) = out {
+        if !dir.is_dir() {
+            return Err(OpenError::Missing(dir.display().to_string()));
+        }
+    }
+    Ok(open_output(out, metrics).await?)
 }
 
 async fn open_output(out: &Output, metrics: &Metrics) -> Result<Store, StoreError> {

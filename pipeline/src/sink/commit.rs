@@ -64,6 +64,17 @@ pub struct CommitRecord {
     pub bytes: u64,
     pub first: Position,
     pub last: Position,
+    /// Set by `tcplake compact`: the rows now live in this larger file (with neighbouring records'
+    /// rows), and `key` is gone. Readers use [`CommitRecord::data_key`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_to: Option<String>,
+}
+
+impl CommitRecord {
+    /// Where this record's rows are now: the original file, or the compacted file that holds them.
+    pub fn data_key(&self) -> &str {
+        self.moved_to.as_deref().unwrap_or(&self.key)
+    }
 }
 
 /// Why a commit or recovery failed.
@@ -102,7 +113,12 @@ impl CommitLog {
     }
 
     fn record_key(&self, n: u64) -> String {
-        format!("{}{n:012}.json", self.dir)
+        Self::key_of(&self.dir, n)
+    }
+
+    /// Key of record `n` in the records directory `dir`.
+    pub fn key_of(dir: &str, n: u64) -> String {
+        format!("{dir}{n:012}.json")
     }
 
     /// Reads the newest record; removes it if its data never arrived (the writer died mid-upload).
@@ -123,7 +139,7 @@ impl CommitLog {
         };
         while let Some(key) = keys.pop() {
             let record = log.read(&key).await?;
-            if log.store.size(&record.key).await?.is_some() {
+            if log.store.size(record.data_key()).await?.is_some() {
                 log.next_n = record.n + 1;
                 log.last = Some(record);
                 break;
@@ -191,6 +207,7 @@ impl CommitLog {
             bytes,
             first,
             last,
+            moved_to: None,
         };
         let rkey = self.record_key(record.n);
         let body = serde_json::to_vec_pretty(&record).expect("a record always serializes");
@@ -258,8 +275,9 @@ mod tests {
             bytes: 1,
             first: ev(20),
             last: ev(20),
+            moved_to: None,
         };
-        let rkey = format!("{}{:012}.json", CommitLog::dir(Dataset::Events, "n1"), 2);
+        let rkey = CommitLog::key_of(&CommitLog::dir(Dataset::Events, "n1"), 2);
         assert!(store
             .put_if_absent(&rkey, &serde_json::to_vec(&orphan).unwrap())
             .await

@@ -6,6 +6,7 @@
 //! record each ([`commit`]). One sink instance serves one dataset; it does not know what feeds it.
 
 pub mod commit;
+pub mod read;
 pub mod rolling;
 pub mod s3;
 pub mod store;

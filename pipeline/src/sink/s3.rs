@@ -350,17 +350,26 @@ impl S3Store {
 
     /// Creates a small object from memory unless one exists (`false` then).
     pub async fn put_bytes(&self, key: &str, body: &[u8]) -> Result<bool, S3Error> {
+        self.put_small(key, body, true).await
+    }
+
+    /// Writes a small object from memory, replacing any (a PUT is atomic per object).
+    pub async fn replace_bytes(&self, key: &str, body: &[u8]) -> Result<(), S3Error> {
+        self.put_small(key, body, false).await.map(|_| ())
+    }
+
+    async fn put_small(&self, key: &str, body: &[u8], if_absent: bool) -> Result<bool, S3Error> {
         let key = self.object_key(key);
         let body = bytes::Bytes::copy_from_slice(body);
         let r = self
             .request("put", &key, || {
-                self.client
-                    .put_object()
-                    .bucket(&self.bucket)
-                    .key(&key)
-                    .if_none_match("*")
-                    .body(ByteStream::from(body.clone()))
-                    .send()
+                let put = self.client.put_object().bucket(&self.bucket).key(&key);
+                let put = if if_absent {
+                    put.if_none_match("*")
+                } else {
+                    put
+                };
+                put.body(ByteStream::from(body.clone())).send()
             })
             .await;
         match r {

@@ -124,6 +124,29 @@ impl LocalDir {
         self.commit(&staged, key)
     }
 
+    /// Writes a small object under `key`, replacing any: a rename over the old file is atomic, so a
+    /// reader sees the old bytes or the new, never a mix.
+    pub fn replace(&self, key: &str, body: &[u8]) -> Result<(), StoreError> {
+        let staged = self.staging_path(key)?;
+        fs::write(&staged, body)
+            .and_then(|()| fs::File::open(&staged)?.sync_all())
+            .map_err(io_err("write", &staged))?;
+        let final_path = self.root.join(key);
+        if let Some(dir) = final_path.parent() {
+            fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+        }
+        if let Err(e) = fs::rename(&staged, &final_path) {
+            self.discard(&staged);
+            return Err(io_err("rename into place", &final_path)(e));
+        }
+        if let Some(dir) = final_path.parent() {
+            fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err("sync directory", dir))?;
+        }
+        Ok(())
+    }
+
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let path = self.root.join(key);
         match fs::read(&path) {
@@ -216,6 +239,14 @@ impl Store {
         match self {
             Store::Local(d) => d.put_if_absent(key, body),
             Store::S3(s) => Ok(s.put_bytes(key, body).await?),
+        }
+    }
+
+    /// Writes a small object, replacing any (atomically: readers see old or new bytes).
+    pub async fn replace(&self, key: &str, body: &[u8]) -> Result<(), StoreError> {
+        match self {
+            Store::Local(d) => d.replace(key, body),
+            Store::S3(s) => Ok(s.replace_bytes(key, body).await?),
         }
     }
 

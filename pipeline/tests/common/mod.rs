@@ -39,7 +39,8 @@ import duckdb, json, sys
 # No progress bar: it goes to stdout, which carries the JSON answer.
 con = duckdb.connect()
 con.execute("SET enable_progress_bar = false")
-rows = con.sql(sys.argv[1]).fetchall()
+rel = con.sql(sys.argv[1])
+rows = rel.fetchall() if rel is not None else []  # statements such as COPY return no relation
 print(json.dumps([list(r) for r in rows], default=str))
 "#;
     let out = Command::new(python())
@@ -70,6 +71,17 @@ pub fn dataset(out: &Path, name: &str) -> String {
         "read_parquet('{}/{name}/**/*.parquet', hive_partitioning = true)",
         out.display()
     )
+}
+
+/// Both outputs hold the same rows of `ds`, as multisets (EXCEPT ALL both ways).
+pub fn same_rows(a: &Path, b: &Path, ds: &str) {
+    let (x, y) = (dataset(a, ds), dataset(b, ds));
+    for (p, q) in [(&x, &y), (&y, &x)] {
+        let diff = duckdb_int(&format!(
+            "SELECT count(*) FROM (SELECT * FROM {p} EXCEPT ALL SELECT * FROM {q})"
+        ));
+        assert_eq!(diff, 0, "{ds}: rows in one output and not the other");
+    }
 }
 
 /// Every file under `dir`, recursively.
@@ -112,7 +124,11 @@ pub fn commits(out: &Path, dataset: &str) -> usize {
             std::fs::read(r)
                 .ok()
                 .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                .and_then(|v| v["key"].as_str().map(|k| out.join(k).exists()))
+                .and_then(|v| {
+                    // A compacted record's rows live in the file it was moved to.
+                    let key = v["moved_to"].as_str().or(v["key"].as_str())?;
+                    Some(out.join(key).exists())
+                })
                 .unwrap_or(false)
         })
         .count()
