@@ -43,18 +43,19 @@ nats_pid=$!
 pids+=("$nats_pid")
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 
-"$bin" --mode sink --broker "$broker" --shards "$shards" --out "$out" "${args[@]}" >"$logs/sink.out" 2>"$logs/sink.log" &
+# Each service serves /metrics on its own loopback port: capture 9477, sink 9478, aggregator i 9480+i.
+"$bin" --mode sink --broker "$broker" --shards "$shards" --out "$out" --metrics-addr 127.0.0.1:9478 "${args[@]}" >"$logs/sink.out" 2>"$logs/sink.log" &
 sink_pid=$!
 pids+=("$sink_pid")
 agg_pids=()
 for i in $(seq 0 $((shards - 1))); do
-  "$bin" --mode aggregate --broker "$broker" --shard "$i/$shards" "${args[@]}" >"$logs/aggregate-$i.out" 2>"$logs/aggregate-$i.log" &
+  "$bin" --mode aggregate --broker "$broker" --shard "$i/$shards" --metrics-addr "127.0.0.1:$((9480 + i))" "${args[@]}" >"$logs/aggregate-$i.out" 2>"$logs/aggregate-$i.log" &
   agg_pids+=("$!")
   pids+=("$!")
 done
 echo "split: nats-server, sink and $shards aggregators running (logs in $logs); capturing..."
 # Capture in the foreground: Ctrl-C stops it, and the others then finish what they hold.
-"$bin" --mode capture --broker "$broker" "${args[@]}" | tee "$logs/capture.out"
+"$bin" --mode capture --broker "$broker" --metrics-addr 127.0.0.1:9477 "${args[@]}" | tee "$logs/capture.out"
 
 # A finite source (synthetic, --events, --duration) ends the stream: the aggregators and the sink then
 # finish by themselves. A capture stopped by a signal does not (it could be restarted), so whatever is

@@ -59,6 +59,13 @@ if ! "$PYTHON" -c "import duckdb, duckdb_extension_httpfs, pytz, sys; sys.exit(d
     "duckdb==$DUCKDB_VERSION" "duckdb-extension-httpfs==$DUCKDB_VERSION" "pytz==2025.2"
 fi
 
+# prometheus-client: its parser checks tcplake's /metrics the way a Prometheus scrape would.
+if [ "$purpose" = test ] && ! "$PYTHON" -c "import prometheus_client" 2>/dev/null; then
+  say "installing prometheus-client for $PYTHON"
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    "prometheus-client==0.26.0"
+fi
+
 # A real S3-compatible server for the object-store tests (0.14.1: later releases need a newer rustc).
 if [ "$purpose" = test ] && ! s3s-fs --version 2>/dev/null | grep -q '0\.14\.1'; then
   say "installing s3s-fs 0.14.1 (about 5 CPU-minutes)"

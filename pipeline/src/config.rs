@@ -205,6 +205,12 @@ pub struct Cli {
     /// Sink mode: how many aggregator shards publish flows [default: 1].
     #[arg(long, env = "TCPLAKE_SHARDS", value_name = "N")]
     pub shards: Option<u32>,
+    /// Serve /metrics, /healthz and /readyz here; `off` to disable [default: 127.0.0.1:9477].
+    #[arg(long, env = "TCPLAKE_METRICS_ADDR", value_name = "ADDR:PORT|off")]
+    pub metrics_addr: Option<String>,
+    /// Logs as JSON lines (one object per event) instead of text.
+    #[arg(long, env = "TCPLAKE_LOG_JSON")]
+    pub log_json: bool,
     /// Print the end-of-run summary as text or JSON.
     #[arg(
         long,
@@ -331,6 +337,7 @@ pub struct BenchArgs {
 pub struct FileConfig {
     pub mode: Option<Mode>,
     pub node: Option<String>,
+    pub metrics_addr: Option<String>,
     #[serde(default)]
     pub capture: FileCapture,
     #[serde(default)]
@@ -474,6 +481,10 @@ pub struct Settings {
     pub shard: crate::aggregate::Shard,
     /// Sink mode: how many aggregator shards publish flows.
     pub shards: u32,
+    /// The admin endpoint (`None`: off).
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The address was asked for (a busy port is then fatal; the default's is only a warning).
+    pub metrics_addr_given: bool,
 }
 
 /// Where a run writes.
@@ -517,6 +528,7 @@ pub mod defaults {
     /// Per stream. JetStream reserves it on disk up front, so it must fit the broker's free space.
     pub const BROKER_MAX_BYTES: &str = "1GiB";
     pub const BROKER_MAX_IN_FLIGHT: usize = 256;
+    pub const METRICS_ADDR: &str = "127.0.0.1:9477";
 }
 
 impl FileConfig {
@@ -784,6 +796,17 @@ impl Settings {
             _ => None,
         };
         let replay_range = replay_range(cli, &file.capture, source)?;
+        let metrics_given = cli.metrics_addr.clone().or(file.metrics_addr.clone());
+        let metrics_addr = match metrics_given.as_deref().unwrap_or(defaults::METRICS_ADDR) {
+            "off" => None,
+            a => Some(a.parse().map_err(|_| {
+                invalid(
+                    "metrics address",
+                    a,
+                    "expected IP:PORT (e.g. 127.0.0.1:9477, [::1]:9477, 0.0.0.0:9477) or off",
+                )
+            })?),
+        };
         Ok(Settings {
             mode,
             node,
@@ -810,6 +833,8 @@ impl Settings {
             handoff,
             shard,
             shards,
+            metrics_addr,
+            metrics_addr_given: metrics_given.is_some(),
         })
     }
 }

@@ -10,6 +10,7 @@
 //! of edges, so every mode runs the same stage code. The raw events are kept as an append-only log
 //! (`events/`): it is the source of truth and the flow table (`flows/`) is a projection of it.
 
+pub mod admin;
 pub mod aggregate;
 pub mod bench;
 pub mod capture;

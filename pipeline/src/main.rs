@@ -6,11 +6,11 @@ use std::sync::Arc;
 use clap::Parser;
 use pipeline::config::{BenchArgs, Cli, Command, CompactArgs, Settings, SummaryFormat};
 use pipeline::metrics::Metrics;
-use pipeline::{mode, shutdown};
+use pipeline::{admin, mode, shutdown};
 
 fn main() -> ExitCode {
     let cli = Cli::parse().expand();
-    init_tracing();
+    init_tracing(cli.log_json);
     if let Some(Command::Bench(args)) = &cli.command {
         return match bench(args) {
             Ok(()) => ExitCode::SUCCESS,
@@ -41,7 +41,27 @@ fn run(settings: &Settings) -> anyhow::Result<()> {
         let (trigger, listener) = shutdown::channel();
         shutdown::on_signals(trigger)?;
         let metrics = Arc::new(Metrics::default());
-        let summary = mode::run(settings, metrics, listener).await?;
+        if let Some(addr) = settings.metrics_addr {
+            match admin::bind(addr).await {
+                Ok(l) => {
+                    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+                    admin::serve(l, Arc::clone(&metrics));
+                }
+                // The default address is a convenience: a second tcplake on the host still runs.
+                Err(e @ admin::AdminError::InUse { .. }) if !settings.metrics_addr_given => {
+                    tracing::warn!("{e}; running without the metrics endpoint");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let mut stopping = listener.clone();
+        let m = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            stopping.wait().await;
+            m.health.set_not_ready("shutting down");
+        });
+        let summary = mode::run(settings, Arc::clone(&metrics), listener).await?;
+        metrics.health.set_not_ready("finished");
         match settings.summary {
             SummaryFormat::Text => println!("{summary}"),
             SummaryFormat::Json => println!("{}", serde_json::to_string(&summary)?),
@@ -105,13 +125,17 @@ fn fail(e: &anyhow::Error, code: u8) -> ExitCode {
     ExitCode::from(code)
 }
 
-fn init_tracing() {
+fn init_tracing(json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    if json {
+        fmt.json().init();
+    } else {
         // Colour codes only for a terminal: logs collected from a service stay plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
 }

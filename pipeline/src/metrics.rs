@@ -37,6 +37,47 @@ impl Gauge {
     }
 }
 
+/// Upper bounds (seconds) of the request-duration histogram buckets.
+const DURATION_BOUNDS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A Prometheus histogram of durations: a count per bucket, plus the sum and the count.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations in bucket `i` (not cumulative; `DURATION_BOUNDS.len()` is +Inf).
+    buckets: [AtomicU64; DURATION_BOUNDS.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: std::time::Duration) {
+        let secs = d.as_secs_f64();
+        let i = DURATION_BOUNDS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(DURATION_BOUNDS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Cumulative counts per upper bound (`+Inf` last), sum in seconds, count.
+    fn snapshot(&self) -> (Vec<(String, u64)>, f64, u64) {
+        let mut total = 0;
+        let mut out = Vec::with_capacity(self.buckets.len());
+        for (i, b) in self.buckets.iter().enumerate() {
+            total += b.load(Ordering::Relaxed);
+            let le = DURATION_BOUNDS
+                .get(i)
+                .map_or("+Inf".to_string(), |b| b.to_string());
+            out.push((le, total));
+        }
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        (out, sum, total)
+    }
+}
+
 /// Capture stage counters.
 #[derive(Debug, Default)]
 pub struct CaptureMetrics {
@@ -104,6 +145,8 @@ pub struct S3Metrics {
     pub retries: Counter,
     pub bytes_uploaded: Counter,
     pub bytes_downloaded: Counter,
+    /// Duration of each attempt, by request type (same order as [`S3Metrics::by_type`]).
+    pub durations: [Histogram; 9],
 }
 
 impl S3Metrics {
@@ -123,6 +166,12 @@ impl S3Metrics {
         .add(1);
     }
 
+    /// Records how long one attempt of `op` took.
+    pub fn observe(&self, op: &str, d: std::time::Duration) {
+        let i = S3_OPS.iter().position(|&o| o == op).unwrap_or(7);
+        self.durations[i].observe(d);
+    }
+
     /// (type, count) for every request type.
     pub fn by_type(&self) -> [(&'static str, u64); 9] {
         [
@@ -138,6 +187,19 @@ impl S3Metrics {
         ]
     }
 }
+
+/// Request types, in the order of [`S3Metrics::by_type`] and [`S3Metrics::durations`].
+const S3_OPS: [&str; 9] = [
+    "put",
+    "create_multipart",
+    "upload_part",
+    "complete_multipart",
+    "abort_multipart",
+    "head",
+    "list",
+    "get",
+    "delete",
+];
 
 /// Traffic on the broker edges of this process (split modes).
 #[derive(Debug, Default)]
@@ -187,94 +249,130 @@ pub struct Metrics {
     pub s3: Arc<S3Metrics>,
     pub broker: Arc<BrokerMetrics>,
     pub handoff: Arc<HandoffMetrics>,
+    /// Readiness, for `/readyz`.
+    pub health: crate::admin::Health,
+}
+
+/// Builds the text exposition: each family's HELP and TYPE once, then all its samples together.
+struct Exposition(String);
+
+impl Exposition {
+    fn family<V: std::fmt::Display>(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        samples: impl IntoIterator<Item = (String, V)>,
+    ) {
+        let _ = writeln!(
+            self.0,
+            "# HELP tcplake_{name} {help}\n# TYPE tcplake_{name} {kind}"
+        );
+        for (labels, v) in samples {
+            let _ = writeln!(self.0, "tcplake_{name}{labels} {v}");
+        }
+    }
+
+    fn counter(&mut self, name: &str, help: &str, v: u64) {
+        self.family(name, "counter", help, [(String::new(), v)]);
+    }
+}
+
+fn label(key: &str, value: &str) -> String {
+    format!("{{{key}=\"{value}\"}}")
 }
 
 impl Metrics {
-    /// Prometheus text exposition format.
+    /// Prometheus text exposition format (version 0.0.4).
     pub fn render_prometheus(&self) -> String {
-        let mut out = String::new();
-        let mut counter = |name: &str, help: &str, labels: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP tcplake_{name} {help}\n# TYPE tcplake_{name} counter"
-            );
-            let _ = writeln!(out, "tcplake_{name}{labels} {v}");
-        };
+        let mut x = Exposition(String::new());
         let c = &self.capture;
-        counter(
-            "capture_events_total",
-            "Events captured.",
-            "",
-            c.events.get(),
-        );
-        counter(
+        x.counter("capture_events_total", "Events captured.", c.events.get());
+        x.counter(
             "capture_batches_total",
             "Event batches captured.",
-            "",
             c.batches.get(),
         );
-        counter(
-            "capture_decode_errors_total",
-            "Kernel records skipped as undecodable.",
-            "",
-            c.decode_errors.get(),
-        );
-        counter(
+        x.counter(
             "capture_kernel_drops_total",
-            "Records lost in the kernel ring buffer.",
-            "",
+            "Records lost in the kernel ring buffer (it was full).",
             c.kernel_drops.get(),
         );
         let a = &self.aggregate;
-        counter(
+        x.counter(
             "aggregate_events_total",
             "Events folded into windows.",
-            "",
             a.events_in.get(),
         );
-        counter(
+        x.counter(
             "aggregate_late_events_total",
             "Events past the watermark (kept in events/, not in flows/).",
-            "",
             a.late_events.get(),
         );
-        counter(
+        x.counter(
             "aggregate_records_total",
             "Flow records emitted.",
-            "",
             a.records_out.get(),
         );
-        counter(
+        x.counter(
             "aggregate_windows_closed_total",
             "Windows closed.",
-            "",
             a.windows_closed.get(),
         );
-        for (ds, s) in [("events", &self.sink_events), ("flows", &self.sink_flows)] {
-            let l = format!("{{dataset=\"{ds}\"}}");
-            counter("sink_rows_total", "Rows written.", &l, s.rows.get());
-            counter("sink_files_total", "Files committed.", &l, s.files.get());
-            counter("sink_bytes_total", "Bytes committed.", &l, s.bytes.get());
-        }
-        for (op, n) in self.s3.by_type() {
-            counter(
-                "s3_requests_total",
-                "Requests to the S3 store, by type.",
-                &format!("{{op=\"{op}\"}}"),
-                n,
+        let sinks = [("events", &self.sink_events), ("flows", &self.sink_flows)];
+        for (name, help, get) in [
+            (
+                "sink_rows_total",
+                "Rows committed.",
+                (|s: &SinkMetrics| s.rows.get()) as fn(&SinkMetrics) -> u64,
+            ),
+            ("sink_batches_total", "Batches received.", |s| {
+                s.batches.get()
+            }),
+            ("sink_files_total", "Files committed.", |s| s.files.get()),
+            ("sink_bytes_total", "Bytes committed.", |s| s.bytes.get()),
+        ] {
+            x.family(
+                name,
+                "counter",
+                help,
+                sinks.map(|(ds, s)| (label("dataset", ds), get(s))),
             );
         }
-        counter(
-            "s3_retries_total",
-            "S3 attempts retried after a transient failure.",
-            "",
-            self.s3.retries.get(),
+        x.family(
+            "s3_requests_total",
+            "counter",
+            "Requests to the S3 store, by type (every attempt, as billed).",
+            self.s3.by_type().map(|(op, n)| (label("op", op), n)),
         );
-        counter(
+        let mut samples = Vec::new();
+        let mut sums = Vec::new();
+        let mut counts = Vec::new();
+        for (op, h) in S3_OPS.iter().zip(&self.s3.durations) {
+            let (buckets, sum, count) = h.snapshot();
+            for (le, n) in buckets {
+                samples.push((format!("_bucket{{op=\"{op}\",le=\"{le}\"}}"), n.to_string()));
+            }
+            sums.push((format!("_sum{}", label("op", op)), sum.to_string()));
+            counts.push((format!("_count{}", label("op", op)), count.to_string()));
+        }
+        samples.extend(sums);
+        samples.extend(counts);
+        x.family(
+            "s3_request_duration_seconds",
+            "histogram",
+            "Duration of S3 request attempts, by type.",
+            samples,
+        );
+        x.counter(
             "s3_uploaded_bytes_total",
             "Bytes uploaded to S3.",
-            "",
             self.s3.bytes_uploaded.get(),
+        );
+        x.counter(
+            "s3_downloaded_bytes_total",
+            "Bytes downloaded from S3.",
+            self.s3.bytes_downloaded.get(),
         );
         let b = &self.broker;
         for (name, help, v) in [
@@ -300,40 +398,56 @@ impl Metrics {
             ),
             ("broker_acks_total", "Messages acknowledged.", b.acks.get()),
             (
-                "broker_publish_retries_total",
-                "Publishes retried.",
-                b.publish_retries.get(),
-            ),
-            (
                 "broker_duplicates_dropped_total",
                 "Re-published messages the broker dropped as duplicates.",
                 b.duplicates_dropped.get(),
             ),
             (
-                "broker_dead_letters_total",
-                "Undecodable messages moved to the dead-letter stream.",
-                b.dead_letters.get(),
-            ),
-            (
                 "broker_redelivered_rows_skipped_total",
-                "Rows received again and skipped (already written).",
+                "Rows received again (restart or redelivery) and skipped: already written.",
                 b.redelivered_rows_skipped.get(),
             ),
         ] {
-            counter(name, help, "", v);
+            x.counter(name, help, v);
         }
-        for (edge, g) in [
-            ("events_to_aggregate", &self.edges.events_to_aggregate),
-            ("events_to_sink", &self.edges.events_to_sink),
-            ("flows_to_sink", &self.edges.flows_to_sink),
-        ] {
-            let _ = writeln!(
-                out,
-                "# HELP tcplake_edge_queue_depth Batches queued on an edge.\n# TYPE tcplake_edge_queue_depth gauge\ntcplake_edge_queue_depth{{edge=\"{edge}\"}} {}",
-                g.get()
-            );
-        }
-        out
+        let h = &self.handoff;
+        x.family(
+            "handoff_requests_total",
+            "counter",
+            "Object-store hand-off requests, by type (GETs include polls that found nothing).",
+            [("put", h.puts.get()), ("get", h.gets.get())].map(|(op, n)| (label("op", op), n)),
+        );
+        x.family(
+            "errors_total",
+            "counter",
+            "Errors survived, by kind: each was counted and the data kept or retried, never dropped \
+             silently (fatal errors end the run with a message instead).",
+            [
+                ("kernel_record_undecodable", c.decode_errors.get()),
+                ("s3_transient_retried", self.s3.retries.get()),
+                ("broker_publish_retried", b.publish_retries.get()),
+                ("broker_message_dead_lettered", b.dead_letters.get()),
+            ]
+            .map(|(kind, n)| (label("kind", kind), n)),
+        );
+        x.family(
+            "edge_queue_depth",
+            "gauge",
+            "Batches queued on an in-process edge.",
+            [
+                ("events_to_aggregate", &self.edges.events_to_aggregate),
+                ("events_to_sink", &self.edges.events_to_sink),
+                ("flows_to_sink", &self.edges.flows_to_sink),
+            ]
+            .map(|(edge, g)| (label("edge", edge), g.get())),
+        );
+        x.family(
+            "ready",
+            "gauge",
+            "1 when edges are connected and the output writable (as /readyz).",
+            [(String::new(), u8::from(self.health.check().is_ok()))],
+        );
+        x.0
     }
 }
 
@@ -360,7 +474,26 @@ mod tests {
         // Every sample line is `name{labels} value` with a numeric value.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let value = line.rsplit(' ').next().unwrap();
-            assert!(value.parse::<i64>().is_ok(), "{line}");
+            assert!(value.parse::<f64>().is_ok(), "{line}");
         }
+        // Each family is described once, and its samples follow it without interruption.
+        let mut seen = std::collections::HashSet::new();
+        let mut current = String::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                current = rest.split(' ').next().unwrap().to_string();
+                assert!(seen.insert(current.clone()), "HELP twice: {current}");
+            } else if !line.starts_with('#') {
+                assert!(line.starts_with(&current), "{line} outside {current}");
+            }
+        }
+        m.s3.observe("put", std::time::Duration::from_millis(30));
+        let text = m.render_prometheus();
+        assert!(text
+            .contains("tcplake_s3_request_duration_seconds_bucket{op=\"put\",le=\"0.025\"} 0\n"));
+        assert!(
+            text.contains("tcplake_s3_request_duration_seconds_bucket{op=\"put\",le=\"0.05\"} 1\n")
+        );
+        assert!(text.contains("tcplake_s3_request_duration_seconds_count{op=\"put\"} 1\n"));
     }
 }

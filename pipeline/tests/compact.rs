@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -158,7 +158,7 @@ fn compaction_keeps_every_row_and_answer_even_when_killed_and_rerun() {
     for delay_ms in [0u64, 20, 100, 300, 700] {
         let _ = std::fs::remove_dir_all(&killed);
         copy_dir(&reference, &killed);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tcplake"))
+        let mut child = tcplake_cmd()
             .args(["compact", "--out", killed.to_str().unwrap()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -48,7 +48,7 @@ struct Capture {
 
 impl Capture {
     fn start(out: &Path, port: u16) -> Capture {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tcplake"))
+        let mut child = tcplake_cmd()
             .args([
                 "--source",
                 "ebpf",

@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
 use common::*;
 
@@ -53,7 +53,7 @@ fn replaying_the_log_rebuilds_the_flows_even_after_a_kill() {
         }
         a
     };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tcplake"))
+    let mut child = tcplake_cmd()
         .args(args(true))
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use common::*;
@@ -38,7 +38,7 @@ fn args(out: &Path) -> Vec<String> {
 /// mid-run, after something was committed, however loaded the machine is).
 fn run_and_kill(out: &Path, after: Duration) {
     let known = commits(out, "events");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tcplake"))
+    let mut child = tcplake_cmd()
         .args(args(out))
         .args(["--rate", "150000"])
         .stdout(Stdio::null())

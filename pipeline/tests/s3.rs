@@ -269,7 +269,7 @@ fn store_outage_mid_run_is_ridden_out_with_nothing_lost() {
     let tmp = tempfile::tempdir().unwrap();
     let spool = tmp.path().join("spool");
     let n = N.to_string();
-    let child = Command::new(env!("CARGO_BIN_EXE_tcplake"))
+    let child = tcplake_cmd()
         .args([
             "--source",
             "synthetic",
@@ -390,7 +390,7 @@ fn kill_9_mid_upload_then_restart_loses_and_duplicates_nothing() {
         }
         a
     };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tcplake"))
+    let mut child = tcplake_cmd()
         .args(args(true))
         .env("AWS_ACCESS_KEY_ID", KEY)
         .env("AWS_SECRET_ACCESS_KEY", SECRET)
@@ -512,7 +512,7 @@ fn live_capture_excludes_its_own_s3_traffic_unless_asked() {
         if include_self {
             args.push("--include-self");
         }
-        let child = Command::new(env!("CARGO_BIN_EXE_tcplake"))
+        let child = tcplake_cmd()
             .args(&args)
             .env("AWS_ACCESS_KEY_ID", KEY)
             .env("AWS_SECRET_ACCESS_KEY", SECRET)

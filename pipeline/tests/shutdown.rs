@@ -10,7 +10,7 @@ use common::*;
 fn interrupt_mid_run(signal: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let child = Command::new(env!("CARGO_BIN_EXE_tcplake"))
+    let child = tcplake_cmd()
         .args([
             "--source",
             "synthetic",

@@ -108,7 +108,7 @@ impl Run {
     }
 
     fn spawn(&self, mode: &str, extra: &[&str]) -> Child {
-        Command::new(env!("CARGO_BIN_EXE_tcplake"))
+        tcplake_cmd()
             .args(self.args(mode, extra))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

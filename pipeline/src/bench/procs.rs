@@ -26,6 +26,8 @@ pub struct Running {
 pub fn spawn(exe: &Path, role: &str, args: &[String]) -> Result<Running, BenchError> {
     let child = Command::new(exe)
         .args(args)
+        // Several processes per mode on one host: none serves metrics (the bench reads rusage).
+        .env("TCPLAKE_METRICS_ADDR", "off")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -369,6 +369,8 @@ async fn monolith(
         duration: s.duration,
     };
 
+    // Output writable, source attached, stages about to run.
+    metrics.health.set_ready();
     let m = Arc::clone(&metrics);
     let capture = tokio::spawn(async move {
         capture::run(

@@ -73,6 +73,7 @@ pub async fn capture(
             objects::events_stream(&s.node),
             Arc::clone(&metrics.handoff),
         );
+        metrics.health.set_ready();
         capture::run(cfg, source, output, shutdown, &metrics.capture).await?;
         return Ok(summary(&metrics, started, store.describe()));
     }
@@ -94,6 +95,7 @@ pub async fn capture(
         );
     }
     let output = broker.events_tx(&s.node)?;
+    metrics.health.set_ready();
     capture::run(cfg, source, output, shutdown, &metrics.capture).await?;
     let mut sum = summary(&metrics, started, s.broker_url());
     sum.resumed_at_seq = resume_seq;
@@ -131,6 +133,7 @@ pub async fn aggregate(
             resume: None,
             shard,
         };
+        metrics.health.set_ready();
         aggregate::run(cfg, input, output, &metrics.aggregate)
             .await
             .map_err(RunError::Aggregate)?;
@@ -167,6 +170,7 @@ pub async fn aggregate(
         resume,
         shard,
     };
+    metrics.health.set_ready();
     let m = Arc::clone(&metrics);
     let mut task =
         tokio::spawn(async move { aggregate::run(cfg, input, output, &m.aggregate).await });
@@ -258,6 +262,7 @@ pub async fn sink(
         )
         .await?;
     let (through_tx, through_rx) = watch::channel(0u64);
+    metrics.health.set_ready();
     let events = tokio::spawn(route_events(
         events_in,
         store.clone(),
@@ -316,6 +321,7 @@ async fn sink_from_objects(
     handoff: Store,
     started: Instant,
 ) -> Result<Summary, RunError> {
+    metrics.health.set_ready();
     let writer =
         |ds: Dataset| RollingWriter::new(ds.name(), ds.schema(), store.clone(), roll_policy(s));
     let mut tasks = Vec::new();

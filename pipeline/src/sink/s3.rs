@@ -206,7 +206,10 @@ impl S3Store {
         let mut backoff = FIRST_BACKOFF;
         loop {
             self.metrics.count(op);
-            match send().await {
+            let attempt = Instant::now();
+            let result = send().await;
+            self.metrics.observe(op, attempt.elapsed());
+            match result {
                 Ok(v) => return Ok(v),
                 Err(e) if transient(&e) && started.elapsed() < self.max_retry => {
                     self.metrics.retries.add(1);

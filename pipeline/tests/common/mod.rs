@@ -5,16 +5,24 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-/// Runs the `tcplake` binary built for this test run.
-pub fn tcplake(args: &[&str], envs: &[(&str, &str)]) -> Output {
+/// The `tcplake` binary built for this test run, as a command with a clean environment: no settings
+/// from the developer's shell, and no metrics endpoint (tests run side by side; tests/admin.rs
+/// covers the endpoint).
+pub fn tcplake_cmd() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tcplake"));
-    cmd.args(args);
-    // Tests must not pick up settings from the developer's shell.
     for (k, _) in std::env::vars() {
         if k.starts_with("TCPLAKE_") {
             cmd.env_remove(k);
         }
     }
+    cmd.env("TCPLAKE_METRICS_ADDR", "off");
+    cmd
+}
+
+/// Runs the `tcplake` binary built for this test run.
+pub fn tcplake(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    let mut cmd = tcplake_cmd();
+    cmd.args(args);
     cmd.envs(envs.iter().copied());
     cmd.output().expect("run tcplake")
 }
