@@ -357,7 +357,6 @@ pub struct FileBroker {
     pub connect_timeout: Option<String>,
     pub max_age: Option<String>,
     pub max_bytes: Option<String>,
-    pub max_in_flight: Option<usize>,
     pub compress: Option<bool>,
     pub ack_wait: Option<String>,
 }
@@ -527,7 +526,6 @@ pub mod defaults {
     pub const BROKER_MAX_AGE: &str = "24h";
     /// Per stream. JetStream reserves it on disk up front, so it must fit the broker's free space.
     pub const BROKER_MAX_BYTES: &str = "1GiB";
-    pub const BROKER_MAX_IN_FLIGHT: usize = 256;
     pub const METRICS_ADDR: &str = "127.0.0.1:9477";
 }
 
@@ -890,7 +888,7 @@ impl Settings {
     pub fn broker_url(&self) -> String {
         self.broker
             .as_ref()
-            .map(|b| b.url.clone())
+            .map(|b| crate::edge::broker::redact(&b.url))
             .unwrap_or_default()
     }
 }
@@ -924,14 +922,6 @@ fn broker_settings(
         .clone()
         .unwrap_or_else(|| defaults::BROKER_MAX_BYTES.into());
     let max_bytes = parse_size(&size).map_err(|e| invalid("broker.max_bytes", &size, e))?;
-    let max_in_flight = file.max_in_flight.unwrap_or(defaults::BROKER_MAX_IN_FLIGHT);
-    if !(1..=65_536).contains(&max_in_flight) {
-        return Err(invalid(
-            "broker.max_in_flight",
-            max_in_flight,
-            "must be between 1 and 65536",
-        ));
-    }
     Ok(Some(crate::edge::broker::BrokerSettings {
         url,
         connect_for: duration_setting(
@@ -945,7 +935,6 @@ fn broker_settings(
             defaults::BROKER_MAX_AGE,
         )?,
         max_bytes: i64::try_from(max_bytes).unwrap_or(i64::MAX),
-        max_in_flight,
         compress: file.compress.unwrap_or(true),
         ack_wait: file
             .ack_wait

@@ -217,6 +217,8 @@ pub struct BrokerMetrics {
     pub dead_letters: Counter,
     /// Rows received again after a restart or redelivery and skipped (already written).
     pub redelivered_rows_skipped: Counter,
+    /// Consumers reopened after losing the broker.
+    pub consumer_reconnects: Counter,
 }
 
 /// Requests of the object-store hand-off edge, counted as S3 would bill them (whatever the store).
@@ -401,6 +403,11 @@ impl Metrics {
                 "broker_duplicates_dropped_total",
                 "Re-published messages the broker dropped as duplicates.",
                 b.duplicates_dropped.get(),
+            ),
+            (
+                "broker_consumer_reconnects_total",
+                "Consumers reopened after losing the broker.",
+                b.consumer_reconnects.get(),
             ),
             (
                 "broker_redelivered_rows_skipped_total",

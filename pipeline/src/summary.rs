@@ -69,6 +69,8 @@ pub struct BrokerSummary {
     pub consumed_bytes: u64,
     pub acks: u64,
     pub publish_retries: u64,
+    /// Consumers reopened after losing the broker.
+    pub consumer_reconnects: u64,
     pub redelivered_rows_skipped: u64,
 }
 
@@ -113,6 +115,7 @@ impl Summary {
                     consumed_bytes: b.consumed_bytes.get(),
                     acks: b.acks.get(),
                     publish_retries: b.publish_retries.get(),
+                    consumer_reconnects: b.consumer_reconnects.get(),
                     redelivered_rows_skipped: b.redelivered_rows_skipped.get(),
                 })
             },

@@ -189,6 +189,10 @@ fn compaction_keeps_every_row_and_answer_even_when_killed_and_rerun() {
     assert_eq!(answers(&killed), before);
     assert_eq!(leftovers(&killed), Vec::<PathBuf>::new());
     assert!(plans(&killed).is_empty());
+    report_fault(
+        "tcplake compact: kill -9 mid-merge, rerun",
+        "the rerun finished the planned merge",
+    );
 }
 
 #[test]

@@ -100,4 +100,8 @@ fn killed_twice_and_restarted_writes_exactly_the_undisturbed_rows() {
             record.display()
         );
     }
+    report_fault(
+        "monolith → local dir: kill -9 twice at arbitrary points, restart",
+        "resumed after the last commit",
+    );
 }

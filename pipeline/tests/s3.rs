@@ -321,7 +321,7 @@ fn store_outage_mid_run_is_ridden_out_with_nothing_lost() {
             peak
         })
     };
-    server.outage(Duration::from_secs(30));
+    server.outage(Duration::from_secs(60));
     stop_sampling.store(true, std::sync::atomic::Ordering::Relaxed);
     let peak = sampler.join().unwrap();
     let o = child.wait_with_output().unwrap();
@@ -337,6 +337,10 @@ fn store_outage_mid_run_is_ridden_out_with_nothing_lost() {
     );
     // Nothing lost: every event is in the bucket, and the flows match a local run of the same seed.
     assert_bucket_matches_local_run(&server, "outage", tmp.path(), "9", "outage", N as i64);
+    report_fault(
+        "monolith → S3: S3 server down 60 s mid-run",
+        "ridden out with retries, memory bounded",
+    );
 }
 
 /// Files s3s-fs keeps for multipart uploads in progress (`.upload-<id>.json`, `.upload_id-<id>.part-N`).
@@ -465,6 +469,10 @@ fn kill_9_mid_upload_then_restart_loses_and_duplicates_nothing() {
     assert!(files_under(&spool).is_empty(), "{:?}", files_under(&spool));
 
     assert_bucket_matches_local_run(&server, "crash", tmp.path(), "21", "crash", N as i64);
+    report_fault(
+        "monolith → S3: kill -9 mid multipart upload, restart",
+        "resumed after the last commit, no upload left open",
+    );
 }
 
 /// Loopback connections for about three seconds.

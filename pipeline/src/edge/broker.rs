@@ -5,16 +5,17 @@
 //!   `tcplake.dead.<kind>` for messages that cannot be decoded. Retention is by limits with
 //!   `discard: new`: a full stream refuses publishes (the producer waits and retries) instead of
 //!   silently dropping the oldest data a consumer may still need.
-//! * Producers publish many events per message ([`super::wire`]), keep a bounded number of acks in
-//!   flight, and re-publish what was not acknowledged; a message id (`Nats-Msg-Id`) derived from the
-//!   batch's stream position lets the server drop duplicates.
+//! * Producers publish many events per message ([`super::wire`]), one message at a time, each only
+//!   after its predecessor on the subject is stored (`Nats-Expected-Last-Subject-Sequence`), so a
+//!   producer's messages are stored in order even across broker restarts; a message id
+//!   (`Nats-Msg-Id`) derived from the batch's stream position recognises a retried message that was
+//!   in fact stored.
 //! * A stream ends with an end marker (header `Tcplake-End`) when a finite source is exhausted; a stop
 //!   by signal sends none, so a restarted producer simply continues.
 //! * Consumers: aggregators read with an ordered consumer from the position their last published flow
 //!   batch names (their own output is their checkpoint); the sink uses durable consumers and acks a
 //!   message only once the files holding its rows are committed.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -64,7 +65,6 @@ pub struct BrokerSettings {
     /// Stream retention: at most this many bytes per stream (then publishes wait).
     pub max_bytes: i64,
     /// Publishes awaiting their ack, per producer.
-    pub max_in_flight: usize,
     /// zstd-compress message bodies.
     pub compress: bool,
     /// Sink: how long a delivered message may stay unacked before the broker redelivers it
@@ -106,7 +106,7 @@ pub struct Broker {
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Broker")
-            .field("url", &self.settings.url)
+            .field("url", &redact(&self.settings.url))
             .finish()
     }
 }
@@ -128,14 +128,14 @@ impl Broker {
                 Ok(c) => break c,
                 Err(e) if started.elapsed() < settings.connect_for => {
                     if backoff == Duration::from_millis(100) {
-                        tracing::warn!(url = %settings.url, error = %e, "broker unreachable; retrying");
+                        tracing::warn!(url = %redact(&settings.url), error = %e, "broker unreachable; retrying");
                     }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
                 Err(e) => {
                     return Err(BrokerError::Unreachable {
-                        url: settings.url.clone(),
+                        url: redact(&settings.url),
                         secs: settings.connect_for.as_secs(),
                         reason: e.to_string(),
                     })
@@ -253,7 +253,8 @@ impl Broker {
             self.clone(),
             events_subject(&node),
             Box::new(move |b: &Arc<EventBatch>| {
-                let id = b.events.first().map(|e| format!("{node}-{}", e.seq));
+                // (node, first seq) names a batch whatever run or attempt publishes it.
+                let id = format!("{node}-{}", b.events.first().map_or(0, |e| e.seq));
                 (wire::encode_events(b, compress), id)
             }),
         ))
@@ -266,9 +267,13 @@ impl Broker {
             self.clone(),
             flows_subject(shard),
             Box::new(move |b: &FlowBatch| {
+                // (window, rank) of the first row names a batch whatever run publishes it.
                 let id = match (b.records.first(), b.ranks.first()) {
-                    (Some(r), Some(k)) => Some(format!("{}-{}-{k}", b.producer, r.window_start_us)),
-                    _ => None,
+                    (Some(r), Some(k)) => format!("{}-{}-{k}", b.producer, r.window_start_us),
+                    _ => format!(
+                        "{}-empty-{}-{}",
+                        b.producer, b.replay.through_seq, b.replay.watermark_us
+                    ),
                 };
                 (wire::encode_flows(b, compress), id)
             }),
@@ -292,28 +297,20 @@ impl Broker {
                 ),
             });
         }
-        let deliver_policy = if from == 0 {
-            consumer::DeliverPolicy::All
-        } else {
-            consumer::DeliverPolicy::ByStartSequence {
-                start_sequence: from,
-            }
-        };
-        let c = stream
-            .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: "tcplake.events.>".into(),
-                deliver_policy,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| consumer_err("tcplake.events.>", e))?;
-        let messages = c
-            .messages()
-            .await
-            .map_err(|e| consumer_err("tcplake.events.>", e))?;
+        let messages =
+            open_ordered(self.clone(), from)
+                .await
+                .map_err(|reason| BrokerError::Consumer {
+                    subject: "tcplake.events.>".into(),
+                    reason,
+                })?;
+        let broker = self.clone();
+        let reopen: Reopen = Arc::new(move |next| Box::pin(open_ordered(broker.clone(), next)));
         Ok(BrokerRx::new(
             self.clone(),
-            Box::pin(messages.map(|m| m.map_err(|e| e.to_string()))),
+            messages,
+            reopen,
+            from,
             Box::new(decode_positioned_events),
             Ends::AllSeenNodes,
         ))
@@ -365,9 +362,25 @@ impl Broker {
             .await
             .map_err(|e| consumer_err(subject, e))?;
         let messages = c.messages().await.map_err(|e| consumer_err(subject, e))?;
+        // After a broker restart the durable consumer is still there (file storage): pull again. What
+        // this process held unacked it still holds; acks lost meanwhile come back as redeliveries,
+        // which the sink skips as already written.
+        let (broker, name) = (self.clone(), name.to_string());
+        let reopen: Reopen = Arc::new(move |_| {
+            let (broker, name) = (broker.clone(), name.clone());
+            Box::pin(async move {
+                let s = broker.stream(stream).await.map_err(|e| e.to_string())?;
+                let c: consumer::PullConsumer =
+                    s.get_consumer(&name).await.map_err(|e| e.to_string())?;
+                let m = c.messages().await.map_err(|e| e.to_string())?;
+                Ok(Box::pin(m.map(|m| m.map_err(|e| e.to_string()))) as MessageStream)
+            })
+        });
         Ok(BrokerRx::new(
             self.clone(),
             Box::pin(messages.map(|m| m.map_err(|e| e.to_string()))),
+            reopen,
+            0,
             decode,
             ends,
         ))
@@ -398,6 +411,31 @@ impl Broker {
     }
 }
 
+/// An ordered consumer of the events stream from stream sequence `from` on (0: from the start).
+async fn open_ordered(broker: Broker, from: u64) -> Result<MessageStream, String> {
+    let deliver_policy = if from <= 1 {
+        consumer::DeliverPolicy::All
+    } else {
+        consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: from,
+        }
+    };
+    let stream = broker
+        .stream(EVENTS_STREAM)
+        .await
+        .map_err(|e| e.to_string())?;
+    let c = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: "tcplake.events.>".into(),
+            deliver_policy,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let messages = c.messages().await.map_err(|e| e.to_string())?;
+    Ok(Box::pin(messages.map(|m| m.map_err(|e| e.to_string()))))
+}
+
 fn consumer_err(subject: &str, e: impl std::fmt::Display) -> BrokerError {
     BrokerError::Consumer {
         subject: subject.to_string(),
@@ -405,20 +443,24 @@ fn consumer_err(subject: &str, e: impl std::fmt::Display) -> BrokerError {
     }
 }
 
-type Encoder<T> = Box<dyn Fn(&T) -> (Vec<u8>, Option<String>) + Send + Sync>;
+type Encoder<T> = Box<dyn Fn(&T) -> (Vec<u8>, String) + Send + Sync>;
 
-struct InFlight {
-    ack: jetstream::context::PublishAckFuture,
-    payload: Bytes,
-    id: Option<String>,
-}
+/// Server-side check that a publish directly follows the previous message on its subject.
+const EXPECTED_LAST_SUBJECT_SEQ: &str = "Nats-Expected-Last-Subject-Sequence";
 
-/// The producing half: publishes with at most `max_in_flight` acks outstanding.
+/// The producing half. Each message waits for its acknowledgement before the next is published, and
+/// carries the stream sequence of its predecessor on the subject (`Nats-Expected-Last-Subject-Sequence`):
+/// the server refuses it unless everything before it is stored. So a producer's messages are stored in
+/// exactly the order it sent them, whatever fails in between; consumers rely on that (a sink skips
+/// what precedes what it has seen, an aggregator's lateness follows stream order). Pipelined publishes
+/// would be faster, but after a broker restart a lost message could be re-published behind a later
+/// one, which consumers would then treat as already seen (found by the broker-restart test).
 pub struct BrokerTx<T> {
     broker: Broker,
     subject: String,
     encode: Encoder<T>,
-    in_flight: VecDeque<InFlight>,
+    /// Stream sequence of the last message stored on the subject (0: none); `None` until looked up.
+    last_seq: Option<u64>,
 }
 
 impl<T> BrokerTx<T> {
@@ -427,116 +469,133 @@ impl<T> BrokerTx<T> {
             broker,
             subject,
             encode,
-            in_flight: VecDeque::new(),
+            last_seq: None,
         }
     }
 
-    fn headers(id: &Option<String>) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        if let Some(id) = id {
-            h.insert(MSG_ID, id.as_str());
-        }
-        h
+    /// The stream sequence and message id of the last message stored on the subject.
+    async fn last_stored(&self) -> Result<(u64, Option<String>), EdgeError> {
+        let stream = stream_of(&self.subject);
+        let last = self
+            .broker
+            .last_on(stream, &self.subject)
+            .await
+            .map_err(|e| EdgeError::Broker(e.to_string()))?;
+        Ok(last.map_or((0, None), |m| {
+            let id = m.headers.get(MSG_ID).map(|v| v.as_str().to_string());
+            (m.sequence, id)
+        }))
     }
 
-    /// Publishes until the server has the message, retrying for [`PUBLISH_RETRY_FOR`] (a full stream,
-    /// a restarting server). Duplicates of a retried message are dropped by the server (message id).
-    async fn publish(
-        &self,
-        payload: Bytes,
-        id: &Option<String>,
-    ) -> Result<jetstream::context::PublishAckFuture, EdgeError> {
+    /// Publishes one message right after the subject's last and waits until it is stored, retrying
+    /// for [`PUBLISH_RETRY_FOR`] (a full stream, a restarting server). A retry of a message that was in
+    /// fact stored (its acknowledgement lost) is recognised by its id.
+    async fn publish(&mut self, payload: Bytes, id: &str, end: bool) -> Result<(), EdgeError> {
         let started = Instant::now();
         let mut backoff = Duration::from_millis(50);
         loop {
-            let r = self
-                .broker
-                .js
-                .publish_with_headers(self.subject.clone(), Self::headers(id), payload.clone())
-                .await;
-            match r {
-                Ok(ack) => {
-                    self.broker.metrics.published_messages.add(1);
-                    self.broker
-                        .metrics
-                        .published_bytes
-                        .add(payload.len() as u64);
-                    return Ok(ack);
-                }
-                Err(e) if started.elapsed() < PUBLISH_RETRY_FOR => {
-                    self.broker.metrics.publish_retries.add(1);
-                    tracing::warn!(subject = %self.subject, error = %e, "publish failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
-                Err(e) => {
-                    return Err(EdgeError::Broker(format!(
-                        "publish to {}: {e}",
-                        self.subject
-                    )))
-                }
-            }
-        }
-    }
-
-    /// Waits for the oldest outstanding ack, re-publishing if the server did not take the message.
-    async fn settle_oldest(&mut self) -> Result<(), EdgeError> {
-        let Some(mut f) = self.in_flight.pop_front() else {
-            return Ok(());
-        };
-        let started = Instant::now();
-        loop {
-            match f.ack.await {
-                Ok(ack) => {
-                    if ack.duplicate {
-                        self.broker.metrics.duplicates_dropped.add(1);
+            let attempt = async {
+                let last = match self.last_seq {
+                    Some(s) => s,
+                    None => {
+                        let (s, _) = self.last_stored().await.map_err(Attempt::Lookup)?;
+                        self.last_seq = Some(s);
+                        s
                     }
+                };
+                let mut h = HeaderMap::new();
+                h.insert(MSG_ID, id);
+                h.insert(EXPECTED_LAST_SUBJECT_SEQ, last.to_string().as_str());
+                if end {
+                    h.insert(END_HEADER, "1");
+                }
+                let ack = self
+                    .broker
+                    .js
+                    .publish_with_headers(self.subject.clone(), h, payload.clone())
+                    .await
+                    .map_err(Attempt::Publish)?;
+                ack.await.map_err(Attempt::Publish)
+            };
+            let failure = match attempt.await {
+                Ok(ack) => {
+                    let m = &self.broker.metrics;
+                    m.published_messages.add(1);
+                    m.published_bytes.add(payload.len() as u64);
+                    if ack.duplicate {
+                        m.duplicates_dropped.add(1);
+                    }
+                    self.last_seq = Some(ack.sequence);
                     return Ok(());
                 }
-                Err(e) if started.elapsed() < PUBLISH_RETRY_FOR => {
-                    self.broker.metrics.publish_retries.add(1);
-                    tracing::warn!(subject = %self.subject, error = %e, "publish not acknowledged; publishing again");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    f.ack = self.publish(f.payload.clone(), &f.id).await?;
-                }
-                Err(e) => {
+                Err(Attempt::Publish(e))
+                    if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence =>
+                {
+                    // Something was stored after our last: this very message (an earlier attempt
+                    // whose acknowledgement was lost), or another producer using our subject.
+                    let (seq, last_id) = self.last_stored().await?;
+                    if last_id.as_deref() == Some(id) {
+                        self.last_seq = Some(seq);
+                        return Ok(());
+                    }
                     return Err(EdgeError::Broker(format!(
-                        "publish to {} not acknowledged: {e}",
+                        "{}: a message this producer did not send is on its subject (stream sequence                          {seq}): is a second tcplake running with the same node name or shard?",
                         self.subject
-                    )))
+                    )));
                 }
+                Err(e) => e.to_string(),
+            };
+            if started.elapsed() >= PUBLISH_RETRY_FOR {
+                return Err(EdgeError::Broker(format!(
+                    "publish to {} failed for {}s: {failure}",
+                    self.subject,
+                    PUBLISH_RETRY_FOR.as_secs()
+                )));
             }
+            self.broker.metrics.publish_retries.add(1);
+            tracing::warn!(subject = %self.subject, error = %failure, "publish failed; retrying");
+            // The server may have restarted: look the subject's last message up again.
+            self.last_seq = None;
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
+    }
+}
+
+/// Why one publish attempt failed.
+enum Attempt {
+    Lookup(EdgeError),
+    Publish(jetstream::context::PublishError),
+}
+
+impl std::fmt::Display for Attempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Attempt::Lookup(e) => write!(f, "{e}"),
+            Attempt::Publish(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// The stream a subject belongs to.
+fn stream_of(subject: &str) -> &'static str {
+    if subject.starts_with("tcplake.flows.") {
+        FLOWS_STREAM
+    } else {
+        EVENTS_STREAM
     }
 }
 
 impl<T: Send + Sync> Tx<T> for BrokerTx<T> {
     async fn send(&mut self, item: T) -> Result<(), EdgeError> {
         let (body, id) = (self.encode)(&item);
-        let payload = Bytes::from(body);
-        while self.in_flight.len() >= self.broker.settings.max_in_flight.max(1) {
-            self.settle_oldest().await?;
-        }
-        let ack = self.publish(payload.clone(), &id).await?;
-        self.in_flight.push_back(InFlight { ack, payload, id });
-        Ok(())
+        self.publish(Bytes::from(body), &id, false).await
     }
 
     async fn close(&mut self, end_of_stream: bool) -> Result<(), EdgeError> {
-        while !self.in_flight.is_empty() {
-            self.settle_oldest().await?;
-        }
         if end_of_stream {
-            let mut h = HeaderMap::new();
-            h.insert(END_HEADER, "1");
-            let ack = self
-                .broker
-                .js
-                .publish_with_headers(self.subject.clone(), h, Bytes::new())
-                .await
-                .map_err(|e| EdgeError::Broker(format!("end marker on {}: {e}", self.subject)))?;
-            ack.await
-                .map_err(|e| EdgeError::Broker(format!("end marker on {}: {e}", self.subject)))?;
+            let id = format!("{}-end", self.subject);
+            self.publish(Bytes::new(), &id, true).await?;
         }
         Ok(())
     }
@@ -574,6 +633,16 @@ pub enum Ends {
 type MessageStream =
     std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<jetstream::Message, String>> + Send>>;
 
+/// Opens the message stream again after the broker went away, continuing at a stream sequence.
+type Reopen = Arc<
+    dyn Fn(u64) -> futures_util::future::BoxFuture<'static, Result<MessageStream, String>>
+        + Send
+        + Sync,
+>;
+
+/// How long a consumer keeps trying to get its messages back after losing the broker (as producers do).
+const CONSUME_RETRY_FOR: Duration = PUBLISH_RETRY_FOR;
+
 /// A received item and the message to ack once it is durable downstream.
 pub struct Delivery<T> {
     pub item: T,
@@ -584,6 +653,9 @@ pub struct Delivery<T> {
 pub struct BrokerRx<T> {
     broker: Broker,
     messages: MessageStream,
+    reopen: Reopen,
+    /// Stream sequence after the last message received (where a reopened ordered consumer starts).
+    next_seq: u64,
     decode: Decoder<T>,
     ends: Ends,
     live_nodes: std::collections::BTreeSet<String>,
@@ -593,15 +665,53 @@ pub struct BrokerRx<T> {
 }
 
 impl<T> BrokerRx<T> {
-    fn new(broker: Broker, messages: MessageStream, decode: Decoder<T>, ends: Ends) -> Self {
+    fn new(
+        broker: Broker,
+        messages: MessageStream,
+        reopen: Reopen,
+        next_seq: u64,
+        decode: Decoder<T>,
+        ends: Ends,
+    ) -> Self {
         BrokerRx {
             broker,
             messages,
+            reopen,
+            next_seq,
             decode,
             ends,
             live_nodes: Default::default(),
             ended_nodes: Default::default(),
             settled: Vec::new(),
+        }
+    }
+
+    /// The broker went away (restart, network): reopen the consumer where this one stopped, with
+    /// backoff, for up to [`CONSUME_RETRY_FOR`].
+    async fn recover(&mut self, error: String) -> Result<(), EdgeError> {
+        tracing::warn!(%error, next_seq = self.next_seq, "lost the broker while consuming; reconnecting");
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            tokio::time::sleep(backoff).await;
+            match (self.reopen)(self.next_seq).await {
+                Ok(messages) => {
+                    self.messages = messages;
+                    self.broker.metrics.consumer_reconnects.add(1);
+                    tracing::info!(next_seq = self.next_seq, "consuming again");
+                    return Ok(());
+                }
+                Err(e) if started.elapsed() < CONSUME_RETRY_FOR => {
+                    tracing::debug!(error = %e, "broker not back yet");
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    return Err(EdgeError::Broker(format!(
+                        "consuming: {error}; the broker was still unavailable after {}s: {e}",
+                        CONSUME_RETRY_FOR.as_secs()
+                    )))
+                }
+            }
         }
     }
 
@@ -611,7 +721,16 @@ impl<T> BrokerRx<T> {
             let Some(m) = self.messages.next().await else {
                 return Ok(None);
             };
-            let m = m.map_err(|e| EdgeError::Broker(format!("consuming: {e}")))?;
+            let m = match m {
+                Ok(m) => m,
+                Err(e) => {
+                    self.recover(e).await?;
+                    continue;
+                }
+            };
+            if let Ok(info) = m.info() {
+                self.next_seq = info.stream_sequence + 1;
+            }
             let node = m
                 .subject
                 .as_str()
@@ -680,5 +799,32 @@ pub async fn ack(metrics: &BrokerMetrics, m: &jetstream::Message) {
     metrics.acks.add(1);
     if let Err(e) = m.ack().await {
         tracing::debug!(error = %e, "ack failed; the message will be redelivered and deduplicated");
+    }
+}
+
+/// A broker URL fit for logs and summaries: credentials (`user:password@`, `token@`) become `***@`.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod redact_tests {
+    #[test]
+    fn credentials_never_reach_logs() {
+        use super::redact;
+        assert_eq!(
+            redact("nats://u:s3cret@10.0.0.1:4222"),
+            "nats://***@10.0.0.1:4222"
+        );
+        assert_eq!(redact("nats://tok@h:4222/x@y"), "nats://***@h:4222/x@y");
+        assert_eq!(redact("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(redact("weird"), "weird");
     }
 }

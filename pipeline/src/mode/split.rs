@@ -231,6 +231,8 @@ struct NodeSink {
     next_seq: u64,
     /// Next `seq` not yet committed.
     committed: u64,
+    /// `next_seq` is known (something was committed or received): a batch must continue there.
+    started: bool,
     unacked: Unacked<u64>,
     task: JoinHandle<Result<SinkStats, SinkError>>,
 }
@@ -416,6 +418,18 @@ async fn route_events(
             nodes.insert(Arc::clone(&batch.node), ns);
         }
         let ns = nodes.get_mut(&batch.node).expect("just inserted");
+        // Producers store a node's batches in seq order (see `edge::broker`): a jump ahead means
+        // events are missing from the stream, and going on would lose them without a trace.
+        if let Some(first) = batch.events.first().map(|e| e.seq) {
+            if ns.started && first > ns.next_seq {
+                return Err(edge_err("events")(EdgeError::Broker(format!(
+                    "events {}..{first} of node `{}` are missing from the stream (stream sequence \
+                     {sseq} starts at {first}): refusing to write past a gap",
+                    ns.next_seq, batch.node
+                ))));
+            }
+            ns.started = true;
+        }
         // Rows a commit record (or an earlier delivery) already covers are skipped: redelivery.
         let fresh: Vec<_> = batch
             .events
@@ -534,6 +548,7 @@ async fn start_node_sink(
         tx,
         next_seq,
         committed: next_seq,
+        started: next_seq > 0,
         unacked: Unacked::new(),
         task,
     })

@@ -17,8 +17,9 @@ pub enum FormatError {
     )]
     NoTracefs,
     #[error(
-        "cannot read tracefs at `{0}`: permission denied; live capture needs root, or CAP_BPF and \
-         CAP_PERFMON plus read access to tracefs; --source synthetic needs no privileges"
+        "cannot read tracefs at `{0}`: permission denied; live capture needs root, or CAP_BPF, \
+         CAP_PERFMON and CAP_DAC_READ_SEARCH (tracefs is root-only); --source synthetic needs no \
+         privileges"
     )]
     Denied(PathBuf),
     #[error("cannot read `{path}`: {source} (is the tracepoint available on this kernel?)")]
