@@ -17,7 +17,13 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # --no-fail-fast: one failing binary must not hide the results of the others.
 status=0
+faults=target/tmp/fault-report.tsv   # rows appended by the fault tests (tests/common::report_fault)
+rm -f "$faults"
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
+if [ -s "$faults" ]; then
+  echo "== fault suite (each row: a fault injected on loopback, and the output compared afterwards)"
+  sort "$faults" | awk -F'\t' '{ printf "  %-90s %s\n", $1, $2 }'
+fi
 # One closing line with the totals over every test binary (cargo prints one line per binary), also
 # when some failed; the exit status is cargo's.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed/) p += $(i-1); if ($i ~ /^failed/) f += $(i-1) } }

@@ -962,6 +962,9 @@ fn output(cli: &Cli, file: &FileSink) -> Result<Output, ConfigError> {
         )
     })?;
     let endpoint = cli.s3_endpoint.clone().or(file.s3_endpoint.clone());
+    if let Some(ep) = &endpoint {
+        check_endpoint(ep)?;
+    }
     Ok(Output::S3(crate::sink::s3::S3Settings {
         bucket,
         prefix,
@@ -980,6 +983,37 @@ fn output(cli: &Cli, file: &FileSink) -> Result<Output, ConfigError> {
             defaults::S3_MAX_RETRY,
         )?,
     }))
+}
+
+/// `http(s)://HOST[:PORT][/]`: caught here, a typo is one error line instead of ten minutes of retries.
+fn check_endpoint(ep: &str) -> Result<(), ConfigError> {
+    let bad = || {
+        invalid(
+            "S3 endpoint",
+            ep,
+            "expected http://HOST[:PORT] or https://HOST[:PORT]",
+        )
+    };
+    let rest = ep
+        .strip_prefix("http://")
+        .or_else(|| ep.strip_prefix("https://"))
+        .ok_or_else(bad)?;
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    let (host, port) = match authority.rsplit_once(':') {
+        // Bracketed IPv6 literals contain colons of their own.
+        Some((h, p)) if !p.contains(']') => (h, Some(p)),
+        _ => (authority, None),
+    };
+    let host_ok = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '[' | ']' | ':'));
+    let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
+    if host_ok && port_ok {
+        Ok(())
+    } else {
+        Err(bad())
+    }
 }
 
 fn duration_setting(
@@ -1133,5 +1167,29 @@ mod tests {
     fn cli_definition_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn s3_endpoints_are_checked_before_anything_runs() {
+        for ok in [
+            "http://127.0.0.1:9000",
+            "https://s3.eu-west-1.amazonaws.com",
+            "http://minio.local:9000/",
+            "http://[::1]:9000",
+        ] {
+            check_endpoint(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        for bad in [
+            "127.0.0.1:9000",
+            "ht!tp://x",
+            "http://bad host",
+            "http://",
+            "http://h:0",
+            "http://h:99999",
+            "ftp://h",
+        ] {
+            let e = check_endpoint(bad).unwrap_err().to_string();
+            assert!(e.contains("expected http://HOST[:PORT]"), "{bad}: {e}");
+        }
     }
 }

@@ -18,6 +18,7 @@ pub mod compact;
 pub mod config;
 pub mod edge;
 pub mod event;
+pub mod fuzz;
 pub mod metrics;
 pub mod mode;
 pub mod replay;

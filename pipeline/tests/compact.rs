@@ -301,6 +301,33 @@ fn replay_since_until_and_bad_requests() {
         assert!(!nowhere.exists(), "{args:?} created its output");
     }
 
+    // A committed file that is damaged (truncated: a bad disk, a partial copy) is refused by name.
+    let damaged = tmp.path().join("damaged");
+    copy_dir(&live, &damaged);
+    let victim = files_under(&damaged.join("events"))
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .unwrap();
+    let bytes = std::fs::read(&victim).unwrap();
+    std::fs::write(&victim, &bytes[..bytes.len() / 2]).unwrap();
+    let o = tcplake(
+        &[
+            "replay",
+            "--from",
+            damaged.to_str().unwrap(),
+            "--to",
+            nowhere.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let name = victim.file_name().unwrap().to_str().unwrap();
+    assert!(
+        stderr(&o).contains("reading committed file") && stderr(&o).contains(name),
+        "{}",
+        stderr(&o)
+    );
+
     // A file of a newer schema version (written by a future tcplake) is refused by name, not misread.
     let victim = files_under(&live.join("events"))
         .into_iter()

@@ -163,6 +163,10 @@ fn frame(kind: u8, body: Vec<u8>, compress: bool) -> Vec<u8> {
     out
 }
 
+/// Fewest body bytes one event or flow record can take (fixed-width fields alone).
+const MIN_EVENT_BYTES: usize = 64;
+const MIN_FLOW_BYTES: usize = 64;
+
 fn unframe(msg: &[u8], kind: u8, expected: &'static str) -> Result<Vec<u8>, WireError> {
     if msg.len() < HEADER || &msg[..3] != MAGIC {
         return Err(WireError::Magic);
@@ -250,7 +254,9 @@ pub fn decode_events(msg: &[u8]) -> Result<EventBatch, WireError> {
     let has_sent = r.u8("sent_at")?;
     let sent_at = r.i64("sent_at")?;
     let n = r.u32("count")? as usize;
-    let mut events = Vec::with_capacity(n.min(1 << 20));
+    // Capacity from what the body can hold, not from the count it claims: a 20-byte message must not
+    // make the consumer allocate for a million events.
+    let mut events = Vec::with_capacity(n.min(r.0.len() / MIN_EVENT_BYTES));
     for _ in 0..n {
         let seq = r.u64("seq")?;
         let ts_us = r.i64("ts")?;
@@ -377,8 +383,9 @@ pub fn decode_flows(msg: &[u8]) -> Result<FlowBatch, WireError> {
         closing: r.u8("replay")? == 1,
     };
     let n = r.u32("count")? as usize;
-    let mut records = Vec::with_capacity(n.min(1 << 20));
-    let mut ranks = Vec::with_capacity(n.min(1 << 20));
+    let cap = n.min(r.0.len() / MIN_FLOW_BYTES);
+    let mut records = Vec::with_capacity(cap);
+    let mut ranks = Vec::with_capacity(cap);
     let mut nodes: Vec<Arc<str>> = Vec::new();
     for _ in 0..n {
         ranks.push(r.u32("rank")?);

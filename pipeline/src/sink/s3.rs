@@ -141,6 +141,9 @@ fn jittered(d: Duration) -> Duration {
     d.mul_f64(frac)
 }
 
+/// How long the startup check of the bucket retries an unreachable store.
+const STARTUP_RETRY_FOR: Duration = Duration::from_secs(30);
+
 impl S3Store {
     /// Builds the client, checks the bucket, and aborts multipart uploads a crashed run left behind.
     pub async fn connect(s: &S3Settings, metrics: Arc<S3Metrics>) -> Result<Self, StoreError> {
@@ -165,10 +168,14 @@ impl S3Store {
             prefix: s.prefix.clone(),
             endpoint: s.endpoint.clone().unwrap_or_else(|| "AWS S3".into()),
             spool,
-            max_retry: s.max_retry,
+            // At startup an unreachable store is more likely a wrong endpoint than an outage: fail
+            // within a minute; once running, ride outages out for the configured time.
+            max_retry: s.max_retry.min(STARTUP_RETRY_FOR),
             metrics,
         };
         store.check_bucket().await?;
+        let mut store = store;
+        store.max_retry = s.max_retry;
         store.abort_journalled_uploads().await?;
         store.abort_dangling_uploads().await?;
         Ok(store)
