@@ -37,6 +37,9 @@ if [ "$(id -u)" = 0 ] && [ "$purpose" = test ]; then
   command -v nft >/dev/null 2>&1 || missing+=(nftables)
   # The split-mode tests join the stages with a real NATS JetStream broker.
   command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
+  # setpriv (privilege tests), systemd-analyze (checks deploy-monolith's unit offline).
+  command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
+  command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${missing[*]}"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
@@ -60,10 +63,11 @@ if ! "$PYTHON" -c "import duckdb, duckdb_extension_httpfs, pytz, sys; sys.exit(d
 fi
 
 # prometheus-client: its parser checks tcplake's /metrics the way a Prometheus scrape would.
-if [ "$purpose" = test ] && ! "$PYTHON" -c "import prometheus_client" 2>/dev/null; then
-  say "installing prometheus-client for $PYTHON"
+# PyYAML: tests/deploy.rs parses the Kubernetes manifests with it.
+if [ "$purpose" = test ] && ! "$PYTHON" -c "import prometheus_client, yaml" 2>/dev/null; then
+  say "installing prometheus-client and PyYAML for $PYTHON"
   "$PYTHON" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
-    "prometheus-client==0.26.0"
+    "prometheus-client==0.26.0" "PyYAML==6.0.3"
 fi
 
 # A real S3-compatible server for the object-store tests (0.14.1: later releases need a newer rustc).

@@ -211,6 +211,10 @@ pub struct Cli {
     /// Logs as JSON lines (one object per event) instead of text.
     #[arg(long, env = "TCPLAKE_LOG_JSON")]
     pub log_json: bool,
+    /// Resolve and validate the configuration (flags, environment, file), print it, and exit: 0 when
+    /// it is valid, 2 when not. Starts nothing (deployment checks, CI).
+    #[arg(long)]
+    pub check_config: bool,
     /// Print the end-of-run summary as text or JSON.
     #[arg(
         long,
@@ -884,6 +888,43 @@ fn replay_range(
 }
 
 impl Settings {
+    /// One line describing what would run (`--check-config`); secrets are not in it.
+    pub fn describe(&self) -> String {
+        let out = |o: &Output| match o {
+            Output::Local(p) => p.display().to_string(),
+            Output::S3(s) => format!(
+                "s3://{}/{}{}",
+                s.bucket,
+                s.prefix,
+                s.endpoint
+                    .as_ref()
+                    .map_or(String::new(), |e| format!(" via {e}"))
+            ),
+        };
+        let mut parts = vec![
+            format!("mode={:?}", self.mode).to_lowercase(),
+            format!("node={}", self.node),
+            format!("source={:?}", self.source).to_lowercase(),
+            format!("out={}", out(&self.out)),
+            format!("window={}s", self.window.as_secs()),
+        ];
+        if let Some(b) = &self.broker {
+            parts.push(format!("broker={}", crate::edge::broker::redact(&b.url)));
+        }
+        if self.mode == Mode::Aggregate {
+            parts.push(format!("shard={}/{}", self.shard.index, self.shard.count));
+        }
+        if self.mode == Mode::Sink {
+            parts.push(format!("shards={}", self.shards));
+        }
+        parts.push(format!(
+            "metrics={}",
+            self.metrics_addr
+                .map_or("off".to_string(), |a| a.to_string())
+        ));
+        format!("tcplake: configuration ok: {}", parts.join(" "))
+    }
+
     /// The broker URL (split modes), for summaries.
     pub fn broker_url(&self) -> String {
         self.broker

@@ -21,6 +21,10 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(&anyhow::Error::new(e), 2),
     };
+    if cli.check_config {
+        println!("{}", settings.describe());
+        return ExitCode::SUCCESS;
+    }
     if let Some(Command::Compact(args)) = &cli.command {
         return match compact(&settings, args) {
             Ok(()) => ExitCode::SUCCESS,
