@@ -213,7 +213,7 @@ pub struct Cli {
     pub log_json: bool,
     /// Resolve and validate the configuration (flags, environment, file), print it, and exit: 0 when
     /// it is valid, 2 when not. Starts nothing (deployment checks, CI).
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub check_config: bool,
     /// Print the end-of-run summary as text or JSON.
     #[arg(

@@ -12,6 +12,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse().expand();
     init_tracing(cli.log_json);
     if let Some(Command::Bench(args)) = &cli.command {
+        if cli.check_config {
+            return match pipeline::bench::config(args) {
+                Ok(_) => {
+                    println!("tcplake: bench configuration ok");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&anyhow::Error::msg(e), 2),
+            };
+        }
         return match bench(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e, 1),
@@ -21,15 +30,24 @@ fn main() -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(&anyhow::Error::new(e), 2),
     };
-    if cli.check_config {
-        println!("{}", settings.describe());
-        return ExitCode::SUCCESS;
-    }
     if let Some(Command::Compact(args)) = &cli.command {
+        if cli.check_config {
+            return match compact_options(&settings, args) {
+                Ok(_) => {
+                    println!("{} (compact)", settings.describe());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e, 2),
+            };
+        }
         return match compact(&settings, args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e, 1),
         };
+    }
+    if cli.check_config {
+        println!("{}", settings.describe());
+        return ExitCode::SUCCESS;
     }
     match run(&settings) {
         Ok(()) => ExitCode::SUCCESS,
@@ -74,12 +92,19 @@ fn run(settings: &Settings) -> anyhow::Result<()> {
     })
 }
 
-fn compact(settings: &Settings, args: &CompactArgs) -> anyhow::Result<()> {
+/// What `tcplake compact` will do, checked (a bad partition or size fails before anything is read).
+fn compact_options(
+    settings: &Settings,
+    args: &CompactArgs,
+) -> anyhow::Result<Vec<pipeline::compact::CompactOptions>> {
     let target_bytes = match &args.target_size {
         Some(t) => pipeline::config::parse_size(t)
             .map_err(|e| anyhow::anyhow!("invalid target size `{t}`: {e}"))?,
         None => settings.max_file_bytes,
     };
+    if let Some(p) = &args.partition {
+        pipeline::compact::validate_partition(p)?;
+    }
     let datasets = match args.dataset {
         Some(d) => vec![d.into()],
         None => vec![
@@ -87,19 +112,26 @@ fn compact(settings: &Settings, args: &CompactArgs) -> anyhow::Result<()> {
             pipeline::sink::Dataset::Flows,
         ],
     };
+    Ok(datasets
+        .into_iter()
+        .map(|dataset| pipeline::compact::CompactOptions {
+            dataset,
+            partition: args.partition.clone(),
+            target_bytes,
+            row_group_rows: settings.row_group_rows,
+        })
+        .collect())
+}
+
+fn compact(settings: &Settings, args: &CompactArgs) -> anyhow::Result<()> {
+    let options = compact_options(settings, args)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
         let metrics = Metrics::default();
         let store = mode::open_existing(&settings.out, &metrics).await?;
-        for dataset in datasets {
-            let opts = pipeline::compact::CompactOptions {
-                dataset,
-                partition: args.partition.clone(),
-                target_bytes,
-                row_group_rows: settings.row_group_rows,
-            };
+        for opts in options {
             let report = pipeline::compact::run(&store, &opts).await?;
             match settings.summary {
                 SummaryFormat::Text => println!("{report}"),
