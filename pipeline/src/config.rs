@@ -405,6 +405,7 @@ pub struct FileSink {
     pub s3_region: Option<String>,
     pub s3_path_style: Option<bool>,
     pub s3_max_retry: Option<String>,
+    pub s3_multipart_threshold: Option<String>,
     pub spool_dir: Option<PathBuf>,
     pub max_file_size: Option<String>,
     pub max_file_age: Option<String>,
@@ -1023,6 +1024,20 @@ fn output(cli: &Cli, file: &FileSink) -> Result<Output, ConfigError> {
             file.s3_max_retry.clone(),
             defaults::S3_MAX_RETRY,
         )?,
+        multipart_threshold: match &file.s3_multipart_threshold {
+            None => crate::sink::s3::MULTIPART_THRESHOLD,
+            Some(t) => {
+                let v = parse_size(t).map_err(|e| invalid("sink.s3_multipart_threshold", t, e))?;
+                if v < 1 << 20 {
+                    return Err(invalid(
+                        "sink.s3_multipart_threshold",
+                        t,
+                        "must be at least 1MiB",
+                    ));
+                }
+                v
+            }
+        },
     }))
 }
 

@@ -102,3 +102,29 @@ fn every_documented_tcplake_command_is_accepted() {
     }
     assert!(checked >= 6, "only {checked} commands found");
 }
+
+/// The configuration reference lists every flag the binary accepts (`tcplake --help` is generated
+/// from the config struct; this keeps docs/configuration.md from falling behind it).
+#[test]
+fn the_configuration_reference_lists_every_flag() {
+    let reference = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/configuration.md"),
+    )
+    .unwrap();
+    let help = stdout(&tcplake(&["--help"], &[]));
+    let flags: Vec<&str> = help
+        .split_whitespace()
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .map(|w| w.trim_end_matches([',', '.', ';', ')']))
+        .filter(|w| !matches!(*w, "--help" | "--version"))
+        .collect();
+    assert!(flags.len() > 20, "{flags:?}");
+    let missing: Vec<_> = flags
+        .iter()
+        .filter(|f| !reference.contains(&format!("`{f}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "not in docs/configuration.md: {missing:?}"
+    );
+}

@@ -259,6 +259,13 @@ pub fn decode_events(msg: &[u8]) -> Result<EventBatch, WireError> {
     let mut events = Vec::with_capacity(n.min(r.0.len() / MIN_EVENT_BYTES));
     for _ in 0..n {
         let seq = r.u64("seq")?;
+        // Every consumer computes `seq + 1` (the next position): the last value is never a real one.
+        if seq == u64::MAX {
+            return Err(WireError::Invalid {
+                field: "seq",
+                value: seq,
+            });
+        }
         let ts_us = r.i64("ts")?;
         let sock_id = r.u64("sock_id")?;
         let cgroup_id = r.u64("cgroup_id")?;

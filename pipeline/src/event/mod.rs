@@ -154,7 +154,9 @@ impl EventBatch {
     /// A batch positioned by its events' `seq`s (consecutive, as capture numbers them).
     pub fn new(node: Arc<str>, events: Vec<Event>, clock_us: Option<i64>) -> Self {
         let position = match (events.first(), events.last()) {
-            (Some(a), Some(b)) => a.seq..b.seq + 1,
+            // Saturating: a batch decoded from a malformed message may carry any seq (found by
+            // fuzzing: fuzz/regressions/wire/seq-at-u64-max).
+            (Some(a), Some(b)) => a.seq..b.seq.saturating_add(1),
             _ => 0..0,
         };
         EventBatch {

@@ -76,6 +76,8 @@ pub struct S3Settings {
     pub spool: PathBuf,
     /// How long a transient failure is retried before the run fails.
     pub max_retry: Duration,
+    /// Files larger than this go up as multipart uploads (default [`MULTIPART_THRESHOLD`]).
+    pub multipart_threshold: u64,
 }
 
 impl S3Settings {
@@ -103,6 +105,7 @@ pub struct S3Store {
     endpoint: String,
     spool: LocalDir,
     max_retry: Duration,
+    multipart_threshold: u64,
     metrics: Arc<S3Metrics>,
 }
 
@@ -171,6 +174,7 @@ impl S3Store {
             // At startup an unreachable store is more likely a wrong endpoint than an outage: fail
             // within a minute; once running, ride outages out for the configured time.
             max_retry: s.max_retry.min(STARTUP_RETRY_FOR),
+            multipart_threshold: s.multipart_threshold,
             metrics,
         };
         store.check_bucket().await?;
@@ -325,7 +329,7 @@ impl S3Store {
                 source,
             })?
             .len();
-        if size > MULTIPART_THRESHOLD {
+        if size > self.multipart_threshold {
             return self.put_multipart(path, &key, size).await;
         }
         let (client, bucket, object) = (&self.client, &self.bucket, &key);
@@ -528,9 +532,12 @@ impl S3Store {
         let name: String = id.bytes().map(|b| format!("{b:02x}")).collect();
         let path = dir.join(name);
         let body = serde_json::json!({ "key": key, "upload_id": id }).to_string();
+        // Written aside and renamed: an entry is complete or absent, whenever the process dies.
+        let tmp = dir.join(format!(".tmp-{}", std::process::id()));
         std::fs::create_dir_all(&dir)
-            .and_then(|()| std::fs::write(&path, body))
-            .and_then(|()| std::fs::File::open(&path)?.sync_all())
+            .and_then(|()| std::fs::write(&tmp, body))
+            .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, &path))
             .map_err(|source| S3Error::Read {
                 path: path.clone(),
                 source,
