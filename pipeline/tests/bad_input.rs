@@ -4,22 +4,6 @@ mod common;
 
 use common::*;
 
-fn assert_one_line_error(o: &std::process::Output, code: i32, needles: &[&str]) {
-    assert_eq!(o.status.code(), Some(code), "stderr: {}", stderr(o));
-    let err = stderr(o);
-    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
-    for n in needles {
-        assert!(lines[0].contains(n), "`{n}` not in: {}", lines[0]);
-    }
-    // A cause is stated once, not repeated by every layer that passed it on.
-    assert!(
-        lines[0].matches("(os error").count() <= 1,
-        "repeated cause: {}",
-        lines[0]
-    );
-}
-
 #[test]
 fn unknown_config_key_is_named_with_its_line() {
     let tmp = tempfile::tempdir().unwrap();

@@ -153,14 +153,7 @@ fn disk_full_stops_cleanly_and_the_rerun_completes_exactly() {
     let argv = args(&out);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let o = tcplake(&argv, &[]);
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    let err = stderr(&o);
-    let errors: Vec<_> = err
-        .lines()
-        .filter(|l| l.starts_with("tcplake: error:"))
-        .collect();
-    assert_eq!(errors.len(), 1, "{err}");
-    assert!(errors[0].contains("No space left on device"), "{err}");
+    assert_one_error_line(&o, &["No space left on device"]);
     let committed = commits(&out, "events");
     assert!(
         committed > 0,

@@ -219,15 +219,6 @@ fn monolith_to_s3_reads_back_identical_to_local() {
     assert_bucket_matches_local_run(&server, "runs/a", tmp.path(), "5", "s3-node", 1_500_000);
 }
 
-fn assert_one_line(o: &std::process::Output, needles: &[&str]) {
-    assert_eq!(o.status.code(), Some(1), "{}", stderr(o));
-    let err = stderr(o);
-    assert_eq!(err.lines().count(), 1, "one line: {err}");
-    for n in needles {
-        assert!(err.contains(n), "`{n}` not in: {err}");
-    }
-}
-
 #[test]
 fn wrong_credentials_and_missing_bucket_fail_with_one_clear_line() {
     let server = S3Server::start();
@@ -240,14 +231,14 @@ fn wrong_credentials_and_missing_bucket_fail_with_one_clear_line() {
         "wrong-secret",
         &["--events", "10", "--spool-dir", spool],
     );
-    assert_one_line(&o, &["denied", "credentials", BUCKET]);
+    assert_one_line_error(&o, 1, &["denied", "credentials", BUCKET]);
     let o = run_to(
         "s3://no-such-bucket/x",
         &server.endpoint(),
         SECRET,
         &["--events", "10", "--spool-dir", spool],
     );
-    assert_one_line(&o, &["bucket `no-such-bucket` does not exist"]);
+    assert_one_line_error(&o, 1, &["bucket `no-such-bucket` does not exist"]);
     assert_eq!(files_under(Path::new(spool)), Vec::<PathBuf>::new());
 }
 
@@ -600,18 +591,14 @@ fn compaction_in_a_bucket_keeps_every_row() {
         ("AWS_ACCESS_KEY_ID", KEY),
         ("AWS_SECRET_ACCESS_KEY", SECRET),
     ];
-    let o = tcplake(
-        &[
-            "compact",
-            "--out",
-            &out,
-            "--s3-endpoint",
-            &server.endpoint(),
-            "--s3-region",
-            "us-east-1",
-        ],
-        &creds,
-    );
+    // tcplake with the test server's endpoint and credentials.
+    let with_s3 = |args: &[&str]| {
+        let endpoint = server.endpoint();
+        let mut a = args.to_vec();
+        a.extend(["--s3-endpoint", &endpoint, "--s3-region", "us-east-1"]);
+        tcplake(&a, &creds)
+    };
+    let o = with_s3(&["compact", "--out", &out]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("into 1 files"), "{}", stdout(&o));
     assert_eq!(parquet(), 1);
@@ -629,20 +616,7 @@ fn compaction_in_a_bucket_keeps_every_row() {
     );
 
     let rebuilt = tmp.path().join("rebuilt");
-    let o = tcplake(
-        &[
-            "replay",
-            "--from",
-            &out,
-            "--to",
-            rebuilt.to_str().unwrap(),
-            "--s3-endpoint",
-            &server.endpoint(),
-            "--s3-region",
-            "us-east-1",
-        ],
-        &creds,
-    );
+    let o = with_s3(&["replay", "--from", &out, "--to", rebuilt.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let (a, b) = (
         format!("read_parquet('s3://{BUCKET}/compacted/flows/**/*.parquet')"),

@@ -190,3 +190,37 @@ pub fn report_fault(fault: &str, result: &str) {
     )
     .unwrap();
 }
+
+/// The run exited with `code` and printed exactly one line, an error naming every needle (and its
+/// cause once, not once per layer that passed it on).
+pub fn assert_one_line_error(o: &std::process::Output, code: i32, needles: &[&str]) {
+    assert_eq!(o.status.code(), Some(code), "stderr: {}", stderr(o));
+    let err = stderr(o);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, got: {err}");
+    for n in needles {
+        assert!(lines[0].contains(n), "`{n}` not in: {}", lines[0]);
+    }
+    // A cause is stated once, not repeated by every layer that passed it on.
+    assert!(
+        lines[0].matches("(os error").count() <= 1,
+        "repeated cause: {}",
+        lines[0]
+    );
+}
+
+/// The run exited with status 1 and one `tcplake: error:` line naming every needle; warnings logged
+/// before it (retries) are allowed. Returns that line.
+pub fn assert_one_error_line(o: &std::process::Output, needles: &[&str]) -> String {
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(o));
+    let err = stderr(o);
+    let errors: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("tcplake: error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    for n in needles {
+        assert!(errors[0].contains(n), "`{n}` not in: {err}");
+    }
+    errors[0].to_string()
+}
