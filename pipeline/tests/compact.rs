@@ -39,6 +39,19 @@ fn record(out: &Path) {
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
+/// `tcplake replay --from FROM --to TO [extra]`.
+fn replay(from: &Path, to: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "replay",
+        "--from",
+        from.to_str().unwrap(),
+        "--to",
+        to.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    tcplake(&args, &[])
+}
+
 fn compact(out: &Path, extra: &[&str]) -> Vec<serde_json::Value> {
     let mut args = vec![
         "compact",
@@ -138,16 +151,7 @@ fn compaction_keeps_every_row_and_answer_even_when_killed_and_rerun() {
 
     // The compacted log replays to the same flows (records sharing the merged file are read once).
     let replayed = tmp.path().join("replayed");
-    let o = tcplake(
-        &[
-            "replay",
-            "--from",
-            out.to_str().unwrap(),
-            "--to",
-            replayed.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let o = replay(&out, &replayed, &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     same_rows(&reference, &replayed, "flows");
     same_rows(&reference, &replayed, "events");
@@ -202,20 +206,7 @@ fn replay_since_until_and_bad_requests() {
     record(&live);
     let (since, until) = ("2026-01-01T00:59:50Z", "2026-01-01T01:00:05Z");
     let part = tmp.path().join("part");
-    let o = tcplake(
-        &[
-            "replay",
-            "--from",
-            live.to_str().unwrap(),
-            "--to",
-            part.to_str().unwrap(),
-            "--since",
-            since,
-            "--until",
-            until,
-        ],
-        &[],
-    );
+    let o = replay(&live, &part, &["--since", since, "--until", until]);
     assert!(o.status.success(), "{}", stderr(&o));
     // Exactly the contiguous run of seq from the first event at/after --since to before the first
     // event at/after --until.
@@ -310,16 +301,7 @@ fn replay_since_until_and_bad_requests() {
         .unwrap();
     let bytes = std::fs::read(&victim).unwrap();
     std::fs::write(&victim, &bytes[..bytes.len() / 2]).unwrap();
-    let o = tcplake(
-        &[
-            "replay",
-            "--from",
-            damaged.to_str().unwrap(),
-            "--to",
-            nowhere.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let o = replay(&damaged, &nowhere, &[]);
     assert_eq!(o.status.code(), Some(1));
     let name = victim.file_name().unwrap().to_str().unwrap();
     assert!(
@@ -341,16 +323,7 @@ fn replay_since_until_and_bad_requests() {
         rewritten.display()
     ));
     std::fs::rename(&rewritten, &victim).unwrap();
-    let o = tcplake(
-        &[
-            "replay",
-            "--from",
-            live.to_str().unwrap(),
-            "--to",
-            nowhere.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let o = replay(&live, &nowhere, &[]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
         stderr(&o).contains("has schema version 2; this tcplake reads versions up to 1"),
