@@ -7,7 +7,7 @@
 #   deploy-split/run.sh --source synthetic --events 2000000
 #
 # Environment: TCPLAKE_SHARDS (aggregators, default 2), TCPLAKE_OUT (default ./tcplake-data-split),
-# NATS_PORT (default 4222), NATS_STORE (default ./nats-store), TCPLAKE_RUN_FOR (live capture, 30s).
+# NATS_PORT (default 4222), NATS_STORE (default <output>.nats-store), TCPLAKE_RUN_FOR (live capture, 30s).
 # Extra arguments go to every tcplake process. Logs go to $TCPLAKE_OUT/../split-logs/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,9 @@ cd "$(dirname "$0")/.."
 shards=${TCPLAKE_SHARDS:-2}
 out=${TCPLAKE_OUT:-./tcplake-data-split}
 port=${NATS_PORT:-4222}
-store=${NATS_STORE:-./nats-store}
+# The broker state belongs to the output it feeds: rerun with the same output and the capture resumes;
+# a new output starts a new stream history.
+store=${NATS_STORE:-$out.nats-store}
 logs=$(dirname "$out")/split-logs
 mkdir -p "$logs"
 
