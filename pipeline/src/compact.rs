@@ -251,7 +251,7 @@ async fn execute(
     let mut rows = 0;
     let mut bytes_before = 0;
     for n in &plan.records {
-        let r = read_record(store, &CommitLog::key_of(&dir, *n)).await?;
+        let r = CommitLog::read_record(store, &CommitLog::key_of(&dir, *n)).await?;
         rows += r.rows;
         bytes_before += r.bytes;
     }
@@ -266,7 +266,7 @@ async fn execute(
     }
     for n in &plan.records {
         let key = CommitLog::key_of(&dir, *n);
-        let mut r = read_record(store, &key).await?;
+        let mut r = CommitLog::read_record(store, &key).await?;
         if r.moved_to.as_deref() != Some(plan.into.as_str()) {
             r.moved_to = Some(plan.into.clone());
             let body = serde_json::to_vec_pretty(&r).expect("a record always serializes");
@@ -284,20 +284,6 @@ async fn execute(
     report.bytes_after += store.size(&plan.into).await?.unwrap_or(0);
     tracing::info!(into = %plan.into, sources = plan.sources.len(), rows, "merged");
     Ok(())
-}
-
-async fn read_record(store: &Store, key: &str) -> Result<CommitRecord, CompactError> {
-    let corrupt = |reason: String| {
-        CompactError::Commit(CommitError::Corrupt {
-            key: key.to_string(),
-            reason,
-        })
-    };
-    let body = store
-        .get(key)
-        .await?
-        .ok_or_else(|| corrupt("missing".into()))?;
-    serde_json::from_slice(&body).map_err(|e| corrupt(e.to_string()))
 }
 
 /// Writes the rows of `sources`, in order, to `staged` in the current schema. Rows pass through the

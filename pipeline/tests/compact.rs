@@ -17,26 +17,13 @@ const START: &str = "2026-01-01T00:59:45Z";
 
 /// A live run with small files (about one per batch).
 fn record(out: &Path) {
-    let o = tcplake(
-        &[
-            "--source",
-            "synthetic",
-            "--seed",
-            "7",
-            "--node",
-            "n1",
-            "--events",
-            &N.to_string(),
-            "--start",
-            START,
-            "--max-file-size",
-            "16KiB",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        &[],
+    synthetic_run(
+        out,
+        "7",
+        "n1",
+        N,
+        &["--start", START, "--max-file-size", "16KiB"],
     );
-    assert!(o.status.success(), "{}", stderr(&o));
 }
 
 /// `tcplake replay --from FROM --to TO [extra]`.

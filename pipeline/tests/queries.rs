@@ -68,22 +68,7 @@ fn cookbook() -> Vec<(String, String)> {
 fn every_cookbook_query_runs_and_agrees_with_the_event_log() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("tcplake-data");
-    let o = tcplake(
-        &[
-            "--source",
-            "synthetic",
-            "--seed",
-            "12",
-            "--events",
-            "300000",
-            "--node",
-            "cook",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    synthetic_run(&out, "12", "cook", 300_000, &[]);
     let queries = cookbook();
     assert_eq!(queries.len(), 6, "{queries:?}");
     let local = |sql: &str| sql.replace("tcplake-data", &out.display().to_string());

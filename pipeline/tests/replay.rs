@@ -15,24 +15,7 @@ const N: u64 = 600_000;
 fn replaying_the_log_rebuilds_the_flows_even_after_a_kill() {
     let tmp = tempfile::tempdir().unwrap();
     let live = tmp.path().join("live");
-    let o = tcplake(
-        &[
-            "--source",
-            "synthetic",
-            "--seed",
-            "41",
-            "--node",
-            "rec",
-            "--events",
-            &N.to_string(),
-            "--out",
-            live.to_str().unwrap(),
-            "--max-file-size",
-            "2MiB",
-        ],
-        &[],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    synthetic_run(&live, "41", "rec", N, &["--max-file-size", "2MiB"]);
     let source = format!("replay:{}", live.display());
 
     // A replay killed mid-run, then run again with the same command.

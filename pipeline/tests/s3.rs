@@ -135,22 +135,7 @@ fn assert_bucket_matches_local_run(
     n: i64,
 ) {
     let local = tmp.join("local");
-    let o = tcplake(
-        &[
-            "--source",
-            "synthetic",
-            "--seed",
-            seed,
-            "--node",
-            node,
-            "--events",
-            &n.to_string(),
-            "--out",
-            local.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
+    synthetic_run(&local, seed, node, n as u64, &[]);
     let local = local.as_path();
     let remote = |ds: &str| {
         format!(

@@ -140,31 +140,9 @@ fn kill(mut child: Child) {
 /// The split output holds exactly the monolith's rows, both datasets, both ways.
 fn assert_same_rows_as_monolith(split: &Path, tmp: &Path, seed: &str, events: u64) {
     let mono = tmp.join("mono");
-    let o = tcplake(
-        &[
-            "--source",
-            "synthetic",
-            "--seed",
-            seed,
-            "--node",
-            "split-node",
-            "--events",
-            &events.to_string(),
-            "--out",
-            mono.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(o.status.success(), "{}", stderr(&o));
-    for ds in ["events", "flows"] {
-        let (a, b) = (dataset(split, ds), dataset(&mono, ds));
-        for (x, y) in [(&a, &b), (&b, &a)] {
-            let diff = duckdb_int(&format!(
-                "SELECT count(*) FROM (SELECT * FROM {x} EXCEPT ALL SELECT * FROM {y})"
-            ));
-            assert_eq!(diff, 0, "{ds}: rows in one output and not the other");
-        }
-    }
+    synthetic_run(&mono, seed, "split-node", events, &[]);
+    same_rows(split, &mono, "events");
+    same_rows(split, &mono, "flows");
     assert_eq!(
         duckdb_int(&format!(
             "SELECT count(*) FROM {}",

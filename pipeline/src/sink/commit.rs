@@ -151,12 +151,16 @@ impl CommitLog {
     }
 
     async fn read(&self, key: &str) -> Result<CommitRecord, CommitError> {
+        Self::read_record(&self.store, key).await
+    }
+
+    /// The record stored under `key` (a path from [`CommitLog::key_of`]).
+    pub async fn read_record(store: &Store, key: &str) -> Result<CommitRecord, CommitError> {
         let corrupt = |reason: String| CommitError::Corrupt {
             key: key.to_string(),
             reason,
         };
-        let bytes = self
-            .store
+        let bytes = store
             .get(key)
             .await?
             .ok_or_else(|| corrupt("listed but gone".into()))?;

@@ -81,6 +81,28 @@ pub fn dataset(out: &Path, name: &str) -> String {
     )
 }
 
+/// A synthetic monolith run of `events` events from `seed` as node `node` into `out`, plus `extra`
+/// flags; it must succeed (the reference run most tests compare against).
+pub fn synthetic_run(out: &Path, seed: &str, node: &str, events: u64, extra: &[&str]) -> Output {
+    let events = events.to_string();
+    let mut args = vec![
+        "--source",
+        "synthetic",
+        "--seed",
+        seed,
+        "--node",
+        node,
+        "--events",
+        &events,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let o = tcplake(&args, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    o
+}
+
 /// Both outputs hold the same rows of `ds`, as multisets (EXCEPT ALL both ways).
 pub fn same_rows(a: &Path, b: &Path, ds: &str) {
     let (x, y) = (dataset(a, ds), dataset(b, ds));
