@@ -8,7 +8,7 @@
 #
 # Environment: TCPLAKE_SHARDS (aggregators, default 2), TCPLAKE_OUT (default ./tcplake-data-split),
 # NATS_PORT (default 4222), NATS_STORE (default <output>.nats-store), TCPLAKE_RUN_FOR (live capture, 30s).
-# Extra arguments go to every tcplake process. Logs go to $TCPLAKE_OUT/../split-logs/.
+# Extra arguments (the workload: source, events, duration...) go to the capture process. Logs go to $TCPLAKE_OUT/../split-logs/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,12 +46,14 @@ pids+=("$nats_pid")
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 
 # Each service serves /metrics on its own loopback port: capture 9477, sink 9478, aggregator i 9480+i.
-"$bin" --mode sink --broker "$broker" --shards "$shards" --out "$out" --metrics-addr 127.0.0.1:9478 "${args[@]}" >"$logs/sink.out" 2>"$logs/sink.log" &
+# The arguments describe the workload: they go to capture only (the other services would refuse
+# settings that do nothing for them). The sink learns the shard count from the aggregators' batches.
+"$bin" --mode sink --broker "$broker" --out "$out" --metrics-addr 127.0.0.1:9478 >"$logs/sink.out" 2>"$logs/sink.log" &
 sink_pid=$!
 pids+=("$sink_pid")
 agg_pids=()
 for i in $(seq 0 $((shards - 1))); do
-  "$bin" --mode aggregate --broker "$broker" --shard "$i/$shards" --metrics-addr "127.0.0.1:$((9480 + i))" "${args[@]}" >"$logs/aggregate-$i.out" 2>"$logs/aggregate-$i.log" &
+  "$bin" --mode aggregate --broker "$broker" --shard "$i/$shards" --metrics-addr "127.0.0.1:$((9480 + i))" >"$logs/aggregate-$i.out" 2>"$logs/aggregate-$i.log" &
   agg_pids+=("$!")
   pids+=("$!")
 done

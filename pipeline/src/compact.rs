@@ -117,7 +117,8 @@ pub fn validate_partition(p: &str) -> Result<(), CompactError> {
     if b.len() != 10 || b[4] != b'-' || b[7] != b'-' || !digits(0..4) || !digits(5..7) {
         return Err(bad());
     }
-    if !digits(8..10) {
+    // A real calendar date (no month 13, no February 30).
+    if !digits(8..10) || humantime::parse_rfc3339(&format!("{d}T00:00:00Z")).is_err() {
         return Err(bad());
     }
     if let Some(h) = hour {

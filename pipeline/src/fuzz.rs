@@ -48,6 +48,6 @@ pub fn config(data: &[u8]) {
     };
     // Only the pieces that do not touch the filesystem: a --config flag would read a file.
     if cli.config.is_none() {
-        let _ = Settings::merge(&cli, file);
+        let _ = Settings::merge(&cli, &file);
     }
 }

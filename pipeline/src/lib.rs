@@ -22,6 +22,7 @@ pub mod fuzz;
 pub mod metrics;
 pub mod mode;
 pub mod replay;
+pub mod secrets;
 pub mod shutdown;
 pub mod sink;
 pub mod summary;

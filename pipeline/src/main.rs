@@ -3,55 +3,66 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::Parser;
-use pipeline::config::{BenchArgs, Cli, Command, CompactArgs, Settings, SummaryFormat};
+use pipeline::config::{BenchArgs, Cli, CliError, Command, CompactArgs, Settings, SummaryFormat};
 use pipeline::metrics::Metrics;
-use pipeline::{admin, mode, shutdown};
+use pipeline::{admin, mode, secrets, shutdown};
+
+/// Exit status of a configuration error (bad flag, variable or file): nothing was started.
+const CONFIG_ERROR: u8 = 2;
+/// Exit status of a failed run.
+const RUN_ERROR: u8 = 1;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse().expand();
-    init_tracing(cli.log_json);
-    if let Some(Command::Bench(args)) = &cli.command {
-        if cli.check_config {
-            return match pipeline::bench::config(args) {
-                Ok(_) => {
-                    println!("tcplake: bench configuration ok");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(&anyhow::Error::msg(e), 2),
-            };
+    // Secrets the AWS environment holds are scrubbed from every log line, whoever logs them.
+    secrets::register_aws_environment();
+    let cli = match Cli::parse_args() {
+        Ok(c) => c,
+        Err(CliError::Clap(e)) => e.exit(),
+        Err(CliError::Env(line)) => {
+            eprintln!("tcplake: error: {line}");
+            return ExitCode::from(CONFIG_ERROR);
         }
-        return match bench(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(&e, 1),
-        };
-    }
+    };
+    init_tracing(cli.log_json);
     let settings = match Settings::resolve(&cli) {
         Ok(s) => s,
-        Err(e) => return fail(&anyhow::Error::new(e), 2),
+        Err(e) => return fail(&anyhow::Error::new(e), CONFIG_ERROR),
     };
-    if let Some(Command::Compact(args)) = &cli.command {
-        if cli.check_config {
-            return match compact_options(&settings, args) {
-                Ok(_) => {
-                    println!("{} (compact)", settings.describe());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(&e, 2),
+    match &cli.command {
+        Some(Command::Bench(args)) => {
+            let cfg = match pipeline::bench::config(args) {
+                Ok(c) => c,
+                Err(e) => return fail(&anyhow::Error::msg(e), CONFIG_ERROR),
             };
+            if cli.check_config {
+                println!("tcplake: bench configuration ok");
+                return ExitCode::SUCCESS;
+            }
+            finish(bench(args, cfg))
         }
-        return match compact(&settings, args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => fail(&e, 1),
-        };
+        Some(Command::Compact(args)) => {
+            let options = match compact_options(&settings, args) {
+                Ok(o) => o,
+                Err(e) => return fail(&e, CONFIG_ERROR),
+            };
+            if cli.check_config {
+                println!("{} (compact)", settings.describe());
+                return ExitCode::SUCCESS;
+            }
+            finish(compact(&settings, options))
+        }
+        _ if cli.check_config => {
+            println!("{}", settings.describe());
+            ExitCode::SUCCESS
+        }
+        _ => finish(run(&settings)),
     }
-    if cli.check_config {
-        println!("{}", settings.describe());
-        return ExitCode::SUCCESS;
-    }
-    match run(&settings) {
+}
+
+fn finish(r: anyhow::Result<()>) -> ExitCode {
+    match r {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&e, 1),
+        Err(e) => fail(&e, RUN_ERROR),
     }
 }
 
@@ -66,7 +77,21 @@ fn run(settings: &Settings) -> anyhow::Result<()> {
         if let Some(addr) = settings.metrics_addr {
             match admin::bind(addr).await {
                 Ok(l) => {
-                    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+                    let bound = l.local_addr().unwrap_or(addr);
+                    if addr.port() == 0 {
+                        // The user asked the system to choose: the chosen port is worth one line.
+                        tracing::warn!(%bound, "serving /metrics, /healthz and /readyz on a port the system chose");
+                    } else {
+                        tracing::info!(%bound, "serving /metrics, /healthz and /readyz");
+                    }
+                    if addr.ip().is_unspecified() {
+                        tracing::warn!(
+                            %bound,
+                            "the metrics endpoint listens on every interface: its metrics name this \
+                             host's connections (hosts, ports, processes); bind it to loopback or a \
+                             private address unless it is firewalled"
+                        );
+                    }
                     admin::serve(l, Arc::clone(&metrics));
                 }
                 // The default address is a convenience: a second tcplake on the host still runs.
@@ -98,7 +123,7 @@ fn compact_options(
     args: &CompactArgs,
 ) -> anyhow::Result<Vec<pipeline::compact::CompactOptions>> {
     let target_bytes = match &args.target_size {
-        Some(t) => pipeline::config::parse_size(t)
+        Some(t) => pipeline::config::size_within(t, 1 << 10, 64 << 30)
             .map_err(|e| anyhow::anyhow!("invalid target size `{t}`: {e}"))?,
         None => settings.max_file_bytes,
     };
@@ -123,14 +148,16 @@ fn compact_options(
         .collect())
 }
 
-fn compact(settings: &Settings, args: &CompactArgs) -> anyhow::Result<()> {
-    let options = compact_options(settings, args)?;
+fn compact(
+    settings: &Settings,
+    options: Vec<pipeline::compact::CompactOptions>,
+) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
         let metrics = Metrics::default();
-        let store = mode::open_existing(&settings.out, &metrics).await?;
+        let store = mode::open_existing(&settings.out, &metrics, mode::Access::ReadWrite).await?;
         for opts in options {
             let report = pipeline::compact::run(&store, &opts).await?;
             match settings.summary {
@@ -142,8 +169,7 @@ fn compact(settings: &Settings, args: &CompactArgs) -> anyhow::Result<()> {
     })
 }
 
-fn bench(args: &BenchArgs) -> anyhow::Result<()> {
-    let cfg = pipeline::bench::config(args).map_err(anyhow::Error::msg)?;
+fn bench(_args: &BenchArgs, cfg: pipeline::bench::BenchConfig) -> anyhow::Result<()> {
     let report = pipeline::bench::run(&cfg)?;
     println!("{}", report.table());
     report.write(&cfg.dir)?;
@@ -163,10 +189,13 @@ fn fail(e: &anyhow::Error, code: u8) -> ExitCode {
 
 fn init_tracing(json: bool) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    // By default only tcplake's own warnings: dependencies' logs (client libraries retrying, credential
+    // providers probing) are noise beside tcplake's one line per problem. RUST_LOG opens them up.
+    let filter = EnvFilter::try_from_env("RUST_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("off,pipeline=warn,tcplake=warn"));
     let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(secrets::Stderr);
     if json {
         fmt.json().init();
     } else {

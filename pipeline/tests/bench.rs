@@ -68,7 +68,8 @@ fn a_bad_price_table_is_refused_with_the_key_named() {
     let prices = tmp.path().join("p.toml");
     std::fs::write(&prices, "source = \"x\"\n[compute]\nvcpu_hours = 1\n").unwrap();
     let o = tcplake(&["bench", "--prices", prices.to_str().unwrap()], &[]);
-    assert_eq!(o.status.code(), Some(1));
+    // A configuration error: the documented exit status 2, like every other.
+    assert_eq!(o.status.code(), Some(2));
     let err = stderr(&o);
     assert!(
         err.contains("vcpu_hours") && err.contains("p.toml"),

@@ -263,7 +263,7 @@ fn replay_since_until_and_bad_requests() {
                 "--partition",
                 "2026-01-01",
             ],
-            1,
+            2,
             "expected date=YYYY-MM-DD",
         ),
         (

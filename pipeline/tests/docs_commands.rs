@@ -90,7 +90,23 @@ fn every_documented_tcplake_command_is_accepted() {
             if !args.iter().any(|a| a == "--check-config") {
                 args.push("--check-config".into());
             }
-            let o = tcplake(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+            // Run where the recorded output a replay example reads exists, as it would for the user.
+            let cwd = tempfile::tempdir().unwrap();
+            for (i, a) in args.iter().enumerate() {
+                let from = match a.strip_prefix("replay:") {
+                    Some(f) => Some(f.to_string()),
+                    None if a == "--from" => args.get(i + 1).cloned(),
+                    None => None,
+                };
+                if let Some(f) = from.filter(|f| !f.starts_with("s3://") && !f.starts_with('/')) {
+                    std::fs::create_dir_all(cwd.path().join(f)).unwrap();
+                }
+            }
+            let o = tcplake_cmd()
+                .args(&args)
+                .current_dir(cwd.path())
+                .output()
+                .unwrap();
             assert!(
                 o.status.success(),
                 "{}: `{line}` is refused: {}",

@@ -119,6 +119,7 @@ fn wire_seeds() -> Vec<Vec<u8>> {
             through_seq: 3,
             closing: true,
         },
+        shard_count: 2,
     };
     let mut small = batch.clone();
     small.events.truncate(3);

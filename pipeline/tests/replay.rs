@@ -103,11 +103,82 @@ fn replaying_the_log_rebuilds_the_flows_even_after_a_kill() {
         ],
         &[],
     );
+    // A missing directory is a configuration error (--check-config finds it too).
+    assert_one_line_error(&o, 2, &["no such directory"]);
+    assert!(!missing.exists());
+    // A directory that holds no tcplake output.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let o = tcplake(
+        &[
+            "--source",
+            &format!("replay:{}", empty.display()),
+            "--out",
+            coarse.to_str().unwrap(),
+        ],
+        &[],
+    );
     assert_eq!(o.status.code(), Some(1));
     assert!(
         stderr(&o).contains("no committed event log"),
         "{}",
         stderr(&o)
     );
-    assert!(!missing.exists());
+    assert_eq!(files_under(&empty), Vec::<std::path::PathBuf>::new());
+}
+
+/// A read-only bind mount of a directory, undone when dropped (mounting needs root, as the eBPF
+/// tests do).
+struct ReadOnlyMount(std::path::PathBuf);
+
+impl ReadOnlyMount {
+    fn of(src: &Path, at: &Path) -> ReadOnlyMount {
+        std::fs::create_dir_all(at).unwrap();
+        let mount = |args: &[&str]| {
+            let ok = std::process::Command::new("mount")
+                .args(args)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "mount {args:?} (the test must run as root)");
+        };
+        mount(&["--bind", src.to_str().unwrap(), at.to_str().unwrap()]);
+        let m = ReadOnlyMount(at.to_path_buf());
+        mount(&["-o", "remount,bind,ro", at.to_str().unwrap()]);
+        m
+    }
+}
+
+impl Drop for ReadOnlyMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A replay only reads its source: an archive on a read-only mount replays like any other.
+#[test]
+fn a_read_only_archive_replays() {
+    let tmp = tempfile::tempdir().unwrap();
+    let live = tmp.path().join("live");
+    synthetic_run(&live, "12", "ro", 50_000, &[]);
+    let archive = tmp.path().join("archive");
+    let _ro = ReadOnlyMount::of(&live, &archive);
+    assert!(
+        std::fs::write(archive.join("probe"), b"x").is_err(),
+        "the mount is read-only"
+    );
+    let rebuilt = tmp.path().join("rebuilt");
+    let o = tcplake(
+        &[
+            "replay",
+            "--from",
+            archive.to_str().unwrap(),
+            "--to",
+            rebuilt.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    same_rows(&live, &rebuilt, "flows");
+    same_rows(&live, &rebuilt, "events");
 }

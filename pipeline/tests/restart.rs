@@ -150,7 +150,14 @@ fn disk_full_stops_cleanly_and_the_rerun_completes_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let disk = SmallDisk::mount(&tmp.path().join("small"), "6m");
     let out = disk.0.join("out");
-    let argv = args(&out);
+    // Files close at a size far below the disk's, so something is committed before the disk fills
+    // whatever the machine's speed (closing on age alone raced the disk filling up).
+    let small_files = |out: &Path| {
+        let mut a = args(out);
+        a.extend(["--max-file-size".to_string(), "512KiB".to_string()]);
+        a
+    };
+    let argv = small_files(&out);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let o = tcplake(&argv, &[]);
     assert_one_error_line(&o, &["No space left on device"]);
@@ -167,7 +174,7 @@ fn disk_full_stops_cleanly_and_the_rerun_completes_exactly() {
     assert!(s["resumed_at_seq"].as_u64().unwrap() > 0, "{s}");
 
     let clean = tmp.path().join("clean");
-    let argv = args(&clean);
+    let argv = small_files(&clean);
     let o = tcplake(&argv.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
     assert!(o.status.success(), "{}", stderr(&o));
     same_rows(&out, &clean, "events");

@@ -4,75 +4,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-const KEY: &str = "AKIATEST";
-const SECRET: &str = "secretsecret";
-const BUCKET: &str = "tcplake-test";
-
-/// An s3s-fs server on a free loopback port, stopped when dropped.
-struct S3Server {
-    child: Child,
-    port: u16,
-    data: tempfile::TempDir,
-}
-
-fn s3s_fs() -> PathBuf {
-    let home = std::env::var("CARGO_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cargo"));
-    let installed = home.join("bin/s3s-fs");
-    if installed.exists() {
-        installed
-    } else {
-        PathBuf::from("s3s-fs")
-    }
-}
-
-impl S3Server {
-    fn start() -> S3Server {
-        let data = tempfile::tempdir().unwrap();
-        std::fs::create_dir(data.path().join(BUCKET)).unwrap();
-        let port = free_port();
-        let child = Self::spawn(data.path(), port);
-        S3Server { child, port, data }
-    }
-
-    /// Kills the server (as a crash would), waits, and starts it again on the same port and data.
-    fn outage(&mut self, down_for: Duration) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-        std::thread::sleep(down_for);
-        self.child = Self::spawn(self.data.path(), self.port);
-    }
-
-    fn spawn(data: &Path, port: u16) -> Child {
-        let child = Command::new(s3s_fs())
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", KEY, "--secret-key", SECRET])
-            .arg(data)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start s3s-fs (install it with scripts/setup.sh)");
-        wait_for_port(port, "s3s-fs");
-        child
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn run_to(out: &str, endpoint: &str, secret: &str, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
@@ -99,29 +34,6 @@ fn run_to(out: &str, endpoint: &str, secret: &str, extra: &[&str]) -> std::proce
             ("AWS_SECRET_ACCESS_KEY", secret),
         ],
     )
-}
-
-/// DuckDB with httpfs loaded from the pinned PyPI package and a secret for the test server.
-fn duckdb_s3(server: &S3Server, sql: &str) -> i64 {
-    let setup = format!(
-        "LOAD '{}'; CREATE SECRET (TYPE s3, KEY_ID '{KEY}', SECRET '{SECRET}', REGION 'us-east-1', \
-         ENDPOINT '127.0.0.1:{}', URL_STYLE 'path', USE_SSL false);",
-        httpfs_extension().display(),
-        server.port
-    );
-    duckdb_int(&format!("{setup} {sql}"))
-}
-
-fn httpfs_extension() -> PathBuf {
-    let out = Command::new("python3")
-        .args(["-c", "import duckdb_extension_httpfs as m, os, glob; print(glob.glob(os.path.join(os.path.dirname(m.__file__), 'extensions', '*', 'httpfs.duckdb_extension'))[0])"])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "duckdb-extension-httpfs missing: run scripts/setup.sh"
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
 /// What a run wrote under `prefix` in the bucket, read by DuckDB, equals a local run of the same seed
@@ -616,4 +528,230 @@ fn compaction_in_a_bucket_keeps_every_row() {
             0
         );
     }
+}
+
+/// A command with no AWS credentials anywhere: no variables, no profile files (HOME is empty).
+fn without_aws_credentials(cmd: &mut Command, home: &Path) {
+    for var in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("HOME", home)
+        .env("AWS_CONFIG_FILE", home.join("none"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", home.join("none"));
+}
+
+/// Wrong endpoints and missing credentials are each one line within seconds: not half a minute of
+/// retries, not a debug dump, not a misleading "bucket does not exist".
+#[test]
+fn missing_credentials_tls_mismatch_and_a_non_s3_server_are_named_at_once() {
+    let server = S3Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = tmp.path().join("spool");
+    let out = format!("s3://{BUCKET}/p");
+    let args = |endpoint: &str| -> Vec<String> {
+        [
+            "--source",
+            "synthetic",
+            "--events",
+            "100",
+            "--out",
+            &out,
+            "--s3-endpoint",
+            endpoint,
+            "--spool-dir",
+            spool.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let timed = |mut cmd: Command| {
+        let started = Instant::now();
+        let o = cmd.output().unwrap();
+        (o, started.elapsed())
+    };
+
+    let mut cmd = tcplake_cmd();
+    cmd.args(args(&server.endpoint()));
+    without_aws_credentials(&mut cmd, tmp.path());
+    let (o, took) = timed(cmd);
+    assert_one_line_error(&o, 1, &["no AWS credentials found", "AWS_ACCESS_KEY_ID"]);
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+
+    let with_keys = |cmd: &mut Command| {
+        cmd.env("AWS_ACCESS_KEY_ID", KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET);
+    };
+    let mut cmd = tcplake_cmd();
+    cmd.args(args(&format!("https://127.0.0.1:{}", server.port)));
+    with_keys(&mut cmd);
+    let (o, took) = timed(cmd);
+    assert_one_line_error(&o, 1, &["TLS with https://127.0.0.1:", "use http://"]);
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+
+    // A web server that is not S3 (Python's, serving an empty directory).
+    let port = free_port();
+    let mut web = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &port.to_string(),
+        ])
+        .current_dir(tmp.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(port, "python http.server");
+    let mut cmd = tcplake_cmd();
+    cmd.args(args(&format!("http://127.0.0.1:{port}")));
+    with_keys(&mut cmd);
+    let (o, took) = timed(cmd);
+    let _ = web.kill();
+    let _ = web.wait();
+    assert_one_line_error(
+        &o,
+        1,
+        &["does not answer like an S3 store", "--s3-endpoint"],
+    );
+    assert!(!stderr(&o).contains("does not exist"), "{}", stderr(&o));
+    assert!(took < Duration::from_secs(20), "took {took:?}");
+}
+
+/// The AWS secret key and session token never reach the output, at any log level (the SDK's own trace
+/// output included).
+#[test]
+fn aws_secrets_never_reach_any_log_level() {
+    const TOKEN: &str = "FQoGZXIvYXdzEJr-planted-session-token-7f3a";
+    let server = S3Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = tmp.path().join("spool");
+    for level in ["error", "warn", "info", "debug", "trace"] {
+        let out = format!("s3://{BUCKET}/level-{level}");
+        let o = tcplake(
+            &[
+                "--source",
+                "synthetic",
+                "--events",
+                "2000",
+                "--out",
+                &out,
+                "--s3-endpoint",
+                &server.endpoint(),
+                "--spool-dir",
+                spool.to_str().unwrap(),
+                "--summary",
+                "json",
+            ],
+            &[
+                ("AWS_ACCESS_KEY_ID", KEY),
+                ("AWS_SECRET_ACCESS_KEY", SECRET),
+                ("AWS_SESSION_TOKEN", TOKEN),
+                ("RUST_LOG", level),
+            ],
+        );
+        assert!(o.status.success(), "{level}: {}", stderr(&o));
+        let all = format!("{}{}", stdout(&o), stderr(&o));
+        if level == "trace" {
+            assert!(
+                all.len() > 10_000,
+                "trace logs something: {} bytes",
+                all.len()
+            );
+        }
+        assert!(!all.contains(SECRET), "{level}: the secret key was logged");
+        assert!(
+            !all.contains(TOKEN),
+            "{level}: the session token was logged"
+        );
+    }
+}
+
+/// Two runs writing to one bucket at once, sharing the default spool directory: neither aborts the
+/// other's multipart uploads (each only cleans up after processes that are gone).
+#[test]
+fn concurrent_runs_sharing_a_spool_directory_leave_each_other_alone() {
+    const N: u64 = 3_000_000;
+    let server = S3Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = tmp.path().join("shared-spool");
+    let config = tmp.path().join("multipart.toml");
+    std::fs::write(&config, "[sink]\ns3_multipart_threshold = \"1MiB\"\n").unwrap();
+    let args = |node: &str, events: u64, rate: &str| -> Vec<String> {
+        let out = format!("s3://{BUCKET}/{node}");
+        [
+            "--source",
+            "synthetic",
+            "--seed",
+            "9",
+            "--node",
+            node,
+            "--events",
+            &events.to_string(),
+            "--rate",
+            rate,
+            "--max-file-age",
+            "3s",
+            "--summary",
+            "json",
+            "--out",
+            &out,
+            "--s3-endpoint",
+            &server.endpoint(),
+            "--spool-dir",
+            spool.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let keys = [
+        ("AWS_ACCESS_KEY_ID", KEY),
+        ("AWS_SECRET_ACCESS_KEY", SECRET),
+    ];
+    let long = tcplake_cmd()
+        .args(args("long", N, "300000"))
+        .envs(keys)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let journal = spool.join(".uploads");
+    let uploading = || {
+        files_under(&journal)
+            .iter()
+            .any(|p| !p.file_name().unwrap().to_string_lossy().starts_with(".tmp"))
+    };
+    // Short runs start (and clean up their spool) while the long run has uploads under way.
+    let mut overlapped = 0;
+    for i in 0..3 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !uploading() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        overlapped += usize::from(uploading());
+        let short = args(&format!("short{i}"), 200_000, "2000000");
+        let o = tcplake(&short.iter().map(String::as_str).collect::<Vec<_>>(), &keys);
+        assert!(o.status.success(), "short run {i}: {}", stderr(&o));
+    }
+    assert!(overlapped > 0, "no short run started during an upload");
+    let o = long.wait_with_output().unwrap();
+    assert!(o.status.success(), "the long run: {}", stderr(&o));
+    let s: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(s["event_rows"], N, "{s}");
+    assert!(
+        multipart_leftovers(&server).is_empty(),
+        "{:?}",
+        multipart_leftovers(&server)
+    );
 }

@@ -11,57 +11,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// A JetStream server on a free loopback port, stopped when dropped.
-struct Nats {
-    child: Child,
-    port: u16,
-    store: tempfile::TempDir,
-}
-
-impl Nats {
-    fn start() -> Nats {
-        let store = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let child = Self::spawn(port, store.path());
-        Nats { child, port, store }
-    }
-
-    fn spawn(port: u16, store: &Path) -> Child {
-        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .unwrap_or("nats-server");
-        let child = Command::new(bin)
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(store)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nats-server (install it with scripts/setup.sh)");
-        wait_for_port(port, "nats-server");
-        child
-    }
-
-    /// SIGKILL (a crash, not a clean stop), down for `down_for`, then the same port and storage.
-    fn crash_and_restart(&mut self, down_for: Duration) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-        std::thread::sleep(down_for);
-        self.child = Self::spawn(self.port, self.store.path());
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The same workload for every process of a run.
 struct Run {
     seed: &'static str,
@@ -90,14 +39,12 @@ impl Run {
         }
     }
 
+    /// The flags of one service: the workload goes to capture, the output to the sink (a service
+    /// refuses settings that do nothing for it).
     fn args(&self, mode: &str, extra: &[&str]) -> Vec<String> {
         let mut a: Vec<String> = [
             "--mode",
             mode,
-            "--source",
-            "synthetic",
-            "--seed",
-            self.seed,
             "--node",
             "split-node",
             "--summary",
@@ -110,8 +57,14 @@ impl Run {
         .map(|s| s.to_string())
         .collect();
         a.push(self.config.to_str().unwrap().into());
-        a.extend(["--events".into(), self.events.to_string()]);
-        a.extend(["--out".into(), self.out.to_str().unwrap().into()]);
+        match mode {
+            "capture" => {
+                a.extend(["--source", "synthetic", "--seed", self.seed].map(String::from));
+                a.extend(["--events".into(), self.events.to_string()]);
+            }
+            "sink" => a.extend(["--out".into(), self.out.to_str().unwrap().into()]),
+            _ => {}
+        }
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     }
@@ -162,7 +115,7 @@ fn one_capture_two_aggregators_one_sink_write_exactly_the_monolith_rows() {
     let capture = run.spawn("capture", &[]);
     let agg0 = run.spawn("aggregate", &["--shard", "0/2"]);
     let agg1 = run.spawn("aggregate", &["--shard", "1/2"]);
-    let sink = run.spawn("sink", &["--shards", "2"]);
+    let sink = run.spawn("sink", &[]);
     let c = finish(capture, "capture");
     let a0 = finish(agg0, "aggregator 0");
     let a1 = finish(agg1, "aggregator 1");
@@ -184,7 +137,7 @@ fn each_service_killed_mid_run_and_restarted_still_writes_the_monolith_rows() {
     let run = Run::new(&nats, tmp.path(), "23", N);
     // Paced capture (about 8 s) and files closing every second, so every kill lands mid-stream.
     let paced = ["--rate", "150000"];
-    let sink_args = ["--shards", "2", "--max-file-age", "1s"];
+    let sink_args = ["--max-file-age", "1s"];
     let pause = || std::thread::sleep(Duration::from_millis(1_500));
 
     let capture = run.spawn("capture", &paced);
@@ -234,7 +187,7 @@ fn broker_crashed_and_restarted_mid_run_loses_and_duplicates_nothing() {
     let capture = run.spawn("capture", &paced);
     let agg0 = run.spawn("aggregate", &["--shard", "0/2"]);
     let agg1 = run.spawn("aggregate", &["--shard", "1/2"]);
-    let sink = run.spawn("sink", &["--shards", "2", "--max-file-age", "1s"]);
+    let sink = run.spawn("sink", &["--max-file-age", "1s"]);
     wait_for_commit_beyond(&run.out, "events", 0);
     nats.crash_and_restart(Duration::from_secs(3));
     let c = finish(capture, "capture");
@@ -329,3 +282,459 @@ s.sendall(b"PUB tcplake.events.intruder _INBOX.t %d\r\n%s\r\n" % (len(body), bod
 while not f.readline().startswith(b"MSG"): pass
 f.readline()
 "#;
+
+/// Every process's summary and logs, for the secret checks.
+fn all_output(o: &Output) -> String {
+    format!("{}{}", stdout(o), stderr(o))
+}
+
+#[test]
+fn aggregators_that_disagree_on_the_shard_count_stop_the_sink() {
+    let nats = Nats::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = Run::new(&nats, tmp.path(), "8", 60_000);
+    let capture = run.spawn("capture", &[]);
+    let agg0 = run.spawn("aggregate", &["--shard", "0/2"]);
+    let agg1 = run.spawn("aggregate", &["--shard", "1/3"]);
+    let sink = run.spawn("sink", &[]);
+    finish(capture, "capture");
+    finish(agg0, "aggregator 0/2");
+    finish(agg1, "aggregator 1/3");
+    let o = sink.wait_with_output().unwrap();
+    assert_one_error_line(&o, &["disagree on how many shards", "--shard I/N"]);
+}
+
+/// Purges a stream's messages below stream sequence `below` (what retention does to old messages).
+fn purge_below(nats: &Nats, stream: &str, below: u64) {
+    let script = r#"
+import socket, sys, json
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+f = s.makefile("rb")
+f.readline()
+s.sendall(b'CONNECT {"verbose":false,"headers":true}\r\nPING\r\n')
+assert f.readline().startswith(b"PONG")
+body = json.dumps({"seq": int(sys.argv[3])}).encode()
+s.sendall(b"SUB _INBOX.p 1\r\nPUB $JS.API.STREAM.PURGE.%s _INBOX.p %d\r\n%s\r\n" % (sys.argv[2].encode(), len(body), body))
+while not f.readline().startswith(b"MSG"): pass
+reply = f.readline()
+assert b'"success":true' in reply, reply
+"#;
+    let o = Command::new("python3")
+        .args([
+            "-c",
+            script,
+            &nats.port.to_string(),
+            stream,
+            &below.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn a_sink_for_a_new_output_reads_the_streams_from_their_start() {
+    const N: u64 = 600_000;
+    let nats = Nats::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = Run::new(&nats, tmp.path(), "31", N);
+    let sink_to = |out: &Path, extra: &[&str]| {
+        let mut a = run.args("sink", extra);
+        let i = a.iter().position(|x| x == "--out").unwrap();
+        a[i + 1] = out.to_str().unwrap().into();
+        tcplake_cmd()
+            .args(a)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // The issue's case: a sink killed mid-run, restarted with another --out.
+    let first = tmp.path().join("first");
+    let capture = run.spawn("capture", &["--rate", "150000"]);
+    let agg = run.spawn("aggregate", &[]);
+    let sink = sink_to(&first, &["--max-file-age", "1s"]);
+    wait_for_commit_beyond(&first, "events", 0);
+    kill(sink);
+    let second = tmp.path().join("second");
+    let sink = sink_to(&second, &[]);
+    finish(capture, "capture");
+    finish(agg, "aggregator");
+    let s = finish(sink, "sink to a new output");
+    assert_eq!(
+        s["event_rows"], N,
+        "the new output got the whole stream: {s}"
+    );
+    assert_same_rows_as_monolith(&second, tmp.path(), "31", N);
+
+    // Two sinks at once, each to its own output: each gets everything.
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let (sa, sb) = (sink_to(&a, &[]), sink_to(&b, &[]));
+    finish(sa, "sink a");
+    finish(sb, "sink b");
+    same_rows(&a, &second, "events");
+    same_rows(&a, &second, "flows");
+    same_rows(&b, &second, "events");
+    same_rows(&b, &second, "flows");
+
+    // A sink restarted once everything was written ends at once (it used to wait forever).
+    let started = std::time::Instant::now();
+    let s = finish(sink_to(&second, &[]), "sink restarted after the end");
+    assert_eq!(s["event_rows"], 0, "{s}");
+    assert!(started.elapsed() < Duration::from_secs(60));
+
+    // A new output whose beginning the stream no longer holds is refused, not silently partial.
+    purge_below(&nats, "TCPLAKE_EVENTS", 5);
+    let late = tmp.path().join("late");
+    let o = sink_to(&late, &[]).wait_with_output().unwrap();
+    assert_one_error_line(&o, &["holds no events of node `split-node`", "retention"]);
+    report_fault(
+        "split: sink killed -9, restarted with a new --out; two sinks at once; stream purged",
+        "new outputs got every row, a truncated stream is refused",
+    );
+}
+
+/// Writes a NATS server config with one NKey user and returns (config path, seed file).
+fn nkey_server_config(dir: &Path) -> (PathBuf, PathBuf) {
+    let kp = nkeys::KeyPair::new_user();
+    let conf = dir.join("nkey.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "authorization {{ users = [ {{ nkey: \"{}\" }} ] }}\n",
+            kp.public_key()
+        ),
+    )
+    .unwrap();
+    let seed = dir.join("user.nk");
+    std::fs::write(&seed, format!("{}\n", kp.seed().unwrap())).unwrap();
+    (conf, seed)
+}
+
+#[test]
+fn broker_credentials_are_sent_every_way_and_never_logged() {
+    const PASS: &str = "p4ss-w0rd:with@signs";
+    const TOKEN: &str = "t0ken-very-secret-123";
+    let tmp = tempfile::tempdir().unwrap();
+    let secret_file = |name: &str, v: &str| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, format!("{v}\n")).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let pass_file = secret_file("pass", PASS);
+    let token_file = secret_file("token", TOKEN);
+    let config = tmp.path().join("c.toml");
+    std::fs::write(
+        &config,
+        "[broker]\nmax_bytes = \"256MiB\"\nconnect_timeout = \"2s\"\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap().to_string();
+
+    // User and password: in the URL (percent-encoded), from the environment, from a file.
+    let nats = Nats::start_with(&["--user", "alice", "--pass", PASS]);
+    let host = format!("127.0.0.1:{}", nats.port);
+    let encoded = PASS.replace(':', "%3A").replace('@', "%40");
+    let out = tmp.path().join("out");
+    let base = |mode: &str| -> Vec<String> {
+        [
+            "--mode",
+            mode,
+            "--node",
+            "split-node",
+            "--summary",
+            "json",
+            "--config",
+            &config,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let spawn = |args: Vec<String>, envs: &[(&str, &str)]| {
+        tcplake_cmd()
+            .args(args)
+            .envs(envs.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut cap = base("capture");
+    cap.extend(["--source", "synthetic", "--seed", "4", "--events", "30000"].map(String::from));
+    cap.extend(["--broker".into(), format!("nats://alice:{encoded}@{host}")]);
+    let mut agg = base("aggregate");
+    agg.extend(["--broker".into(), format!("nats://{host}")]);
+    let mut sink = base("sink");
+    sink.extend([
+        "--broker".into(),
+        format!("nats://{host}"),
+        "--out".into(),
+        out.to_str().unwrap().into(),
+    ]);
+    sink.extend([
+        "--broker-user".into(),
+        "alice".into(),
+        "--broker-password-file".into(),
+        pass_file,
+    ]);
+    let c = spawn(cap, &[("RUST_LOG", "trace")]);
+    let a = spawn(
+        agg,
+        &[
+            ("TCPLAKE_BROKER_USER", "alice"),
+            ("TCPLAKE_BROKER_PASSWORD", PASS),
+            ("RUST_LOG", "debug"),
+        ],
+    );
+    let s = spawn(sink, &[("RUST_LOG", "trace")]);
+    for (child, what) in [(c, "capture"), (a, "aggregator"), (s, "sink")] {
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "{what}: {}", stderr(&o));
+        let text = all_output(&o);
+        for secret in [PASS, encoded.as_str()] {
+            assert!(!text.contains(secret), "{what} logged the password");
+        }
+    }
+    assert_same_rows_as_monolith(&out, tmp.path(), "4", 30_000);
+
+    // At every log level, with the password in the URL: never in the output.
+    for level in ["error", "warn", "info", "debug", "trace"] {
+        let o = tcplake(
+            &[
+                "--mode",
+                "capture",
+                "--source",
+                "synthetic",
+                "--events",
+                "1000",
+                "--node",
+                level,
+                "--summary",
+                "json",
+                "--broker",
+                &format!("nats://alice:{encoded}@{host}"),
+            ],
+            &[("RUST_LOG", level)],
+        );
+        assert!(o.status.success(), "{level}: {}", stderr(&o));
+        let text = all_output(&o);
+        assert!(
+            !text.contains(PASS) && !text.contains(&encoded),
+            "{level}: the password was logged"
+        );
+    }
+
+    // A wrong password: one line at once, naming the credentials, not a missing JetStream.
+    let started = std::time::Instant::now();
+    let o = tcplake(
+        &[
+            "--mode",
+            "capture",
+            "--source",
+            "synthetic",
+            "--broker",
+            &format!("nats://alice:wrong-pass-x@{host}"),
+        ],
+        &[("RUST_LOG", "trace")],
+    );
+    let line = assert_one_error_line_with_logs(&o, &["refused tcplake's credentials"]);
+    assert!(
+        !line.contains("JetStream") && !all_output(&o).contains("wrong-pass-x"),
+        "{line}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(nats);
+
+    // A token: in the URL, from the environment, from a file.
+    let nats = Nats::start_with(&["--auth", TOKEN]);
+    let host = format!("127.0.0.1:{}", nats.port);
+    for (how, url, envs, flags) in [
+        ("url", format!("nats://{TOKEN}@{host}"), vec![], vec![]),
+        (
+            "env",
+            format!("nats://{host}"),
+            vec![("TCPLAKE_BROKER_TOKEN", TOKEN)],
+            vec![],
+        ),
+        (
+            "file",
+            format!("nats://{host}"),
+            vec![],
+            vec!["--broker-token-file", token_file.as_str()],
+        ),
+    ] {
+        let mut args = vec![
+            "--mode",
+            "capture",
+            "--source",
+            "synthetic",
+            "--events",
+            "1000",
+            "--node",
+            how,
+            "--summary",
+            "json",
+        ];
+        args.extend(["--broker", url.as_str()]);
+        args.extend(flags);
+        let mut envs = envs;
+        envs.push(("RUST_LOG", "trace"));
+        let o = tcplake(&args, &envs);
+        assert!(o.status.success(), "token via {how}: {}", stderr(&o));
+        assert!(
+            !all_output(&o).contains(TOKEN),
+            "token via {how} was logged"
+        );
+    }
+    drop(nats);
+
+    // An NKey seed file.
+    let (conf, seed) = nkey_server_config(tmp.path());
+    let seed_text = std::fs::read_to_string(&seed).unwrap();
+    let nats = Nats::start_with(&["-c", conf.to_str().unwrap()]);
+    let o = tcplake(
+        &[
+            "--mode",
+            "capture",
+            "--source",
+            "synthetic",
+            "--events",
+            "1000",
+            "--summary",
+            "json",
+            "--broker",
+            &nats.url(),
+            "--broker-nkey",
+            seed.to_str().unwrap(),
+        ],
+        &[("RUST_LOG", "trace")],
+    );
+    assert!(o.status.success(), "nkey: {}", stderr(&o));
+    assert!(
+        !all_output(&o).contains(seed_text.trim()),
+        "the NKey seed was logged"
+    );
+    // Without it, the same server refuses at once.
+    let o = tcplake(
+        &[
+            "--mode",
+            "capture",
+            "--source",
+            "synthetic",
+            "--broker",
+            &nats.url(),
+        ],
+        &[],
+    );
+    assert_one_error_line(&o, &["refused tcplake's credentials"]);
+    // Two ways at once are a configuration error.
+    let o = tcplake(
+        &[
+            "--mode",
+            "capture",
+            "--source",
+            "synthetic",
+            "--broker",
+            &format!("nats://{TOKEN}@{host}"),
+            "--broker-nkey",
+            seed.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_one_line_error(&o, 2, &["given more than one way"]);
+    assert!(!stderr(&o).contains(TOKEN));
+}
+
+/// The error line of a run that logged at a verbose level: exactly one `tcplake: error:` line.
+fn assert_one_error_line_with_logs(o: &Output, needles: &[&str]) -> String {
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(o));
+    let err = stderr(o);
+    let errors: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("tcplake: error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{err}");
+    for n in needles {
+        assert!(errors[0].contains(n), "`{n}` not in: {}", errors[0]);
+    }
+    errors[0].to_string()
+}
+
+#[test]
+fn a_full_stream_makes_capture_stop_promptly_on_sigterm_saying_what_was_not_published() {
+    let nats = Nats::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("c.toml");
+    std::fs::write(
+        &config,
+        "[broker]\nmax_bytes = \"8MiB\"\ncompress = false\n",
+    )
+    .unwrap();
+    let mut child = tcplake_cmd()
+        .args([
+            "--mode",
+            "capture",
+            "--source",
+            "synthetic",
+            "--events",
+            "5000000",
+            "--broker",
+            &nats.url(),
+            "--config",
+            config.to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait (on the log, not the clock) until publishing has started failing.
+    let stderr_pipe = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr_pipe)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("publish failed; retrying") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("the stream fills up");
+    let stopped = std::time::Instant::now();
+    // SIGTERM: an orderly stop, which gives up on the refused batch.
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    let log = reader.join().unwrap();
+    assert!(
+        stopped.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        stopped.elapsed()
+    );
+    assert_eq!(status.code(), Some(1), "{log}");
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("tcplake: error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{log}");
+    for n in [
+        "stopped while publishing",
+        "the stream is full",
+        "were not published",
+    ] {
+        assert!(errors[0].contains(n), "`{n}` not in {}", errors[0]);
+    }
+}

@@ -192,6 +192,7 @@ where
                 records,
                 ranks,
                 replay,
+                shard_count: cfg.shard.count,
             };
             seq += 1;
             output.send(out).await?;

@@ -205,7 +205,16 @@ pub fn run(cfg: &BenchConfig) -> Result<Report, BenchError> {
     })
 }
 
-fn common_args(cfg: &BenchConfig, out: &Path) -> Vec<String> {
+/// Flags every process of a topology takes.
+fn base_args() -> Vec<String> {
+    ["--node", "bench", "--summary", "json"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// What the capturing process takes: the workload.
+fn source_args(cfg: &BenchConfig) -> Vec<String> {
     vec![
         "--source".into(),
         "synthetic".into(),
@@ -213,18 +222,19 @@ fn common_args(cfg: &BenchConfig, out: &Path) -> Vec<String> {
         cfg.seed.to_string(),
         "--events".into(),
         cfg.events.to_string(),
-        "--node".into(),
-        "bench".into(),
-        "--summary".into(),
-        "json".into(),
-        "--out".into(),
-        out.display().to_string(),
     ]
+}
+
+/// What the writing process takes: the output.
+fn out_args(out: &Path) -> Vec<String> {
+    vec!["--out".into(), out.display().to_string()]
 }
 
 fn monolith(cfg: &BenchConfig, out: &Path) -> Result<ModeReport, BenchError> {
     let started = Instant::now();
-    let mut args = common_args(cfg, out);
+    let mut args = base_args();
+    args.extend(source_args(cfg));
+    args.extend(out_args(out));
     args.extend(["--mode".into(), "monolith".into()]);
     let p = procs::spawn(&cfg.exe, "monolith", &args)?.finish()?;
     Ok(mode_report(
@@ -273,12 +283,14 @@ fn split_processes(
     edge_args: &[String],
 ) -> Result<Vec<Measured>, BenchError> {
     let base = |mode: &str| {
-        let mut a = common_args(cfg, out);
+        let mut a = base_args();
         a.extend(["--mode".into(), mode.into()]);
         a.extend(edge_args.iter().cloned());
         a
     };
-    let capture = procs::spawn(&cfg.exe, "capture", &base("capture"))?;
+    let mut a = base("capture");
+    a.extend(source_args(cfg));
+    let capture = procs::spawn(&cfg.exe, "capture", &a)?;
     let mut aggs = Vec::new();
     for i in 0..cfg.shards {
         let mut a = base("aggregate");
@@ -287,7 +299,7 @@ fn split_processes(
         aggs.push(procs::spawn(&cfg.exe, &role, &a)?);
     }
     let mut a = base("sink");
-    a.extend(["--shards".into(), cfg.shards.to_string()]);
+    a.extend(out_args(out));
     let sink = procs::spawn(&cfg.exe, "sink", &a)?;
     let mut done = vec![capture.finish()?];
     for agg in aggs {
@@ -571,7 +583,7 @@ mod tests {
             node: Some("bench".into()),
             ..Default::default()
         };
-        let s = crate::config::Settings::merge(&cli, Default::default()).unwrap();
+        let s = crate::config::Settings::merge(&cli, &Default::default()).unwrap();
         let (_t, l) = crate::shutdown::channel();
         rt.block_on(crate::mode::run(&s, Default::default(), l))
             .unwrap();

@@ -24,7 +24,14 @@ pub struct Running {
 }
 
 pub fn spawn(exe: &Path, role: &str, args: &[String]) -> Result<Running, BenchError> {
-    let child = Command::new(exe)
+    let mut cmd = Command::new(exe);
+    // Each process gets exactly the settings of its role: none leak in from the bench's environment.
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("TCPLAKE_") {
+            cmd.env_remove(k);
+        }
+    }
+    let child = cmd
         .args(args)
         // Several processes per mode on one host: none serves metrics (the bench reads rusage).
         .env("TCPLAKE_METRICS_ADDR", "off")

@@ -113,7 +113,8 @@ where
 {
     let mut stats = CaptureStats::default();
     let started = tokio::time::Instant::now();
-    let deadline = cfg.duration.map(|d| started + d);
+    // Bounded by configuration; an instant past the clock's range simply means no deadline.
+    let deadline = cfg.duration.and_then(|d| started.checked_add(d));
     let until_deadline = async {
         match deadline {
             Some(d) => tokio::time::sleep_until(d).await,

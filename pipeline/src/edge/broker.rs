@@ -28,6 +28,9 @@ use super::wire::{self, WireError};
 use super::{EdgeError, Rx, Tx};
 use crate::event::{EventBatch, FlowBatch};
 use crate::metrics::BrokerMetrics;
+use crate::secrets::Secret;
+use crate::shutdown::Shutdown;
+use Ends::AllSeenNodes;
 
 pub const EVENTS_STREAM: &str = "TCPLAKE_EVENTS";
 pub const FLOWS_STREAM: &str = "TCPLAKE_FLOWS";
@@ -53,11 +56,58 @@ pub fn valid_node(node: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// How the client proves who it is: the ways NATS users configure it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BrokerAuth {
+    None,
+    UserPassword {
+        user: String,
+        password: Secret,
+    },
+    Token(Secret),
+    /// A `.creds` file (user JWT + NKey seed).
+    CredsFile(std::path::PathBuf),
+    /// A user NKey seed.
+    NKey(Secret),
+}
+
+impl BrokerAuth {
+    /// What kind of credentials, for `--check-config` (never the values).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BrokerAuth::None => "none",
+            BrokerAuth::UserPassword { .. } => "user+password",
+            BrokerAuth::Token(_) => "token",
+            BrokerAuth::CredsFile(_) => "creds-file",
+            BrokerAuth::NKey(_) => "nkey",
+        }
+    }
+
+    async fn apply(
+        &self,
+        opts: async_nats::ConnectOptions,
+    ) -> Result<async_nats::ConnectOptions, String> {
+        Ok(match self {
+            BrokerAuth::None => opts,
+            BrokerAuth::UserPassword { user, password } => {
+                opts.user_and_password(user.clone(), password.expose().to_string())
+            }
+            BrokerAuth::Token(t) => opts.token(t.expose().to_string()),
+            BrokerAuth::NKey(seed) => opts.nkey(seed.expose().to_string()),
+            BrokerAuth::CredsFile(path) => opts
+                .credentials_file(path)
+                .await
+                .map_err(|e| format!("cannot use credentials file `{}`: {e}", path.display()))?,
+        })
+    }
+}
+
 /// How to reach the broker and what limits its streams get.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BrokerSettings {
-    /// `nats://host:port`
+    /// `nats://host:port`, without credentials (they are in `auth`): safe to log.
     pub url: String,
+    pub auth: BrokerAuth,
     /// Keep retrying an unreachable broker at startup for this long.
     pub connect_for: Duration,
     /// Stream retention: messages older than this are removed.
@@ -77,14 +127,21 @@ pub struct BrokerSettings {
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error(
-        "cannot reach the broker at {url} (tried for {secs} s): {reason}; is nats-server running with \
-         JetStream (-js)?"
+        "cannot reach the broker at {url} (tried for {secs} s): {reason}; is nats-server running there, \
+         with JetStream (-js)?"
     )]
     Unreachable {
         url: String,
         secs: u64,
         reason: String,
     },
+    #[error(
+        "the broker at {url} refused tcplake's credentials ({reason}): check the broker user and \
+         password, token, NKey or credentials file"
+    )]
+    Refused { url: String, reason: String },
+    #[error("broker at {url}: {reason}")]
+    Auth { url: String, reason: String },
     #[error("broker stream {name}: {reason}")]
     Stream { name: &'static str, reason: String },
     #[error("broker consumer on {subject}: {reason}")]
@@ -106,7 +163,7 @@ pub struct Broker {
 impl std::fmt::Debug for Broker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Broker")
-            .field("url", &redact(&self.settings.url))
+            .field("url", &self.settings.url)
             .finish()
     }
 }
@@ -120,22 +177,40 @@ impl Broker {
         let started = Instant::now();
         let mut backoff = Duration::from_millis(100);
         let client = loop {
-            let attempt = async_nats::ConnectOptions::new()
-                .connection_timeout(Duration::from_secs(2))
-                .connect(settings.url.as_str())
-                .await;
-            match attempt {
+            let opts = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(2));
+            let opts = settings
+                .auth
+                .apply(opts)
+                .await
+                .map_err(|reason| BrokerError::Auth {
+                    url: settings.url.clone(),
+                    reason,
+                })?;
+            match opts.connect(settings.url.as_str()).await {
                 Ok(c) => break c,
+                // Wrong credentials stay wrong: say so now instead of retrying for half a minute.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        async_nats::ConnectErrorKind::AuthorizationViolation
+                            | async_nats::ConnectErrorKind::Authentication
+                    ) =>
+                {
+                    return Err(BrokerError::Refused {
+                        url: settings.url.clone(),
+                        reason: e.to_string(),
+                    })
+                }
                 Err(e) if started.elapsed() < settings.connect_for => {
                     if backoff == Duration::from_millis(100) {
-                        tracing::warn!(url = %redact(&settings.url), error = %e, "broker unreachable; retrying");
+                        tracing::warn!(url = %settings.url, error = %e, "broker unreachable; retrying");
                     }
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                 }
                 Err(e) => {
                     return Err(BrokerError::Unreachable {
-                        url: redact(&settings.url),
+                        url: settings.url.clone(),
                         secs: settings.connect_for.as_secs(),
                         reason: e.to_string(),
                     })
@@ -242,8 +317,14 @@ impl Broker {
         Ok(Some(Some(batch)))
     }
 
-    /// A producer of event batches for `node`.
-    pub fn events_tx(&self, node: &str) -> Result<BrokerTx<Arc<EventBatch>>, BrokerError> {
+    /// A producer of event batches for `node`. It gives up retrying a failing publish once `shutdown`
+    /// fires (the rest of the stream is then published by a restarted capture, or lost with the
+    /// kernel's events if it is not restarted: the error says how many).
+    pub fn events_tx(
+        &self,
+        node: &str,
+        shutdown: Shutdown,
+    ) -> Result<BrokerTx<Arc<EventBatch>>, BrokerError> {
         if !valid_node(node) {
             return Err(BrokerError::NodeName(node.to_string()));
         }
@@ -257,15 +338,33 @@ impl Broker {
                 let id = format!("{node}-{}", b.events.first().map_or(0, |e| e.seq));
                 (wire::encode_events(b, compress), id)
             }),
+            Box::new(|b: &Arc<EventBatch>| {
+                let mid = b.events.len() / 2;
+                (mid > 0).then(|| {
+                    let half = |r: &[crate::event::Event]| {
+                        let mut h = EventBatch::new(Arc::clone(&b.node), r.to_vec(), b.clock_us);
+                        h.sent_at_us = b.sent_at_us;
+                        Arc::new(h)
+                    };
+                    (half(&b.events[..mid]), half(&b.events[mid..]))
+                })
+            }),
+            Box::new(|b: &Arc<EventBatch>| b.events.len()),
+            None,
+            shutdown,
         ))
     }
 
-    /// A producer of flow batches for `shard`.
-    pub fn flows_tx(&self, shard: u32) -> BrokerTx<FlowBatch> {
+    /// A producer of flow batches for `shard`; its end marker names how many shards there are.
+    pub fn flows_tx(
+        &self,
+        shard: crate::aggregate::Shard,
+        shutdown: Shutdown,
+    ) -> BrokerTx<FlowBatch> {
         let compress = self.settings.compress;
         BrokerTx::new(
             self.clone(),
-            flows_subject(shard),
+            flows_subject(shard.index),
             Box::new(move |b: &FlowBatch| {
                 // (window, rank) of the first row names a batch whatever run publishes it.
                 let id = match (b.records.first(), b.ranks.first()) {
@@ -277,6 +376,23 @@ impl Broker {
                 };
                 (wire::encode_flows(b, compress), id)
             }),
+            Box::new(|b: &FlowBatch| {
+                let mid = b.records.len() / 2;
+                (mid > 0).then(|| {
+                    let half = |r: std::ops::Range<usize>| FlowBatch {
+                        producer: Arc::clone(&b.producer),
+                        seq: b.seq,
+                        records: b.records[r.clone()].to_vec(),
+                        ranks: b.ranks[r].to_vec(),
+                        replay: b.replay,
+                        shard_count: b.shard_count,
+                    };
+                    (half(0..mid), half(mid..b.records.len()))
+                })
+            }),
+            Box::new(|b: &FlowBatch| b.records.len()),
+            Some(shard.count),
+            shutdown,
         )
     }
 
@@ -332,22 +448,26 @@ impl Broker {
         ends: Ends,
     ) -> Result<BrokerRx<T>, BrokerError> {
         let s = self.stream(stream).await?;
-        let deliver_policy = match s.consumer_info(name).await {
+        let start = match s.consumer_info(name).await {
             Ok(info) => {
                 let floor = info.ack_floor.stream_sequence;
                 s.delete_consumer(name)
                     .await
                     .map_err(|e| consumer_err(subject, e))?;
-                if floor == 0 {
-                    consumer::DeliverPolicy::All
-                } else {
-                    consumer::DeliverPolicy::ByStartSequence {
-                        start_sequence: floor + 1,
-                    }
-                }
+                floor + 1
             }
-            Err(_) => consumer::DeliverPolicy::All,
+            Err(_) => 1,
         };
+        let deliver_policy = if start <= 1 {
+            consumer::DeliverPolicy::All
+        } else {
+            consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: start,
+            }
+        };
+        // Producers whose end marker this consumer acknowledged before the restart will not be
+        // delivered again: learn from the stream which have ended and which are still going.
+        let producers = self.producers(stream, subject, start).await?;
         let c = s
             .create_consumer(consumer::pull::Config {
                 durable_name: Some(name.to_string()),
@@ -376,14 +496,64 @@ impl Broker {
                 Ok(Box::pin(m.map(|m| m.map_err(|e| e.to_string()))) as MessageStream)
             })
         });
-        Ok(BrokerRx::new(
+        let mut rx = BrokerRx::new(
             self.clone(),
             Box::pin(messages.map(|m| m.map_err(|e| e.to_string()))),
             reopen,
-            0,
+            start,
             decode,
             ends,
-        ))
+        );
+        rx.seed(producers).map_err(|e| consumer_err(subject, e))?;
+        Ok(rx)
+    }
+
+    /// The producers on `filter` (subjects with messages), and of those, which ended with a marker
+    /// stored before stream sequence `before` (with the shard count it announced).
+    async fn producers(
+        &self,
+        name: &'static str,
+        filter: &str,
+        before: u64,
+    ) -> Result<Producers, BrokerError> {
+        let stream = self.stream(name).await?;
+        let mut subjects =
+            stream
+                .info_with_subjects(filter)
+                .await
+                .map_err(|e| BrokerError::Stream {
+                    name,
+                    reason: e.to_string(),
+                })?;
+        let mut all = Vec::new();
+        while let Some(item) = subjects.next().await {
+            let (subject, _) = item.map_err(|e| BrokerError::Stream {
+                name,
+                reason: e.to_string(),
+            })?;
+            all.push(subject);
+        }
+        let mut out = Producers::default();
+        for subject in all {
+            let Some(last) = self.last_on(name, &subject).await? else {
+                continue;
+            };
+            // Only what this consumer will not see again counts here: messages from `before` on are
+            // delivered and judged as they come (a batch makes its node live, garbage is set aside).
+            if last.sequence >= before {
+                continue;
+            }
+            if last.headers.get(END_HEADER).is_some() {
+                let shards = last
+                    .headers
+                    .get(SHARDS_HEADER)
+                    .and_then(|v| v.as_str().parse().ok());
+                out.ended.push((subject, shards));
+            } else if wire::is_batch(&last.payload) {
+                out.live.push(subject);
+            }
+        }
+        Ok(out)
     }
 
     /// Moves an undecodable message aside, with the reason, so it can be inspected and replayed.
@@ -444,9 +614,14 @@ fn consumer_err(subject: &str, e: impl std::fmt::Display) -> BrokerError {
 }
 
 type Encoder<T> = Box<dyn Fn(&T) -> (Vec<u8>, String) + Send + Sync>;
+/// Cuts an item in two halves (`None`: it holds one row and cannot be cut).
+type Splitter<T> = Box<dyn Fn(&T) -> Option<(T, T)> + Send + Sync>;
+type Counter<T> = Box<dyn Fn(&T) -> usize + Send + Sync>;
 
 /// Server-side check that a publish directly follows the previous message on its subject.
 const EXPECTED_LAST_SUBJECT_SEQ: &str = "Nats-Expected-Last-Subject-Sequence";
+/// On a flows subject's end marker: how many shards share the flows.
+pub const SHARDS_HEADER: &str = "Tcplake-Shards";
 
 /// The producing half. Each message waits for its acknowledgement before the next is published, and
 /// carries the stream sequence of its predecessor on the subject (`Nats-Expected-Last-Subject-Sequence`):
@@ -455,21 +630,42 @@ const EXPECTED_LAST_SUBJECT_SEQ: &str = "Nats-Expected-Last-Subject-Sequence";
 /// what precedes what it has seen, an aggregator's lateness follows stream order). Pipelined publishes
 /// would be faster, but after a broker restart a lost message could be re-published behind a later
 /// one, which consumers would then treat as already seen (found by the broker-restart test).
+///
+/// A batch whose message would exceed the server's `max_payload` is cut in halves (each named by its
+/// first row, as any batch), rather than refused by the server and retried in vain.
 pub struct BrokerTx<T> {
     broker: Broker,
     subject: String,
     encode: Encoder<T>,
+    split: Splitter<T>,
+    rows: Counter<T>,
+    /// Flows: the shard count the end marker announces.
+    shards: Option<u32>,
     /// Stream sequence of the last message stored on the subject (0: none); `None` until looked up.
     last_seq: Option<u64>,
+    /// Once fired, a failing publish is not retried any more.
+    shutdown: Shutdown,
 }
 
 impl<T> BrokerTx<T> {
-    fn new(broker: Broker, subject: String, encode: Encoder<T>) -> Self {
+    fn new(
+        broker: Broker,
+        subject: String,
+        encode: Encoder<T>,
+        split: Splitter<T>,
+        rows: Counter<T>,
+        shards: Option<u32>,
+        shutdown: Shutdown,
+    ) -> Self {
         BrokerTx {
             broker,
             subject,
             encode,
+            split,
+            rows,
+            shards,
             last_seq: None,
+            shutdown,
         }
     }
 
@@ -490,7 +686,13 @@ impl<T> BrokerTx<T> {
     /// Publishes one message right after the subject's last and waits until it is stored, retrying
     /// for [`PUBLISH_RETRY_FOR`] (a full stream, a restarting server). A retry of a message that was in
     /// fact stored (its acknowledgement lost) is recognised by its id.
-    async fn publish(&mut self, payload: Bytes, id: &str, end: bool) -> Result<(), EdgeError> {
+    async fn publish(
+        &mut self,
+        payload: Bytes,
+        id: &str,
+        end: bool,
+        rows: usize,
+    ) -> Result<(), EdgeError> {
         let started = Instant::now();
         let mut backoff = Duration::from_millis(50);
         loop {
@@ -508,6 +710,9 @@ impl<T> BrokerTx<T> {
                 h.insert(EXPECTED_LAST_SUBJECT_SEQ, last.to_string().as_str());
                 if end {
                     h.insert(END_HEADER, "1");
+                    if let Some(n) = self.shards {
+                        h.insert(SHARDS_HEADER, n.to_string().as_str());
+                    }
                 }
                 let ack = self
                     .broker
@@ -539,12 +744,14 @@ impl<T> BrokerTx<T> {
                         return Ok(());
                     }
                     return Err(EdgeError::Broker(format!(
-                        "{}: a message this producer did not send is on its subject (stream sequence                          {seq}): is a second tcplake running with the same node name or shard?",
+                        "{}: a message this producer did not send is on its subject (stream sequence \
+                         {seq}): is a second tcplake running with the same node name or shard?",
                         self.subject
                     )));
                 }
                 Err(e) => e.to_string(),
             };
+            let failure = explain_publish_failure(&failure, &self.broker.settings);
             if started.elapsed() >= PUBLISH_RETRY_FOR {
                 return Err(EdgeError::Broker(format!(
                     "publish to {} failed for {}s: {failure}",
@@ -556,9 +763,34 @@ impl<T> BrokerTx<T> {
             tracing::warn!(subject = %self.subject, error = %failure, "publish failed; retrying");
             // The server may have restarted: look the subject's last message up again.
             self.last_seq = None;
-            tokio::time::sleep(backoff).await;
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = self.shutdown.wait() => {
+                    return Err(EdgeError::Broker(format!(
+                        "stopped while publishing to {} was failing ({failure}): the {rows} rows of \
+                         this batch were not published (a restarted producer continues from the last \
+                         stored message)",
+                        self.subject
+                    )));
+                }
+            }
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
+    }
+}
+
+/// A publish error in the user's terms, where the server's words are cryptic.
+fn explain_publish_failure(failure: &str, s: &BrokerSettings) -> String {
+    let lower = failure.to_ascii_lowercase();
+    if lower.contains("maximum bytes") || lower.contains("insufficient resources") {
+        format!(
+            "{failure} (the stream is full: it keeps at most {} MiB for {}; raise broker.max_bytes or \
+             lower broker.max_age)",
+            s.max_bytes >> 20,
+            humantime::format_duration(s.max_age)
+        )
+    } else {
+        failure.to_string()
     }
 }
 
@@ -588,14 +820,38 @@ fn stream_of(subject: &str) -> &'static str {
 
 impl<T: Send + Sync> Tx<T> for BrokerTx<T> {
     async fn send(&mut self, item: T) -> Result<(), EdgeError> {
-        let (body, id) = (self.encode)(&item);
-        self.publish(Bytes::from(body), &id, false).await
+        let max_payload = self.broker.js.client().server_info().max_payload;
+        // Halves are published first half first: the subject's order stays the rows' order.
+        let mut todo = vec![item];
+        while let Some(item) = todo.pop() {
+            let (body, id) = (self.encode)(&item);
+            if max_payload > 0 && body.len() > max_payload {
+                match (self.split)(&item) {
+                    Some((first, second)) => {
+                        todo.push(second);
+                        todo.push(first);
+                        continue;
+                    }
+                    None => {
+                        return Err(EdgeError::Broker(format!(
+                            "{}: one row takes {} bytes, more than the broker's max_payload of \
+                             {max_payload}: raise max_payload in nats-server's configuration",
+                            self.subject,
+                            body.len()
+                        )))
+                    }
+                }
+            }
+            let rows = (self.rows)(&item);
+            self.publish(Bytes::from(body), &id, false, rows).await?;
+        }
+        Ok(())
     }
 
     async fn close(&mut self, end_of_stream: bool) -> Result<(), EdgeError> {
         if end_of_stream {
             let id = format!("{}-end", self.subject);
-            self.publish(Bytes::new(), &id, true).await?;
+            self.publish(Bytes::new(), &id, true, 0).await?;
         }
         Ok(())
     }
@@ -626,8 +882,21 @@ pub fn decode_flows_msg(m: &jetstream::Message) -> Result<FlowBatch, WireError> 
 pub enum Ends {
     /// Every node that published has sent its end marker (the events stream).
     AllSeenNodes,
-    /// The one producer of this subject sent its end marker (a flows shard).
-    Marker,
+    /// Every shard `0..N` has sent its end marker, `N` learned from the markers (the flows stream).
+    AllShards,
+}
+
+/// Producers found on a stream at startup, from messages before the consumer's start: subjects whose
+/// last message is a batch (still going), and those that ended (with the shard count announced).
+#[derive(Debug, Default)]
+pub struct Producers {
+    pub live: Vec<String>,
+    pub ended: Vec<(String, Option<u32>)>,
+}
+
+/// The shard index of a flows subject (`tcplake.flows.<i>`).
+fn shard_of(subject: &str) -> Option<u32> {
+    subject.strip_prefix("tcplake.flows.")?.parse().ok()
 }
 
 type MessageStream =
@@ -660,6 +929,11 @@ pub struct BrokerRx<T> {
     ends: Ends,
     live_nodes: std::collections::BTreeSet<String>,
     ended_nodes: std::collections::BTreeSet<String>,
+    ended_shards: std::collections::BTreeSet<u32>,
+    /// How many shards share the flows, from their end markers.
+    shard_count: Option<u32>,
+    /// Everything had ended before this consumer started.
+    complete: bool,
     /// Messages that carried no item (end markers, dead letters): the caller acks them.
     pub settled: Vec<jetstream::Message>,
 }
@@ -682,8 +956,91 @@ impl<T> BrokerRx<T> {
             ends,
             live_nodes: Default::default(),
             ended_nodes: Default::default(),
+            ended_shards: Default::default(),
+            shard_count: None,
+            complete: false,
             settled: Vec::new(),
         }
+    }
+
+    /// The first stream sequence this consumer delivers: everything before it was handled (acked)
+    /// by an earlier run of the same consumer.
+    pub fn start_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Takes in what the stream says about its producers before the first delivery.
+    fn seed(&mut self, p: Producers) -> Result<(), EdgeError> {
+        for subject in p.live {
+            if let Some(n) = subject.strip_prefix("tcplake.events.") {
+                self.live_nodes.insert(n.to_string());
+            }
+        }
+        let any_ended = !p.ended.is_empty();
+        for (subject, shards) in p.ended {
+            self.mark_ended(&subject, shards)?;
+        }
+        self.complete = match self.ends {
+            AllSeenNodes => any_ended && self.live_nodes.is_empty(),
+            Ends::AllShards => self.all_shards_ended(),
+        };
+        Ok(())
+    }
+
+    /// Records the end of `subject`'s producer; `true` when the whole input has ended.
+    fn mark_ended(&mut self, subject: &str, shards: Option<u32>) -> Result<bool, EdgeError> {
+        match self.ends {
+            AllSeenNodes => {
+                let Some(n) = subject.strip_prefix("tcplake.events.") else {
+                    return Ok(false);
+                };
+                self.live_nodes.remove(n);
+                self.ended_nodes.insert(n.to_string());
+                Ok(self.live_nodes.is_empty())
+            }
+            Ends::AllShards => {
+                let Some(i) = shard_of(subject) else {
+                    return Ok(false);
+                };
+                self.ended_shards.insert(i);
+                // Markers of older builds do not say: then the highest shard seen bounds the count.
+                let n =
+                    shards.unwrap_or_else(|| self.ended_shards.iter().max().map_or(1, |m| m + 1));
+                match self.shard_count {
+                    Some(known) if known != n => {
+                        return Err(EdgeError::Broker(format!(
+                            "the aggregators disagree on how many shards there are: shard {i} ended \
+                             as one of {n}, an earlier one as one of {known}; every aggregator of a \
+                             deployment must run with the same N in --shard I/N"
+                        )))
+                    }
+                    _ => self.shard_count = Some(n),
+                }
+                if let Some(&beyond) = self.ended_shards.iter().find(|&&s| s >= n) {
+                    return Err(EdgeError::Broker(format!(
+                        "shard {beyond} ended, but the aggregators say there are {n} shards (0..{n}): \
+                         every aggregator of a deployment must run with the same N in --shard I/N"
+                    )));
+                }
+                let done = self.all_shards_ended();
+                if !done {
+                    let waiting: Vec<String> = (0..n)
+                        .filter(|s| !self.ended_shards.contains(s))
+                        .map(|s| s.to_string())
+                        .collect();
+                    tracing::info!(
+                        "flows of shard {i} ended; waiting for shard(s) {} of {n}",
+                        waiting.join(", ")
+                    );
+                }
+                Ok(done)
+            }
+        }
+    }
+
+    fn all_shards_ended(&self) -> bool {
+        self.shard_count
+            .is_some_and(|n| (0..n).all(|i| self.ended_shards.contains(&i)))
     }
 
     /// The broker went away (restart, network): reopen the consumer where this one stopped, with
@@ -717,6 +1074,9 @@ impl<T> BrokerRx<T> {
 
     /// The next item with its message, or `None` at the end of the input.
     pub async fn next(&mut self) -> Result<Option<Delivery<T>>, EdgeError> {
+        if self.complete {
+            return Ok(None);
+        }
         loop {
             let Some(m) = self.messages.next().await else {
                 return Ok(None);
@@ -736,19 +1096,9 @@ impl<T> BrokerRx<T> {
                 .as_str()
                 .strip_prefix("tcplake.events.")
                 .map(str::to_string);
-            if m.headers
-                .as_ref()
-                .is_some_and(|h| h.get(END_HEADER).is_some())
-            {
-                let done = match (&self.ends, node) {
-                    (Ends::Marker, _) => true,
-                    (Ends::AllSeenNodes, Some(n)) => {
-                        self.live_nodes.remove(&n);
-                        self.ended_nodes.insert(n);
-                        self.live_nodes.is_empty()
-                    }
-                    (Ends::AllSeenNodes, None) => false,
-                };
+            if let Some(h) = m.headers.as_ref().filter(|h| h.get(END_HEADER).is_some()) {
+                let shards = h.get(SHARDS_HEADER).and_then(|v| v.as_str().parse().ok());
+                let done = self.mark_ended(m.subject.as_str(), shards)?;
                 self.settled.push(m);
                 if done {
                     return Ok(None);
@@ -799,32 +1149,5 @@ pub async fn ack(metrics: &BrokerMetrics, m: &jetstream::Message) {
     metrics.acks.add(1);
     if let Err(e) = m.ack().await {
         tracing::debug!(error = %e, "ack failed; the message will be redelivered and deduplicated");
-    }
-}
-
-/// A broker URL fit for logs and summaries: credentials (`user:password@`, `token@`) become `***@`.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
-        None => url.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod redact_tests {
-    #[test]
-    fn credentials_never_reach_logs() {
-        use super::redact;
-        assert_eq!(
-            redact("nats://u:s3cret@10.0.0.1:4222"),
-            "nats://***@10.0.0.1:4222"
-        );
-        assert_eq!(redact("nats://tok@h:4222/x@y"), "nats://***@h:4222/x@y");
-        assert_eq!(redact("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
-        assert_eq!(redact("weird"), "weird");
     }
 }

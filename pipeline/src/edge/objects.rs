@@ -106,6 +106,38 @@ impl<T: Handoff + Sync> Tx<T> for ObjectTx<T> {
     }
 }
 
+/// How many aggregator shards write flows to the hand-off store, learned from the data: the first
+/// object of shard 0 (waited for) says it; a shard 0 that ended without any batch leaves the count to
+/// the streams present.
+pub async fn shard_count(store: &Store, metrics: &HandoffMetrics) -> Result<u32, EdgeError> {
+    let k = key(&flows_stream(0), 0);
+    loop {
+        metrics.gets.add(1);
+        let got = store
+            .get(&k)
+            .await
+            .map_err(|e| EdgeError::Broker(format!("hand-off object {k}: {e}")))?;
+        let Some(bytes) = got else {
+            metrics.misses.add(1);
+            tokio::time::sleep(POLL).await;
+            continue;
+        };
+        if !bytes.is_empty() {
+            let b = FlowBatch::decode(&bytes, 0)
+                .map_err(|e| EdgeError::Broker(format!("hand-off object {k}: {e}")))?;
+            if b.shard_count > 0 {
+                return Ok(b.shard_count);
+            }
+        }
+        let dirs = store
+            .list_dirs("_handoff/flows/")
+            .await
+            .map_err(|e| EdgeError::Broker(format!("hand-off streams: {e}")))?;
+        let n = dirs.iter().filter_map(|d| d.parse::<u32>().ok()).max();
+        return Ok(n.map_or(1, |m| m + 1));
+    }
+}
+
 /// Reads the numbered objects in order, polling for the next one.
 pub struct ObjectRx<T> {
     store: Store,

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! header (12 bytes): b"TLW" | version u8 | kind u8 (1 events, 2 flows) | codec u8 (0 raw, 1 zstd)
-//!                    | reserved u16 | body length before compression u32 (little endian)
+//!                    | extra u16 | body length before compression u32 (little endian)
+//! extra: flows: the producer's shard count (0: not said, as in messages of older builds); events: 0
 //! body: the batch, fixed-width little-endian fields; strings as u16 length + UTF-8
 //! ```
 //!
@@ -146,7 +147,12 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn frame(kind: u8, body: Vec<u8>, compress: bool) -> Vec<u8> {
+/// Does `msg` start like a tcplake message (magic and version)? Cheap; decoding says the rest.
+pub fn is_batch(msg: &[u8]) -> bool {
+    msg.len() >= HEADER && &msg[..3] == MAGIC && msg[3] == VERSION
+}
+
+fn frame(kind: u8, body: Vec<u8>, compress: bool, extra: u16) -> Vec<u8> {
     let (codec, payload) = match compress {
         // Level 1: several hundred MB/s; event batches shrink ~4x, which is what crosses the network.
         true => (
@@ -157,7 +163,8 @@ fn frame(kind: u8, body: Vec<u8>, compress: bool) -> Vec<u8> {
     };
     let mut out = Vec::with_capacity(HEADER + payload.len());
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&[VERSION, kind, codec, 0, 0]);
+    out.extend_from_slice(&[VERSION, kind, codec]);
+    out.extend_from_slice(&extra.to_le_bytes());
     out.extend_from_slice(&(body.len() as u32).to_le_bytes());
     out.extend_from_slice(&payload);
     out
@@ -167,7 +174,8 @@ fn frame(kind: u8, body: Vec<u8>, compress: bool) -> Vec<u8> {
 const MIN_EVENT_BYTES: usize = 64;
 const MIN_FLOW_BYTES: usize = 64;
 
-fn unframe(msg: &[u8], kind: u8, expected: &'static str) -> Result<Vec<u8>, WireError> {
+/// The body of a message, and its header's `extra` field.
+fn unframe(msg: &[u8], kind: u8, expected: &'static str) -> Result<(Vec<u8>, u16), WireError> {
     if msg.len() < HEADER || &msg[..3] != MAGIC {
         return Err(WireError::Magic);
     }
@@ -180,12 +188,13 @@ fn unframe(msg: &[u8], kind: u8, expected: &'static str) -> Result<Vec<u8>, Wire
             found: msg[4],
         });
     }
+    let extra = u16::from_le_bytes(msg[6..8].try_into().unwrap());
     let len = u32::from_le_bytes(msg[8..12].try_into().unwrap()) as usize;
     if len > MAX_BODY {
         return Err(WireError::TooLarge(len));
     }
     let payload = &msg[HEADER..];
-    match msg[5] {
+    let body = match msg[5] {
         CODEC_RAW if payload.len() == len => Ok(payload.to_vec()),
         CODEC_RAW => Err(WireError::Truncated("body")),
         CODEC_ZSTD => {
@@ -197,7 +206,8 @@ fn unframe(msg: &[u8], kind: u8, expected: &'static str) -> Result<Vec<u8>, Wire
             Ok(body)
         }
         c => Err(WireError::Codec(c)),
-    }
+    }?;
+    Ok((body, extra))
 }
 
 /// Encodes an event batch (its position is the edge's business, not the message's).
@@ -241,12 +251,12 @@ pub fn encode_events(b: &EventBatch, compress: bool) -> Vec<u8> {
         w.u64(a);
         w.u64(b);
     }
-    frame(KIND_EVENTS, w.0, compress)
+    frame(KIND_EVENTS, w.0, compress, 0)
 }
 
 /// Decodes an event batch; `position` is set to the range of its events' `seq`s.
 pub fn decode_events(msg: &[u8]) -> Result<EventBatch, WireError> {
-    let body = unframe(msg, KIND_EVENTS, "events")?;
+    let (body, _) = unframe(msg, KIND_EVENTS, "events")?;
     let mut r = Reader(&body);
     let node: Arc<str> = r.str("node")?.into();
     let has_clock = r.u8("clock")?;
@@ -375,11 +385,16 @@ pub fn encode_flows(b: &FlowBatch, compress: bool) -> Vec<u8> {
             w.u64(v);
         }
     }
-    frame(KIND_FLOWS, w.0, compress)
+    frame(
+        KIND_FLOWS,
+        w.0,
+        compress,
+        b.shard_count.min(u32::from(u16::MAX)) as u16,
+    )
 }
 
 pub fn decode_flows(msg: &[u8]) -> Result<FlowBatch, WireError> {
-    let body = unframe(msg, KIND_FLOWS, "flows")?;
+    let (body, shard_count) = unframe(msg, KIND_FLOWS, "flows")?;
     let mut r = Reader(&body);
     let producer: Arc<str> = r.str("producer")?.into();
     let seq = r.u64("seq")?;
@@ -453,6 +468,7 @@ pub fn decode_flows(msg: &[u8]) -> Result<FlowBatch, WireError> {
         records,
         ranks,
         replay,
+        shard_count: u32::from(shard_count),
     })
 }
 
@@ -510,6 +526,7 @@ mod tests {
                 through_seq: 77,
                 closing: true,
             },
+            shard_count: 3,
         };
         for compress in [false, true] {
             assert_eq!(decode_flows(&encode_flows(&fb, compress)).unwrap(), fb);

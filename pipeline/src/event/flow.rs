@@ -77,6 +77,9 @@ pub struct FlowBatch {
     pub ranks: Vec<u32>,
     /// How to emit these records again after a restart (see `sink::commit`).
     pub replay: ReplayPoint,
+    /// How many aggregators share the flows (each owns those whose key hashes to its index): what a
+    /// sink learns the shard count from. 0 in messages of older versions, which did not say.
+    pub shard_count: u32,
 }
 
 /// Where the aggregator must replay the event log from to rebuild the state these records came from.

@@ -98,12 +98,14 @@ async fn open_source(
     Ok(match s.source {
         SourceKind::Replay => {
             let from = s.replay_from.as_ref().expect("validated: replay has a log");
-            let store = open_existing(from, metrics).await.map_err(|e| match e {
-                OpenError::Missing(dir) => RunError::Capture(CaptureError::Replay(format!(
-                    "no committed event log in {dir}: the directory does not exist"
-                ))),
-                OpenError::Store(e) => e.into(),
-            })?;
+            let store = open_existing(from, metrics, Access::ReadOnly)
+                .await
+                .map_err(|e| match e {
+                    OpenError::Missing(dir) => RunError::Capture(CaptureError::Replay(format!(
+                        "no committed event log in {dir}: the directory does not exist"
+                    ))),
+                    OpenError::Store(e) => e.into(),
+                })?;
             let explicit = (s.node_given).then_some(s.node.as_str());
             let rec =
                 crate::capture::recorded::Recorded::open(store, explicit, s.replay_range).await?;
@@ -158,15 +160,39 @@ pub enum OpenError {
     Store(#[from] StoreError),
 }
 
+/// What a command does with an existing output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Only reads it (a replay's source): nothing is written, cleaned up or aborted there.
+    ReadOnly,
+    /// Reworks it (compaction).
+    ReadWrite,
+}
+
 /// Opens an output to read or rework (replay, compact): unlike a run's output, a local directory must
 /// exist already, so a mistyped path is an error rather than a new, empty directory.
-pub async fn open_existing(out: &Output, metrics: &Metrics) -> Result<Store, OpenError> {
+pub async fn open_existing(
+    out: &Output,
+    metrics: &Metrics,
+    access: Access,
+) -> Result<Store, OpenError> {
     if let Output::Local(dir) = out {
-        if !dir.is_dir() {
+        if !dir.exists() {
             return Err(OpenError::Missing(dir.display().to_string()));
         }
+        if access == Access::ReadOnly {
+            return Ok(Store::Local(LocalDir::open_read_only(dir)?));
+        }
+        if !dir.is_dir() {
+            return Err(StoreError::NotADirectory(dir.clone()).into());
+        }
     }
-    Ok(open_output(out, metrics).await?)
+    Ok(match (out, access) {
+        (Output::S3(cfg), Access::ReadOnly) => {
+            Store::S3(S3Store::connect_read_only(cfg, Arc::clone(&metrics.s3)).await?)
+        }
+        _ => open_output(out, metrics).await?,
+    })
 }
 
 async fn open_output(out: &Output, metrics: &Metrics) -> Result<Store, StoreError> {

@@ -20,8 +20,7 @@ use crate::aggregate::{self, AggregateConfig, Resume, WindowConfig};
 use crate::capture::{self, CaptureConfig};
 use crate::config::Settings;
 use crate::edge::broker::{
-    self, decode_events_msg, decode_flows_msg, flows_subject, Broker, BrokerRx, Ends,
-    EVENTS_STREAM, FLOWS_STREAM,
+    self, decode_events_msg, decode_flows_msg, Broker, BrokerRx, Ends, EVENTS_STREAM, FLOWS_STREAM,
 };
 use crate::edge::objects::{self, ObjectRx, ObjectTx};
 use crate::edge::{memory, EdgeError, Tx};
@@ -94,7 +93,7 @@ pub async fn capture(
             "continuing after the last event this node published"
         );
     }
-    let output = broker.events_tx(&s.node)?;
+    let output = broker.events_tx(&s.node, shutdown.clone())?;
     metrics.health.set_ready();
     capture::run(cfg, source, output, shutdown, &metrics.capture).await?;
     let mut sum = summary(&metrics, started, s.broker_url());
@@ -162,7 +161,7 @@ pub async fn aggregate(
         tracing::info!(from, "rebuilding open windows from the events stream");
     }
     let input = broker.events_from(from).await?;
-    let output = broker.flows_tx(shard.index);
+    let output = broker.flows_tx(shard, shutdown.clone());
     let cfg = AggregateConfig {
         windows,
         producer: format!("agg-{}", shard.index).into(),
@@ -231,13 +230,15 @@ struct NodeSink {
     next_seq: u64,
     /// Next `seq` not yet committed.
     committed: u64,
-    /// `next_seq` is known (something was committed or received): a batch must continue there.
-    started: bool,
     unacked: Unacked<u64>,
     task: JoinHandle<Result<SinkStats, SinkError>>,
 }
 
 /// `--mode sink`: the event log per node and the flows of every shard, from durable consumers.
+///
+/// The consumers are named after the output (its id in `_tcplake/output.json`): a sink writing a new
+/// output reads the streams from their start, and two sinks writing two outputs each get everything.
+/// How many aggregator shards there are is learned from their batches and end markers, never set.
 pub async fn sink(
     s: &Settings,
     metrics: Arc<Metrics>,
@@ -248,6 +249,7 @@ pub async fn sink(
     if let Some(handoff) = handoff_store(s, &metrics).await? {
         return sink_from_objects(s, metrics, store, handoff, started).await;
     }
+    let output_id = sink::output_id(&store).await?;
     let broker = connect(s, &metrics).await?;
     let ack_wait = s.broker.as_ref().and_then(|b| b.ack_wait).unwrap_or(
         // Messages stay unacked while their rows sit in open files: longer than a file stays open.
@@ -256,14 +258,25 @@ pub async fn sink(
     let events_in = broker
         .durable(
             EVENTS_STREAM,
-            "tcplake-sink-events",
+            &format!("tcplake-sink-events-{output_id}"),
             "tcplake.events.>",
             ack_wait,
             Box::new(decode_events_msg),
             Ends::AllSeenNodes,
         )
         .await?;
-    let (through_tx, through_rx) = watch::channel(0u64);
+    let flows_in = broker
+        .durable(
+            FLOWS_STREAM,
+            &format!("tcplake-sink-flows-{output_id}"),
+            "tcplake.flows.>",
+            ack_wait,
+            Box::new(decode_flows_msg),
+            Ends::AllShards,
+        )
+        .await?;
+    // Everything before the consumer's start was committed by an earlier run of this sink.
+    let (through_tx, through_rx) = watch::channel(events_in.start_seq());
     metrics.health.set_ready();
     let events = tokio::spawn(route_events(
         events_in,
@@ -273,35 +286,17 @@ pub async fn sink(
         through_tx,
         shutdown.clone(),
     ));
-    let mut flows = Vec::new();
-    for i in 0..s.shards {
-        let input = broker
-            .durable(
-                FLOWS_STREAM,
-                &format!("tcplake-sink-flows-{i}"),
-                &flows_subject(i),
-                ack_wait,
-                Box::new(decode_flows_msg),
-                Ends::Marker,
-            )
-            .await?;
-        flows.push(tokio::spawn(route_flows(
-            input,
-            format!("agg-{i}"),
-            store.clone(),
-            s.clone(),
-            Arc::clone(&metrics),
-            through_rx.clone(),
-            shutdown.clone(),
-        )));
-    }
-    let mut first_error = events
-        .await
-        .map_err(|e| RunError::Panicked(e.to_string()))
-        .and_then(|r| r)
-        .err();
-    for f in flows {
-        let r = f
+    let flows = tokio::spawn(route_flows(
+        flows_in,
+        store.clone(),
+        s.clone(),
+        Arc::clone(&metrics),
+        through_rx,
+        shutdown.clone(),
+    ));
+    let mut first_error = None;
+    for task in [events, flows] {
+        let r = task
             .await
             .map_err(|e| RunError::Panicked(e.to_string()))
             .and_then(|r| r);
@@ -346,7 +341,10 @@ async fn sink_from_objects(
         .map(|_| ())
         .map_err(sink_err("events"))
     }));
-    for i in 0..s.shards {
+    let shards = objects::shard_count(&handoff, &metrics.handoff)
+        .await
+        .map_err(edge_err("flows"))?;
+    for i in 0..shards {
         let input: ObjectRx<FlowBatch> = ObjectRx::new(
             handoff.clone(),
             objects::flows_stream(i),
@@ -393,7 +391,8 @@ async fn route_events(
     let mut nodes: BTreeMap<Arc<str>, NodeSink> = BTreeMap::new();
     let (commits_tx, mut commits) = mpsc::unbounded_channel::<(Arc<str>, Position)>();
     let mut open: BTreeSet<u64> = BTreeSet::new();
-    let mut seen = 0u64;
+    // Messages before the consumer's start were committed by an earlier run of this sink.
+    let mut seen = input.start_seq().saturating_sub(1);
     loop {
         let delivery = tokio::select! {
             biased;
@@ -421,14 +420,27 @@ async fn route_events(
         // Producers store a node's batches in seq order (see `edge::broker`): a jump ahead means
         // events are missing from the stream, and going on would lose them without a trace.
         if let Some(first) = batch.events.first().map(|e| e.seq) {
-            if ns.started && first > ns.next_seq {
-                return Err(edge_err("events")(EdgeError::Broker(format!(
-                    "events {}..{first} of node `{}` are missing from the stream (stream sequence \
-                     {sseq} starts at {first}): refusing to write past a gap",
-                    ns.next_seq, batch.node
-                ))));
+            if first > ns.next_seq {
+                let why = if ns.next_seq == 0 {
+                    format!(
+                        "this output holds no events of node `{}` yet, but the first of them the \
+                         stream still delivers is seq {first} (stream sequence {sseq}): events \
+                         0..{first} were removed by the stream's retention, so this output cannot \
+                         hold the node's log from its start (write to the output that holds them, \
+                         or replay that output into a new one)",
+                        batch.node
+                    )
+                } else {
+                    format!(
+                        "events {}..{first} of node `{}` are missing from this sink's deliveries \
+                         (stream sequence {sseq} starts at {first}): refusing to write past a gap; \
+                         is a second sink consuming for the same output? (it takes a share of the \
+                         messages: run one sink per output)",
+                        ns.next_seq, batch.node
+                    )
+                };
+                return Err(edge_err("events")(EdgeError::Broker(why)));
             }
-            ns.started = true;
         }
         // Rows a commit record (or an earlier delivery) already covers are skipped: redelivery.
         let fresh: Vec<_> = batch
@@ -548,7 +560,6 @@ async fn start_node_sink(
         tx,
         next_seq,
         committed: next_seq,
-        started: next_seq > 0,
         unacked: Unacked::new(),
         task,
     })
@@ -572,11 +583,22 @@ fn forward_commits<K: Send + Sync + Clone + 'static>(
     });
 }
 
-/// Reads one shard's flow stream into a flows sink, skipping rows already committed, acking messages
-/// once their rows are committed.
+/// The flows sink of one aggregator shard, fed by the router.
+struct ShardSink {
+    tx: memory::MemoryTx<FlowBatch>,
+    /// The last row handed to the sink, `(window_start_us, rank)`: rows up to it are skipped.
+    high: Option<(i64, u32)>,
+    /// The last row committed.
+    committed_through: Option<(i64, u32)>,
+    unacked: Unacked<(i64, u32)>,
+    task: JoinHandle<Result<SinkStats, SinkError>>,
+}
+
+/// Reads every shard's flows (one consumer on `tcplake.flows.>`) into one flows sink per producer,
+/// skipping rows already committed and acking messages once their rows are committed. The shard count
+/// comes from the batches: aggregators that disagree on it stop the sink with an error naming them.
 async fn route_flows(
     mut input: BrokerRx<FlowBatch>,
-    producer: String,
     store: Store,
     s: Settings,
     metrics: Arc<Metrics>,
@@ -584,59 +606,22 @@ async fn route_flows(
     mut shutdown: Shutdown,
 ) -> Result<(), RunError> {
     let bm = Arc::clone(&metrics.broker);
-    let mut log = CommitLog::recover(store.clone(), Dataset::Flows, &producer).await?;
-    let mut high = match log.last().map(|r| r.last) {
-        Some(Position::Flow {
-            window_start_us,
-            rank,
-            ..
-        }) => Some((window_start_us, rank)),
-        _ => None,
-    };
-    let (mut tx, rx) = memory::channel(
-        "broker→flows sink",
-        s.channel_capacity,
-        Arc::clone(&metrics.edges.flows_to_sink),
-    );
-    let writer = RollingWriter::new(
-        Dataset::Flows.name(),
-        Dataset::Flows.schema(),
-        store.clone(),
-        roll_policy(&s),
-    );
-    let (committed, watch_rx) = watch::channel(None);
-    let (commits_tx, mut commits) = mpsc::unbounded_channel();
-    forward_commits((), watch_rx, commits_tx);
-    let m = Arc::clone(&metrics);
-    let task = tokio::spawn(async move {
-        let order = CommitOrder {
-            committed: Some(committed),
-            after: Some(log_through),
-        };
-        sink::run(rx, writer, &mut log, order, &m.sink_flows).await
-    });
-    let mut unacked: Unacked<(i64, u32)> = Unacked::new();
-    // The last committed row: a redelivered message is acked at once only if it is not beyond it.
-    let mut committed_through = high;
+    let mut shards: BTreeMap<Arc<str>, ShardSink> = BTreeMap::new();
+    // (producer, count) of the first batch that said how many shards there are.
+    let mut count: Option<(Arc<str>, u32)> = None;
+    let (commits_tx, mut commits) = mpsc::unbounded_channel::<(Arc<str>, Position)>();
     let mut open = BTreeSet::new();
-    let release =
-        |pos: Position, unacked: &mut Unacked<(i64, u32)>, open: &mut BTreeSet<u64>| match pos {
-            Position::Flow {
-                window_start_us,
-                rank,
-                ..
-            } => unacked.release((window_start_us, rank), open),
-            Position::Event { .. } => Vec::new(),
-        };
     loop {
         let delivery = tokio::select! {
             biased;
-            Some(((), pos)) = commits.recv() => {
-                if let Position::Flow { window_start_us, rank, .. } = pos {
-                    committed_through = Some((window_start_us, rank));
-                }
-                for m in release(pos, &mut unacked, &mut open) {
-                    broker::ack(&bm, &m).await;
+            Some((producer, pos)) = commits.recv() => {
+                if let (Some(sh), Position::Flow { window_start_us, rank, .. }) =
+                    (shards.get_mut(&producer), pos)
+                {
+                    sh.committed_through = Some((window_start_us, rank));
+                    for m in sh.unacked.release((window_start_us, rank), &mut open) {
+                        broker::ack(&bm, &m).await;
+                    }
                 }
                 continue;
             }
@@ -648,10 +633,26 @@ async fn route_flows(
         }
         let Some(d) = delivery else { break };
         let mut batch = d.item;
+        check_shard_count(&mut count, &batch).map_err(edge_err("flows"))?;
+        let producer = Arc::clone(&batch.producer);
+        if !shards.contains_key(&producer) {
+            let sh = start_shard_sink(
+                &producer,
+                &store,
+                &s,
+                &metrics,
+                log_through.clone(),
+                commits_tx.clone(),
+            )
+            .await?;
+            shards.insert(Arc::clone(&producer), sh);
+        }
+        let sh = shards.get_mut(&producer).expect("just inserted");
         let original_last = match (batch.records.last(), batch.ranks.last()) {
             (Some(r), Some(&k)) => Some((r.window_start_us, k)),
             _ => None,
         };
+        let high = sh.high;
         let keep: Vec<bool> = batch
             .records
             .iter()
@@ -666,35 +667,120 @@ async fn route_flows(
             let mut it = keep.iter();
             batch.ranks.retain(|_| *it.next().expect("same length"));
         }
+        let sseq = stream_seq(&d.message);
         let last = match (batch.records.last(), batch.ranks.last()) {
             (Some(r), Some(&k)) => (r.window_start_us, k),
             _ => {
                 // All seen before; ack now only if also committed, else once they are.
                 match original_last {
-                    Some(k) if committed_through.is_none_or(|c| k > c) => {
-                        unacked
-                            .pending
-                            .push_back((k, stream_seq(&d.message), d.message));
+                    Some(k) if sh.committed_through.is_none_or(|c| k > c) => {
+                        sh.unacked.pending.push_back((k, sseq, d.message));
                     }
                     _ => broker::ack(&bm, &d.message).await,
                 }
                 continue;
             }
         };
-        high = Some(last);
-        let sseq = stream_seq(&d.message);
-        tx.send(batch).await.map_err(edge_err("flows"))?;
-        unacked.pending.push_back((last, sseq, d.message));
+        sh.high = Some(last);
+        sh.tx.send(batch).await.map_err(edge_err("flows"))?;
+        sh.unacked.pending.push_back((last, sseq, d.message));
         open.insert(sseq);
     }
-    drop(tx);
-    while let Some(((), pos)) = commits.recv().await {
-        for m in release(pos, &mut unacked, &mut open) {
-            broker::ack(&bm, &m).await;
+    // End of input or shutdown: every shard's sink commits what it holds; ack as commits land.
+    drop(commits_tx);
+    let mut tasks = Vec::new();
+    let mut remaining: BTreeMap<Arc<str>, Unacked<(i64, u32)>> = BTreeMap::new();
+    for (producer, sh) in std::mem::take(&mut shards) {
+        drop(sh.tx);
+        remaining.insert(Arc::clone(&producer), sh.unacked);
+        tasks.push(sh.task);
+    }
+    while let Some((producer, pos)) = commits.recv().await {
+        if let (
+            Some(u),
+            Position::Flow {
+                window_start_us,
+                rank,
+                ..
+            },
+        ) = (remaining.get_mut(&producer), pos)
+        {
+            for m in u.release((window_start_us, rank), &mut open) {
+                broker::ack(&bm, &m).await;
+            }
         }
     }
-    task.await
-        .map_err(|e| RunError::Panicked(e.to_string()))?
-        .map_err(sink_err("flows"))?;
+    for task in tasks {
+        task.await
+            .map_err(|e| RunError::Panicked(e.to_string()))?
+            .map_err(sink_err("flows"))?;
+    }
     Ok(())
+}
+
+/// Every aggregator must say the same shard count (`--shard I/N`), and its index must be below it.
+fn check_shard_count(count: &mut Option<(Arc<str>, u32)>, b: &FlowBatch) -> Result<(), EdgeError> {
+    if b.shard_count == 0 {
+        return Ok(()); // a message of an older build, which did not say
+    }
+    match count {
+        Some((first, n)) if *n != b.shard_count => Err(EdgeError::Broker(format!(
+            "the aggregators disagree on how many shards there are: `{first}` runs as one of {n}, \
+             `{}` as one of {}; every aggregator of a deployment must run with the same N in --shard I/N",
+            b.producer, b.shard_count
+        ))),
+        Some(_) => Ok(()),
+        None => {
+            *count = Some((Arc::clone(&b.producer), b.shard_count));
+            Ok(())
+        }
+    }
+}
+
+/// Opens one shard's flows sink: its commit log tells where it stands.
+async fn start_shard_sink(
+    producer: &Arc<str>,
+    store: &Store,
+    s: &Settings,
+    metrics: &Arc<Metrics>,
+    log_through: watch::Receiver<u64>,
+    commits: mpsc::UnboundedSender<(Arc<str>, Position)>,
+) -> Result<ShardSink, RunError> {
+    let mut log = CommitLog::recover(store.clone(), Dataset::Flows, producer).await?;
+    let high = match log.last().map(|r| r.last) {
+        Some(Position::Flow {
+            window_start_us,
+            rank,
+            ..
+        }) => Some((window_start_us, rank)),
+        _ => None,
+    };
+    let (tx, rx) = memory::channel(
+        "broker→flows sink",
+        s.channel_capacity,
+        Arc::clone(&metrics.edges.flows_to_sink),
+    );
+    let writer = RollingWriter::new(
+        Dataset::Flows.name(),
+        Dataset::Flows.schema(),
+        store.clone(),
+        roll_policy(s),
+    );
+    let (committed, watch_rx) = watch::channel(None);
+    forward_commits(Arc::clone(producer), watch_rx, commits);
+    let m = Arc::clone(metrics);
+    let task = tokio::spawn(async move {
+        let order = CommitOrder {
+            committed: Some(committed),
+            after: Some(log_through),
+        };
+        sink::run(rx, writer, &mut log, order, &m.sink_flows).await
+    });
+    Ok(ShardSink {
+        tx,
+        high,
+        committed_through: high,
+        unacked: Unacked::new(),
+        task,
+    })
 }

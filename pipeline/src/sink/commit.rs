@@ -20,6 +20,61 @@ use super::Dataset;
 /// Prefix of everything tcplake keeps beside the datasets.
 pub const META_PREFIX: &str = "_tcplake";
 
+/// Key of the output's identity record.
+const OUTPUT_ID_KEY: &str = "_tcplake/output.json";
+
+/// The output's identity: a random id stored in `_tcplake/output.json` when the output is first
+/// written. Things that must belong to one output (a sink's broker consumers) are named after it, so a
+/// new output is never mistaken for an old one.
+pub async fn output_id(store: &Store) -> Result<String, CommitError> {
+    let read = |bytes: Vec<u8>| -> Result<String, CommitError> {
+        let v: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| CommitError::Corrupt {
+                key: OUTPUT_ID_KEY.into(),
+                reason: e.to_string(),
+            })?;
+        match v["id"].as_str() {
+            Some(id) if !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric()) => {
+                Ok(id.to_string())
+            }
+            _ => Err(CommitError::Corrupt {
+                key: OUTPUT_ID_KEY.into(),
+                reason: "no valid `id`".into(),
+            }),
+        }
+    };
+    if let Some(bytes) = store.get(OUTPUT_ID_KEY).await? {
+        return read(bytes);
+    }
+    let id = new_id();
+    let body = serde_json::to_vec_pretty(&serde_json::json!({ "id": id }))
+        .expect("a small object serializes");
+    // Two first writers race: the one whose record landed wins, and both read it back.
+    store.put_if_absent(OUTPUT_ID_KEY, &body).await?;
+    let bytes = store
+        .get(OUTPUT_ID_KEY)
+        .await?
+        .ok_or_else(|| CommitError::Corrupt {
+            key: OUTPUT_ID_KEY.into(),
+            reason: "written but not found".into(),
+        })?;
+    read(bytes)
+}
+
+/// 16 random hex digits (from the kernel's generator; the clock and pid when it cannot be read).
+fn new_id() -> String {
+    match std::fs::read_to_string("/proc/sys/kernel/random/uuid") {
+        Ok(u) => u.trim().replace('-', "").chars().take(16).collect(),
+        Err(_) => format!(
+            "{:08x}{:08x}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos())
+        ),
+    }
+}
+
 /// Where a row sits in its stream, as recorded at a file's first and last rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]

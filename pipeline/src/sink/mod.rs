@@ -26,7 +26,7 @@ use crate::event::schema::{events_schema, events_to_batch, flows_schema, flows_t
 use crate::event::{EventBatch, FlowBatch};
 use crate::metrics::SinkMetrics;
 use crate::time::utc_date_hour;
-pub use commit::{CommitError, CommitLog, CommitRecord, Position};
+pub use commit::{output_id, CommitError, CommitLog, CommitRecord, Position};
 pub use rolling::{RollPolicy, RollingWriter, SealedFile, WriteError};
 pub use store::{LocalDir, Store, StoreError};
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use aws_sdk_s3::config::{BehaviorVersion, Region};
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
@@ -33,10 +33,27 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Why talking to S3 failed, phrased for the operator.
 #[derive(Debug, thiserror::Error)]
 pub enum S3Error {
-    #[error("invalid S3 URL `{0}`: expected s3://bucket[/prefix]")]
-    BadUrl(String),
     #[error("bucket `{bucket}` does not exist at {endpoint}")]
     NoSuchBucket { bucket: String, endpoint: String },
+    #[error(
+        "{endpoint} does not answer like an S3 store (HTTP {status} without an S3 error code): check \
+         --s3-endpoint"
+    )]
+    NotS3 { endpoint: String, status: u16 },
+    #[error(
+        "no AWS credentials found for {endpoint}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, \
+         or AWS_PROFILE (~/.aws/credentials), or use a web identity, ECS task or instance role{detail}"
+    )]
+    NoCredentials { endpoint: String, detail: String },
+    #[error(
+        "TLS with {endpoint} failed: {reason} (is it a plain-HTTP endpoint? then use http://)"
+    )]
+    Tls { endpoint: String, reason: String },
+    #[error(
+        "the multipart upload of `{key}` was aborted by someone else while tcplake wrote it (another \
+         process cleaning up uploads under the same prefix, or a bucket lifecycle rule)"
+    )]
+    UploadAborted { key: String },
     #[error(
         "access to bucket `{bucket}` at {endpoint} was denied (HTTP {status}): check the credentials \
          (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or the instance/web identity role)"
@@ -80,22 +97,6 @@ pub struct S3Settings {
     pub multipart_threshold: u64,
 }
 
-impl S3Settings {
-    /// Splits `s3://bucket/some/prefix` into bucket and prefix.
-    pub fn parse_url(url: &str) -> Result<(String, String), S3Error> {
-        let rest = url
-            .strip_prefix("s3://")
-            .ok_or_else(|| S3Error::BadUrl(url.into()))?;
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        let valid =
-            |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.');
-        if bucket.len() < 3 || bucket.len() > 63 || !bucket.chars().all(valid) {
-            return Err(S3Error::BadUrl(url.into()));
-        }
-        Ok((bucket.to_string(), prefix.trim_matches('/').to_string()))
-    }
-}
-
 /// An S3 bucket (and prefix) as the object store.
 #[derive(Clone, Debug)]
 pub struct S3Store {
@@ -115,10 +116,12 @@ fn status<E>(e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Option<
 }
 
 /// Worth trying again: the server did not answer, or said it is overloaded or broken.
-fn transient<E: ProvideErrorMetadata>(
+fn transient<E: ProvideErrorMetadata + std::error::Error + 'static>(
     e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
 ) -> bool {
     match e {
+        // A TLS handshake that failed fails the same way next time.
+        SdkError::DispatchFailure(_) if tls_problem(e).is_some() => false,
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
             true
         }
@@ -134,6 +137,39 @@ fn transient<E: ProvideErrorMetadata>(
     }
 }
 
+/// The TLS failure behind a request error, if that is what it is.
+fn tls_problem<E: std::error::Error + 'static>(
+    e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
+) -> Option<String> {
+    let chain = error_chain(e);
+    let lower = chain.to_ascii_lowercase();
+    [
+        "tls",
+        "ssl",
+        "certificate",
+        "corrupt message",
+        "invalidcontenttype",
+        "handshake",
+    ]
+    .iter()
+    .any(|w| lower.contains(w))
+    .then_some(chain)
+}
+
+/// An error and its causes, each once, on one line (`a: b: c`).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string().replace('\n', " ");
+        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cur = err.source();
+    }
+    parts.join(": ")
+}
+
 /// Full jitter: a random wait between half and all of `d`, so retrying clients do not march in step.
 fn jittered(d: Duration) -> Duration {
     let nanos = std::time::SystemTime::now()
@@ -146,18 +182,62 @@ fn jittered(d: Duration) -> Duration {
 
 /// How long the startup check of the bucket retries an unreachable store.
 const STARTUP_RETRY_FOR: Duration = Duration::from_secs(30);
+/// How long the credential chain may look before "no credentials" is the answer.
+const CREDENTIALS_TIMEOUT: Duration = Duration::from_secs(15);
+/// A multipart upload older than this under the prefix is a dead run's, whoever started it: no live
+/// upload of tcplake's takes a day.
+const DANGLING_UPLOAD_AGE: Duration = Duration::from_secs(86_400);
 
 impl S3Store {
-    /// Builds the client, checks the bucket, and aborts multipart uploads a crashed run left behind.
+    /// Builds the client, checks credentials and the bucket, and aborts multipart uploads a crashed run
+    /// left behind.
     pub async fn connect(s: &S3Settings, metrics: Arc<S3Metrics>) -> Result<Self, StoreError> {
         let spool = LocalDir::open(&s.spool)?;
+        let mut store = Self::client(s, spool, metrics).await?;
+        store.max_retry = s.max_retry;
+        store.abort_journalled_uploads().await?;
+        store.abort_dangling_uploads().await?;
+        Ok(store)
+    }
+
+    /// Connects to read only (a replay's source): nothing is aborted or cleaned up in the bucket.
+    pub async fn connect_read_only(
+        s: &S3Settings,
+        metrics: Arc<S3Metrics>,
+    ) -> Result<Self, StoreError> {
+        let spool = LocalDir::open(&s.spool)?;
+        let mut store = Self::client(s, spool, metrics).await?;
+        store.max_retry = s.max_retry;
+        Ok(store)
+    }
+
+    async fn client(
+        s: &S3Settings,
+        spool: LocalDir,
+        metrics: Arc<S3Metrics>,
+    ) -> Result<Self, S3Error> {
+        let endpoint = s.endpoint.clone().unwrap_or_else(|| "AWS S3".into());
+        // The standard chain, with a quick instance-metadata probe: off EC2 it times out instead of
+        // answering, and a missing credential should be one error line within seconds, not half a
+        // minute of retries.
+        let imds = aws_config::imds::Client::builder()
+            .connect_timeout(Duration::from_millis(500))
+            .read_timeout(Duration::from_millis(500))
+            .max_attempts(1)
+            .build();
+        let chain = aws_config::default_provider::credentials::DefaultCredentialsChain::builder()
+            .imds_client(imds)
+            .build()
+            .await;
         let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .credentials_provider(chain)
             // Retries are ours (below): every attempt is then counted, and outages are ridden out.
             .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled());
         if let Some(r) = &s.region {
             loader = loader.region(Region::new(r.clone()));
         }
         let shared = loader.load().await;
+        Self::check_credentials(&shared, &endpoint).await?;
         let mut conf = aws_sdk_s3::config::Builder::from(&shared).force_path_style(s.path_style);
         if shared.region().is_none() {
             conf = conf.region(Region::new("us-east-1"));
@@ -169,7 +249,7 @@ impl S3Store {
             client: Client::from_conf(conf.build()),
             bucket: s.bucket.clone(),
             prefix: s.prefix.clone(),
-            endpoint: s.endpoint.clone().unwrap_or_else(|| "AWS S3".into()),
+            endpoint,
             spool,
             // At startup an unreachable store is more likely a wrong endpoint than an outage: fail
             // within a minute; once running, ride outages out for the configured time.
@@ -178,11 +258,45 @@ impl S3Store {
             metrics,
         };
         store.check_bucket().await?;
-        let mut store = store;
-        store.max_retry = s.max_retry;
-        store.abort_journalled_uploads().await?;
-        store.abort_dangling_uploads().await?;
         Ok(store)
+    }
+
+    /// Resolves the credentials once, so their absence is one clear error; registers the secret parts
+    /// so no log line (the SDK's own debug output included) shows them.
+    async fn check_credentials(
+        shared: &aws_config::SdkConfig,
+        endpoint: &str,
+    ) -> Result<(), S3Error> {
+        use aws_credential_types::provider::ProvideCredentials;
+        let missing = |detail: String| S3Error::NoCredentials {
+            endpoint: endpoint.to_string(),
+            detail,
+        };
+        let provider = shared
+            .credentials_provider()
+            .ok_or_else(|| missing(String::new()))?;
+        let creds = tokio::time::timeout(CREDENTIALS_TIMEOUT, provider.provide_credentials())
+            .await
+            .map_err(|_| {
+                missing(format!(
+                    " (looking for them took over {} s)",
+                    CREDENTIALS_TIMEOUT.as_secs()
+                ))
+            })?
+            .map_err(|e| {
+                let reason = error_chain(&e);
+                // "no providers in chain provided credentials" is the chain's way of saying none.
+                if reason.contains("no providers") || reason.contains("not loaded") {
+                    missing(String::new())
+                } else {
+                    missing(format!(" ({reason})"))
+                }
+            })?;
+        crate::secrets::register(creds.secret_access_key());
+        if let Some(t) = creds.session_token() {
+            crate::secrets::register(t);
+        }
+        Ok(())
     }
 
     pub fn spool(&self) -> &LocalDir {
@@ -241,7 +355,34 @@ impl S3Store {
         key: &str,
         e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
     ) -> S3Error {
-        if matches!(status(e), Some(401 | 403)) {
+        if let Some(reason) = tls_problem(e) {
+            return S3Error::Tls {
+                endpoint: self.endpoint.clone(),
+                reason,
+            };
+        }
+        let code = match e {
+            SdkError::ServiceError(s) => s.err().code(),
+            _ => None,
+        };
+        if code == Some("NoSuchUpload") {
+            return S3Error::UploadAborted {
+                key: key.to_string(),
+            };
+        }
+        let auth_code = code.is_none_or(|c| {
+            matches!(
+                c,
+                "AccessDenied"
+                    | "InvalidAccessKeyId"
+                    | "SignatureDoesNotMatch"
+                    | "ExpiredToken"
+                    | "InvalidToken"
+                    | "TokenRefreshRequired"
+                    | "AllAccessDisabled"
+            )
+        });
+        if matches!(status(e), Some(401 | 403)) && auth_code {
             return S3Error::Denied {
                 bucket: self.bucket.clone(),
                 endpoint: self.endpoint.clone(),
@@ -268,15 +409,43 @@ impl S3Store {
             .await;
         match r {
             Ok(_) => Ok(()),
-            Err(e) if status(&e) == Some(404) => Err(S3Error::NoSuchBucket {
-                bucket: self.bucket.clone(),
-                endpoint: self.endpoint.clone(),
-            }),
+            // A HEAD answer has no body to tell S3's 404 from a web server's: ask with a LIST.
+            Err(e) if status(&e) == Some(404) => self.check_not_s3().await,
             Err(e) => Err(self.failed("HEAD bucket", &self.bucket, &e)),
         }
     }
 
-    /// Multipart uploads under our prefix can only be ours, from a run that died mid-upload.
+    /// After a 404 on the bucket: a missing bucket (S3 says `NoSuchBucket`), or no S3 store at all.
+    async fn check_not_s3(&self) -> Result<(), S3Error> {
+        let r = self
+            .request("list", &self.bucket, || {
+                self.client
+                    .list_objects_v2()
+                    .bucket(&self.bucket)
+                    .max_keys(1)
+                    .send()
+            })
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(SdkError::ServiceError(s)) if s.err().code() == Some("NoSuchBucket") => {
+                Err(S3Error::NoSuchBucket {
+                    bucket: self.bucket.clone(),
+                    endpoint: self.endpoint.clone(),
+                })
+            }
+            Err(e @ SdkError::ServiceError(_)) if e.code().is_none() => Err(S3Error::NotS3 {
+                endpoint: self.endpoint.clone(),
+                status: status(&e).unwrap_or(404),
+            }),
+            Err(e) => Err(self.failed("LIST", &self.bucket, &e)),
+        }
+    }
+
+    /// Multipart uploads under our prefix left by a dead run. Another live process may be uploading
+    /// under the same prefix (several nodes write one bucket), so only uploads older than
+    /// [`DANGLING_UPLOAD_AGE`] are aborted here; this process's own crashed uploads are found through
+    /// the journal ([`Self::abort_journalled_uploads`]).
     async fn abort_dangling_uploads(&self) -> Result<(), S3Error> {
         let prefix = self.object_key("");
         let listed = match self
@@ -299,10 +468,20 @@ impl S3Store {
             }
             Err(e) => return Err(self.failed("list multipart uploads under", &prefix, &e)),
         };
+        let now = std::time::SystemTime::now();
         for u in listed.uploads() {
             let (Some(key), Some(id)) = (u.key(), u.upload_id()) else {
                 continue;
             };
+            let initiated = u
+                .initiated()
+                .and_then(|t| std::time::SystemTime::try_from(*t).ok());
+            let old_enough = initiated
+                .and_then(|t| now.duration_since(t).ok())
+                .is_some_and(|age| age >= DANGLING_UPLOAD_AGE);
+            if !old_enough {
+                continue;
+            }
             tracing::info!(key, "aborting a multipart upload left by an earlier run");
             self.request("abort_multipart", key, || {
                 self.client
@@ -531,7 +710,13 @@ impl S3Store {
         let dir = self.journal_dir();
         let name: String = id.bytes().map(|b| format!("{b:02x}")).collect();
         let path = dir.join(name);
-        let body = serde_json::json!({ "key": key, "upload_id": id }).to_string();
+        let body = serde_json::json!({
+            "key": key,
+            "upload_id": id,
+            "pid": std::process::id(),
+            "started": process_start(std::process::id()),
+        })
+        .to_string();
         // Written aside and renamed: an entry is complete or absent, whenever the process dies.
         let tmp = dir.join(format!(".tmp-{}", std::process::id()));
         std::fs::create_dir_all(&dir)
@@ -583,6 +768,13 @@ impl S3Store {
                 let _ = std::fs::remove_file(&path);
                 continue;
             };
+            // A live process's upload (another run sharing this spool directory) is not ours to abort.
+            if let Some(pid) = v["pid"].as_u64().and_then(|p| u32::try_from(p).ok()) {
+                let alive = process_start(pid).is_some_and(|t| Some(t) == v["started"].as_u64());
+                if alive {
+                    continue;
+                }
+            }
             tracing::info!(key, "aborting a multipart upload a crashed run left behind");
             self.abort_upload(key, id).await?;
             let _ = std::fs::remove_file(&path);
@@ -656,6 +848,15 @@ impl S3Store {
     }
 }
 
+/// When process `pid` started (clock ticks after boot, `/proc/<pid>/stat` field 22): with the pid, it
+/// names one process even after the pid is reused. `None` if there is no such process.
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count fields after its closing parenthesis.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
 /// One line: the service's code and message, or the transport failure.
 fn describe<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
     e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
@@ -667,28 +868,13 @@ fn describe<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>
             status(e).unwrap_or(0),
             s.err().message().unwrap_or("no message")
         ),
-        other => DisplayErrorContext(other).to_string().replace('\n', " "),
+        other => error_chain(other),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls() {
-        assert_eq!(
-            S3Settings::parse_url("s3://my-bucket/a/b/").unwrap(),
-            ("my-bucket".into(), "a/b".into())
-        );
-        assert_eq!(
-            S3Settings::parse_url("s3://bkt").unwrap(),
-            ("bkt".into(), String::new())
-        );
-        for bad in ["s3://", "s3://B_ad/x", "http://x/y", "s3://ab"] {
-            assert!(S3Settings::parse_url(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn jitter_stays_within_half_to_full() {

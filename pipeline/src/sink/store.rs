@@ -17,6 +17,12 @@ pub enum StoreError {
     S3(#[from] super::s3::S3Error),
     #[error("cannot write to output directory `{path}`: {source}")]
     NotWritable { path: PathBuf, source: io::Error },
+    #[error("output `{0}` is a file, not a directory")]
+    NotADirectory(PathBuf),
+    #[error("`{0}` does not exist")]
+    Missing(PathBuf),
+    #[error("cannot read `{path}`: {source}")]
+    NotReadable { path: PathBuf, source: io::Error },
     #[error("cannot {action} `{path}`: {source}")]
     Io {
         action: &'static str,
@@ -43,6 +49,9 @@ impl LocalDir {
     /// Creates `root` if needed and proves it is writable before anything else starts.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
         let root = root.into();
+        if root.is_file() {
+            return Err(StoreError::NotADirectory(root));
+        }
         let not_writable = |source| StoreError::NotWritable {
             path: root.clone(),
             source,
@@ -54,6 +63,23 @@ impl LocalDir {
         let dir = LocalDir { root };
         dir.remove_stale_staging();
         Ok(dir)
+    }
+
+    /// Opens an existing directory only to read it (a replay's source, which may be a read-only
+    /// archive): nothing is created, probed or cleaned up in it.
+    pub fn open_read_only(root: impl Into<PathBuf>) -> Result<Self, StoreError> {
+        let root = root.into();
+        match fs::metadata(&root) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(StoreError::NotADirectory(root)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::Missing(root)),
+            Err(source) => return Err(StoreError::NotReadable { path: root, source }),
+        }
+        fs::read_dir(&root).map_err(|source| StoreError::NotReadable {
+            path: root.clone(),
+            source,
+        })?;
+        Ok(LocalDir { root })
     }
 
     pub fn root(&self) -> &Path {

@@ -5,6 +5,10 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+pub mod servers;
+#[allow(unused_imports)]
+pub use servers::*;
+
 /// The `tcplake` binary built for this test run, as a command with a clean environment: no settings
 /// from the developer's shell, and no metrics endpoint (tests run side by side; tests/admin.rs
 /// covers the endpoint).

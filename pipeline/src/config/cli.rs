@@ -1,0 +1,514 @@
+//! Command-line flags (clap): every value optional, so the file and defaults can fill the gaps.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+use serde::Deserialize;
+
+/// How the pipeline is deployed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Capture, aggregate and sink in one process, joined by bounded in-memory channels.
+    Monolith,
+    /// Only capture: publish event batches to the broker.
+    Capture,
+    /// Only aggregate (one shard): events from the broker in, flow batches to the broker out.
+    Aggregate,
+    /// Only sink: events and flow batches from the broker in, Parquet out.
+    Sink,
+}
+
+impl Mode {
+    pub fn is_split(self) -> bool {
+        self != Mode::Monolith
+    }
+}
+
+/// Where events come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceKind {
+    /// Live TCP telemetry from the kernel via eBPF tracepoints (needs root or CAP_BPF + CAP_PERFMON).
+    Ebpf,
+    /// A deterministic generated workload (from --seed, exactly --events events); needs no privileges.
+    Synthetic,
+    /// A recorded event log (`replay:DIR|s3://bucket/prefix`), fed through again.
+    Replay,
+}
+
+/// `--source`: `ebpf`, `synthetic`, or `replay:URL`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SourceArg {
+    pub kind: SourceKind,
+    pub from: Option<PathBuf>,
+}
+
+fn parse_source_arg(s: &str) -> Result<SourceArg, String> {
+    match s {
+        "ebpf" => Ok(SourceArg {
+            kind: SourceKind::Ebpf,
+            from: None,
+        }),
+        "synthetic" => Ok(SourceArg {
+            kind: SourceKind::Synthetic,
+            from: None,
+        }),
+        _ => match s.strip_prefix("replay:") {
+            Some(url) if !url.is_empty() => Ok(SourceArg {
+                kind: SourceKind::Replay,
+                from: Some(url.into()),
+            }),
+            _ => Err("expected ebpf, synthetic or replay:DIR|s3://bucket/prefix".into()),
+        },
+    }
+}
+
+/// Form of the end-of-run summary.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum SummaryFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+const ABOUT: &str =
+    "Capture TCP telemetry, aggregate it per flow and window, and write both the raw \
+event log and the flow table as Parquet that DuckDB reads directly.";
+
+const LONG_ABOUT: &str = "\
+Capture TCP telemetry, aggregate it per flow and window, and write both the raw event log \
+(events/) and the flow table (flows/) as Parquet that DuckDB reads directly.
+
+SOURCES
+  ebpf       live TCP telemetry from kernel tracepoints (root, or CAP_BPF + CAP_PERFMON);
+             runs until SIGINT/SIGTERM or --duration.
+  synthetic  a deterministic workload from --seed, exactly --events events; no privileges.
+  replay:URL a recorded output's events/ (a directory or s3://bucket/prefix), fed through again:
+             with the original settings it rebuilds flows/ row for row; with another --window
+             it is a new projection.
+
+MODES
+  monolith   capture -> aggregate -> sink in one process; stages hand batches over bounded
+             in-memory channels (a full channel makes the producer wait, nothing is dropped).
+  capture    one stage per process, joined by NATS JetStream (--broker): capture publishes
+  aggregate  events; each aggregator (--shard I/N) folds its share of the flows; the sink
+  sink       writes both datasets (it learns the shards from their batches). Same stage code.
+
+OUTPUT
+  <out>/events/date=YYYY-MM-DD/hour=HH/*.parquet   one row per event (the source of truth)
+  <out>/flows/date=YYYY-MM-DD/hour=HH/*.parquet    one row per flow per window (the projection)
+
+  Query:  duckdb -c \"SELECT sum(bytes_sent) FROM read_parquet('tcplake-data/flows/**/*.parquet', \
+hive_partitioning = true)\"
+
+CONFIGURATION
+  Every flag can also be set in a TOML file (--config) or an environment variable (shown per flag).
+  Precedence: flag > environment > file > default. SIGINT/SIGTERM flush everything and exit 0.";
+
+/// Command-line flags. Every value is optional here so the file and defaults can fill the gaps.
+#[derive(Debug, Parser, Default)]
+#[command(name = "tcplake", version, about = ABOUT, long_about = LONG_ABOUT)]
+pub struct Cli {
+    /// TOML configuration file.
+    #[arg(long, global = true, env = "TCPLAKE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Deployment mode [default: monolith].
+    #[arg(long, env = "TCPLAKE_MODE", value_enum)]
+    pub mode: Option<Mode>,
+    /// Event source: ebpf, synthetic, or replay:DIR|s3://bucket/prefix (a recorded event log)
+    /// [default: ebpf].
+    #[arg(long, env = "TCPLAKE_SOURCE", value_parser = parse_source_arg, value_name = "SOURCE")]
+    pub source: Option<SourceArg>,
+    /// Replay source: start at the first recorded event at or after this time (RFC 3339).
+    #[arg(long, env = "TCPLAKE_SINCE", value_name = "TIME")]
+    pub since: Option<String>,
+    /// Replay source: stop at the first recorded event at or after this time (RFC 3339).
+    #[arg(long, env = "TCPLAKE_UNTIL", value_name = "TIME")]
+    pub until: Option<String>,
+    /// Events to capture: exactly this many for synthetic [default: 1000000]; a cap for ebpf [default: none].
+    #[arg(long, env = "TCPLAKE_EVENTS", value_name = "N")]
+    pub events: Option<u64>,
+    /// Stop capturing after this long, e.g. 30s, then flush and exit [default: run until SIGINT/SIGTERM].
+    #[arg(long, env = "TCPLAKE_DURATION", value_name = "DURATION")]
+    pub duration: Option<String>,
+    /// ebpf: only connections with this local or remote port.
+    #[arg(long, env = "TCPLAKE_PORT")]
+    pub port: Option<u16>,
+    /// ebpf: only connections owned by this process id.
+    #[arg(long, env = "TCPLAKE_PID")]
+    pub pid: Option<u32>,
+    /// ebpf: only connections of tasks in this cgroup (v2 id, or a path under /sys/fs/cgroup).
+    #[arg(long, env = "TCPLAKE_CGROUP", value_name = "ID_OR_PATH")]
+    pub cgroup: Option<String>,
+    /// ebpf: also capture tcplake's own connections (excluded by default).
+    #[arg(long, env = "TCPLAKE_INCLUDE_SELF")]
+    pub include_self: bool,
+    /// Seed of the synthetic workload [default: 1].
+    #[arg(long, env = "TCPLAKE_SEED", value_name = "S")]
+    pub seed: Option<u64>,
+    /// Event time of the first synthetic event, RFC 3339 [default: 2026-01-01T00:00:00Z].
+    #[arg(long, env = "TCPLAKE_START", value_name = "TIME")]
+    pub start: Option<String>,
+    /// Pace the source to this many events per second of wall time [default: as fast as possible].
+    #[arg(long, env = "TCPLAKE_RATE", value_name = "EVENTS_PER_SEC")]
+    pub rate: Option<u64>,
+    /// Output: a directory, or s3://bucket/prefix [default: ./tcplake-data].
+    #[arg(long, global = true, env = "TCPLAKE_OUT", value_name = "DIR|S3_URL")]
+    pub out: Option<PathBuf>,
+    /// S3-compatible endpoint, e.g. http://127.0.0.1:9100 (path-style addressing) [default: AWS].
+    #[arg(long, global = true, env = "TCPLAKE_S3_ENDPOINT", value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region [default: from the AWS configuration, else us-east-1].
+    #[arg(long, global = true, env = "TCPLAKE_S3_REGION")]
+    pub s3_region: Option<String>,
+    /// Local directory where files wait before upload to S3 [default: $TMPDIR/tcplake-spool].
+    #[arg(long, global = true, env = "TCPLAKE_SPOOL_DIR", value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
+    /// Tumbling window length in seconds [default: 10].
+    #[arg(long, env = "TCPLAKE_WINDOW", value_name = "SECS")]
+    pub window: Option<u64>,
+    /// How far behind the newest event a window stays open, in seconds [default: 5].
+    #[arg(long, env = "TCPLAKE_ALLOWED_LATENESS", value_name = "SECS")]
+    pub allowed_lateness: Option<u64>,
+    /// Name of this node, stored in every row [default: the host name].
+    #[arg(long, env = "TCPLAKE_NODE")]
+    pub node: Option<String>,
+    /// Events per batch moved between stages [default: 4096].
+    #[arg(long, env = "TCPLAKE_BATCH_SIZE", value_name = "N")]
+    pub batch_size: Option<usize>,
+    /// Capacity of each in-memory edge, in batches [default: 16].
+    #[arg(long, env = "TCPLAKE_CHANNEL_CAPACITY", value_name = "BATCHES")]
+    pub channel_capacity: Option<usize>,
+    /// Close a Parquet file at this size, e.g. 128MiB [default: 128MiB].
+    #[arg(long, env = "TCPLAKE_MAX_FILE_SIZE", value_name = "SIZE")]
+    pub max_file_size: Option<String>,
+    /// Close a Parquet file after it has been open this long, e.g. 5m [default: 5m].
+    #[arg(long, env = "TCPLAKE_MAX_FILE_AGE", value_name = "DURATION")]
+    pub max_file_age: Option<String>,
+    /// Split modes: the NATS JetStream broker, e.g. nats://127.0.0.1:4222.
+    #[arg(long, env = "TCPLAKE_BROKER", value_name = "URL")]
+    pub broker: Option<String>,
+    /// Split modes: broker user; the password comes from TCPLAKE_BROKER_PASSWORD or
+    /// --broker-password-file (never a flag: command lines are visible to every user of the host).
+    #[arg(long, env = "TCPLAKE_BROKER_USER", value_name = "USER")]
+    pub broker_user: Option<String>,
+    /// Split modes: file holding the broker password.
+    #[arg(long, env = "TCPLAKE_BROKER_PASSWORD_FILE", value_name = "FILE")]
+    pub broker_password_file: Option<PathBuf>,
+    /// Split modes: file holding a broker token (or set TCPLAKE_BROKER_TOKEN).
+    #[arg(long, env = "TCPLAKE_BROKER_TOKEN_FILE", value_name = "FILE")]
+    pub broker_token_file: Option<PathBuf>,
+    /// Split modes: NATS credentials file (`.creds`: user JWT + NKey seed, as nsc makes them).
+    #[arg(long, env = "TCPLAKE_BROKER_CREDS", value_name = "FILE")]
+    pub broker_creds: Option<PathBuf>,
+    /// Split modes: file holding a user NKey seed (`SU...`).
+    #[arg(long, env = "TCPLAKE_BROKER_NKEY", value_name = "FILE")]
+    pub broker_nkey: Option<PathBuf>,
+    /// Split modes without a broker: hand batches over through this object store (a directory or
+    /// s3://bucket/prefix), the seed's original design, for comparison (no crash recovery).
+    #[arg(long, env = "TCPLAKE_HANDOFF", value_name = "DIR|S3_URL")]
+    pub handoff: Option<PathBuf>,
+    /// Aggregate mode: this aggregator's shard, I/N (0-based) [default: 0/1].
+    #[arg(long, env = "TCPLAKE_SHARD", value_name = "I/N")]
+    pub shard: Option<String>,
+    /// Obsolete, ignored with a warning: the sink learns the aggregator shards from their batches.
+    #[arg(long, env = "TCPLAKE_SHARDS", value_name = "N", hide = true)]
+    pub shards: Option<u32>,
+    /// Serve /metrics, /healthz and /readyz here; `off` to disable [default: 127.0.0.1:9477].
+    #[arg(long, env = "TCPLAKE_METRICS_ADDR", value_name = "ADDR:PORT|off")]
+    pub metrics_addr: Option<String>,
+    /// Logs as JSON lines (one object per event) instead of text.
+    #[arg(long, env = "TCPLAKE_LOG_JSON")]
+    pub log_json: bool,
+    /// Resolve and validate the configuration (flags, environment, file), print it, and exit: 0 when
+    /// it is valid, 2 when not. Starts nothing (deployment checks, CI).
+    #[arg(long, global = true)]
+    pub check_config: bool,
+    /// Print the end-of-run summary as text or JSON.
+    #[arg(
+        long,
+        global = true,
+        env = "TCPLAKE_SUMMARY",
+        value_enum,
+        default_value_t
+    )]
+    pub summary: SummaryFormat,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Where each value given came from (flag or environment variable), for error messages and the
+    /// check that every setting given applies to what runs.
+    #[arg(skip)]
+    pub origins: Origins,
+}
+
+/// Where a value came from: the command line, or the flag's environment variable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// `--window`
+    Flag(String),
+    /// `TCPLAKE_WINDOW`
+    Env(String),
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Flag(flag) => write!(f, "{flag}"),
+            Origin::Env(var) => write!(f, "{var}"),
+        }
+    }
+}
+
+/// The origin of every flag given, by its id (the field name: `max_file_age`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Origins(BTreeMap<String, Origin>);
+
+impl Origins {
+    /// Reads where each argument of `matches` came from (defaults are not "given").
+    fn of(cmd: &clap::Command, matches: &clap::ArgMatches) -> Self {
+        let mut map = BTreeMap::new();
+        let mut collect = |cmd: &clap::Command, m: &clap::ArgMatches, globals_only: bool| {
+            for arg in cmd.get_arguments() {
+                if globals_only && !arg.is_global_set() {
+                    continue;
+                }
+                let id = arg.get_id().as_str();
+                let origin = match m.value_source(id) {
+                    Some(clap::parser::ValueSource::CommandLine) => Origin::Flag(flag_name(arg)),
+                    Some(clap::parser::ValueSource::EnvVariable) => Origin::Env(
+                        arg.get_env()
+                            .map(|v| v.to_string_lossy().into_owned())
+                            .unwrap_or_else(|| flag_name(arg)),
+                    ),
+                    _ => continue,
+                };
+                map.entry(id.to_string()).or_insert(origin);
+            }
+        };
+        collect(cmd, matches, false);
+        // Global flags given after a subcommand are recorded in the subcommand's matches.
+        if let Some((name, sub)) = matches.subcommand() {
+            if let Some(sc) = cmd.find_subcommand(name) {
+                // The subcommand's own flags (`bench --events`) are its business, not settings.
+                collect(sc, sub, true);
+            }
+        }
+        Origins(map)
+    }
+
+    /// Where the flag with this id came from, if it was given.
+    pub fn get(&self, id: &str) -> Option<&Origin> {
+        self.0.get(id)
+    }
+
+    /// Every flag given, with its origin.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Origin)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v))
+    }
+
+    pub fn set(&mut self, id: &str, origin: Origin) {
+        self.0.insert(id.to_string(), origin);
+    }
+}
+
+fn flag_name(arg: &clap::Arg) -> String {
+    arg.get_long()
+        .map(|l| format!("--{l}"))
+        .unwrap_or_else(|| arg.get_id().to_string())
+}
+
+/// Why the command line could not be parsed.
+#[derive(Debug)]
+pub enum CliError {
+    /// clap's own error (help, version, a bad flag): clap prints it.
+    Clap(clap::Error),
+    /// A bad value in an environment variable: one line naming the variable.
+    Env(String),
+}
+
+impl Cli {
+    /// Parses the process's arguments and environment (see [`Cli::try_parse_args`]).
+    pub fn parse_args() -> Result<Self, CliError> {
+        Self::try_parse_args(std::env::args_os())
+    }
+
+    /// Parses `args` (the first is the program name) and the `TCPLAKE_*` environment, remembering
+    /// where each value came from; a bad value in an environment variable is reported by its variable
+    /// (clap would name the flag, which the user never typed).
+    pub fn try_parse_args<I, T>(args: I) -> Result<Self, CliError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+        let cmd = Cli::command();
+        let matches = cmd.clone().try_get_matches_from(&args).map_err(|e| {
+            match env_error(&cmd, &e, &args) {
+                Some(line) => CliError::Env(line),
+                None => CliError::Clap(e),
+            }
+        })?;
+        let mut cli = Cli::from_arg_matches(&matches).map_err(CliError::Clap)?;
+        cli.origins = Origins::of(&cmd, &matches);
+        Ok(cli.expand())
+    }
+}
+
+/// If clap rejected a value that came from an environment variable (the flag is not on the command
+/// line but its variable is set), the one line that says so.
+fn env_error(cmd: &clap::Command, e: &clap::Error, args: &[OsString]) -> Option<String> {
+    if !matches!(
+        e.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    ) {
+        return None;
+    }
+    let Some(ContextValue::String(arg_text)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let long = arg_text.split_whitespace().next()?.strip_prefix("--")?;
+    let arg = cmd.get_arguments().find(|a| a.get_long() == Some(long))?;
+    let var = arg.get_env()?.to_string_lossy().into_owned();
+    let on_command_line = args.iter().skip(1).any(|a| {
+        let a = a.to_string_lossy();
+        a == format!("--{long}") || a.starts_with(&format!("--{long}="))
+    });
+    if on_command_line || std::env::var_os(&var).is_none() {
+        return None;
+    }
+    let value = match e.get(ContextKind::InvalidValue) {
+        Some(ContextValue::String(v)) => v.clone(),
+        _ => std::env::var(&var).unwrap_or_default(),
+    };
+    let reason = match (e.get(ContextKind::ValidValue), std::error::Error::source(e)) {
+        (Some(ContextValue::Strings(valid)), _) => format!("expected one of {}", valid.join(", ")),
+        (_, Some(source)) => source.to_string(),
+        _ => "not a valid value".to_string(),
+    };
+    Some(format!(
+        "invalid value `{value}` in {var} (the environment variable of --{long}): {reason}"
+    ))
+}
+
+/// Subcommands (without one, tcplake runs the pipeline).
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Run one synthetic workload through each deployment mode as real processes; report throughput,
+    /// CPU, memory, bytes across boundaries and cost per 10^9 events; fail if outputs differ.
+    Bench(BenchArgs),
+    /// Merge the small files of closed partitions into large ones (of --out), atomically and
+    /// restartably: an interrupted run is finished by the next.
+    Compact(CompactArgs),
+    /// Rebuild flows/ from a recorded event log: the same as `--source replay:FROM --out TO` (other
+    /// flags, such as --window, apply as usual). Restartable: a rerun continues after its last commit.
+    Replay(ReplayArgs),
+}
+
+/// `tcplake compact --dataset`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DatasetArg {
+    Events,
+    Flows,
+}
+
+impl From<DatasetArg> for crate::sink::Dataset {
+    fn from(d: DatasetArg) -> Self {
+        match d {
+            DatasetArg::Events => crate::sink::Dataset::Events,
+            DatasetArg::Flows => crate::sink::Dataset::Flows,
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CompactArgs {
+    /// Which dataset [default: both].
+    #[arg(long, value_enum)]
+    pub dataset: Option<DatasetArg>,
+    /// Only this partition: date=YYYY-MM-DD or date=YYYY-MM-DD/hour=HH [default: every closed one].
+    #[arg(long, value_name = "PARTITION")]
+    pub partition: Option<String>,
+    /// Size merged files grow to, e.g. 256MiB [default: --max-file-size, 128MiB].
+    #[arg(long, value_name = "SIZE")]
+    pub target_size: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReplayArgs {
+    /// The recorded output to read (a directory or s3://bucket/prefix).
+    #[arg(long, value_name = "DIR|S3_URL")]
+    pub from: PathBuf,
+    /// Where the rebuilt output goes.
+    #[arg(long, value_name = "DIR|S3_URL")]
+    pub to: PathBuf,
+    /// Start at the first recorded event at or after this time (RFC 3339).
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// Stop at the first recorded event at or after this time (RFC 3339).
+    #[arg(long, value_name = "TIME")]
+    pub until: Option<String>,
+    /// Window length of the rebuilt projection, in seconds [default: 10, as live runs].
+    #[arg(long, value_name = "SECS")]
+    pub window: Option<u64>,
+}
+
+impl Cli {
+    /// Folds a subcommand that is only a shorthand for flags into those flags.
+    pub fn expand(mut self) -> Self {
+        if let Some(Command::Replay(r)) = &self.command {
+            let flag = |f: &str| Origin::Flag(f.to_string());
+            self.origins.set("source", flag("replay --from"));
+            self.origins.set("out", flag("replay --to"));
+            if r.since.is_some() {
+                self.origins.set("since", flag("replay --since"));
+            }
+            if r.until.is_some() {
+                self.origins.set("until", flag("replay --until"));
+            }
+            if r.window.is_some() {
+                self.origins.set("window", flag("replay --window"));
+            }
+            self.source = Some(SourceArg {
+                kind: SourceKind::Replay,
+                from: Some(r.from.clone()),
+            });
+            self.out = Some(r.to.clone());
+            self.since = r.since.clone().or(self.since);
+            self.until = r.until.clone().or(self.until);
+            self.window = r.window.or(self.window);
+            self.command = None;
+        }
+        self
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Synthetic events per mode.
+    #[arg(long, default_value_t = 5_000_000)]
+    pub events: u64,
+    /// Seed of the workload.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Modes to run, in order; the first is the baseline.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "monolith,split-broker,split-object-store"
+    )]
+    pub modes: Vec<crate::bench::BenchMode>,
+    /// Aggregator processes in split modes.
+    #[arg(long, default_value_t = 2)]
+    pub shards: u32,
+    /// Price table (TOML) instead of the built-in AWS list prices.
+    #[arg(long, value_name = "FILE")]
+    pub prices: Option<PathBuf>,
+    /// Directory for the outputs, report.json and report.md [default: $TMPDIR/tcplake-bench].
+    #[arg(long, value_name = "DIR")]
+    pub report: Option<PathBuf>,
+}

@@ -1,0 +1,157 @@
+//! Real servers the integration tests start on free loopback ports: NATS JetStream (Debian's
+//! nats-server) and an S3-compatible store (s3s-fs), both installed by scripts/setup.sh.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::{duckdb_int, free_port, wait_for_port};
+
+/// A JetStream server on a free loopback port, stopped when dropped.
+pub struct Nats {
+    pub child: Child,
+    pub port: u16,
+    pub store: tempfile::TempDir,
+}
+
+impl Nats {
+    pub fn start() -> Nats {
+        Self::start_with(&[])
+    }
+
+    /// A server started with extra flags (`--user u --pass p`, `--auth token`, `-c file`).
+    pub fn start_with(extra: &[&str]) -> Nats {
+        let store = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Self::spawn_with(port, store.path(), extra);
+        Nats { child, port, store }
+    }
+
+    pub fn spawn(port: u16, store: &Path) -> Child {
+        Self::spawn_with(port, store, &[])
+    }
+
+    fn spawn_with(port: u16, store: &Path, extra: &[&str]) -> Child {
+        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .unwrap_or("nats-server");
+        let child = Command::new(bin)
+            .args(extra)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server (install it with scripts/setup.sh)");
+        wait_for_port(port, "nats-server");
+        child
+    }
+
+    /// SIGKILL (a crash, not a clean stop), down for `down_for`, then the same port and storage.
+    pub fn crash_and_restart(&mut self, down_for: Duration) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        std::thread::sleep(down_for);
+        self.child = Self::spawn(self.port, self.store.path());
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub const KEY: &str = "AKIATEST";
+pub const SECRET: &str = "secretsecret";
+pub const BUCKET: &str = "tcplake-test";
+
+/// An s3s-fs server on a free loopback port, stopped when dropped.
+pub struct S3Server {
+    pub child: Child,
+    pub port: u16,
+    pub data: tempfile::TempDir,
+}
+
+pub fn s3s_fs() -> PathBuf {
+    let home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cargo"));
+    let installed = home.join("bin/s3s-fs");
+    if installed.exists() {
+        installed
+    } else {
+        PathBuf::from("s3s-fs")
+    }
+}
+
+impl S3Server {
+    pub fn start() -> S3Server {
+        let data = tempfile::tempdir().unwrap();
+        std::fs::create_dir(data.path().join(BUCKET)).unwrap();
+        let port = free_port();
+        let child = Self::spawn(data.path(), port);
+        S3Server { child, port, data }
+    }
+
+    /// Kills the server (as a crash would), waits, and starts it again on the same port and data.
+    pub fn outage(&mut self, down_for: Duration) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        std::thread::sleep(down_for);
+        self.child = Self::spawn(self.data.path(), self.port);
+    }
+
+    pub fn spawn(data: &Path, port: u16) -> Child {
+        let child = Command::new(s3s_fs())
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", KEY, "--secret-key", SECRET])
+            .arg(data)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start s3s-fs (install it with scripts/setup.sh)");
+        wait_for_port(port, "s3s-fs");
+        child
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// DuckDB with httpfs loaded from the pinned PyPI package and a secret for the test server.
+pub fn duckdb_s3(server: &S3Server, sql: &str) -> i64 {
+    let setup = format!(
+        "LOAD '{}'; CREATE SECRET (TYPE s3, KEY_ID '{KEY}', SECRET '{SECRET}', REGION 'us-east-1', \
+         ENDPOINT '127.0.0.1:{}', URL_STYLE 'path', USE_SSL false);",
+        httpfs_extension().display(),
+        server.port
+    );
+    duckdb_int(&format!("{setup} {sql}"))
+}
+
+pub fn httpfs_extension() -> PathBuf {
+    let out = Command::new("python3")
+        .args(["-c", "import duckdb_extension_httpfs as m, os, glob; print(glob.glob(os.path.join(os.path.dirname(m.__file__), 'extensions', '*', 'httpfs.duckdb_extension'))[0])"])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "duckdb-extension-httpfs missing: run scripts/setup.sh"
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
