@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up, builds and runs tcplake on its embedded defaults: monolith mode, live eBPF capture of this
-# machine's TCP traffic, 10 s windows, Parquet into ./tcplake-data. Needs root (it loads eBPF programs).
+# machine's TCP traffic, 10 s windows, Delta Lake tables (Parquet) into ./tcplake-data. Needs root (it loads eBPF programs).
 #
 # With no arguments it captures for 30 s (TCPLAKE_RUN_FOR to change) while generating a little loopback
 # HTTP traffic so a first run has something to show (TCPLAKE_DEMO_TRAFFIC=0 to turn that off), then
@@ -44,16 +44,20 @@ out=${TCPLAKE_OUT:-./tcplake-data}
 prev=""
 for arg in "${args[@]}"; do [ "$prev" = --out ] && out=$arg; prev=$arg; done
 echo
-echo "Top processes by bytes in $out, straight from the Parquet files with DuckDB:"
+echo "Top processes by bytes in $out: the flows Delta table, read with DuckDB's delta_scan:"
 python3 - "$out" <<'PY'
-import glob, sys, duckdb
+import glob, os, sys, duckdb
+import duckdb_extension_delta as delta
 out = sys.argv[1]
-if not glob.glob(f"{out}/flows/**/*.parquet", recursive=True):
-    sys.exit(f"no flow files under {out}/flows yet")
-print(duckdb.sql(f"""
+if not os.path.isdir(f"{out}/flows/_delta_log"):
+    sys.exit(f"no flows table under {out} yet")
+ext = glob.glob(os.path.join(os.path.dirname(delta.__file__), "extensions", "*", "delta.duckdb_extension"))[0]
+con = duckdb.connect()
+con.load_extension(ext)
+print(con.sql(f"""
     SELECT comm, pid, sum(bytes_sent) AS sent, sum(bytes_received) AS received,
            sum(connections_opened) AS opened, sum(resets) AS resets, sum(retransmits) AS retransmits,
            max(rtt_p99_us) AS worst_rtt_p99_us
-    FROM read_parquet('{out}/flows/**/*.parquet', hive_partitioning = true)
+    FROM delta_scan('{os.path.abspath(out)}/flows')
     GROUP BY ALL ORDER BY sent + received DESC LIMIT 10"""))
 PY

@@ -55,11 +55,22 @@ PYTHON=${TCPLAKE_TEST_PYTHON:-python3}
 DUCKDB_VERSION=1.5.5
 # httpfs comes from PyPI too (DuckDB's own extension download is not reachable here); its version must
 # match DuckDB's exactly.
+# The Delta extension reads tcplake's tables (delta_scan), loaded by path the same way.
 # pytz: DuckDB's Python client needs it to return TIMESTAMP WITH TIME ZONE values (window_start, ts).
-if ! "$PYTHON" -c "import duckdb, duckdb_extension_httpfs, pytz, sys; sys.exit(duckdb.__version__ != '$DUCKDB_VERSION')" 2>/dev/null; then
-  say "installing duckdb==$DUCKDB_VERSION, its httpfs extension and pytz for $PYTHON"
+if ! "$PYTHON" -c "import duckdb, duckdb_extension_httpfs, duckdb_extension_delta, pytz, sys; sys.exit(duckdb.__version__ != '$DUCKDB_VERSION')" 2>/dev/null; then
+  say "installing duckdb==$DUCKDB_VERSION, its httpfs and delta extensions and pytz for $PYTHON"
   "$PYTHON" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
-    "duckdb==$DUCKDB_VERSION" "duckdb-extension-httpfs==$DUCKDB_VERSION" "pytz==2025.2"
+    "duckdb==$DUCKDB_VERSION" "duckdb-extension-httpfs==$DUCKDB_VERSION" \
+    "duckdb-extension-delta==$DUCKDB_VERSION" "pytz==2025.2"
+fi
+
+# The lake's other readers, tested rather than assumed: the deltalake Python package (delta-rs), Polars,
+# and Spark reading the current snapshot's files (Java 17 is on the machine; Delta for Spark needs
+# Maven jars, which are not reachable here).
+if [ "$purpose" = test ] && ! "$PYTHON" -c "import deltalake, pyarrow, polars, pyspark, sys; sys.exit(deltalake.__version__ != '1.6.6' or polars.__version__ != '2.1.0' or pyspark.__version__ != '4.3.0')" 2>/dev/null; then
+  say "installing deltalake, pyarrow, polars and pyspark for $PYTHON (about 2 minutes)"
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    "deltalake==1.6.6" "pyarrow==26.0.1" "polars==2.1.0" "pyspark==4.3.0"
 fi
 
 # prometheus-client: its parser checks tcplake's /metrics the way a Prometheus scrape would.

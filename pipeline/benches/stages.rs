@@ -36,6 +36,7 @@ fn window_cfg() -> WindowConfig {
     WindowConfig {
         window_us: 10_000_000,
         allowed_lateness_us: 5_000_000,
+        horizon_us: 60_000_000,
     }
 }
 
@@ -45,9 +46,9 @@ fn flows(node: &Arc<str>, events: &[Event]) -> Vec<FlowRecord> {
     for chunk in events.chunks(4096) {
         let pos = chunk[0].seq..chunk[chunk.len() - 1].seq + 1;
         w.add(node, chunk, pos, |_| true);
-        w.drain_closed(&mut out);
+        w.emit_ready(&mut out);
     }
-    w.drain_all(&mut out);
+    w.emit_all(&mut out);
     out
 }
 

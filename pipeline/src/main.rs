@@ -3,7 +3,9 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use pipeline::config::{BenchArgs, Cli, CliError, Command, CompactArgs, Settings, SummaryFormat};
+use pipeline::config::{
+    BenchArgs, Cli, CliError, Command, CompactArgs, Settings, SummaryFormat, VacuumArgs,
+};
 use pipeline::metrics::Metrics;
 use pipeline::{admin, mode, secrets, shutdown};
 
@@ -50,6 +52,17 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             finish(compact(&settings, options))
+        }
+        Some(Command::Vacuum(args)) => {
+            let (datasets, retention) = match vacuum_options(args) {
+                Ok(o) => o,
+                Err(e) => return fail(&e, CONFIG_ERROR),
+            };
+            if cli.check_config {
+                println!("{} (vacuum)", settings.describe());
+                return ExitCode::SUCCESS;
+            }
+            finish(vacuum(&settings, datasets, retention))
         }
         _ if cli.check_config => {
             println!("{}", settings.describe());
@@ -121,14 +134,14 @@ fn run(settings: &Settings) -> anyhow::Result<()> {
 fn compact_options(
     settings: &Settings,
     args: &CompactArgs,
-) -> anyhow::Result<Vec<pipeline::compact::CompactOptions>> {
+) -> anyhow::Result<Vec<pipeline::lake::compact::CompactOptions>> {
     let target_bytes = match &args.target_size {
         Some(t) => pipeline::config::size_within(t, 1 << 10, 64 << 30)
             .map_err(|e| anyhow::anyhow!("invalid target size `{t}`: {e}"))?,
         None => settings.max_file_bytes,
     };
     if let Some(p) = &args.partition {
-        pipeline::compact::validate_partition(p)?;
+        pipeline::lake::compact::validate_partition(p)?;
     }
     let datasets = match args.dataset {
         Some(d) => vec![d.into()],
@@ -139,7 +152,7 @@ fn compact_options(
     };
     Ok(datasets
         .into_iter()
-        .map(|dataset| pipeline::compact::CompactOptions {
+        .map(|dataset| pipeline::lake::compact::CompactOptions {
             dataset,
             partition: args.partition.clone(),
             target_bytes,
@@ -150,7 +163,7 @@ fn compact_options(
 
 fn compact(
     settings: &Settings,
-    options: Vec<pipeline::compact::CompactOptions>,
+    options: Vec<pipeline::lake::compact::CompactOptions>,
 ) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -159,7 +172,50 @@ fn compact(
         let metrics = Metrics::default();
         let store = mode::open_existing(&settings.out, &metrics, mode::Access::ReadWrite).await?;
         for opts in options {
-            let report = pipeline::compact::run(&store, &opts).await?;
+            let report = pipeline::lake::compact::run(&store, &opts).await?;
+            match settings.summary {
+                SummaryFormat::Text => println!("{report}"),
+                SummaryFormat::Json => println!("{}", serde_json::to_string(&report)?),
+            }
+        }
+        Ok(())
+    })
+}
+
+/// What `tcplake vacuum` will do, checked.
+fn vacuum_options(
+    args: &VacuumArgs,
+) -> anyhow::Result<(Vec<pipeline::lake::Dataset>, std::time::Duration)> {
+    let text = args.retention.as_deref().unwrap_or("7d");
+    let retention = pipeline::config::duration_within(
+        text,
+        std::time::Duration::ZERO,
+        std::time::Duration::from_secs(10 * 365 * 86_400),
+    )
+    .map_err(|e| anyhow::anyhow!("invalid retention `{text}`: {e}"))?;
+    let datasets = match args.dataset {
+        Some(d) => vec![d.into()],
+        None => vec![
+            pipeline::lake::Dataset::Events,
+            pipeline::lake::Dataset::Flows,
+        ],
+    };
+    Ok((datasets, retention))
+}
+
+fn vacuum(
+    settings: &Settings,
+    datasets: Vec<pipeline::lake::Dataset>,
+    retention: std::time::Duration,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let metrics = Metrics::default();
+        let store = mode::open_existing(&settings.out, &metrics, mode::Access::ReadWrite).await?;
+        for dataset in datasets {
+            let report = pipeline::lake::vacuum::run(&store, dataset, retention).await?;
             match settings.summary {
                 SummaryFormat::Text => println!("{report}"),
                 SummaryFormat::Json => println!("{}", serde_json::to_string(&report)?),

@@ -93,10 +93,14 @@ pub struct CaptureMetrics {
 #[derive(Debug, Default)]
 pub struct AggregateMetrics {
     pub events_in: Counter,
-    /// Events whose window had already closed: left out of `flows/`, kept in `events/`.
+    /// Events later than the late horizon: left out of `flows/`, kept in `events/`.
     pub late_events: Counter,
+    /// Events for a window already emitted, folded in: the window is emitted again.
+    pub late_folded: Counter,
     pub records_out: Counter,
     pub windows_closed: Counter,
+    /// Windows emitted again (their rows replace the earlier ones).
+    pub windows_rewritten: Counter,
 }
 
 /// Sink counters for one dataset.
@@ -308,8 +312,13 @@ impl Metrics {
         );
         x.counter(
             "aggregate_late_events_total",
-            "Events past the watermark (kept in events/, not in flows/).",
+            "Events later than the late horizon (kept in events/, not in flows/).",
             a.late_events.get(),
+        );
+        x.counter(
+            "aggregate_late_folded_total",
+            "Events for a window already emitted, folded in (the window is emitted again).",
+            a.late_folded.get(),
         );
         x.counter(
             "aggregate_records_total",
@@ -318,8 +327,13 @@ impl Metrics {
         );
         x.counter(
             "aggregate_windows_closed_total",
-            "Windows closed.",
+            "Windows emitted for the first time.",
             a.windows_closed.get(),
+        );
+        x.counter(
+            "aggregate_windows_rewritten_total",
+            "Windows emitted again with more events (their rows replace the earlier ones).",
+            a.windows_rewritten.get(),
         );
         let sinks = [("events", &self.sink_events), ("flows", &self.sink_flows)];
         for (name, help, get) in [

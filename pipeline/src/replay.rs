@@ -10,14 +10,15 @@ use std::sync::Arc;
 use crate::edge::{EdgeError, Tx};
 use crate::event::schema::{batch_to_events, SchemaError};
 use crate::event::EventBatch;
-use crate::sink::read::{self, ReadError};
-use crate::sink::{CommitError, CommitLog, Dataset, Store};
+use crate::lake::events_log::{self, LogError};
+use crate::lake::read::{self, ReadError};
+use crate::storage::Store;
 
 /// Why the log could not be read back.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
     #[error(transparent)]
-    Commit(#[from] CommitError),
+    Log(#[from] LogError),
     #[error(transparent)]
     Read(#[from] ReadError),
     #[error(transparent)]
@@ -46,29 +47,24 @@ pub async fn feed<O: Tx<Arc<EventBatch>>>(
     if from >= to {
         return Ok(0);
     }
-    let records = CommitLog::all(store, Dataset::Events, node).await?;
+    let files = events_log::files(store, node).await?;
     let mut sent = 0u64;
     let mut expected = from;
-    // Compacted records share one file: it is read once, with every row in range.
-    let mut read_key: Option<String> = None;
-    for r in records {
-        let (first, last) = (r.first.event_seq(), r.last.event_seq());
+    for f in files {
+        let (first, last) = (f.first_seq, f.last_seq);
         if last < from || first >= to {
             continue;
         }
         if first > expected {
             return Err(ReplayError::Gap {
                 node: node.to_string(),
-                key: r.key,
+                key: f.key,
                 expected,
                 found: first,
             });
         }
         expected = last + 1;
-        let key = r.data_key();
-        if read_key.as_deref() == Some(key) {
-            continue;
-        }
+        let key = f.key.as_str();
         for rb in read::open(store, key, batch).await? {
             let rb = rb.map_err(|e| read::batch_error(key, e))?;
             let events: Vec<_> = batch_to_events(&rb)
@@ -87,7 +83,6 @@ pub async fn feed<O: Tx<Arc<EventBatch>>>(
             out.send(Arc::new(EventBatch::new(Arc::clone(node), events, None)))
                 .await?;
         }
-        read_key = Some(key.to_string());
         if expected >= to {
             break;
         }

@@ -15,7 +15,12 @@ pub struct Summary {
     pub kernel_drops: u64,
     /// Kernel records skipped because they could not be decoded.
     pub decode_errors: u64,
+    /// Events later than the late horizon (in `events/` only).
     pub late_events: u64,
+    /// Events folded into windows already emitted (emitted again).
+    pub late_folded: u64,
+    /// Windows emitted again with more events.
+    pub windows_rewritten: u64,
     pub flows: u64,
     pub windows: u64,
     pub event_rows: u64,
@@ -84,6 +89,8 @@ impl Summary {
             kernel_drops: m.capture.kernel_drops.get(),
             decode_errors: m.capture.decode_errors.get(),
             late_events: m.aggregate.late_events.get(),
+            late_folded: m.aggregate.late_folded.get(),
+            windows_rewritten: m.aggregate.windows_rewritten.get(),
             flows: m.aggregate.records_out.get(),
             windows: m.aggregate.windows_closed.get(),
             event_rows: m.sink_events.rows.get(),
@@ -137,9 +144,17 @@ impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         writeln!(
             f,
-            "tcplake: {} events -> {} flow records in {} windows ({} late, kept in events/ only)",
+            "tcplake: {} events -> {} flow records in {} windows ({} later than the late horizon, \
+             kept in events/ only)",
             self.events, self.flows, self.windows, self.late_events
         )?;
+        if self.windows_rewritten > 0 {
+            writeln!(
+                f,
+                "tcplake: {} windows emitted again with {} later events (their rows replaced)",
+                self.windows_rewritten, self.late_folded
+            )?;
+        }
         if self.kernel_drops > 0 || self.decode_errors > 0 {
             writeln!(
                 f,

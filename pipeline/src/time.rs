@@ -42,6 +42,40 @@ pub fn rfc3339(ts_us: i64) -> String {
     )
 }
 
+/// A Hive partition: one UTC hour.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Partition {
+    pub year: i32,
+    pub month: u32,
+    pub day: u32,
+    pub hour: u32,
+}
+
+impl Partition {
+    pub fn of(ts_us: i64) -> Self {
+        let (year, month, day, hour) = utc_date_hour(ts_us);
+        Partition {
+            year,
+            month,
+            day,
+            hour,
+        }
+    }
+
+    /// `YYYY-MM-DD`, the `date` partition value.
+    pub fn date(&self) -> String {
+        format!("{:04}-{:02}-{:02}", self.year, self.month, self.day)
+    }
+
+    /// `date=YYYY-MM-DD/hour=HH`
+    pub fn path(&self) -> String {
+        format!(
+            "date={:04}-{:02}-{:02}/hour={:02}",
+            self.year, self.month, self.day, self.hour
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

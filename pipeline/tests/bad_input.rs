@@ -128,6 +128,15 @@ fn misconfigurations_are_refused_with_one_line_naming_them() {
             vec!["--out", "gs://bkt/p"],
             vec!["`gs:` is not a supported store"],
         ),
+        // A late horizon shorter than the allowed lateness: windows would close before they are written.
+        (
+            [
+                &synthetic[..],
+                &["--allowed-lateness", "30", "--late-horizon", "10"],
+            ]
+            .concat(),
+            vec!["--late-horizon", "between the allowed lateness (30 s)"],
+        ),
         // Settings the run would ignore.
         (
             [&synthetic[..], &["--port", "80"]].concat(),

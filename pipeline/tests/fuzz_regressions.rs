@@ -104,20 +104,21 @@ fn wire_seeds() -> Vec<Vec<u8>> {
     let mut w = Windows::new(WindowConfig {
         window_us: 1_000_000,
         allowed_lateness_us: 0,
+        horizon_us: 0,
     });
     w.add(&batch.node, &batch.events, batch.position.clone(), |_| true);
     let mut records = Vec::new();
-    w.drain_all(&mut records);
+    w.emit_all(&mut records);
     let flows = FlowBatch {
         producer: Arc::from("agg-0"),
         seq: 7,
-        ranks: (0..records.len() as u32).collect(),
+        first_row: 0,
+        total_rows: records.len() as u32,
         records,
         replay: ReplayPoint {
             from_seq: 1,
-            watermark_us: 2,
             through_seq: 3,
-            closing: true,
+            max_ts: vec![(Arc::from("n"), 2)],
         },
         shard_count: 2,
     };

@@ -103,14 +103,23 @@ fn same_seed_gives_identical_flows_whatever_the_batching_and_totals_agree() {
         )),
         0
     );
-    // Hive layout: two hour partitions, read back as columns.
-    // `hour=HH` is zero-padded (paths sort in time order), so DuckDB reads it as text.
+    // Partitioned by date and hour (the paths stay `date=…/hour=…`), typed columns to every reader.
     let hours = duckdb(&format!(
-        "SELECT DISTINCT date::VARCHAR, hour FROM {ea} ORDER BY 2"
+        "SELECT DISTINCT date::VARCHAR, hour, typeof(date), typeof(hour) FROM {ea} ORDER BY 2"
     ));
     let expected: Vec<Vec<serde_json::Value>> = vec![
-        vec!["2026-01-01".into(), "00".into()],
-        vec!["2026-01-01".into(), "01".into()],
+        vec![
+            "2026-01-01".into(),
+            0.into(),
+            "DATE".into(),
+            "INTEGER".into(),
+        ],
+        vec![
+            "2026-01-01".into(),
+            1.into(),
+            "DATE".into(),
+            "INTEGER".into(),
+        ],
     ];
     assert_eq!(hours, expected);
     // Timestamps are microsecond UTC.
@@ -122,19 +131,22 @@ fn same_seed_gives_identical_flows_whatever_the_batching_and_totals_agree() {
         vec![serde_json::Value::from("TIMESTAMP WITH TIME ZONE"); 2]
     );
 
-    // Files hold many batches and windows: run A is one file per dataset and hour, each with its
-    // commit record, and nothing else (no temporary files left).
+    // Files hold many batches and windows: run A is one file per dataset and hour, each its own Delta
+    // commit, and nothing else (no temporary files left).
     let data = |dir: &Path| -> Vec<_> {
         files_under(dir)
             .into_iter()
-            .filter(|p| !p.starts_with(dir.join("_tcplake")))
+            .filter(|p| {
+                p.extension().is_some_and(|e| e == "parquet")
+                    && !p.to_string_lossy().contains("_delta_log")
+            })
             .collect()
     };
     let files_a = data(&a);
     assert_eq!(leftovers(&a), Vec::<std::path::PathBuf>::new());
     assert_eq!(files_a.len(), 4, "{files_a:?}");
     assert_eq!(sa["files"], 4);
-    assert_eq!(files_under(&a.join("_tcplake/commits")).len(), 4);
+    assert_eq!(commits(&a, "events") + commits(&a, "flows"), 4);
     // Run B rolled files at 256 KiB, and still wrote the same rows.
     assert!(data(&b).len() > 4);
     assert_eq!(leftovers(&b), Vec::<std::path::PathBuf>::new());
@@ -171,4 +183,70 @@ fn config_file_and_environment_are_honoured() {
         dataset(&out, "flows")
     ));
     assert_eq!(widths, 1);
+}
+
+/// Two nodes writing one output directory at the same time: both commit to the same two Delta tables,
+/// racing for every log version. Each node's rows are exactly those of a run of its own.
+#[test]
+fn two_nodes_writing_one_output_at_once_each_hold_exactly_their_rows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shared = tmp.path().join("shared");
+    let args = |seed: &'static str, node: &'static str, out: &Path| -> Vec<String> {
+        [
+            "--source",
+            "synthetic",
+            "--seed",
+            seed,
+            "--node",
+            node,
+            "--events",
+            "600000",
+            // Many small files: many commits, so the two writers race for versions often.
+            "--max-file-size",
+            "512KiB",
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let writers: Vec<_> = [("81", "node-a"), ("82", "node-b")]
+        .iter()
+        .map(|(seed, node)| {
+            tcplake_cmd()
+                .args(args(seed, node, &shared))
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for w in writers {
+        let o = w.wait_with_output().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    assert!(commits(&shared, "events") > 10, "the writers raced");
+    for (seed, node) in [("81", "node-a"), ("82", "node-b")] {
+        let alone = tmp.path().join(node);
+        let o = tcplake_cmd()
+            .args(args(seed, node, &alone))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        for ds in ["events", "flows"] {
+            let mine = format!(
+                "(SELECT * FROM {} WHERE node = '{node}')",
+                dataset(&shared, ds)
+            );
+            let theirs = dataset(&alone, ds);
+            for (p, q) in [(&mine, &theirs), (&theirs, &mine)] {
+                let diff = duckdb_int(&format!(
+                    "SELECT count(*) FROM (SELECT * FROM {p} EXCEPT ALL SELECT * FROM {q})"
+                ));
+                assert_eq!(diff, 0, "{node} {ds}: rows differ from its run alone");
+            }
+        }
+    }
+    assert!(leftovers(&shared).is_empty(), "{:?}", leftovers(&shared));
 }

@@ -88,17 +88,15 @@ fn killed_twice_and_restarted_writes_exactly_the_undisturbed_rows() {
         duckdb_int(&format!("SELECT count(*) FROM {}", dataset(&out, "events"))),
         N as i64
     );
-    // Nothing half-written left, and every commit record names a file that exists.
+    // Nothing half-written left, and every file the tables reference exists.
     assert!(files_under(&out.join(".staging")).is_empty());
-    for record in files_under(&out.join("_tcplake/commits")) {
-        let r: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
-        let key = r["key"].as_str().unwrap();
-        assert!(
-            out.join(key).exists(),
-            "{} names missing {key}",
-            record.display()
-        );
+    for ds in ["events", "flows"] {
+        for path in table_files(&out, ds) {
+            assert!(
+                out.join(ds).join(&path).exists(),
+                "{ds} references missing {path}"
+            );
+        }
     }
     report_fault(
         "monolith → local dir: kill -9 twice at arbitrary points, restart",
@@ -184,4 +182,291 @@ fn disk_full_stops_cleanly_and_the_rerun_completes_exactly() {
         "monolith → local dir: filesystem full mid-run (6 MiB tmpfs), rerun after growing it",
         "stopped with one error line, committed files intact, rerun resumed",
     );
+}
+
+/// Sends SIGTERM (an orderly stop) and expects exit 0 within a minute.
+fn terminate(mut child: std::process::Child) -> std::process::Output {
+    let pid = child.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no exit within a minute of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = child.wait_with_output().unwrap();
+    assert!(
+        o.status.success(),
+        "SIGTERM must stop cleanly: {}",
+        stderr(&o)
+    );
+    o
+}
+
+/// Starts `args` paced, waits for a new events commit, then stops it with SIGTERM.
+fn run_and_terminate(out: &Path, args: &[String]) {
+    let known = commits(out, "events");
+    let child = tcplake_cmd()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_commit_beyond(out, "events", known);
+    terminate(child);
+}
+
+/// `flows/` of `out` is exactly the projection of its `events/`: the same rows as a replay of the whole
+/// log into a fresh output with the same settings.
+fn assert_flows_are_the_projection(out: &Path, settings: &[&str]) {
+    let fresh = out.with_extension("projection");
+    let _ = std::fs::remove_dir_all(&fresh);
+    let mut args = vec![
+        "replay",
+        "--from",
+        out.to_str().unwrap(),
+        "--to",
+        fresh.to_str().unwrap(),
+    ];
+    args.extend_from_slice(settings);
+    let o = tcplake(&args, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    same_rows(out, &fresh, "flows");
+    same_rows(out, &fresh, "events");
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// The case: graceful stops inside one long window, the same command rerun each time. Every
+/// run's flows land in the window the next run continues, which replaces them: `flows/` stays the
+/// projection of `events/`, and nothing is counted late.
+#[test]
+fn graceful_restarts_inside_a_window_keep_flows_the_projection_of_events() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let o = out.to_str().unwrap();
+    let base = [
+        "--source",
+        "synthetic",
+        "--seed",
+        "44",
+        "--node",
+        "graceful",
+        "--events",
+        "900000",
+        "--window",
+        "120",
+        "--max-file-age",
+        "1s",
+        "--summary",
+        "json",
+        "--out",
+        o,
+    ];
+    let paced = [&base[..], &["--rate", "150000"]].concat();
+    run_and_terminate(&out, &strings(&paced));
+    run_and_terminate(&out, &strings(&paced));
+    let last = tcplake(&base, &[]);
+    assert!(last.status.success(), "{}", stderr(&last));
+    let s: serde_json::Value = serde_json::from_str(stdout(&last).trim()).unwrap();
+    assert!(s["resumed_at_seq"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(s["late_events"], 0, "{s}");
+    assert_flows_are_the_projection(&out, &["--window", "120"]);
+    // And the same as a run that was never stopped.
+    let clean = tmp.path().join("clean");
+    let mut args = base.to_vec();
+    let at = args.iter().position(|a| *a == o).unwrap();
+    let c = clean.to_str().unwrap().to_string();
+    args[at] = &c;
+    let o = tcplake(&args, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    same_rows(&out, &clean, "flows");
+    same_rows(&out, &clean, "events");
+    report_fault(
+        "monolith: SIGTERM twice inside one 120 s window, same command rerun",
+        "flows == replay of the whole log == an unstopped run",
+    );
+}
+
+/// A replay stopped with SIGTERM, and one that failed on a damaged input file (then fixed), rerun:
+/// each rebuilds exactly the recorded flows.
+#[test]
+fn interrupted_and_failed_replays_rerun_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let live = tmp.path().join("live");
+    synthetic_run(&live, "45", "rec", 800_000, &["--max-file-size", "256KiB"]);
+
+    let stopped = tmp.path().join("stopped");
+    // Flags of the run go before the subcommand (they are not `replay`'s own).
+    let replay = |to: &Path, paced: bool| {
+        let mut a = strings(&["--max-file-age", "1s"]);
+        if paced {
+            a.extend(strings(&["--rate", "150000"]));
+        }
+        a.extend(strings(&[
+            "replay",
+            "--from",
+            live.to_str().unwrap(),
+            "--to",
+            to.to_str().unwrap(),
+        ]));
+        a
+    };
+    run_and_terminate(&stopped, &replay(&stopped, true));
+    let o = tcplake(
+        &replay(&stopped, false)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    same_rows(&live, &stopped, "flows");
+    same_rows(&live, &stopped, "events");
+
+    // A damaged file in the middle of the log: the replay fails naming it, having committed what came
+    // before; with the file repaired, the rerun completes the same flows.
+    let victim = table_files(&live, "events")
+        .into_iter()
+        .map(|p| live.join("events").join(p))
+        .nth(1)
+        .unwrap();
+    let good = std::fs::read(&victim).unwrap();
+    std::fs::write(&victim, &good[..good.len() / 2]).unwrap();
+    let failed = tmp.path().join("failed");
+    let o = tcplake(
+        &replay(&failed, false)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    std::fs::write(&victim, &good).unwrap();
+    let o = tcplake(
+        &replay(&failed, false)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    same_rows(&live, &failed, "flows");
+    same_rows(&live, &failed, "events");
+    report_fault(
+        "replay: SIGTERM mid-replay, rerun; a damaged input file, repaired, rerun",
+        "flows == the recorded flows",
+    );
+}
+
+/// Stragglers: events later than the allowed lateness but within the late horizon are folded into
+/// their windows (emitted again, rows replaced), later ones are counted and left out — the same way in
+/// a run stopped and restarted as in a replay of its log.
+#[test]
+fn late_events_are_folded_up_to_the_horizon_and_dropped_beyond_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (late_by, dropped) in [("30s", false), ("90s", true)] {
+        let out = tmp.path().join(format!("late-{late_by}"));
+        let cfg = tmp.path().join(format!("late-{late_by}.toml"));
+        std::fs::write(
+            &cfg,
+            format!("[capture]\nlate_every = 997\nlate_by = \"{late_by}\"\n"),
+        )
+        .unwrap();
+        let base = strings(&[
+            "--source",
+            "synthetic",
+            "--seed",
+            "46",
+            "--node",
+            "late",
+            "--events",
+            "900000",
+            "--start",
+            "2026-01-01T00:10:00Z",
+            "--max-file-age",
+            "1s",
+            "--summary",
+            "json",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        let mut paced = base.clone();
+        paced.extend(strings(&["--rate", "150000"]));
+        run_and_terminate(&out, &paced);
+        let o = tcplake(&base.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let s: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+        if dropped {
+            assert!(s["late_events"].as_u64().unwrap() > 0, "{s}");
+        } else {
+            assert_eq!(s["late_events"], 0, "{s}");
+            assert!(s["windows_rewritten"].as_u64().unwrap() > 0, "{s}");
+        }
+        assert_flows_are_the_projection(&out, &[]);
+        // Every event is in events/; flows count exactly those within the horizon.
+        let in_flows = duckdb_int(&format!(
+            "SELECT sum(events) FROM {}",
+            dataset(&out, "flows")
+        ));
+        let logged = duckdb_int(&format!("SELECT count(*) FROM {}", dataset(&out, "events")));
+        assert_eq!(logged, 900_000);
+        if dropped {
+            assert!(in_flows < logged, "{in_flows} of {logged}");
+        } else {
+            assert_eq!(in_flows, logged);
+        }
+    }
+}
+
+/// A resume into an output made with another projection, or another event stream, is refused with one
+/// line that says which setting differs; the output is left as it was.
+#[test]
+fn a_resume_with_another_projection_or_stream_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    synthetic_run(&out, "47", "p", 50_000, &[]);
+    let before = commits(&out, "events") + commits(&out, "flows");
+    for (extra, needle) in [
+        (vec!["--window", "60"], "tcplake.window_secs = 10"),
+        (
+            vec!["--allowed-lateness", "7"],
+            "tcplake.allowed_lateness_secs = 5",
+        ),
+        (
+            vec!["--late-horizon", "300"],
+            "tcplake.late_horizon_secs = 60",
+        ),
+        (
+            vec!["--seed", "48"],
+            "events from another source than this run's (synthetic seed=48",
+        ),
+    ] {
+        let mut args = vec![
+            "--source",
+            "synthetic",
+            "--node",
+            "p",
+            "--events",
+            "50000",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if !extra.contains(&"--seed") {
+            args.extend(["--seed", "47"]);
+        }
+        args.extend(extra.iter().copied());
+        let o = tcplake(&args, &[]);
+        assert_one_line_error(&o, 1, &[needle, "a new --out"]);
+    }
+    assert_eq!(commits(&out, "events") + commits(&out, "flows"), before);
 }

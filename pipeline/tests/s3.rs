@@ -49,11 +49,7 @@ fn assert_bucket_matches_local_run(
     let local = tmp.join("local");
     synthetic_run(&local, seed, node, n as u64, &[]);
     let local = local.as_path();
-    let remote = |ds: &str| {
-        format!(
-            "read_parquet('s3://{BUCKET}/{prefix}/{ds}/**/*.parquet', hive_partitioning = true)"
-        )
-    };
+    let remote = |ds: &str| format!("delta_scan('s3://{BUCKET}/{prefix}/{ds}')");
     let (events, flows, local_flows) = (remote("events"), remote("flows"), dataset(local, "flows"));
     let q = |sql: String| duckdb_s3(server, &sql);
     assert_eq!(q(format!("SELECT count(*) FROM {events}")), n);
@@ -103,12 +99,18 @@ fn monolith_to_s3_reads_back_identical_to_local() {
         req["upload_part"].as_u64().unwrap() >= 2,
         "multipart used: {s}"
     );
-    // One file per dataset, each after its commit record: the event file in parts, the flow file and
-    // both records in one PUT each. Startup: HEAD bucket, LIST multipart uploads, LIST each commit log.
+    // One file per dataset: the event file in parts, the flow file in one PUT; each table created
+    // (version 0) and committed to (version 1) with one conditional PUT of its log entry; the output's
+    // id; and the startup probe that the store honours conditional writes (two PUTs and a DELETE).
+    // The Delta log's reads (LIST of `_delta_log/`, GET of its entries) are counted like every request.
     assert_eq!(req["complete_multipart"], 1, "{s}");
-    assert_eq!(req["put"], 3, "{s}");
+    assert_eq!(req["put"], 1 + 4 + 1 + 2, "{s}");
+    assert_eq!(req["delete"], 1, "{s}");
     assert_eq!(req["head"], 1, "{s}");
-    assert_eq!(req["list"], 3, "{s}");
+    for op in ["list", "get"] {
+        let n = req[op].as_u64().unwrap();
+        assert!(n > 0 && n < 100, "{op}: {s}");
+    }
     assert_eq!(s["files"], 2, "{s}");
     // The spool holds nothing once everything is committed.
     assert_eq!(files_under(&spool), Vec::<PathBuf>::new());
@@ -432,7 +434,7 @@ fn live_capture_excludes_its_own_s3_traffic_unless_asked() {
         assert!(traffic.success());
         let o = child.wait_with_output().unwrap();
         assert!(o.status.success(), "{}", stderr(&o));
-        let events = format!("read_parquet('s3://{BUCKET}/self-{run}/events/**/*.parquet')");
+        let events = format!("delta_scan('s3://{BUCKET}/self-{run}/events')");
         let port = server.port;
         let own = duckdb_s3(
             &server,
@@ -454,8 +456,9 @@ fn live_capture_excludes_its_own_s3_traffic_unless_asked() {
     }
 }
 
-/// `tcplake compact` on a bucket: conditional record rewrites, merged upload, source deletes, all
-/// through the S3 API; the bucket still holds every row, and a replay of it rebuilds its flows.
+/// `tcplake compact` then `tcplake vacuum` on a bucket: the merged upload and the Delta commit that
+/// swaps it for its sources (a conditional PUT), then the sources deleted, all through the S3 API; the
+/// table still holds every row, and a replay of it rebuilds its flows.
 #[test]
 fn compaction_in_a_bucket_keeps_every_row() {
     let server = S3Server::start();
@@ -498,8 +501,11 @@ fn compaction_in_a_bucket_keeps_every_row() {
     let o = with_s3(&["compact", "--out", &out]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("into 1 files"), "{}", stdout(&o));
+    // The sources stay in the bucket for readers of older versions until a vacuum.
+    let o = with_s3(&["vacuum", "--out", &out, "--retention", "0s"]);
+    assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(parquet(), 1);
-    let events = format!("read_parquet('s3://{BUCKET}/compacted/events/**/*.parquet')");
+    let events = format!("delta_scan('s3://{BUCKET}/compacted/events')");
     assert_eq!(
         duckdb_s3(&server, &format!("SELECT count(*) FROM {events}")),
         n
@@ -516,8 +522,8 @@ fn compaction_in_a_bucket_keeps_every_row() {
     let o = with_s3(&["replay", "--from", &out, "--to", rebuilt.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
     let (a, b) = (
-        format!("read_parquet('s3://{BUCKET}/compacted/flows/**/*.parquet')"),
-        format!("read_parquet('{}/flows/**/*.parquet')", rebuilt.display()),
+        format!("delta_scan('s3://{BUCKET}/compacted/flows')"),
+        format!("delta_scan('{}/flows')", rebuilt.display()),
     );
     for (p, q) in [(&a, &b), (&b, &a)] {
         assert_eq!(
@@ -753,5 +759,161 @@ fn concurrent_runs_sharing_a_spool_directory_leave_each_other_alone() {
         multipart_leftovers(&server).is_empty(),
         "{:?}",
         multipart_leftovers(&server)
+    );
+}
+
+/// Two nodes write one output in the bucket at the same time (two writers on each Delta table), and
+/// one of them is stopped gracefully twice inside a 120 s window and rerun: each node's rows are
+/// exactly those of a run of its own that was never stopped, and `flows/` is the projection of
+/// `events/` (a replay of the bucket's log into a local directory gives the same rows).
+#[test]
+fn two_nodes_on_one_bucket_output_with_graceful_restarts_keep_every_node_exact() {
+    const N: &str = "600000";
+    let server = S3Server::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = format!("s3://{BUCKET}/shared");
+    let endpoint = server.endpoint();
+    let bucket = server.data.path().join(BUCKET).join("shared");
+    let args = |seed: &str, node: &str, paced: bool| {
+        let mut a = vec![
+            "--source",
+            "synthetic",
+            "--seed",
+            seed,
+            "--node",
+            node,
+            "--events",
+            N,
+            "--window",
+            "120",
+            "--max-file-age",
+            "1s",
+            "--summary",
+            "json",
+            "--out",
+            &out,
+            "--s3-endpoint",
+            &endpoint,
+            "--s3-region",
+            "us-east-1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>();
+        a.extend([
+            "--spool-dir".into(),
+            tmp.path().join(node).display().to_string(),
+        ]);
+        if paced {
+            a.extend(["--rate".into(), "100000".into()]);
+        }
+        a
+    };
+    let spawn = |a: Vec<String>| {
+        tcplake_cmd()
+            .args(a)
+            .env("AWS_ACCESS_KEY_ID", KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let other = spawn(args("72", "node-b", true));
+    // Node-a's own events commits (node-b commits to the same log).
+    let commits_of_a = || {
+        files_under(&bucket.join("events").join("_delta_log"))
+            .iter()
+            .filter(|p| {
+                std::fs::read_to_string(p)
+                    .is_ok_and(|t| t.contains("\"appId\":\"tcplake/events/node-a\""))
+            })
+            .count()
+    };
+    for _ in 0..2 {
+        let known = commits_of_a();
+        let child = spawn(args("71", "node-a", true));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while commits_of_a() <= known {
+            assert!(
+                Instant::now() < deadline,
+                "no node-a commit within a minute"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pid = child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let o = child.wait_with_output().unwrap();
+        assert!(o.status.success(), "SIGTERM stops cleanly: {}", stderr(&o));
+    }
+    let last = spawn(args("71", "node-a", false))
+        .wait_with_output()
+        .unwrap();
+    assert!(last.status.success(), "{}", stderr(&last));
+    let s: serde_json::Value = serde_json::from_str(stdout(&last).trim()).unwrap();
+    assert!(s["resumed_at_seq"].as_u64().unwrap() > 0, "{s}");
+    assert_eq!(s["late_events"], 0, "{s}");
+    let o = other.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // Each node against a run of its own that was never stopped.
+    let remote = |ds: &str| format!("delta_scan('s3://{BUCKET}/shared/{ds}')");
+    for (seed, node) in [("71", "node-a"), ("72", "node-b")] {
+        let alone = tmp.path().join(format!("alone-{node}"));
+        synthetic_run(&alone, seed, node, N.parse().unwrap(), &["--window", "120"]);
+        for ds in ["events", "flows"] {
+            let (mine, theirs) = (
+                format!("(SELECT * FROM {} WHERE node = '{node}')", remote(ds)),
+                dataset(&alone, ds),
+            );
+            for (p, q) in [(&mine, &theirs), (&theirs, &mine)] {
+                let diff = duckdb_s3(
+                    &server,
+                    &format!(
+                        "SELECT count(*) FROM (SELECT * FROM {p} EXCEPT ALL SELECT * FROM {q})"
+                    ),
+                );
+                assert_eq!(diff, 0, "{node} {ds}: rows differ from its undisturbed run");
+            }
+        }
+    }
+    // And the bucket's flows are the projection of its log, node by node.
+    for node in ["node-a", "node-b"] {
+        let replayed = tmp.path().join(format!("replayed-{node}"));
+        let o = tcplake(
+            &[
+                "--node",
+                node,
+                "--s3-endpoint",
+                &endpoint,
+                "--s3-region",
+                "us-east-1",
+                "replay",
+                "--from",
+                &out,
+                "--to",
+                replayed.to_str().unwrap(),
+                "--window",
+                "120",
+            ],
+            &[
+                ("AWS_ACCESS_KEY_ID", KEY),
+                ("AWS_SECRET_ACCESS_KEY", SECRET),
+            ],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let mine = format!("(SELECT * FROM {} WHERE node = '{node}')", remote("flows"));
+        let rebuilt = dataset(&replayed, "flows");
+        for (p, q) in [(&mine, &rebuilt), (&rebuilt, &mine)] {
+            let diff = duckdb_s3(
+                &server,
+                &format!("SELECT count(*) FROM (SELECT * FROM {p} EXCEPT ALL SELECT * FROM {q})"),
+            );
+            assert_eq!(diff, 0, "{node}: flows are not the projection of the log");
+        }
+    }
+    report_fault(
+        "monolith → S3: two nodes on one output at once, one SIGTERMed twice inside a 120 s window",
+        "each node == its undisturbed run, flows == replay of the bucket's log",
     );
 }

@@ -1,11 +1,14 @@
-//! The aggregate stage: event batches in, flow-record batches out.
+//! The aggregate stage: event batches in, flow-record emissions out.
 //!
-//! Contract: every event received is either folded into exactly one flow record or counted as late;
-//! records leave in window order once the watermark passes their window, and everything still open is
-//! flushed when the input ends. The stage does not know what feeds it or where records go.
+//! Contract: every event received is folded into exactly one flow record or counted as late (beyond the
+//! late horizon); a window is emitted once its end passes the watermark and emitted again, whole, each
+//! time it gains events while mutable — the later rows replace the earlier; everything with unemitted
+//! changes is emitted when the input ends. The stage does not know what feeds it or where records go.
 //!
-//! After a restart it is started from the last committed flow row ([`Resume`]): fed the event log from
-//! that row's replay point, it rebuilds the open windows and skips the rows already committed.
+//! After a restart it is started from the replay point of the last emission committed ([`Resume`]):
+//! fed the event log from there, it rebuilds every window it held, emits nothing until it reaches the
+//! point where that emission was made, and goes on as the original would have. Emitting a window again
+//! with the same content is harmless: the table keeps the rows it has (see [`crate::lake`]).
 
 pub mod sketch;
 pub mod window;
@@ -23,8 +26,6 @@ pub struct AggregateConfig {
     pub windows: WindowConfig,
     /// Name stamped on emitted batches (e.g. `agg-0`).
     pub producer: Arc<str>,
-    /// Upper bound on records per emitted batch.
-    pub max_batch_records: usize,
     /// Set when continuing after the last committed row rather than from an empty state.
     pub resume: Option<Resume>,
     /// Which flows this aggregator owns (all of them unless sharded).
@@ -81,35 +82,11 @@ impl Fnv {
 }
 
 /// Where a restarted aggregator picks up: its input starts at `point.from_seq`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Resume {
     pub point: ReplayPoint,
-    /// The last committed row, `(window_start_us, rank)`: it and every row before it are not emitted.
-    pub committed_through: (i64, u32),
-}
-
-/// Ranks rows within their window and drops those a previous run already committed.
-#[derive(Debug, Default)]
-struct Ranker {
-    window: Option<i64>,
-    next_rank: u32,
-    skip_through: Option<(i64, u32)>,
-}
-
-impl Ranker {
-    /// The row's rank, or `None` if it was committed before.
-    fn rank(&mut self, r: &FlowRecord) -> Option<u32> {
-        if self.window != Some(r.window_start_us) {
-            self.window = Some(r.window_start_us);
-            self.next_rank = 0;
-        }
-        let rank = self.next_rank;
-        self.next_rank += 1;
-        match self.skip_through {
-            Some(done) if (r.window_start_us, rank) <= done => None,
-            _ => Some(rank),
-        }
-    }
+    /// Number of the next emission (emissions are numbered across restarts).
+    pub next_emission: u64,
 }
 
 /// Runs the stage until its input ends; returns the final counters.
@@ -123,79 +100,44 @@ where
     I: Rx<Arc<EventBatch>>,
     O: Tx<FlowBatch>,
 {
-    let mut windows = match cfg.resume {
-        Some(r) => Windows::resumed(cfg.windows, r.point),
+    let mut windows = match &cfg.resume {
+        Some(r) => Windows::resumed(cfg.windows, &r.point),
         None => Windows::new(cfg.windows),
     };
-    let mut ranker = Ranker {
-        skip_through: cfg.resume.map(|r| r.committed_through),
-        ..Ranker::default()
-    };
-    // The previous run ended in a final flush that was not all committed: redo it once the replay
-    // has brought the windows back to where they were.
-    let mut reflush_at = cfg
-        .resume
-        .filter(|r| r.point.closing)
-        .map(|r| r.point.through_seq);
-    let mut seq = 0u64;
-    let mut closed: Vec<FlowRecord> = Vec::new();
+    let mut seq = cfg.resume.as_ref().map_or(0, |r| r.next_emission);
+    let mut out: Vec<FlowRecord> = Vec::new();
     let mut published = WindowStats::default();
-    let mut started = false;
     loop {
-        let batch = if started || reflush_at.is_none() {
-            input.recv().await?
-        } else {
-            // Nothing may need replaying before the redone flush: check before the first receive.
-            Some(Arc::new(EventBatch::new(
-                Arc::clone(&cfg.producer),
-                Vec::new(),
-                None,
-            )))
-        };
-        started = true;
-        let mut replay;
+        let batch = input.recv().await?;
         match &batch {
             Some(b) => {
                 windows.add(&b.node, &b.events, b.position.clone(), |e| {
                     cfg.shard.owns(&b.node, e)
                 });
                 if let Some(clock) = b.clock_us {
-                    windows.advance_to(clock.saturating_sub(cfg.windows.allowed_lateness_us));
+                    windows.advance_clock(&b.node, clock);
                 }
-                // Taken before the drain: replaying from here rebuilds the windows about to close too.
-                replay = windows.replay_point();
-                if reflush_at.is_some_and(|at| windows.replay_point().through_seq >= at) {
-                    reflush_at = None;
-                    replay.closing = true;
-                    windows.drain_all(&mut closed);
-                } else {
-                    windows.drain_closed(&mut closed);
-                }
+                windows.emit_ready(&mut out);
             }
-            None => {
-                // Every window closes now (a later run treats events for them as late).
-                replay = windows.replay_point();
-                replay.closing = true;
-                windows.drain_all(&mut closed);
-            }
+            None => windows.emit_all(&mut out),
         }
         publish(metrics, &mut published, windows.stats());
-        let mut ranked = std::mem::take(&mut closed)
-            .into_iter()
-            .filter_map(|r| ranker.rank(&r).map(|rank| (r, rank)))
-            .peekable();
-        while ranked.peek().is_some() {
-            let (records, ranks) = ranked.by_ref().take(cfg.max_batch_records.max(1)).unzip();
-            let out = FlowBatch {
-                producer: Arc::clone(&cfg.producer),
-                seq,
-                records,
-                ranks,
-                replay,
-                shard_count: cfg.shard.count,
-            };
+        if !out.is_empty() {
+            let records = std::mem::take(&mut out);
+            let total_rows = u32::try_from(records.len()).unwrap_or(u32::MAX);
+            output
+                .send(FlowBatch {
+                    producer: Arc::clone(&cfg.producer),
+                    seq,
+                    records,
+                    first_row: 0,
+                    total_rows,
+                    // Taken after the emission: what a rebuild needs to continue from here.
+                    replay: windows.replay_point(),
+                    shard_count: cfg.shard.count,
+                })
+                .await?;
             seq += 1;
-            output.send(out).await?;
         }
         if batch.is_none() {
             output.close(true).await?;
@@ -211,6 +153,9 @@ fn publish(m: &AggregateMetrics, last: &mut WindowStats, now: WindowStats) {
     m.records_out.add(now.records_out - last.records_out);
     m.windows_closed
         .add(now.windows_closed - last.windows_closed);
+    m.late_folded.add(now.late_folded - last.late_folded);
+    m.windows_rewritten
+        .add(now.windows_rewritten - last.windows_rewritten);
     *last = now;
 }
 
@@ -220,6 +165,7 @@ mod tests {
     use crate::capture::synthetic::{Synthetic, SyntheticConfig};
     use crate::edge::memory;
     use crate::event::Event;
+    use std::collections::BTreeMap;
 
     const S: i64 = 1_000_000;
 
@@ -230,7 +176,8 @@ mod tests {
                 seed: 11,
                 total: n,
                 start_us: 0,
-                events_per_sim_sec: 2_000,
+                // 120 s of event time: a dozen windows, many emissions.
+                events_per_sim_sec: 500,
             },
         );
         let mut all = Vec::new();
@@ -240,27 +187,22 @@ mod tests {
         all
     }
 
-    /// Runs the stage over `events` (batches of `batch`) and returns what it emitted.
-    async fn run_over(events: &[Event], batch: usize, resume: Option<Resume>) -> Vec<FlowBatch> {
-        run_shard(events, batch, resume, Shard::ALL).await
-    }
-
-    async fn run_shard(
-        events: &[Event],
-        batch: usize,
-        resume: Option<Resume>,
-        shard: Shard,
-    ) -> Vec<FlowBatch> {
-        let cfg = AggregateConfig {
+    fn config(resume: Option<Resume>, shard: Shard) -> AggregateConfig {
+        AggregateConfig {
             windows: WindowConfig {
                 window_us: 10 * S,
                 allowed_lateness_us: 2 * S,
+                horizon_us: 15 * S,
             },
             producer: "agg".into(),
-            max_batch_records: 500,
             resume,
             shard,
-        };
+        }
+    }
+
+    /// Runs the stage over `events` (batches of `batch`; positions are `seq`s) and returns what it
+    /// emitted.
+    async fn run_over(events: &[Event], batch: usize, cfg: AggregateConfig) -> Vec<FlowBatch> {
         let gauge = Arc::new(crate::metrics::Gauge::default());
         let (mut tx, rx) = memory::channel("in", 1 << 16, Arc::clone(&gauge));
         let (otx, mut orx) = memory::channel("out", 1 << 16, gauge);
@@ -279,107 +221,87 @@ mod tests {
         out
     }
 
-    fn rows(batches: &[FlowBatch]) -> Vec<(FlowRecord, u32, ReplayPoint)> {
-        batches
-            .iter()
-            .flat_map(|b| {
-                b.records
-                    .iter()
-                    .cloned()
-                    .zip(b.ranks.iter().copied())
-                    .map(|(r, k)| (r, k, b.replay))
-            })
-            .collect()
+    type Table = BTreeMap<(i64, Arc<str>), Vec<FlowRecord>>;
+
+    /// What a sink makes of emissions: the latest rows of every (window, node).
+    fn apply(table: &mut Table, e: &FlowBatch) {
+        let mut by: Table = BTreeMap::new();
+        for r in &e.records {
+            by.entry((r.window_start_us, Arc::clone(&r.key.node)))
+                .or_default()
+                .push(r.clone());
+        }
+        table.extend(by);
+    }
+
+    fn table_of(emissions: &[FlowBatch]) -> Table {
+        let mut t = BTreeMap::new();
+        for e in emissions {
+            apply(&mut t, e);
+        }
+        t
     }
 
     #[tokio::test]
-    async fn resuming_after_any_committed_row_emits_exactly_the_rest() {
-        let all = events(60_000);
-        let full = rows(&run_over(&all, 1_000, None).await);
-        assert!(full.len() > 2_000, "{}", full.len());
-        // A restart after rows 0..=i were committed, wherever i falls (mid-window, mid-batch, last).
-        for i in [0, 1, 777, full.len() / 2, full.len() - 2] {
-            let (last, rank, point) = &full[i];
+    async fn resuming_after_any_committed_emission_yields_the_same_table() {
+        let mut all = events(60_000);
+        // Late events (within and beyond the horizon) make rewrites and drops part of what must agree.
+        all[30_000].ts_us -= 12 * S;
+        all[45_000].ts_us -= 40 * S;
+        let full = run_over(&all, 1_000, config(None, Shard::ALL)).await;
+        let want = table_of(&full);
+        assert!(full.len() > 5, "{}", full.len());
+        assert!(want.values().map(Vec::len).sum::<usize>() > 2_000);
+        // A restart after emissions 0..=i were committed, wherever i falls.
+        for i in [0, 1, full.len() / 2, full.len() - 2, full.len() - 1] {
+            let last = &full[i];
             let resume = Resume {
-                point: *point,
-                committed_through: (last.window_start_us, *rank),
+                point: last.replay.clone(),
+                next_emission: last.seq + 1,
             };
-            let from = point.from_seq as usize;
-            assert!(from <= point.through_seq as usize);
-            // The replayed log from `from`, cut into other batches than the first run's.
-            let rest = rows(&run_over(&all[from..], 333, Some(resume)).await);
-            let expected: Vec<_> = full[i + 1..].iter().map(|(r, k, _)| (r, k)).collect();
-            let got: Vec<_> = rest.iter().map(|(r, k, _)| (r, k)).collect();
-            assert_eq!(got.len(), expected.len(), "after row {i}");
-            assert!(got == expected, "rows after row {i} differ");
+            let from = last.replay.from_seq as usize;
+            assert!(from as u64 <= last.replay.through_seq);
+            // The committed table, then the resumed run over the log from its replay point, cut into
+            // other batches than the first run's.
+            let mut t = table_of(&full[..=i]);
+            let rest = run_over(&all[from..], 333, config(Some(resume), Shard::ALL)).await;
+            for e in &rest {
+                assert!(e.seq > last.seq, "emissions are numbered on");
+                apply(&mut t, e);
+            }
+            assert!(t == want, "table after resuming at emission {i} differs");
         }
     }
 
     #[tokio::test]
     async fn shards_split_the_flows_and_together_equal_one_aggregator() {
         let mut all = events(60_000);
-        // A few late events, so lateness decisions are part of what must agree.
-        all[30_000].ts_us -= 15 * S;
-        all[45_000].ts_us -= 15 * S;
-        let key = |r: &FlowRecord| (r.window_start_us, r.key.clone());
-        let mut one: Vec<_> = rows(&run_over(&all, 1_000, None).await)
-            .into_iter()
-            .map(|(r, _, _)| r)
+        all[30_000].ts_us -= 12 * S;
+        all[45_000].ts_us -= 40 * S;
+        let one: Vec<FlowRecord> = table_of(&run_over(&all, 1_000, config(None, Shard::ALL)).await)
+            .into_values()
+            .flatten()
             .collect();
         let mut parts = Vec::new();
         for index in 0..3 {
             let shard = Shard { index, count: 3 };
-            let got = rows(&run_shard(&all, 777, None, shard).await);
+            let got: Vec<FlowRecord> = table_of(&run_over(&all, 777, config(None, shard)).await)
+                .into_values()
+                .flatten()
+                .collect();
             assert!(
                 !got.is_empty() && got.len() < one.len(),
                 "shard {index} has a share"
             );
-            parts.extend(got.into_iter().map(|(r, _, _)| r));
+            parts.extend(got);
         }
+        let key = |r: &FlowRecord| (r.window_start_us, r.key.clone());
+        let mut one = one;
         one.sort_by_key(key);
         parts.sort_by_key(key);
         assert!(
             parts == one,
             "the shards' rows are exactly the single aggregator's"
         );
-    }
-
-    #[test]
-    fn ranks_restart_per_window_and_skip_what_was_committed() {
-        let rec = |w: i64| FlowRecord {
-            window_start_us: w,
-            window_end_us: w + 1,
-            key: crate::event::FlowKey {
-                node: "n".into(),
-                pid: 1,
-                comm: crate::event::Comm::from_bytes(b"x"),
-                cgroup_id: 0,
-                local_addr: "127.0.0.1".parse().unwrap(),
-                local_port: 1,
-                remote_addr: "127.0.0.1".parse().unwrap(),
-                remote_port: 2,
-            },
-            bytes_sent: 0,
-            bytes_received: 0,
-            retransmits: 0,
-            rtt_samples: 0,
-            rtt_min_us: None,
-            rtt_p50_us: None,
-            rtt_p99_us: None,
-            rtt_max_us: None,
-            connections_opened: 0,
-            connections_closed: 0,
-            resets: 0,
-            events: 0,
-        };
-        let mut r = Ranker {
-            skip_through: Some((10, 1)),
-            ..Ranker::default()
-        };
-        let got: Vec<_> = [0, 10, 10, 10, 20]
-            .iter()
-            .map(|&w| r.rank(&rec(w)))
-            .collect();
-        assert_eq!(got, vec![None, None, None, Some(2), Some(0)]);
     }
 }

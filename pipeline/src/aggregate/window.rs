@@ -1,22 +1,25 @@
-//! Tumbling event-time windows over per-flow state, with a watermark and a counted rule for late events.
+//! Tumbling event-time windows over per-flow state: when a window is emitted, when it is emitted again,
+//! and when an event is too late to count. The rules depend only on the events of each node in input
+//! order, so a replay of the event log makes exactly the decisions the original run made.
 //!
-//! * An event belongs to the window `[floor(ts / W) * W, + W)`.
-//! * The watermark is the largest event time seen so far minus the allowed lateness (and, for live
-//!   sources, the capture clock minus the lateness). It only moves forward.
-//! * An event whose window ended at or before the watermark is **late**: it is counted
-//!   ([`WindowStats::late_events`]) and left out of the projection. It is never lost: the event log keeps
-//!   it, and a replay with a larger lateness folds it in.
-//! * A window is emitted once the watermark passes its end, or when the input ends.
+//! * An event belongs to the window `[floor(ts / W) * W, + W)`; windows are per node.
+//! * A node's **event-time watermark** is the newest event time seen from it so far.
+//! * A window is **emitted** once the watermark minus the allowed lateness (or, for live sources, the
+//!   capture clock minus the lateness) passes its end, or when the input ends. That decides only *when*
+//!   rows appear, never what they count.
+//! * A window stays **mutable** until the watermark minus the **late horizon** passes its end: an event
+//!   for it until then is folded in, and the window is emitted again — its rows replace the earlier
+//!   ones. An event later than the horizon is counted ([`WindowStats::late_events`]) and left out of
+//!   the projection (never lost: the event log keeps it, and a replay with a larger horizon folds it in).
+//! * The end of the input emits every window that has unemitted changes, without closing anything: a
+//!   run that continues the input (a restart) folds further events into the same windows.
 //!
-//! Lateness is decided per event against the watermark built from the events before it, so the output
-//! depends only on the order of events, never on how they were cut into batches.
+//! [`Windows::replay_point`] says where the input must be replayed from to rebuild every window still
+//! held, and the watermark per node to seed: the rebuild then emits nothing until it reaches the point
+//! where the original stopped, and from there on behaves exactly as the original would have.
 //!
-//! Each open window remembers the input position of the batch that opened it and the watermark at that
-//! batch's start ([`Windows::replay_point`]): replaying the input from there, with that watermark,
-//! rebuilds every open window exactly (for sources whose watermark comes from event times alone).
-//!
-//! A sharded aggregator folds only its share of the flows (`keep`) but lets every on-time event move
-//! the watermark, so each shard makes exactly the lateness decisions a single aggregator would.
+//! A sharded aggregator folds only its share of the flows (`keep`) but lets every event move its node's
+//! watermark, so each shard makes exactly the decisions a single aggregator would.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,20 +29,28 @@ use rustc_hash::FxHashMap;
 use super::sketch::RttSketch;
 use crate::event::{Event, EventKind, FlowKey, FlowRecord, ReplayPoint};
 
-/// Window length and lateness, in microseconds.
+/// Window length, allowed lateness and late horizon, in microseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WindowConfig {
     pub window_us: i64,
     pub allowed_lateness_us: i64,
+    /// How long after the watermark passes a window it still takes late events (>= the lateness).
+    pub horizon_us: i64,
 }
 
 /// Counters the window logic keeps; read for metrics and the end summary.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WindowStats {
     pub events_in: u64,
+    /// Events later than the horizon: in `events/`, not in `flows/`.
     pub late_events: u64,
+    /// Events for a window already emitted, folded in (the window is emitted again).
+    pub late_folded: u64,
     pub records_out: u64,
+    /// Windows emitted for the first time.
     pub windows_closed: u64,
+    /// Windows emitted again with more events.
+    pub windows_rewritten: u64,
 }
 
 #[derive(Debug, Default)]
@@ -77,7 +88,7 @@ impl FlowState {
         }
     }
 
-    fn into_record(self, key: FlowKey, start: i64, end: i64) -> FlowRecord {
+    fn to_record(&self, key: FlowKey, start: i64, end: i64) -> FlowRecord {
         FlowRecord {
             window_start_us: start,
             window_end_us: end,
@@ -98,24 +109,52 @@ impl FlowState {
     }
 }
 
-/// One open window: its flows, and where its events began.
+/// One window of one node: its flows, and where its events began.
 #[derive(Debug)]
-struct OpenWindow {
+struct Window {
     flows: FxHashMap<FlowKey, FlowState>,
     /// Input position of the batch that opened the window.
     first_pos: u64,
-    /// The watermark when that batch began.
-    watermark_before: i64,
+    /// Emitted at least once.
+    emitted: bool,
+    /// Changed since it was last emitted.
+    dirty: bool,
 }
 
-/// Per-flow, per-window state.
+/// The windows of one node and its watermarks.
+#[derive(Debug)]
+struct Node {
+    windows: BTreeMap<i64, Window>,
+    /// Newest event time seen (µs).
+    max_ts: i64,
+    /// Windows ending at or before this are emitted (event time or capture clock, minus the lateness).
+    emit_wm: i64,
+    /// The window period (`emit_wm / W`) of the last pass that emitted changed windows again: they are
+    /// emitted again at most once per period (a steady trickle of stragglers does not re-emit a window
+    /// per batch), and always before they are let go.
+    refire_period: i64,
+}
+
+impl Node {
+    fn new(max_ts: i64, lateness: i64) -> Self {
+        Node {
+            windows: BTreeMap::new(),
+            max_ts,
+            emit_wm: max_ts.saturating_sub(lateness),
+            refire_period: i64::MIN,
+        }
+    }
+}
+
+/// Per-flow, per-window state of every node.
 #[derive(Debug)]
 pub struct Windows {
     cfg: WindowConfig,
-    open: BTreeMap<i64, OpenWindow>,
-    watermark: i64,
+    nodes: BTreeMap<Arc<str>, Node>,
     /// End of the input consumed so far (position).
     next_pos: u64,
+    /// A rebuild emits nothing before this position (the original run had emitted it all).
+    quiet_until: u64,
     stats: WindowStats,
 }
 
@@ -124,43 +163,49 @@ impl Windows {
         assert!(cfg.window_us > 0, "window length must be positive");
         Windows {
             cfg,
-            open: BTreeMap::new(),
-            watermark: i64::MIN,
+            nodes: BTreeMap::new(),
             next_pos: 0,
+            quiet_until: 0,
             stats: WindowStats::default(),
         }
     }
 
-    /// Windows that resume a replay from a [`ReplayPoint`]: the watermark as it was there.
-    pub fn resumed(cfg: WindowConfig, point: ReplayPoint) -> Self {
+    /// Windows that rebuild from a [`ReplayPoint`]: its input comes from `point.from_seq`, with each
+    /// node's watermark as it was, and nothing is emitted before `point.through_seq`.
+    pub fn resumed(cfg: WindowConfig, point: &ReplayPoint) -> Self {
         let mut w = Windows::new(cfg);
-        w.watermark = point.watermark_us;
+        for (node, max_ts) in &point.max_ts {
+            w.nodes.insert(
+                Arc::clone(node),
+                Node::new(*max_ts, cfg.allowed_lateness_us),
+            );
+        }
         w.next_pos = point.from_seq;
+        w.quiet_until = point.through_seq;
         w
     }
 
-    /// Where a replay must start to rebuild every window open now, and what has been consumed.
+    /// Where a replay must start to rebuild every window held now, and what has been consumed.
     pub fn replay_point(&self) -> ReplayPoint {
-        let oldest = self
-            .open
+        let from_seq = self
+            .nodes
             .values()
-            .min_by_key(|w| w.first_pos)
-            .map(|w| (w.first_pos, w.watermark_before));
-        let (from_seq, watermark_us) = oldest.unwrap_or((self.next_pos, self.watermark));
+            .flat_map(|n| n.windows.values().map(|w| w.first_pos))
+            .min()
+            .unwrap_or(self.next_pos);
         ReplayPoint {
             from_seq,
-            watermark_us,
             through_seq: self.next_pos,
-            closing: false,
+            max_ts: self
+                .nodes
+                .iter()
+                .map(|(n, s)| (Arc::clone(n), s.max_ts))
+                .collect(),
         }
     }
 
     pub fn stats(&self) -> WindowStats {
         self.stats
-    }
-
-    fn window_start(&self, ts: i64) -> i64 {
-        ts.div_euclid(self.cfg.window_us) * self.cfg.window_us
     }
 
     /// Folds one batch of a node's events, found at input `position`, into their windows: all of
@@ -172,73 +217,136 @@ impl Windows {
         position: std::ops::Range<u64>,
         keep: impl Fn(&Event) -> bool,
     ) {
-        let watermark_before = self.watermark;
+        let cfg = self.cfg;
+        let rebuilding = position.start < self.quiet_until;
+        let state = self
+            .nodes
+            .entry(Arc::clone(node))
+            .or_insert_with(|| Node::new(i64::MIN, cfg.allowed_lateness_us));
         for e in events {
-            let start = self.window_start(e.ts_us);
-            let late = start.saturating_add(self.cfg.window_us) <= self.watermark;
+            let start = e.ts_us.div_euclid(cfg.window_us) * cfg.window_us;
+            let end = start.saturating_add(cfg.window_us);
+            let beyond_horizon = end <= state.max_ts.saturating_sub(cfg.horizon_us);
+            state.max_ts = state.max_ts.max(e.ts_us);
             if !keep(e) {
-                // Another shard's event: it only moves the watermark, as it would in one aggregator.
-                if !late {
-                    self.advance_to(e.ts_us.saturating_sub(self.cfg.allowed_lateness_us));
+                continue;
+            }
+            if !rebuilding {
+                self.stats.events_in += 1;
+            }
+            if beyond_horizon {
+                // Late for good. (In a rebuild, also the events of windows the original run had
+                // already finalized: the table holds them as they are.)
+                if !rebuilding {
+                    self.stats.late_events += 1;
                 }
                 continue;
             }
-            self.stats.events_in += 1;
-            if late {
-                self.stats.late_events += 1;
-                continue;
-            }
-            let window = self.open.entry(start).or_insert_with(|| OpenWindow {
+            let window = state.windows.entry(start).or_insert_with(|| Window {
                 flows: FxHashMap::default(),
                 first_pos: position.start,
-                watermark_before,
+                emitted: false,
+                dirty: false,
             });
-            let key = FlowKey::of(node, e);
-            window.flows.entry(key).or_default().apply(&e.kind);
-            self.advance_to(e.ts_us.saturating_sub(self.cfg.allowed_lateness_us));
+            if window.emitted && !rebuilding {
+                self.stats.late_folded += 1;
+            }
+            window.dirty = true;
+            window
+                .flows
+                .entry(FlowKey::of(node, e))
+                .or_default()
+                .apply(&e.kind);
         }
+        state.emit_wm = state
+            .emit_wm
+            .max(state.max_ts.saturating_sub(cfg.allowed_lateness_us));
         self.next_pos = self.next_pos.max(position.end);
     }
 
-    /// Moves the watermark forward (never back), e.g. from a live capture clock.
-    pub fn advance_to(&mut self, watermark: i64) {
-        self.watermark = self.watermark.max(watermark);
+    /// Moves a node's emission watermark forward by the capture clock (live sources: windows without
+    /// traffic are emitted on time). It changes when rows appear, never what they count.
+    pub fn advance_clock(&mut self, node: &Arc<str>, clock_us: i64) {
+        let lateness = self.cfg.allowed_lateness_us;
+        let state = self
+            .nodes
+            .entry(Arc::clone(node))
+            .or_insert_with(|| Node::new(i64::MIN, lateness));
+        state.emit_wm = state.emit_wm.max(clock_us.saturating_sub(lateness));
     }
 
-    /// Appends the records of every window the watermark has passed, in window then key order.
-    pub fn drain_closed(&mut self, out: &mut Vec<FlowRecord>) {
-        while let Some(entry) = self.open.first_entry() {
-            if entry.key().saturating_add(self.cfg.window_us) > self.watermark {
-                break;
+    /// Appends the rows of every window due (its end passed by the emission watermark, and changed
+    /// since it was last emitted), in window then key order; then lets go of the windows past the late
+    /// horizon. Nothing while a rebuild has not reached where the original run stopped.
+    pub fn emit_ready(&mut self, out: &mut Vec<FlowRecord>) {
+        if self.next_pos < self.quiet_until {
+            return;
+        }
+        self.emit(out, false);
+        let (w, h) = (self.cfg.window_us, self.cfg.horizon_us);
+        for state in self.nodes.values_mut() {
+            let done = state.max_ts.saturating_sub(h);
+            while let Some(entry) = state.windows.first_entry() {
+                if entry.key().saturating_add(w) > done {
+                    break;
+                }
+                entry.remove();
             }
-            let start = *entry.key();
-            let window = entry.remove();
-            self.emit(start, window.flows, out);
         }
     }
 
-    /// Appends the records of every open window (end of input). The watermark moves past them: they
-    /// are closed for good, and events for them that a resumed run sees are late.
-    pub fn drain_all(&mut self, out: &mut Vec<FlowRecord>) {
-        while let Some((start, window)) = self.open.pop_first() {
-            self.advance_to(start.saturating_add(self.cfg.window_us));
-            self.emit(start, window.flows, out);
-        }
+    /// Appends the rows of every window with unemitted changes (end of input). Nothing is closed: more
+    /// input (a restarted run) folds into the same windows.
+    pub fn emit_all(&mut self, out: &mut Vec<FlowRecord>) {
+        self.emit(out, true);
     }
 
-    fn emit(
-        &mut self,
-        start: i64,
-        flows: FxHashMap<FlowKey, FlowState>,
-        out: &mut Vec<FlowRecord>,
-    ) {
-        let end = start + self.cfg.window_us;
-        let mut flows: Vec<_> = flows.into_iter().collect();
-        // Sorted so the same input always yields the same rows in the same order (stable files).
-        flows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        self.stats.windows_closed += 1;
-        self.stats.records_out += flows.len() as u64;
-        out.extend(flows.into_iter().map(|(k, s)| s.into_record(k, start, end)));
+    fn emit(&mut self, out: &mut Vec<FlowRecord>, all: bool) {
+        let (w, h) = (self.cfg.window_us, self.cfg.horizon_us);
+        // Due windows of every node, in window then node order (rows then sort by key within).
+        let mut due: Vec<(i64, Arc<str>)> = Vec::new();
+        for (node, state) in &mut self.nodes {
+            let period = state.emit_wm.div_euclid(w);
+            let refire = all || period > state.refire_period;
+            if refire {
+                state.refire_period = period;
+            }
+            let final_before = state.max_ts.saturating_sub(h);
+            for (start, win) in &state.windows {
+                if !win.dirty {
+                    continue;
+                }
+                let end = start.saturating_add(w);
+                let is_due = if win.emitted {
+                    refire || end <= final_before
+                } else {
+                    all || end <= state.emit_wm
+                };
+                if is_due {
+                    due.push((*start, Arc::clone(node)));
+                }
+            }
+        }
+        due.sort();
+        for (start, node) in due {
+            let state = self.nodes.get_mut(&node).expect("listed above");
+            let win = state.windows.get_mut(&start).expect("listed above");
+            if win.emitted {
+                self.stats.windows_rewritten += 1;
+            } else {
+                self.stats.windows_closed += 1;
+            }
+            win.emitted = true;
+            win.dirty = false;
+            let mut rows: Vec<(&FlowKey, &FlowState)> = win.flows.iter().collect();
+            // Sorted so the same input always yields the same rows in the same order (stable files).
+            rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            self.stats.records_out += rows.len() as u64;
+            out.extend(
+                rows.into_iter()
+                    .map(|(k, s)| s.to_record(k.clone(), start, start + w)),
+            );
+        }
     }
 }
 
@@ -254,6 +362,7 @@ mod tests {
         WindowConfig {
             window_us: 10 * S,
             allowed_lateness_us: 2 * S,
+            horizon_us: 20 * S,
         }
     }
 
@@ -280,6 +389,10 @@ mod tests {
 
     fn sc(old: TcpState, new: TcpState) -> EventKind {
         EventKind::StateChange { old, new }
+    }
+
+    fn b(bytes: u64) -> EventKind {
+        EventKind::BytesSent { bytes }
     }
 
     #[test]
@@ -320,7 +433,7 @@ mod tests {
             ],
         );
         let mut out = Vec::new();
-        w.drain_all(&mut out);
+        w.emit_all(&mut out);
         assert_eq!(out.len(), 1);
         let r = &out[0];
         assert_eq!((r.window_start_us, r.window_end_us), (0, 10 * S));
@@ -340,36 +453,93 @@ mod tests {
     }
 
     #[test]
-    fn late_events_are_counted_and_left_out() {
+    fn a_window_is_emitted_when_due_and_again_when_it_gains_events_until_the_horizon() {
         let node: Arc<str> = "n".into();
         let mut w = Windows::new(cfg());
-        let b = |bytes| EventKind::BytesSent { bytes };
-        add(&mut w, &node, &[ev(0, 5.0, b(1)), ev(1, 12.5, b(2))]);
-        // Watermark 10.5 s: window [0, 10) is closed.
         let mut out = Vec::new();
-        w.drain_closed(&mut out);
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].bytes_sent, 1);
-        // 9.9 s belongs to the closed window [0, 10): late. 11.0 s is on time.
+        add(&mut w, &node, &[ev(0, 5.0, b(1)), ev(1, 12.5, b(2))]);
+        // Watermark 12.5 - 2 = 10.5: window [0, 10) is due.
+        w.emit_ready(&mut out);
+        assert_eq!(
+            out.iter().map(|r| r.bytes_sent).collect::<Vec<_>>(),
+            vec![1]
+        );
+        out.clear();
+        // 9.9 s is late for [0, 10) but within the 20 s horizon: folded. The window is emitted again
+        // once the watermark enters the next window period (not per straggler).
         add(&mut w, &node, &[ev(2, 9.9, b(4)), ev(3, 11.0, b(8))]);
+        w.emit_ready(&mut out);
+        assert!(out.is_empty(), "{out:?}");
+        add(&mut w, &node, &[ev(4, 22.5, b(64))]);
+        w.emit_ready(&mut out);
+        let got: Vec<_> = out
+            .iter()
+            .map(|r| (r.window_start_us / S, r.bytes_sent))
+            .collect();
+        assert_eq!(got, vec![(0, 5), (10, 10)]);
+        assert_eq!((w.stats().late_folded, w.stats().late_events), (1, 0));
+        assert_eq!(w.stats().windows_rewritten, 1);
+        out.clear();
+        // Newest 35 s: [0, 10) is past the horizon (35 - 20 = 15 >= 10): an event for it is dropped.
+        add(&mut w, &node, &[ev(5, 35.0, b(16)), ev(6, 1.0, b(32))]);
         assert_eq!(w.stats().late_events, 1);
-        w.drain_all(&mut out);
-        assert_eq!(out.len(), 2);
-        assert_eq!(out[1].bytes_sent, 2 + 8);
-        assert_eq!(w.stats().events_in, 4);
+        w.emit_all(&mut out);
+        // [20, 30) (64) and [30, 40) (16); nothing for [0, 10).
+        let mut got: Vec<_> = out
+            .iter()
+            .map(|r| (r.window_start_us / S, r.bytes_sent))
+            .collect();
+        got.sort();
+        assert_eq!(got, vec![(20, 64), (30, 16)]);
+        assert_eq!(w.stats().events_in, 7);
     }
 
     #[test]
-    fn a_slightly_out_of_order_event_within_lateness_is_not_late() {
+    fn the_end_of_input_emits_without_closing_and_more_input_folds_in() {
         let node: Arc<str> = "n".into();
         let mut w = Windows::new(cfg());
-        let b = |bytes| EventKind::BytesSent { bytes };
-        // 11.0 s moves the watermark to 9.0 s: window [0, 10) is still open for the 9.5 s event.
+        let mut out = Vec::new();
+        add(&mut w, &node, &[ev(0, 1.0, b(1))]);
+        w.emit_all(&mut out);
+        assert_eq!(out.len(), 1);
+        out.clear();
+        // A run continuing the same input: the window takes the event and is emitted again.
+        add(&mut w, &node, &[ev(1, 2.0, b(2))]);
+        w.emit_all(&mut out);
+        assert_eq!(
+            out.iter().map(|r| r.bytes_sent).collect::<Vec<_>>(),
+            vec![3]
+        );
+        assert_eq!(w.stats().late_events, 0);
+    }
+
+    #[test]
+    fn a_slightly_out_of_order_event_within_lateness_is_in_the_first_emission() {
+        let node: Arc<str> = "n".into();
+        let mut w = Windows::new(cfg());
+        // 11.0 s makes the watermark 9.0 s: window [0, 10) is not yet due for the 9.5 s event.
         add(&mut w, &node, &[ev(0, 11.0, b(1)), ev(1, 9.5, b(2))]);
         let mut out = Vec::new();
-        w.drain_all(&mut out);
-        assert_eq!(w.stats().late_events, 0);
+        w.emit_ready(&mut out);
+        assert!(out.is_empty());
+        w.emit_all(&mut out);
+        assert_eq!(w.stats().late_folded, 0);
         assert_eq!(out.iter().map(|r| r.bytes_sent).sum::<u64>(), 3);
+    }
+
+    /// The table a sink keeps: the latest rows of every (window, node).
+    fn table(emissions: &[Vec<FlowRecord>]) -> Vec<FlowRecord> {
+        let mut t: BTreeMap<(i64, Arc<str>), Vec<FlowRecord>> = BTreeMap::new();
+        for e in emissions {
+            let mut by: BTreeMap<(i64, Arc<str>), Vec<FlowRecord>> = BTreeMap::new();
+            for r in e {
+                by.entry((r.window_start_us, Arc::clone(&r.key.node)))
+                    .or_default()
+                    .push(r.clone());
+            }
+            t.extend(by);
+        }
+        t.into_values().flatten().collect()
     }
 
     fn project(batch: usize, events: u64) -> (Vec<FlowRecord>, u64) {
@@ -384,7 +554,7 @@ mod tests {
             },
         );
         let mut w = Windows::new(cfg());
-        let mut out = Vec::new();
+        let mut emissions = Vec::new();
         let mut bytes = 0;
         while let Some(b) = src.next_batch(batch) {
             for e in &b.events {
@@ -395,10 +565,14 @@ mod tests {
                 }
             }
             w.add(&b.node, &b.events, b.position.clone(), |_| true);
-            w.drain_closed(&mut out);
+            let mut out = Vec::new();
+            w.emit_ready(&mut out);
+            emissions.push(out);
         }
-        w.drain_all(&mut out);
-        (out, bytes)
+        let mut out = Vec::new();
+        w.emit_all(&mut out);
+        emissions.push(out);
+        (table(&emissions), bytes)
     }
 
     #[test]

@@ -179,7 +179,7 @@ pub fn run(cfg: &BenchConfig) -> Result<Report, BenchError> {
             BenchMode::SplitBroker => split_broker(cfg, &out)?,
             BenchMode::SplitObjectStore => split_object_store(cfg, &out)?,
         };
-        let rows = read_flows(&out.join("flows"))?;
+        let rows = read_flows(&out)?;
         match &baseline {
             None => baseline = Some((mode, rows)),
             Some((base, expected)) => same_rows(*base, expected, mode, &rows)?,
@@ -400,40 +400,41 @@ fn same_rows(
 }
 
 /// Every flow row under `dir`, sorted (file names differ between modes; rows must not).
-pub fn read_flows(dir: &Path) -> Result<Vec<FlowRecord>, BenchError> {
-    let mut files = Vec::new();
-    collect_parquet(dir, &mut files);
-    let mut rows = Vec::new();
-    for f in files {
-        let err = |reason: String| BenchError::Read {
-            path: f.clone(),
-            reason,
+/// Every row of the `flows` table of the output at `out` (its current snapshot), sorted.
+pub fn read_flows(out: &Path) -> Result<Vec<FlowRecord>, BenchError> {
+    let err = |reason: String| BenchError::Read {
+        path: out.join("flows"),
+        reason,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| err(e.to_string()))?;
+    let mut rows = rt.block_on(async {
+        let store = crate::storage::Store::Local(
+            crate::storage::LocalDir::open_read_only(out).map_err(|e| err(e.to_string()))?,
+        );
+        let Some(table) = crate::lake::Table::open(&store, crate::lake::Dataset::Flows)
+            .await
+            .map_err(|e| err(e.to_string()))?
+        else {
+            return Ok(Vec::new());
         };
-        let file = std::fs::File::open(&f).map_err(|e| err(e.to_string()))?;
-        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-            .and_then(|b| b.build())
-            .map_err(|e| err(e.to_string()))?;
-        for batch in reader {
-            let batch = batch.map_err(|e| err(e.to_string()))?;
-            rows.extend(batch_to_flows(&batch).map_err(|e| err(e.to_string()))?);
+        let mut rows = Vec::new();
+        for f in table.files().map_err(|e| err(e.to_string()))? {
+            let key = format!("flows/{}", f.path);
+            for batch in crate::lake::read::open(&store, &key, 65_536)
+                .await
+                .map_err(|e| err(e.to_string()))?
+            {
+                let batch = batch.map_err(|e| err(e.to_string()))?;
+                rows.extend(batch_to_flows(&batch).map_err(|e| err(e.to_string()))?);
+            }
         }
-    }
+        Ok::<_, BenchError>(rows)
+    })?;
     rows.sort_by(|a, b| (a.window_start_us, &a.key).cmp(&(b.window_start_us, &b.key)));
     Ok(rows)
-}
-
-fn collect_parquet(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            collect_parquet(&p, out);
-        } else if p.extension().is_some_and(|x| x == "parquet") {
-            out.push(p);
-        }
-    }
 }
 
 impl Report {
@@ -602,9 +603,9 @@ mod tests {
         // A "broken mode": the same workload with one event fewer.
         run_synthetic(&c, 4, 29_999);
         let (ra, rb, rc) = (
-            read_flows(&a.join("flows")).unwrap(),
-            read_flows(&b.join("flows")).unwrap(),
-            read_flows(&c.join("flows")).unwrap(),
+            read_flows(&a).unwrap(),
+            read_flows(&b).unwrap(),
+            read_flows(&c).unwrap(),
         );
         assert!(!ra.is_empty());
         let (m, s) = (BenchMode::Monolith, BenchMode::SplitBroker);

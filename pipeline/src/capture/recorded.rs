@@ -10,8 +10,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::CaptureError;
 use crate::event::schema::batch_to_events;
 use crate::event::{Event, EventBatch};
-use crate::sink::read;
-use crate::sink::{CommitLog, CommitRecord, Dataset, Store};
+use crate::lake::events_log::{self, EventFile};
+use crate::lake::read;
+use crate::storage::Store;
 
 /// Which stretch of a recorded log to replay, by event time (microseconds since the epoch). A log is
 /// replayed as it was recorded, in `seq` order: the stretch starts at the first event at or after
@@ -27,7 +28,7 @@ pub struct TimeRange {
 pub struct Recorded {
     store: Store,
     node: Arc<str>,
-    files: VecDeque<CommitRecord>,
+    files: VecDeque<EventFile>,
     pending: VecDeque<Event>,
     next_seq: u64,
     range: TimeRange,
@@ -36,6 +37,8 @@ pub struct Recorded {
     /// The stretch has ended (an event at or after `until` was seen).
     ended: bool,
     progress: ProgressBar,
+    /// Which recorded output this is (its id, else where it is).
+    origin: String,
 }
 
 impl Recorded {
@@ -45,8 +48,7 @@ impl Recorded {
         node: Option<&str>,
         range: TimeRange,
     ) -> Result<Self, CaptureError> {
-        let nodes: Vec<String> = store
-            .list_dirs("_tcplake/commits/events/")
+        let nodes: Vec<String> = events_log::nodes(&store)
             .await
             .map_err(|e| CaptureError::Replay(e.to_string()))?;
         let node = match (node, nodes.as_slice()) {
@@ -73,7 +75,7 @@ impl Recorded {
                 )))
             }
         };
-        let files = CommitLog::all(&store, Dataset::Events, &node)
+        let files = events_log::files(&store, &node)
             .await
             .map_err(|e| CaptureError::Replay(e.to_string()))?;
         // Drawn only on a terminal (indicatif hides it otherwise): services and tests log no bars.
@@ -83,7 +85,12 @@ impl Recorded {
             )
             .expect("a valid progress template"),
         );
+        let origin = match crate::lake::read_output_id(&store).await {
+            Ok(Some(id)) => format!("output {id}"),
+            _ => store.describe(),
+        };
         let rec = Recorded {
+            origin,
             store,
             node: node.into(),
             files: files.into(),
@@ -100,8 +107,17 @@ impl Recorded {
 
     /// The bar's length: rows still to read (an upper bound when --since/--until cut the log).
     fn set_progress_length(&self) {
-        let rows: u64 = self.files.iter().map(|f| f.rows).sum();
+        let rows: u64 = self
+            .files
+            .iter()
+            .map(|f| f.rows.unwrap_or(f.last_seq - f.first_seq + 1))
+            .sum();
         self.progress.set_length(rows);
+    }
+
+    /// Which recorded output is replayed (its id, else where it is).
+    pub fn origin(&self) -> &str {
+        &self.origin
     }
 
     /// The recorded node's name (rows keep it).
@@ -112,7 +128,7 @@ impl Recorded {
     /// Skips the events before `seq` (a restarted replay continues after its last commit).
     pub fn resume_at(&mut self, seq: u64) {
         self.next_seq = seq;
-        while self.files.front().is_some_and(|f| f.last.event_seq() < seq) {
+        while self.files.front().is_some_and(|f| f.last_seq < seq) {
             self.files.pop_front();
         }
         // Events before `seq` were replayed and committed: the stretch had begun.
@@ -124,15 +140,7 @@ impl Recorded {
         let Some(f) = self.files.pop_front() else {
             return Ok(false);
         };
-        // Records merged by `tcplake compact` share one file: read it once.
-        while self
-            .files
-            .front()
-            .is_some_and(|g| g.data_key() == f.data_key())
-        {
-            self.files.pop_front();
-        }
-        let key = f.data_key();
+        let key = f.key.as_str();
         let err = CaptureError::Replay;
         for rb in read::open(&self.store, key, 8192)
             .await

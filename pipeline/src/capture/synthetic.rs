@@ -74,6 +74,8 @@ pub struct Synthetic {
     next_sock: u64,
     /// Events already generated but not yet handed out (a handshake or close is several events).
     pending: VecDeque<(u64, EventKind, usize)>,
+    /// Every `n`-th event this many µs late.
+    late: Option<(u64, i64)>,
 }
 
 fn process_ids(comm: &str) -> (u32, u64) {
@@ -87,6 +89,7 @@ fn process_ids(comm: &str) -> (u32, u64) {
 impl Synthetic {
     pub fn new(node: Arc<str>, cfg: SyntheticConfig) -> Self {
         Synthetic {
+            late: None,
             node,
             rng: Rng::new(cfg.seed),
             clock_us: cfg.start_us as f64,
@@ -96,6 +99,13 @@ impl Synthetic {
             active: Vec::with_capacity(TARGET_ACTIVE),
             pending: VecDeque::new(),
         }
+    }
+
+    /// Makes every `every`-th event (seq `every - 1`, `2 * every - 1`, ...) arrive `by_us` late: its
+    /// time is that much before its neighbours' (a straggler, as a slow CPU or a clock step makes).
+    pub fn with_late(mut self, every: u64, by_us: i64) -> Self {
+        self.late = Some((every.max(1), by_us));
+        self
     }
 
     /// Events left to produce.
@@ -133,9 +143,13 @@ impl Synthetic {
         self.clock_us += self.rng.exp(mean_gap);
         let c = &self.active[idx];
         debug_assert_eq!(c.sock_id, sock_id);
+        let late = self
+            .late
+            .filter(|(every, _)| self.emitted % every == every - 1)
+            .map_or(0, |(_, by)| by);
         let e = Event {
             seq: self.emitted,
-            ts_us: self.clock_us as i64,
+            ts_us: self.clock_us as i64 - late,
             sock_id,
             cgroup_id: c.cgroup_id,
             pid: c.pid,

@@ -16,6 +16,7 @@ pub enum Run {
     /// The pipeline (any mode), including `tcplake replay`.
     Pipeline,
     Compact,
+    Vacuum,
     Bench,
 }
 
@@ -23,6 +24,7 @@ impl Run {
     pub fn of(cli: &Cli) -> Self {
         match cli.command {
             Some(super::Command::Compact(_)) => Run::Compact,
+            Some(super::Command::Vacuum(_)) => Run::Vacuum,
             Some(super::Command::Bench(_)) => Run::Bench,
             _ => Run::Pipeline,
         }
@@ -54,6 +56,7 @@ impl Ctx {
     fn what(&self) -> String {
         match self.run {
             Run::Compact => "`tcplake compact`".into(),
+            Run::Vacuum => "`tcplake vacuum`".into(),
             Run::Bench => "`tcplake bench` (it starts its own processes)".into(),
             Run::Pipeline => format!("--mode {}", mode_name(self.mode)),
         }
@@ -130,7 +133,7 @@ fn not_applicable(key: &Key, c: &Ctx) -> Option<String> {
             })
         });
     }
-    if k(&keys::SEED) || k(&keys::START) {
+    if k(&keys::SEED) || k(&keys::START) || k(&keys::LATE_EVERY) || k(&keys::LATE_BY) {
         return needs_capture("it shapes the synthetic workload").or_else(|| {
             (c.source != SourceKind::Synthetic).then(|| {
                 format!(
@@ -148,7 +151,7 @@ fn not_applicable(key: &Key, c: &Ctx) -> Option<String> {
             })
         });
     }
-    if k(&keys::WINDOW) || k(&keys::LATENESS) {
+    if k(&keys::WINDOW) || k(&keys::LATENESS) || k(&keys::HORIZON) {
         return (!c.aggregates())
             .then(|| format!("it shapes aggregation; {} runs no aggregator", c.what()));
     }
@@ -156,7 +159,15 @@ fn not_applicable(key: &Key, c: &Ctx) -> Option<String> {
         return (!c.stage(&[Mode::Aggregate]))
             .then(|| format!("only --mode aggregate has a shard; this is {}", c.what()));
     }
-    if k(&keys::OUT) || k(&keys::MAX_FILE_SIZE) || k(&keys::ROW_GROUP_ROWS) {
+    if k(&keys::OUT) {
+        return (!(c.sinks() || matches!(c.run, Run::Compact | Run::Vacuum))).then(|| {
+            format!(
+                "it shapes the output; {} writes none (the sink does)",
+                c.what()
+            )
+        });
+    }
+    if k(&keys::MAX_FILE_SIZE) || k(&keys::ROW_GROUP_ROWS) {
         return (!(c.sinks() || c.run == Run::Compact)).then(|| {
             format!(
                 "it shapes the output; {} writes none (the sink does)",
@@ -173,6 +184,7 @@ fn not_applicable(key: &Key, c: &Ctx) -> Option<String> {
         &keys::S3_PATH_STYLE,
         &keys::S3_MAX_RETRY,
         &keys::S3_MULTIPART,
+        &keys::S3_SINGLE_WRITER,
         &keys::SPOOL_DIR,
     ]
     .iter()
@@ -309,7 +321,8 @@ pub(super) fn check(cli: &Cli, file: &FileConfig, s: &Settings) -> Result<(), Co
 
 /// Does a run of this kind write `--out`?
 fn ctx_writes(run: Run, mode: Mode) -> bool {
-    run == Run::Compact || (run == Run::Pipeline && matches!(mode, Mode::Monolith | Mode::Sink))
+    matches!(run, Run::Compact | Run::Vacuum)
+        || (run == Run::Pipeline && matches!(mode, Mode::Monolith | Mode::Sink))
 }
 
 #[cfg(test)]
@@ -320,7 +333,7 @@ mod tests {
     fn every_key_has_a_rule_that_can_fire_or_applies_everywhere() {
         // A new key must be considered here: list the ones that apply to every run on purpose.
         let everywhere = ["log format", "check config", "metrics address"];
-        let contexts: Vec<Ctx> = [Run::Pipeline, Run::Compact, Run::Bench]
+        let contexts: Vec<Ctx> = [Run::Pipeline, Run::Compact, Run::Vacuum, Run::Bench]
             .into_iter()
             .flat_map(|run| {
                 [Mode::Monolith, Mode::Capture, Mode::Aggregate, Mode::Sink]

@@ -99,11 +99,11 @@ MODES
   sink       writes both datasets (it learns the shards from their batches). Same stage code.
 
 OUTPUT
-  <out>/events/date=YYYY-MM-DD/hour=HH/*.parquet   one row per event (the source of truth)
-  <out>/flows/date=YYYY-MM-DD/hour=HH/*.parquet    one row per flow per window (the projection)
+  <out>/events/   Delta Lake table: one row per event (the source of truth)
+  <out>/flows/    Delta Lake table: one row per flow per window (the projection)
+  Partitioned by date and hour; every file is one Delta commit.
 
-  Query:  duckdb -c \"SELECT sum(bytes_sent) FROM read_parquet('tcplake-data/flows/**/*.parquet', \
-hive_partitioning = true)\"
+  Query:  duckdb -c \"LOAD delta; SELECT sum(bytes_sent) FROM delta_scan('tcplake-data/flows')\"
 
 CONFIGURATION
   Every flag can also be set in a TOML file (--config) or an environment variable (shown per flag).
@@ -171,9 +171,14 @@ pub struct Cli {
     /// Tumbling window length in seconds [default: 10].
     #[arg(long, env = "TCPLAKE_WINDOW", value_name = "SECS")]
     pub window: Option<u64>,
-    /// How far behind the newest event a window stays open, in seconds [default: 5].
+    /// How far behind the newest event a window waits before it is first emitted, in seconds
+    /// [default: 5].
     #[arg(long, env = "TCPLAKE_ALLOWED_LATENESS", value_name = "SECS")]
     pub allowed_lateness: Option<u64>,
+    /// How far behind the newest event a window still takes late events (it is then emitted again,
+    /// its rows replaced), in seconds; later events are counted and left out of flows/ [default: 60].
+    #[arg(long, env = "TCPLAKE_LATE_HORIZON", value_name = "SECS")]
+    pub late_horizon: Option<u64>,
     /// Name of this node, stored in every row [default: the host name].
     #[arg(long, env = "TCPLAKE_NODE")]
     pub node: Option<String>,
@@ -403,6 +408,9 @@ pub enum Command {
     /// Merge the small files of closed partitions into large ones (of --out), atomically and
     /// restartably: an interrupted run is finished by the next.
     Compact(CompactArgs),
+    /// Delete the files no table version younger than the retention needs (files compaction and
+    /// window rewrites replaced, files of interrupted runs). Readers of older versions need them.
+    Vacuum(VacuumArgs),
     /// Rebuild flows/ from a recorded event log: the same as `--source replay:FROM --out TO` (other
     /// flags, such as --window, apply as usual). Restartable: a rerun continues after its last commit.
     Replay(ReplayArgs),
@@ -435,6 +443,16 @@ pub struct CompactArgs {
     /// Size merged files grow to, e.g. 256MiB [default: --max-file-size, 128MiB].
     #[arg(long, value_name = "SIZE")]
     pub target_size: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct VacuumArgs {
+    /// Which dataset [default: both].
+    #[arg(long, value_enum)]
+    pub dataset: Option<DatasetArg>,
+    /// Keep what versions younger than this need, e.g. 7d, 24h [default: 7d, Delta's default].
+    #[arg(long, value_name = "DURATION")]
+    pub retention: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]

@@ -69,6 +69,9 @@ pub struct FileCapture {
     pub bytes_flush_interval: Option<String>,
     pub seed: Option<u64>,
     pub start: Option<String>,
+    /// Synthetic: every `late_every`-th event arrives `late_by` late (stragglers, to exercise lateness).
+    pub late_every: Option<u64>,
+    pub late_by: Option<String>,
     pub rate: Option<u64>,
     pub batch_size: Option<usize>,
 }
@@ -78,6 +81,7 @@ pub struct FileCapture {
 pub struct FileAggregate {
     pub window_secs: Option<u64>,
     pub allowed_lateness_secs: Option<u64>,
+    pub late_horizon_secs: Option<u64>,
     pub shard: Option<String>,
 }
 
@@ -90,6 +94,7 @@ pub struct FileSink {
     pub s3_path_style: Option<bool>,
     pub s3_max_retry: Option<String>,
     pub s3_multipart_threshold: Option<String>,
+    pub s3_single_writer: Option<bool>,
     pub spool_dir: Option<PathBuf>,
     pub max_file_size: Option<String>,
     pub max_file_age: Option<String>,

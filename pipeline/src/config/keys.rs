@@ -40,10 +40,13 @@ keys! {
     FLUSH_INTERVAL: "bytes flush interval", None, Some("capture.bytes_flush_interval");
     SEED: "seed", Some("seed"), Some("capture.seed");
     START: "start time", Some("start"), Some("capture.start");
+    LATE_EVERY: "late every", None, Some("capture.late_every");
+    LATE_BY: "late by", None, Some("capture.late_by");
     RATE: "rate", Some("rate"), Some("capture.rate");
     BATCH_SIZE: "batch size", Some("batch_size"), Some("capture.batch_size");
     WINDOW: "window", Some("window"), Some("aggregate.window_secs");
     LATENESS: "allowed lateness", Some("allowed_lateness"), Some("aggregate.allowed_lateness_secs");
+    HORIZON: "late horizon", Some("late_horizon"), Some("aggregate.late_horizon_secs");
     SHARD: "shard", Some("shard"), Some("aggregate.shard");
     OUT: "output", Some("out"), Some("sink.out");
     S3_ENDPOINT: "S3 endpoint", Some("s3_endpoint"), Some("sink.s3_endpoint");
@@ -51,6 +54,7 @@ keys! {
     S3_PATH_STYLE: "S3 path style", None, Some("sink.s3_path_style");
     S3_MAX_RETRY: "S3 max retry", None, Some("sink.s3_max_retry");
     S3_MULTIPART: "S3 multipart threshold", None, Some("sink.s3_multipart_threshold");
+    S3_SINGLE_WRITER: "S3 single writer", None, Some("sink.s3_single_writer");
     SPOOL_DIR: "spool directory", Some("spool_dir"), Some("sink.spool_dir");
     MAX_FILE_SIZE: "max file size", Some("max_file_size"), Some("sink.max_file_size");
     MAX_FILE_AGE: "max file age", Some("max_file_age"), Some("sink.max_file_age");

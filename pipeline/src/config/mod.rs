@@ -107,10 +107,14 @@ pub struct Settings {
     pub ebpf: EbpfSettings,
     pub seed: u64,
     pub start_us: i64,
+    /// Synthetic: every n-th event this late (`capture.late_every`, `capture.late_by`).
+    pub synthetic_late: Option<(u64, Duration)>,
     pub rate: Option<u64>,
     pub batch_size: usize,
     pub window: Duration,
     pub allowed_lateness: Duration,
+    /// How far behind the newest event a window still takes late events.
+    pub late_horizon: Duration,
     pub out: Output,
     pub max_file_bytes: u64,
     pub max_file_age: Duration,
@@ -132,7 +136,7 @@ pub struct Settings {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Output {
     Local(PathBuf),
-    S3(crate::sink::s3::S3Settings),
+    S3(crate::storage::s3::S3Settings),
 }
 
 /// Settings of the eBPF source.
@@ -155,6 +159,7 @@ pub mod defaults {
     pub const BATCH_SIZE: usize = 4096;
     pub const WINDOW_SECS: u64 = 10;
     pub const ALLOWED_LATENESS_SECS: u64 = 5;
+    pub const LATE_HORIZON_SECS: u64 = 60;
     pub const OUT: &str = "./tcplake-data";
     pub const MAX_FILE_SIZE: &str = "128MiB";
     pub const MAX_FILE_AGE: &str = "5m";
@@ -216,6 +221,7 @@ struct S3Common {
     spool: PathBuf,
     max_retry: Duration,
     multipart_threshold: u64,
+    single_writer: bool,
 }
 
 impl S3Common {
@@ -232,7 +238,7 @@ impl S3Common {
         let max_retry = duration_within(&retry, Duration::ZERO, bounds::DAY)
             .map_err(|e| invalid(&keys::S3_MAX_RETRY, &retry, e))?;
         let multipart_threshold = match &file.s3_multipart_threshold {
-            None => crate::sink::s3::MULTIPART_THRESHOLD,
+            None => crate::storage::s3::MULTIPART_THRESHOLD,
             Some(t) => {
                 size_within(t, 1 << 20, 5 << 30).map_err(|e| invalid(&keys::S3_MULTIPART, t, e))?
             }
@@ -248,6 +254,7 @@ impl S3Common {
                 .unwrap_or_else(|| std::env::temp_dir().join("tcplake-spool")),
             max_retry,
             multipart_threshold,
+            single_writer: file.s3_single_writer.unwrap_or(false),
         })
     }
 
@@ -261,7 +268,7 @@ impl S3Common {
             }
             values::Location::Dir(d) => Ok(Output::Local(d)),
             values::Location::S3 { bucket, prefix } => {
-                Ok(Output::S3(crate::sink::s3::S3Settings {
+                Ok(Output::S3(crate::storage::s3::S3Settings {
                     bucket,
                     prefix,
                     // S3-compatible stores mostly need path-style addressing; AWS prefers virtual hosts.
@@ -271,6 +278,7 @@ impl S3Common {
                     spool: self.spool.clone(),
                     max_retry: self.max_retry,
                     multipart_threshold: self.multipart_threshold,
+                    single_writer: self.single_writer,
                 }))
             }
         }
@@ -349,6 +357,19 @@ impl Settings {
                 "must be at most 86400 seconds",
             ));
         }
+        let horizon = cli
+            .late_horizon
+            .or(file.aggregate.late_horizon_secs)
+            .unwrap_or(defaults::LATE_HORIZON_SECS.max(lateness));
+        if horizon < lateness || horizon > 7 * 86_400 {
+            return Err(invalid(
+                &keys::HORIZON,
+                horizon,
+                format!(
+                    "must be between the allowed lateness ({lateness} s) and 604800 seconds (7 days)"
+                ),
+            ));
+        }
         let batch_size = cli
             .batch_size
             .or(file.capture.batch_size)
@@ -403,6 +424,25 @@ impl Settings {
             })
             .transpose()?;
         let ebpf = ebpf_settings(cli, &file.capture)?;
+        let synthetic_late = match (file.capture.late_every, &file.capture.late_by) {
+            (None, None) => None,
+            (Some(0), _) => return Err(invalid(&keys::LATE_EVERY, 0, "must be at least 1")),
+            (Some(every), Some(by)) => Some((
+                every,
+                duration_within(by, Duration::ZERO, bounds::DAY)
+                    .map_err(|e| invalid(&keys::LATE_BY, by, e))?,
+            )),
+            (Some(every), None) => {
+                return Err(invalid(
+                    &keys::LATE_EVERY,
+                    every,
+                    "needs capture.late_by too",
+                ))
+            }
+            (None, Some(by)) => {
+                return Err(invalid(&keys::LATE_BY, by, "needs capture.late_every too"))
+            }
+        };
         if cli.rate == Some(0) || (cli.rate.is_none() && file.capture.rate == Some(0)) {
             return Err(invalid(
                 &keys::RATE,
@@ -498,10 +538,12 @@ impl Settings {
             ebpf,
             seed: cli.seed.or(file.capture.seed).unwrap_or(defaults::SEED),
             start_us,
+            synthetic_late,
             rate: cli.rate.or(file.capture.rate),
             batch_size,
             window: Duration::from_secs(window_secs),
             allowed_lateness: Duration::from_secs(lateness),
+            late_horizon: Duration::from_secs(horizon),
             out,
             max_file_bytes,
             max_file_age,

@@ -366,14 +366,8 @@ impl Broker {
             self.clone(),
             flows_subject(shard.index),
             Box::new(move |b: &FlowBatch| {
-                // (window, rank) of the first row names a batch whatever run publishes it.
-                let id = match (b.records.first(), b.ranks.first()) {
-                    (Some(r), Some(k)) => format!("{}-{}-{k}", b.producer, r.window_start_us),
-                    _ => format!(
-                        "{}-empty-{}-{}",
-                        b.producer, b.replay.through_seq, b.replay.watermark_us
-                    ),
-                };
+                // (emission, first row) names a message whatever attempt publishes it.
+                let id = format!("{}-{}-{}", b.producer, b.seq, b.first_row);
                 (wire::encode_flows(b, compress), id)
             }),
             Box::new(|b: &FlowBatch| {
@@ -382,9 +376,10 @@ impl Broker {
                     let half = |r: std::ops::Range<usize>| FlowBatch {
                         producer: Arc::clone(&b.producer),
                         seq: b.seq,
-                        records: b.records[r.clone()].to_vec(),
-                        ranks: b.ranks[r].to_vec(),
-                        replay: b.replay,
+                        first_row: b.first_row + r.start as u32,
+                        total_rows: b.total_rows,
+                        records: b.records[r].to_vec(),
+                        replay: b.replay.clone(),
                         shard_count: b.shard_count,
                     };
                     (half(0..mid), half(mid..b.records.len()))

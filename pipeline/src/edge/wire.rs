@@ -19,8 +19,10 @@ use crate::event::{
 };
 
 const MAGIC: &[u8; 3] = b"TLW";
-/// The only version this build writes and reads.
-pub const VERSION: u8 = 1;
+/// The version this build writes. It reads events of version 1 too (their layout did not change);
+/// flows of version 1 (ranked rows, another replay point) are refused: drain the flows stream of an
+/// older tcplake before upgrading its aggregators.
+pub const VERSION: u8 = 2;
 const KIND_EVENTS: u8 = 1;
 const KIND_FLOWS: u8 = 2;
 const CODEC_RAW: u8 = 0;
@@ -34,7 +36,9 @@ const MAX_BODY: usize = 256 << 20;
 pub enum WireError {
     #[error("not a tcplake message (bad magic)")]
     Magic,
-    #[error("unsupported wire version {0} (this build reads version {VERSION})")]
+    #[error(
+        "unsupported wire version {0} (this build reads version {VERSION}, and version 1 events)"
+    )]
     Version(u8),
     #[error("expected a {expected} message, got kind {found}")]
     Kind { expected: &'static str, found: u8 },
@@ -149,7 +153,7 @@ impl<'a> Reader<'a> {
 
 /// Does `msg` start like a tcplake message (magic and version)? Cheap; decoding says the rest.
 pub fn is_batch(msg: &[u8]) -> bool {
-    msg.len() >= HEADER && &msg[..3] == MAGIC && msg[3] == VERSION
+    msg.len() >= HEADER && &msg[..3] == MAGIC && (msg[3] == VERSION || msg[3] == 1)
 }
 
 fn frame(kind: u8, body: Vec<u8>, compress: bool, extra: u16) -> Vec<u8> {
@@ -179,7 +183,8 @@ fn unframe(msg: &[u8], kind: u8, expected: &'static str) -> Result<(Vec<u8>, u16
     if msg.len() < HEADER || &msg[..3] != MAGIC {
         return Err(WireError::Magic);
     }
-    if msg[3] != VERSION {
+    let readable = msg[3] == VERSION || (msg[3] == 1 && kind == KIND_EVENTS);
+    if !readable {
         return Err(WireError::Version(msg[3]));
     }
     if msg[4] != kind {
@@ -348,18 +353,22 @@ fn read_opt(r: &mut Reader<'_>, what: &'static str) -> Result<Option<u32>, WireE
     Ok((present == 1).then_some(v))
 }
 
-/// Encodes a flow-record batch with its ranks and replay point.
+/// Encodes a flow emission (or a piece of one) with its replay point.
 pub fn encode_flows(b: &FlowBatch, compress: bool) -> Vec<u8> {
     let mut w = Writer(Vec::with_capacity(64 + b.records.len() * 180));
     w.str(&b.producer);
     w.u64(b.seq);
+    w.u32(b.first_row);
+    w.u32(b.total_rows);
     w.u64(b.replay.from_seq);
-    w.i64(b.replay.watermark_us);
     w.u64(b.replay.through_seq);
-    w.u8(u8::from(b.replay.closing));
+    w.u32(b.replay.max_ts.len() as u32);
+    for (node, ts) in &b.replay.max_ts {
+        w.str(node);
+        w.i64(*ts);
+    }
     w.u32(b.records.len() as u32);
-    for (r, rank) in b.records.iter().zip(&b.ranks) {
-        w.u32(*rank);
+    for r in &b.records {
         w.i64(r.window_start_us);
         w.i64(r.window_end_us);
         w.str(&r.key.node);
@@ -398,19 +407,26 @@ pub fn decode_flows(msg: &[u8]) -> Result<FlowBatch, WireError> {
     let mut r = Reader(&body);
     let producer: Arc<str> = r.str("producer")?.into();
     let seq = r.u64("seq")?;
+    let first_row = r.u32("first_row")?;
+    let total_rows = r.u32("total_rows")?;
+    let from_seq = r.u64("replay")?;
+    let through_seq = r.u64("replay")?;
+    let nodes = r.u32("replay")? as usize;
+    let mut max_ts = Vec::with_capacity(nodes.min(r.0.len() / 10));
+    for _ in 0..nodes {
+        let node: Arc<str> = r.str("replay node")?.into();
+        max_ts.push((node, r.i64("replay node")?));
+    }
     let replay = ReplayPoint {
-        from_seq: r.u64("replay")?,
-        watermark_us: r.i64("replay")?,
-        through_seq: r.u64("replay")?,
-        closing: r.u8("replay")? == 1,
+        from_seq,
+        through_seq,
+        max_ts,
     };
     let n = r.u32("count")? as usize;
     let cap = n.min(r.0.len() / MIN_FLOW_BYTES);
     let mut records = Vec::with_capacity(cap);
-    let mut ranks = Vec::with_capacity(cap);
     let mut nodes: Vec<Arc<str>> = Vec::new();
     for _ in 0..n {
-        ranks.push(r.u32("rank")?);
         let window_start_us = r.i64("window_start")?;
         let window_end_us = r.i64("window_end")?;
         let node_name = r.str("node")?;
@@ -462,11 +478,18 @@ pub fn decode_flows(msg: &[u8]) -> Result<FlowBatch, WireError> {
     if !r.0.is_empty() {
         return Err(WireError::Trailing(r.0.len()));
     }
+    if first_row as usize + records.len() > total_rows as usize {
+        return Err(WireError::Invalid {
+            field: "first_row",
+            value: u64::from(first_row),
+        });
+    }
     Ok(FlowBatch {
         producer,
         seq,
         records,
-        ranks,
+        first_row,
+        total_rows,
         replay,
         shard_count: u32::from(shard_count),
     })
@@ -511,20 +534,24 @@ mod tests {
         let mut w = crate::aggregate::Windows::new(crate::aggregate::WindowConfig {
             window_us: 1_000_000,
             allowed_lateness_us: 0,
+            horizon_us: 0,
         });
         w.add(&b.node, &b.events, b.position.clone(), |_| true);
         let mut records = Vec::new();
-        w.drain_all(&mut records);
+        w.emit_all(&mut records);
         let fb = FlowBatch {
             producer: "agg-1".into(),
             seq: 9,
-            ranks: (0..records.len() as u32).collect(),
+            first_row: 0,
+            total_rows: records.len() as u32,
             records,
             replay: ReplayPoint {
                 from_seq: 5,
-                watermark_us: -3,
                 through_seq: 77,
-                closing: true,
+                max_ts: vec![
+                    ("node-1".into(), -3),
+                    ("node-2".into(), 1_700_000_000_000_000),
+                ],
             },
             shard_count: 3,
         };
@@ -541,8 +568,8 @@ mod tests {
             WireError::Magic
         );
         let mut v2 = good.clone();
-        v2[3] = 2;
-        assert_eq!(decode_events(&v2).unwrap_err(), WireError::Version(2));
+        v2[3] = 3;
+        assert_eq!(decode_events(&v2).unwrap_err(), WireError::Version(3));
         assert!(matches!(
             decode_flows(&good).unwrap_err(),
             WireError::Kind { found: 1, .. }

@@ -65,33 +65,44 @@ pub struct FlowRecord {
     pub events: u64,
 }
 
-/// Flow records cut by the aggregate stage: the unit the flows edge moves.
+/// One emission of the aggregate stage: the complete rows of every window it emits at one point (a
+/// window's rows are never split across emissions), the unit the flows edge moves. A window emitted
+/// again later (it gained events) replaces its earlier rows in the table. An edge that must cut an
+/// emission into pieces (the broker's message size) marks each piece with its row offset.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FlowBatch {
     /// Who produced the batch (the aggregator's id, e.g. `agg-0`).
     pub producer: Arc<str>,
-    /// Position of this batch in the producer's output (0, 1, 2, ...).
+    /// Number of this emission in the producer's output; it continues across restarts.
     pub seq: u64,
     pub records: Vec<FlowRecord>,
-    /// Rank of each record among its window's rows (which leave sorted, window by window).
-    pub ranks: Vec<u32>,
-    /// How to emit these records again after a restart (see `sink::commit`).
+    /// Offset of `records[0]` in the emission, and the emission's row count (a whole emission: 0 and
+    /// `records.len()`).
+    pub first_row: u32,
+    pub total_rows: u32,
+    /// How to rebuild the aggregator's state after these rows (see [`ReplayPoint`]).
     pub replay: ReplayPoint,
     /// How many aggregators share the flows (each owns those whose key hashes to its index): what a
     /// sink learns the shard count from. 0 in messages of older versions, which did not say.
     pub shard_count: u32,
 }
 
-/// Where the aggregator must replay the event log from to rebuild the state these records came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+impl FlowBatch {
+    /// Is this the last piece of its emission?
+    pub fn completes(&self) -> bool {
+        self.first_row as usize + self.records.len() >= self.total_rows as usize
+    }
+}
+
+/// Where the aggregator must replay the event log from to rebuild every window it still holds, and
+/// with which newest event time per node: seeded with those, the replay makes every lateness decision
+/// as the original run did.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct ReplayPoint {
-    /// First event `seq` of the oldest window that was still open.
+    /// Input position of the batch that opened the oldest window still held (mutable).
     pub from_seq: u64,
-    /// The watermark just before that event: seeding it makes every lateness decision come out the same.
-    pub watermark_us: i64,
-    /// Events consumed so far (next `seq`).
+    /// Input consumed so far (next position): a rebuild emits nothing before it.
     pub through_seq: u64,
-    /// The records came from the final flush at the end of the input: a resumed run replays up to
-    /// `through_seq` and flushes again, instead of waiting for the watermark.
-    pub closing: bool,
+    /// Per node, the newest event time seen so far (µs).
+    pub max_ts: Vec<(Arc<str>, i64)>,
 }

@@ -3,13 +3,19 @@
 //! Schemas are written out field by field, never inferred, and versioned: [`SCHEMA_VERSION`] goes into
 //! every Parquet file's key-value metadata. Timestamps are microseconds, UTC (what DuckDB, Athena and
 //! Spark all read correctly). Addresses are text (`127.0.0.1`, `::1`) so they read naturally in SQL.
+//!
+//! Version 2 uses the lake's standard types: signed integers only (`bigint` counts and ids, `int` ports,
+//! pids and RTTs), as Delta Lake, Iceberg, Athena and Spark have no unsigned ones (Spark read version 1's
+//! `u64` as `decimal(20,0)`, DuckDB summed it as `int128`). Ids wider than 63 bits (a kernel socket
+//! address in `sock_id`) are stored bit for bit, so they may read negative. Readers take version 1 files
+//! too: their unsigned columns are cast on read.
 
 use std::net::IpAddr;
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
-    Array, ArrayRef, RecordBatch, StringArray, StringBuilder, TimestampMicrosecondArray,
-    UInt16Array, UInt32Array, UInt64Array,
+    Array, ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray, StringBuilder,
+    TimestampMicrosecondArray,
 };
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
@@ -17,7 +23,7 @@ use arrow::error::ArrowError;
 use super::{Comm, Event, EventKind, FlowKey, FlowRecord, TcpState};
 
 /// Version of both dataset schemas, stored in file metadata under [`SCHEMA_VERSION_KEY`].
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 /// File metadata key holding [`SCHEMA_VERSION`].
 pub const SCHEMA_VERSION_KEY: &str = "tcplake.schema_version";
 
@@ -31,22 +37,22 @@ pub fn events_schema() -> SchemaRef {
         Arc::new(Schema::new(vec![
             Field::new("ts", ts_type(), false),
             Field::new("node", DataType::Utf8, false),
-            Field::new("seq", DataType::UInt64, false),
+            Field::new("seq", DataType::Int64, false),
             Field::new("kind", DataType::Utf8, false),
-            Field::new("pid", DataType::UInt32, false),
+            Field::new("pid", DataType::Int32, false),
             Field::new("comm", DataType::Utf8, false),
-            Field::new("cgroup_id", DataType::UInt64, false),
-            Field::new("sock_id", DataType::UInt64, false),
+            Field::new("cgroup_id", DataType::Int64, false),
+            Field::new("sock_id", DataType::Int64, false),
             Field::new("family", DataType::Utf8, false),
             Field::new("local_addr", DataType::Utf8, false),
-            Field::new("local_port", DataType::UInt16, false),
+            Field::new("local_port", DataType::Int32, false),
             Field::new("remote_addr", DataType::Utf8, false),
-            Field::new("remote_port", DataType::UInt16, false),
+            Field::new("remote_port", DataType::Int32, false),
             Field::new("old_state", DataType::Utf8, true),
             Field::new("new_state", DataType::Utf8, true),
-            Field::new("bytes", DataType::UInt64, true),
-            Field::new("srtt_us", DataType::UInt32, true),
-            Field::new("snd_cwnd", DataType::UInt32, true),
+            Field::new("bytes", DataType::Int64, true),
+            Field::new("srtt_us", DataType::Int32, true),
+            Field::new("snd_cwnd", DataType::Int32, true),
         ]))
     });
     SCHEMA.clone()
@@ -59,26 +65,26 @@ pub fn flows_schema() -> SchemaRef {
             Field::new("window_start", ts_type(), false),
             Field::new("window_end", ts_type(), false),
             Field::new("node", DataType::Utf8, false),
-            Field::new("pid", DataType::UInt32, false),
+            Field::new("pid", DataType::Int32, false),
             Field::new("comm", DataType::Utf8, false),
-            Field::new("cgroup_id", DataType::UInt64, false),
+            Field::new("cgroup_id", DataType::Int64, false),
             Field::new("family", DataType::Utf8, false),
             Field::new("local_addr", DataType::Utf8, false),
-            Field::new("local_port", DataType::UInt16, false),
+            Field::new("local_port", DataType::Int32, false),
             Field::new("remote_addr", DataType::Utf8, false),
-            Field::new("remote_port", DataType::UInt16, false),
-            Field::new("bytes_sent", DataType::UInt64, false),
-            Field::new("bytes_received", DataType::UInt64, false),
-            Field::new("retransmits", DataType::UInt64, false),
-            Field::new("rtt_samples", DataType::UInt64, false),
-            Field::new("rtt_min_us", DataType::UInt32, true),
-            Field::new("rtt_p50_us", DataType::UInt32, true),
-            Field::new("rtt_p99_us", DataType::UInt32, true),
-            Field::new("rtt_max_us", DataType::UInt32, true),
-            Field::new("connections_opened", DataType::UInt64, false),
-            Field::new("connections_closed", DataType::UInt64, false),
-            Field::new("resets", DataType::UInt64, false),
-            Field::new("events", DataType::UInt64, false),
+            Field::new("remote_port", DataType::Int32, false),
+            Field::new("bytes_sent", DataType::Int64, false),
+            Field::new("bytes_received", DataType::Int64, false),
+            Field::new("retransmits", DataType::Int64, false),
+            Field::new("rtt_samples", DataType::Int64, false),
+            Field::new("rtt_min_us", DataType::Int32, true),
+            Field::new("rtt_p50_us", DataType::Int32, true),
+            Field::new("rtt_p99_us", DataType::Int32, true),
+            Field::new("rtt_max_us", DataType::Int32, true),
+            Field::new("connections_opened", DataType::Int64, false),
+            Field::new("connections_closed", DataType::Int64, false),
+            Field::new("resets", DataType::Int64, false),
+            Field::new("events", DataType::Int64, false),
         ]))
     });
     SCHEMA.clone()
@@ -137,47 +143,54 @@ pub fn events_to_batch(node: &str, events: &[Event]) -> Result<RecordBatch, Arro
             _ => (None, None),
         })
         .unzip();
-    let bytes: UInt64Array = events
+    let bytes: Int64Array = events
         .iter()
         .map(|e| match e.kind {
-            EventKind::BytesSent { bytes } | EventKind::BytesReceived { bytes } => Some(bytes),
+            EventKind::BytesSent { bytes } | EventKind::BytesReceived { bytes } => {
+                Some(bytes as i64)
+            }
             _ => None,
         })
         .collect();
     let (srtt, cwnd): (Vec<_>, Vec<_>) = events
         .iter()
         .map(|e| match e.kind {
-            EventKind::RttSample { srtt_us, snd_cwnd } => (Some(srtt_us), Some(snd_cwnd)),
+            EventKind::RttSample { srtt_us, snd_cwnd } => {
+                (Some(srtt_us as i32), Some(snd_cwnd as i32))
+            }
             _ => (None, None),
         })
         .unzip();
+    // Unsigned values are stored bit for bit in the signed types (see the module doc).
+    let i64s = |f: fn(&Event) -> u64| -> ArrayRef {
+        Arc::new(Int64Array::from_iter_values(
+            events.iter().map(|e| f(e) as i64),
+        ))
+    };
+    let i32s = |f: fn(&Event) -> u32| -> ArrayRef {
+        Arc::new(Int32Array::from_iter_values(
+            events.iter().map(|e| f(e) as i32),
+        ))
+    };
     let columns: Vec<ArrayRef> = vec![
         utc_micros(events.iter().map(|e| e.ts_us).collect()),
         strings(n, std::iter::repeat_n(node, n)),
-        Arc::new(UInt64Array::from_iter_values(events.iter().map(|e| e.seq))),
+        i64s(|e| e.seq),
         strings(n, events.iter().map(|e| e.kind.name())),
-        Arc::new(UInt32Array::from_iter_values(events.iter().map(|e| e.pid))),
+        i32s(|e| e.pid),
         Arc::new(comm.finish()),
-        Arc::new(UInt64Array::from_iter_values(
-            events.iter().map(|e| e.cgroup_id),
-        )),
-        Arc::new(UInt64Array::from_iter_values(
-            events.iter().map(|e| e.sock_id),
-        )),
+        i64s(|e| e.cgroup_id),
+        i64s(|e| e.sock_id),
         strings(n, events.iter().map(|e| e.family().as_str())),
         Arc::new(local.finish()),
-        Arc::new(UInt16Array::from_iter_values(
-            events.iter().map(|e| e.local_port),
-        )),
+        i32s(|e| u32::from(e.local_port)),
         Arc::new(remote.finish()),
-        Arc::new(UInt16Array::from_iter_values(
-            events.iter().map(|e| e.remote_port),
-        )),
+        i32s(|e| u32::from(e.remote_port)),
         Arc::new(StringArray::from(old_state)),
         Arc::new(StringArray::from(new_state)),
         Arc::new(bytes),
-        Arc::new(UInt32Array::from(srtt)),
-        Arc::new(UInt32Array::from(cwnd)),
+        Arc::new(Int32Array::from(srtt)),
+        Arc::new(Int32Array::from(cwnd)),
     ];
     RecordBatch::try_new(events_schema(), columns)
 }
@@ -194,42 +207,48 @@ pub fn flows_to_batch(records: &[FlowRecord]) -> Result<RecordBatch, ArrowError>
         append_addr(&mut remote, &mut addr_buf, r.key.remote_addr);
         comm.append_value(r.key.comm.as_str());
     }
-    let u64s = |f: fn(&FlowRecord) -> u64| -> ArrayRef {
-        Arc::new(UInt64Array::from_iter_values(records.iter().map(f)))
+    let i64s = |f: fn(&FlowRecord) -> u64| -> ArrayRef {
+        Arc::new(Int64Array::from_iter_values(
+            records.iter().map(|r| f(r) as i64),
+        ))
+    };
+    let i32s = |f: fn(&FlowRecord) -> u32| -> ArrayRef {
+        Arc::new(Int32Array::from_iter_values(
+            records.iter().map(|r| f(r) as i32),
+        ))
     };
     let rtt = |f: fn(&FlowRecord) -> Option<u32>| -> ArrayRef {
-        Arc::new(records.iter().map(f).collect::<UInt32Array>())
+        Arc::new(
+            records
+                .iter()
+                .map(|r| f(r).map(|v| v as i32))
+                .collect::<Int32Array>(),
+        )
     };
     let columns: Vec<ArrayRef> = vec![
         utc_micros(records.iter().map(|r| r.window_start_us).collect()),
         utc_micros(records.iter().map(|r| r.window_end_us).collect()),
         strings(n, records.iter().map(|r| &*r.key.node)),
-        Arc::new(UInt32Array::from_iter_values(
-            records.iter().map(|r| r.key.pid),
-        )),
+        i32s(|r| r.key.pid),
         Arc::new(comm.finish()),
-        u64s(|r| r.key.cgroup_id),
+        i64s(|r| r.key.cgroup_id),
         strings(n, records.iter().map(|r| r.key.family().as_str())),
         Arc::new(local.finish()),
-        Arc::new(UInt16Array::from_iter_values(
-            records.iter().map(|r| r.key.local_port),
-        )),
+        i32s(|r| u32::from(r.key.local_port)),
         Arc::new(remote.finish()),
-        Arc::new(UInt16Array::from_iter_values(
-            records.iter().map(|r| r.key.remote_port),
-        )),
-        u64s(|r| r.bytes_sent),
-        u64s(|r| r.bytes_received),
-        u64s(|r| r.retransmits),
-        u64s(|r| r.rtt_samples),
+        i32s(|r| u32::from(r.key.remote_port)),
+        i64s(|r| r.bytes_sent),
+        i64s(|r| r.bytes_received),
+        i64s(|r| r.retransmits),
+        i64s(|r| r.rtt_samples),
         rtt(|r| r.rtt_min_us),
         rtt(|r| r.rtt_p50_us),
         rtt(|r| r.rtt_p99_us),
         rtt(|r| r.rtt_max_us),
-        u64s(|r| r.connections_opened),
-        u64s(|r| r.connections_closed),
-        u64s(|r| r.resets),
-        u64s(|r| r.events),
+        i64s(|r| r.connections_opened),
+        i64s(|r| r.connections_closed),
+        i64s(|r| r.resets),
+        i64s(|r| r.events),
     ];
     RecordBatch::try_new(flows_schema(), columns)
 }
@@ -277,6 +296,12 @@ fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, Schem
     let mut columns = Vec::with_capacity(schema.fields().len());
     for f in schema.fields() {
         match batch.column_by_name(f.name()) {
+            // Version 1 wrote unsigned integers: read them as the signed types, bit for bit.
+            Some(c) if c.data_type().is_unsigned_integer() && f.data_type() != c.data_type() => {
+                let cast = reinterpret_unsigned(c, f.data_type())?;
+                fields.push(Field::new(f.name(), f.data_type().clone(), true));
+                columns.push(cast);
+            }
             Some(c) => {
                 fields.push(Field::new(f.name(), c.data_type().clone(), true));
                 columns.push(Arc::clone(c));
@@ -297,6 +322,45 @@ fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, Schem
         columns,
         &options,
     )?)
+}
+
+/// An unsigned column (schema version 1) as the signed type version 2 uses: widened where it fits
+/// (`u16`, `u32` into `i32`/`i64`), reinterpreted bit for bit where it does not (`u64` into `i64`).
+fn reinterpret_unsigned(c: &ArrayRef, to: &DataType) -> Result<ArrayRef, SchemaError> {
+    use arrow::array::{UInt16Array, UInt32Array, UInt64Array};
+    let any = c.as_any();
+    let out: Option<ArrayRef> = match to {
+        DataType::Int64 => any
+            .downcast_ref::<UInt64Array>()
+            .map(|a| {
+                Arc::new(a.unary_opt::<_, arrow::datatypes::Int64Type>(|v| Some(v as i64)))
+                    as ArrayRef
+            })
+            .or_else(|| {
+                any.downcast_ref::<UInt32Array>().map(|a| {
+                    Arc::new(a.unary_opt::<_, arrow::datatypes::Int64Type>(|v| Some(i64::from(v))))
+                        as ArrayRef
+                })
+            }),
+        DataType::Int32 => any
+            .downcast_ref::<UInt32Array>()
+            .map(|a| {
+                Arc::new(a.unary_opt::<_, arrow::datatypes::Int32Type>(|v| Some(v as i32)))
+                    as ArrayRef
+            })
+            .or_else(|| {
+                any.downcast_ref::<UInt16Array>().map(|a| {
+                    Arc::new(a.unary_opt::<_, arrow::datatypes::Int32Type>(|v| Some(i32::from(v))))
+                        as ArrayRef
+                })
+            }),
+        _ => None,
+    };
+    out.ok_or_else(|| SchemaError::WrongType {
+        column: "(version 1 column)",
+        found: c.data_type().clone(),
+        expected: "an unsigned integer of version 1",
+    })
 }
 
 /// Typed access to the columns of a record batch, with errors that name the column and row.
@@ -320,14 +384,11 @@ impl<'a> Columns<'a> {
                 expected,
             })
     }
-    fn u64(&self, name: &'static str) -> Result<&'a UInt64Array, SchemaError> {
-        self.get(name, "UInt64")
+    fn i64(&self, name: &'static str) -> Result<&'a Int64Array, SchemaError> {
+        self.get(name, "Int64")
     }
-    fn u32(&self, name: &'static str) -> Result<&'a UInt32Array, SchemaError> {
-        self.get(name, "UInt32")
-    }
-    fn u16(&self, name: &'static str) -> Result<&'a UInt16Array, SchemaError> {
-        self.get(name, "UInt16")
+    fn i32(&self, name: &'static str) -> Result<&'a Int32Array, SchemaError> {
+        self.get(name, "Int32")
     }
     fn str(&self, name: &'static str) -> Result<&'a StringArray, SchemaError> {
         self.get(name, "Utf8")
@@ -362,6 +423,16 @@ fn parse_addr(a: &StringArray, row: usize, column: &'static str) -> Result<IpAdd
     })
 }
 
+fn port(a: &Int32Array, row: usize, column: &'static str) -> Result<u16, SchemaError> {
+    u16::try_from(a.value(row)).map_err(|_| {
+        bad(
+            row,
+            column,
+            format!("port {} is out of range", a.value(row)),
+        )
+    })
+}
+
 fn parse_state(a: &StringArray, row: usize, column: &'static str) -> Result<TcpState, SchemaError> {
     if a.is_null(row) {
         return Err(bad(row, column, "missing TCP state"));
@@ -374,21 +445,21 @@ fn parse_state(a: &StringArray, row: usize, column: &'static str) -> Result<TcpS
 pub fn batch_to_events(batch: &RecordBatch) -> Result<Vec<(Arc<str>, Event)>, SchemaError> {
     let batch = &conform(batch, &events_schema())?;
     let c = Columns(batch);
-    let (ts, node, seq, kind) = (c.ts("ts")?, c.str("node")?, c.u64("seq")?, c.str("kind")?);
+    let (ts, node, seq, kind) = (c.ts("ts")?, c.str("node")?, c.i64("seq")?, c.str("kind")?);
     let (pid, comm, cgroup, sock) = (
-        c.u32("pid")?,
+        c.i32("pid")?,
         c.str("comm")?,
-        c.u64("cgroup_id")?,
-        c.u64("sock_id")?,
+        c.i64("cgroup_id")?,
+        c.i64("sock_id")?,
     );
     let (laddr, lport, raddr, rport) = (
         c.str("local_addr")?,
-        c.u16("local_port")?,
+        c.i32("local_port")?,
         c.str("remote_addr")?,
-        c.u16("remote_port")?,
+        c.i32("remote_port")?,
     );
     let (old_state, new_state) = (c.str("old_state")?, c.str("new_state")?);
-    let (bytes, srtt, cwnd) = (c.u64("bytes")?, c.u32("srtt_us")?, c.u32("snd_cwnd")?);
+    let (bytes, srtt, cwnd) = (c.i64("bytes")?, c.i32("srtt_us")?, c.i32("snd_cwnd")?);
     let mut out = Vec::with_capacity(batch.num_rows());
     let mut last_node: Option<Arc<str>> = None;
     for i in 0..batch.num_rows() {
@@ -400,7 +471,11 @@ pub fn batch_to_events(batch: &RecordBatch) -> Result<Vec<(Arc<str>, Event)>, Sc
                 n
             }
         };
-        let need_bytes = || opt(bytes, i).ok_or_else(|| bad(i, "bytes", "missing byte count"));
+        let need_bytes = || {
+            opt(bytes, i)
+                .map(|v| v as u64)
+                .ok_or_else(|| bad(i, "bytes", "missing byte count"))
+        };
         let kind = match kind.value(i) {
             "state_change" => EventKind::StateChange {
                 old: parse_state(old_state, i, "old_state")?,
@@ -410,8 +485,10 @@ pub fn batch_to_events(batch: &RecordBatch) -> Result<Vec<(Arc<str>, Event)>, Sc
                 state: parse_state(new_state, i, "new_state")?,
             },
             "rtt" => EventKind::RttSample {
-                srtt_us: opt(srtt, i).ok_or_else(|| bad(i, "srtt_us", "missing RTT"))?,
-                snd_cwnd: opt(cwnd, i).unwrap_or(0),
+                srtt_us: opt(srtt, i)
+                    .map(|v| v as u32)
+                    .ok_or_else(|| bad(i, "srtt_us", "missing RTT"))?,
+                snd_cwnd: opt(cwnd, i).map_or(0, |v| v as u32),
             },
             "bytes_sent" => EventKind::BytesSent {
                 bytes: need_bytes()?,
@@ -424,16 +501,16 @@ pub fn batch_to_events(batch: &RecordBatch) -> Result<Vec<(Arc<str>, Event)>, Sc
         out.push((
             node,
             Event {
-                seq: seq.value(i),
+                seq: seq.value(i) as u64,
                 ts_us: ts.value(i),
-                sock_id: sock.value(i),
-                cgroup_id: cgroup.value(i),
-                pid: pid.value(i),
+                sock_id: sock.value(i) as u64,
+                cgroup_id: cgroup.value(i) as u64,
+                pid: pid.value(i) as u32,
                 comm: Comm::from_bytes(comm.value(i).as_bytes()),
                 local_addr: parse_addr(laddr, i, "local_addr")?,
-                local_port: lport.value(i),
+                local_port: port(lport, i, "local_port")?,
                 remote_addr: parse_addr(raddr, i, "remote_addr")?,
-                remote_port: rport.value(i),
+                remote_port: port(rport, i, "remote_port")?,
                 kind,
             },
         ));
@@ -449,33 +526,33 @@ pub fn batch_to_flows(batch: &RecordBatch) -> Result<Vec<FlowRecord>, SchemaErro
         c.ts("window_start")?,
         c.ts("window_end")?,
         c.str("node")?,
-        c.u32("pid")?,
+        c.i32("pid")?,
         c.str("comm")?,
     );
     let (cgroup, laddr, lport, raddr, rport) = (
-        c.u64("cgroup_id")?,
+        c.i64("cgroup_id")?,
         c.str("local_addr")?,
-        c.u16("local_port")?,
+        c.i32("local_port")?,
         c.str("remote_addr")?,
-        c.u16("remote_port")?,
+        c.i32("remote_port")?,
     );
     let (sent, recv, retx, samples) = (
-        c.u64("bytes_sent")?,
-        c.u64("bytes_received")?,
-        c.u64("retransmits")?,
-        c.u64("rtt_samples")?,
+        c.i64("bytes_sent")?,
+        c.i64("bytes_received")?,
+        c.i64("retransmits")?,
+        c.i64("rtt_samples")?,
     );
     let (rmin, rp50, rp99, rmax) = (
-        c.u32("rtt_min_us")?,
-        c.u32("rtt_p50_us")?,
-        c.u32("rtt_p99_us")?,
-        c.u32("rtt_max_us")?,
+        c.i32("rtt_min_us")?,
+        c.i32("rtt_p50_us")?,
+        c.i32("rtt_p99_us")?,
+        c.i32("rtt_max_us")?,
     );
     let (opened, closed, resets, events) = (
-        c.u64("connections_opened")?,
-        c.u64("connections_closed")?,
-        c.u64("resets")?,
-        c.u64("events")?,
+        c.i64("connections_opened")?,
+        c.i64("connections_closed")?,
+        c.i64("resets")?,
+        c.i64("events")?,
     );
     (0..batch.num_rows())
         .map(|i| {
@@ -484,26 +561,26 @@ pub fn batch_to_flows(batch: &RecordBatch) -> Result<Vec<FlowRecord>, SchemaErro
                 window_end_us: we.value(i),
                 key: FlowKey {
                     node: node.value(i).into(),
-                    pid: pid.value(i),
+                    pid: pid.value(i) as u32,
                     comm: Comm::from_bytes(comm.value(i).as_bytes()),
-                    cgroup_id: cgroup.value(i),
+                    cgroup_id: cgroup.value(i) as u64,
                     local_addr: parse_addr(laddr, i, "local_addr")?,
-                    local_port: lport.value(i),
+                    local_port: port(lport, i, "local_port")?,
                     remote_addr: parse_addr(raddr, i, "remote_addr")?,
-                    remote_port: rport.value(i),
+                    remote_port: port(rport, i, "remote_port")?,
                 },
-                bytes_sent: sent.value(i),
-                bytes_received: recv.value(i),
-                retransmits: retx.value(i),
-                rtt_samples: samples.value(i),
-                rtt_min_us: opt(rmin, i),
-                rtt_p50_us: opt(rp50, i),
-                rtt_p99_us: opt(rp99, i),
-                rtt_max_us: opt(rmax, i),
-                connections_opened: opened.value(i),
-                connections_closed: closed.value(i),
-                resets: resets.value(i),
-                events: events.value(i),
+                bytes_sent: sent.value(i) as u64,
+                bytes_received: recv.value(i) as u64,
+                retransmits: retx.value(i) as u64,
+                rtt_samples: samples.value(i) as u64,
+                rtt_min_us: opt(rmin, i).map(|v| v as u32),
+                rtt_p50_us: opt(rp50, i).map(|v| v as u32),
+                rtt_p99_us: opt(rp99, i).map(|v| v as u32),
+                rtt_max_us: opt(rmax, i).map(|v| v as u32),
+                connections_opened: opened.value(i) as u64,
+                connections_closed: closed.value(i) as u64,
+                resets: resets.value(i) as u64,
+                events: events.value(i) as u64,
             })
         })
         .collect()
@@ -532,10 +609,11 @@ mod tests {
         let mut w = Windows::new(WindowConfig {
             window_us: 5_000_000,
             allowed_lateness_us: 0,
+            horizon_us: 0,
         });
         w.add(&batch.node, &batch.events, batch.position.clone(), |_| true);
         let mut flows = Vec::new();
-        w.drain_all(&mut flows);
+        w.emit_all(&mut flows);
         (batch.node, batch.events, flows)
     }
 
@@ -592,20 +670,85 @@ mod tests {
         };
         assert_eq!(
             describe(events_schema()).join(" "),
-            "ts:Timestamp(µs, \"UTC\") node:Utf8 seq:UInt64 kind:Utf8 pid:UInt32 comm:Utf8 \
-             cgroup_id:UInt64 sock_id:UInt64 family:Utf8 local_addr:Utf8 local_port:UInt16 \
-             remote_addr:Utf8 remote_port:UInt16 old_state:Utf8? new_state:Utf8? bytes:UInt64? \
-             srtt_us:UInt32? snd_cwnd:UInt32?"
+            "ts:Timestamp(µs, \"UTC\") node:Utf8 seq:Int64 kind:Utf8 pid:Int32 comm:Utf8 \
+             cgroup_id:Int64 sock_id:Int64 family:Utf8 local_addr:Utf8 local_port:Int32 \
+             remote_addr:Utf8 remote_port:Int32 old_state:Utf8? new_state:Utf8? bytes:Int64? \
+             srtt_us:Int32? snd_cwnd:Int32?"
         );
         assert_eq!(
             describe(flows_schema()).join(" "),
             "window_start:Timestamp(µs, \"UTC\") window_end:Timestamp(µs, \"UTC\") node:Utf8 \
-             pid:UInt32 comm:Utf8 cgroup_id:UInt64 family:Utf8 local_addr:Utf8 local_port:UInt16 \
-             remote_addr:Utf8 remote_port:UInt16 bytes_sent:UInt64 bytes_received:UInt64 \
-             retransmits:UInt64 rtt_samples:UInt64 rtt_min_us:UInt32? rtt_p50_us:UInt32? \
-             rtt_p99_us:UInt32? rtt_max_us:UInt32? connections_opened:UInt64 \
-             connections_closed:UInt64 resets:UInt64 events:UInt64"
+             pid:Int32 comm:Utf8 cgroup_id:Int64 family:Utf8 local_addr:Utf8 local_port:Int32 \
+             remote_addr:Utf8 remote_port:Int32 bytes_sent:Int64 bytes_received:Int64 \
+             retransmits:Int64 rtt_samples:Int64 rtt_min_us:Int32? rtt_p50_us:Int32? \
+             rtt_p99_us:Int32? rtt_max_us:Int32? connections_opened:Int64 \
+             connections_closed:Int64 resets:Int64 events:Int64"
         );
+    }
+
+    /// A batch as schema version 1 wrote it: the same values in unsigned columns.
+    fn as_version_1(batch: &RecordBatch) -> RecordBatch {
+        use arrow::array::{UInt16Array, UInt32Array, UInt64Array};
+        let ports = ["local_port", "remote_port"];
+        let mut fields = Vec::new();
+        let mut cols: Vec<ArrayRef> = Vec::new();
+        for (f, c) in batch.schema().fields().iter().zip(batch.columns()) {
+            let (t, col): (DataType, ArrayRef) = match c.data_type() {
+                DataType::Int64 => {
+                    let a = c.as_any().downcast_ref::<Int64Array>().unwrap();
+                    (
+                        DataType::UInt64,
+                        Arc::new(
+                            a.iter()
+                                .map(|v| v.map(|v| v as u64))
+                                .collect::<UInt64Array>(),
+                        ),
+                    )
+                }
+                DataType::Int32 if ports.contains(&f.name().as_str()) => {
+                    let a = c.as_any().downcast_ref::<Int32Array>().unwrap();
+                    (
+                        DataType::UInt16,
+                        Arc::new(
+                            a.iter()
+                                .map(|v| v.map(|v| v as u16))
+                                .collect::<UInt16Array>(),
+                        ),
+                    )
+                }
+                DataType::Int32 => {
+                    let a = c.as_any().downcast_ref::<Int32Array>().unwrap();
+                    (
+                        DataType::UInt32,
+                        Arc::new(
+                            a.iter()
+                                .map(|v| v.map(|v| v as u32))
+                                .collect::<UInt32Array>(),
+                        ),
+                    )
+                }
+                other => (other.clone(), Arc::clone(c)),
+            };
+            fields.push(Field::new(f.name(), t, f.is_nullable()));
+            cols.push(col);
+        }
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), cols).unwrap()
+    }
+
+    /// Files of schema version 1 (unsigned columns) read back as the same events and flows.
+    #[test]
+    fn version_1_files_read_back_the_same() {
+        let (node, events, flows) = sample();
+        let v1 = as_version_1(&events_to_batch(&node, &events).unwrap());
+        assert!(v1.schema().field_with_name("seq").unwrap().data_type() == &DataType::UInt64);
+        let back: Vec<Event> = batch_to_events(&parquet_round_trip(&v1))
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| e)
+            .collect();
+        assert_eq!(back, events);
+        let v1 = as_version_1(&flows_to_batch(&flows).unwrap());
+        assert_eq!(batch_to_flows(&parquet_round_trip(&v1)).unwrap(), flows);
     }
 
     #[test]

@@ -19,21 +19,20 @@ use crate::config::Output;
 use crate::config::{defaults, Mode, Settings, SourceKind};
 use crate::edge::tee::Tee;
 use crate::edge::{memory, EdgeError};
-use crate::event::{EventBatch, FlowBatch, ReplayPoint};
+use crate::event::{EventBatch, FlowBatch};
+use crate::lake::producer::{Properties, HORIZON_PROPERTY, SOURCE_PROPERTY};
 use crate::metrics::Metrics;
 use crate::replay::{self, ReplayError};
 use crate::shutdown::Shutdown;
-use crate::sink::s3::S3Store;
 use crate::sink::{
     self, CommitError, CommitLog, CommitOrder, Dataset, LocalDir, Position, RollPolicy,
     RollingWriter, SinkError, Store, StoreError,
 };
+use crate::storage::s3::S3Store;
 use crate::summary::Summary;
 
 /// Simulated event rate of the synthetic source (events per second of event time).
 const SYNTHETIC_EVENTS_PER_SIM_SEC: u64 = 20_000;
-/// Upper bound on flow records per batch leaving the aggregator.
-const MAX_FLOW_BATCH: usize = 8_192;
 
 /// Why a run failed.
 #[derive(Debug, thiserror::Error)]
@@ -111,15 +110,21 @@ async fn open_source(
                 crate::capture::recorded::Recorded::open(store, explicit, s.replay_range).await?;
             AnySource::Recorded(Box::new(rec))
         }
-        SourceKind::Synthetic => AnySource::Synthetic(Synthetic::new(
-            Arc::clone(node),
-            SyntheticConfig {
-                seed: s.seed,
-                total: s.events.unwrap_or(defaults::EVENTS),
-                start_us: s.start_us,
-                events_per_sim_sec: SYNTHETIC_EVENTS_PER_SIM_SEC,
-            },
-        )),
+        SourceKind::Synthetic => {
+            let mut source = Synthetic::new(
+                Arc::clone(node),
+                SyntheticConfig {
+                    seed: s.seed,
+                    total: s.events.unwrap_or(defaults::EVENTS),
+                    start_us: s.start_us,
+                    events_per_sim_sec: SYNTHETIC_EVENTS_PER_SIM_SEC,
+                },
+            );
+            if let Some((every, by)) = s.synthetic_late {
+                source = source.with_late(every, micros(by));
+            }
+            AnySource::Synthetic(source)
+        }
         SourceKind::Ebpf => {
             let e = &s.ebpf;
             let cfg = EbpfConfig {
@@ -210,40 +215,91 @@ fn roll_policy(s: &Settings) -> RollPolicy {
     }
 }
 
-/// Where a restarted run picks up, from the newest commit records of both datasets.
+/// The window settings of the aggregate stage.
+fn window_config(s: &Settings) -> WindowConfig {
+    WindowConfig {
+        window_us: micros(s.window),
+        allowed_lateness_us: micros(s.allowed_lateness),
+        horizon_us: micros(s.late_horizon),
+    }
+}
+
+/// The properties the tables of a monolith's output are created with and must agree with on a resume:
+/// what the projection is made of, and which event stream the log holds.
+fn table_properties(s: &Settings, source: &str) -> (Properties, Properties) {
+    let events = Properties::from([(SOURCE_PROPERTY.to_string(), source.to_string())]);
+    let mut flows = Properties::new();
+    flows.insert("tcplake.window_secs".into(), s.window.as_secs().to_string());
+    flows.insert(
+        "tcplake.allowed_lateness_secs".into(),
+        s.allowed_lateness.as_secs().to_string(),
+    );
+    flows.insert(
+        HORIZON_PROPERTY.into(),
+        s.late_horizon.as_secs().to_string(),
+    );
+    (events, flows)
+}
+
+/// Which event stream a run records: the same source settings continue the same stream; others would
+/// mix two streams in one log.
+fn source_identity(s: &Settings, source: &AnySource) -> String {
+    match source {
+        AnySource::Synthetic(_) => format!(
+            "synthetic seed={} start_us={} late={:?}",
+            s.seed, s.start_us, s.synthetic_late
+        ),
+        AnySource::Ebpf(_) => {
+            let e = &s.ebpf;
+            let opt = |v: Option<String>| v.unwrap_or_else(|| "any".into());
+            format!(
+                "ebpf port={} pid={} cgroup={}",
+                opt(e.port.map(|p| p.to_string())),
+                opt(e.pid.map(|p| p.to_string())),
+                opt(e.cgroup_id.map(|c| c.to_string()))
+            )
+        }
+        AnySource::Recorded(r) => {
+            let t = |v: Option<i64>| v.map_or("-".to_string(), |t| t.to_string());
+            format!(
+                "replay of {} since_us={} until_us={}",
+                r.origin(),
+                t(s.replay_range.since_us),
+                t(s.replay_range.until_us)
+            )
+        }
+    }
+}
+
+/// Where a restarted run picks up, from the tables' own progress records.
 struct Restart {
     events_log: CommitLog,
     flows_log: CommitLog,
     /// Next event `seq`: everything before it is in the committed log.
     resume_seq: u64,
-    /// How the aggregator continues after the last committed flow row.
+    /// How the aggregator rebuilds what it held at the last committed emission.
     aggregate: Option<Resume>,
 }
 
 impl Restart {
-    async fn read(store: &Store, node: &str, producer: &str) -> Result<Self, CommitError> {
-        let events_log = CommitLog::recover(store.clone(), Dataset::Events, node).await?;
-        let flows_log = CommitLog::recover(store.clone(), Dataset::Flows, producer).await?;
-        let resume_seq = match events_log.last().map(|r| r.last) {
+    async fn read(
+        store: &Store,
+        node: &str,
+        producer: &str,
+        (events_props, flows_props): (Properties, Properties),
+    ) -> Result<Self, CommitError> {
+        let events_log =
+            CommitLog::recover(store.clone(), Dataset::Events, node, &events_props).await?;
+        let flows_log =
+            CommitLog::recover(store.clone(), Dataset::Flows, producer, &flows_props).await?;
+        let resume_seq = match events_log.last() {
             Some(Position::Event { seq }) => seq + 1,
             _ => 0,
         };
-        let aggregate = match flows_log.last().map(|r| r.last) {
-            Some(Position::Flow {
-                window_start_us,
-                rank,
-                replay_from_seq,
-                replay_watermark_us,
-                through_seq,
-                closing,
-            }) => Some(Resume {
-                point: ReplayPoint {
-                    from_seq: replay_from_seq,
-                    watermark_us: replay_watermark_us,
-                    through_seq,
-                    closing,
-                },
-                committed_through: (window_start_us, rank),
+        let aggregate = match (flows_log.last(), flows_log.replay_point(&[node]).await?) {
+            (Some(Position::Flow { emission, .. }), Some(point)) => Some(Resume {
+                point,
+                next_emission: emission + 1,
             }),
             _ => None,
         };
@@ -263,6 +319,9 @@ async fn monolith(
 ) -> Result<Summary, RunError> {
     let started = Instant::now();
     let store = open_store(s, &metrics).await?;
+    // Every output carries its identity from its first run (a replay of it, wherever it was copied to,
+    // names the recorded stream by it).
+    crate::lake::output_id(&store).await?;
     // Opened before any stage starts: a source that cannot start must not make the aggregator flush.
     let mut source = open_source(s, &s.node.as_str().into(), &metrics).await?;
     let node: Arc<str> = match &source {
@@ -270,14 +329,15 @@ async fn monolith(
         _ => s.node.as_str().into(),
     };
     let producer = format!("{node}-agg-0");
-    let restart = Restart::read(&store, &node, &producer).await?;
+    let identity = source_identity(s, &source);
+    let restart = Restart::read(&store, &node, &producer, table_properties(s, &identity)).await?;
     let Restart {
         mut events_log,
         mut flows_log,
         resume_seq,
         aggregate: agg_resume,
     } = restart;
-    let replay_from = agg_resume.map_or(0, |r| r.point.from_seq);
+    let replay_from = agg_resume.as_ref().map_or(0, |r| r.point.from_seq);
     source.resume_at(resume_seq);
     if resume_seq > 0 {
         tracing::info!(
@@ -296,12 +356,8 @@ async fn monolith(
         memory::channel::<FlowBatch>("flows→sink", cap, e.flows_to_sink.clone());
 
     let agg_cfg = AggregateConfig {
-        windows: WindowConfig {
-            window_us: micros(s.window),
-            allowed_lateness_us: micros(s.allowed_lateness),
-        },
+        windows: window_config(s),
         producer: producer.as_str().into(),
-        max_batch_records: MAX_FLOW_BATCH,
         resume: agg_resume,
         shard: aggregate::Shard::ALL,
     };
@@ -354,13 +410,15 @@ async fn monolith(
         committed: None,
         after: Some(after),
     };
+    let policy = roll_policy(s);
     let flows_sink = tokio::spawn(async move {
         let _store = st;
-        sink::run(
+        sink::run_flows(
             flows_in,
             flows_writer,
             &mut flows_log,
             flows_order,
+            policy,
             &m.sink_flows,
         )
         .await

@@ -15,8 +15,8 @@ use async_nats::jetstream::Message;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::{micros, open_output, open_source, open_store, roll_policy, RunError, MAX_FLOW_BATCH};
-use crate::aggregate::{self, AggregateConfig, Resume, WindowConfig};
+use super::{open_output, open_source, open_store, roll_policy, window_config, RunError};
+use crate::aggregate::{self, AggregateConfig, Resume};
 use crate::capture::{self, CaptureConfig};
 use crate::config::Settings;
 use crate::edge::broker::{
@@ -109,10 +109,7 @@ pub async fn aggregate(
 ) -> Result<Summary, RunError> {
     let started = Instant::now();
     let shard = s.shard;
-    let windows = WindowConfig {
-        window_us: micros(s.window),
-        allowed_lateness_us: micros(s.allowed_lateness),
-    };
+    let windows = window_config(s);
     if let Some(store) = handoff_store(s, &metrics).await? {
         // Reads the hand-off objects of this process's --node (one capture node per topology).
         let input: ObjectRx<Arc<EventBatch>> = ObjectRx::new(
@@ -128,7 +125,6 @@ pub async fn aggregate(
         let cfg = AggregateConfig {
             windows,
             producer: format!("agg-{}", shard.index).into(),
-            max_batch_records: MAX_FLOW_BATCH,
             resume: None,
             shard,
         };
@@ -148,15 +144,14 @@ pub async fn aggregate(
             );
             return Ok(summary(&metrics, started, s.broker_url()));
         }
-        Some(Some(last)) => match (last.records.last(), last.ranks.last()) {
-            (Some(r), Some(&rank)) => Some(Resume {
-                point: last.replay,
-                committed_through: (r.window_start_us, rank),
-            }),
-            _ => None,
-        },
+        // The last piece published: its replay point rebuilds what the shard held then, and the
+        // emissions go on being numbered after it (a half-published one is superseded).
+        Some(Some(last)) => Some(Resume {
+            point: last.replay,
+            next_emission: last.seq + 1,
+        }),
     };
-    let from = resume.map_or(0, |r| r.point.from_seq);
+    let from = resume.as_ref().map_or(0, |r| r.point.from_seq);
     if resume.is_some() {
         tracing::info!(from, "rebuilding open windows from the events stream");
     }
@@ -165,7 +160,6 @@ pub async fn aggregate(
     let cfg = AggregateConfig {
         windows,
         producer: format!("agg-{}", shard.index).into(),
-        max_batch_records: MAX_FLOW_BATCH,
         resume,
         shard,
     };
@@ -249,7 +243,7 @@ pub async fn sink(
     if let Some(handoff) = handoff_store(s, &metrics).await? {
         return sink_from_objects(s, metrics, store, handoff, started).await;
     }
-    let output_id = sink::output_id(&store).await?;
+    let output_id = crate::lake::output_id(&store).await?;
     let broker = connect(s, &metrics).await?;
     let ack_wait = s.broker.as_ref().and_then(|b| b.ack_wait).unwrap_or(
         // Messages stay unacked while their rows sit in open files: longer than a file stays open.
@@ -327,7 +321,8 @@ async fn sink_from_objects(
         objects::events_stream(&s.node),
         Arc::clone(&metrics.handoff),
     );
-    let mut log = CommitLog::recover(store.clone(), Dataset::Events, &s.node).await?;
+    let mut log =
+        CommitLog::recover(store.clone(), Dataset::Events, &s.node, &Default::default()).await?;
     let (m, w) = (Arc::clone(&metrics), writer(Dataset::Events));
     tasks.push(tokio::spawn(async move {
         sink::run(
@@ -350,14 +345,27 @@ async fn sink_from_objects(
             objects::flows_stream(i),
             Arc::clone(&metrics.handoff),
         );
-        let mut log =
-            CommitLog::recover(store.clone(), Dataset::Flows, &format!("agg-{i}")).await?;
+        let mut log = CommitLog::recover(
+            store.clone(),
+            Dataset::Flows,
+            &format!("agg-{i}"),
+            &Default::default(),
+        )
+        .await?;
         let (m, w) = (Arc::clone(&metrics), writer(Dataset::Flows));
+        let policy = roll_policy(s);
         tasks.push(tokio::spawn(async move {
-            sink::run(input, w, &mut log, CommitOrder::default(), &m.sink_flows)
-                .await
-                .map(|_| ())
-                .map_err(sink_err("flows"))
+            sink::run_flows(
+                input,
+                w,
+                &mut log,
+                CommitOrder::default(),
+                policy,
+                &m.sink_flows,
+            )
+            .await
+            .map(|_| ())
+            .map_err(sink_err("flows"))
         }));
     }
     for t in tasks {
@@ -530,8 +538,9 @@ async fn start_node_sink(
     metrics: &Arc<Metrics>,
     commits: mpsc::UnboundedSender<(Arc<str>, Position)>,
 ) -> Result<NodeSink, RunError> {
-    let mut log = CommitLog::recover(store.clone(), Dataset::Events, node).await?;
-    let next_seq = match log.last().map(|r| r.last) {
+    let mut log =
+        CommitLog::recover(store.clone(), Dataset::Events, node, &Default::default()).await?;
+    let next_seq = match log.last() {
         Some(Position::Event { seq }) => seq + 1,
         _ => 0,
     };
@@ -586,17 +595,20 @@ fn forward_commits<K: Send + Sync + Clone + 'static>(
 /// The flows sink of one aggregator shard, fed by the router.
 struct ShardSink {
     tx: memory::MemoryTx<FlowBatch>,
-    /// The last row handed to the sink, `(window_start_us, rank)`: rows up to it are skipped.
-    high: Option<(i64, u32)>,
-    /// The last row committed.
-    committed_through: Option<(i64, u32)>,
-    unacked: Unacked<(i64, u32)>,
+    /// Emissions up to this one were handed to the sink whole (or committed before this run).
+    done: Option<u64>,
+    /// The last emission committed.
+    committed: Option<u64>,
+    /// Pieces of the emission being put back together (the broker carries large ones in pieces).
+    partial: Option<FlowBatch>,
+    unacked: Unacked<u64>,
     task: JoinHandle<Result<SinkStats, SinkError>>,
 }
 
-/// Reads every shard's flows (one consumer on `tcplake.flows.>`) into one flows sink per producer,
-/// skipping rows already committed and acking messages once their rows are committed. The shard count
-/// comes from the batches: aggregators that disagree on it stop the sink with an error naming them.
+/// Reads every shard's flows (one consumer on `tcplake.flows.>`) into one flows sink per producer:
+/// puts emissions cut into pieces back together, skips emissions already handed over or committed
+/// (redeliveries), and acks messages once their emission is committed. The shard count comes from the
+/// batches: aggregators that disagree on it stop the sink with an error naming them.
 async fn route_flows(
     mut input: BrokerRx<FlowBatch>,
     store: Store,
@@ -615,11 +627,9 @@ async fn route_flows(
         let delivery = tokio::select! {
             biased;
             Some((producer, pos)) = commits.recv() => {
-                if let (Some(sh), Position::Flow { window_start_us, rank, .. }) =
-                    (shards.get_mut(&producer), pos)
-                {
-                    sh.committed_through = Some((window_start_us, rank));
-                    for m in sh.unacked.release((window_start_us, rank), &mut open) {
+                if let (Some(sh), Position::Flow { emission, .. }) = (shards.get_mut(&producer), pos) {
+                    sh.committed = Some(emission);
+                    for m in sh.unacked.release(emission, &mut open) {
                         broker::ack(&bm, &m).await;
                     }
                 }
@@ -632,9 +642,9 @@ async fn route_flows(
             broker::ack(&bm, &m).await;
         }
         let Some(d) = delivery else { break };
-        let mut batch = d.item;
-        check_shard_count(&mut count, &batch).map_err(edge_err("flows"))?;
-        let producer = Arc::clone(&batch.producer);
+        let piece = d.item;
+        check_shard_count(&mut count, &piece).map_err(edge_err("flows"))?;
+        let producer = Arc::clone(&piece.producer);
         if !shards.contains_key(&producer) {
             let sh = start_shard_sink(
                 &producer,
@@ -648,64 +658,76 @@ async fn route_flows(
             shards.insert(Arc::clone(&producer), sh);
         }
         let sh = shards.get_mut(&producer).expect("just inserted");
-        let original_last = match (batch.records.last(), batch.ranks.last()) {
-            (Some(r), Some(&k)) => Some((r.window_start_us, k)),
-            _ => None,
-        };
-        let high = sh.high;
-        let keep: Vec<bool> = batch
-            .records
-            .iter()
-            .zip(&batch.ranks)
-            .map(|(r, &k)| high.is_none_or(|h| (r.window_start_us, k) > h))
-            .collect();
-        let skipped = keep.iter().filter(|k| !**k).count();
-        if skipped > 0 {
-            metrics.broker.redelivered_rows_skipped.add(skipped as u64);
-            let mut it = keep.iter();
-            batch.records.retain(|_| *it.next().expect("same length"));
-            let mut it = keep.iter();
-            batch.ranks.retain(|_| *it.next().expect("same length"));
-        }
         let sseq = stream_seq(&d.message);
-        let last = match (batch.records.last(), batch.ranks.last()) {
-            (Some(r), Some(&k)) => (r.window_start_us, k),
-            _ => {
-                // All seen before; ack now only if also committed, else once they are.
-                match original_last {
-                    Some(k) if sh.committed_through.is_none_or(|c| k > c) => {
-                        sh.unacked.pending.push_back((k, sseq, d.message));
-                    }
-                    _ => broker::ack(&bm, &d.message).await,
-                }
-                continue;
+        let emission = piece.seq;
+        let keep =
+            |sh: &mut ShardSink, m: async_nats::jetstream::Message, open: &mut BTreeSet<u64>| {
+                sh.unacked.pending.push_back((emission, sseq, m));
+                open.insert(sseq);
+            };
+        if sh.done.is_some_and(|done| emission <= done) {
+            // Delivered again (a redelivery, or an aggregator re-publishing after a restart).
+            metrics
+                .broker
+                .redelivered_rows_skipped
+                .add(piece.records.len() as u64);
+            if sh.committed.is_some_and(|c| emission <= c) {
+                broker::ack(&bm, &d.message).await;
+            } else {
+                keep(sh, d.message, &mut open);
             }
+            continue;
+        }
+        let next_row = sh
+            .partial
+            .as_ref()
+            .filter(|p| p.seq == emission)
+            .map_or(0, |p| p.first_row as usize + p.records.len());
+        if (piece.first_row as usize) < next_row {
+            // A piece received before: redelivered.
+            metrics
+                .broker
+                .redelivered_rows_skipped
+                .add(piece.records.len() as u64);
+            keep(sh, d.message, &mut open);
+            continue;
+        }
+        if piece.first_row as usize > next_row {
+            return Err(edge_err("flows")(EdgeError::Broker(format!(
+                "emission {emission} of `{producer}`: rows {next_row}..{} are missing from the stream \
+                 (stream sequence {sseq}): refusing to write past a gap",
+                piece.first_row
+            ))));
+        }
+        // An emission a restarted aggregator abandoned half-published is superseded by its rebuild.
+        let mut whole = match sh.partial.take() {
+            Some(mut p) if p.seq == emission => {
+                p.records.extend(piece.records);
+                p
+            }
+            _ => piece,
         };
-        sh.high = Some(last);
-        sh.tx.send(batch).await.map_err(edge_err("flows"))?;
-        sh.unacked.pending.push_back((last, sseq, d.message));
-        open.insert(sseq);
+        keep(sh, d.message, &mut open);
+        if whole.completes() {
+            whole.first_row = 0;
+            sh.done = Some(emission);
+            sh.tx.send(whole).await.map_err(edge_err("flows"))?;
+        } else {
+            sh.partial = Some(whole);
+        }
     }
     // End of input or shutdown: every shard's sink commits what it holds; ack as commits land.
     drop(commits_tx);
     let mut tasks = Vec::new();
-    let mut remaining: BTreeMap<Arc<str>, Unacked<(i64, u32)>> = BTreeMap::new();
+    let mut remaining: BTreeMap<Arc<str>, Unacked<u64>> = BTreeMap::new();
     for (producer, sh) in std::mem::take(&mut shards) {
         drop(sh.tx);
         remaining.insert(Arc::clone(&producer), sh.unacked);
         tasks.push(sh.task);
     }
     while let Some((producer, pos)) = commits.recv().await {
-        if let (
-            Some(u),
-            Position::Flow {
-                window_start_us,
-                rank,
-                ..
-            },
-        ) = (remaining.get_mut(&producer), pos)
-        {
-            for m in u.release((window_start_us, rank), &mut open) {
+        if let (Some(u), Position::Flow { emission, .. }) = (remaining.get_mut(&producer), pos) {
+            for m in u.release(emission, &mut open) {
                 broker::ack(&bm, &m).await;
             }
         }
@@ -746,13 +768,10 @@ async fn start_shard_sink(
     log_through: watch::Receiver<u64>,
     commits: mpsc::UnboundedSender<(Arc<str>, Position)>,
 ) -> Result<ShardSink, RunError> {
-    let mut log = CommitLog::recover(store.clone(), Dataset::Flows, producer).await?;
-    let high = match log.last().map(|r| r.last) {
-        Some(Position::Flow {
-            window_start_us,
-            rank,
-            ..
-        }) => Some((window_start_us, rank)),
+    let mut log =
+        CommitLog::recover(store.clone(), Dataset::Flows, producer, &Default::default()).await?;
+    let committed = match log.last() {
+        Some(Position::Flow { emission, .. }) => Some(emission),
         _ => None,
     };
     let (tx, rx) = memory::channel(
@@ -766,20 +785,22 @@ async fn start_shard_sink(
         store.clone(),
         roll_policy(s),
     );
-    let (committed, watch_rx) = watch::channel(None);
+    let (committed_tx, watch_rx) = watch::channel(None);
     forward_commits(Arc::clone(producer), watch_rx, commits);
     let m = Arc::clone(metrics);
+    let policy = roll_policy(s);
     let task = tokio::spawn(async move {
         let order = CommitOrder {
-            committed: Some(committed),
+            committed: Some(committed_tx),
             after: Some(log_through),
         };
-        sink::run(rx, writer, &mut log, order, &m.sink_flows).await
+        sink::run_flows(rx, writer, &mut log, order, policy, &m.sink_flows).await
     });
     Ok(ShardSink {
         tx,
-        high,
-        committed_through: high,
+        done: committed,
+        committed,
+        partial: None,
         unacked: Unacked::new(),
         task,
     })

@@ -1,88 +1,30 @@
 //! The sink stage: batches in, committed Parquet files out.
 //!
 //! Contract: every row received is in exactly one committed file when the stage returns `Ok`; files are
-//! laid out Hive-style, `<dataset>/date=YYYY-MM-DD/hour=HH/<name>.parquet`, named deterministically from
-//! the first row they hold, only ever appear complete, and are committed in stream order with a commit
-//! record each ([`commit`]). One sink instance serves one dataset; it does not know what feeds it.
+//! laid out Hive-style, `<dataset>/date=YYYY-MM-DD/hour=HH/<name>.parquet`, only ever appear complete,
+//! and are committed in stream order, each by a commit to the dataset's table ([`crate::lake`]). One
+//! sink instance serves one dataset; it does not know what feeds it.
 
-pub mod commit;
-pub mod read;
 pub mod rolling;
-pub mod s3;
-pub mod store;
 
 use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::SchemaRef;
 use arrow::error::ArrowError;
 
 use tokio::sync::watch;
 
 use crate::edge::{EdgeError, Rx};
-use crate::event::schema::{events_schema, events_to_batch, flows_schema, flows_to_batch};
+use crate::event::schema::{events_to_batch, flows_to_batch};
 use crate::event::{EventBatch, FlowBatch};
+pub use crate::lake::producer::StagedFile;
+pub use crate::lake::{output_id, CommitError, CommitLog, Dataset, Position};
 use crate::metrics::SinkMetrics;
-use crate::time::utc_date_hour;
-pub use commit::{output_id, CommitError, CommitLog, CommitRecord, Position};
+pub use crate::storage::{LocalDir, Store, StoreError};
+pub use crate::time::Partition;
 pub use rolling::{RollPolicy, RollingWriter, SealedFile, WriteError};
-pub use store::{LocalDir, Store, StoreError};
-
-/// The two datasets tcplake writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Dataset {
-    /// The raw event log: the source of truth.
-    Events,
-    /// Per-flow, per-window records: a projection of the log.
-    Flows,
-}
-
-impl Dataset {
-    pub fn name(self) -> &'static str {
-        match self {
-            Dataset::Events => "events",
-            Dataset::Flows => "flows",
-        }
-    }
-
-    pub fn schema(self) -> SchemaRef {
-        match self {
-            Dataset::Events => events_schema(),
-            Dataset::Flows => flows_schema(),
-        }
-    }
-}
-
-/// A Hive partition: one UTC hour.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Partition {
-    pub year: i32,
-    pub month: u32,
-    pub day: u32,
-    pub hour: u32,
-}
-
-impl Partition {
-    pub fn of(ts_us: i64) -> Self {
-        let (year, month, day, hour) = utc_date_hour(ts_us);
-        Partition {
-            year,
-            month,
-            day,
-            hour,
-        }
-    }
-
-    /// `date=YYYY-MM-DD/hour=HH`
-    pub fn path(&self) -> String {
-        format!(
-            "date={:04}-{:02}-{:02}/hour={:02}",
-            self.year, self.month, self.day, self.hour
-        )
-    }
-}
 
 /// What a sink can write: a batch that splits into partitioned record batches.
 pub trait SinkRows: Send + 'static {
@@ -98,6 +40,10 @@ pub trait SinkRows: Send + 'static {
     fn position(&self, i: usize) -> Position;
     /// When capture sent these rows on (events only: flow rows wait for their window by design).
     fn sent_at_us(&self) -> Option<i64> {
+        None
+    }
+    /// Flows: the replay point that comes with these rows.
+    fn replay(&self) -> Option<&crate::event::ReplayPoint> {
         None
     }
 }
@@ -139,21 +85,19 @@ impl SinkRows for FlowBatch {
         flows_to_batch(&self.records[range])
     }
     fn file_stem(&self, i: usize) -> String {
-        // (window, rank) identifies a row whatever run emitted it (batch numbers restart with a run).
         format!(
-            "{}-{:016}-{:06}",
-            self.producer, self.records[i].window_start_us, self.ranks[i]
+            "{}-{}-{}-{i}",
+            self.producer, self.seq, self.records[i].window_start_us
         )
     }
-    fn position(&self, i: usize) -> Position {
+    fn position(&self, _i: usize) -> Position {
         Position::Flow {
-            window_start_us: self.records[i].window_start_us,
-            rank: self.ranks[i],
-            replay_from_seq: self.replay.from_seq,
-            replay_watermark_us: self.replay.watermark_us,
+            emission: self.seq,
             through_seq: self.replay.through_seq,
-            closing: self.replay.closing,
         }
+    }
+    fn replay(&self) -> Option<&crate::event::ReplayPoint> {
+        Some(&self.replay)
     }
 }
 
@@ -245,6 +189,114 @@ where
     Ok(stats)
 }
 
+/// The flows sink: like [`run`], but the rows of the open file are held per window until the file
+/// closes (on size, age or the end of the input). A window emitted again while its rows wait just
+/// replaces them in memory; one emitted again after its file was committed replaces its committed rows
+/// (see [`crate::lake::projection`]). A window the table already holds unchanged (a rebuild after a
+/// restart emits every window it held) is not written again.
+pub async fn run_flows<I: Rx<FlowBatch>>(
+    mut input: I,
+    mut writer: RollingWriter,
+    log: &mut CommitLog,
+    mut order: CommitOrder,
+    policy: RollPolicy,
+    metrics: &SinkMetrics,
+) -> Result<SinkStats, SinkError> {
+    let mut stats = SinkStats::default();
+    let store = writer.store().clone();
+    let mut open = OpenFlows::default();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let flush = tokio::select! {
+            item = input.recv() => match item? {
+                Some(mut batch) => {
+                    metrics.batches.add(1);
+                    let admitted = log.admit(std::mem::take(&mut batch.records));
+                    if admitted.records.is_empty() && open.rows.is_empty() && !log.has_open() {
+                        // Nothing new: the table holds this emission already.
+                        if let Some(c) = &order.committed {
+                            c.send_replace(Some(batch.position(0)));
+                        }
+                        continue;
+                    }
+                    open.add(admitted.records, batch);
+                    open.bytes >= policy.max_bytes
+                }
+                None => break,
+            },
+            _ = tick.tick() => open.opened.is_some_and(|t| t.elapsed() >= policy.max_age),
+        };
+        if flush {
+            let sealed = open.write(&mut writer, &mut stats, metrics)?;
+            commit(sealed, &store, log, &mut order, &mut stats, metrics).await?;
+        }
+    }
+    let sealed = open.write(&mut writer, &mut stats, metrics)?;
+    commit(sealed, &store, log, &mut order, &mut stats, metrics).await?;
+    Ok(stats)
+}
+
+/// The rows of the flows sink's open file, per window, until it is written.
+#[derive(Default)]
+struct OpenFlows {
+    rows: std::collections::BTreeMap<(i64, Arc<str>), Vec<crate::event::FlowRecord>>,
+    /// The newest emission taken in (its number and replay point go with the file).
+    last: Option<FlowBatch>,
+    opened: Option<Instant>,
+    /// Rows' size estimate (their Parquet will be smaller).
+    bytes: u64,
+}
+
+/// What one flow row takes before compression, about.
+const FLOW_ROW_BYTES: u64 = 160;
+
+impl OpenFlows {
+    fn add(&mut self, records: Vec<crate::event::FlowRecord>, header: FlowBatch) {
+        let mut by: std::collections::BTreeMap<(i64, Arc<str>), Vec<_>> = Default::default();
+        for r in records {
+            by.entry((r.window_start_us, Arc::clone(&r.key.node)))
+                .or_default()
+                .push(r);
+        }
+        for (k, rows) in by {
+            if let Some(old) = self.rows.insert(k, rows) {
+                self.bytes = self.bytes.saturating_sub(old.len() as u64 * FLOW_ROW_BYTES);
+            }
+        }
+        self.bytes = self.rows.values().map(|v| v.len() as u64).sum::<u64>() * FLOW_ROW_BYTES;
+        self.opened.get_or_insert_with(Instant::now);
+        self.last = Some(header);
+    }
+
+    /// Writes every held row (window by window) and seals the files.
+    fn write(
+        &mut self,
+        writer: &mut RollingWriter,
+        stats: &mut SinkStats,
+        metrics: &SinkMetrics,
+    ) -> Result<Vec<SealedFile>, SinkError> {
+        let Some(mut batch) = self.last.take() else {
+            return Ok(writer.close_all()?);
+        };
+        batch.records = std::mem::take(&mut self.rows)
+            .into_values()
+            .flatten()
+            .collect();
+        batch.first_row = 0;
+        batch.total_rows = batch.records.len() as u32;
+        self.opened = None;
+        self.bytes = 0;
+        let mut sealed = if batch.records.is_empty() {
+            Vec::new()
+        } else {
+            write_batch(writer, &batch, stats, metrics)?
+        };
+        sealed.extend(writer.close_all()?);
+        Ok(sealed)
+    }
+}
+
 /// Commits sealed files in order; on failure the rest are discarded (they were never visible).
 async fn commit(
     sealed: Vec<SealedFile>,
@@ -286,8 +338,17 @@ async fn commit_one(
             .await
             .map_err(|_| EdgeError::Closed("event-log commit"))?;
     }
-    log.commit(&f.staged, &f.key, f.rows, f.bytes, f.first, f.last)
-        .await?;
+    log.commit(&StagedFile {
+        staged: f.staged.clone(),
+        partition: f.partition.clone(),
+        rows: f.rows,
+        bytes: f.bytes,
+        first: f.first,
+        last: f.last,
+        replay: f.replay.clone(),
+        ts_range: f.ts_range,
+    })
+    .await?;
     if let Some(committed) = &order.committed {
         committed.send_replace(Some(f.last));
     }
@@ -305,16 +366,24 @@ fn write_batch<T: SinkRows>(
         let start = range.start;
         let span = (batch.position(start), batch.position(range.end - 1));
         let rows = range.len() as u64;
+        let ts_range = range.clone().fold((i64::MAX, i64::MIN), |(lo, hi), i| {
+            let t = batch.partition_ts(i);
+            (lo.min(t), hi.max(t))
+        });
         let arrow = batch.to_arrow(range).map_err(|source| SinkError::Encode {
             dataset: T::DATASET.name(),
             source,
         })?;
         committed.extend(writer.write(
-            partition,
+            rolling::Chunk {
+                partition,
+                batch: &arrow,
+                span,
+                ts_range,
+                sent_at_us: batch.sent_at_us(),
+                replay: batch.replay(),
+            },
             || batch.file_stem(start),
-            &arrow,
-            span,
-            batch.sent_at_us(),
         )?);
         stats.rows += rows;
         metrics.rows.add(rows);

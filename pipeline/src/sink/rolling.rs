@@ -3,7 +3,7 @@
 //!
 //! At most one file is open at a time: a row for another partition seals the open file first. Files
 //! then hold contiguous stretches of the stream and are committed in stream order, which is what lets a
-//! restart resume from the last commit (`sink::commit`). Time-ordered input changes partition once an
+//! restart resume from the last commit (`lake::producer`). Time-ordered input changes partition once an
 //! hour; a live source's slight disorder at an hour boundary costs a few small files then.
 
 use std::collections::BTreeMap;
@@ -19,10 +19,10 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
-use super::commit::Position;
-use super::store::{Store, StoreError};
-use super::Partition;
 use crate::event::schema::{SCHEMA_VERSION, SCHEMA_VERSION_KEY};
+use crate::lake::Position;
+use crate::storage::{Store, StoreError};
+use crate::time::Partition;
 
 /// Why a file could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -86,8 +86,10 @@ pub struct RollPolicy {
 /// A complete, fsynced Parquet file under its temporary name, ready for [`Store::commit`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SealedFile {
-    /// Where it goes in the store (`<dataset>/date=.../hour=../<name>.parquet`).
+    /// A name for it while it is staged (`<dataset>/date=.../hour=../<stem>.parquet`); the lake names it
+    /// for good when it commits it.
     pub key: String,
+    pub partition: Partition,
     /// Where it is now.
     pub staged: PathBuf,
     pub rows: u64,
@@ -97,10 +99,15 @@ pub struct SealedFile {
     pub last: Position,
     /// When capture sent each batch with rows in this file (for end-to-end latency).
     pub sent_at_us: Vec<i64>,
+    /// Smallest and largest partition time of its rows (flows: window starts).
+    pub ts_range: (i64, i64),
+    /// Flows: the replay point of the last emission it holds.
+    pub replay: Option<crate::event::ReplayPoint>,
 }
 
 struct OpenFile {
     key: String,
+    partition: Partition,
     staged: PathBuf,
     writer: ArrowWriter<File>,
     opened: Instant,
@@ -108,6 +115,22 @@ struct OpenFile {
     first: Position,
     last: Position,
     sent_at_us: Vec<i64>,
+    ts_range: (i64, i64),
+    replay: Option<crate::event::ReplayPoint>,
+}
+
+/// Rows for one partition, with what the sink knows about them.
+pub struct Chunk<'a> {
+    pub partition: Partition,
+    pub batch: &'a RecordBatch,
+    /// Stream positions of the first and last rows.
+    pub span: (Position, Position),
+    /// Smallest and largest partition time of the rows.
+    pub ts_range: (i64, i64),
+    /// When capture sent the rows on (events).
+    pub sent_at_us: Option<i64>,
+    /// Flows: the replay point that comes with the rows.
+    pub replay: Option<&'a crate::event::ReplayPoint>,
 }
 
 /// One dataset's open files, keyed by partition.
@@ -138,12 +161,17 @@ impl RollingWriter {
     /// and this one if it reached its size.
     pub fn write(
         &mut self,
-        partition: Partition,
+        chunk: Chunk<'_>,
         stem: impl FnOnce() -> String,
-        batch: &RecordBatch,
-        (first, last): (Position, Position),
-        sent_at_us: Option<i64>,
     ) -> Result<Vec<SealedFile>, WriteError> {
+        let Chunk {
+            partition,
+            batch,
+            span: (first, last),
+            ts_range,
+            sent_at_us,
+            replay,
+        } = chunk;
         let mut sealed = Vec::new();
         let others: Vec<Partition> = self
             .open
@@ -167,6 +195,13 @@ impl RollingWriter {
         file.rows += batch.num_rows() as u64;
         file.last = last;
         file.sent_at_us.extend(sent_at_us);
+        file.ts_range = (
+            file.ts_range.0.min(ts_range.0),
+            file.ts_range.1.max(ts_range.1),
+        );
+        if let Some(r) = replay {
+            file.replay = Some(r.clone());
+        }
         let size = (file.writer.bytes_written() + file.writer.in_progress_size()) as u64;
         if size >= self.policy.max_bytes {
             sealed.push(self.close(&partition)?);
@@ -176,6 +211,11 @@ impl RollingWriter {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// No file is open.
+    pub fn is_idle(&self) -> bool {
+        self.open.is_empty()
     }
 
     /// Seals files open longer than the age limit.
@@ -215,6 +255,7 @@ impl RollingWriter {
             })?;
         Ok(OpenFile {
             key,
+            partition: partition.clone(),
             staged,
             writer,
             opened: Instant::now(),
@@ -222,6 +263,8 @@ impl RollingWriter {
             first,
             last: first,
             sent_at_us: Vec::new(),
+            ts_range: (i64::MAX, i64::MIN),
+            replay: None,
         })
     }
 
@@ -232,12 +275,15 @@ impl RollingWriter {
             .expect("closing a file that is open");
         let OpenFile {
             key,
+            partition,
             staged,
             writer,
             rows,
             first,
             last,
             sent_at_us,
+            ts_range,
+            replay,
             ..
         } = f;
         let seal = || -> Result<u64, WriteError> {
@@ -254,12 +300,15 @@ impl RollingWriter {
         match seal() {
             Ok(bytes) => Ok(SealedFile {
                 key,
+                partition,
                 staged,
                 rows,
                 bytes,
                 first,
                 last,
                 sent_at_us,
+                ts_range,
+                replay,
             }),
             Err(e) => {
                 self.store.discard(&staged);

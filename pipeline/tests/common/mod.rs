@@ -44,19 +44,40 @@ fn python() -> String {
     std::env::var("TCPLAKE_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
-/// Runs `sql` in DuckDB (the Python package, as users run it) and returns the rows as JSON values.
+/// The path of a DuckDB extension installed from PyPI (`duckdb-extension-<name>`, pinned to DuckDB's
+/// version by scripts/setup.sh): DuckDB's own download is not reachable here, so it is loaded by path.
+pub fn duckdb_extension(name: &str) -> std::path::PathBuf {
+    let code = format!(
+        "import duckdb_extension_{name} as m, os, glob; print(glob.glob(os.path.join(os.path.dirname(m.__file__), 'extensions', '*', '{name}.duckdb_extension'))[0])"
+    );
+    let out = Command::new(python())
+        .args(["-c", &code])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "duckdb-extension-{name} missing: run scripts/setup.sh"
+    );
+    std::path::PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// Runs `sql` in DuckDB (the Python package, as users run it, with the Delta extension loaded) and
+/// returns the rows as JSON values.
 pub fn duckdb(sql: &str) -> Vec<Vec<serde_json::Value>> {
+    static DELTA: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let delta = DELTA.get_or_init(|| duckdb_extension("delta"));
     let script = r#"
 import duckdb, json, sys
 # No progress bar: it goes to stdout, which carries the JSON answer.
 con = duckdb.connect()
 con.execute("SET enable_progress_bar = false")
+con.execute("LOAD '" + sys.argv[2] + "'")
 rel = con.sql(sys.argv[1])
 rows = rel.fetchall() if rel is not None else []  # statements such as COPY return no relation
 print(json.dumps([list(r) for r in rows], default=str))
 "#;
     let out = Command::new(python())
-        .args(["-c", script, sql])
+        .args(["-c", script, sql, delta.to_str().unwrap()])
         .output()
         .expect("run python3 (install the test dependencies with scripts/setup.sh)");
     assert!(
@@ -77,12 +98,10 @@ pub fn duckdb_int(sql: &str) -> i64 {
         .unwrap_or_else(|| panic!("not an integer: {v} from {sql}"))
 }
 
-/// `read_parquet(...)` over one dataset of an output directory, Hive partitioning on.
+/// One dataset (a Delta table) of an output directory, as DuckDB reads it: `delta_scan(...)` sees
+/// exactly the committed rows of the current version.
 pub fn dataset(out: &Path, name: &str) -> String {
-    format!(
-        "read_parquet('{}/{name}/**/*.parquet', hive_partitioning = true)",
-        out.display()
-    )
+    format!("delta_scan('{}/{name}')", out.display())
 }
 
 /// A synthetic monolith run of `events` events from `seed` as node `node` into `out`, plus `extra`
@@ -135,41 +154,59 @@ pub fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-/// Files under an output directory that are neither data (`*.parquet` in a dataset) nor commit records
-/// (`_tcplake/**/*.json`): temporary files a run left behind. Empty after any run that ended.
+/// Files under an output directory that are neither table files (data `*.parquet` and the Delta log of
+/// `events/` and `flows/`) nor tcplake's own records (`_tcplake/**/*.json`): temporary files a run left
+/// behind. Empty after any run that ended.
 pub fn leftovers(out: &Path) -> Vec<std::path::PathBuf> {
     files_under(out)
         .into_iter()
         .filter(|p| {
             let ext = |e: &str| p.extension().is_some_and(|x| x == e);
             let meta = p.starts_with(out.join("_tcplake"));
-            !((meta && ext("json"))
-                || (!meta && ext("parquet") && !p.starts_with(out.join(".staging"))))
+            let table = ["events", "flows"].iter().any(|t| {
+                p.starts_with(out.join(t).join("_delta_log"))
+                    || (p.starts_with(out.join(t)) && ext("parquet"))
+            });
+            !((meta && ext("json")) || table)
         })
         .collect()
 }
 
-/// Number of committed files of `dataset` under an output directory: records whose data exists (a
-/// record is written before its data, so a record alone is not yet a commit).
+/// The data files the current version of a table of an output references (paths relative to the
+/// table), as the deltalake Python package (delta-rs) lists them.
+pub fn table_files(out: &Path, dataset: &str) -> Vec<String> {
+    let script = r#"
+import sys, json, deltalake, pyarrow
+adds = deltalake.DeltaTable(sys.argv[1]).get_add_actions(flatten=True)
+print(json.dumps(pyarrow.table(adds).column("path").to_pylist()))
+"#;
+    let o = Command::new(python())
+        .args(["-c", script, out.join(dataset).to_str().unwrap()])
+        .output()
+        .expect("python3 with deltalake (scripts/setup.sh)");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// Commits of `dataset` under an output directory that added data (Delta log entries with an `add`).
 pub fn commits(out: &Path, dataset: &str) -> usize {
-    files_under(&out.join("_tcplake/commits").join(dataset))
-        .iter()
-        .filter(|r| {
-            std::fs::read(r)
-                .ok()
-                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                .and_then(|v| {
-                    // A compacted record's rows live in the file it was moved to.
-                    let key = v["moved_to"].as_str().or(v["key"].as_str())?;
-                    Some(out.join(key).exists())
-                })
+    let log = out.join(dataset).join("_delta_log");
+    let Ok(entries) = std::fs::read_dir(&log) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter(|e| {
+            std::fs::read_to_string(e.path())
+                .map(|t| t.contains("\"add\""))
                 .unwrap_or(false)
         })
         .count()
 }
 
-/// Waits (up to a minute) until `dataset` has more than `known` commit records: a kill after this
-/// lands after a commit whatever the machine's load, which fixed sleeps cannot promise.
+/// Waits (up to a minute) until `dataset` has more than `known` commits: a kill after this lands after a
+/// commit whatever the machine's load, which fixed sleeps cannot promise.
 pub fn wait_for_commit_beyond(out: &Path, dataset: &str, known: usize) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while commits(out, dataset) <= known {

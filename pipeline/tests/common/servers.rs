@@ -145,13 +145,5 @@ pub fn duckdb_s3(server: &S3Server, sql: &str) -> i64 {
 }
 
 pub fn httpfs_extension() -> PathBuf {
-    let out = Command::new("python3")
-        .args(["-c", "import duckdb_extension_httpfs as m, os, glob; print(glob.glob(os.path.join(os.path.dirname(m.__file__), 'extensions', '*', 'httpfs.duckdb_extension'))[0])"])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "duckdb-extension-httpfs missing: run scripts/setup.sh"
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    super::duckdb_extension("httpfs")
 }

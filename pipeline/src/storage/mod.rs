@@ -1,4 +1,6 @@
-//! Where committed files go: a local directory (the embedded default) or an S3-compatible bucket.
+//! Storage: where bytes go — a local directory (the embedded default) or an S3-compatible bucket
+//! (aws-sdk-s3) — behind one type, [`Store`]. It knows nothing of tables, commits or datasets (the lake
+//! does); it only makes objects appear whole, lists, reads and deletes them.
 //!
 //! Files are written complete under a temporary name first and made visible in one step (a rename, or
 //! one PUT / multipart completion), so a reader never sees half a file.
@@ -7,6 +9,8 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+pub mod s3;
+
 /// Where files are written before they are committed (under the output directory or spool).
 const STAGING_DIR: &str = ".staging";
 
@@ -14,7 +18,7 @@ const STAGING_DIR: &str = ".staging";
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(transparent)]
-    S3(#[from] super::s3::S3Error),
+    S3(#[from] s3::S3Error),
     #[error("cannot write to output directory `{path}`: {source}")]
     NotWritable { path: PathBuf, source: io::Error },
     #[error("output `{0}` is a file, not a directory")]
@@ -141,6 +145,25 @@ impl LocalDir {
         Ok(created)
     }
 
+    /// Moves a fully written, fsynced staging file to `key` (replacing any file there) and persists the
+    /// directory entry.
+    pub fn move_into_place(&self, staged: &Path, key: &str) -> Result<(), StoreError> {
+        let final_path = self.root.join(key);
+        if let Some(dir) = final_path.parent() {
+            fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+        }
+        if let Err(e) = fs::rename(staged, &final_path) {
+            self.discard(staged);
+            return Err(io_err("move into place", &final_path)(e));
+        }
+        if let Some(dir) = final_path.parent() {
+            fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err("sync directory", dir))?;
+        }
+        Ok(())
+    }
+
     /// Writes a small object under `key` unless one exists (`false` then).
     pub fn put_if_absent(&self, key: &str, body: &[u8]) -> Result<bool, StoreError> {
         let staged = self.staging_path(key)?;
@@ -235,7 +258,7 @@ impl LocalDir {
 #[derive(Clone, Debug)]
 pub enum Store {
     Local(LocalDir),
-    S3(super::s3::S3Store),
+    S3(s3::S3Store),
 }
 
 impl Store {
@@ -254,6 +277,24 @@ impl Store {
             Store::Local(d) => d.commit(staged, key),
             Store::S3(s) => {
                 let result = s.put_file(staged, key).await.map_err(StoreError::from);
+                s.spool().discard(staged);
+                result
+            }
+        }
+    }
+
+    /// Makes a sealed file visible under `key`, replacing whatever is there, then forgets the temporary
+    /// copy. For names nothing else references (a table only references what it committed, and a
+    /// commit's file names are new): a leftover of an interrupted attempt is simply replaced.
+    pub async fn upload(&self, staged: &Path, key: &str) -> Result<(), StoreError> {
+        match self {
+            Store::Local(d) => d.move_into_place(staged, key),
+            Store::S3(s) => {
+                let result = s
+                    .upload_file(staged, key, false)
+                    .await
+                    .map(|_| ())
+                    .map_err(StoreError::from);
                 s.spool().discard(staged);
                 result
             }

@@ -1,15 +1,16 @@
 //! Reading committed Parquet files back (replay, restart, compaction), with the schema version check.
 //!
-//! Schema evolution rules (docs/data-model.md): versions only ever add nullable columns; a reader
-//! accepts every file of its own version or older (a column the file lacks reads as null) and refuses
-//! a newer one with an error that says so, because it cannot know what the new columns mean.
+//! Schema evolution rules (docs/data-model.md): versions only add nullable columns or, as version 2 did,
+//! change a column to the lake-standard type of the same values; a reader accepts every file of its own
+//! version or older (a column the file lacks reads as null, an older type is converted) and refuses a
+//! newer one with an error that says so, because it cannot know what the new columns mean.
 
 use bytes::Bytes;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use parquet::file::metadata::KeyValue;
 
-use super::store::{Store, StoreError};
 use crate::event::schema::{SCHEMA_VERSION, SCHEMA_VERSION_KEY};
+use crate::storage::{Store, StoreError};
 
 /// Why a committed file could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -101,16 +102,16 @@ mod tests {
 
     #[test]
     fn versions_up_to_ours_are_read_and_others_refused_by_name() {
+        assert_eq!(check_version("k", Some(&kv("2"))).unwrap(), 2);
         assert_eq!(check_version("k", Some(&kv("1"))).unwrap(), 1);
-        assert_eq!(check_version("k", Some(&kv("0"))).unwrap(), 0);
-        let newer = check_version("a.parquet", Some(&kv("2"))).unwrap_err();
+        let newer = check_version("a.parquet", Some(&kv("3"))).unwrap_err();
         assert!(
-            matches!(newer, ReadError::Newer { found: 2, .. }),
+            matches!(newer, ReadError::Newer { found: 3, .. }),
             "{newer}"
         );
         assert!(newer
             .to_string()
-            .starts_with("`a.parquet` has schema version 2"));
+            .starts_with("`a.parquet` has schema version 3"));
         for bad in [check_version("k", None), check_version("k", Some(&kv("x")))] {
             assert!(matches!(bad, Err(ReadError::Foreign { .. })));
         }

@@ -1,9 +1,9 @@
 //! The S3 store (aws-sdk-s3): any S3-compatible endpoint, the standard AWS credential chain.
 //!
 //! A sealed file is uploaded from the local spool with one PUT, or as a multipart upload in
-//! [`PART_SIZE`] parts when larger than [`MULTIPART_THRESHOLD`] (one part in memory at a time). Keys are
-//! deterministic, and uploads are conditional (`If-None-Match: *`): an object already there is left as
-//! it is and reported to the commit log (`sink::commit`), which decides what it means. Every request is counted by type ([`S3Metrics`]). Transient failures
+//! [`PART_SIZE`] parts when larger than [`MULTIPART_THRESHOLD`] (one part in memory at a time). Small
+//! objects can be created conditionally (`If-None-Match: *`: the Delta log's commits rely on it).
+//! Every request is counted by type ([`S3Metrics`]). Transient failures
 //! (timeouts, connection errors, 5xx, throttling) are retried with exponential backoff and jitter for up
 //! to the configured time, while the sink — and through the edges, capture — waits; multipart uploads
 //! that fail are aborted, and dangling ones under the prefix are aborted at startup.
@@ -20,7 +20,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
 use tokio::io::AsyncReadExt;
 
-use super::store::{LocalDir, StoreError};
+use super::{LocalDir, StoreError};
 use crate::metrics::S3Metrics;
 
 /// Files above this size go up as multipart uploads.
@@ -50,6 +50,12 @@ pub enum S3Error {
     )]
     Tls { endpoint: String, reason: String },
     #[error(
+        "the S3 store at {endpoint} ignores conditional writes (If-None-Match: *): two writers could \
+         overwrite each other's Delta commits there, so tcplake does not write tables to it (with one \
+         writer per output guaranteed, set sink.s3_single_writer = true)"
+    )]
+    NoConditionalWrites { endpoint: String },
+    #[error(
         "the multipart upload of `{key}` was aborted by someone else while tcplake wrote it (another \
          process cleaning up uploads under the same prefix, or a bucket lifecycle rule)"
     )]
@@ -77,6 +83,16 @@ pub enum S3Error {
     },
 }
 
+/// What the store says about one object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Key relative to the store's prefix.
+    pub key: String,
+    pub size: u64,
+    pub last_modified: Option<std::time::SystemTime>,
+    pub etag: Option<String>,
+}
+
 /// Where and how to reach the bucket.
 #[derive(Clone, Debug, PartialEq)]
 pub struct S3Settings {
@@ -95,6 +111,9 @@ pub struct S3Settings {
     pub max_retry: Duration,
     /// Files larger than this go up as multipart uploads (default [`MULTIPART_THRESHOLD`]).
     pub multipart_threshold: u64,
+    /// The user vouches for a single writer per output: a store that ignores conditional writes is
+    /// then only warned about, not refused.
+    pub single_writer: bool,
 }
 
 /// An S3 bucket (and prefix) as the object store.
@@ -195,6 +214,7 @@ impl S3Store {
         let spool = LocalDir::open(&s.spool)?;
         let mut store = Self::client(s, spool, metrics).await?;
         store.max_retry = s.max_retry;
+        store.check_conditional_writes(s.single_writer).await?;
         store.abort_journalled_uploads().await?;
         store.abort_dangling_uploads().await?;
         Ok(store)
@@ -307,6 +327,14 @@ impl S3Store {
         format!("s3://{}/{}", self.bucket, self.prefix)
     }
 
+    /// The same bucket, seen from its root (keys are whole object keys, not under the prefix).
+    pub fn at_bucket_root(&self) -> S3Store {
+        S3Store {
+            prefix: String::new(),
+            ..self.clone()
+        }
+    }
+
     fn object_key(&self, key: &str) -> String {
         if self.prefix.is_empty() {
             key.to_string()
@@ -415,6 +443,16 @@ impl S3Store {
         }
     }
 
+    /// Delta commits are conditional PUTs (`If-None-Match: *`): they keep two writers from overwriting
+    /// each other's versions. A probe object is created twice; the second must be refused.
+    async fn check_conditional_writes(&self, single_writer: bool) -> Result<(), S3Error> {
+        let key = format!("_tcplake/probes/conditional-{}", crate::lake::new_id());
+        let first = self.put_bytes(&key, b"1").await?;
+        let second = self.put_bytes(&key, b"2").await?;
+        self.delete(&key).await?;
+        conditional_verdict(first, second, single_writer, &self.endpoint)
+    }
+
     /// After a 404 on the bucket: a missing bucket (S3 says `NoSuchBucket`), or no S3 store at all.
     async fn check_not_s3(&self) -> Result<(), S3Error> {
         let r = self
@@ -500,6 +538,17 @@ impl S3Store {
     /// Uploads a sealed file as `key` (under the prefix). `false`: an object was already there (kept;
     /// the commit log decides whether that is our own earlier attempt).
     pub async fn put_file(&self, path: &Path, key: &str) -> Result<bool, S3Error> {
+        self.upload_file(path, key, true).await
+    }
+
+    /// Uploads a sealed file as `key`; with `if_absent`, only if nothing is there (`false` then),
+    /// otherwise replacing whatever is.
+    pub async fn upload_file(
+        &self,
+        path: &Path,
+        key: &str,
+        if_absent: bool,
+    ) -> Result<bool, S3Error> {
         let key = self.object_key(key);
         let size = tokio::fs::metadata(path)
             .await
@@ -509,7 +558,7 @@ impl S3Store {
             })?
             .len();
         if size > self.multipart_threshold {
-            return self.put_multipart(path, &key, size).await;
+            return self.put_multipart(path, &key, size, if_absent).await;
         }
         let (client, bucket, object) = (&self.client, &self.bucket, &key);
         let r = self
@@ -518,14 +567,13 @@ impl S3Store {
                 let body = ByteStream::from_path(path).await.map_err(|e| {
                     SdkError::construction_failure(std::io::Error::other(e.to_string()))
                 })?;
-                client
-                    .put_object()
-                    .bucket(bucket)
-                    .key(object)
-                    .if_none_match("*")
-                    .body(body)
-                    .send()
-                    .await
+                let put = client.put_object().bucket(bucket).key(object);
+                let put = if if_absent {
+                    put.if_none_match("*")
+                } else {
+                    put
+                };
+                put.body(body).send().await
             })
             .await;
         match r {
@@ -573,6 +621,134 @@ impl S3Store {
             Err(e) if status(&e) == Some(412) => Ok(false),
             Err(e) => Err(self.failed("PUT", &key, &e)),
         }
+    }
+
+    /// Bytes `range` of an object (`bytes=a-b` as HTTP ranges say it: inclusive), with what S3 says
+    /// about the object; `None` if there is none.
+    pub async fn get_range(
+        &self,
+        key: &str,
+        range: Option<String>,
+    ) -> Result<Option<(Vec<u8>, ObjectInfo)>, S3Error> {
+        let full = self.object_key(key);
+        let r = self
+            .request("get", &full, || {
+                self.client
+                    .get_object()
+                    .bucket(&self.bucket)
+                    .key(&full)
+                    .set_range(range.clone())
+                    .send()
+            })
+            .await;
+        match r {
+            Ok(out) => {
+                let total = out
+                    .content_range()
+                    .and_then(|cr| cr.rsplit_once('/'))
+                    .and_then(|(_, t)| t.parse::<u64>().ok())
+                    .or_else(|| out.content_length().map(|l| l.max(0) as u64))
+                    .unwrap_or(0);
+                let info = ObjectInfo {
+                    key: key.to_string(),
+                    size: total,
+                    last_modified: out
+                        .last_modified()
+                        .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
+                    etag: out.e_tag().map(str::to_string),
+                };
+                let body = out.body.collect().await.map_err(|e| S3Error::Request {
+                    op: "GET",
+                    key: full.clone(),
+                    retried: String::new(),
+                    message: e.to_string(),
+                })?;
+                let bytes = body.into_bytes().to_vec();
+                self.metrics.bytes_downloaded.add(bytes.len() as u64);
+                Ok(Some((bytes, info)))
+            }
+            Err(e) if status(&e) == Some(404) => Ok(None),
+            Err(e) if status(&e) == Some(416) => Ok(Some((
+                Vec::new(),
+                self.head_info(key).await?.unwrap_or(ObjectInfo {
+                    key: key.to_string(),
+                    size: 0,
+                    last_modified: None,
+                    etag: None,
+                }),
+            ))),
+            Err(e) => Err(self.failed("GET", &full, &e)),
+        }
+    }
+
+    /// What S3 says about an object (size, time, etag), or `None` if there is none.
+    pub async fn head_info(&self, key: &str) -> Result<Option<ObjectInfo>, S3Error> {
+        let full = self.object_key(key);
+        let r = self
+            .request("head", &full, || {
+                self.client
+                    .head_object()
+                    .bucket(&self.bucket)
+                    .key(&full)
+                    .send()
+            })
+            .await;
+        match r {
+            Ok(out) => Ok(Some(ObjectInfo {
+                key: key.to_string(),
+                size: out.content_length().unwrap_or(0).max(0) as u64,
+                last_modified: out
+                    .last_modified()
+                    .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
+                etag: out.e_tag().map(str::to_string),
+            })),
+            Err(e) if status(&e) == Some(404) => Ok(None),
+            Err(e) => Err(self.failed("HEAD", &full, &e)),
+        }
+    }
+
+    /// Every object under `prefix` (recursively, keys relative to the store prefix), sorted by key.
+    pub async fn list_info(&self, prefix: &str) -> Result<Vec<ObjectInfo>, S3Error> {
+        let full = self.object_key(prefix);
+        let strip = self.object_key("");
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .request("list", &full, || {
+                    self.client
+                        .list_objects_v2()
+                        .bucket(&self.bucket)
+                        .prefix(&full)
+                        .set_continuation_token(token.clone())
+                        .send()
+                })
+                .await
+                .map_err(|e| self.failed("LIST", &full, &e))?;
+            for o in page.contents() {
+                if let Some(k) = o.key() {
+                    let rel = if strip.is_empty() {
+                        k
+                    } else {
+                        k.strip_prefix(strip.as_str()).unwrap_or(k)
+                    };
+                    out.push(ObjectInfo {
+                        key: rel.trim_start_matches('/').to_string(),
+                        size: o.size().unwrap_or(0).max(0) as u64,
+                        last_modified: o
+                            .last_modified()
+                            .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
+                        etag: o.e_tag().map(str::to_string),
+                    });
+                }
+            }
+            token = page.next_continuation_token().map(str::to_string);
+            if token.is_none() {
+                break;
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
     }
 
     /// The whole object, or `None` if there is none.
@@ -675,7 +851,13 @@ impl S3Store {
         Ok(())
     }
 
-    async fn put_multipart(&self, path: &Path, key: &str, size: u64) -> Result<bool, S3Error> {
+    async fn put_multipart(
+        &self,
+        path: &Path,
+        key: &str,
+        size: u64,
+        if_absent: bool,
+    ) -> Result<bool, S3Error> {
         let created = self
             .request("create_multipart", key, || {
                 self.client
@@ -690,7 +872,7 @@ impl S3Store {
         // Journalled locally so a run that dies mid-upload has it aborted by the next one, even on
         // stores that cannot list multipart uploads.
         let journal = self.journal_upload(key, &id)?;
-        let result = match self.upload_parts(path, key, &id, size).await {
+        let result = match self.upload_parts(path, key, &id, size, if_absent).await {
             Ok(created) => Ok(created),
             Err(e) => {
                 // Never leave a half upload behind: it costs storage and confuses the next run.
@@ -788,6 +970,7 @@ impl S3Store {
         key: &str,
         id: &str,
         size: u64,
+        if_absent: bool,
     ) -> Result<bool, S3Error> {
         let read_err = |source| S3Error::Read {
             path: path.into(),
@@ -830,14 +1013,18 @@ impl S3Store {
             .build();
         let r = self
             .request("complete_multipart", key, || {
-                self.client
+                let complete = self
+                    .client
                     .complete_multipart_upload()
                     .bucket(&self.bucket)
                     .key(key)
                     .upload_id(id)
-                    .multipart_upload(done.clone())
-                    .if_none_match("*")
-                    .send()
+                    .multipart_upload(done.clone());
+                if if_absent {
+                    complete.if_none_match("*").send()
+                } else {
+                    complete.send()
+                }
             })
             .await;
         match r {
@@ -846,6 +1033,31 @@ impl S3Store {
             Err(e) => Err(self.failed("complete multipart upload", key, &e)),
         }
     }
+}
+
+/// What the conditional-write probe means: the first create must succeed and the second be refused.
+/// A store that let both through ignores `If-None-Match`: refused, or (a single writer vouched for) a
+/// warning.
+fn conditional_verdict(
+    first: bool,
+    second: bool,
+    single_writer: bool,
+    endpoint: &str,
+) -> Result<(), S3Error> {
+    if first && !second {
+        return Ok(());
+    }
+    if single_writer {
+        tracing::warn!(
+            endpoint,
+            "this S3 store ignores conditional writes (If-None-Match): a second writer to the same \
+             output could overwrite Delta commits; sink.s3_single_writer says there is none"
+        );
+        return Ok(());
+    }
+    Err(S3Error::NoConditionalWrites {
+        endpoint: endpoint.to_string(),
+    })
 }
 
 /// When process `pid` started (clock ticks after boot, `/proc/<pid>/stat` field 22): with the pid, it
@@ -875,6 +1087,17 @@ fn describe<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The real store that ignores conditional writes (garage) is not built here (25 CPU-minutes);
+    /// the probe's verdict is tested on its own, and the probe against s3s-fs, which honours them.
+    #[test]
+    fn a_store_ignoring_conditional_writes_is_refused_unless_one_writer_is_vouched_for() {
+        assert!(conditional_verdict(true, false, false, "e").is_ok());
+        let e = conditional_verdict(true, true, false, "http://garage:3900").unwrap_err();
+        assert!(matches!(e, S3Error::NoConditionalWrites { .. }), "{e}");
+        assert!(e.to_string().contains("sink.s3_single_writer"), "{e}");
+        assert!(conditional_verdict(true, true, true, "e").is_ok());
+    }
 
     #[test]
     fn jitter_stays_within_half_to_full() {

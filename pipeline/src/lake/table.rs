@@ -1,0 +1,492 @@
+//! One Delta Lake table of the output (`events/` or `flows/`), through delta-rs: created on first use
+//! with its schema, partition columns (`date`, `hour`) and tcplake's table properties; read as a
+//! snapshot (active files, application-transaction versions); changed by commits — data files added,
+//! replaced ones removed, and tcplake's progress recorded as application transactions, all in one Delta
+//! commit, which delta-rs makes with optimistic concurrency (a conditional PUT of the next version,
+//! retried against concurrent writers).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use deltalake_core::kernel::transaction::{CommitBuilder, CommitProperties};
+use deltalake_core::kernel::{
+    Action, Add, DataType, PrimitiveType, Remove, StructField, Transaction,
+};
+use deltalake_core::logstore::{default_logstore, LogStoreRef, StorageConfig};
+use deltalake_core::protocol::{DeltaOperation, OutputMode, SaveMode};
+use deltalake_core::{DeltaTable, DeltaTableError, ObjectStore};
+use object_store::local::LocalFileSystem;
+
+use super::objects::S3Objects;
+use crate::lake::Dataset;
+use crate::storage::{Store, StoreError};
+
+/// Why a table could not be read or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error("{dataset} table: {source}")]
+    Delta {
+        dataset: &'static str,
+        #[source]
+        source: Box<DeltaTableError>,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{dataset} table at {location}: {reason}")]
+    Location {
+        dataset: &'static str,
+        location: String,
+        reason: String,
+    },
+    #[error(
+        "{dataset} table: another writer committed as `{app_id}` (is a second tcplake running with the \
+         same node name and output?)"
+    )]
+    Fenced {
+        dataset: &'static str,
+        app_id: String,
+    },
+}
+
+/// A data file as the table lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileEntry {
+    /// Path relative to the table root (`date=2026-01-01/hour=00/name.parquet`).
+    pub path: String,
+    pub size: u64,
+    pub rows: Option<u64>,
+    pub partition: BTreeMap<String, Option<String>>,
+}
+
+impl FileEntry {
+    /// The file's name (its last path segment).
+    pub fn name(&self) -> &str {
+        self.path.rsplit('/').next().unwrap_or(&self.path)
+    }
+
+    /// `date=YYYY-MM-DD/hour=HH`, the directory it lives in.
+    pub fn partition_dir(&self) -> &str {
+        self.path.rsplit_once('/').map_or("", |(d, _)| d)
+    }
+}
+
+/// A data file to add: already written under `path` (relative to the table root).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewFile {
+    pub path: String,
+    pub size: u64,
+    pub rows: u64,
+    /// `date` and `hour` partition values.
+    pub date: String,
+    pub hour: u32,
+    /// Integer column statistics (`seq`) for readers that skip files.
+    pub int_stats: Vec<(&'static str, i64, i64)>,
+}
+
+/// What kind of change a commit is (the Delta operation it records).
+#[derive(Clone, Debug)]
+pub enum Change {
+    /// A producer's stream: new rows, and rows that replace removed ones (window rewrites).
+    Stream { producer: String, n: i64 },
+    /// Compaction: the same rows in fewer files (no data change).
+    Compact,
+}
+
+/// The partition columns every table has, in the order of the paths.
+pub const PARTITION_COLUMNS: [&str; 2] = ["date", "hour"];
+
+/// An open table.
+pub struct Table {
+    dataset: Dataset,
+    table: DeltaTable,
+    location: String,
+}
+
+impl std::fmt::Debug for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Table")
+            .field("dataset", &self.dataset.name())
+            .field("location", &self.location)
+            .finish()
+    }
+}
+
+/// The delta-rs log store of `dataset` in `store`: object_store's file system store for a directory,
+/// tcplake's own S3 client for a bucket.
+fn log_store(store: &Store, dataset: Dataset) -> Result<(LogStoreRef, String), TableError> {
+    let bad = |location: String, reason: String| TableError::Location {
+        dataset: dataset.name(),
+        location,
+        reason,
+    };
+    match store {
+        Store::Local(d) => {
+            let root = d.root().join(dataset.name());
+            let shown = root.display().to_string();
+            std::fs::create_dir_all(&root).map_err(|e| bad(shown.clone(), e.to_string()))?;
+            let abs =
+                std::fs::canonicalize(&root).map_err(|e| bad(shown.clone(), e.to_string()))?;
+            let url = url::Url::from_directory_path(&abs)
+                .map_err(|()| bad(shown.clone(), "not an absolute path".into()))?;
+            let prefixed: Arc<dyn ObjectStore> = Arc::new(
+                LocalFileSystem::new_with_prefix(&abs)
+                    .map_err(|e| bad(shown.clone(), e.to_string()))?,
+            );
+            let root_store: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new());
+            Ok((
+                default_logstore(prefixed, root_store, &url, &StorageConfig::default()),
+                shown,
+            ))
+        }
+        Store::S3(s) => {
+            let shown = format!("{}/{}", s.url().trim_end_matches('/'), dataset.name());
+            let url = url::Url::parse(&format!("{shown}/"))
+                .map_err(|e| bad(shown.clone(), e.to_string()))?;
+            // delta-rs addresses the table's objects relative to its root; the kernel addresses
+            // them by the path of the table's URL, from the bucket's root.
+            let prefixed: Arc<dyn ObjectStore> =
+                Arc::new(S3Objects::new(s.clone(), dataset.name()));
+            let root: Arc<dyn ObjectStore> = Arc::new(S3Objects::new(s.at_bucket_root(), ""));
+            Ok((
+                default_logstore(prefixed, root, &url, &StorageConfig::default()),
+                shown,
+            ))
+        }
+    }
+}
+
+/// The Delta schema of a dataset: its Parquet columns, then the partition columns.
+fn delta_columns(dataset: Dataset) -> Vec<StructField> {
+    use arrow::datatypes::{DataType as A, TimeUnit};
+    let mut cols: Vec<StructField> = dataset
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| {
+            let t = match f.data_type() {
+                A::Timestamp(TimeUnit::Microsecond, Some(_)) => PrimitiveType::Timestamp,
+                A::Int64 => PrimitiveType::Long,
+                A::Int32 => PrimitiveType::Integer,
+                A::Utf8 => PrimitiveType::String,
+                other => unreachable!("tcplake's schemas use no {other} columns"),
+            };
+            StructField::new(f.name(), DataType::Primitive(t), f.is_nullable())
+        })
+        .collect();
+    cols.push(StructField::new(
+        "date",
+        DataType::Primitive(PrimitiveType::Date),
+        false,
+    ));
+    cols.push(StructField::new(
+        "hour",
+        DataType::Primitive(PrimitiveType::Integer),
+        false,
+    ));
+    cols
+}
+
+impl Table {
+    /// Opens the dataset's table in `store`, creating it (schema, partitioning, `properties`) if there
+    /// is none yet. Two processes creating it at once are fine: one creates, both open it.
+    pub async fn open_or_create(
+        store: &Store,
+        dataset: Dataset,
+        properties: &BTreeMap<String, String>,
+    ) -> Result<Self, TableError> {
+        let (log_store, location) = log_store(store, dataset)?;
+        let delta = |source| TableError::Delta {
+            dataset: dataset.name(),
+            source: Box::new(source),
+        };
+        let exists = log_store.is_delta_table_location().await.map_err(delta)?;
+        if !exists {
+            let created = deltalake_core::operations::create::CreateBuilder::new()
+                .with_log_store(Arc::clone(&log_store))
+                .with_table_name(dataset.name())
+                .with_columns(delta_columns(dataset))
+                .with_partition_columns(PARTITION_COLUMNS)
+                .with_configuration(properties.iter().map(|(k, v)| (k.clone(), Some(v.clone()))))
+                .with_save_mode(SaveMode::Ignore)
+                // tcplake's own properties (`tcplake.*`) are not Delta's: keep them as they are.
+                .with_raise_if_key_not_exists(false)
+                .await;
+            match created {
+                Ok(_) => {}
+                // Another process created it first: open theirs.
+                Err(e) if log_store.is_delta_table_location().await.unwrap_or(false) => {
+                    tracing::debug!(error = %e, "table created concurrently");
+                }
+                Err(e) => return Err(delta(e)),
+            }
+        }
+        let mut table = DeltaTable::new(log_store);
+        table.load().await.map_err(delta)?;
+        Ok(Table {
+            dataset,
+            table,
+            location,
+        })
+    }
+
+    /// Opens an existing table to read; `None` if the output has none.
+    pub async fn open(store: &Store, dataset: Dataset) -> Result<Option<Self>, TableError> {
+        let (log_store, location) = log_store(store, dataset)?;
+        let delta = |source| TableError::Delta {
+            dataset: dataset.name(),
+            source: Box::new(source),
+        };
+        if !log_store.is_delta_table_location().await.map_err(delta)? {
+            return Ok(None);
+        }
+        let mut table = DeltaTable::new(log_store);
+        table.load().await.map_err(delta)?;
+        Ok(Some(Table {
+            dataset,
+            table,
+            location,
+        }))
+    }
+
+    fn err(&self) -> impl Fn(DeltaTableError) -> TableError + '_ {
+        move |source| TableError::Delta {
+            dataset: self.dataset.name(),
+            source: Box::new(source),
+        }
+    }
+
+    /// Reads the newest version of the table.
+    pub async fn refresh(&mut self) -> Result<(), TableError> {
+        let dataset = self.dataset.name();
+        self.table
+            .update_state()
+            .await
+            .map_err(|source| TableError::Delta {
+                dataset,
+                source: Box::new(source),
+            })
+    }
+
+    /// Where the table lives (for messages).
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// The table version read.
+    pub fn version(&self) -> i64 {
+        self.table.version().map_or(-1, |v| v as i64)
+    }
+
+    /// The table's properties (`tcplake.*` keys describe the projection it holds).
+    pub fn properties(&self) -> Result<HashMap<String, String>, TableError> {
+        let snapshot = self.table.snapshot().map_err(self.err())?;
+        Ok(snapshot.metadata().configuration().clone())
+    }
+
+    /// The version the application `app_id` last committed, if any.
+    pub async fn app_version(&self, app_id: &str) -> Result<Option<i64>, TableError> {
+        let snapshot = self.table.snapshot().map_err(self.err())?;
+        snapshot
+            .transaction_version(self.table.log_store().as_ref(), app_id)
+            .await
+            .map_err(self.err())
+    }
+
+    /// Every file of the current snapshot.
+    pub fn files(&self) -> Result<Vec<FileEntry>, TableError> {
+        let snapshot = self.table.snapshot().map_err(self.err())?;
+        let mut out: Vec<FileEntry> = snapshot
+            .log_data()
+            .iter()
+            .map(|f| FileEntry {
+                path: percent_decode(&f.path()),
+                size: f.size().max(0) as u64,
+                rows: f.num_records().map(|n| n as u64),
+                partition: f
+                    .partition_values_map()
+                    .into_iter()
+                    .collect::<BTreeMap<_, _>>(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(out)
+    }
+
+    /// Deletes files only versions older than `retention` need, and unreferenced ones that old.
+    /// Returns how many were deleted.
+    pub async fn vacuum(&self, retention: std::time::Duration) -> Result<u64, TableError> {
+        let dataset = self.dataset.name();
+        let mut ops = DeltaTable::new(self.table.log_store());
+        ops.state = self.table.state.clone();
+        let (_, metrics) = ops
+            .vacuum()
+            .with_retention_period(
+                chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX),
+            )
+            // The user chose the retention: Delta's 7-day floor guards readers of old versions, and
+            // the documentation says what a shorter one means for them.
+            .with_enforce_retention_duration(false)
+            .with_mode(deltalake_core::operations::vacuum::VacuumMode::Full)
+            .await
+            .map_err(|source| TableError::Delta {
+                dataset,
+                source: Box::new(source),
+            })?;
+        Ok(metrics.files_deleted.len() as u64)
+    }
+
+    /// Commits `adds` and `removes` with the application versions `txns`, in one Delta commit. Returns
+    /// the table version it became. A commit whose answer was lost and which in fact landed is
+    /// recognised by its application version (`txns[0]`), not redone.
+    pub async fn commit(
+        &mut self,
+        change: Change,
+        adds: Vec<NewFile>,
+        removes: Vec<FileEntry>,
+        txns: Vec<(String, i64)>,
+    ) -> Result<i64, TableError> {
+        let now = crate::time::now_us() / 1000;
+        let data_change = matches!(change, Change::Stream { .. });
+        let mut actions: Vec<Action> = Vec::with_capacity(adds.len() + removes.len());
+        for f in &adds {
+            actions.push(Action::Add(add_action(f, now, data_change)));
+        }
+        for f in &removes {
+            actions.push(Action::Remove(Remove {
+                path: percent_encode_path(&f.path),
+                data_change,
+                deletion_timestamp: Some(now),
+                extended_file_metadata: Some(true),
+                partition_values: Some(f.partition.clone().into_iter().collect()),
+                size: Some(f.size as i64),
+                tags: None,
+                deletion_vector: None,
+                base_row_id: None,
+                default_row_commit_version: None,
+            }));
+        }
+        let operation = match &change {
+            Change::Stream { producer, n } => DeltaOperation::StreamingUpdate {
+                output_mode: OutputMode::Append,
+                query_id: producer.clone(),
+                epoch_id: *n,
+            },
+            Change::Compact => DeltaOperation::Optimize {
+                predicate: None,
+                target_size: 0,
+            },
+        };
+        let props = CommitProperties::default().with_application_transactions(
+            txns.iter()
+                .map(|(app, v)| Transaction::new_with_last_update(app, *v, Some(now)))
+                .collect(),
+        );
+        let log_store = self.table.log_store();
+        let result = {
+            let snapshot = self.table.snapshot().map_err(self.err())?;
+            CommitBuilder::from(props)
+                .with_actions(actions)
+                .build(Some(snapshot), log_store, operation)
+                .await
+        };
+        match result {
+            Ok(done) => {
+                let version = done.version() as i64;
+                self.table.state = Some(done.snapshot());
+                Ok(version)
+            }
+            Err(e) => {
+                // Did it land after all (a lost answer, retried into a conflict with itself)?
+                self.refresh().await?;
+                if let Some((app, v)) = txns.first() {
+                    if self.app_version(app).await? == Some(*v) {
+                        tracing::debug!(app, v, "commit had landed; its answer was lost");
+                        return Ok(self.version());
+                    }
+                    if let deltalake_core::DeltaTableError::Transaction { .. } = &e {
+                        if self
+                            .app_version(app)
+                            .await?
+                            .is_some_and(|found| found >= *v)
+                        {
+                            return Err(TableError::Fenced {
+                                dataset: self.dataset.name(),
+                                app_id: app.clone(),
+                            });
+                        }
+                    }
+                }
+                Err(TableError::Delta {
+                    dataset: self.dataset.name(),
+                    source: Box::new(e),
+                })
+            }
+        }
+    }
+}
+
+fn add_action(f: &NewFile, now_ms: i64, data_change: bool) -> Add {
+    let mut min = serde_json::Map::new();
+    let mut max = serde_json::Map::new();
+    let mut nulls = serde_json::Map::new();
+    for (col, lo, hi) in &f.int_stats {
+        min.insert(col.to_string(), (*lo).into());
+        max.insert(col.to_string(), (*hi).into());
+        nulls.insert(col.to_string(), 0.into());
+    }
+    let stats = serde_json::json!({
+        "numRecords": f.rows,
+        "minValues": min,
+        "maxValues": max,
+        "nullCount": nulls,
+    });
+    Add {
+        path: percent_encode_path(&f.path),
+        partition_values: HashMap::from([
+            ("date".to_string(), Some(f.date.clone())),
+            ("hour".to_string(), Some(f.hour.to_string())),
+        ]),
+        size: f.size as i64,
+        modification_time: now_ms,
+        data_change,
+        stats: Some(stats.to_string()),
+        tags: None,
+        deletion_vector: None,
+        base_row_id: None,
+        default_row_commit_version: None,
+        clustering_provider: None,
+    }
+}
+
+/// Delta paths are URIs: `=` and `/` stay, other reserved characters are escaped. tcplake's names use
+/// only `[A-Za-z0-9._=/-]`, so this is the identity for them; it guards the rest.
+fn percent_encode_path(p: &str) -> String {
+    let mut out = String::with_capacity(p.len());
+    for b in p.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~' | b'/' | b'=') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn percent_decode(p: &str) -> String {
+    let b = p.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = |c: Option<&u8>| c.and_then(|c| (*c as char).to_digit(16));
+            if let (Some(h), Some(l)) = (hex(b.get(i + 1)), hex(b.get(i + 2))) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
