@@ -205,6 +205,33 @@ const S3_OPS: [&str; 9] = [
     "delete",
 ];
 
+/// Requests the Delta log made to the output's store (table snapshots, commits, checkpoints), by type.
+/// Counted for every store — on S3 they are also part of [`S3Metrics`] — so a run into a local
+/// directory says what the same tables would cost in S3 requests (`tcplake bench` prices them).
+#[derive(Debug, Default)]
+pub struct LogMetrics {
+    pub put: Counter,
+    pub get: Counter,
+    pub head: Counter,
+    pub list: Counter,
+    pub delete: Counter,
+    pub copy: Counter,
+}
+
+impl LogMetrics {
+    /// (type, count) for every request type.
+    pub fn by_type(&self) -> [(&'static str, u64); 6] {
+        [
+            ("put", self.put.get()),
+            ("get", self.get.get()),
+            ("head", self.head.get()),
+            ("list", self.list.get()),
+            ("delete", self.delete.get()),
+            ("copy", self.copy.get()),
+        ]
+    }
+}
+
 /// Traffic on the broker edges of this process (split modes).
 #[derive(Debug, Default)]
 pub struct BrokerMetrics {
@@ -253,6 +280,7 @@ pub struct Metrics {
     pub sink_flows: SinkMetrics,
     pub edges: EdgeMetrics,
     pub s3: Arc<S3Metrics>,
+    pub log: Arc<LogMetrics>,
     pub broker: Arc<BrokerMetrics>,
     pub handoff: Arc<HandoffMetrics>,
     /// Readiness, for `/readyz`.
@@ -355,6 +383,12 @@ impl Metrics {
                 sinks.map(|(ds, s)| (label("dataset", ds), get(s))),
             );
         }
+        x.family(
+            "delta_log_requests_total",
+            "counter",
+            "Requests of the Delta log to the output's store, by type (any store; on S3 also in s3_requests_total).",
+            self.log.by_type().map(|(op, n)| (label("op", op), n)),
+        );
         x.family(
             "s3_requests_total",
             "counter",

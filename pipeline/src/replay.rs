@@ -2,36 +2,23 @@
 //! table after a restart, a rebuilt projection) is obtained by feeding these events through the same
 //! aggregate stage again.
 //!
-//! Only committed files are read (those named by a commit record whose data exists), in stream order,
-//! one file in memory at a time.
+//! Only committed files are read (the table's current version), in `seq` order
+//! ([`events_log::Reader`]).
 
 use std::sync::Arc;
 
 use crate::edge::{EdgeError, Tx};
-use crate::event::schema::{batch_to_events, SchemaError};
 use crate::event::EventBatch;
-use crate::lake::events_log::{self, LogError};
-use crate::lake::read::{self, ReadError};
+use crate::lake::events_log::{self, ReadLogError};
 use crate::storage::Store;
 
 /// Why the log could not be read back.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
     #[error(transparent)]
-    Log(#[from] LogError),
-    #[error(transparent)]
-    Read(#[from] ReadError),
+    Log(#[from] ReadLogError),
     #[error(transparent)]
     Edge(#[from] EdgeError),
-    #[error("committed file `{key}`: {source}")]
-    Schema { key: String, source: SchemaError },
-    #[error("the event log of `{node}` has a gap: seq {expected} expected, file `{key}` starts at {found}")]
-    Gap {
-        node: String,
-        key: String,
-        expected: u64,
-        found: u64,
-    },
 }
 
 /// Sends the committed events of `node` with `from <= seq < to` to `out`, in order, in batches of at
@@ -47,53 +34,23 @@ pub async fn feed<O: Tx<Arc<EventBatch>>>(
     if from >= to {
         return Ok(0);
     }
-    let files = events_log::files(store, node).await?;
+    let mut log = events_log::Reader::open(store, node, from, batch).await?;
     let mut sent = 0u64;
-    let mut expected = from;
-    for f in files {
-        let (first, last) = (f.first_seq, f.last_seq);
-        if last < from || first >= to {
-            continue;
-        }
-        if first > expected {
-            return Err(ReplayError::Gap {
-                node: node.to_string(),
-                key: f.key,
-                expected,
-                found: first,
-            });
-        }
-        expected = last + 1;
-        let key = f.key.as_str();
-        for rb in read::open(store, key, batch).await? {
-            let rb = rb.map_err(|e| read::batch_error(key, e))?;
-            let events: Vec<_> = batch_to_events(&rb)
-                .map_err(|source| ReplayError::Schema {
-                    key: key.to_string(),
-                    source,
-                })?
-                .into_iter()
-                .map(|(_, e)| e)
-                .filter(|e| (from..to).contains(&e.seq))
-                .collect();
-            if events.is_empty() {
-                continue;
-            }
-            sent += events.len() as u64;
-            out.send(Arc::new(EventBatch::new(Arc::clone(node), events, None)))
-                .await?;
-        }
-        if expected >= to {
+    loop {
+        let events = log.next_events(batch, to).await?;
+        if events.is_empty() {
             break;
         }
+        sent += events.len() as u64;
+        out.send(Arc::new(EventBatch::new(Arc::clone(node), events, None)))
+            .await?;
     }
-    if expected < to {
-        return Err(ReplayError::Gap {
+    if log.next_seq() < to {
+        return Err(ReplayError::Log(ReadLogError::Gap {
             node: node.to_string(),
-            key: "(end of log)".into(),
-            expected,
-            found: to,
-        });
+            expected: log.next_seq(),
+            found: format!("the log ends before {to}"),
+        }));
     }
     Ok(sent)
 }

@@ -45,6 +45,9 @@ pub struct Summary {
     pub s3_requests: Option<BTreeMap<&'static str, u64>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub s3_retries: Option<u64>,
+    /// Requests of the Delta log to the output's store, by type (any store; on S3 also counted in
+    /// `s3_requests`).
+    pub delta_log_requests: BTreeMap<&'static str, u64>,
     /// Undecodable broker messages moved to the dead-letter stream.
     pub dead_letters: u64,
     /// Broker traffic of this process (split modes only).
@@ -110,6 +113,7 @@ impl Summary {
             out,
             s3_requests: s3.then(|| m.s3.by_type().into_iter().collect()),
             s3_retries: s3.then(|| m.s3.retries.get()),
+            delta_log_requests: m.log.by_type().into_iter().collect(),
             dead_letters: m.broker.dead_letters.get(),
             broker: {
                 let b = &m.broker;
@@ -183,6 +187,15 @@ impl std::fmt::Display for Summary {
                 list.join(", "),
                 self.s3_retries.unwrap_or(0)
             )?;
+        }
+        let log: Vec<String> = self
+            .delta_log_requests
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(op, n)| format!("{op} {n}"))
+            .collect();
+        if !log.is_empty() {
+            writeln!(f, "tcplake: Delta log requests: {}", log.join(", "))?;
         }
         if let Some(b) = &self.broker {
             writeln!(

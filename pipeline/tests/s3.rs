@@ -106,6 +106,8 @@ fn monolith_to_s3_reads_back_identical_to_local() {
     assert_eq!(req["complete_multipart"], 1, "{s}");
     assert_eq!(req["put"], 1 + 4 + 1 + 2, "{s}");
     assert_eq!(req["delete"], 1, "{s}");
+    // The log's share, counted on its own too: the four conditional PUTs of its versions.
+    assert_eq!(s["delta_log_requests"]["put"], 4, "{s}");
     assert_eq!(req["head"], 1, "{s}");
     for op in ["list", "get"] {
         let n = req[op].as_u64().unwrap();
@@ -832,13 +834,18 @@ fn two_nodes_on_one_bucket_output_with_graceful_restarts_keep_every_node_exact()
     };
     for _ in 0..2 {
         let known = commits_of_a();
-        let child = spawn(args("71", "node-a", true));
+        let mut child = spawn(args("71", "node-a", true));
         let deadline = Instant::now() + Duration::from_secs(60);
         while commits_of_a() <= known {
-            assert!(
-                Instant::now() < deadline,
-                "no node-a commit within a minute"
-            );
+            if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+                let _ = child.kill();
+                let o = child.wait_with_output().unwrap();
+                panic!(
+                    "no node-a commit within a minute ({}): {}",
+                    o.status,
+                    stderr(&o)
+                );
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
         let pid = child.id().to_string();
@@ -881,13 +888,8 @@ fn two_nodes_on_one_bucket_output_with_graceful_restarts_keep_every_node_exact()
     for node in ["node-a", "node-b"] {
         let replayed = tmp.path().join(format!("replayed-{node}"));
         let o = tcplake(
+            // Settings after the subcommand, as users write them.
             &[
-                "--node",
-                node,
-                "--s3-endpoint",
-                &endpoint,
-                "--s3-region",
-                "us-east-1",
                 "replay",
                 "--from",
                 &out,
@@ -895,6 +897,12 @@ fn two_nodes_on_one_bucket_output_with_graceful_restarts_keep_every_node_exact()
                 replayed.to_str().unwrap(),
                 "--window",
                 "120",
+                "--node",
+                node,
+                "--s3-endpoint",
+                &endpoint,
+                "--s3-region",
+                "us-east-1",
             ],
             &[
                 ("AWS_ACCESS_KEY_ID", KEY),

@@ -333,15 +333,32 @@ fn mode_report(
     let handoff_puts = sum(&["handoff", "puts"]);
     let messages = sum(&["broker", "published_messages"]) + sum(&["broker", "consumed_messages"]);
     let files = sum(&["files"]);
+    // Store requests by type, as if the output were on S3: a process writing to S3 counted all of
+    // them; one writing to a directory counted its Delta log's, to which each data file adds a PUT.
+    let requests = |ops: &[&str]| -> u64 {
+        let mut n = 0;
+        for p in &procs {
+            let on_s3 = p.summary["s3_requests"].is_object();
+            let by = if on_s3 {
+                "s3_requests"
+            } else {
+                "delta_log_requests"
+            };
+            n += ops.iter().map(|op| field(p, &[by, op])).sum::<u64>();
+            if !on_s3 && ops.contains(&"put") {
+                n += field(p, &["files"]);
+            }
+        }
+        n
+    };
     let usage = Usage {
         events: cfg.events,
         cpu_seconds: cpu,
         gb_seconds: all.iter().map(|p| p.peak_rss_mib / 1024.0 * secs).sum(),
-        // The output is priced as if written to S3: one PUT per file and one per commit record.
-        s3_writes: files * 2 + sum(&["s3_requests", "put"]) + handoff_puts,
-        s3_reads: sum(&["s3_requests", "get"])
-            + sum(&["s3_requests", "head"])
-            + sum(&["handoff", "gets"]),
+        // The output is priced as if written to S3: one PUT per data file, plus the Delta log's own
+        // requests as counted (commits, snapshot LISTs and GETs, checkpoints).
+        s3_writes: requests(&["put", "list", "copy"]) + handoff_puts,
+        s3_reads: requests(&["get", "head"]) + sum(&["handoff", "gets"]),
         broker_requests: messages,
         // Every object handed from one stage to the next is one orchestrated step.
         handoffs: handoff_puts,

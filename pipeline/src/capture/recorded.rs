@@ -8,10 +8,8 @@ use std::sync::Arc;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::CaptureError;
-use crate::event::schema::batch_to_events;
 use crate::event::{Event, EventBatch};
-use crate::lake::events_log::{self, EventFile};
-use crate::lake::read;
+use crate::lake::events_log;
 use crate::storage::Store;
 
 /// Which stretch of a recorded log to replay, by event time (microseconds since the epoch). A log is
@@ -24,11 +22,12 @@ pub struct TimeRange {
     pub until_us: Option<i64>,
 }
 
-/// Reads committed event files one at a time.
+/// Reads the committed log, in `seq` order.
 pub struct Recorded {
     store: Store,
     node: Arc<str>,
-    files: VecDeque<EventFile>,
+    /// Opened at the first read, from `next_seq` (a restarted replay resumes first).
+    log: Option<events_log::Reader>,
     pending: VecDeque<Event>,
     next_seq: u64,
     range: TimeRange,
@@ -75,9 +74,6 @@ impl Recorded {
                 )))
             }
         };
-        let files = events_log::files(&store, &node)
-            .await
-            .map_err(|e| CaptureError::Replay(e.to_string()))?;
         // Drawn only on a terminal (indicatif hides it otherwise): services and tests log no bars.
         let progress = ProgressBar::new(0).with_style(
             ProgressStyle::with_template(
@@ -93,7 +89,7 @@ impl Recorded {
             origin,
             store,
             node: node.into(),
-            files: files.into(),
+            log: None,
             pending: VecDeque::new(),
             next_seq: 0,
             range,
@@ -101,18 +97,7 @@ impl Recorded {
             ended: false,
             progress,
         };
-        rec.set_progress_length();
         Ok(rec)
-    }
-
-    /// The bar's length: rows still to read (an upper bound when --since/--until cut the log).
-    fn set_progress_length(&self) {
-        let rows: u64 = self
-            .files
-            .iter()
-            .map(|f| f.rows.unwrap_or(f.last_seq - f.first_seq + 1))
-            .sum();
-        self.progress.set_length(rows);
     }
 
     /// Which recorded output is replayed (its id, else where it is).
@@ -128,54 +113,50 @@ impl Recorded {
     /// Skips the events before `seq` (a restarted replay continues after its last commit).
     pub fn resume_at(&mut self, seq: u64) {
         self.next_seq = seq;
-        while self.files.front().is_some_and(|f| f.last_seq < seq) {
-            self.files.pop_front();
-        }
+        self.log = None;
+        self.pending.clear();
         // Events before `seq` were replayed and committed: the stretch had begun.
         self.started |= seq > 0;
-        self.set_progress_length();
     }
 
-    async fn load_next_file(&mut self) -> Result<bool, CaptureError> {
-        let Some(f) = self.files.pop_front() else {
+    /// Reads the next events of the stretch into `pending`; `false` at its end.
+    async fn load_more(&mut self) -> Result<bool, CaptureError> {
+        let err = |e: events_log::ReadLogError| CaptureError::Replay(e.to_string());
+        if self.ended {
             return Ok(false);
-        };
-        let key = f.key.as_str();
-        let err = CaptureError::Replay;
-        for rb in read::open(&self.store, key, 8192)
-            .await
-            .map_err(|e| err(e.to_string()))?
-        {
-            let rb = rb.map_err(|e| err(read::batch_error(key, e).to_string()))?;
-            self.progress.inc(rb.num_rows() as u64);
-            let events = batch_to_events(&rb).map_err(|e| err(format!("reading `{key}`: {e}")))?;
-            for (_, e) in events {
-                if e.seq < self.next_seq {
+        }
+        if self.log.is_none() {
+            let log = events_log::Reader::open(&self.store, &self.node, self.next_seq, 8192)
+                .await
+                .map_err(err)?;
+            self.progress.set_length(log.rows_left());
+            self.log = Some(log);
+        }
+        let log = self.log.as_mut().expect("just opened");
+        let events = log.next_events(8192, u64::MAX).await.map_err(err)?;
+        if events.is_empty() {
+            return Ok(false);
+        }
+        self.progress.inc(events.len() as u64);
+        for e in events {
+            if !self.started {
+                if self.range.since_us.is_some_and(|t| e.ts_us < t) {
                     continue;
                 }
-                if !self.started {
-                    if self.range.since_us.is_some_and(|t| e.ts_us < t) {
-                        continue;
-                    }
-                    self.started = true;
-                }
-                if self.range.until_us.is_some_and(|t| e.ts_us >= t) {
-                    self.ended = true;
-                    self.files.clear();
-                    break;
-                }
-                self.pending.push_back(e);
+                self.started = true;
             }
-            if self.ended {
+            if self.range.until_us.is_some_and(|t| e.ts_us >= t) {
+                self.ended = true;
                 break;
             }
+            self.pending.push_back(e);
         }
         Ok(true)
     }
 
     pub async fn next_batch(&mut self, max: usize) -> Result<Option<EventBatch>, CaptureError> {
         while self.pending.is_empty() {
-            if !self.load_next_file().await? {
+            if !self.load_more().await? {
                 self.progress.finish_and_clear();
                 return Ok(None);
             }

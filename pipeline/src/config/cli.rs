@@ -173,26 +173,46 @@ pub struct Cli {
     pub window: Option<u64>,
     /// How far behind the newest event a window waits before it is first emitted, in seconds
     /// [default: 5].
-    #[arg(long, env = "TCPLAKE_ALLOWED_LATENESS", value_name = "SECS")]
+    #[arg(
+        long,
+        global = true,
+        env = "TCPLAKE_ALLOWED_LATENESS",
+        value_name = "SECS"
+    )]
     pub allowed_lateness: Option<u64>,
     /// How far behind the newest event a window still takes late events (it is then emitted again,
     /// its rows replaced), in seconds; later events are counted and left out of flows/ [default: 60].
-    #[arg(long, env = "TCPLAKE_LATE_HORIZON", value_name = "SECS")]
+    #[arg(long, global = true, env = "TCPLAKE_LATE_HORIZON", value_name = "SECS")]
     pub late_horizon: Option<u64>,
     /// Name of this node, stored in every row [default: the host name].
-    #[arg(long, env = "TCPLAKE_NODE")]
+    #[arg(long, global = true, env = "TCPLAKE_NODE")]
     pub node: Option<String>,
     /// Events per batch moved between stages [default: 4096].
-    #[arg(long, env = "TCPLAKE_BATCH_SIZE", value_name = "N")]
+    #[arg(long, global = true, env = "TCPLAKE_BATCH_SIZE", value_name = "N")]
     pub batch_size: Option<usize>,
     /// Capacity of each in-memory edge, in batches [default: 16].
-    #[arg(long, env = "TCPLAKE_CHANNEL_CAPACITY", value_name = "BATCHES")]
+    #[arg(
+        long,
+        global = true,
+        env = "TCPLAKE_CHANNEL_CAPACITY",
+        value_name = "BATCHES"
+    )]
     pub channel_capacity: Option<usize>,
     /// Close a Parquet file at this size, e.g. 128MiB [default: 128MiB].
-    #[arg(long, env = "TCPLAKE_MAX_FILE_SIZE", value_name = "SIZE")]
+    #[arg(
+        long,
+        global = true,
+        env = "TCPLAKE_MAX_FILE_SIZE",
+        value_name = "SIZE"
+    )]
     pub max_file_size: Option<String>,
     /// Close a Parquet file after it has been open this long, e.g. 5m [default: 5m].
-    #[arg(long, env = "TCPLAKE_MAX_FILE_AGE", value_name = "DURATION")]
+    #[arg(
+        long,
+        global = true,
+        env = "TCPLAKE_MAX_FILE_AGE",
+        value_name = "DURATION"
+    )]
     pub max_file_age: Option<String>,
     /// Split modes: the NATS JetStream broker, e.g. nats://127.0.0.1:4222.
     #[arg(long, env = "TCPLAKE_BROKER", value_name = "URL")]
@@ -224,10 +244,15 @@ pub struct Cli {
     #[arg(long, env = "TCPLAKE_SHARDS", value_name = "N", hide = true)]
     pub shards: Option<u32>,
     /// Serve /metrics, /healthz and /readyz here; `off` to disable [default: 127.0.0.1:9477].
-    #[arg(long, env = "TCPLAKE_METRICS_ADDR", value_name = "ADDR:PORT|off")]
+    #[arg(
+        long,
+        global = true,
+        env = "TCPLAKE_METRICS_ADDR",
+        value_name = "ADDR:PORT|off"
+    )]
     pub metrics_addr: Option<String>,
     /// Logs as JSON lines (one object per event) instead of text.
-    #[arg(long, env = "TCPLAKE_LOG_JSON")]
+    #[arg(long, global = true, env = "TCPLAKE_LOG_JSON")]
     pub log_json: bool,
     /// Resolve and validate the configuration (flags, environment, file), print it, and exit: 0 when
     /// it is valid, 2 when not. Starts nothing (deployment checks, CI).

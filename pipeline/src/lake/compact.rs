@@ -3,8 +3,8 @@
 //! the sources or the merged file, never both and never neither. An interrupted compaction leaves at
 //! most an unreferenced merged file (`tcplake vacuum` removes it); rerunning merges again.
 //!
-//! The unit is a run of consecutive files of one producer in one partition (files hold contiguous
-//! stretches of the stream, so merged files still do). A partition is **closed** for a producer once
+//! The unit is a run of consecutive files of one producer in one partition (within a partition a
+//! producer's files follow one another in the stream, so a merged file's rows stay in stream order). A partition is **closed** for a producer once
 //! that producer has written to a later partition: its newest partition is never touched, so a running
 //! sink is unaffected. The removed files stay on storage until a vacuum older than the retention.
 
@@ -143,7 +143,15 @@ fn plan(files: &[FileEntry], opts: &CompactOptions, mutable_us: Option<i64>) -> 
     }
     let mut out = Vec::new();
     for (producer, mut list) in by_producer {
-        list.sort_by_key(|a| (a.1.first, a.1.last));
+        // By partition, then stream order: a commit's files of different partitions interleave in
+        // `seq`, but within a partition a producer's files follow one another.
+        list.sort_by(|a, b| {
+            (a.0.partition_dir(), a.1.first, a.1.last).cmp(&(
+                b.0.partition_dir(),
+                b.1.first,
+                b.1.last,
+            ))
+        });
         let newest = list
             .iter()
             .map(|(f, _)| f.partition_dir())

@@ -1,11 +1,14 @@
-//! The object store delta-rs commits through, for S3 outputs: `object_store`'s trait over tcplake's own
-//! S3 client (aws-sdk-s3), so the Delta log's requests go through the same credential chain, retries and
-//! request counting as the data files. Commits are conditional PUTs (`If-None-Match: *`), which is what
-//! makes two writers on one table safe; a store that ignores them is caught when a table is opened
-//! (`storage::s3`'s conditional-write probe). Local outputs use `object_store`'s own file system store.
+//! The object stores delta-rs commits through. For S3 outputs, [`S3Objects`]: `object_store`'s trait
+//! over tcplake's own S3 client (aws-sdk-s3), so the Delta log's requests go through the same credential
+//! chain, retries and request counting as the data files. Commits are conditional PUTs
+//! (`If-None-Match: *`), which is what makes two writers on one table safe; a store that ignores them
+//! is caught when the output is opened (`storage::s3`'s conditional-write probe). Local outputs use
+//! `object_store`'s own file system store. Either way [`Counted`] counts the log's requests, so a local
+//! run says what its tables would cost on S3.
 
 use std::fmt;
 use std::ops::Range;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -14,9 +17,10 @@ use object_store::path::Path;
 use object_store::{
     CopyMode, CopyOptions, GetOptions, GetRange, GetResult, GetResultPayload, ListResult,
     MultipartUpload, ObjectMeta, ObjectStore, PutMode, PutMultipartOptions, PutOptions, PutPayload,
-    PutResult,
+    PutResult, RenameOptions,
 };
 
+use crate::metrics::LogMetrics;
 use crate::storage::s3::{ObjectInfo, S3Store};
 
 const STORE: &str = "tcplake-s3";
@@ -230,6 +234,41 @@ impl ObjectStore for S3Objects {
         .boxed()
     }
 
+    fn list_with_offset(
+        &self,
+        prefix: Option<&Path>,
+        offset: &Path,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        let this = self.clone();
+        let prefix = prefix.cloned();
+        let offset = offset.clone();
+        stream::once(async move {
+            let p = match &prefix {
+                Some(p) => format!("{}/", this.key(p)),
+                None if this.base.is_empty() => String::new(),
+                None => format!("{}/", this.base),
+            };
+            let after = this.key(&offset);
+            let listed = this
+                .s3
+                .list_info_after(&p, Some(&after))
+                .await
+                .map_err(generic)?;
+            Ok::<_, object_store::Error>(
+                listed
+                    .into_iter()
+                    .map(|i| Ok(this.meta(i)))
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .map(|r| match r {
+            Ok(v) => stream::iter(v).boxed(),
+            Err(e) => stream::once(async move { Err(e) }).boxed(),
+        })
+        .flatten()
+        .boxed()
+    }
+
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
         let rel = prefix.map(|p| p.to_string()).unwrap_or_default();
         let p = match prefix {
@@ -294,5 +333,125 @@ impl ObjectStore for S3Objects {
             CopyMode::Overwrite => self.s3.replace_bytes(&key, &bytes).await.map_err(generic)?,
         }
         Ok(())
+    }
+}
+
+/// An object store that counts the requests made through it (the Delta log's) by type.
+#[derive(Debug)]
+pub struct Counted {
+    inner: Arc<dyn ObjectStore>,
+    requests: Arc<LogMetrics>,
+}
+
+impl Counted {
+    pub fn new(inner: Arc<dyn ObjectStore>, requests: Arc<LogMetrics>) -> Self {
+        Counted { inner, requests }
+    }
+}
+
+impl fmt::Display for Counted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.inner)
+    }
+}
+
+#[async_trait]
+impl ObjectStore for Counted {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        self.requests.put.add(1);
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.requests.put.add(1);
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        if options.head {
+            self.requests.head.add(1);
+        } else {
+            self.requests.get.add(1);
+        }
+        self.inner.get_opts(location, options).await
+    }
+
+    async fn get_ranges(
+        &self,
+        location: &Path,
+        ranges: &[Range<u64>],
+    ) -> object_store::Result<Vec<Bytes>> {
+        // An upper bound: a store may merge nearby ranges into one request.
+        self.requests.get.add(ranges.len() as u64);
+        self.inner.get_ranges(location, ranges).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        let requests = Arc::clone(&self.requests);
+        let counted = locations
+            .inspect(move |l| {
+                if l.is_ok() {
+                    requests.delete.add(1);
+                }
+            })
+            .boxed();
+        self.inner.delete_stream(counted)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.requests.list.add(1);
+        self.inner.list(prefix)
+    }
+
+    fn list_with_offset(
+        &self,
+        prefix: Option<&Path>,
+        offset: &Path,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.requests.list.add(1);
+        self.inner.list_with_offset(prefix, offset)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        self.requests.list.add(1);
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
+        self.requests.copy.add(1);
+        self.inner.copy_opts(from, to, options).await
+    }
+
+    async fn rename_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: RenameOptions,
+    ) -> object_store::Result<()> {
+        // On S3 a rename is a copy and a delete.
+        self.requests.copy.add(1);
+        self.requests.delete.add(1);
+        self.inner.rename_opts(from, to, options).await
     }
 }

@@ -308,36 +308,48 @@ impl CommitLog {
         }
     }
 
-    /// Moves a sealed file into the table and commits it, with this producer's new progress (and, for
-    /// flows, the rewrites of files whose windows it replaces). Returns the file's key in the store.
-    pub async fn commit(&mut self, f: &StagedFile) -> Result<String, CommitError> {
+    /// Moves sealed files (one per partition, together every row since the last commit) into the table
+    /// and commits them in one commit, with this producer's new progress `last` (and, for flows, the
+    /// rewrites of files whose windows they replace). Returns the files' keys in the store.
+    pub async fn commit(
+        &mut self,
+        files: &[StagedFile],
+        last: Position,
+    ) -> Result<Vec<String>, CommitError> {
         let n = self.next_n;
         let bound = |p: Position| match p {
             Position::Event { seq } => seq as i64,
             Position::Flow { .. } => 0,
         };
-        let (first, last) = match self.dataset {
-            Dataset::Flows => f.ts_range,
-            Dataset::Events => (bound(f.first), bound(f.last)),
-        };
-        let name = names::format(&self.producer, first, last, &format!("n{n}"));
-        let rel = format!("{}/{name}", f.partition.path());
-        let key = format!("{}/{rel}", self.dataset.name());
-        self.store.upload(&f.staged, &key).await?;
-        let int_stats = match (self.dataset, f.first, f.last) {
-            (Dataset::Events, Position::Event { seq: a }, Position::Event { seq: b }) => {
-                vec![("seq", a as i64, b as i64)]
-            }
-            _ => Vec::new(),
-        };
-        let mut adds = vec![NewFile {
-            path: rel.clone(),
-            size: f.bytes,
-            rows: f.rows,
-            date: f.partition.date(),
-            hour: f.partition.hour,
-            int_stats,
-        }];
+        let mut adds = Vec::with_capacity(files.len());
+        let mut keys = Vec::with_capacity(files.len());
+        let mut placed = Vec::with_capacity(files.len());
+        for f in files {
+            let (first, last) = match self.dataset {
+                Dataset::Flows => f.ts_range,
+                Dataset::Events => (bound(f.first), bound(f.last)),
+            };
+            let name = names::format(&self.producer, first, last, &format!("n{n}"));
+            let rel = format!("{}/{name}", f.partition.path());
+            let key = format!("{}/{rel}", self.dataset.name());
+            self.store.upload(&f.staged, &key).await?;
+            let int_stats = match (self.dataset, f.first, f.last) {
+                (Dataset::Events, Position::Event { seq: a }, Position::Event { seq: b }) => {
+                    vec![("seq", a as i64, b as i64)]
+                }
+                _ => Vec::new(),
+            };
+            adds.push(NewFile {
+                path: rel.clone(),
+                size: f.bytes,
+                rows: f.rows,
+                date: f.partition.date(),
+                hour: f.partition.hour,
+                int_stats,
+            });
+            placed.push((rel, f.partition.clone()));
+            keys.push(key);
+        }
         let (removes, rewritten) = self.rewrite_pending(n, &mut adds).await?;
         let app = app_id(self.dataset, &self.producer);
         let mut txns = vec![(app.clone(), n)];
@@ -345,11 +357,12 @@ impl CommitLog {
             txns.push((format!("{app}/source"), h));
         }
         txns.extend(
-            position_fields(f.last)
+            position_fields(last)
                 .into_iter()
                 .map(|(field, v)| (format!("{app}/{field}"), v)),
         );
-        if let Some(r) = &f.replay {
+        // The replay point of the last emission the files hold (all carry the same, or none).
+        if let Some(r) = files.iter().rev().find_map(|f| f.replay.as_ref()) {
             txns.push((format!("{app}/replay_from_seq"), r.from_seq as i64));
             txns.push((format!("{app}/replay_through_seq"), r.through_seq as i64));
             for (node, ts) in &r.max_ts {
@@ -368,11 +381,11 @@ impl CommitLog {
             )
             .await?;
         if let Some(p) = &mut self.projection {
-            p.committed_file(&rel, &rewritten);
+            p.committed_files(&placed, &rewritten);
         }
         self.next_n += 1;
-        self.last = Some(f.last);
-        Ok(key)
+        self.last = Some(last);
+        Ok(keys)
     }
 
     /// Rewrites the committed files holding older versions of windows the new file replaces: each

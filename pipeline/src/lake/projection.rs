@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::event::FlowRecord;
+use crate::time::Partition;
 
 /// A window of one node: `(window_start_us, node)`.
 pub type WindowKey = (i64, Arc<str>);
@@ -73,7 +74,7 @@ impl Projection {
         }
     }
 
-    /// Decides what of an emission to write (see the module doc). Call [`Self::committed_file`] once the
+    /// Decides what of an emission to write (see the module doc). Call [`Self::committed_files`] once the
     /// rows are committed.
     pub fn admit(&mut self, records: Vec<FlowRecord>) -> Admission {
         let counts = counts(&records);
@@ -122,9 +123,10 @@ impl Projection {
         &self.pending
     }
 
-    /// After a commit: the open file's windows now live in `path`, the rewritten files' remaining
-    /// windows in their replacements (`rewritten`: old path to new path and the windows it holds).
-    pub fn committed_file(&mut self, path: &str, rewritten: &[Rewritten]) {
+    /// After a commit: the open windows now live in `files` (path and partition: a window's rows are in
+    /// the file of its partition), the rewritten files' remaining windows in their replacements
+    /// (`rewritten`: old path to new path and the windows it holds).
+    pub fn committed_files(&mut self, files: &[(String, Partition)], rewritten: &[Rewritten]) {
         for (old, new, kept) in rewritten {
             self.committed.retain(|_, (_, f)| f != old);
             if let Some(new) = new {
@@ -133,8 +135,19 @@ impl Projection {
                 }
             }
         }
+        // Each window's rows went to the file of its partition (one per partition in a commit).
         for (k, n) in std::mem::take(&mut self.open) {
-            self.committed.insert(k, (n, path.to_string()));
+            let partition = Partition::of(k.0);
+            match files.iter().find(|(_, p)| *p == partition) {
+                Some((path, _)) => {
+                    self.committed.insert(k, (n, path.clone()));
+                }
+                None => {
+                    // Cannot happen: the sink writes every open window in the commit's files.
+                    tracing::error!(window = k.0, node = %k.1, "window committed in no file");
+                    debug_assert!(false, "window {k:?} committed in no file");
+                }
+            }
         }
         self.pending.clear();
         // Windows past the horizon of the newest can no longer change: forget them.
@@ -210,8 +223,8 @@ mod tests {
         // Window 20 again before its file is committed: it waits, replaced, in the open file.
         let a = p.admit(vec![rec(20, 1, 2)]);
         assert_eq!((a.unchanged, a.replaced, a.records.len()), (0, 0, 1));
-        p.committed_file(
-            "b.parquet",
+        p.committed_files(
+            &[("b.parquet".into(), Partition::of(0))],
             &[(
                 "a.parquet".into(),
                 Some("a2.parquet".into()),
@@ -224,5 +237,30 @@ mod tests {
         assert!(p.pending().contains_key("b.parquet"));
         let a = p.admit(vec![rec(0, 1, 3), rec(0, 2, 1)]);
         assert_eq!(a.unchanged, 1);
+    }
+
+    /// A commit that spans an hour boundary holds one file per partition: each window is indexed to
+    /// the file that holds it, so a later rewrite rewrites the right file.
+    #[test]
+    fn windows_of_a_commit_across_an_hour_are_indexed_to_their_own_files() {
+        const HOUR: i64 = 3_600_000_000;
+        let mut p = Projection::new(HOUR);
+        p.admit(vec![rec(HOUR - 10, 1, 1), rec(HOUR, 1, 1)]);
+        p.committed_files(
+            &[
+                ("h1.parquet".into(), Partition::of(HOUR)),
+                ("h0.parquet".into(), Partition::of(0)),
+            ],
+            &[],
+        );
+        p.admit(vec![rec(HOUR - 10, 1, 2), rec(HOUR, 1, 2)]);
+        assert_eq!(
+            p.pending().keys().collect::<Vec<_>>(),
+            vec!["h0.parquet", "h1.parquet"]
+        );
+        assert_eq!(
+            p.pending()["h0.parquet"],
+            BTreeSet::from([(HOUR - 10, Arc::from("n"))])
+        );
     }
 }

@@ -17,7 +17,7 @@ use deltalake_core::protocol::{DeltaOperation, OutputMode, SaveMode};
 use deltalake_core::{DeltaTable, DeltaTableError, ObjectStore};
 use object_store::local::LocalFileSystem;
 
-use super::objects::S3Objects;
+use super::objects::{Counted, S3Objects};
 use crate::lake::Dataset;
 use crate::storage::{Store, StoreError};
 
@@ -128,11 +128,17 @@ fn log_store(store: &Store, dataset: Dataset) -> Result<(LogStoreRef, String), T
                 std::fs::canonicalize(&root).map_err(|e| bad(shown.clone(), e.to_string()))?;
             let url = url::Url::from_directory_path(&abs)
                 .map_err(|()| bad(shown.clone(), "not an absolute path".into()))?;
-            let prefixed: Arc<dyn ObjectStore> = Arc::new(
-                LocalFileSystem::new_with_prefix(&abs)
-                    .map_err(|e| bad(shown.clone(), e.to_string()))?,
-            );
-            let root_store: Arc<dyn ObjectStore> = Arc::new(LocalFileSystem::new());
+            let prefixed: Arc<dyn ObjectStore> = Arc::new(Counted::new(
+                Arc::new(
+                    LocalFileSystem::new_with_prefix(&abs)
+                        .map_err(|e| bad(shown.clone(), e.to_string()))?,
+                ),
+                store.log_requests(),
+            ));
+            let root_store: Arc<dyn ObjectStore> = Arc::new(Counted::new(
+                Arc::new(LocalFileSystem::new()),
+                store.log_requests(),
+            ));
             Ok((
                 default_logstore(prefixed, root_store, &url, &StorageConfig::default()),
                 shown,
@@ -144,9 +150,14 @@ fn log_store(store: &Store, dataset: Dataset) -> Result<(LogStoreRef, String), T
                 .map_err(|e| bad(shown.clone(), e.to_string()))?;
             // delta-rs addresses the table's objects relative to its root; the kernel addresses
             // them by the path of the table's URL, from the bucket's root.
-            let prefixed: Arc<dyn ObjectStore> =
-                Arc::new(S3Objects::new(s.clone(), dataset.name()));
-            let root: Arc<dyn ObjectStore> = Arc::new(S3Objects::new(s.at_bucket_root(), ""));
+            let prefixed: Arc<dyn ObjectStore> = Arc::new(Counted::new(
+                Arc::new(S3Objects::new(s.clone(), dataset.name())),
+                store.log_requests(),
+            ));
+            let root: Arc<dyn ObjectStore> = Arc::new(Counted::new(
+                Arc::new(S3Objects::new(s.at_bucket_root(), "")),
+                store.log_requests(),
+            ));
             Ok((
                 default_logstore(prefixed, root, &url, &StorageConfig::default()),
                 shown,
@@ -381,48 +392,85 @@ impl Table {
                 .map(|(app, v)| Transaction::new_with_last_update(app, *v, Some(now)))
                 .collect(),
         );
-        let log_store = self.table.log_store();
-        let result = {
-            let snapshot = self.table.snapshot().map_err(self.err())?;
-            CommitBuilder::from(props)
-                .with_actions(actions)
-                .build(Some(snapshot), log_store, operation)
-                .await
-        };
-        match result {
-            Ok(done) => {
-                let version = done.version() as i64;
-                self.table.state = Some(done.snapshot());
-                Ok(version)
-            }
-            Err(e) => {
-                // Did it land after all (a lost answer, retried into a conflict with itself)?
-                self.refresh().await?;
-                if let Some((app, v)) = txns.first() {
-                    if self.app_version(app).await? == Some(*v) {
-                        tracing::debug!(app, v, "commit had landed; its answer was lost");
-                        return Ok(self.version());
-                    }
-                    if let deltalake_core::DeltaTableError::Transaction { .. } = &e {
-                        if self
-                            .app_version(app)
-                            .await?
-                            .is_some_and(|found| found >= *v)
-                        {
-                            return Err(TableError::Fenced {
-                                dataset: self.dataset.name(),
-                                app_id: app.clone(),
-                            });
-                        }
-                    }
+        let mut attempt = 0;
+        loop {
+            let result = {
+                let snapshot = self.table.snapshot().map_err(self.err())?;
+                CommitBuilder::from(props.clone())
+                    .with_actions(actions.clone())
+                    .build(Some(snapshot), self.table.log_store(), operation.clone())
+                    .await
+            };
+            let e = match result {
+                Ok(done) => {
+                    let version = done.version() as i64;
+                    self.table.state = Some(done.snapshot());
+                    return Ok(version);
                 }
-                Err(TableError::Delta {
-                    dataset: self.dataset.name(),
-                    source: Box::new(e),
-                })
+                Err(e) => e,
+            };
+            // Did it land after all (a lost answer, retried into a conflict with itself)?
+            self.refresh().await?;
+            if let Some((app, v)) = txns.first() {
+                let found = self.app_version(app).await?;
+                if found == Some(*v) {
+                    tracing::debug!(app, v, "commit had landed; its answer was lost");
+                    return Ok(self.version());
+                }
+                if is_conflict(&e) && found.is_some_and(|found| found >= *v) {
+                    return Err(TableError::Fenced {
+                        dataset: self.dataset.name(),
+                        app_id: app.clone(),
+                    });
+                }
             }
+            // delta-rs checks a commit as if it had read every file of its snapshot, so another
+            // writer's window rewrite (files removed) fails a concurrent append. tcplake's commits read
+            // nothing of other producers': against the newer version the same commit is still right,
+            // as long as the files it removes are still there (nobody else removes a producer's files).
+            if is_conflict(&e) && attempt < CONFLICT_RETRIES && self.holds_all(&removes)? {
+                attempt += 1;
+                tracing::debug!(
+                    dataset = self.dataset.name(),
+                    attempt,
+                    error = %e,
+                    "commit conflicted with another writer's; trying again on the new version"
+                );
+                continue;
+            }
+            return Err(TableError::Delta {
+                dataset: self.dataset.name(),
+                source: Box::new(e),
+            });
         }
     }
+
+    /// Every file of `files` is still part of the table.
+    fn holds_all(&self, files: &[FileEntry]) -> Result<bool, TableError> {
+        if files.is_empty() {
+            return Ok(true);
+        }
+        let current: std::collections::HashSet<String> =
+            self.files()?.into_iter().map(|f| f.path).collect();
+        Ok(files.iter().all(|f| current.contains(&f.path)))
+    }
+}
+
+/// How often a commit that conflicted with other writers' is tried again on the newer version
+/// (delta-rs already retries each attempt against the commits that raced it).
+const CONFLICT_RETRIES: u32 = 10;
+
+/// A commit lost to another writer's (as opposed to a failing store).
+fn is_conflict(e: &DeltaTableError) -> bool {
+    use deltalake_core::kernel::transaction::TransactionError;
+    matches!(
+        e,
+        DeltaTableError::Transaction {
+            source: TransactionError::CommitConflict(_)
+                | TransactionError::MaxCommitAttempts(_)
+                | TransactionError::VersionAlreadyExists(_),
+        } | DeltaTableError::VersionAlreadyExists(_)
+    )
 }
 
 fn add_action(f: &NewFile, now_ms: i64, data_change: bool) -> Add {

@@ -186,7 +186,8 @@ pub async fn open_existing(
             return Err(OpenError::Missing(dir.display().to_string()));
         }
         if access == Access::ReadOnly {
-            return Ok(Store::Local(LocalDir::open_read_only(dir)?));
+            return Ok(Store::Local(LocalDir::open_read_only(dir)?)
+                .counting_log_requests(Arc::clone(&metrics.log)));
         }
         if !dir.is_dir() {
             return Err(StoreError::NotADirectory(dir.clone()).into());
@@ -195,16 +196,18 @@ pub async fn open_existing(
     Ok(match (out, access) {
         (Output::S3(cfg), Access::ReadOnly) => {
             Store::S3(S3Store::connect_read_only(cfg, Arc::clone(&metrics.s3)).await?)
+                .counting_log_requests(Arc::clone(&metrics.log))
         }
         _ => open_output(out, metrics).await?,
     })
 }
 
 async fn open_output(out: &Output, metrics: &Metrics) -> Result<Store, StoreError> {
-    Ok(match out {
+    let store = match out {
         Output::Local(dir) => Store::Local(LocalDir::open(dir)?),
         Output::S3(cfg) => Store::S3(S3Store::connect(cfg, Arc::clone(&metrics.s3)).await?),
-    })
+    };
+    Ok(store.counting_log_requests(Arc::clone(&metrics.log)))
 }
 
 fn roll_policy(s: &Settings) -> RollPolicy {

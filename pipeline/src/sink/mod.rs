@@ -2,8 +2,9 @@
 //!
 //! Contract: every row received is in exactly one committed file when the stage returns `Ok`; files are
 //! laid out Hive-style, `<dataset>/date=YYYY-MM-DD/hour=HH/<name>.parquet`, only ever appear complete,
-//! and are committed in stream order, each by a commit to the dataset's table ([`crate::lake`]). One
-//! sink instance serves one dataset; it does not know what feeds it.
+//! and are committed in stream order, a group of files (one per partition written) by one commit to the
+//! dataset's table ([`crate::lake`]). One sink instance serves one dataset; it does not know what feeds
+//! it.
 
 pub mod rolling;
 
@@ -24,7 +25,7 @@ pub use crate::lake::{output_id, CommitError, CommitLog, Dataset, Position};
 use crate::metrics::SinkMetrics;
 pub use crate::storage::{LocalDir, Store, StoreError};
 pub use crate::time::Partition;
-pub use rolling::{RollPolicy, RollingWriter, SealedFile, WriteError};
+pub use rolling::{Group, RollPolicy, RollingWriter, SealedFile, WriteError};
 
 /// What a sink can write: a batch that splits into partitioned record batches.
 pub trait SinkRows: Send + 'static {
@@ -179,12 +180,12 @@ where
                 Some(batch) => write_batch(&mut writer, &batch, &mut stats, metrics)?,
                 None => break,
             },
-            _ = tick.tick() => writer.roll_aged(Instant::now())?,
+            _ = tick.tick() => writer.roll_aged(Instant::now())?.into_iter().collect(),
         };
         // While a commit waits on the store, no input is taken: the edge fills and the producer waits.
         commit(sealed, &store, log, &mut order, &mut stats, metrics).await?;
     }
-    let sealed = writer.close_all()?;
+    let sealed = writer.seal_all()?.into_iter().collect();
     commit(sealed, &store, log, &mut order, &mut stats, metrics).await?;
     Ok(stats)
 }
@@ -275,9 +276,9 @@ impl OpenFlows {
         writer: &mut RollingWriter,
         stats: &mut SinkStats,
         metrics: &SinkMetrics,
-    ) -> Result<Vec<SealedFile>, SinkError> {
+    ) -> Result<Vec<Group>, SinkError> {
         let Some(mut batch) = self.last.take() else {
-            return Ok(writer.close_all()?);
+            return Ok(writer.seal_all()?.into_iter().collect());
         };
         batch.records = std::mem::take(&mut self.rows)
             .into_values()
@@ -292,65 +293,92 @@ impl OpenFlows {
         } else {
             write_batch(writer, &batch, stats, metrics)?
         };
-        sealed.extend(writer.close_all()?);
-        Ok(sealed)
+        sealed.extend(writer.seal_all()?);
+        // One flush is one commit: the projection indexes every window it wrote to the file of its
+        // partition in that commit (the writer may have sealed a group midway, on size or partitions).
+        // Rows are sorted by window, so each partition is one chunk, hence one file.
+        let one: Group = sealed.into_iter().flatten().collect();
+        Ok(if one.is_empty() {
+            Vec::new()
+        } else {
+            vec![one]
+        })
     }
 }
 
-/// Commits sealed files in order; on failure the rest are discarded (they were never visible).
+/// Commits sealed groups in order, each in one commit; on failure the rest are discarded (they were
+/// never visible).
 async fn commit(
-    sealed: Vec<SealedFile>,
+    sealed: Vec<Group>,
     store: &Store,
     log: &mut CommitLog,
     order: &mut CommitOrder,
     stats: &mut SinkStats,
     metrics: &SinkMetrics,
 ) -> Result<(), SinkError> {
-    let mut files = sealed.into_iter();
-    while let Some(f) = files.next() {
-        let result = commit_one(&f, log, order).await;
-        if let Err(e) = result {
-            store.discard(&f.staged);
-            for rest in files {
-                store.discard(&rest.staged);
+    let mut groups = sealed.into_iter();
+    while let Some(g) = groups.next() {
+        if let Err(e) = commit_group(&g, log, order).await {
+            for f in g.into_iter().chain(groups.flatten()) {
+                store.discard(&f.staged);
             }
             return Err(e);
         }
         let now = crate::time::now_us();
-        metrics.record_latencies(f.sent_at_us.iter().map(|t| now.saturating_sub(*t)));
-        stats.files += 1;
-        stats.bytes += f.bytes;
-        metrics.files.add(1);
-        metrics.bytes.add(f.bytes);
-        tracing::debug!(key = %f.key, rows = f.rows, bytes = f.bytes, "file committed");
+        for f in &g {
+            metrics.record_latencies(f.sent_at_us.iter().map(|t| now.saturating_sub(*t)));
+            stats.files += 1;
+            stats.bytes += f.bytes;
+            metrics.files.add(1);
+            metrics.bytes.add(f.bytes);
+            tracing::debug!(key = %f.key, rows = f.rows, bytes = f.bytes, "file committed");
+        }
     }
     Ok(())
 }
 
-async fn commit_one(
-    f: &SealedFile,
+/// Where a group ends in the stream: its files' last rows, the furthest.
+fn group_last(g: &Group) -> Position {
+    g.iter()
+        .map(|f| f.last)
+        .max_by_key(|p| match *p {
+            Position::Event { seq } => (seq, 0),
+            Position::Flow {
+                emission,
+                through_seq,
+            } => (emission, through_seq),
+        })
+        .expect("a group holds a file")
+}
+
+async fn commit_group(
+    g: &Group,
     log: &mut CommitLog,
     order: &mut CommitOrder,
 ) -> Result<(), SinkError> {
-    if let (Some(after), Position::Flow { through_seq, .. }) = (order.after.as_mut(), f.last) {
+    let last = group_last(g);
+    if let (Some(after), Position::Flow { through_seq, .. }) = (order.after.as_mut(), last) {
         after
             .wait_for(|committed| *committed >= through_seq)
             .await
             .map_err(|_| EdgeError::Closed("event-log commit"))?;
     }
-    log.commit(&StagedFile {
-        staged: f.staged.clone(),
-        partition: f.partition.clone(),
-        rows: f.rows,
-        bytes: f.bytes,
-        first: f.first,
-        last: f.last,
-        replay: f.replay.clone(),
-        ts_range: f.ts_range,
-    })
-    .await?;
+    let files: Vec<StagedFile> = g
+        .iter()
+        .map(|f| StagedFile {
+            staged: f.staged.clone(),
+            partition: f.partition.clone(),
+            rows: f.rows,
+            bytes: f.bytes,
+            first: f.first,
+            last: f.last,
+            replay: f.replay.clone(),
+            ts_range: f.ts_range,
+        })
+        .collect();
+    log.commit(&files, last).await?;
     if let Some(committed) = &order.committed {
-        committed.send_replace(Some(f.last));
+        committed.send_replace(Some(last));
     }
     Ok(())
 }
@@ -360,7 +388,7 @@ fn write_batch<T: SinkRows>(
     batch: &T,
     stats: &mut SinkStats,
     metrics: &SinkMetrics,
-) -> Result<Vec<SealedFile>, SinkError> {
+) -> Result<Vec<Group>, SinkError> {
     let mut committed = Vec::new();
     for (partition, range) in partition_runs(batch) {
         let start = range.start;

@@ -1,10 +1,12 @@
 //! Parquet files that stay open across many batches and windows and close on size or age. Many windows
 //! per file, never a file per batch: small files are what make data lakes slow and expensive to query.
 //!
-//! At most one file is open at a time: a row for another partition seals the open file first. Files
-//! then hold contiguous stretches of the stream and are committed in stream order, which is what lets a
-//! restart resume from the last commit (`lake::producer`). Time-ordered input changes partition once an
-//! hour; a live source's slight disorder at an hour boundary costs a few small files then.
+//! Files of several partitions may be open at once (events a little out of time order at an hour
+//! boundary land in the hour before without closing the hour being written), and they are always sealed
+//! together, as one **group** that is committed in one commit: a commit then holds every row written
+//! since the one before, a contiguous stretch of the stream, which is what lets a restart resume from
+//! the last commit (`lake::producer`). A group is sealed when a file reaches the size limit, the oldest
+//! file the age limit, or a row arrives for a partition beyond [`MAX_OPEN_PARTITIONS`].
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -83,6 +85,13 @@ pub struct RollPolicy {
     pub row_group_rows: usize,
 }
 
+/// At most this many partitions have a file open; a row for another seals them all first. Stragglers
+/// reach back an hour or two at most; more open files would only hold more memory.
+pub const MAX_OPEN_PARTITIONS: usize = 3;
+
+/// Files sealed together, to be committed together, in one commit (never empty).
+pub type Group = Vec<SealedFile>;
+
 /// A complete, fsynced Parquet file under its temporary name, ready for [`Store::commit`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SealedFile {
@@ -157,13 +166,13 @@ impl RollingWriter {
     }
 
     /// Appends `batch` (rows at stream positions `first..=last`) to the open file of `partition`,
-    /// opening one named `stem` if there is none. Returns the files sealed: one of another partition,
-    /// and this one if it reached its size.
+    /// opening one named `stem` if there is none. Returns the groups sealed: every open file, before a
+    /// file for one partition too many is opened, and after one reaches its size.
     pub fn write(
         &mut self,
         chunk: Chunk<'_>,
         stem: impl FnOnce() -> String,
-    ) -> Result<Vec<SealedFile>, WriteError> {
+    ) -> Result<Vec<Group>, WriteError> {
         let Chunk {
             partition,
             batch,
@@ -173,16 +182,10 @@ impl RollingWriter {
             replay,
         } = chunk;
         let mut sealed = Vec::new();
-        let others: Vec<Partition> = self
-            .open
-            .keys()
-            .filter(|p| **p != partition)
-            .cloned()
-            .collect();
-        for p in others {
-            sealed.push(self.close(&p)?);
-        }
         if !self.open.contains_key(&partition) {
+            if self.open.len() >= MAX_OPEN_PARTITIONS {
+                sealed.extend(self.seal_all()?);
+            }
             let file = self.create(&partition, &stem(), first)?;
             self.open.insert(partition.clone(), file);
         }
@@ -204,7 +207,7 @@ impl RollingWriter {
         }
         let size = (file.writer.bytes_written() + file.writer.in_progress_size()) as u64;
         if size >= self.policy.max_bytes {
-            sealed.push(self.close(&partition)?);
+            sealed.extend(self.seal_all()?);
         }
         Ok(sealed)
     }
@@ -218,21 +221,36 @@ impl RollingWriter {
         self.open.is_empty()
     }
 
-    /// Seals files open longer than the age limit.
-    pub fn roll_aged(&mut self, now: Instant) -> Result<Vec<SealedFile>, WriteError> {
-        let aged: Vec<Partition> = self
+    /// Seals the open files if the oldest has been open longer than the age limit.
+    pub fn roll_aged(&mut self, now: Instant) -> Result<Option<Group>, WriteError> {
+        let aged = self
             .open
-            .iter()
-            .filter(|(_, f)| now.duration_since(f.opened) >= self.policy.max_age)
-            .map(|(p, _)| p.clone())
-            .collect();
-        aged.iter().map(|p| self.close(p)).collect()
+            .values()
+            .any(|f| now.duration_since(f.opened) >= self.policy.max_age);
+        if aged {
+            self.seal_all()
+        } else {
+            Ok(None)
+        }
     }
 
-    /// Seals every open file (end of input, shutdown).
-    pub fn close_all(&mut self) -> Result<Vec<SealedFile>, WriteError> {
+    /// Seals every open file, as one group (end of input, shutdown, a roll); `None` if none is open.
+    pub fn seal_all(&mut self) -> Result<Option<Group>, WriteError> {
         let all: Vec<Partition> = self.open.keys().cloned().collect();
-        all.iter().map(|p| self.close(p)).collect()
+        let mut group = Vec::with_capacity(all.len());
+        for p in &all {
+            match self.close(p) {
+                Ok(f) => group.push(f),
+                Err(e) => {
+                    // The group is committed whole or not at all: drop what was sealed of it.
+                    for f in group {
+                        self.store.discard(&f.staged);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok((!group.is_empty()).then_some(group))
     }
 
     fn create(

@@ -8,6 +8,9 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::metrics::LogMetrics;
 
 pub mod s3;
 
@@ -47,6 +50,8 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
 #[derive(Clone, Debug)]
 pub struct LocalDir {
     root: PathBuf,
+    /// Where the Delta log's requests to this directory are counted.
+    log_requests: Arc<LogMetrics>,
 }
 
 impl LocalDir {
@@ -64,7 +69,10 @@ impl LocalDir {
         let probe = root.join(format!(".tcplake-write-test-{}", std::process::id()));
         fs::write(&probe, b"").map_err(not_writable)?;
         fs::remove_file(&probe).map_err(not_writable)?;
-        let dir = LocalDir { root };
+        let dir = LocalDir {
+            root,
+            log_requests: Arc::default(),
+        };
         dir.remove_stale_staging();
         Ok(dir)
     }
@@ -83,7 +91,10 @@ impl LocalDir {
             path: root.clone(),
             source,
         })?;
-        Ok(LocalDir { root })
+        Ok(LocalDir {
+            root,
+            log_requests: Arc::default(),
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -262,6 +273,25 @@ pub enum Store {
 }
 
 impl Store {
+    /// Counts the Delta log's requests to this store in `m` (the process's metrics).
+    pub fn counting_log_requests(self, m: Arc<LogMetrics>) -> Store {
+        match self {
+            Store::Local(mut d) => {
+                d.log_requests = m;
+                Store::Local(d)
+            }
+            Store::S3(s) => Store::S3(s.counting_log_requests(m)),
+        }
+    }
+
+    /// Where the Delta log's requests to this store are counted.
+    pub fn log_requests(&self) -> Arc<LogMetrics> {
+        match self {
+            Store::Local(d) => Arc::clone(&d.log_requests),
+            Store::S3(s) => s.log_requests(),
+        }
+    }
+
     /// A temporary local path for the file that will be committed as `key`.
     pub fn staging_path(&self, key: &str) -> Result<PathBuf, StoreError> {
         match self {

@@ -21,7 +21,7 @@ use aws_sdk_s3::Client;
 use tokio::io::AsyncReadExt;
 
 use super::{LocalDir, StoreError};
-use crate::metrics::S3Metrics;
+use crate::metrics::{LogMetrics, S3Metrics};
 
 /// Files above this size go up as multipart uploads.
 pub const MULTIPART_THRESHOLD: u64 = 16 << 20;
@@ -127,6 +127,8 @@ pub struct S3Store {
     max_retry: Duration,
     multipart_threshold: u64,
     metrics: Arc<S3Metrics>,
+    /// Where the Delta log's share of the requests is counted too.
+    log_requests: Arc<LogMetrics>,
 }
 
 /// Status code of a failed request, when the server answered.
@@ -276,6 +278,7 @@ impl S3Store {
             max_retry: s.max_retry.min(STARTUP_RETRY_FOR),
             multipart_threshold: s.multipart_threshold,
             metrics,
+            log_requests: Arc::default(),
         };
         store.check_bucket().await?;
         Ok(store)
@@ -328,6 +331,18 @@ impl S3Store {
     }
 
     /// The same bucket, seen from its root (keys are whole object keys, not under the prefix).
+    /// Counts the Delta log's requests (also counted with every other request) in `m`.
+    pub fn counting_log_requests(self, m: Arc<LogMetrics>) -> S3Store {
+        S3Store {
+            log_requests: m,
+            ..self
+        }
+    }
+
+    pub fn log_requests(&self) -> Arc<LogMetrics> {
+        Arc::clone(&self.log_requests)
+    }
+
     pub fn at_bucket_root(&self) -> S3Store {
         S3Store {
             prefix: String::new(),
@@ -631,53 +646,73 @@ impl S3Store {
         range: Option<String>,
     ) -> Result<Option<(Vec<u8>, ObjectInfo)>, S3Error> {
         let full = self.object_key(key);
-        let r = self
-            .request("get", &full, || {
-                self.client
-                    .get_object()
-                    .bucket(&self.bucket)
-                    .key(&full)
-                    .set_range(range.clone())
-                    .send()
-            })
-            .await;
-        match r {
-            Ok(out) => {
-                let total = out
-                    .content_range()
-                    .and_then(|cr| cr.rsplit_once('/'))
-                    .and_then(|(_, t)| t.parse::<u64>().ok())
-                    .or_else(|| out.content_length().map(|l| l.max(0) as u64))
-                    .unwrap_or(0);
-                let info = ObjectInfo {
-                    key: key.to_string(),
-                    size: total,
-                    last_modified: out
-                        .last_modified()
-                        .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
-                    etag: out.e_tag().map(str::to_string),
-                };
-                let body = out.body.collect().await.map_err(|e| S3Error::Request {
-                    op: "GET",
-                    key: full.clone(),
-                    retried: String::new(),
-                    message: e.to_string(),
-                })?;
-                let bytes = body.into_bytes().to_vec();
-                self.metrics.bytes_downloaded.add(bytes.len() as u64);
-                Ok(Some((bytes, info)))
+        let started = Instant::now();
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            let r = self
+                .request("get", &full, || {
+                    self.client
+                        .get_object()
+                        .bucket(&self.bucket)
+                        .key(&full)
+                        .set_range(range.clone())
+                        .send()
+                })
+                .await;
+            let out = match r {
+                Ok(out) => out,
+                Err(e) if status(&e) == Some(404) => return Ok(None),
+                Err(e) if status(&e) == Some(416) => {
+                    let info = self.head_info(key).await?.unwrap_or(ObjectInfo {
+                        key: key.to_string(),
+                        size: 0,
+                        last_modified: None,
+                        etag: None,
+                    });
+                    return Ok(Some((Vec::new(), info)));
+                }
+                Err(e) => return Err(self.failed("GET", &full, &e)),
+            };
+            let total = out
+                .content_range()
+                .and_then(|cr| cr.rsplit_once('/'))
+                .and_then(|(_, t)| t.parse::<u64>().ok())
+                .or_else(|| out.content_length().map(|l| l.max(0) as u64))
+                .unwrap_or(0);
+            let info = ObjectInfo {
+                key: key.to_string(),
+                size: total,
+                last_modified: out
+                    .last_modified()
+                    .and_then(|t| std::time::SystemTime::try_from(*t).ok()),
+                etag: out.e_tag().map(str::to_string),
+            };
+            match out.body.collect().await {
+                Ok(body) => {
+                    let bytes = body.into_bytes().to_vec();
+                    self.metrics.bytes_downloaded.add(bytes.len() as u64);
+                    return Ok(Some((bytes, info)));
+                }
+                // The answer broke off mid-body (a dropped connection, a store serving an object
+                // while it is replaced): the request as a whole is tried again, like any transient
+                // failure.
+                Err(e) if started.elapsed() < self.max_retry => {
+                    self.metrics.retries.add(1);
+                    if backoff == FIRST_BACKOFF {
+                        tracing::warn!(op = "get", key = %full, error = %e, "S3 response body broke off; retrying with backoff");
+                    }
+                    tokio::time::sleep(jittered(backoff)).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Err(e) => {
+                    return Err(S3Error::Request {
+                        op: "GET",
+                        key: full.clone(),
+                        retried: format!(" after retrying for {} s", self.max_retry.as_secs()),
+                        message: e.to_string(),
+                    })
+                }
             }
-            Err(e) if status(&e) == Some(404) => Ok(None),
-            Err(e) if status(&e) == Some(416) => Ok(Some((
-                Vec::new(),
-                self.head_info(key).await?.unwrap_or(ObjectInfo {
-                    key: key.to_string(),
-                    size: 0,
-                    last_modified: None,
-                    etag: None,
-                }),
-            ))),
-            Err(e) => Err(self.failed("GET", &full, &e)),
         }
     }
 
@@ -709,8 +744,19 @@ impl S3Store {
 
     /// Every object under `prefix` (recursively, keys relative to the store prefix), sorted by key.
     pub async fn list_info(&self, prefix: &str) -> Result<Vec<ObjectInfo>, S3Error> {
+        self.list_info_after(prefix, None).await
+    }
+
+    /// Like [`S3Store::list_info`], only the keys after `start_after` (S3 skips the rest itself: a
+    /// Delta log read lists its new versions, not the whole history).
+    pub async fn list_info_after(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+    ) -> Result<Vec<ObjectInfo>, S3Error> {
         let full = self.object_key(prefix);
         let strip = self.object_key("");
+        let after = start_after.map(|k| self.object_key(k));
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
@@ -720,6 +766,7 @@ impl S3Store {
                         .list_objects_v2()
                         .bucket(&self.bucket)
                         .prefix(&full)
+                        .set_start_after(after.clone())
                         .set_continuation_token(token.clone())
                         .send()
                 })
@@ -753,31 +800,7 @@ impl S3Store {
 
     /// The whole object, or `None` if there is none.
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, S3Error> {
-        let key = self.object_key(key);
-        let r = self
-            .request("get", &key, || {
-                self.client
-                    .get_object()
-                    .bucket(&self.bucket)
-                    .key(&key)
-                    .send()
-            })
-            .await;
-        match r {
-            Ok(out) => {
-                let body = out.body.collect().await.map_err(|e| S3Error::Request {
-                    op: "GET",
-                    key: key.clone(),
-                    retried: String::new(),
-                    message: e.to_string(),
-                })?;
-                let bytes = body.into_bytes().to_vec();
-                self.metrics.bytes_downloaded.add(bytes.len() as u64);
-                Ok(Some(bytes))
-            }
-            Err(e) if status(&e) == Some(404) => Ok(None),
-            Err(e) => Err(self.failed("GET", &key, &e)),
-        }
+        Ok(self.get_range(key, None).await?.map(|(bytes, _)| bytes))
     }
 
     /// The object's size, or `None` if there is none.
