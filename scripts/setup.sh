@@ -3,9 +3,13 @@
 # Idempotent: every step checks before it installs, so reruns take seconds.
 #   scripts/setup.sh        everything the tests need (the default)
 #   scripts/setup.sh run    only what building and running tcplake needs
+#   scripts/setup.sh bench  everything the tests need, plus the capture benchmark's real workload and
+#                           floor (nginx, ab, iperf3, bpftrace; see docs/results.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 purpose=${1:-test}
+bench=false
+if [ "$purpose" = bench ]; then bench=true; purpose=test; fi
 
 say() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -45,7 +49,20 @@ if [ "$(id -u)" = 0 ] && [ "$purpose" = test ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
 fi
-# The loader reads tracepoint layouts from tracefs.
+# The capture benchmark (cargo bench --bench ebpf_overhead): an off-the-shelf HTTP server and load
+# generator, a bulk-transfer tool, and bpftrace as the floor (attached to the same tracepoints, counting).
+if [ "$(id -u)" = 0 ] && [ "$bench" = true ]; then
+  missing=()
+  command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
+  command -v ab >/dev/null 2>&1 || missing+=(apache2-utils)
+  command -v iperf3 >/dev/null 2>&1 || missing+=(iperf3)
+  command -v bpftrace >/dev/null 2>&1 || missing+=(bpftrace)
+  if [ ${#missing[@]} -gt 0 ]; then
+    say "installing ${missing[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+fi
+# bpftrace (the capture benchmark's floor) attaches through tracefs.
 if [ "$(id -u)" = 0 ]; then
   mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing || true
 fi

@@ -1,19 +1,27 @@
-//! What live capture costs the traffic it watches (a benchmark, not a test; needs root).
+//! What live capture costs the traffic it watches (a benchmark, not a test; needs root and
+//! `scripts/setup.sh bench`).
 //!
-//! `cargo bench --bench ebpf_overhead` runs two loopback workloads — connection churn (connect, 64-byte
-//! request and reply, close) and bulk transfer (one connection streaming 64 KiB writes) — alternately
-//! with no probe and with `tcplake --source ebpf` capturing everything, several rounds in one run, and
-//! reports throughput with the probe as a ratio of throughput without it. With kernel BPF statistics on,
-//! it also reports each program's invocations and mean run time, and the ring-buffer drops of every
-//! attached phase (the churn phase is the highest connection rate this machine reaches).
+//! `cargo bench --bench ebpf_overhead` runs off-the-shelf programs on loopback — nginx answering a tiny
+//! response to `ab` opening a new connection per request (connection churn, the worst case for a
+//! per-connection probe), and `iperf3` streaming one connection (bulk transfer) — in three phases that
+//! alternate within each round (their order rotates from round to round):
 //!
-//! Settings: `TCPLAKE_BENCH_SECS` (seconds per phase, default 3), `TCPLAKE_BENCH_ROUNDS` (default 3).
+//! - **none**: nothing attached;
+//! - **floor**: bpftrace attached to the same five tracepoints, doing nothing but count — what merely
+//!   attaching costs;
+//! - **tcplake**: `tcplake --source ebpf` capturing everything into a local output.
+//!
+//! It reports each phase's throughput (median over rounds) as a ratio of the no-probe phase, tcplake's
+//! loss as a multiple of the floor's, and for tcplake on churn: each program's invocations and run time
+//! per connection (the kernel's BPF statistics), the tcplake process's CPU per connection (decode,
+//! aggregate, Parquet), events and event-log bytes per connection, and ring-buffer drops.
+//!
+//! Settings: `TCPLAKE_BENCH_SECS` (seconds per phase, default 5), `TCPLAKE_BENCH_ROUNDS` (default 3),
+//! `TCPLAKE_BENCH_CONCURRENCY` (ab's concurrent connections, default 16).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const PROGRAMS: [&str; 5] = [
@@ -24,6 +32,11 @@ const PROGRAMS: [&str; 5] = [
     "sock_recv_length",
 ];
 
+/// The floor: the same tracepoints, a count each.
+const FLOOR: &str = "tracepoint:sock:inet_sock_set_state, tracepoint:tcp:tcp_retransmit_skb, \
+    tracepoint:tcp:tcp_probe, tracepoint:sock:sock_send_length, tracepoint:sock:sock_recv_length \
+    { @[probe] = count(); }";
+
 fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -31,79 +44,197 @@ fn env_num(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// A loopback server: churn connections get a 64-byte reply; bulk connections are drained.
-fn server() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut conn = conn;
-                let mut buf = vec![0u8; 64 * 1024];
-                let Ok(n) = conn.read(&mut buf) else { return };
-                if n == 64 && buf[0] == b'c' {
-                    let _ = conn.write_all(&[b'r'; 64]);
-                    return;
-                }
-                while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
-            });
-        }
-    });
-    port
+fn need(tool: &str) {
+    let found = Command::new("sh")
+        .args([
+            "-c",
+            &format!("command -v {tool} || test -x /usr/sbin/{tool}"),
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(found, "{tool} is missing: run scripts/setup.sh bench");
 }
 
-/// Connections completed per second by `threads` clients.
-fn churn(port: u16, secs: u64, threads: usize) -> f64 {
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let workers: Vec<_> = (0..threads)
-        .map(|_| {
-            let (stop, done) = (Arc::clone(&stop), Arc::clone(&done));
-            std::thread::spawn(move || {
-                let mut reply = [0u8; 64];
-                while !stop.load(Ordering::Relaxed) {
-                    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-                        continue;
-                    };
-                    if s.write_all(&[b'c'; 64]).is_ok() && s.read_exact(&mut reply).is_ok() {
-                        done.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            })
-        })
-        .collect();
-    std::thread::sleep(Duration::from_secs(secs));
-    stop.store(true, Ordering::Relaxed);
-    for w in workers {
-        w.join().unwrap();
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A process stopped (SIGTERM) and reaped when dropped.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
     }
-    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
 }
 
-/// MiB per second through one connection.
+/// nginx on loopback answering `ok` to every request, no logging.
+fn nginx(dir: &Path, port: u16) -> Guard {
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes auto;\ndaemon off;\npid {dir}/nginx.pid;\nerror_log {dir}/error.log;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{ access_log off; \
+               client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; \
+               fastcgi_temp_path {dir}/fastcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi; \
+               server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"ok\\n\"; }} }} }}\n",
+            dir = dir.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("nginx")
+        .args(["-p", dir.to_str().unwrap(), "-c", conf.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nginx (scripts/setup.sh bench)");
+    wait_listening(port);
+    Guard(child)
+}
+
+fn iperf_server(port: u16) -> Guard {
+    let child = Command::new("iperf3")
+        .args(["-s", "-B", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("iperf3 (scripts/setup.sh bench)");
+    wait_listening(port);
+    Guard(child)
+}
+
+fn wait_listening(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// (requests per second, completed requests) from `ab`, a new connection per request.
+fn churn(port: u16, secs: u64, concurrency: u64) -> (f64, u64) {
+    let o = Command::new("ab")
+        .args([
+            "-q",
+            "-r",
+            "-t",
+            &secs.to_string(),
+            "-n",
+            "100000000",
+            "-c",
+            &concurrency.to_string(),
+            &format!("http://127.0.0.1:{port}/"),
+        ])
+        .output()
+        .expect("ab (scripts/setup.sh bench)");
+    let text = String::from_utf8_lossy(&o.stdout);
+    let value = |key: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l[key.len()..].split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("ab printed no `{key}`: {text}"))
+    };
+    (
+        value("Requests per second:"),
+        value("Complete requests:") as u64,
+    )
+}
+
+/// Gbit/s through one `iperf3` connection.
 fn bulk(port: u16, secs: u64) -> f64 {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let chunk = vec![b'b'; 64 * 1024];
-    let start = Instant::now();
-    let mut sent = 0u64;
-    while start.elapsed() < Duration::from_secs(secs) {
-        s.write_all(&chunk).unwrap();
-        sent += chunk.len() as u64;
+    let o = Command::new("iperf3")
+        .args([
+            "-c",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-t",
+            &secs.to_string(),
+            "-J",
+        ])
+        .output()
+        .expect("iperf3");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("iperf3 JSON");
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .expect("iperf3 result")
+        / 1e9
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Phase {
+    None,
+    Floor,
+    Tcplake,
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::None => "nothing attached",
+            Phase::Floor => "bpftrace counting (the floor)",
+            Phase::Tcplake => "tcplake --source ebpf",
+        }
     }
-    sent as f64 / (1 << 20) as f64 / start.elapsed().as_secs_f64()
+}
+
+/// bpftrace attached, or tcplake capturing.
+enum Attached {
+    None,
+    /// Held only to keep bpftrace attached until the phase ends (dropping it stops bpftrace).
+    Floor(#[allow(dead_code)] Guard),
+    Tcplake(Capture),
+}
+
+fn attach(phase: Phase, out: &Path) -> Attached {
+    match phase {
+        Phase::None => Attached::None,
+        Phase::Floor => {
+            let mut child = Command::new("bpftrace")
+                .args(["-e", FLOOR])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("bpftrace (scripts/setup.sh bench)");
+            let mut lines = BufReader::new(child.stdout.take().unwrap());
+            let mut line = String::new();
+            while !line.starts_with("Attaching") {
+                line.clear();
+                assert!(
+                    lines.read_line(&mut line).unwrap() > 0,
+                    "bpftrace did not attach"
+                );
+            }
+            // The line is printed before the probes are attached: give them a moment.
+            std::thread::sleep(Duration::from_millis(500));
+            std::thread::spawn(move || for _ in lines.lines() {});
+            Attached::Floor(Guard(child))
+        }
+        Phase::Tcplake => Attached::Tcplake(Capture::start(out)),
+    }
 }
 
 struct Capture(Child);
 
 impl Capture {
-    fn start(out: &std::path::Path) -> Capture {
+    fn start(out: &Path) -> Capture {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tcplake"))
             .args([
                 "--source",
                 "ebpf",
                 "--summary",
                 "json",
+                "--metrics-addr",
+                "127.0.0.1:0",
                 "--out",
                 out.to_str().unwrap(),
             ])
@@ -147,7 +278,7 @@ impl Capture {
     }
 }
 
-/// (invocations, total run time ns) per program, from the kernel's BPF statistics.
+/// (program, invocations, run time ns) of tcplake's programs, from the kernel's BPF statistics.
 fn program_stats() -> Vec<(&'static str, u64, u64)> {
     let mut out = Vec::new();
     for info in aya::programs::loaded_programs().flatten() {
@@ -163,92 +294,182 @@ fn program_stats() -> Vec<(&'static str, u64, u64)> {
     out
 }
 
+/// Bytes of Parquet data files under `dir` (not the Delta log).
+fn data_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p: PathBuf = e.path();
+            if p.is_dir() {
+                if !p.ends_with("_delta_log") {
+                    stack.push(p);
+                }
+            } else if p.extension().is_some_and(|x| x == "parquet") {
+                total += e.metadata().map(|m| m.len()).unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
 
+/// What tcplake cost while it watched the churn workload.
+#[derive(Default)]
+struct CaptureCost {
+    connections: u64,
+    cpu_secs: f64,
+    events: u64,
+    drops: u64,
+    event_bytes: u64,
+    programs: Vec<(&'static str, u64, u64)>,
+}
+
 fn main() {
-    let secs = env_num("TCPLAKE_BENCH_SECS", 3);
+    let secs = env_num("TCPLAKE_BENCH_SECS", 5);
     let rounds = env_num("TCPLAKE_BENCH_ROUNDS", 3);
-    let threads = 2;
-    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
-        .map_err(|e| eprintln!("BPF statistics unavailable ({e}); per-event cost will be missing"))
-        .ok();
-    let port = server();
-    let tmp = tempfile::tempdir().unwrap();
-    let (mut churn_ratio, mut bulk_ratio) = (Vec::new(), Vec::new());
-    let (mut churn_rates, mut bulk_rates) = (Vec::new(), Vec::new());
-    let mut per_program: Vec<(&str, u64, u64)> = Vec::new();
-    let (mut events, mut drops) = (0u64, 0u64);
-    let (mut capture_cpu, mut attached_secs) = (0.0, 0.0);
-    for round in 0..rounds {
-        let c0 = churn(port, secs, threads);
-        let b0 = bulk(port, secs);
-        let cap = Capture::start(&tmp.path().join(format!("round-{round}")));
-        let (cpu0, t0) = (cap.cpu_secs(), Instant::now());
-        let c1 = churn(port, secs, threads);
-        let b1 = bulk(port, secs);
-        capture_cpu += cap.cpu_secs() - cpu0;
-        attached_secs += t0.elapsed().as_secs_f64();
-        for (name, runs, ns) in program_stats() {
-            match per_program.iter_mut().find(|(n, ..)| *n == name) {
-                Some(e) => {
-                    e.1 += runs;
-                    e.2 += ns;
-                }
-                None => per_program.push((name, runs, ns)),
-            }
-        }
-        let summary = cap.stop();
-        events += summary["events"].as_u64().unwrap_or(0);
-        drops += summary["kernel_drops"].as_u64().unwrap_or(0);
-        eprintln!(
-            "round {round}: churn {c0:.0} -> {c1:.0} conn/s, bulk {b0:.0} -> {b1:.0} MiB/s, {} events, {} drops",
-            summary["events"], summary["kernel_drops"]
-        );
-        churn_ratio.push(c1 / c0);
-        bulk_ratio.push(b1 / b0);
-        churn_rates.push((c0, c1));
-        bulk_rates.push((b0, b1));
+    let concurrency = env_num("TCPLAKE_BENCH_CONCURRENCY", 16);
+    for tool in ["nginx", "ab", "iperf3", "bpftrace"] {
+        need(tool);
     }
-    let loss = |r: f64| (1.0 - r) * 100.0;
-    let (cr, br) = (median(churn_ratio), median(bulk_ratio));
-    println!("## eBPF capture overhead ({rounds} rounds x {secs} s per phase, {threads} churn clients)\n");
-    println!("| workload | without probe | with probe | with / without | throughput loss |");
-    println!("|---|---|---|---|---|");
-    let mid = |v: &[(f64, f64)]| {
-        (
-            median(v.iter().map(|x| x.0).collect()),
-            median(v.iter().map(|x| x.1).collect()),
-        )
-    };
-    let (c0, c1) = mid(&churn_rates);
-    let (b0, b1) = mid(&bulk_rates);
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .map_err(|e| {
+            eprintln!("BPF statistics unavailable ({e}); per-program cost will be missing")
+        })
+        .ok();
+    let tmp = tempfile::tempdir().unwrap();
+    let (web, bulk_port) = (free_port(), free_port());
+    let web_dir = tmp.path().join("nginx");
+    std::fs::create_dir_all(&web_dir).unwrap();
+    let _nginx = nginx(&web_dir, web);
+    let _iperf = iperf_server(bulk_port);
+    // Warm up (page cache, nginx workers, TIME_WAIT reuse), unmeasured.
+    churn(web, 1, concurrency);
+
+    let phases = [Phase::None, Phase::Floor, Phase::Tcplake];
+    let mut churn_rates: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    let mut bulk_rates: Vec<Vec<f64>> = vec![Vec::new(); 3];
+    let mut cost = CaptureCost::default();
+    for round in 0..rounds as usize {
+        for k in 0..3 {
+            let i = (round + k) % 3;
+            let phase = phases[i];
+            let out = tmp.path().join(format!("round-{round}"));
+            let attached = attach(phase, &out);
+            let before = program_stats();
+            let cpu0 = match &attached {
+                Attached::Tcplake(c) => c.cpu_secs(),
+                _ => 0.0,
+            };
+            let (rate, done) = churn(web, secs, concurrency);
+            if let Attached::Tcplake(c) = &attached {
+                cost.cpu_secs += c.cpu_secs() - cpu0;
+                cost.connections += done;
+                for (name, runs, ns) in program_stats() {
+                    let (r0, n0) = before
+                        .iter()
+                        .find(|(n, ..)| *n == name)
+                        .map(|(_, r, n)| (*r, *n))
+                        .unwrap_or((0, 0));
+                    match cost.programs.iter_mut().find(|(n, ..)| *n == name) {
+                        Some(e) => {
+                            e.1 += runs - r0;
+                            e.2 += ns - n0;
+                        }
+                        None => cost.programs.push((name, runs - r0, ns - n0)),
+                    }
+                }
+            }
+            churn_rates[i].push(rate);
+            // Events and bytes are taken over the churn phase alone: bulk runs under a second capture.
+            let attached = match attached {
+                Attached::Tcplake(c) => {
+                    let s = c.stop();
+                    cost.events += s["events"].as_u64().unwrap_or(0);
+                    cost.drops += s["kernel_drops"].as_u64().unwrap_or(0);
+                    cost.event_bytes += data_bytes(&out.join("events"));
+                    Attached::Tcplake(Capture::start(&tmp.path().join(format!("bulk-{round}"))))
+                }
+                other => other,
+            };
+            bulk_rates[i].push(bulk(bulk_port, secs));
+            if let Attached::Tcplake(c) = attached {
+                cost.drops += c.stop()["kernel_drops"].as_u64().unwrap_or(0);
+            }
+            eprintln!(
+                "round {round}: {:<32} churn {rate:>8.0} req/s  bulk {:>6.2} Gbit/s",
+                phase.name(),
+                bulk_rates[i].last().unwrap()
+            );
+        }
+    }
+
+    let churn_mid: Vec<f64> = churn_rates.into_iter().map(median).collect();
+    let bulk_mid: Vec<f64> = bulk_rates.into_iter().map(median).collect();
     println!(
-        "| connection churn | {c0:.0} conn/s | {c1:.0} conn/s | {cr:.3} | {:.1} % |",
-        loss(cr)
+        "## Live capture overhead ({rounds} rounds x {secs} s per phase, phases alternating)\n\n\
+         Connection churn: nginx answering `ok` to `ab -c {concurrency}` (a new connection per request). \
+         Bulk: one `iperf3` connection. Loopback, medians.\n"
     );
+    println!("| phase | churn req/s | vs none | loss | bulk Gbit/s | vs none |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (i, p) in phases.iter().enumerate() {
+        let (c, b) = (churn_mid[i] / churn_mid[0], bulk_mid[i] / bulk_mid[0]);
+        println!(
+            "| {} | {:.0} | {c:.3} | {:.1} % | {:.2} | {b:.3} |",
+            p.name(),
+            churn_mid[i],
+            (1.0 - c) * 100.0,
+            bulk_mid[i]
+        );
+    }
+    let floor_loss = 1.0 - churn_mid[1] / churn_mid[0];
+    let loss = 1.0 - churn_mid[2] / churn_mid[0];
+    if floor_loss > 0.0 {
+        println!(
+            "\ntcplake's churn loss is {:.2}x the floor's ({:.1} % vs {:.1} %).",
+            loss / floor_loss,
+            loss * 100.0,
+            floor_loss * 100.0
+        );
+    } else {
+        println!(
+            "\nThe floor lost nothing measurable ({:.1} %); tcplake's loss: {:.1} %.",
+            floor_loss * 100.0,
+            loss * 100.0
+        );
+    }
+    let conns = cost.connections.max(1) as f64;
     println!(
-        "| bulk transfer | {b0:.0} MiB/s | {b1:.0} MiB/s | {br:.3} | {:.1} % |",
-        loss(br)
+        "\nPer connection under tcplake (both ends of each connection are captured): {:.1} events, \
+         {:.0} bytes of event Parquet, {:.1} µs of tcplake CPU (decode, aggregate, Parquet); \
+         ring-buffer drops: {}.\n",
+        cost.events as f64 / conns,
+        cost.event_bytes as f64 / conns,
+        cost.cpu_secs * 1e6 / conns,
+        cost.drops
     );
-    println!("\nEvents captured while attached: {events}; ring-buffer drops: {drops}.");
-    println!(
-        "The tcplake process (decode, aggregate, Parquet) used {:.0} % of one core while attached.\n",
-        capture_cpu / attached_secs * 100.0
-    );
-    if !per_program.is_empty() {
-        println!("| program | invocations | mean run time | share of one core while attached |");
-        println!("|---|---|---|---|");
-        for (name, runs, ns) in &per_program {
+    if !cost.programs.is_empty() {
+        println!("| program | runs per connection | mean run time | BPF ns per connection |");
+        println!("|---|---:|---:|---:|");
+        let mut total = 0.0;
+        for (name, runs, ns) in &cost.programs {
             let mean = if *runs > 0 {
                 *ns as f64 / *runs as f64
             } else {
                 0.0
             };
-            let share = *ns as f64 / 1e9 / attached_secs * 100.0;
-            println!("| {name} | {runs} | {mean:.0} ns | {share:.1} % |");
+            total += *ns as f64 / conns;
+            println!(
+                "| {name} | {:.1} | {mean:.0} ns | {:.0} |",
+                *runs as f64 / conns,
+                *ns as f64 / conns
+            );
         }
+        println!("| all | | | {total:.0} |");
     }
 }

@@ -109,70 +109,39 @@ impl TcpEvent {
     }
 }
 
-/// Offsets of the fields the programs read in `sock:inet_sock_set_state`'s record.
+/// Where the fields the programs read sit in the running kernel's `struct sock` / `struct tcp_sock`
+/// (byte offsets from the socket pointer a BTF tracepoint passes), and what its tracepoints pass.
 ///
-/// Read from tracefs `format` files at load time and handed to the programs as globals, so one object
-/// runs on kernels whose tracepoint layouts differ.
+/// Looked up in the kernel's BTF at load time and handed to the programs as a read-only global: the
+/// verifier treats its values as constants, so a program reads `sk + offset` directly (no helper call),
+/// and one object runs on kernels whose layouts differ.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SetStateOffsets {
-    pub skaddr: u32,
-    pub oldstate: u32,
-    pub newstate: u32,
-    pub sport: u32,
-    pub dport: u32,
+pub struct SockOffsets {
+    /// `__sk_common.skc_family` (u16).
     pub family: u32,
-    pub protocol: u32,
-    pub saddr: u32,
-    pub daddr: u32,
-    pub saddr_v6: u32,
-    pub daddr_v6: u32,
-}
-
-/// Offsets in `tcp:tcp_retransmit_skb`'s record.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RetransmitOffsets {
-    pub skaddr: u32,
+    /// `__sk_common.skc_state` (u8).
     pub state: u32,
-    pub sport: u32,
+    /// `__sk_common.skc_num`: local port, host order (u16).
+    pub num: u32,
+    /// `__sk_common.skc_dport`: remote port, network order (u16).
     pub dport: u32,
-    pub family: u32,
-    pub saddr: u32,
+    /// `__sk_common.skc_rcv_saddr` (IPv4, 4 bytes).
+    pub rcv_saddr: u32,
+    /// `__sk_common.skc_daddr` (IPv4, 4 bytes).
     pub daddr: u32,
-    pub saddr_v6: u32,
-    pub daddr_v6: u32,
-    /// Offset of `err` (6.x kernels: the tracepoint also fires for failed attempts), or
-    /// [`NO_FIELD`] where the kernel has no such field.
-    pub err: u32,
-}
-
-/// An offset meaning "this kernel's tracepoint has no such field".
-pub const NO_FIELD: u32 = u32::MAX;
-
-/// Offsets in `tcp:tcp_probe`'s record. `saddr`/`daddr` are `struct sockaddr_in`/`sockaddr_in6`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ProbeOffsets {
-    pub skaddr: u32,
-    pub saddr: u32,
-    pub daddr: u32,
-    pub sport: u32,
-    pub dport: u32,
-    pub family: u32,
-    pub snd_cwnd: u32,
-    pub srtt: u32,
-}
-
-/// Offsets in `sock:sock_send_length` / `sock:sock_recv_length` (same layout for both).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LengthOffsets {
-    pub sk: u32,
-    pub family: u32,
+    /// `__sk_common.skc_v6_rcv_saddr` (16 bytes).
+    pub v6_rcv_saddr: u32,
+    /// `__sk_common.skc_v6_daddr` (16 bytes).
+    pub v6_daddr: u32,
+    /// `sk_protocol` (u16).
     pub protocol: u32,
-    pub ret: u32,
-    pub flags: u32,
+    /// `tcp_sock.srtt_us` (u32, smoothed RTT in 1/8 µs).
+    pub srtt_us: u32,
+    /// `tcp_sock.snd_cwnd` (u32).
+    pub snd_cwnd: u32,
+    /// 1 if `tcp_retransmit_skb` passes the transmit result (`err`, kernels >= 6.9) as a third argument.
+    pub retransmit_has_err: u32,
 }
 
 /// Run-time settings of the programs, set by the loader.
@@ -198,17 +167,11 @@ pub struct ProbeConfig {
 mod pod {
     // SAFETY: all are #[repr(C)], made only of integers, with no implicit padding (checked below).
     unsafe impl aya::Pod for super::TcpEvent {}
-    unsafe impl aya::Pod for super::SetStateOffsets {}
-    unsafe impl aya::Pod for super::RetransmitOffsets {}
-    unsafe impl aya::Pod for super::ProbeOffsets {}
-    unsafe impl aya::Pod for super::LengthOffsets {}
+    unsafe impl aya::Pod for super::SockOffsets {}
     unsafe impl aya::Pod for super::ProbeConfig {}
 }
 
-const _: () = assert!(core::mem::size_of::<SetStateOffsets>() == 11 * 4);
-const _: () = assert!(core::mem::size_of::<RetransmitOffsets>() == 10 * 4);
-const _: () = assert!(core::mem::size_of::<ProbeOffsets>() == 8 * 4);
-const _: () = assert!(core::mem::size_of::<LengthOffsets>() == 5 * 4);
+const _: () = assert!(core::mem::size_of::<SockOffsets>() == 12 * 4);
 const _: () = assert!(core::mem::size_of::<ProbeConfig>() == 16 + 24);
 
 #[cfg(test)]

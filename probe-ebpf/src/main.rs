@@ -1,7 +1,7 @@
 //! tcplake's kernel programs.
 //!
-//! Five tracepoints (this kernel has no kprobes and refuses fentry), each a thin `#[tracepoint]` fn over
-//! a `try_*` fn, all writing [`TcpEvent`]s into one ring buffer:
+//! Five BTF tracepoints (`tp_btf`: this kernel has no kprobes and refuses fentry), each a thin
+//! `#[btf_tracepoint]` fn over a `try_*` fn, all writing [`TcpEvent`]s into one ring buffer:
 //!
 //! | tracepoint | emits |
 //! |---|---|
@@ -15,8 +15,11 @@
 //! `SYN_SENT`), `listen` (inherited by the sockets the listener accepts), or the first send/recv. Events
 //! raised in softirq context use the socket's recorded owner, never the interrupted task.
 //!
-//! **Portability.** Field offsets come from tracefs at load time (globals set by the loader), not from
-//! this build's headers.
+//! **Cost and portability.** A BTF tracepoint gets the raw arguments (the socket, states, lengths):
+//! the kernel formats no trace record for it, and the programs read the socket fields they need with
+//! direct loads the verifier checks against the kernel's types, not a helper call per field. Their
+//! offsets come from the kernel's BTF at load time (a read-only global set by the loader, which the
+//! verifier sees as constants), not from this build's headers.
 //!
 //! **Cost.** Records are submitted with `BPF_RB_NO_WAKEUP`; user space drains on a timer. A full ring
 //! buffer is counted in `DROPS`, never silent.

@@ -5,16 +5,15 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_ktime_get_boot_ns,
+        bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
     },
-    macros::{map, tracepoint},
+    macros::{btf_tracepoint, map},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    programs::BtfTracePointContext,
 };
 use probe_common::{
-    LengthOffsets, ProbeConfig, ProbeOffsets, RetransmitOffsets, SetStateOffsets, TcpEvent,
-    COMM_LEN, FAMILY_IPV4, FAMILY_IPV6, KIND_BYTES_RECEIVED, KIND_BYTES_SENT, KIND_RETRANSMIT,
-    KIND_RTT_SAMPLE, KIND_STATE_CHANGE, NO_FIELD,
+    ProbeConfig, SockOffsets, TcpEvent, COMM_LEN, FAMILY_IPV4, FAMILY_IPV6, KIND_BYTES_RECEIVED,
+    KIND_BYTES_SENT, KIND_RETRANSMIT, KIND_RTT_SAMPLE, KIND_STATE_CHANGE,
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -27,13 +26,7 @@ const TCP_CLOSE: i32 = 7;
 const TCP_LISTEN: i32 = 10;
 
 #[unsafe(no_mangle)]
-static SET_STATE: SetStateOffsets = unsafe { core::mem::zeroed() };
-#[unsafe(no_mangle)]
-static RETRANSMIT: RetransmitOffsets = unsafe { core::mem::zeroed() };
-#[unsafe(no_mangle)]
-static PROBE: ProbeOffsets = unsafe { core::mem::zeroed() };
-#[unsafe(no_mangle)]
-static LENGTH: LengthOffsets = unsafe { core::mem::zeroed() };
+static SOCK: SockOffsets = unsafe { core::mem::zeroed() };
 #[unsafe(no_mangle)]
 static CONFIG: ProbeConfig = unsafe { core::mem::zeroed() };
 
@@ -88,40 +81,55 @@ struct SockInfo {
     has_tuple: u8,
 }
 
-#[tracepoint]
-pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> u32 {
     let _ = try_set_state(&ctx);
     0
 }
 
-#[tracepoint]
-pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> u32 {
     let _ = try_retransmit(&ctx);
     0
 }
 
-#[tracepoint]
-pub fn tcp_probe(ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "tcp_probe")]
+pub fn tcp_probe(ctx: BtfTracePointContext) -> u32 {
     let _ = try_probe(&ctx);
     0
 }
 
-#[tracepoint]
-pub fn sock_send_length(ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn sock_send_length(ctx: BtfTracePointContext) -> u32 {
     let _ = try_length(&ctx, KIND_BYTES_SENT);
     0
 }
 
-#[tracepoint]
-pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn sock_recv_length(ctx: BtfTracePointContext) -> u32 {
     let _ = try_length(&ctx, KIND_BYTES_RECEIVED);
     0
 }
 
+/// A field of the socket a tracepoint passed, read directly: the verifier knows `sk`'s BTF type and
+/// the offset (a constant from `SOCK`), and checks the access against the kernel's `struct sock`.
+/// Volatile, so each read stays one load of exactly the field's size.
 #[inline(always)]
-fn read<T>(ctx: &TracePointContext, offset: u32) -> Result<T, i32> {
-    // SAFETY: the offset comes from the tracepoint's own format file; the helper checks the access.
-    unsafe { ctx.read_at::<T>(offset as usize) }
+fn field<T: Copy>(sk: *const u8, offset: u32) -> T {
+    // SAFETY: `sk` is the tracepoint's socket (a kernel pointer the JIT reads fault-safely), `offset`
+    // a field of it on this kernel (from its BTF, checked by the verifier).
+    unsafe { core::ptr::read_volatile(sk.add(offset as usize).cast::<T>()) }
+}
+
+/// A 16-byte address field, as two loads.
+#[inline(always)]
+fn field16(sk: *const u8, offset: u32) -> [u8; 16] {
+    let lo: u64 = field(sk, offset);
+    let hi: u64 = field(sk, offset + 8);
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&lo.to_ne_bytes());
+    out[8..].copy_from_slice(&hi.to_ne_bytes());
+    out
 }
 
 fn current_owner() -> Owner {
@@ -147,44 +155,33 @@ fn sock_info(sk: u64) -> Option<*mut SockInfo> {
     SOCKS.get_ptr_mut(sk)
 }
 
-/// Reads the 4-tuple from a tracepoint record laid out like `inet_sock_set_state`'s.
-#[allow(clippy::too_many_arguments)]
+/// Reads the socket's 4-tuple once it is bound (addresses and ports never change after that).
 #[inline(always)]
-fn read_tuple(
-    ctx: &TracePointContext,
-    info: &mut SockInfo,
-    family_off: u32,
-    sport_off: u32,
-    dport_off: u32,
-    saddr_off: u32,
-    daddr_off: u32,
-    saddr6_off: u32,
-    daddr6_off: u32,
-) -> Result<(), i32> {
-    let family: u16 = read(ctx, family_off)?;
-    let sport: u16 = read(ctx, sport_off)?;
+fn read_tuple(sk: *const u8, info: &mut SockInfo) {
+    let o = load(&SOCK);
+    let sport: u16 = field(sk, o.num);
     if sport == 0 {
         // Not bound yet (connect in progress): keep what we have.
-        return Ok(());
+        return;
     }
+    let family: u16 = field(sk, o.family);
     if family == FAMILY_IPV4 {
-        let s: [u8; 4] = read(ctx, saddr_off)?;
-        let d: [u8; 4] = read(ctx, daddr_off)?;
+        let s: u32 = field(sk, o.rcv_saddr);
+        let d: u32 = field(sk, o.daddr);
         info.saddr = [0; 16];
         info.daddr = [0; 16];
-        info.saddr[..4].copy_from_slice(&s);
-        info.daddr[..4].copy_from_slice(&d);
+        info.saddr[..4].copy_from_slice(&s.to_ne_bytes());
+        info.daddr[..4].copy_from_slice(&d.to_ne_bytes());
     } else if family == FAMILY_IPV6 {
-        info.saddr = read(ctx, saddr6_off)?;
-        info.daddr = read(ctx, daddr6_off)?;
+        info.saddr = field16(sk, o.v6_rcv_saddr);
+        info.daddr = field16(sk, o.v6_daddr);
     } else {
-        return Ok(());
+        return;
     }
     info.family = family;
     info.sport = sport;
-    info.dport = read(ctx, dport_off)?;
+    info.dport = u16::from_be(field(sk, o.dport));
     info.has_tuple = 1;
-    Ok(())
 }
 
 fn passes_filters(cfg: &ProbeConfig, info: &SockInfo) -> bool {
@@ -275,18 +272,18 @@ fn flush(info: *mut SockInfo, sk: u64, now: u64) {
     unsafe { (*info).last_flush_ns = now };
 }
 
-fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
-    let o = load(&SET_STATE);
-    let protocol: u16 = read(ctx, o.protocol)?;
-    if protocol != IPPROTO_TCP {
+fn try_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
+    let o = load(&SOCK);
+    // inet_sock_set_state(const struct sock *sk, int oldstate, int newstate)
+    let sk: *const u8 = ctx.arg(0);
+    if field::<u16>(sk, o.protocol) != IPPROTO_TCP {
         return Ok(());
     }
-    let sk: u64 = read(ctx, o.skaddr)?;
-    let old: i32 = read(ctx, o.oldstate)?;
-    let new: i32 = read(ctx, o.newstate)?;
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
     if new == TCP_LISTEN || old == TCP_LISTEN {
         // listen() runs in the owning process: remember it for the connections it will accept.
-        let port = u32::from(read::<u16>(ctx, o.sport)?);
+        let port = u32::from(field::<u16>(sk, o.num));
         if new == TCP_LISTEN {
             let _ = LISTENERS.insert(port, current_owner(), 0);
         } else {
@@ -294,15 +291,13 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         }
         return Ok(());
     }
+    let id = sk as u64;
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    let info_ptr = sock_info(sk).ok_or(0)?;
+    let info_ptr = sock_info(id).ok_or(0)?;
     // SAFETY: map value pointer, valid for this program run.
     let info = unsafe { &mut *info_ptr };
     if info.has_tuple == 0 {
-        // A socket's addresses and ports never change once bound: read them until they are complete.
-        read_tuple(
-            ctx, info, o.family, o.sport, o.dport, o.saddr, o.daddr, o.saddr_v6, o.daddr_v6,
-        )?;
+        read_tuple(sk, info);
     }
     if info.has_owner == 0 {
         if new == TCP_SYN_SENT {
@@ -325,7 +320,7 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         info.pending_connect_ns = 0;
         emit(
             info,
-            sk,
+            id,
             ts,
             KIND_STATE_CHANGE,
             TCP_CLOSE as u8,
@@ -336,11 +331,11 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         );
     }
     if new == TCP_CLOSE {
-        flush(info_ptr, sk, now);
+        flush(info_ptr, id, now);
     }
     emit(
         info,
-        sk,
+        id,
         now,
         KIND_STATE_CHANGE,
         old as u8,
@@ -350,81 +345,79 @@ fn try_set_state(ctx: &TracePointContext) -> Result<(), i32> {
         0,
     );
     if new == TCP_CLOSE {
-        let _ = SOCKS.remove(sk);
+        let _ = SOCKS.remove(id);
     }
     Ok(())
 }
 
-fn try_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
-    let o = load(&RETRANSMIT);
-    if o.err != NO_FIELD && read::<i32>(ctx, o.err)? != 0 {
+fn try_retransmit(ctx: &BtfTracePointContext) -> Result<(), i32> {
+    let o = load(&SOCK);
+    // tcp_retransmit_skb(const struct sock *sk, const struct sk_buff *skb[, int err])
+    if o.retransmit_has_err != 0 && ctx.arg::<i32>(2) != 0 {
         // The attempt failed (e.g. the device queue was busy): nothing went on the wire.
         return Ok(());
     }
-    let sk: u64 = read(ctx, o.skaddr)?;
-    let state: i32 = read(ctx, o.state)?;
-    let info = unsafe { &mut *sock_info(sk).ok_or(0)? };
+    let sk: *const u8 = ctx.arg(0);
+    let id = sk as u64;
+    let state: u8 = field(sk, o.state);
+    let info = unsafe { &mut *sock_info(id).ok_or(0)? };
     if info.has_tuple == 0 {
-        read_tuple(
-            ctx, info, o.family, o.sport, o.dport, o.saddr, o.daddr, o.saddr_v6, o.daddr_v6,
-        )?;
+        read_tuple(sk, info);
     }
     let now = unsafe { bpf_ktime_get_boot_ns() };
-    emit(info, sk, now, KIND_RETRANSMIT, 0, state as u8, 0, 0, 0);
+    emit(info, id, now, KIND_RETRANSMIT, 0, state, 0, 0, 0);
     Ok(())
 }
 
-fn try_probe(ctx: &TracePointContext) -> Result<(), i32> {
-    let o = load(&PROBE);
-    let sk: u64 = read(ctx, o.skaddr)?;
-    let info_ptr = sock_info(sk).ok_or(0)?;
+fn try_probe(ctx: &BtfTracePointContext) -> Result<(), i32> {
+    let o = load(&SOCK);
+    // tcp_probe(struct sock *sk, const struct sk_buff *skb)
+    let sk: *const u8 = ctx.arg(0);
+    let id = sk as u64;
+    let info_ptr = sock_info(id).ok_or(0)?;
     // SAFETY: map value pointer, valid for this program run.
     let info = unsafe { &mut *info_ptr };
     if info.has_tuple == 0 {
-        // Addresses here are `struct sockaddr_in` (address at byte 4) or `sockaddr_in6` (at byte 8).
-        read_tuple(
-            ctx,
-            info,
-            o.family,
-            o.sport,
-            o.dport,
-            o.saddr + 4,
-            o.daddr + 4,
-            o.saddr + 8,
-            o.daddr + 8,
-        )?;
+        read_tuple(sk, info);
     }
     let cfg = load(&CONFIG);
     let now = unsafe { bpf_ktime_get_boot_ns() };
     if now.wrapping_sub(info.last_rtt_ns) >= cfg.rtt_interval_ns {
         info.last_rtt_ns = now;
-        let srtt: u32 = read(ctx, o.srtt)?;
-        let cwnd: u32 = read(ctx, o.snd_cwnd)?;
-        emit(info, sk, now, KIND_RTT_SAMPLE, 0, 0, 0, srtt, cwnd);
+        // `tcp_sock` fields lie beyond `struct sock`, which is all the verifier lets `sk` reach
+        // directly: read them with the helper (once per sample, not per segment).
+        // SAFETY: the helper checks the access.
+        let srtt = unsafe { bpf_probe_read_kernel(sk.add(o.srtt_us as usize).cast::<u32>()) }?;
+        let cwnd = unsafe { bpf_probe_read_kernel(sk.add(o.snd_cwnd as usize).cast::<u32>()) }?;
+        // The smoothed RTT is kept in 1/8 µs (what the `tcp_probe` record reports as `srtt`).
+        emit(info, id, now, KIND_RTT_SAMPLE, 0, 0, 0, srtt >> 3, cwnd);
     }
     if now.wrapping_sub(info.last_flush_ns) >= cfg.flush_interval_ns {
-        flush(info_ptr, sk, now);
+        flush(info_ptr, id, now);
     }
     Ok(())
 }
 
-fn try_length(ctx: &TracePointContext, kind: u16) -> Result<(), i32> {
-    let o = load(&LENGTH);
-    let protocol: u16 = read(ctx, o.protocol)?;
-    let family: u16 = read(ctx, o.family)?;
-    if protocol != IPPROTO_TCP || (family != FAMILY_IPV4 && family != FAMILY_IPV6) {
-        return Ok(());
-    }
-    let ret: i32 = read(ctx, o.ret)?;
+fn try_length(ctx: &BtfTracePointContext, kind: u16) -> Result<(), i32> {
+    let o = load(&SOCK);
+    // sock_{send,recv}_length(struct sock *sk, int ret, int flags)
+    let sk: *const u8 = ctx.arg(0);
+    let ret: i32 = ctx.arg(1);
     if ret <= 0 {
         return Ok(());
     }
-    if kind == KIND_BYTES_RECEIVED && read::<i32>(ctx, o.flags)? & MSG_PEEK != 0 {
+    let family: u16 = field(sk, o.family);
+    if field::<u16>(sk, o.protocol) != IPPROTO_TCP
+        || (family != FAMILY_IPV4 && family != FAMILY_IPV6)
+    {
+        return Ok(());
+    }
+    if kind == KIND_BYTES_RECEIVED && ctx.arg::<i32>(2) & MSG_PEEK != 0 {
         // A peek leaves the data in the socket: it is counted when actually read.
         return Ok(());
     }
-    let sk: u64 = read(ctx, o.sk)?;
-    let info_ptr = sock_info(sk).ok_or(0)?;
+    let id = sk as u64;
+    let info_ptr = sock_info(id).ok_or(0)?;
     // SAFETY: map value pointer, valid for this program run.
     let info = unsafe { &mut *info_ptr };
     if info.has_owner == 0 {
@@ -442,7 +435,7 @@ fn try_length(ctx: &TracePointContext, kind: u16) -> Result<(), i32> {
     if info.has_tuple != 0
         && now.wrapping_sub(info.last_flush_ns) >= load(&CONFIG).flush_interval_ns
     {
-        flush(info_ptr, sk, now);
+        flush(info_ptr, id, now);
     }
     Ok(())
 }

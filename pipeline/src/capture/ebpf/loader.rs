@@ -1,23 +1,24 @@
-//! Loads the embedded kernel object, hands it this kernel's tracepoint layouts and the filters, and
-//! attaches the programs. Failures say what is wrong and how to fix it.
+//! Loads the embedded kernel object, hands it this kernel's socket layout (from its BTF) and the
+//! filters, and attaches the programs to their BTF tracepoints. Failures say what is wrong and how to
+//! fix it.
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
-use aya::programs::TracePoint;
+use aya::programs::BtfTracePoint;
 use aya::{Ebpf, EbpfLoader};
-use probe_common::ProbeConfig;
+use probe_common::{ProbeConfig, SockOffsets};
 
-use super::tracefs::{self, Format, FormatError};
+use super::btf::{Btf, BtfError};
 
 /// The kernel programs, built by `pipeline/build.rs` from `probe-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcplake-probe"));
 
-/// (program, tracepoint category, tracepoint name)
-const PROGRAMS: [(&str, &str, &str); 5] = [
-    ("inet_sock_set_state", "sock", "inet_sock_set_state"),
-    ("tcp_retransmit_skb", "tcp", "tcp_retransmit_skb"),
-    ("tcp_probe", "tcp", "tcp_probe"),
-    ("sock_send_length", "sock", "sock_send_length"),
-    ("sock_recv_length", "sock", "sock_recv_length"),
+/// (program, tracepoint category, tracepoint name); each program has its tracepoint's name.
+const PROGRAMS: [(&str, &str); 5] = [
+    ("inet_sock_set_state", "sock"),
+    ("tcp_retransmit_skb", "tcp"),
+    ("tcp_probe", "tcp"),
+    ("sock_send_length", "sock"),
+    ("sock_recv_length", "sock"),
 ];
 
 /// Why the probe could not be loaded.
@@ -26,7 +27,7 @@ pub enum LoadError {
     #[error("this tcplake was built without its eBPF programs (AYA_BUILD_SKIP); rebuild without it, or use --source synthetic")]
     NotBuilt,
     #[error(transparent)]
-    Format(#[from] FormatError),
+    Btf(#[from] BtfError),
     #[error("{0}")]
     Denied(String),
     #[error("loading eBPF programs: {0}")]
@@ -97,27 +98,55 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// Where the programs find what they read on this kernel.
+fn sock_offsets(btf: &Btf) -> Result<SockOffsets, LoadError> {
+    let common = |f: &str| {
+        btf.field("sock", &format!("__sk_common.{f}"))
+            .map(|(o, _)| o)
+    };
+    let offsets = SockOffsets {
+        family: common("skc_family")?,
+        state: common("skc_state")?,
+        num: common("skc_num")?,
+        dport: common("skc_dport")?,
+        rcv_saddr: common("skc_rcv_saddr")?,
+        daddr: common("skc_daddr")?,
+        v6_rcv_saddr: common("skc_v6_rcv_saddr")?,
+        v6_daddr: common("skc_v6_daddr")?,
+        protocol: btf.field("sock", "sk_protocol")?.0,
+        srtt_us: btf.field("tcp_sock", "srtt_us")?.0,
+        snd_cwnd: btf.field("tcp_sock", "snd_cwnd")?.0,
+        retransmit_has_err: u32::from(btf.tracepoint_args("tcp_retransmit_skb")? >= 3),
+    };
+    // The arguments the programs read must be there (their types are checked by the verifier).
+    for (name, args) in [
+        ("inet_sock_set_state", 3),
+        ("tcp_probe", 2),
+        ("sock_send_length", 3),
+        ("sock_recv_length", 3),
+    ] {
+        let n = btf.tracepoint_args(name)?;
+        if n < args {
+            return Err(LoadError::Load(format!(
+                "tracepoint {name} passes {n} arguments on this kernel, tcplake needs {args}"
+            )));
+        }
+    }
+    Ok(offsets)
+}
+
 /// Loads and attaches every program.
 pub fn load(config: &ProbeConfig, ring_bytes: u32) -> Result<Probe, LoadError> {
     if OBJECT.is_empty() {
         return Err(LoadError::NotBuilt);
     }
-    let root = tracefs::tracefs_root()?;
-    let set_state = tracefs::set_state(&Format::read(&root, "sock", "inet_sock_set_state")?)?;
-    let retransmit = tracefs::retransmit(&Format::read(&root, "tcp", "tcp_retransmit_skb")?)?;
-    let probe = tracefs::probe(&Format::read(&root, "tcp", "tcp_probe")?)?;
-    let send = tracefs::length(&Format::read(&root, "sock", "sock_send_length")?)?;
-    let recv = tracefs::length(&Format::read(&root, "sock", "sock_recv_length")?)?;
-    if send != recv {
-        return Err(LoadError::Load(
-            "sock_send_length and sock_recv_length differ in layout on this kernel".into(),
-        ));
-    }
+    let btf = Btf::from_sys_fs()?;
+    let offsets = sock_offsets(&btf)?;
+    // aya's own copy of the kernel types, which BTF programs are loaded against.
+    let kernel_types = aya::Btf::from_sys_fs().map_err(|e| LoadError::Load(chain(&e)))?;
     let mut ebpf = EbpfLoader::new()
-        .override_global("SET_STATE", &set_state, true)
-        .override_global("RETRANSMIT", &retransmit, true)
-        .override_global("PROBE", &probe, true)
-        .override_global("LENGTH", &send, true)
+        .btf(Some(&kernel_types))
+        .override_global("SOCK", &offsets, true)
         .override_global("CONFIG", config, true)
         .map_max_entries("EVENTS", ring_bytes)
         .load(OBJECT)
@@ -128,27 +157,25 @@ pub fn load(config: &ProbeConfig, ring_bytes: u32) -> Result<Probe, LoadError> {
                 LoadError::Load(chain(&e))
             }
         })?;
-    for (prog, category, name) in PROGRAMS {
-        let tracepoint = format!("{category}:{name}");
+    for (prog, category) in PROGRAMS {
+        let tracepoint = format!("{category}:{prog}");
         let attach_err = |reason: String| LoadError::Attach {
             tracepoint: tracepoint.clone(),
             reason,
         };
-        let program: &mut TracePoint = ebpf
+        let program: &mut BtfTracePoint = ebpf
             .program_mut(prog)
             .ok_or_else(|| attach_err(format!("program `{prog}` missing from the object")))?
             .try_into()
             .map_err(|e: aya::programs::ProgramError| attach_err(chain(&e)))?;
-        program.load().map_err(|e| {
+        program.load(prog, &kernel_types).map_err(|e| {
             if is_permission(&e) {
                 denied(&format!("loading program {prog}"), &chain(&e))
             } else {
                 attach_err(chain(&e))
             }
         })?;
-        program
-            .attach(category, name)
-            .map_err(|e| attach_err(chain(&e)))?;
+        program.attach().map_err(|e| attach_err(chain(&e)))?;
     }
     let ring = RingBuf::try_from(
         ebpf.take_map("EVENTS")
@@ -160,7 +187,7 @@ pub fn load(config: &ProbeConfig, ring_bytes: u32) -> Result<Probe, LoadError> {
             .ok_or_else(|| LoadError::Load("map DROPS missing".into()))?,
     )
     .map_err(|e| LoadError::Load(chain(&e)))?;
-    tracing::info!(ring_bytes, "eBPF programs attached to 5 tracepoints");
+    tracing::info!(ring_bytes, "eBPF programs attached to 5 tracepoints (BTF)");
     Ok(Probe {
         _ebpf: ebpf,
         ring,

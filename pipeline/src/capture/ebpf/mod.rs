@@ -6,8 +6,8 @@
 //! when no traffic flows. Undecodable records and kernel-side drops are counted, never ignored.
 
 mod attribution;
+pub mod btf;
 pub mod loader;
-pub mod tracefs;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
