@@ -109,10 +109,50 @@ impl FlowState {
     }
 }
 
+/// A flow's key within its node's windows: [`FlowKey`] without the node, which every flow of the node
+/// shares (no reference count to bump nor name to hash per event). Orders like `FlowKey` within a node.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct LocalKey {
+    pid: u32,
+    comm: crate::event::Comm,
+    cgroup_id: u64,
+    local_addr: std::net::IpAddr,
+    local_port: u16,
+    remote_addr: std::net::IpAddr,
+    remote_port: u16,
+}
+
+impl LocalKey {
+    fn of(e: &Event) -> Self {
+        LocalKey {
+            pid: e.pid,
+            comm: e.comm,
+            cgroup_id: e.cgroup_id,
+            local_addr: e.local_addr,
+            local_port: e.local_port,
+            remote_addr: e.remote_addr,
+            remote_port: e.remote_port,
+        }
+    }
+
+    fn with_node(&self, node: &Arc<str>) -> FlowKey {
+        FlowKey {
+            node: Arc::clone(node),
+            pid: self.pid,
+            comm: self.comm,
+            cgroup_id: self.cgroup_id,
+            local_addr: self.local_addr,
+            local_port: self.local_port,
+            remote_addr: self.remote_addr,
+            remote_port: self.remote_port,
+        }
+    }
+}
+
 /// One window of one node: its flows, and where its events began.
 #[derive(Debug)]
 struct Window {
-    flows: FxHashMap<FlowKey, FlowState>,
+    flows: FxHashMap<LocalKey, FlowState>,
     /// Input position of the batch that opened the window.
     first_pos: u64,
     /// Emitted at least once.
@@ -133,6 +173,9 @@ struct Node {
     /// emitted again at most once per period (a steady trickle of stragglers does not re-emit a window
     /// per batch), and always before they are let go.
     refire_period: i64,
+    /// Flows in the node's last emitted window: a new window's table starts that large rather than
+    /// growing (and rehashing) its way there under connection churn.
+    flows_hint: usize,
 }
 
 impl Node {
@@ -142,6 +185,7 @@ impl Node {
             max_ts,
             emit_wm: max_ts.saturating_sub(lateness),
             refire_period: i64::MIN,
+            flows_hint: 0,
         }
     }
 }
@@ -242,8 +286,9 @@ impl Windows {
                 }
                 continue;
             }
+            let hint = state.flows_hint;
             let window = state.windows.entry(start).or_insert_with(|| Window {
-                flows: FxHashMap::default(),
+                flows: FxHashMap::with_capacity_and_hasher(hint, Default::default()),
                 first_pos: position.start,
                 emitted: false,
                 dirty: false,
@@ -254,7 +299,7 @@ impl Windows {
             window.dirty = true;
             window
                 .flows
-                .entry(FlowKey::of(node, e))
+                .entry(LocalKey::of(e))
                 .or_default()
                 .apply(&e.kind);
         }
@@ -338,14 +383,16 @@ impl Windows {
             }
             win.emitted = true;
             win.dirty = false;
-            let mut rows: Vec<(&FlowKey, &FlowState)> = win.flows.iter().collect();
+            let flows = win.flows.len();
+            let mut rows: Vec<(&LocalKey, &FlowState)> = win.flows.iter().collect();
             // Sorted so the same input always yields the same rows in the same order (stable files).
             rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
             self.stats.records_out += rows.len() as u64;
             out.extend(
                 rows.into_iter()
-                    .map(|(k, s)| s.to_record(k.clone(), start, start + w)),
+                    .map(|(k, s)| s.to_record(k.with_node(&node), start, start + w)),
             );
+            state.flows_hint = flows;
         }
     }
 }
