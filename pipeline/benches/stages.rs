@@ -12,6 +12,7 @@ use pipeline::aggregate::{WindowConfig, Windows};
 use pipeline::capture::synthetic::{Synthetic, SyntheticConfig};
 use pipeline::event::schema::{events_to_batch, flows_to_batch};
 use pipeline::event::{Event, FlowRecord};
+use pipeline::sink::parquet_file::ParquetFile;
 
 const EVENTS: u64 = 100_000;
 
@@ -85,6 +86,23 @@ fn stages(c: &mut Criterion) {
                 w.write(batch).unwrap();
             }
             w.close().unwrap();
+        })
+    });
+    // What the sink does: the same rows, columns encoded on every core this process may use.
+    g.bench_function("write_events_parquet_zstd_parallel", |b| {
+        let batches: Vec<_> = evs
+            .chunks(4096)
+            .map(|c| events_to_batch(&node, c).unwrap())
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.parquet");
+        b.iter(|| {
+            let file = std::fs::File::create(&path).unwrap();
+            let mut w = ParquetFile::try_new(file, batches[0].schema(), props()).unwrap();
+            for batch in &batches {
+                w.write(batch).unwrap();
+            }
+            w.finish().unwrap();
         })
     });
     g.bench_function("write_flows_parquet_zstd", |b| {

@@ -822,6 +822,15 @@ fn two_nodes_on_one_bucket_output_with_graceful_restarts_keep_every_node_exact()
             .unwrap()
     };
     let other = spawn(args("72", "node-b", true));
+    // s3s-fs checks If-None-Match and then writes, not atomically: two processes creating the output's
+    // identity record in the same instant can both "win", and the object ends up with one writer's
+    // bytes and the other's checksum (every GET then fails its checksum). Real stores (S3, MinIO, R2)
+    // decide atomically; here node-b creates the output before node-a joins it.
+    let created = Instant::now() + Duration::from_secs(60);
+    while !bucket.join("_tcplake/output.json").exists() {
+        assert!(Instant::now() < created, "node-b never created the output");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // Node-a's own events commits (node-b commits to the same log).
     let commits_of_a = || {
         files_under(&bucket.join("events").join("_delta_log"))

@@ -34,6 +34,43 @@ pub struct S3Objects {
 }
 
 impl S3Objects {
+    /// Objects under `prefix` after key `offset` (all with `None`), one LIST request a page; S3 skips
+    /// what comes before `offset` itself.
+    fn list_after(
+        &self,
+        prefix: Option<&Path>,
+        offset: Option<&Path>,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        let this = self.clone();
+        let prefix = prefix.cloned();
+        let offset = offset.cloned();
+        stream::once(async move {
+            let p = match &prefix {
+                Some(p) => format!("{}/", this.key(p)),
+                None if this.base.is_empty() => String::new(),
+                None => format!("{}/", this.base),
+            };
+            let after = offset.as_ref().map(|o| this.key(o));
+            let listed = this
+                .s3
+                .list_info_after(&p, after.as_deref())
+                .await
+                .map_err(generic)?;
+            Ok::<_, object_store::Error>(
+                listed
+                    .into_iter()
+                    .map(|i| Ok(this.meta(i)))
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .map(|r| match r {
+            Ok(v) => stream::iter(v).boxed(),
+            Err(e) => stream::once(async move { Err(e) }).boxed(),
+        })
+        .flatten()
+        .boxed()
+    }
+
     pub fn new(s3: S3Store, base: &str) -> Self {
         S3Objects {
             s3,
@@ -210,28 +247,7 @@ impl ObjectStore for S3Objects {
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        let this = self.clone();
-        let prefix = prefix.cloned();
-        stream::once(async move {
-            let p = match &prefix {
-                Some(p) => format!("{}/", this.key(p)),
-                None if this.base.is_empty() => String::new(),
-                None => format!("{}/", this.base),
-            };
-            let listed = this.s3.list_info(&p).await.map_err(generic)?;
-            Ok::<_, object_store::Error>(
-                listed
-                    .into_iter()
-                    .map(|i| Ok(this.meta(i)))
-                    .collect::<Vec<_>>(),
-            )
-        })
-        .map(|r| match r {
-            Ok(v) => stream::iter(v).boxed(),
-            Err(e) => stream::once(async move { Err(e) }).boxed(),
-        })
-        .flatten()
-        .boxed()
+        self.list_after(prefix, None)
     }
 
     fn list_with_offset(
@@ -239,34 +255,7 @@ impl ObjectStore for S3Objects {
         prefix: Option<&Path>,
         offset: &Path,
     ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
-        let this = self.clone();
-        let prefix = prefix.cloned();
-        let offset = offset.clone();
-        stream::once(async move {
-            let p = match &prefix {
-                Some(p) => format!("{}/", this.key(p)),
-                None if this.base.is_empty() => String::new(),
-                None => format!("{}/", this.base),
-            };
-            let after = this.key(&offset);
-            let listed = this
-                .s3
-                .list_info_after(&p, Some(&after))
-                .await
-                .map_err(generic)?;
-            Ok::<_, object_store::Error>(
-                listed
-                    .into_iter()
-                    .map(|i| Ok(this.meta(i)))
-                    .collect::<Vec<_>>(),
-            )
-        })
-        .map(|r| match r {
-            Ok(v) => stream::iter(v).boxed(),
-            Err(e) => stream::once(async move { Err(e) }).boxed(),
-        })
-        .flatten()
-        .boxed()
+        self.list_after(prefix, Some(offset))
     }
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {

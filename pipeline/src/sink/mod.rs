@@ -6,6 +6,7 @@
 //! dataset's table ([`crate::lake`]). One sink instance serves one dataset; it does not know what feeds
 //! it.
 
+pub mod parquet_file;
 pub mod rolling;
 
 use std::ops::Range;

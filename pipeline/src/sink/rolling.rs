@@ -15,12 +15,12 @@ use std::time::{Duration, Instant};
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
-use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, Encoding, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
+use super::parquet_file::ParquetFile;
 use crate::event::schema::{SCHEMA_VERSION, SCHEMA_VERSION_KEY};
 use crate::lake::Position;
 use crate::storage::{Store, StoreError};
@@ -131,7 +131,7 @@ struct OpenFile {
     key: String,
     partition: Partition,
     staged: PathBuf,
-    writer: ArrowWriter<File>,
+    writer: ParquetFile,
     opened: Instant,
     rows: u64,
     first: Position,
@@ -218,8 +218,7 @@ impl RollingWriter {
         if let Some(r) = replay {
             file.replay = Some(r.clone());
         }
-        let size = (file.writer.bytes_written() + file.writer.in_progress_size()) as u64;
-        if size >= self.policy.max_bytes {
+        if file.writer.size() >= self.policy.max_bytes {
             sealed.extend(self.seal_all()?);
         }
         Ok(sealed)
@@ -279,8 +278,8 @@ impl RollingWriter {
             source,
         };
         let file = File::create(&staged).map_err(|e| parquet_err(e.into()))?;
-        let writer = ArrowWriter::try_new(file, self.schema.clone(), Some(self.props.clone()))
-            .map_err(|e| {
+        let writer =
+            ParquetFile::try_new(file, self.schema.clone(), self.props.clone()).map_err(|e| {
                 self.store.discard(&staged);
                 parquet_err(e)
             })?;
@@ -318,7 +317,7 @@ impl RollingWriter {
             ..
         } = f;
         let seal = || -> Result<u64, WriteError> {
-            let file = writer.into_inner().map_err(|source| WriteError::Parquet {
+            let file = writer.finish().map_err(|source| WriteError::Parquet {
                 path: staged.clone(),
                 source,
             })?;

@@ -824,39 +824,12 @@ impl S3Store {
 
     /// Keys under `prefix` (relative to the store prefix), sorted; every page is one LIST request.
     pub async fn list(&self, prefix: &str) -> Result<Vec<String>, S3Error> {
-        let full = self.object_key(prefix);
-        let strip = self.object_key("");
-        let mut keys = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let page = self
-                .request("list", &full, || {
-                    self.client
-                        .list_objects_v2()
-                        .bucket(&self.bucket)
-                        .prefix(&full)
-                        .set_continuation_token(token.clone())
-                        .send()
-                })
-                .await
-                .map_err(|e| self.failed("LIST", &full, &e))?;
-            for o in page.contents() {
-                if let Some(k) = o.key() {
-                    let rel = if strip.is_empty() {
-                        k
-                    } else {
-                        k.strip_prefix(strip.as_str()).unwrap_or(k)
-                    };
-                    keys.push(rel.trim_start_matches('/').to_string());
-                }
-            }
-            token = page.next_continuation_token().map(str::to_string);
-            if token.is_none() {
-                break;
-            }
-        }
-        keys.sort();
-        Ok(keys)
+        Ok(self
+            .list_info(prefix)
+            .await?
+            .into_iter()
+            .map(|o| o.key)
+            .collect())
     }
 
     /// Removes an object (absent is fine: S3 answers 204 either way).
