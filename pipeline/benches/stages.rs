@@ -98,7 +98,13 @@ fn stages(c: &mut Criterion) {
         let path = dir.path().join("events.parquet");
         b.iter(|| {
             let file = std::fs::File::create(&path).unwrap();
-            let mut w = ParquetFile::try_new(file, batches[0].schema(), props()).unwrap();
+            let mut w = ParquetFile::try_new(
+                file,
+                batches[0].schema(),
+                props(),
+                pipeline::sink::parquet_file::threads(),
+            )
+            .unwrap();
             for batch in &batches {
                 w.write(batch).unwrap();
             }

@@ -211,10 +211,19 @@ async fn open_output(out: &Output, metrics: &Metrics) -> Result<Store, StoreErro
 }
 
 fn roll_policy(s: &Settings) -> RollPolicy {
+    // A process that captures live shares its machine with the traffic it watches: it encodes on one
+    // thread, never taking a second core from the workload. Replays, synthetic runs and the sink
+    // service use every core they may.
+    let live = s.mode == Mode::Monolith && s.source == SourceKind::Ebpf;
     RollPolicy {
         max_bytes: s.max_file_bytes,
         max_age: s.max_file_age,
         row_group_rows: s.row_group_rows,
+        encode_threads: if live {
+            1
+        } else {
+            crate::sink::parquet_file::threads()
+        },
     }
 }
 

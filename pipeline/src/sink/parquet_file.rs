@@ -8,7 +8,8 @@
 //! exactly the configured row count, and the bytes are the ones `ArrowWriter` writes with the same
 //! properties (same encoders, same Arrow schema in the footer): readers see no difference.
 //!
-//! With one core available (`taskset`, a CPU quota of one), it encodes on the calling thread only.
+//! With one core available (`taskset`, a CPU quota of one), or in a process capturing live traffic
+//! (which must not take a second core from the workload it watches), it encodes on the calling thread.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -50,7 +51,13 @@ pub struct ParquetFile {
 }
 
 impl ParquetFile {
-    pub fn try_new(file: File, schema: SchemaRef, props: WriterProperties) -> Result<Self> {
+    /// A file encoding each batch on up to `threads` threads (1: on the calling thread only).
+    pub fn try_new(
+        file: File,
+        schema: SchemaRef,
+        props: WriterProperties,
+        threads: usize,
+    ) -> Result<Self> {
         let max_group_rows = props
             .max_row_group_row_count()
             .unwrap_or(1024 * 1024)
@@ -68,7 +75,7 @@ impl ParquetFile {
             group_rows: 0,
             groups: 0,
             max_group_rows,
-            threads: threads(),
+            threads: threads.max(1),
         })
     }
 
@@ -222,10 +229,13 @@ mod tests {
 
         for threads in [1, 2, 3] {
             let path = dir.path().join(format!("parallel-{threads}.parquet"));
-            let mut f =
-                ParquetFile::try_new(File::create(&path).unwrap(), schema.clone(), props.clone())
-                    .unwrap();
-            f.threads = threads;
+            let mut f = ParquetFile::try_new(
+                File::create(&path).unwrap(),
+                schema.clone(),
+                props.clone(),
+                threads,
+            )
+            .unwrap();
             for b in &batches {
                 f.write(b).unwrap();
             }

@@ -96,6 +96,8 @@ pub struct RollPolicy {
     pub max_age: Duration,
     /// Rows per Parquet row group (bounds the memory a file holds before flushing).
     pub row_group_rows: usize,
+    /// Threads that encode a batch's columns (see [`super::parquet_file`]).
+    pub encode_threads: usize,
 }
 
 /// At most this many partitions have a file open; a row for another seals them all first. Stragglers
@@ -278,11 +280,16 @@ impl RollingWriter {
             source,
         };
         let file = File::create(&staged).map_err(|e| parquet_err(e.into()))?;
-        let writer =
-            ParquetFile::try_new(file, self.schema.clone(), self.props.clone()).map_err(|e| {
-                self.store.discard(&staged);
-                parquet_err(e)
-            })?;
+        let writer = ParquetFile::try_new(
+            file,
+            self.schema.clone(),
+            self.props.clone(),
+            self.policy.encode_threads,
+        )
+        .map_err(|e| {
+            self.store.discard(&staged);
+            parquet_err(e)
+        })?;
         Ok(OpenFile {
             key,
             partition: partition.clone(),
