@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::{Comm, Event, Family};
+use super::{Comm, Family};
 
 /// What identifies a flow within a window. The owning process is part of the key, so a 4-tuple reused
 /// by another process within one window yields two rows rather than a mixed one.
@@ -20,19 +20,6 @@ pub struct FlowKey {
 }
 
 impl FlowKey {
-    pub fn of(node: &Arc<str>, e: &Event) -> Self {
-        FlowKey {
-            node: Arc::clone(node),
-            pid: e.pid,
-            comm: e.comm,
-            cgroup_id: e.cgroup_id,
-            local_addr: e.local_addr,
-            local_port: e.local_port,
-            remote_addr: e.remote_addr,
-            remote_port: e.remote_port,
-        }
-    }
-
     pub fn family(&self) -> Family {
         Family::of(&self.local_addr)
     }
