@@ -34,6 +34,22 @@ pub struct S3Objects {
 }
 
 impl S3Objects {
+    /// Writes `body` at `location`: only if nothing is there (`create`, a conditional PUT whose refusal
+    /// is `AlreadyExists`), or replacing what is.
+    async fn write(&self, location: &Path, body: &[u8], create: bool) -> object_store::Result<()> {
+        let key = self.key(location);
+        if !create {
+            return self.s3.replace_bytes(&key, body).await.map_err(generic);
+        }
+        if !self.s3.put_bytes(&key, body).await.map_err(generic)? {
+            return Err(object_store::Error::AlreadyExists {
+                path: location.to_string(),
+                source: "an object is already there (If-None-Match)".into(),
+            });
+        }
+        Ok(())
+    }
+
     /// Objects under `prefix` after key `offset` (all with `None`), one LIST request a page; S3 skips
     /// what comes before `offset` itself.
     fn list_after(
@@ -148,17 +164,9 @@ impl ObjectStore for S3Objects {
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
         let body: Bytes = payload.into();
-        let key = self.key(location);
         match opts.mode {
-            PutMode::Create => {
-                if !self.s3.put_bytes(&key, &body).await.map_err(generic)? {
-                    return Err(object_store::Error::AlreadyExists {
-                        path: location.to_string(),
-                        source: "an object is already there (If-None-Match)".into(),
-                    });
-                }
-            }
-            PutMode::Overwrite => self.s3.replace_bytes(&key, &body).await.map_err(generic)?,
+            PutMode::Create => self.write(location, &body, true).await?,
+            PutMode::Overwrite => self.write(location, &body, false).await?,
             PutMode::Update(_) => {
                 return Err(object_store::Error::NotImplemented {
                     operation: "put with PutMode::Update".into(),
@@ -309,19 +317,8 @@ impl ObjectStore for S3Objects {
             .await
             .map_err(generic)?
             .ok_or_else(|| not_found(from))?;
-        let key = self.key(to);
-        match options.mode {
-            CopyMode::Create => {
-                if !self.s3.put_bytes(&key, &bytes).await.map_err(generic)? {
-                    return Err(object_store::Error::AlreadyExists {
-                        path: to.to_string(),
-                        source: "an object is already there".into(),
-                    });
-                }
-            }
-            CopyMode::Overwrite => self.s3.replace_bytes(&key, &bytes).await.map_err(generic)?,
-        }
-        Ok(())
+        self.write(to, &bytes, options.mode == CopyMode::Create)
+            .await
     }
 }
 

@@ -805,21 +805,7 @@ impl S3Store {
 
     /// The object's size, or `None` if there is none.
     pub async fn head(&self, key: &str) -> Result<Option<u64>, S3Error> {
-        let key = self.object_key(key);
-        let r = self
-            .request("head", &key, || {
-                self.client
-                    .head_object()
-                    .bucket(&self.bucket)
-                    .key(&key)
-                    .send()
-            })
-            .await;
-        match r {
-            Ok(out) => Ok(Some(out.content_length().unwrap_or(0).max(0) as u64)),
-            Err(e) if status(&e) == Some(404) => Ok(None),
-            Err(e) => Err(self.failed("HEAD", &key, &e)),
-        }
+        Ok(self.head_info(key).await?.map(|i| i.size))
     }
 
     /// Keys under `prefix` (relative to the store prefix), sorted; every page is one LIST request.
