@@ -43,6 +43,8 @@ if [ "$(id -u)" = 0 ] && [ "$purpose" = test ]; then
   command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
   # setpriv (privilege tests), systemd-analyze (checks deploy-monolith's unit offline).
   command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
+  # patch(1): the test S3 server is built from its crate with one patch (below).
+  command -v patch >/dev/null 2>&1 || missing+=(patch)
   command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
   if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${missing[*]}"
@@ -98,9 +100,22 @@ if [ "$purpose" = test ] && ! "$PYTHON" -c "import prometheus_client, yaml" 2>/d
     "prometheus-client==0.26.0" "PyYAML==6.0.3"
 fi
 
-# A real S3-compatible server for the object-store tests (0.14.1: later releases need a newer rustc).
-if [ "$purpose" = test ] && ! s3s-fs --version 2>/dev/null | grep -q '0\.14\.1'; then
-  say "installing s3s-fs 0.14.1 (about 5 CPU-minutes)"
-  cargo install s3s-fs@0.14.1 --features binary --locked
+# A real S3-compatible server for the object-store tests (0.14.1: later releases need a newer rustc),
+# patched to decide conditional writes atomically as S3 does (scripts/s3s-fs-atomic-conditional-put.patch:
+# upstream checks `If-None-Match` and then writes, so two writers of one Delta table could both commit
+# the same version). The stamp next to the binary names the patch it was built with.
+s3s_patch=scripts/s3s-fs-atomic-conditional-put.patch
+s3s_stamp="${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs.patch-$(sha256sum "$s3s_patch" | cut -c1-16)"
+if [ "$purpose" = test ] && ! { [ -e "$s3s_stamp" ] && s3s-fs --version 2>/dev/null | grep -q '0\.14\.1'; }; then
+  say "installing s3s-fs 0.14.1 with $s3s_patch (about 5 CPU-minutes)"
+  src=$(mktemp -d)
+  curl -fsSL --retry 3 https://static.crates.io/crates/s3s-fs/s3s-fs-0.14.1.crate -o "$src/s3s-fs.crate"
+  echo "aa2cc3c6802533066591b45ace771fbc30fa33fd393d5909f9a7efd2a75cb15b  $src/s3s-fs.crate" | sha256sum -c --quiet
+  tar -xzf "$src/s3s-fs.crate" -C "$src"
+  patch -s -d "$src/s3s-fs-0.14.1" -p1 < "$s3s_patch"
+  cargo install --path "$src/s3s-fs-0.14.1" --features binary --locked --force
+  rm -f "${CARGO_HOME:-$HOME/.cargo}"/bin/s3s-fs.patch-*
+  touch "$s3s_stamp"
+  rm -rf "$src"
 fi
 say "ok"

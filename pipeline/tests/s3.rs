@@ -821,16 +821,8 @@ fn two_nodes_on_one_bucket_output_with_graceful_restarts_keep_every_node_exact()
             .spawn()
             .unwrap()
     };
+    // Both nodes start at once: each may be the one that creates the output.
     let other = spawn(args("72", "node-b", true));
-    // s3s-fs checks If-None-Match and then writes, not atomically: two processes creating the output's
-    // identity record in the same instant can both "win", and the object ends up with one writer's
-    // bytes and the other's checksum (every GET then fails its checksum). Real stores (S3, MinIO, R2)
-    // decide atomically; here node-b creates the output before node-a joins it.
-    let created = Instant::now() + Duration::from_secs(60);
-    while !bucket.join("_tcplake/output.json").exists() {
-        assert!(Instant::now() < created, "node-b never created the output");
-        std::thread::sleep(Duration::from_millis(20));
-    }
     // Node-a's own events commits (node-b commits to the same log).
     let commits_of_a = || {
         files_under(&bucket.join("events").join("_delta_log"))
@@ -882,14 +874,43 @@ fn two_nodes_on_one_bucket_output_with_graceful_restarts_keep_every_node_exact()
                 format!("(SELECT * FROM {} WHERE node = '{node}')", remote(ds)),
                 dataset(&alone, ds),
             );
-            for (p, q) in [(&mine, &theirs), (&theirs, &mine)] {
-                let diff = duckdb_s3(
+            let diff = |p: &str, q: &str, what: &str| {
+                duckdb_s3_rows(
                     &server,
                     &format!(
-                        "SELECT count(*) FROM (SELECT * FROM {p} EXCEPT ALL SELECT * FROM {q})"
+                        "SELECT {what} FROM (SELECT * FROM {p} EXCEPT ALL SELECT * FROM {q}) t"
                     ),
+                )
+            };
+            let (extra, missing) = (
+                diff(&mine, &theirs, "count(*)"),
+                diff(&theirs, &mine, "count(*)"),
+            );
+            if extra[0][0] != 0 || missing[0][0] != 0 {
+                // Keep what the nodes wrote for a post-mortem and show a sample of the difference.
+                let kept =
+                    std::env::temp_dir().join(format!("tcplake-two-nodes-{}", std::process::id()));
+                let _ = Command::new("cp")
+                    .arg("-a")
+                    .arg(&bucket)
+                    .arg(&kept)
+                    .status();
+                let _ = Command::new("cp")
+                    .arg("-a")
+                    .arg(tmp.path())
+                    .arg(kept.join("local"))
+                    .status();
+                let sample =
+                    |p: &str, q: &str| diff(p, q, "t.*").into_iter().take(8).collect::<Vec<_>>();
+                panic!(
+                    "{node} {ds}: rows differ from its undisturbed run: {} only in the bucket {:?}, \
+                     {} only in the undisturbed run {:?}; the bucket and the local runs are kept in {}",
+                    extra[0][0],
+                    sample(&mine, &theirs),
+                    missing[0][0],
+                    sample(&theirs, &mine),
+                    kept.display()
                 );
-                assert_eq!(diff, 0, "{node} {ds}: rows differ from its undisturbed run");
             }
         }
     }

@@ -388,6 +388,12 @@ impl CommitLog {
         Ok(keys)
     }
 
+    /// After the last commit of a run: reads it back and, if another writer's commit replaced it in the
+    /// log (a store deciding conditional writes non-atomically), commits it again.
+    pub async fn finish(&mut self) -> Result<(), CommitError> {
+        Ok(self.table.verify_last().await?)
+    }
+
     /// Rewrites the committed files holding older versions of windows the new file replaces: each
     /// without those windows (or removed, if nothing else is left). Adds the rewritten files to `adds`;
     /// returns the files to remove and, per rewritten file, its replacement and the windows it keeps.

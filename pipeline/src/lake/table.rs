@@ -100,6 +100,20 @@ pub struct Table {
     dataset: Dataset,
     table: DeltaTable,
     location: String,
+    /// Read back each stream commit's log entry (see [`Table::commit`]): on object stores, where a
+    /// store that decides conditional writes non-atomically can let another writer overwrite it.
+    check_commits: bool,
+    /// The last stream commit made through this handle, until its log entry has been read back.
+    unverified: Option<Unverified>,
+}
+
+/// A stream commit not yet read back: what it did, to do it again if another writer's overwrote it.
+#[derive(Clone, Debug)]
+struct Unverified {
+    version: i64,
+    operation: DeltaOperation,
+    actions: Vec<Action>,
+    txns: Vec<(String, i64)>,
 }
 
 impl std::fmt::Debug for Table {
@@ -237,6 +251,8 @@ impl Table {
             dataset,
             table,
             location,
+            check_commits: matches!(store, Store::S3(_)),
+            unverified: None,
         })
     }
 
@@ -256,6 +272,8 @@ impl Table {
             dataset,
             table,
             location,
+            check_commits: matches!(store, Store::S3(_)),
+            unverified: None,
         }))
     }
 
@@ -387,11 +405,90 @@ impl Table {
                 target_size: 0,
             },
         };
+        let mut txns = txns;
+        if data_change {
+            if let Some(lost) = self.overwritten().await? {
+                merge_lost(lost, &mut actions, &mut txns);
+            }
+        }
+        self.commit_actions(operation, actions, txns, data_change)
+            .await
+    }
+
+    /// Reads back the last stream commit's log entry and, if another writer's commit overwrote it,
+    /// commits it again. A run calls this after its last commit (earlier ones are read back by the
+    /// commit after them).
+    pub async fn verify_last(&mut self) -> Result<(), TableError> {
+        for _ in 0..CONFLICT_RETRIES {
+            let Some(lost) = self.overwritten().await? else {
+                return Ok(());
+            };
+            self.commit_actions(lost.operation, lost.actions, lost.txns, true)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The last stream commit, if its log entry (read back now) is another writer's: a store that
+    /// checks `If-None-Match` and then writes, non-atomically, lets two writers both "win" a version,
+    /// and the later write replaces the earlier. S3, MinIO and R2 decide atomically and never get here.
+    async fn overwritten(&mut self) -> Result<Option<Unverified>, TableError> {
+        let Some(last) = self.unverified.take() else {
+            return Ok(None);
+        };
+        let Some((app, n)) = last.txns.first() else {
+            return Ok(None);
+        };
+        let entry = self
+            .table
+            .log_store()
+            .read_commit_entry(last.version as u64)
+            .await
+            .map_err(self.err())?;
+        // An entry that is gone was cleaned up with the log's history: long since read by others.
+        let Some(entry) = entry else {
+            return Ok(None);
+        };
+        if records_txn(&entry, app, *n) {
+            return Ok(None);
+        }
+        tracing::warn!(
+            dataset = self.dataset.name(),
+            version = last.version,
+            app,
+            "another writer's commit replaced this one's in the Delta log (the object store decided \
+             a conditional write non-atomically): committing it again; use a store that decides \
+             them atomically for outputs several writers share"
+        );
+        // The snapshot this handle kept includes the commit that is not there: read the log anew.
+        let mut fresh = DeltaTable::new(self.table.log_store());
+        fresh.load().await.map_err(self.err())?;
+        self.table = fresh;
+        Ok(Some(last))
+    }
+
+    /// Commits `actions` with the application versions `txns` (the first names the commit: see
+    /// [`Self::commit`]); a stream commit is read back later.
+    async fn commit_actions(
+        &mut self,
+        operation: DeltaOperation,
+        actions: Vec<Action>,
+        txns: Vec<(String, i64)>,
+        stream: bool,
+    ) -> Result<i64, TableError> {
+        let now = crate::time::now_us() / 1000;
         let props = CommitProperties::default().with_application_transactions(
             txns.iter()
                 .map(|(app, v)| Transaction::new_with_last_update(app, *v, Some(now)))
                 .collect(),
         );
+        let removes: Vec<String> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Remove(r) => Some(percent_decode(&r.path)),
+                _ => None,
+            })
+            .collect();
         let mut attempt = 0;
         loop {
             let result = {
@@ -405,6 +502,7 @@ impl Table {
                 Ok(done) => {
                     let version = done.version() as i64;
                     self.table.state = Some(done.snapshot());
+                    self.landed(stream, version, operation, actions, txns);
                     return Ok(version);
                 }
                 Err(e) => e,
@@ -415,7 +513,9 @@ impl Table {
                 let found = self.app_version(app).await?;
                 if found == Some(*v) {
                     tracing::debug!(app, v, "commit had landed; its answer was lost");
-                    return Ok(self.version());
+                    let version = self.version();
+                    self.landed(stream, version, operation, actions, txns);
+                    return Ok(version);
                 }
                 if is_conflict(&e) && found.is_some_and(|found| found >= *v) {
                     return Err(TableError::Fenced {
@@ -445,14 +545,86 @@ impl Table {
         }
     }
 
-    /// Every file of `files` is still part of the table.
-    fn holds_all(&self, files: &[FileEntry]) -> Result<bool, TableError> {
-        if files.is_empty() {
+    /// Remembers a stream commit that landed as `version`, to read it back (on object stores).
+    fn landed(
+        &mut self,
+        stream: bool,
+        version: i64,
+        operation: DeltaOperation,
+        actions: Vec<Action>,
+        txns: Vec<(String, i64)>,
+    ) {
+        if stream && self.check_commits {
+            self.unverified = Some(Unverified {
+                version,
+                operation,
+                actions,
+                txns,
+            });
+        }
+    }
+
+    /// Every file of `paths` is still part of the table.
+    fn holds_all(&self, paths: &[String]) -> Result<bool, TableError> {
+        if paths.is_empty() {
             return Ok(true);
         }
         let current: std::collections::HashSet<String> =
             self.files()?.into_iter().map(|f| f.path).collect();
-        Ok(files.iter().all(|f| current.contains(&f.path)))
+        Ok(paths.iter().all(|p| current.contains(p)))
+    }
+
+    /// Reads every stream commit back (tests: the local store's conditional writes are atomic).
+    #[cfg(test)]
+    fn check_commits(&mut self) {
+        self.check_commits = true;
+    }
+}
+
+/// Does a Delta log entry record application version `n` of `app`?
+fn records_txn(entry: &[u8], app: &str, n: i64) -> bool {
+    entry.split(|b| *b == b'\n').any(|line| {
+        serde_json::from_slice::<serde_json::Value>(line).is_ok_and(|v| {
+            v["txn"]["appId"].as_str() == Some(app) && v["txn"]["version"].as_i64() == Some(n)
+        })
+    })
+}
+
+/// Folds a commit another writer overwrote into the next one: its files and removals, and the progress
+/// it recorded where the next one records none. A file it added that the next one removes (a window
+/// rewritten again) is neither added nor removed.
+fn merge_lost(lost: Unverified, actions: &mut Vec<Action>, txns: &mut Vec<(String, i64)>) {
+    let added: std::collections::HashSet<&str> = lost
+        .actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Add(add) => Some(add.path.as_str()),
+            _ => None,
+        })
+        .collect();
+    let cancelled: std::collections::HashSet<String> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Remove(r) if added.contains(r.path.as_str()) => Some(r.path.clone()),
+            _ => None,
+        })
+        .collect();
+    let mut merged: Vec<Action> = lost
+        .actions
+        .iter()
+        .filter(|a| !matches!(a, Action::Add(add) if cancelled.contains(&add.path)))
+        .cloned()
+        .collect();
+    merged.extend(
+        actions
+            .drain(..)
+            .filter(|a| !matches!(a, Action::Remove(r) if cancelled.contains(&r.path))),
+    );
+    *actions = merged;
+    for (app, v) in lost.txns {
+        if !txns.iter().any(|(a, _)| *a == app) {
+            txns.push((app, v));
+        }
     }
 }
 
@@ -537,4 +709,105 @@ fn percent_decode(p: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::LocalDir;
+
+    fn file(name: &str) -> NewFile {
+        NewFile {
+            path: format!("date=2026-01-01/hour=0/{name}.parquet"),
+            size: 100,
+            rows: 1,
+            date: "2026-01-01".into(),
+            hour: 0,
+            int_stats: Vec::new(),
+        }
+    }
+
+    fn stream(n: i64) -> Change {
+        Change::Stream {
+            producer: "a".into(),
+            n,
+        }
+    }
+
+    const APP: &str = "tcplake/events/a";
+
+    /// What a store deciding `If-None-Match` non-atomically lets happen: another writer's commit
+    /// replaces the log entry of `version` after this writer's was written.
+    fn overwrite(dir: &std::path::Path, version: i64, other: &str) {
+        let entry = format!(
+            "{{\"add\":{{\"path\":\"date=2026-01-01/hour=0/{other}.parquet\",\"partitionValues\":\
+             {{\"date\":\"2026-01-01\",\"hour\":\"0\"}},\"size\":100,\"modificationTime\":1,\
+             \"dataChange\":true}}}}\n{{\"txn\":{{\"appId\":\"tcplake/events/b\",\"version\":1}}}}\n"
+        );
+        let path = dir.join(format!("events/_delta_log/{version:020}.json"));
+        std::fs::write(path, entry).unwrap();
+    }
+
+    fn names(t: &Table) -> Vec<String> {
+        let mut v: Vec<String> = t
+            .files()
+            .unwrap()
+            .into_iter()
+            .map(|f| f.name().trim_end_matches(".parquet").to_string())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[tokio::test]
+    async fn a_commit_another_writer_overwrote_is_committed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::Local(LocalDir::open(dir.path()).unwrap());
+        let mut t = Table::open_or_create(&store, Dataset::Events, &BTreeMap::new())
+            .await
+            .unwrap();
+        t.check_commits();
+        let v1 = t
+            .commit(stream(1), vec![file("a1")], vec![], vec![(APP.into(), 1)])
+            .await
+            .unwrap();
+        overwrite(dir.path(), v1, "b1");
+        // The next commit reads the first back, finds another writer's entry, and carries it along.
+        t.commit(stream(2), vec![file("a2")], vec![], vec![(APP.into(), 2)])
+            .await
+            .unwrap();
+        let reread = Table::open(&store, Dataset::Events).await.unwrap().unwrap();
+        assert_eq!(names(&reread), ["a1", "a2", "b1"]);
+        assert_eq!(reread.app_version(APP).await.unwrap(), Some(2));
+
+        // The last commit of a run is read back when the run ends. A file the lost commit added and
+        // the next one replaces (a window rewritten again) ends up neither added nor removed.
+        let v3 = t
+            .commit(stream(3), vec![file("a3")], vec![], vec![(APP.into(), 3)])
+            .await
+            .unwrap();
+        overwrite(dir.path(), v3, "b2");
+        let a3 = FileEntry {
+            path: file("a3").path,
+            size: 100,
+            rows: Some(1),
+            partition: BTreeMap::from([
+                ("date".to_string(), Some("2026-01-01".to_string())),
+                ("hour".to_string(), Some("0".to_string())),
+            ]),
+        };
+        t.commit(stream(4), vec![file("a4")], vec![a3], vec![(APP.into(), 4)])
+            .await
+            .unwrap();
+        let v5 = t
+            .commit(stream(5), vec![file("a5")], vec![], vec![(APP.into(), 5)])
+            .await
+            .unwrap();
+        overwrite(dir.path(), v5, "b3");
+        t.verify_last().await.unwrap();
+        t.verify_last().await.unwrap();
+        let reread = Table::open(&store, Dataset::Events).await.unwrap().unwrap();
+        assert_eq!(names(&reread), ["a1", "a2", "a4", "a5", "b1", "b2", "b3"]);
+        assert_eq!(reread.app_version(APP).await.unwrap(), Some(5));
+    }
 }

@@ -188,6 +188,7 @@ where
     }
     let sealed = writer.seal_all()?.into_iter().collect();
     commit(sealed, &store, log, &mut order, &mut stats, metrics).await?;
+    log.finish().await?;
     Ok(stats)
 }
 
@@ -236,6 +237,7 @@ pub async fn run_flows<I: Rx<FlowBatch>>(
     }
     let sealed = open.write(&mut writer, &mut stats, metrics)?;
     commit(sealed, &store, log, &mut order, &mut stats, metrics).await?;
+    log.finish().await?;
     Ok(stats)
 }
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::{duckdb_int, free_port, wait_for_port};
+use super::{duckdb, duckdb_int, free_port, wait_for_port};
 
 /// A JetStream server on a free loopback port, stopped when dropped.
 pub struct Nats {
@@ -84,11 +84,18 @@ pub fn s3s_fs() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cargo"));
     let installed = home.join("bin/s3s-fs");
-    if installed.exists() {
-        installed
-    } else {
-        PathBuf::from("s3s-fs")
-    }
+    // Upstream s3s-fs decides `If-None-Match` non-atomically (two writers of one Delta table could both
+    // commit a version); scripts/setup.sh builds it with a patch and leaves a stamp beside it.
+    let patched = std::fs::read_dir(home.join("bin")).is_ok_and(|d| {
+        d.flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("s3s-fs.patch-"))
+    });
+    assert!(
+        installed.exists() && patched,
+        "{} is missing or not the patched build: run scripts/setup.sh",
+        installed.display()
+    );
+    installed
 }
 
 impl S3Server {
@@ -135,13 +142,21 @@ impl Drop for S3Server {
 
 /// DuckDB with httpfs loaded from the pinned PyPI package and a secret for the test server.
 pub fn duckdb_s3(server: &S3Server, sql: &str) -> i64 {
-    let setup = format!(
+    duckdb_int(&format!("{} {sql}", duckdb_s3_setup(server)))
+}
+
+/// Rows of `sql` in DuckDB with the test server's secret (for diagnostics on a failed comparison).
+pub fn duckdb_s3_rows(server: &S3Server, sql: &str) -> Vec<Vec<serde_json::Value>> {
+    duckdb(&format!("{} {sql}", duckdb_s3_setup(server)))
+}
+
+fn duckdb_s3_setup(server: &S3Server) -> String {
+    format!(
         "LOAD '{}'; CREATE SECRET (TYPE s3, KEY_ID '{KEY}', SECRET '{SECRET}', REGION 'us-east-1', \
          ENDPOINT '127.0.0.1:{}', URL_STYLE 'path', USE_SSL false);",
         httpfs_extension().display(),
         server.port
-    );
-    duckdb_int(&format!("{setup} {sql}"))
+    )
 }
 
 pub fn httpfs_extension() -> PathBuf {
