@@ -109,7 +109,7 @@ fn assert_same_rows_as_monolith(split: &Path, tmp: &Path, seed: &str, events: u6
 #[test]
 fn one_capture_two_aggregators_one_sink_write_exactly_the_monolith_rows() {
     const N: u64 = 400_000;
-    let nats = Nats::start();
+    let nats = Nats::start_monitored();
     let tmp = tempfile::tempdir().unwrap();
     let run = Run::new(&nats, tmp.path(), "17", N);
     let capture = run.spawn("capture", &[]);
@@ -127,6 +127,13 @@ fn one_capture_two_aggregators_one_sink_write_exactly_the_monolith_rows() {
     assert_eq!(s["flow_rows"].as_u64().unwrap(), f0 + f1);
     assert_eq!(s["event_rows"], N);
     assert_same_rows_as_monolith(&run.out, tmp.path(), "17", N);
+    // The sink released every delivery's ack once its rows were committed: nothing is left for the
+    // broker to deliver again, on either stream.
+    let consumers = nats.consumers("tcplake-sink-");
+    assert_eq!(consumers.len(), 2, "{consumers:?}");
+    for (stream, name, unacked, undelivered) in consumers {
+        assert_eq!((unacked, undelivered), (0, 0), "{stream}/{name}");
+    }
 }
 
 #[test]

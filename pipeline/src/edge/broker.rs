@@ -22,10 +22,10 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, consumer, stream};
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 
 use super::wire::{self, WireError};
-use super::{EdgeError, Rx, Tx};
+use super::{Ack, EdgeError, Rx, Tx};
 use crate::event::{EventBatch, FlowBatch};
 use crate::metrics::BrokerMetrics;
 use crate::secrets::Secret;
@@ -907,10 +907,10 @@ type Reopen = Arc<
 /// How long a consumer keeps trying to get its messages back after losing the broker (as producers do).
 const CONSUME_RETRY_FOR: Duration = PUBLISH_RETRY_FOR;
 
-/// A received item and the message to ack once it is durable downstream.
+/// A received item and its ack, to release once the item is durable downstream.
 pub struct Delivery<T> {
     pub item: T,
-    pub message: jetstream::Message,
+    pub ack: Ack,
 }
 
 /// The consuming half.
@@ -929,8 +929,8 @@ pub struct BrokerRx<T> {
     shard_count: Option<u32>,
     /// Everything had ended before this consumer started.
     complete: bool,
-    /// Messages that carried no item (end markers, dead letters): the caller acks them.
-    pub settled: Vec<jetstream::Message>,
+    /// Acks of messages that carried no item (end markers, dead letters): the caller releases them.
+    pub settled: Vec<Ack>,
 }
 
 impl<T> BrokerRx<T> {
@@ -1067,7 +1067,23 @@ impl<T> BrokerRx<T> {
         }
     }
 
-    /// The next item with its message, or `None` at the end of the input.
+    /// The ack of message `m`: releasing it acks the message (counted; a failed ack only means a
+    /// redelivery, which the sink deduplicates).
+    fn ack(&self, m: jetstream::Message) -> Ack {
+        let position = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+        let metrics = Arc::clone(&self.broker.metrics);
+        Ack::new(position, move || {
+            async move {
+                metrics.acks.add(1);
+                if let Err(e) = m.ack().await {
+                    tracing::debug!(error = %e, "ack failed; the message will be redelivered and deduplicated");
+                }
+            }
+            .boxed()
+        })
+    }
+
+    /// The next item with its ack, or `None` at the end of the input.
     pub async fn next(&mut self) -> Result<Option<Delivery<T>>, EdgeError> {
         if self.complete {
             return Ok(None);
@@ -1094,7 +1110,7 @@ impl<T> BrokerRx<T> {
             if let Some(h) = m.headers.as_ref().filter(|h| h.get(END_HEADER).is_some()) {
                 let shards = h.get(SHARDS_HEADER).and_then(|v| v.as_str().parse().ok());
                 let done = self.mark_ended(m.subject.as_str(), shards)?;
-                self.settled.push(m);
+                self.settled.push(self.ack(m));
                 if done {
                     return Ok(None);
                 }
@@ -1113,7 +1129,8 @@ impl<T> BrokerRx<T> {
                             self.live_nodes.insert(n);
                         }
                     }
-                    return Ok(Some(Delivery { item, message: m }));
+                    let ack = self.ack(m);
+                    return Ok(Some(Delivery { item, ack }));
                 }
                 Err(e) => {
                     // Counted, logged once per reason, set aside; the stream goes on.
@@ -1124,7 +1141,7 @@ impl<T> BrokerRx<T> {
                         "events"
                     };
                     self.broker.dead_letter(kind, &m, &e).await;
-                    self.settled.push(m);
+                    self.settled.push(self.ack(m));
                 }
             }
         }
@@ -1134,15 +1151,8 @@ impl<T> BrokerRx<T> {
 /// Aggregators read positions, not acks: their input edge is a plain [`Rx`].
 impl Rx<Arc<EventBatch>> for BrokerRx<Arc<EventBatch>> {
     async fn recv(&mut self) -> Result<Option<Arc<EventBatch>>, EdgeError> {
+        // An ordered consumer needs no acks: they are let go unreleased.
         self.settled.clear();
         Ok(self.next().await?.map(|d| d.item))
-    }
-}
-
-/// Acks a message, counting it; a failed ack only means a redelivery, which the sink deduplicates.
-pub async fn ack(metrics: &BrokerMetrics, m: &jetstream::Message) {
-    metrics.acks.add(1);
-    if let Err(e) = m.ack().await {
-        tracing::debug!(error = %e, "ack failed; the message will be redelivered and deduplicated");
     }
 }

@@ -4,6 +4,7 @@
 //! whether its neighbours are in the same process ([`memory`]) or elsewhere. Every edge applies
 //! back-pressure: when the next stage is slow, `send` waits; nothing is dropped to make room.
 
+pub mod ack;
 pub mod broker;
 pub mod memory;
 pub mod objects;
@@ -11,6 +12,8 @@ pub mod tee;
 pub mod wire;
 
 use std::future::Future;
+
+pub use ack::{Ack, Finalized, Finalizing};
 
 /// Why an edge could not move an item.
 #[derive(Debug, thiserror::Error)]

@@ -9,6 +9,7 @@ mod split;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
 use tokio::task::JoinHandle;
 
 use crate::aggregate::{self, AggregateConfig, Resume, WindowConfig};
@@ -18,7 +19,7 @@ use crate::capture::{self, AnySource, CaptureConfig, CaptureError};
 use crate::config::Output;
 use crate::config::{defaults, Mode, Settings, SourceKind};
 use crate::edge::tee::Tee;
-use crate::edge::{memory, EdgeError};
+use crate::edge::{memory, Ack, EdgeError, Finalized, Finalizing};
 use crate::event::{EventBatch, FlowBatch};
 use crate::lake::producer::{Properties, HORIZON_PROPERTY, SOURCE_PROPERTY};
 use crate::metrics::Metrics;
@@ -363,7 +364,20 @@ async fn monolith(
     let (mut to_agg, agg_in) =
         memory::channel::<Arc<EventBatch>>("events→aggregate", cap, e.events_to_aggregate.clone());
     let (to_log, log_in) =
-        memory::channel::<Arc<EventBatch>>("events→sink", cap, e.events_to_sink.clone());
+        memory::channel::<Finalized<Arc<EventBatch>>>("events→sink", cap, e.events_to_sink.clone());
+    // The event log's sink releases a batch's ack once the batch is committed: that is how far the
+    // flows sink may commit (in one process the events edge's positions are the events' `seq`s).
+    let (log_through, after) = tokio::sync::watch::channel(resume_seq);
+    let log_through = Arc::new(log_through);
+    let to_log = Finalizing::new(to_log, move |b: &Arc<EventBatch>| {
+        let (through, end) = (Arc::clone(&log_through), b.position.end);
+        Ack::new(end, move || {
+            async move {
+                through.send_if_modified(|t| std::mem::replace(t, (*t).max(end)) < end);
+            }
+            .boxed()
+        })
+    });
     let (to_flows, flows_in) =
         memory::channel::<FlowBatch>("flows→sink", cap, e.flows_to_sink.clone());
 
@@ -385,21 +399,7 @@ async fn monolith(
     let m = Arc::clone(&metrics);
     let events_writer = writer(Dataset::Events);
     let st = store.clone();
-    let (committed, mut events_committed) = tokio::sync::watch::channel(None);
-    let (log_through, after) = tokio::sync::watch::channel(resume_seq);
-    // In one process the events edge's positions are the events' `seq`s.
-    tokio::spawn(async move {
-        while events_committed.changed().await.is_ok() {
-            let last = *events_committed.borrow_and_update();
-            if let Some(Position::Event { seq }) = last {
-                log_through.send_replace(seq + 1);
-            }
-        }
-    });
-    let events_order = CommitOrder {
-        committed: Some(committed),
-        after: None,
-    };
+    let events_order = CommitOrder::default();
     let events_sink = tokio::spawn(async move {
         let _store = st;
         sink::run(
@@ -418,10 +418,7 @@ async fn monolith(
     let m = Arc::clone(&metrics);
     let flows_writer = writer(Dataset::Flows);
     let st = store.clone();
-    let flows_order = CommitOrder {
-        committed: None,
-        after: Some(after),
-    };
+    let flows_order = CommitOrder { after: Some(after) };
     let policy = roll_policy(s);
     let flows_sink = tokio::spawn(async move {
         let _store = st;

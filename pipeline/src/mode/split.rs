@@ -4,15 +4,17 @@
 //! * capture continues after the last event its node published;
 //! * an aggregator's last published flow batch is its checkpoint: it replays the events stream from
 //!   that batch's replay point and skips the rows it already published;
-//! * the sink acks a message only once the file holding its rows is committed, and skips rows a
-//!   commit record says are already written (redelivery after a crash or a lost ack).
+//! * the sink hands each delivery's ack ([`crate::edge::Ack`]) to the sink stage with its rows, which
+//!   releases it once the file holding them is committed, and skips rows a commit record says are
+//!   already written (redelivery after a crash or a lost ack). No broker type is known here.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::Message;
-use tokio::sync::{mpsc, watch};
+use futures_util::FutureExt;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::{open_output, open_source, open_store, roll_policy, window_config, RunError};
@@ -20,12 +22,12 @@ use crate::aggregate::{self, AggregateConfig, Resume};
 use crate::capture::{self, CaptureConfig};
 use crate::config::Settings;
 use crate::edge::broker::{
-    self, decode_events_msg, decode_flows_msg, Broker, BrokerRx, Ends, EVENTS_STREAM, FLOWS_STREAM,
+    decode_events_msg, decode_flows_msg, Broker, BrokerRx, Ends, EVENTS_STREAM, FLOWS_STREAM,
 };
 use crate::edge::objects::{self, ObjectRx, ObjectTx};
-use crate::edge::{memory, EdgeError, Tx};
+use crate::edge::{memory, Ack, EdgeError, Finalized, Tx};
 use crate::event::{EventBatch, FlowBatch};
-use crate::metrics::{BrokerMetrics, Metrics};
+use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::sink::{
     self, CommitLog, CommitOrder, Dataset, Position, RollingWriter, SinkError, SinkStats, Store,
@@ -183,48 +185,70 @@ pub async fn aggregate(
     Ok(sum)
 }
 
-/// Messages delivered but not yet acked, in arrival order, each with the position of its last row.
-struct Unacked<K> {
-    pending: VecDeque<(K, u64, Message)>,
+/// Which deliveries of the events stream are not yet committed, and so how far the event log is
+/// committed on the stream: every message before [`LogProgress::through`] is in committed files (or
+/// carried nothing to write). The flows sink waits for it.
+struct LogProgress {
+    open: std::sync::Mutex<BTreeSet<u64>>,
+    seen: AtomicU64,
+    through: watch::Sender<u64>,
 }
 
-impl<K: PartialOrd + Copy> Unacked<K> {
-    fn new() -> Self {
-        Unacked {
-            pending: VecDeque::new(),
-        }
+impl LogProgress {
+    /// Messages before `start` were committed by an earlier run of the consumer.
+    fn new(start: u64) -> (Arc<Self>, watch::Receiver<u64>) {
+        let (through, rx) = watch::channel(start);
+        let p = LogProgress {
+            open: Default::default(),
+            seen: AtomicU64::new(start.saturating_sub(1)),
+            through,
+        };
+        (Arc::new(p), rx)
     }
 
-    /// Removes and returns the messages whose rows are all committed (`through` or before).
-    fn release(&mut self, through: K, open: &mut BTreeSet<u64>) -> Vec<Message> {
-        let mut out = Vec::new();
-        while self.pending.front().is_some_and(|(k, _, _)| *k <= through) {
-            let (_, stream_seq, m) = self.pending.pop_front().expect("front exists");
-            open.remove(&stream_seq);
-            out.push(m);
-        }
-        out
+    fn saw(&self, position: u64) {
+        self.seen.fetch_max(position, Ordering::SeqCst);
     }
-}
 
-fn stream_seq(m: &Message) -> u64 {
-    m.info().map(|i| i.stream_sequence).unwrap_or(0)
-}
+    /// Publishes the committed position (it only grows: a redelivery of committed rows is no news).
+    fn publish(&self) {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let t = open
+            .first()
+            .copied()
+            .unwrap_or(self.seen.load(Ordering::SeqCst) + 1);
+        self.through
+            .send_if_modified(|v| std::mem::replace(v, (*v).max(t)) < t);
+    }
 
-/// How far the event log is committed on the events stream: every message before the returned
-/// position is in committed files (or carried nothing to write).
-fn log_through(open: &BTreeSet<u64>, seen: u64) -> u64 {
-    open.first().copied().unwrap_or(seen + 1)
+    /// The ack of an events delivery, which also counts the delivery committed once released.
+    fn track(self: &Arc<Self>, ack: Ack) -> Ack {
+        let position = ack.position();
+        self.saw(position);
+        self.open
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(position);
+        let this = Arc::clone(self);
+        Ack::new(position, move || {
+            async move {
+                this.open
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&position);
+                this.publish();
+                ack.release().await;
+            }
+            .boxed()
+        })
+    }
 }
 
 /// The event-log sink of one node, fed by the router.
 struct NodeSink {
-    tx: memory::MemoryTx<Arc<EventBatch>>,
+    tx: memory::MemoryTx<Finalized<Arc<EventBatch>>>,
     /// Next `seq` not yet handed to the sink (rows before it are skipped: redelivered).
     next_seq: u64,
-    /// Next `seq` not yet committed.
-    committed: u64,
-    unacked: Unacked<u64>,
     task: JoinHandle<Result<SinkStats, SinkError>>,
 }
 
@@ -270,14 +294,14 @@ pub async fn sink(
         )
         .await?;
     // Everything before the consumer's start was committed by an earlier run of this sink.
-    let (through_tx, through_rx) = watch::channel(events_in.start_seq());
+    let (progress, through_rx) = LogProgress::new(events_in.start_seq());
     metrics.health.set_ready();
     let events = tokio::spawn(route_events(
         events_in,
         store.clone(),
         s.clone(),
         Arc::clone(&metrics),
-        through_tx,
+        progress,
         shutdown.clone(),
     ));
     let flows = tokio::spawn(route_flows(
@@ -385,43 +409,34 @@ fn edge_err(dataset: &'static str) -> impl Fn(EdgeError) -> RunError {
     }
 }
 
-/// Reads the events stream, hands each node's batches to that node's sink, and acks messages once
-/// their rows are committed.
+/// Reads the events stream and hands each node's batches, with their acks, to that node's sink, which
+/// releases them once their rows are committed.
 async fn route_events(
     mut input: BrokerRx<Arc<EventBatch>>,
     store: Store,
     s: Settings,
     metrics: Arc<Metrics>,
-    through: watch::Sender<u64>,
+    progress: Arc<LogProgress>,
     mut shutdown: Shutdown,
 ) -> Result<(), RunError> {
-    let bm: Arc<BrokerMetrics> = Arc::clone(&metrics.broker);
     let mut nodes: BTreeMap<Arc<str>, NodeSink> = BTreeMap::new();
-    let (commits_tx, mut commits) = mpsc::unbounded_channel::<(Arc<str>, Position)>();
-    let mut open: BTreeSet<u64> = BTreeSet::new();
-    // Messages before the consumer's start were committed by an earlier run of this sink.
-    let mut seen = input.start_seq().saturating_sub(1);
     loop {
         let delivery = tokio::select! {
             biased;
-            Some((node, pos)) = commits.recv() => {
-                release_node(&mut nodes, &node, pos, &mut open, &bm).await;
-                through.send_replace(log_through(&open, seen));
-                continue;
-            }
             _ = shutdown.wait() => break,
             d = input.next() => d.map_err(edge_err("events"))?,
         };
-        for m in std::mem::take(&mut input.settled) {
-            seen = seen.max(stream_seq(&m));
-            broker::ack(&bm, &m).await;
+        for ack in std::mem::take(&mut input.settled) {
+            progress.saw(ack.position());
+            ack.release().await;
         }
+        progress.publish();
         let Some(d) = delivery else { break };
-        let sseq = stream_seq(&d.message);
-        seen = seen.max(sseq);
+        let sseq = d.ack.position();
+        let ack = progress.track(d.ack);
         let batch = d.item;
         if !nodes.contains_key(&batch.node) {
-            let ns = start_node_sink(&batch.node, &store, &s, &metrics, commits_tx.clone()).await?;
+            let ns = start_node_sink(&batch.node, &store, &s, &metrics).await?;
             nodes.insert(Arc::clone(&batch.node), ns);
         }
         let ns = nodes.get_mut(&batch.node).expect("just inserted");
@@ -450,84 +465,44 @@ async fn route_events(
                 return Err(edge_err("events")(EdgeError::Broker(why)));
             }
         }
-        // Rows a commit record (or an earlier delivery) already covers are skipped: redelivery.
-        let fresh: Vec<_> = batch
-            .events
-            .iter()
-            .filter(|e| e.seq >= ns.next_seq)
-            .copied()
-            .collect();
-        let skipped = batch.events.len() - fresh.len();
+        // Rows a commit (or an earlier delivery) already covers are skipped: redelivery.
+        let skipped = batch.events.iter().filter(|e| e.seq < ns.next_seq).count();
         metrics.broker.redelivered_rows_skipped.add(skipped as u64);
-        let Some(last) = fresh.last().map(|e| e.seq) else {
-            // All seen before; ack now only if also committed, else once they are.
-            let last = batch.events.last().map_or(0, |e| e.seq);
-            if batch.events.is_empty() || last < ns.committed {
-                broker::ack(&bm, &d.message).await;
-            } else {
-                ns.unacked.pending.push_back((last, sseq, d.message));
-                open.insert(sseq);
-            }
-            through.send_replace(log_through(&open, seen));
+        if skipped == batch.events.len() {
+            // All handed over before: the sink releases the ack once those rows are committed.
+            let acks = Finalized::acks(vec![ack]);
+            ns.tx.send(acks).await.map_err(edge_err("events"))?;
             continue;
-        };
-        ns.next_seq = last + 1;
-        let trimmed = if skipped == 0 {
+        }
+        // No copy unless rows are skipped.
+        let fresh = if skipped == 0 {
             batch
         } else {
+            let fresh = batch.events[skipped..].to_vec();
             Arc::new(EventBatch::new(
                 Arc::clone(&batch.node),
                 fresh,
                 batch.clock_us,
             ))
         };
-        ns.tx.send(trimmed).await.map_err(edge_err("events"))?;
-        ns.unacked.pending.push_back((last, sseq, d.message));
-        open.insert(sseq);
+        ns.next_seq = fresh.events.last().map_or(ns.next_seq, |e| e.seq + 1);
+        ns.tx
+            .send(Finalized::new(fresh, ack))
+            .await
+            .map_err(edge_err("events"))?;
     }
-    // End of input or shutdown: every node sink commits what it holds; ack as commits land.
-    drop(commits_tx);
+    // End of input or shutdown: every node sink commits what it holds and releases its acks.
     let mut tasks = Vec::new();
-    for (node, ns) in std::mem::take(&mut nodes) {
-        let NodeSink {
-            tx, unacked, task, ..
-        } = ns;
-        drop(tx);
-        tasks.push((node, unacked, task));
+    for (_, ns) in std::mem::take(&mut nodes) {
+        drop(ns.tx);
+        tasks.push(ns.task);
     }
-    let mut remaining: BTreeMap<Arc<str>, Unacked<u64>> = tasks
-        .iter_mut()
-        .map(|(n, u, _)| (Arc::clone(n), std::mem::replace(u, Unacked::new())))
-        .collect();
-    while let Some((node, pos)) = commits.recv().await {
-        if let (Some(u), Position::Event { seq }) = (remaining.get_mut(&node), pos) {
-            for m in u.release(seq, &mut open) {
-                broker::ack(&bm, &m).await;
-            }
-        }
-        through.send_replace(log_through(&open, seen));
-    }
-    for (_, _, task) in tasks {
+    for task in tasks {
         task.await
             .map_err(|e| RunError::Panicked(e.to_string()))?
             .map_err(sink_err("events"))?;
     }
     Ok(())
-}
-
-async fn release_node(
-    nodes: &mut BTreeMap<Arc<str>, NodeSink>,
-    node: &Arc<str>,
-    pos: Position,
-    open: &mut BTreeSet<u64>,
-    bm: &BrokerMetrics,
-) {
-    if let (Some(ns), Position::Event { seq }) = (nodes.get_mut(node), pos) {
-        ns.committed = ns.committed.max(seq + 1);
-        for m in ns.unacked.release(seq, open) {
-            broker::ack(bm, &m).await;
-        }
-    }
 }
 
 /// Opens one node's event-log sink: its commit log tells where it stands.
@@ -536,7 +511,6 @@ async fn start_node_sink(
     store: &Store,
     s: &Settings,
     metrics: &Arc<Metrics>,
-    commits: mpsc::UnboundedSender<(Arc<str>, Position)>,
 ) -> Result<NodeSink, RunError> {
     let mut log =
         CommitLog::recover(store.clone(), Dataset::Events, node, &Default::default()).await?;
@@ -555,60 +529,29 @@ async fn start_node_sink(
         store.clone(),
         roll_policy(s),
     );
-    let (committed, watch_rx) = watch::channel(None);
-    forward_commits(Arc::clone(node), watch_rx, commits);
     let m = Arc::clone(metrics);
     let task = tokio::spawn(async move {
-        let order = CommitOrder {
-            committed: Some(committed),
-            after: None,
-        };
-        sink::run(rx, writer, &mut log, order, &m.sink_events).await
+        sink::run(rx, writer, &mut log, CommitOrder::default(), &m.sink_events).await
     });
-    Ok(NodeSink {
-        tx,
-        next_seq,
-        committed: next_seq,
-        unacked: Unacked::new(),
-        task,
-    })
-}
-
-/// Turns a sink's "last committed row" watch into messages on a shared channel.
-fn forward_commits<K: Send + Sync + Clone + 'static>(
-    key: K,
-    mut rx: watch::Receiver<Option<Position>>,
-    tx: mpsc::UnboundedSender<(K, Position)>,
-) {
-    tokio::spawn(async move {
-        while rx.changed().await.is_ok() {
-            let last = *rx.borrow_and_update();
-            if let Some(p) = last {
-                if tx.send((key.clone(), p)).is_err() {
-                    return;
-                }
-            }
-        }
-    });
+    Ok(NodeSink { tx, next_seq, task })
 }
 
 /// The flows sink of one aggregator shard, fed by the router.
 struct ShardSink {
-    tx: memory::MemoryTx<FlowBatch>,
+    tx: memory::MemoryTx<Finalized<FlowBatch>>,
     /// Emissions up to this one were handed to the sink whole (or committed before this run).
     done: Option<u64>,
-    /// The last emission committed.
-    committed: Option<u64>,
-    /// Pieces of the emission being put back together (the broker carries large ones in pieces).
+    /// Pieces of the emission being put back together (the broker carries large ones in pieces),
+    /// and their acks.
     partial: Option<FlowBatch>,
-    unacked: Unacked<u64>,
+    piece_acks: Vec<Ack>,
     task: JoinHandle<Result<SinkStats, SinkError>>,
 }
 
 /// Reads every shard's flows (one consumer on `tcplake.flows.>`) into one flows sink per producer:
 /// puts emissions cut into pieces back together, skips emissions already handed over or committed
-/// (redeliveries), and acks messages once their emission is committed. The shard count comes from the
-/// batches: aggregators that disagree on it stop the sink with an error naming them.
+/// (redeliveries), and hands each emission over with the acks of its pieces. The shard count comes
+/// from the batches: aggregators that disagree on it stop the sink with an error naming them.
 async fn route_flows(
     mut input: BrokerRx<FlowBatch>,
     store: Store,
@@ -617,65 +560,38 @@ async fn route_flows(
     log_through: watch::Receiver<u64>,
     mut shutdown: Shutdown,
 ) -> Result<(), RunError> {
-    let bm = Arc::clone(&metrics.broker);
     let mut shards: BTreeMap<Arc<str>, ShardSink> = BTreeMap::new();
     // (producer, count) of the first batch that said how many shards there are.
     let mut count: Option<(Arc<str>, u32)> = None;
-    let (commits_tx, mut commits) = mpsc::unbounded_channel::<(Arc<str>, Position)>();
-    let mut open = BTreeSet::new();
     loop {
         let delivery = tokio::select! {
             biased;
-            Some((producer, pos)) = commits.recv() => {
-                if let (Some(sh), Position::Flow { emission, .. }) = (shards.get_mut(&producer), pos) {
-                    sh.committed = Some(emission);
-                    for m in sh.unacked.release(emission, &mut open) {
-                        broker::ack(&bm, &m).await;
-                    }
-                }
-                continue;
-            }
             _ = shutdown.wait() => break,
             d = input.next() => d.map_err(edge_err("flows"))?,
         };
-        for m in std::mem::take(&mut input.settled) {
-            broker::ack(&bm, &m).await;
+        for ack in std::mem::take(&mut input.settled) {
+            ack.release().await;
         }
         let Some(d) = delivery else { break };
         let piece = d.item;
         check_shard_count(&mut count, &piece).map_err(edge_err("flows"))?;
         let producer = Arc::clone(&piece.producer);
         if !shards.contains_key(&producer) {
-            let sh = start_shard_sink(
-                &producer,
-                &store,
-                &s,
-                &metrics,
-                log_through.clone(),
-                commits_tx.clone(),
-            )
-            .await?;
+            let sh = start_shard_sink(&producer, &store, &s, &metrics, log_through.clone()).await?;
             shards.insert(Arc::clone(&producer), sh);
         }
         let sh = shards.get_mut(&producer).expect("just inserted");
-        let sseq = stream_seq(&d.message);
+        let sseq = d.ack.position();
         let emission = piece.seq;
-        let keep =
-            |sh: &mut ShardSink, m: async_nats::jetstream::Message, open: &mut BTreeSet<u64>| {
-                sh.unacked.pending.push_back((emission, sseq, m));
-                open.insert(sseq);
-            };
         if sh.done.is_some_and(|done| emission <= done) {
-            // Delivered again (a redelivery, or an aggregator re-publishing after a restart).
+            // Delivered again (a redelivery, or an aggregator re-publishing after a restart): the
+            // sink releases the ack once that emission is committed.
             metrics
                 .broker
                 .redelivered_rows_skipped
                 .add(piece.records.len() as u64);
-            if sh.committed.is_some_and(|c| emission <= c) {
-                broker::ack(&bm, &d.message).await;
-            } else {
-                keep(sh, d.message, &mut open);
-            }
+            let acks = Finalized::acks(vec![d.ack]);
+            sh.tx.send(acks).await.map_err(edge_err("flows"))?;
             continue;
         }
         let next_row = sh
@@ -689,7 +605,7 @@ async fn route_flows(
                 .broker
                 .redelivered_rows_skipped
                 .add(piece.records.len() as u64);
-            keep(sh, d.message, &mut open);
+            sh.piece_acks.push(d.ack);
             continue;
         }
         if piece.first_row as usize > next_row {
@@ -699,7 +615,8 @@ async fn route_flows(
                 piece.first_row
             ))));
         }
-        // An emission a restarted aggregator abandoned half-published is superseded by its rebuild.
+        // An emission a restarted aggregator abandoned half-published is superseded by its rebuild
+        // (its pieces' acks go with the rebuild's).
         let mut whole = match sh.partial.take() {
             Some(mut p) if p.seq == emission => {
                 p.records.extend(piece.records);
@@ -707,30 +624,28 @@ async fn route_flows(
             }
             _ => piece,
         };
-        keep(sh, d.message, &mut open);
+        sh.piece_acks.push(d.ack);
         if whole.completes() {
             whole.first_row = 0;
             sh.done = Some(emission);
-            sh.tx.send(whole).await.map_err(edge_err("flows"))?;
+            let acks = std::mem::take(&mut sh.piece_acks);
+            sh.tx
+                .send(Finalized {
+                    item: Some(whole),
+                    acks,
+                })
+                .await
+                .map_err(edge_err("flows"))?;
         } else {
             sh.partial = Some(whole);
         }
     }
-    // End of input or shutdown: every shard's sink commits what it holds; ack as commits land.
-    drop(commits_tx);
+    // End of input or shutdown: every shard's sink commits what it holds and releases its acks (a
+    // half-received emission's are not: it is delivered again).
     let mut tasks = Vec::new();
-    let mut remaining: BTreeMap<Arc<str>, Unacked<u64>> = BTreeMap::new();
-    for (producer, sh) in std::mem::take(&mut shards) {
+    for (_, sh) in std::mem::take(&mut shards) {
         drop(sh.tx);
-        remaining.insert(Arc::clone(&producer), sh.unacked);
         tasks.push(sh.task);
-    }
-    while let Some((producer, pos)) = commits.recv().await {
-        if let (Some(u), Position::Flow { emission, .. }) = (remaining.get_mut(&producer), pos) {
-            for m in u.release(emission, &mut open) {
-                broker::ack(&bm, &m).await;
-            }
-        }
     }
     for task in tasks {
         task.await
@@ -766,11 +681,10 @@ async fn start_shard_sink(
     s: &Settings,
     metrics: &Arc<Metrics>,
     log_through: watch::Receiver<u64>,
-    commits: mpsc::UnboundedSender<(Arc<str>, Position)>,
 ) -> Result<ShardSink, RunError> {
     let mut log =
         CommitLog::recover(store.clone(), Dataset::Flows, producer, &Default::default()).await?;
-    let committed = match log.last() {
+    let done = match log.last() {
         Some(Position::Flow { emission, .. }) => Some(emission),
         _ => None,
     };
@@ -785,23 +699,19 @@ async fn start_shard_sink(
         store.clone(),
         roll_policy(s),
     );
-    let (committed_tx, watch_rx) = watch::channel(None);
-    forward_commits(Arc::clone(producer), watch_rx, commits);
     let m = Arc::clone(metrics);
     let policy = roll_policy(s);
     let task = tokio::spawn(async move {
         let order = CommitOrder {
-            committed: Some(committed_tx),
             after: Some(log_through),
         };
         sink::run_flows(rx, writer, &mut log, order, policy, &m.sink_flows).await
     });
     Ok(ShardSink {
         tx,
-        done: committed,
-        committed,
+        done,
         partial: None,
-        unacked: Unacked::new(),
+        piece_acks: Vec::new(),
         task,
     })
 }

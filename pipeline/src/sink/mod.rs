@@ -18,7 +18,7 @@ use arrow::error::ArrowError;
 
 use tokio::sync::watch;
 
-use crate::edge::{EdgeError, Rx};
+use crate::edge::{Ack, EdgeError, Finalized, Rx};
 use crate::event::schema::{events_to_batch, flows_to_batch};
 use crate::event::{EventBatch, FlowBatch};
 pub use crate::lake::producer::StagedFile;
@@ -103,16 +103,64 @@ impl SinkRows for FlowBatch {
     }
 }
 
-/// How a sink's commits relate to the world: it announces the last row of every file it commits (so
-/// an edge can ack what is durable, and the flows sink can learn how far the log is), and the flows
-/// sink waits until the event log is committed through the position its rows have consumed, so no
-/// committed flow row ever counts an event the log does not hold.
+/// A sink's input item: rows (or none) and the acks to release once the commit covering them is
+/// durable (see [`crate::edge::ack`]). Plain batches come without acks.
+pub trait Delivered: Send + 'static {
+    type Rows: SinkRows;
+    fn into_parts(self) -> (Option<Self::Rows>, Vec<Ack>);
+}
+
+impl Delivered for Arc<EventBatch> {
+    type Rows = Self;
+    fn into_parts(self) -> (Option<Self>, Vec<Ack>) {
+        (Some(self), Vec::new())
+    }
+}
+
+impl Delivered for FlowBatch {
+    type Rows = Self;
+    fn into_parts(self) -> (Option<Self>, Vec<Ack>) {
+        (Some(self), Vec::new())
+    }
+}
+
+impl<T: SinkRows> Delivered for Finalized<T> {
+    type Rows = T;
+    fn into_parts(self) -> (Option<T>, Vec<Ack>) {
+        (self.item, self.acks)
+    }
+}
+
+/// How a flows sink's commits follow the event log's: it waits until the log is committed through the
+/// position its rows have consumed, so no committed flow row ever counts an event the log does not
+/// hold. (What a sink tells the world of its commits travels as acks: [`Delivered`].)
 #[derive(Debug, Default)]
 pub struct CommitOrder {
-    /// Told the position of the last row of each committed file.
-    pub committed: Option<watch::Sender<Option<Position>>>,
     /// The event log's committed position on the events edge (next position not yet committed).
     pub after: Option<watch::Receiver<u64>>,
+}
+
+/// Sealed groups, each with the acks its commit releases (an empty group: acks to release at once).
+type Sealed = Vec<(Group, Vec<Ack>)>;
+
+/// Pairs the groups a write sealed with the acks their commits release. The acks waiting on the open
+/// files go with the first group sealed (their rows are in it); the item's own acks go with the last
+/// group if the writer is left with nothing open (its last rows are in it), else they wait on the open
+/// files. With nothing open or sealed, every row handed over before is committed (commits complete
+/// before the next item is taken): the acks are released at once.
+fn with_acks(groups: Vec<Group>, waiting: &mut Vec<Ack>, acks: Vec<Ack>, idle: bool) -> Sealed {
+    let mut out: Sealed = groups.into_iter().map(|g| (g, Vec::new())).collect();
+    if let Some((_, first)) = out.first_mut() {
+        first.append(waiting);
+    }
+    if !idle {
+        waiting.extend(acks);
+    } else if let Some((_, last)) = out.last_mut() {
+        last.extend(acks);
+    } else {
+        out.push((Vec::new(), acks));
+    }
+    out
 }
 
 /// Why the sink stopped.
@@ -158,8 +206,9 @@ fn partition_runs<T: SinkRows>(batch: &T) -> Vec<(Partition, Range<usize>)> {
         .collect()
 }
 
-/// Runs one dataset's sink until its input ends, then commits every open file.
-pub async fn run<T, I>(
+/// Runs one dataset's sink until its input ends, then commits every open file. Each item's acks are
+/// released once the commit holding its rows is durable.
+pub async fn run<D, I>(
     mut input: I,
     mut writer: RollingWriter,
     log: &mut CommitLog,
@@ -167,26 +216,39 @@ pub async fn run<T, I>(
     metrics: &SinkMetrics,
 ) -> Result<SinkStats, SinkError>
 where
-    T: SinkRows,
-    I: Rx<T>,
+    D: Delivered,
+    I: Rx<D>,
 {
     let mut stats = SinkStats::default();
     let store = writer.store().clone();
+    // Acks of rows in the open files.
+    let mut waiting: Vec<Ack> = Vec::new();
     // Files also close on age while no data arrives, so a quiet node still commits its data.
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let sealed = tokio::select! {
             item = input.recv() => match item? {
-                Some(batch) => write_batch(&mut writer, &batch, &mut stats, metrics)?,
+                Some(d) => {
+                    let (rows, acks) = d.into_parts();
+                    let groups = match &rows {
+                        Some(b) => write_batch(&mut writer, b, &mut stats, metrics)?,
+                        None => Vec::new(),
+                    };
+                    with_acks(groups, &mut waiting, acks, writer.is_idle())
+                }
                 None => break,
             },
-            _ = tick.tick() => writer.roll_aged(Instant::now())?.into_iter().collect(),
+            _ = tick.tick() => {
+                let groups = writer.roll_aged(Instant::now())?.into_iter().collect();
+                with_acks(groups, &mut waiting, Vec::new(), writer.is_idle())
+            }
         };
         // While a commit waits on the store, no input is taken: the edge fills and the producer waits.
         commit(sealed, &store, log, &mut order, &mut stats, metrics).await?;
     }
-    let sealed = writer.seal_all()?.into_iter().collect();
+    let groups = writer.seal_all()?.into_iter().collect();
+    let sealed = with_acks(groups, &mut waiting, Vec::new(), true);
     commit(sealed, &store, log, &mut order, &mut stats, metrics).await?;
     log.finish().await?;
     Ok(stats)
@@ -197,14 +259,18 @@ where
 /// replaces them in memory; one emitted again after its file was committed replaces its committed rows
 /// (see [`crate::lake::projection`]). A window the table already holds unchanged (a rebuild after a
 /// restart emits every window it held) is not written again.
-pub async fn run_flows<I: Rx<FlowBatch>>(
+pub async fn run_flows<D, I>(
     mut input: I,
     mut writer: RollingWriter,
     log: &mut CommitLog,
     mut order: CommitOrder,
     policy: RollPolicy,
     metrics: &SinkMetrics,
-) -> Result<SinkStats, SinkError> {
+) -> Result<SinkStats, SinkError>
+where
+    D: Delivered<Rows = FlowBatch>,
+    I: Rx<D>,
+{
     let mut stats = SinkStats::default();
     let store = writer.store().clone();
     let mut open = OpenFlows::default();
@@ -213,17 +279,27 @@ pub async fn run_flows<I: Rx<FlowBatch>>(
     loop {
         let flush = tokio::select! {
             item = input.recv() => match item? {
-                Some(mut batch) => {
+                Some(d) => {
+                    let (batch, acks) = d.into_parts();
+                    let idle = open.rows.is_empty() && open.last.is_none() && !log.has_open();
+                    let Some(mut batch) = batch else {
+                        // Acks of emissions handed over before: released with them.
+                        if idle {
+                            release(acks).await;
+                        } else {
+                            open.acks.extend(acks);
+                        }
+                        continue;
+                    };
                     metrics.batches.add(1);
                     let admitted = log.admit(std::mem::take(&mut batch.records));
-                    if admitted.records.is_empty() && open.rows.is_empty() && !log.has_open() {
+                    if admitted.records.is_empty() && idle {
                         // Nothing new: the table holds this emission already.
-                        if let Some(c) = &order.committed {
-                            c.send_replace(Some(batch.position(0)));
-                        }
+                        release(acks).await;
                         continue;
                     }
                     open.add(admitted.records, batch);
+                    open.acks.extend(acks);
                     open.bytes >= policy.max_bytes
                 }
                 None => break,
@@ -241,6 +317,12 @@ pub async fn run_flows<I: Rx<FlowBatch>>(
     Ok(stats)
 }
 
+async fn release(acks: Vec<Ack>) {
+    for a in acks {
+        a.release().await;
+    }
+}
+
 /// The rows of the flows sink's open file, per window, until it is written.
 #[derive(Default)]
 struct OpenFlows {
@@ -250,6 +332,8 @@ struct OpenFlows {
     opened: Option<Instant>,
     /// Rows' size estimate (their Parquet will be smaller).
     bytes: u64,
+    /// Acks of the emissions taken in, released with the commit of their rows.
+    acks: Vec<Ack>,
 }
 
 /// What one flow row takes before compression, about.
@@ -273,15 +357,18 @@ impl OpenFlows {
         self.last = Some(header);
     }
 
-    /// Writes every held row (window by window) and seals the files.
+    /// Writes every held row (window by window) and seals the files: one group, with the acks of
+    /// every emission taken in (or, if nothing was written, the acks alone: released at once).
     fn write(
         &mut self,
         writer: &mut RollingWriter,
         stats: &mut SinkStats,
         metrics: &SinkMetrics,
-    ) -> Result<Vec<Group>, SinkError> {
+    ) -> Result<Sealed, SinkError> {
+        let acks = std::mem::take(&mut self.acks);
         let Some(mut batch) = self.last.take() else {
-            return Ok(writer.seal_all()?.into_iter().collect());
+            let groups = writer.seal_all()?.into_iter().collect();
+            return Ok(with_acks(groups, &mut Vec::new(), acks, true));
         };
         batch.records = std::mem::take(&mut self.rows)
             .into_values()
@@ -301,18 +388,15 @@ impl OpenFlows {
         // partition in that commit (the writer may have sealed a group midway, on size or partitions).
         // Rows are sorted by window, so each partition is one chunk, hence one file.
         let one: Group = sealed.into_iter().flatten().collect();
-        Ok(if one.is_empty() {
-            Vec::new()
-        } else {
-            vec![one]
-        })
+        Ok(vec![(one, acks)])
     }
 }
 
-/// Commits sealed groups in order, each in one commit; on failure the rest are discarded (they were
-/// never visible).
+/// Commits sealed groups in order, each in one commit, and releases each group's acks once it is
+/// committed (an empty group's at once); on failure the rest are discarded (they were never visible)
+/// and their acks are not released (the edge will deliver them again).
 async fn commit(
-    sealed: Vec<Group>,
+    sealed: Sealed,
     store: &Store,
     log: &mut CommitLog,
     order: &mut CommitOrder,
@@ -320,9 +404,13 @@ async fn commit(
     metrics: &SinkMetrics,
 ) -> Result<(), SinkError> {
     let mut groups = sealed.into_iter();
-    while let Some(g) = groups.next() {
+    while let Some((g, acks)) = groups.next() {
+        if g.is_empty() {
+            release(acks).await;
+            continue;
+        }
         if let Err(e) = commit_group(&g, log, order).await {
-            for f in g.into_iter().chain(groups.flatten()) {
+            for f in g.into_iter().chain(groups.flat_map(|(g, _)| g)) {
                 store.discard(&f.staged);
             }
             return Err(e);
@@ -336,6 +424,7 @@ async fn commit(
             metrics.bytes.add(f.bytes);
             tracing::debug!(key = %f.key, rows = f.rows, bytes = f.bytes, "file committed");
         }
+        release(acks).await;
     }
     Ok(())
 }
@@ -380,9 +469,6 @@ async fn commit_group(
         })
         .collect();
     log.commit(&files, last).await?;
-    if let Some(committed) = &order.committed {
-        committed.send_replace(Some(last));
-    }
     Ok(())
 }
 

@@ -12,6 +12,8 @@ pub struct Nats {
     pub child: Child,
     pub port: u16,
     pub store: tempfile::TempDir,
+    /// The HTTP monitoring port, if started with one ([`Nats::start_monitored`]).
+    pub monitor: Option<u16>,
 }
 
 impl Nats {
@@ -24,7 +26,54 @@ impl Nats {
         let store = tempfile::tempdir().unwrap();
         let port = free_port();
         let child = Self::spawn_with(port, store.path(), extra);
-        Nats { child, port, store }
+        Nats {
+            child,
+            port,
+            store,
+            monitor: None,
+        }
+    }
+
+    /// A server with its HTTP monitoring endpoint on (to read consumers' ack state).
+    pub fn start_monitored() -> Nats {
+        let m = free_port();
+        let mut n = Self::start_with(&["-m", &m.to_string()]);
+        wait_for_port(m, "nats-server monitoring");
+        n.monitor = Some(m);
+        n
+    }
+
+    /// Per durable consumer whose name starts with `prefix`: (stream, consumer, messages delivered
+    /// but not acked, messages not yet delivered), from the server's `/jsz` monitoring endpoint.
+    pub fn consumers(&self, prefix: &str) -> Vec<(String, String, u64, u64)> {
+        use std::io::{Read, Write};
+        let port = self.monitor.expect("started with Nats::start_monitored");
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.write_all(
+            b"GET /jsz?accounts=true&streams=true&consumers=true HTTP/1.0\r\nHost: localhost\r\n\r\n",
+        )
+        .unwrap();
+        let mut reply = String::new();
+        c.read_to_string(&mut reply).unwrap();
+        let body = reply.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let v: serde_json::Value = serde_json::from_str(body).expect("/jsz answers JSON");
+        let mut out = Vec::new();
+        for a in v["account_details"].as_array().into_iter().flatten() {
+            for st in a["stream_detail"].as_array().into_iter().flatten() {
+                for c in st["consumer_detail"].as_array().into_iter().flatten() {
+                    let name = c["name"].as_str().unwrap_or_default();
+                    if name.starts_with(prefix) {
+                        out.push((
+                            st["name"].as_str().unwrap_or_default().to_string(),
+                            name.to_string(),
+                            c["num_ack_pending"].as_u64().unwrap_or(u64::MAX),
+                            c["num_pending"].as_u64().unwrap_or(u64::MAX),
+                        ));
+                    }
+                }
+            }
+        }
+        out
     }
 
     pub fn spawn(port: u16, store: &Path) -> Child {
