@@ -125,7 +125,7 @@ fn stages(c: &mut Criterion) {
 
 /// Exactly what the sink writes with.
 fn props() -> parquet::file::properties::WriterProperties {
-    pipeline::sink::rolling::writer_properties("bench", 131_072)
+    pipeline::lake::format::writer_properties("bench", 131_072)
 }
 
 criterion_group!(benches, stages);

@@ -6,8 +6,7 @@
 //! the dependency tree. Bound to loopback by default (`--metrics-addr`): metrics name hosts and ports.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -19,47 +18,6 @@ use crate::metrics::Metrics;
 const MAX_REQUEST: usize = 8 * 1024;
 /// A client that has not sent its request by then is dropped.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Readiness, set by the mode as it starts and stops.
-#[derive(Debug)]
-pub struct Health {
-    ready: AtomicBool,
-    reason: Mutex<String>,
-}
-
-impl Default for Health {
-    fn default() -> Self {
-        Health {
-            ready: AtomicBool::new(false),
-            reason: Mutex::new("starting".into()),
-        }
-    }
-}
-
-impl Health {
-    /// Edges connected, output writable: traffic may come.
-    pub fn set_ready(&self) {
-        self.ready.store(true, Ordering::Release);
-    }
-
-    pub fn set_not_ready(&self, reason: &str) {
-        *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = reason.to_string();
-        self.ready.store(false, Ordering::Release);
-    }
-
-    /// `Ok` when ready, else why not.
-    pub fn check(&self) -> Result<(), String> {
-        if self.ready.load(Ordering::Acquire) {
-            Ok(())
-        } else {
-            Err(self
-                .reason
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone())
-        }
-    }
-}
 
 /// The admin endpoint could not start.
 #[derive(Debug, thiserror::Error)]

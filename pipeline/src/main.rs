@@ -238,9 +238,24 @@ fn bench(_args: &BenchArgs, cfg: pipeline::bench::BenchConfig) -> anyhow::Result
 
 /// One line on stderr naming the problem, then a non-zero exit. The library's error messages already
 /// carry their causes, so only the outermost message is printed (`{:#}` would repeat them).
+/// One line: the error and each cause it does not already say (library errors that wrap another often
+/// name it in their own message), scrubbed of registered secrets like every log line.
 fn fail(e: &anyhow::Error, code: u8) -> ExitCode {
-    eprintln!("tcplake: error: {e}");
+    let line = chain(e).replace('\n', " ");
+    eprintln!("tcplake: error: {}", secrets::scrub(&line));
     ExitCode::from(code)
+}
+
+fn chain(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !c.is_empty() && !line.contains(&c) {
+            line.push_str(": ");
+            line.push_str(&c);
+        }
+    }
+    line
 }
 
 fn init_tracing(json: bool) {

@@ -111,7 +111,7 @@ pub struct SinkMetrics {
     pub files: Counter,
     pub bytes: Counter,
     /// Capture-to-commit latency per batch, µs (events: when the rows became durable).
-    pub latency_us: std::sync::Mutex<crate::aggregate::sketch::RttSketch>,
+    pub latency_us: std::sync::Mutex<crate::sketch::RttSketch>,
 }
 
 impl SinkMetrics {
@@ -284,7 +284,7 @@ pub struct Metrics {
     pub broker: Arc<BrokerMetrics>,
     pub handoff: Arc<HandoffMetrics>,
     /// Readiness, for `/readyz`.
-    pub health: crate::admin::Health,
+    pub health: crate::health::Health,
 }
 
 /// Builds the text exposition: each family's HELP and TYPE once, then all its samples together.

@@ -1,45 +1,31 @@
-//! UTC calendar arithmetic for partition paths, without a date-time dependency; the wall clock.
+//! UTC calendar work for partition paths and messages (chrono), and the wall clock.
+
+use chrono::{DateTime, Datelike, Timelike, Utc};
 
 /// Wall-clock time now, µs since the Unix epoch.
 pub fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
+    Utc::now().timestamp_micros()
+}
+
+/// The UTC instant of `ts_us` (µs since the epoch); beyond chrono's range (±262 000 years, which
+/// only a corrupt timestamp reaches) the nearest end of it.
+fn utc(ts_us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(ts_us).unwrap_or(if ts_us < 0 {
+        DateTime::<Utc>::MIN_UTC
+    } else {
+        DateTime::<Utc>::MAX_UTC
+    })
 }
 
 /// `(year, month, day, hour)` of a timestamp in µs since the epoch, UTC.
 pub fn utc_date_hour(ts_us: i64) -> (i32, u32, u32, u32) {
-    let secs = ts_us.div_euclid(1_000_000);
-    let days = secs.div_euclid(86_400);
-    let hour = (secs.rem_euclid(86_400) / 3_600) as u32;
-    let (y, m, d) = civil_from_days(days);
-    (y, m, d, hour)
+    let t = utc(ts_us);
+    (t.year(), t.month(), t.day(), t.hour())
 }
 
-/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(z: i64) -> (i32, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    ((y + i64::from(m <= 2)) as i32, m, d)
-}
-
-/// RFC 3339 text of a timestamp in µs (for logs and summaries).
+/// RFC 3339 text of a timestamp in µs, to the second (for logs and summaries).
 pub fn rfc3339(ts_us: i64) -> String {
-    let (y, mo, d, h) = utc_date_hour(ts_us);
-    let secs = ts_us.div_euclid(1_000_000).rem_euclid(3_600);
-    format!(
-        "{y:04}-{mo:02}-{d:02}T{h:02}:{:02}:{:02}Z",
-        secs / 60,
-        secs % 60
-    )
+    utc(ts_us).format("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 /// A Hive partition: one UTC hour.
@@ -88,6 +74,9 @@ mod tests {
         // 2024-02-29T23:59:59.999999Z (leap day)
         assert_eq!(utc_date_hour(1_709_251_199_999_999), (2024, 2, 29, 23));
         assert_eq!(utc_date_hour(-1), (1969, 12, 31, 23));
+        // A corrupt timestamp still names a partition (the nearest representable one).
+        assert_eq!(utc_date_hour(i64::MAX).1, 12);
+        assert_eq!(utc_date_hour(i64::MIN).1, 1);
         assert_eq!(
             rfc3339(1_767_225_600_000_000 + 3_723_000_000),
             "2026-01-01T01:02:03Z"

@@ -10,7 +10,6 @@
 //! point where that emission was made, and goes on as the original would have. Emitting a window again
 //! with the same content is harmless: the table keeps the rows it has (see [`crate::lake`]).
 
-pub mod sketch;
 pub mod window;
 
 use std::sync::Arc;

@@ -26,8 +26,8 @@ use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
-use super::sketch::RttSketch;
 use crate::event::{Event, EventKind, FlowKey, FlowRecord, ReplayPoint};
+use crate::sketch::RttSketch;
 
 /// Window length, allowed lateness and late horizon, in microseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

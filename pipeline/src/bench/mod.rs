@@ -50,28 +50,7 @@ use crate::event::FlowRecord;
 use cost::{cost_per_billion, Cost, Prices, Usage};
 use procs::{Measured, NatsServer};
 
-/// Deployment topologies the bench can run.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BenchMode {
-    /// One process, in-memory hand-off.
-    Monolith,
-    /// Capture, aggregators and sink as separate processes joined by NATS JetStream.
-    SplitBroker,
-    /// The same processes handing batches over as objects in a store (the seed's original design),
-    /// each object a billed PUT, polled for with GETs, and an orchestration transition.
-    SplitObjectStore,
-}
-
-impl BenchMode {
-    fn name(self) -> &'static str {
-        match self {
-            BenchMode::Monolith => "monolith",
-            BenchMode::SplitBroker => "split-broker",
-            BenchMode::SplitObjectStore => "split-object-store",
-        }
-    }
-}
+pub use crate::config::BenchMode;
 
 /// What to run.
 #[derive(Clone, Debug)]

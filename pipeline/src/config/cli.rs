@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// How the pipeline is deployed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -544,7 +544,7 @@ pub struct BenchArgs {
         value_delimiter = ',',
         default_value = "monolith,split-broker,split-object-store"
     )]
-    pub modes: Vec<crate::bench::BenchMode>,
+    pub modes: Vec<BenchMode>,
     /// Aggregator processes in split modes.
     #[arg(long, default_value_t = 2)]
     pub shards: u32,
@@ -554,4 +554,27 @@ pub struct BenchArgs {
     /// Directory for the outputs, report.json and report.md [default: $TMPDIR/tcplake-bench].
     #[arg(long, value_name = "DIR")]
     pub report: Option<PathBuf>,
+}
+
+/// Deployment topologies the bench can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BenchMode {
+    /// One process, in-memory hand-off.
+    Monolith,
+    /// Capture, aggregators and sink as separate processes joined by NATS JetStream.
+    SplitBroker,
+    /// The same processes handing batches over as objects in a store (the seed's original design),
+    /// each object a billed PUT, polled for with GETs, and an orchestration transition.
+    SplitObjectStore,
+}
+
+impl BenchMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchMode::Monolith => "monolith",
+            BenchMode::SplitBroker => "split-broker",
+            BenchMode::SplitObjectStore => "split-object-store",
+        }
+    }
 }

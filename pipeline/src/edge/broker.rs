@@ -355,16 +355,13 @@ impl Broker {
         ))
     }
 
-    /// A producer of flow batches for `shard`; its end marker names how many shards there are.
-    pub fn flows_tx(
-        &self,
-        shard: crate::aggregate::Shard,
-        shutdown: Shutdown,
-    ) -> BrokerTx<FlowBatch> {
+    /// A producer of flow batches for shard `index` of `count`; its end marker names how many shards
+    /// there are.
+    pub fn flows_tx(&self, index: u32, count: u32, shutdown: Shutdown) -> BrokerTx<FlowBatch> {
         let compress = self.settings.compress;
         BrokerTx::new(
             self.clone(),
-            flows_subject(shard.index),
+            flows_subject(index),
             Box::new(move |b: &FlowBatch| {
                 // (emission, first row) names a message whatever attempt publishes it.
                 let id = format!("{}-{}-{}", b.producer, b.seq, b.first_row);
@@ -386,7 +383,7 @@ impl Broker {
                 })
             }),
             Box::new(|b: &FlowBatch| b.records.len()),
-            Some(shard.count),
+            Some(count),
             shutdown,
         )
     }

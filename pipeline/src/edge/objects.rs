@@ -15,7 +15,7 @@ use super::wire;
 use super::{EdgeError, Rx, Tx};
 use crate::event::{EventBatch, FlowBatch};
 use crate::metrics::HandoffMetrics;
-use crate::sink::Store;
+use crate::storage::Store;
 
 /// How long a reader waits before asking again for an object that is not there yet.
 const POLL: Duration = Duration::from_millis(20);
@@ -190,7 +190,7 @@ impl<T: Handoff> Rx<T> for ObjectRx<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sink::LocalDir;
+    use crate::storage::LocalDir;
 
     #[tokio::test]
     async fn objects_arrive_in_order_and_the_empty_one_ends_the_stream() {

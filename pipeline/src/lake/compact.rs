@@ -14,12 +14,12 @@ use std::fs::File;
 use parquet::arrow::ArrowWriter;
 use serde::Serialize;
 
+use super::format::writer_properties;
 use super::names;
 use super::read::{self, ReadError};
 use super::table::{Change, FileEntry, NewFile, Table, TableError};
 use super::Dataset;
 use crate::event::schema::{batch_to_events, batch_to_flows, events_to_batch, flows_to_batch};
-use crate::sink::rolling::writer_properties;
 use crate::storage::{Store, StoreError};
 
 /// What to compact.
@@ -233,7 +233,12 @@ async fn merge(
     let first = names.iter().map(|n| n.first).min().unwrap_or(0);
     let last = names.iter().map(|n| n.last).max().unwrap_or(0);
     let dir = m.sources[0].partition_dir().to_string();
-    let name = names::format(&m.producer, first, last, &format!("c{}", super::new_id()));
+    let name = names::format(
+        &m.producer,
+        first,
+        last,
+        &format!("c{}", crate::storage::new_id()),
+    );
     let rel = format!("{dir}/{name}");
     let key = format!("{}/{rel}", opts.dataset.name());
     let staged = store.staging_path(&key)?;

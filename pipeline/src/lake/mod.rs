@@ -13,6 +13,7 @@
 
 pub mod compact;
 pub mod events_log;
+pub mod format;
 pub mod legacy;
 pub mod names;
 pub mod objects;
@@ -26,7 +27,7 @@ use arrow::datatypes::SchemaRef;
 use serde::{Deserialize, Serialize};
 
 use crate::event::schema::{events_schema, flows_schema};
-use crate::storage::{Store, StoreError};
+use crate::storage::{new_id, Store, StoreError};
 pub use producer::{CommitError, CommitLog};
 pub use table::{FileEntry, NewFile, Table, TableError};
 
@@ -128,18 +129,4 @@ pub async fn read_output_id(store: &Store) -> Result<Option<String>, StoreError>
         .await?
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .and_then(|v| v["id"].as_str().map(str::to_string)))
-}
-
-/// 16 random hex digits (from the kernel's generator; the clock and pid when it cannot be read).
-pub fn new_id() -> String {
-    match std::fs::read_to_string("/proc/sys/kernel/random/uuid") {
-        Ok(u) => u.trim().replace('-', "").chars().take(16).collect(),
-        Err(_) => format!(
-            "{:08x}{:08x}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.subsec_nanos())
-        ),
-    }
 }

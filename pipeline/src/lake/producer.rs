@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use parquet::arrow::ArrowWriter;
 
+use super::format::writer_properties;
 use super::names;
 use super::projection::{Admission, Projection, Rewritten, WindowKey};
 use super::read::{self, ReadError};
@@ -28,7 +29,6 @@ use super::table::{Change, FileEntry, NewFile, Table, TableError};
 use super::{Dataset, Position};
 use crate::event::schema::{batch_to_flows, flows_to_batch};
 use crate::event::{FlowRecord, ReplayPoint};
-use crate::sink::rolling::writer_properties;
 use crate::storage::{Store, StoreError};
 use crate::time::Partition;
 

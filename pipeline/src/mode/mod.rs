@@ -129,19 +129,12 @@ async fn open_source(
         SourceKind::Ebpf => {
             let e = &s.ebpf;
             let cfg = EbpfConfig {
-                probe: probe_common::ProbeConfig {
-                    filter_port: e.port.map_or(0, u32::from),
-                    filter_pid: e.pid.unwrap_or(0),
-                    exclude_pid: if e.exclude_self {
-                        std::process::id()
-                    } else {
-                        0
-                    },
-                    _pad: 0,
-                    filter_cgroup: e.cgroup_id.unwrap_or(0),
-                    rtt_interval_ns: e.rtt_sample_interval.as_nanos() as u64,
-                    flush_interval_ns: e.bytes_flush_interval.as_nanos() as u64,
-                },
+                port: e.port,
+                pid: e.pid,
+                cgroup_id: e.cgroup_id,
+                exclude_self: e.exclude_self,
+                rtt_interval: e.rtt_sample_interval,
+                flush_interval: e.bytes_flush_interval,
                 ring_bytes: e.ring_buffer_bytes,
                 max_events: s.events,
             };

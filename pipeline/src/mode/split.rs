@@ -158,7 +158,7 @@ pub async fn aggregate(
         tracing::info!(from, "rebuilding open windows from the events stream");
     }
     let input = broker.events_from(from).await?;
-    let output = broker.flows_tx(shard, shutdown.clone());
+    let output = broker.flows_tx(shard.index, shard.count, shutdown.clone());
     let cfg = AggregateConfig {
         windows,
         producer: format!("agg-{}", shard.index).into(),

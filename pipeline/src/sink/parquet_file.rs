@@ -208,7 +208,7 @@ mod tests {
         ];
         fields.extend((2..8).map(|i| Field::new(format!("c{i}"), DataType::Int64, false)));
         let schema: SchemaRef = Arc::new(Schema::new(fields));
-        let props = crate::sink::rolling::writer_properties("test", 5_000);
+        let props = crate::lake::format::writer_properties("test", 5_000);
         let dir = tempfile::tempdir().unwrap();
         let batches: Vec<RecordBatch> = [(0, 3_000), (3_000, 4_096), (7_096, 10), (7_106, 9_000)]
             .iter()

@@ -429,3 +429,17 @@ impl Store {
         }
     }
 }
+
+/// 16 random hex digits (from the kernel's generator; the clock and pid when it cannot be read).
+pub fn new_id() -> String {
+    match std::fs::read_to_string("/proc/sys/kernel/random/uuid") {
+        Ok(u) => u.trim().replace('-', "").chars().take(16).collect(),
+        Err(_) => format!(
+            "{:08x}{:08x}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos())
+        ),
+    }
+}

@@ -461,7 +461,7 @@ impl S3Store {
     /// Delta commits are conditional PUTs (`If-None-Match: *`): they keep two writers from overwriting
     /// each other's versions. A probe object is created twice; the second must be refused.
     async fn check_conditional_writes(&self, single_writer: bool) -> Result<(), S3Error> {
-        let key = format!("_tcplake/probes/conditional-{}", crate::lake::new_id());
+        let key = format!("_tcplake/probes/conditional-{}", super::new_id());
         let first = self.put_bytes(&key, b"1").await?;
         let second = self.put_bytes(&key, b"2").await?;
         self.delete(&key).await?;

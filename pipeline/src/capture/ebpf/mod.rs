@@ -29,10 +29,40 @@ const ATTRIBUTION_HOLD: Duration = Duration::from_secs(1);
 /// Settings of the eBPF source.
 #[derive(Clone, Debug)]
 pub struct EbpfConfig {
-    pub probe: ProbeConfig,
+    /// Only connections with this local or remote port.
+    pub port: Option<u16>,
+    /// Only sockets of this process.
+    pub pid: Option<u32>,
+    /// Only sockets of processes in this cgroup (v2 id).
+    pub cgroup_id: Option<u64>,
+    /// Leave this process's own connections out (its uploads, its broker).
+    pub exclude_self: bool,
+    /// Least time between two RTT samples of a socket.
+    pub rtt_interval: Duration,
+    /// How long a socket's byte counts fold in the kernel before they are sent.
+    pub flush_interval: Duration,
     pub ring_bytes: u32,
     /// Stop once this many events were captured (unbounded when `None`).
     pub max_events: Option<u64>,
+}
+
+impl EbpfConfig {
+    /// What the kernel programs read (`probe_common::ProbeConfig`, its layout shared with them).
+    fn probe(&self) -> ProbeConfig {
+        ProbeConfig {
+            filter_port: self.port.map_or(0, u32::from),
+            filter_pid: self.pid.unwrap_or(0),
+            exclude_pid: if self.exclude_self {
+                std::process::id()
+            } else {
+                0
+            },
+            _pad: 0,
+            filter_cgroup: self.cgroup_id.unwrap_or(0),
+            rtt_interval_ns: self.rtt_interval.as_nanos() as u64,
+            flush_interval_ns: self.flush_interval.as_nanos() as u64,
+        }
+    }
 }
 
 /// Live capture from the kernel.
@@ -76,7 +106,7 @@ impl EbpfSource {
         cfg: &EbpfConfig,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<Self, LoadError> {
-        let probe = loader::load(&cfg.probe, cfg.ring_bytes)?;
+        let probe = loader::load(&cfg.probe(), cfg.ring_bytes)?;
         let mut poll = tokio::time::interval(POLL_INTERVAL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Ok(EbpfSource {
