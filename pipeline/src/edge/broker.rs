@@ -28,6 +28,7 @@ use super::wire::{self, WireError};
 use super::{Ack, EdgeError, Rx, Tx};
 use crate::event::{EventBatch, FlowBatch};
 use crate::metrics::BrokerMetrics;
+use crate::retry::Backoff;
 use crate::secrets::Secret;
 use crate::shutdown::Shutdown;
 use Ends::AllSeenNodes;
@@ -175,7 +176,7 @@ impl Broker {
         metrics: Arc<BrokerMetrics>,
     ) -> Result<Self, BrokerError> {
         let started = Instant::now();
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         let client = loop {
             let opts = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(2));
             let opts = settings
@@ -202,11 +203,10 @@ impl Broker {
                     })
                 }
                 Err(e) if started.elapsed() < settings.connect_for => {
-                    if backoff == Duration::from_millis(100) {
+                    if backoff.is_first() {
                         tracing::warn!(url = %settings.url, error = %e, "broker unreachable; retrying");
                     }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    backoff.wait().await;
                 }
                 Err(e) => {
                     return Err(BrokerError::Unreachable {
@@ -686,7 +686,7 @@ impl<T> BrokerTx<T> {
         rows: usize,
     ) -> Result<(), EdgeError> {
         let started = Instant::now();
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         loop {
             let attempt = async {
                 let last = match self.last_seq {
@@ -756,7 +756,7 @@ impl<T> BrokerTx<T> {
             // The server may have restarted: look the subject's last message up again.
             self.last_seq = None;
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = backoff.wait() => {}
                 _ = self.shutdown.wait() => {
                     return Err(EdgeError::Broker(format!(
                         "stopped while publishing to {} was failing ({failure}): the {rows} rows of \
@@ -766,7 +766,6 @@ impl<T> BrokerTx<T> {
                     )));
                 }
             }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     }
 }
@@ -1040,9 +1039,9 @@ impl<T> BrokerRx<T> {
     async fn recover(&mut self, error: String) -> Result<(), EdgeError> {
         tracing::warn!(%error, next_seq = self.next_seq, "lost the broker while consuming; reconnecting");
         let started = Instant::now();
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
-            tokio::time::sleep(backoff).await;
+            backoff.wait().await;
             match (self.reopen)(self.next_seq).await {
                 Ok(messages) => {
                     self.messages = messages;
@@ -1052,7 +1051,6 @@ impl<T> BrokerRx<T> {
                 }
                 Err(e) if started.elapsed() < CONSUME_RETRY_FOR => {
                     tracing::debug!(error = %e, "broker not back yet");
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
                 Err(e) => {
                     return Err(EdgeError::Broker(format!(

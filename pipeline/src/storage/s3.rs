@@ -22,6 +22,7 @@ use tokio::io::AsyncReadExt;
 
 use super::{LocalDir, StoreError};
 use crate::metrics::{LogMetrics, S3Metrics};
+use crate::retry::Backoff;
 
 /// Files above this size go up as multipart uploads.
 pub const MULTIPART_THRESHOLD: u64 = 16 << 20;
@@ -189,16 +190,6 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = err.source();
     }
     parts.join(": ")
-}
-
-/// Full jitter: a random wait between half and all of `d`, so retrying clients do not march in step.
-fn jittered(d: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|t| t.subsec_nanos())
-        .unwrap_or(0);
-    let frac = 0.5 + f64::from(nanos % 1000) / 2000.0;
-    d.mul_f64(frac)
 }
 
 /// How long the startup check of the bucket retries an unreachable store.
@@ -371,7 +362,7 @@ impl S3Store {
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
         let started = Instant::now();
-        let mut backoff = FIRST_BACKOFF;
+        let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
         loop {
             self.metrics.count(op);
             let attempt = Instant::now();
@@ -381,11 +372,10 @@ impl S3Store {
                 Ok(v) => return Ok(v),
                 Err(e) if transient(&e) && started.elapsed() < self.max_retry => {
                     self.metrics.retries.add(1);
-                    if backoff == FIRST_BACKOFF {
+                    if backoff.is_first() {
                         tracing::warn!(op, key, error = %describe(&e), "S3 request failed; retrying with backoff");
                     }
-                    tokio::time::sleep(jittered(backoff)).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    backoff.wait().await;
                 }
                 Err(e) => return Err(e),
             }
@@ -647,7 +637,7 @@ impl S3Store {
     ) -> Result<Option<(Vec<u8>, ObjectInfo)>, S3Error> {
         let full = self.object_key(key);
         let started = Instant::now();
-        let mut backoff = FIRST_BACKOFF;
+        let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
         loop {
             let r = self
                 .request("get", &full, || {
@@ -698,11 +688,10 @@ impl S3Store {
                 // failure.
                 Err(e) if started.elapsed() < self.max_retry => {
                     self.metrics.retries.add(1);
-                    if backoff == FIRST_BACKOFF {
+                    if backoff.is_first() {
                         tracing::warn!(op = "get", key = %full, error = %e, "S3 response body broke off; retrying with backoff");
                     }
-                    tokio::time::sleep(jittered(backoff)).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    backoff.wait().await;
                 }
                 Err(e) => {
                     return Err(S3Error::Request {
@@ -1079,13 +1068,5 @@ mod tests {
         assert!(matches!(e, S3Error::NoConditionalWrites { .. }), "{e}");
         assert!(e.to_string().contains("sink.s3_single_writer"), "{e}");
         assert!(conditional_verdict(true, true, true, "e").is_ok());
-    }
-
-    #[test]
-    fn jitter_stays_within_half_to_full() {
-        for _ in 0..100 {
-            let d = jittered(Duration::from_millis(1000));
-            assert!(d >= Duration::from_millis(500) && d <= Duration::from_millis(1000));
-        }
     }
 }
