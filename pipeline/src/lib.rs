@@ -13,6 +13,7 @@
 pub mod admin;
 pub mod aggregate;
 pub mod bench;
+pub mod blocking;
 pub mod capture;
 pub mod config;
 pub mod edge;

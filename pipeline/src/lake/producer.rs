@@ -488,16 +488,17 @@ impl CommitLog {
             key: key.clone(),
             reason: e.to_string(),
         };
-        let batch = flows_to_batch(rows).map_err(|e| corrupt(&e))?;
-        let file = File::create(&staged).map_err(|e| corrupt(&e))?;
-        let props = writer_properties(self.dataset.name(), 131_072);
-        let mut w = ArrowWriter::try_new(file, self.dataset.schema(), Some(props))
-            .map_err(|e| corrupt(&e))?;
-        w.write(&batch).map_err(|e| corrupt(&e))?;
-        let file = w.into_inner().map_err(|e| corrupt(&e))?;
-        file.sync_all().map_err(|e| corrupt(&e))?;
-        let size = file.metadata().map_err(|e| corrupt(&e))?.len();
-        drop(file);
+        let size = crate::blocking::run(|| {
+            let batch = flows_to_batch(rows).map_err(|e| corrupt(&e))?;
+            let file = File::create(&staged).map_err(|e| corrupt(&e))?;
+            let props = writer_properties(self.dataset.name(), 131_072);
+            let mut w = ArrowWriter::try_new(file, self.dataset.schema(), Some(props))
+                .map_err(|e| corrupt(&e))?;
+            w.write(&batch).map_err(|e| corrupt(&e))?;
+            let file = w.into_inner().map_err(|e| corrupt(&e))?;
+            file.sync_all().map_err(|e| corrupt(&e))?;
+            Ok::<_, CommitError>(file.metadata().map_err(|e| corrupt(&e))?.len())
+        })?;
         self.store.upload(&staged, &key).await?;
         Ok(size)
     }

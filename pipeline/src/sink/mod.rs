@@ -18,6 +18,7 @@ use arrow::error::ArrowError;
 
 use tokio::sync::watch;
 
+use crate::blocking;
 use crate::edge::{Ack, EdgeError, Finalized, Rx};
 use crate::event::schema::{events_to_batch, flows_to_batch};
 use crate::event::{EventBatch, FlowBatch};
@@ -232,7 +233,7 @@ where
                 Some(d) => {
                     let (rows, acks) = d.into_parts();
                     let groups = match &rows {
-                        Some(b) => write_batch(&mut writer, b, &mut stats, metrics)?,
+                        Some(b) => blocking::run(|| write_batch(&mut writer, b, &mut stats, metrics))?,
                         None => Vec::new(),
                     };
                     with_acks(groups, &mut waiting, acks, writer.is_idle())
@@ -240,14 +241,16 @@ where
                 None => break,
             },
             _ = tick.tick() => {
-                let groups = writer.roll_aged(Instant::now())?.into_iter().collect();
+                let groups = blocking::run(|| writer.roll_aged(Instant::now()))?
+                    .into_iter()
+                    .collect();
                 with_acks(groups, &mut waiting, Vec::new(), writer.is_idle())
             }
         };
         // While a commit waits on the store, no input is taken: the edge fills and the producer waits.
         commit(sealed, &store, log, &mut order, &mut stats, metrics).await?;
     }
-    let groups = writer.seal_all()?.into_iter().collect();
+    let groups = blocking::run(|| writer.seal_all())?.into_iter().collect();
     let sealed = with_acks(groups, &mut waiting, Vec::new(), true);
     commit(sealed, &store, log, &mut order, &mut stats, metrics).await?;
     log.finish().await?;
@@ -307,11 +310,11 @@ where
             _ = tick.tick() => open.opened.is_some_and(|t| t.elapsed() >= policy.max_age),
         };
         if flush {
-            let sealed = open.write(&mut writer, &mut stats, metrics)?;
+            let sealed = blocking::run(|| open.write(&mut writer, &mut stats, metrics))?;
             commit(sealed, &store, log, &mut order, &mut stats, metrics).await?;
         }
     }
-    let sealed = open.write(&mut writer, &mut stats, metrics)?;
+    let sealed = blocking::run(|| open.write(&mut writer, &mut stats, metrics))?;
     commit(sealed, &store, log, &mut order, &mut stats, metrics).await?;
     log.finish().await?;
     Ok(stats)

@@ -304,7 +304,7 @@ impl Store {
     /// was already there and was left as it is.
     pub async fn commit(&self, staged: &Path, key: &str) -> Result<bool, StoreError> {
         match self {
-            Store::Local(d) => d.commit(staged, key),
+            Store::Local(d) => crate::blocking::run(|| d.commit(staged, key)),
             Store::S3(s) => {
                 let result = s.put_file(staged, key).await.map_err(StoreError::from);
                 s.spool().discard(staged);
@@ -318,7 +318,7 @@ impl Store {
     /// commit's file names are new): a leftover of an interrupted attempt is simply replaced.
     pub async fn upload(&self, staged: &Path, key: &str) -> Result<(), StoreError> {
         match self {
-            Store::Local(d) => d.move_into_place(staged, key),
+            Store::Local(d) => crate::blocking::run(|| d.move_into_place(staged, key)),
             Store::S3(s) => {
                 let result = s
                     .upload_file(staged, key, false)
