@@ -39,6 +39,12 @@ pub enum TableError {
         reason: String,
     },
     #[error(
+        "{dataset} table: another writer's commits replaced this one's in the Delta log again and \
+         again (last at version {version}): the object store does not decide conditional writes \
+         atomically; write outputs several writers share to one that does (S3, MinIO, R2)"
+    )]
+    Overwritten { dataset: &'static str, version: i64 },
+    #[error(
         "{dataset} table: another writer committed as `{app_id}` (is a second tcplake running with the \
          same node name and output?)"
     )]
@@ -426,35 +432,44 @@ impl Table {
             self.commit_actions(lost.operation, lost.actions, lost.txns, true)
                 .await?;
         }
-        Ok(())
+        match self.unverified.take() {
+            None => Ok(()),
+            Some(last) => Err(TableError::Overwritten {
+                dataset: self.dataset.name(),
+                version: last.version,
+            }),
+        }
     }
 
     /// The last stream commit, if its log entry (read back now) is another writer's: a store that
     /// checks `If-None-Match` and then writes, non-atomically, lets two writers both "win" a version,
     /// and the later write replaces the earlier. S3, MinIO and R2 decide atomically and never get here.
     async fn overwritten(&mut self) -> Result<Option<Unverified>, TableError> {
-        let Some(last) = self.unverified.take() else {
+        let Some(last) = &self.unverified else {
             return Ok(None);
         };
-        let Some((app, n)) = last.txns.first() else {
+        let Some((app, n)) = last.txns.first().cloned() else {
+            self.unverified = None;
             return Ok(None);
         };
+        let version = last.version;
         let entry = self
             .table
             .log_store()
-            .read_commit_entry(last.version as u64)
+            .read_commit_entry(version as u64)
             .await
             .map_err(self.err())?;
         // An entry that is gone was cleaned up with the log's history: long since read by others.
-        let Some(entry) = entry else {
-            return Ok(None);
-        };
-        if records_txn(&entry, app, *n) {
+        if entry.is_none_or(|entry| records_txn(&entry, &app, n)) {
+            self.unverified = None;
             return Ok(None);
         }
+        let Some(last) = self.unverified.take() else {
+            return Ok(None);
+        };
         tracing::warn!(
             dataset = self.dataset.name(),
-            version = last.version,
+            version,
             app,
             "another writer's commit replaced this one's in the Delta log (the object store decided \
              a conditional write non-atomically): committing it again; use a store that decides \
@@ -512,10 +527,10 @@ impl Table {
             if let Some((app, v)) = txns.first() {
                 let found = self.app_version(app).await?;
                 if found == Some(*v) {
+                    // Found in the log just read: read back already (and its version is not known
+                    // here, other writers may have committed after it).
                     tracing::debug!(app, v, "commit had landed; its answer was lost");
-                    let version = self.version();
-                    self.landed(stream, version, operation, actions, txns);
-                    return Ok(version);
+                    return Ok(self.version());
                 }
                 if is_conflict(&e) && found.is_some_and(|found| found >= *v) {
                     return Err(TableError::Fenced {

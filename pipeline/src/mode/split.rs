@@ -224,11 +224,13 @@ impl LogProgress {
     /// The ack of an events delivery, which also counts the delivery committed once released.
     fn track(self: &Arc<Self>, ack: Ack) -> Ack {
         let position = ack.position();
-        self.saw(position);
-        self.open
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(position);
+        {
+            // Open before seen, under the lock `publish` reads both with: a release racing this never
+            // computes a position past the delivery from `seen` alone.
+            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            open.insert(position);
+            self.saw(position);
+        }
         let this = Arc::clone(self);
         Ack::new(position, move || {
             async move {
