@@ -29,6 +29,10 @@ pub enum CaptureError {
     Load(#[from] ebpf::LoadError),
     #[error("replay source: {0}")]
     Replay(String),
+    #[error("replay source: {0}")]
+    ReplayLog(#[from] crate::lake::events_log::ReadLogError),
+    #[error("replay source: {0}")]
+    ReplayListing(#[from] crate::lake::events_log::LogError),
 }
 
 /// Something that yields TCP events.

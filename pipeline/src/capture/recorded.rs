@@ -47,9 +47,7 @@ impl Recorded {
         node: Option<&str>,
         range: TimeRange,
     ) -> Result<Self, CaptureError> {
-        let nodes: Vec<String> = events_log::nodes(&store)
-            .await
-            .map_err(|e| CaptureError::Replay(e.to_string()))?;
+        let nodes: Vec<String> = events_log::nodes(&store).await?;
         let node = match (node, nodes.as_slice()) {
             (Some(n), _) if nodes.iter().any(|x| x == n) => n.to_string(),
             (Some(n), _) => {
@@ -121,7 +119,7 @@ impl Recorded {
 
     /// Reads the next events of the stretch into `pending`; `false` at its end.
     async fn load_more(&mut self) -> Result<bool, CaptureError> {
-        let err = |e: events_log::ReadLogError| CaptureError::Replay(e.to_string());
+        let err = CaptureError::ReplayLog;
         if self.ended {
             return Ok(false);
         }

@@ -668,7 +668,10 @@ impl<T> BrokerTx<T> {
             .broker
             .last_on(stream, &self.subject)
             .await
-            .map_err(|e| EdgeError::Broker(e.to_string()))?;
+            .map_err(|e| EdgeError::BrokerRequest {
+                what: "looking up the last message stored on the subject",
+                source: Box::new(e),
+            })?;
         Ok(last.map_or((0, None), |m| {
             let id = m.headers.get(MSG_ID).map(|v| v.as_str().to_string());
             (m.sequence, id)

@@ -21,9 +21,31 @@ pub enum EdgeError {
     /// The other side is gone (it failed or shut down early); the item was not delivered.
     #[error("the {0} edge is closed: the stage on the other side stopped")]
     Closed(&'static str),
-    /// The broker could not take or give an item (after retrying).
+    /// The broker could not take or give an item (after retrying), or its stream says something the
+    /// run must not go past (a gap, aggregators that disagree).
     #[error("broker: {0}")]
     Broker(String),
+    /// The broker's answer to a request was an error.
+    #[error("broker: {what}: {source}")]
+    BrokerRequest {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// An object of the object-store hand-off could not be written or read.
+    #[error("hand-off {what}: {source}")]
+    Handoff {
+        what: String,
+        #[source]
+        source: Box<crate::storage::StoreError>,
+    },
+    /// An object of the object-store hand-off is not a batch this build can read.
+    #[error("hand-off {what}: {source}")]
+    HandoffDecode {
+        what: String,
+        #[source]
+        source: Box<wire::WireError>,
+    },
 }
 
 /// The sending half of an edge.

@@ -86,7 +86,10 @@ impl<T> ObjectTx<T> {
         self.store
             .put_if_absent(&k, &body)
             .await
-            .map_err(|e| EdgeError::Broker(format!("hand-off object {k}: {e}")))?;
+            .map_err(|source| EdgeError::Handoff {
+                what: format!("object {k}"),
+                source: Box::new(source),
+            })?;
         self.next += 1;
         Ok(())
     }
@@ -113,26 +116,32 @@ pub async fn shard_count(store: &Store, metrics: &HandoffMetrics) -> Result<u32,
     let k = key(&flows_stream(0), 0);
     loop {
         metrics.gets.add(1);
-        let got = store
-            .get(&k)
-            .await
-            .map_err(|e| EdgeError::Broker(format!("hand-off object {k}: {e}")))?;
+        let got = store.get(&k).await.map_err(|source| EdgeError::Handoff {
+            what: format!("object {k}"),
+            source: Box::new(source),
+        })?;
         let Some(bytes) = got else {
             metrics.misses.add(1);
             tokio::time::sleep(POLL).await;
             continue;
         };
         if !bytes.is_empty() {
-            let b = FlowBatch::decode(&bytes, 0)
-                .map_err(|e| EdgeError::Broker(format!("hand-off object {k}: {e}")))?;
+            let b = FlowBatch::decode(&bytes, 0).map_err(|source| EdgeError::HandoffDecode {
+                what: format!("object {k}"),
+                source: Box::new(source),
+            })?;
             if b.shard_count > 0 {
                 return Ok(b.shard_count);
             }
         }
-        let dirs = store
-            .list_dirs("_handoff/flows/")
-            .await
-            .map_err(|e| EdgeError::Broker(format!("hand-off streams: {e}")))?;
+        let dirs =
+            store
+                .list_dirs("_handoff/flows/")
+                .await
+                .map_err(|source| EdgeError::Handoff {
+                    what: "streams".into(),
+                    source: Box::new(source),
+                })?;
         let n = dirs.iter().filter_map(|d| d.parse::<u32>().ok()).max();
         return Ok(n.map_or(1, |m| m + 1));
     }
@@ -168,7 +177,10 @@ impl<T: Handoff> Rx<T> for ObjectRx<T> {
                 .store
                 .get(&k)
                 .await
-                .map_err(|e| EdgeError::Broker(format!("hand-off object {k}: {e}")))?;
+                .map_err(|source| EdgeError::Handoff {
+                    what: format!("object {k}"),
+                    source: Box::new(source),
+                })?;
             let Some(bytes) = got else {
                 self.metrics.misses.add(1);
                 tokio::time::sleep(POLL).await;
@@ -182,7 +194,10 @@ impl<T: Handoff> Rx<T> for ObjectRx<T> {
             }
             return T::decode(&bytes, n)
                 .map(Some)
-                .map_err(|e| EdgeError::Broker(format!("hand-off object {k}: {e}")));
+                .map_err(|source| EdgeError::HandoffDecode {
+                    what: format!("object {k}"),
+                    source: Box::new(source),
+                });
         }
     }
 }
