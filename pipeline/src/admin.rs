@@ -1,22 +1,26 @@
 //! The admin endpoint: `/metrics` (Prometheus text), `/healthz` (the process is serving) and `/readyz`
 //! (its edges are connected and its output is writable; not while starting or shutting down).
 //!
-//! A deliberately small HTTP/1.1 responder on tokio: GET only, one request per connection, bounded
-//! request size and read time. Scrapers and probes need no more, and it keeps a web framework out of
-//! the dependency tree. Bound to loopback by default (`--metrics-addr`): metrics name hosts and ports.
+//! hyper's HTTP/1 server: GET and HEAD, one request per connection, a bounded request head and read
+//! time. Bound to loopback by default (`--metrics-addr`): metrics name hosts and ports.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
 
 use crate::metrics::Metrics;
 
-/// Longest request head accepted (a GET line and a few headers).
+/// Longest request head accepted (hyper's smallest buffer; a GET line and a few headers).
 const MAX_REQUEST: usize = 8 * 1024;
-/// A client that has not sent its request by then is dropped.
+/// A client that has not sent its request head by then is dropped.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The admin endpoint could not start.
@@ -53,7 +57,18 @@ pub fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> tokio::task::JoinH
                 Ok((stream, _)) => {
                     let metrics = Arc::clone(&metrics);
                     tokio::spawn(async move {
-                        if let Err(e) = answer(stream, &metrics).await {
+                        let service = hyper::service::service_fn(move |req: Request<_>| {
+                            let metrics = Arc::clone(&metrics);
+                            async move { Ok::<_, Infallible>(answer(&req, &metrics)) }
+                        });
+                        let served = hyper::server::conn::http1::Builder::new()
+                            .timer(TokioTimer::new())
+                            .header_read_timeout(READ_TIMEOUT)
+                            .max_buf_size(MAX_REQUEST)
+                            .keep_alive(false)
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                        if let Err(e) = served {
                             tracing::debug!(error = %e, "admin request failed");
                         }
                     });
@@ -68,55 +83,39 @@ pub fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> tokio::task::JoinH
     })
 }
 
-async fn answer(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let head = tokio::time::timeout(READ_TIMEOUT, async {
-        let mut chunk = [0u8; 1024];
-        loop {
-            let n = stream.read(&mut chunk).await?;
-            buf.extend_from_slice(&chunk[..n]);
-            if n == 0 || buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.len() >= MAX_REQUEST {
-                return Ok::<_, std::io::Error>(());
-            }
-        }
-    })
-    .await;
-    let (status, body) = match head {
-        Err(_) => return Ok(()),
-        Ok(Err(e)) => return Err(e),
-        Ok(Ok(())) => respond(&buf, metrics),
+fn answer<B>(req: &Request<B>, metrics: &Metrics) -> Response<Full<Bytes>> {
+    let (status, body) = respond(req.method(), req.uri().path(), metrics);
+    let content_type = if status == StatusCode::OK && req.uri().path() == "/metrics" {
+        "text/plain; version=0.0.4; charset=utf-8"
+    } else {
+        "text/plain; charset=utf-8"
     };
-    let (code, content_type) = match status {
-        200 => ("200 OK", "text/plain; version=0.0.4; charset=utf-8"),
-        404 => ("404 Not Found", "text/plain; charset=utf-8"),
-        405 => ("405 Method Not Allowed", "text/plain; charset=utf-8"),
-        _ => ("503 Service Unavailable", "text/plain; charset=utf-8"),
-    };
-    let response = format!(
-        "HTTP/1.1 {code}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
 }
 
-/// Status and body for a request head.
-fn respond(head: &[u8], metrics: &Metrics) -> (u16, String) {
-    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split(' ');
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    if method != "GET" && method != "HEAD" {
-        return (405, "only GET\n".into());
+/// Status and body for a request.
+fn respond(method: &Method, path: &str, metrics: &Metrics) -> (StatusCode, String) {
+    if method != Method::GET && method != Method::HEAD {
+        return (StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
     }
-    match path.split('?').next().unwrap_or("") {
-        "/metrics" => (200, metrics.render_prometheus()),
-        "/healthz" => (200, "ok\n".into()),
+    match path {
+        "/metrics" => (StatusCode::OK, metrics.render_prometheus()),
+        "/healthz" => (StatusCode::OK, "ok\n".into()),
         "/readyz" => match metrics.health.check() {
-            Ok(()) => (200, "ready\n".into()),
-            Err(why) => (503, format!("not ready: {why}\n")),
+            Ok(()) => (StatusCode::OK, "ready\n".into()),
+            Err(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
         },
-        _ => (404, "try /metrics, /healthz or /readyz\n".into()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "try /metrics, /healthz or /readyz\n".into(),
+        ),
     }
 }
 
@@ -127,21 +126,21 @@ mod tests {
     #[test]
     fn routes() {
         let m = Metrics::default();
-        assert_eq!(respond(b"GET /healthz HTTP/1.1\r\n\r\n", &m).0, 200);
-        let (code, body) = respond(b"GET /readyz HTTP/1.1\r\n\r\n", &m);
-        assert_eq!((code, body.as_str()), (503, "not ready: starting\n"));
-        m.health.set_ready();
-        assert_eq!(respond(b"GET /readyz HTTP/1.1\r\n\r\n", &m).0, 200);
-        m.health.set_not_ready("shutting down");
+        let get = Method::GET;
+        assert_eq!(respond(&get, "/healthz", &m).0, 200);
+        let (code, body) = respond(&get, "/readyz", &m);
         assert_eq!(
-            respond(b"GET /readyz HTTP/1.1\r\n\r\n", &m).1,
-            "not ready: shutting down\n"
+            (code.as_u16(), body.as_str()),
+            (503, "not ready: starting\n")
         );
-        let (code, body) = respond(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a\r\n\r\n", &m);
+        m.health.set_ready();
+        assert_eq!(respond(&get, "/readyz", &m).0, 200);
+        m.health.set_not_ready("shutting down");
+        assert_eq!(respond(&get, "/readyz", &m).1, "not ready: shutting down\n");
+        let (code, body) = respond(&Method::HEAD, "/metrics", &m);
         assert_eq!(code, 200);
         assert!(body.contains("tcplake_capture_events_total 0"));
-        assert_eq!(respond(b"POST /metrics HTTP/1.1\r\n\r\n", &m).0, 405);
-        assert_eq!(respond(b"GET / HTTP/1.1\r\n\r\n", &m).0, 404);
-        assert_eq!(respond(b"\xff\xfe", &m).0, 405);
+        assert_eq!(respond(&Method::POST, "/metrics", &m).0, 405);
+        assert_eq!(respond(&get, "/", &m).0, 404);
     }
 }
