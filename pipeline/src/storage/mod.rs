@@ -225,8 +225,8 @@ impl LocalDir {
         }
     }
 
-    /// Keys of the files directly under the directory `prefix` (which ends in `/`); hidden names
-    /// (temporary files) are left out.
+    /// Keys of the files directly under the directory `prefix` (which ends in `/`): not its
+    /// subdirectories; hidden names (temporary files) are left out.
     pub fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let dir = self.root.join(prefix);
         let entries = match fs::read_dir(&dir) {
@@ -236,7 +236,11 @@ impl LocalDir {
         };
         let mut keys = Vec::new();
         for entry in entries {
-            let name = entry.map_err(io_err("list", &dir))?.file_name();
+            let entry = entry.map_err(io_err("list", &dir))?;
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let name = entry.file_name();
             let name = name.to_string_lossy();
             if !name.starts_with('.') {
                 keys.push(format!("{prefix}{name}"));
@@ -363,11 +367,21 @@ impl Store {
         }
     }
 
-    /// Keys directly under `prefix` (a directory, ending in `/`), sorted.
+    /// Keys of the objects directly under `prefix` (a directory, ending in `/`), sorted: on both
+    /// stores, not those under its subdirectories (an S3 listing is flat; what it finds deeper is
+    /// left out here).
     pub async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         match self {
             Store::Local(d) => d.list(prefix),
-            Store::S3(s) => Ok(s.list(prefix).await?),
+            Store::S3(s) => Ok(s
+                .list(prefix)
+                .await?
+                .into_iter()
+                .filter(|k| {
+                    k.strip_prefix(prefix)
+                        .is_some_and(|rest| !rest.contains('/'))
+                })
+                .collect()),
         }
     }
 
@@ -441,5 +455,26 @@ pub fn new_id() -> String {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.subsec_nanos())
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `list` names the files directly under a prefix: not subdirectories or what they hold (S3's
+    /// flat listing is cut the same way), nor hidden temporary files.
+    #[tokio::test]
+    async fn list_is_the_files_directly_under_a_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("p/sub")).unwrap();
+        for f in ["p/b.json", "p/a.json", "p/.tmp-x", "p/sub/c.json"] {
+            std::fs::write(root.join(f), b"x").unwrap();
+        }
+        let store = Store::Local(LocalDir::open(root).unwrap());
+        assert_eq!(store.list("p/").await.unwrap(), ["p/a.json", "p/b.json"]);
+        assert_eq!(store.list_dirs("p/").await.unwrap(), ["sub"]);
+        assert!(store.list("none/").await.unwrap().is_empty());
     }
 }
