@@ -184,6 +184,99 @@ fn each_service_killed_mid_run_and_restarted_still_writes_the_monolith_rows() {
     );
 }
 
+/// A capture process of another node (its own name and seed) into the same run's broker.
+fn spawn_capture(run: &Run, node: &str, seed: &str, extra: &[&str]) -> Child {
+    let mut args = run.args("capture", extra);
+    let at = |flag: &str, args: &[String]| args.iter().position(|a| a == flag).unwrap() + 1;
+    let i = at("--node", &args);
+    args[i] = node.into();
+    let i = at("--seed", &args);
+    args[i] = seed.into();
+    tcplake_cmd()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Several capture nodes into one tier (two aggregators, one sink): the output is the union of each
+/// node's own monolith run, row for row, also when one capture, one aggregator and the sink are each
+/// killed with SIGKILL mid-run and restarted.
+#[test]
+fn three_capture_nodes_into_one_tier_write_the_union_of_their_monolith_rows() {
+    const N: u64 = 300_000;
+    let nats = Nats::start_monitored();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = Run::new(&nats, tmp.path(), "41", N);
+    let nodes = [("node-a", "41"), ("node-b", "42"), ("node-c", "43")];
+    // Paced (about 3 s each) so every kill lands mid-stream; every node publishes before the
+    // aggregators start (they finish once every node they saw has ended).
+    let paced = ["--rate", "100000"];
+    let mut captures: Vec<Child> = nodes
+        .iter()
+        .map(|(n, seed)| spawn_capture(&run, n, seed, &paced))
+        .collect();
+    let sink_args = ["--max-file-age", "1s"];
+    let agg0 = run.spawn("aggregate", &["--shard", "0/2"]);
+    let agg1 = run.spawn("aggregate", &["--shard", "1/2"]);
+    let sink = run.spawn("sink", &sink_args);
+    std::thread::sleep(Duration::from_millis(1_000));
+    kill(captures.remove(1));
+    captures.insert(1, spawn_capture(&run, "node-b", "42", &paced));
+    kill(agg1);
+    let agg1 = run.spawn("aggregate", &["--shard", "1/2"]);
+    wait_for_commit_beyond(&run.out, "events", 0);
+    kill(sink);
+    let sink = run.spawn("sink", &sink_args);
+    for (c, (n, _)) in captures.into_iter().zip(nodes) {
+        let s = finish(c, n);
+        assert!(s["events"].as_u64().unwrap() > 0, "{n}: {s}");
+    }
+    finish(agg0, "aggregator 0");
+    finish(agg1, "aggregator 1");
+    finish(sink, "sink");
+
+    // The union of the nodes' own monolith runs.
+    let mut union = Vec::new();
+    for (n, seed) in nodes {
+        let mono = tmp.path().join(format!("mono-{n}"));
+        synthetic_run(&mono, seed, n, N, &[]);
+        union.push(mono);
+    }
+    for ds in ["events", "flows"] {
+        let all = union
+            .iter()
+            .map(|m| format!("SELECT * FROM {}", dataset(m, ds)))
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        let split = format!("SELECT * FROM {}", dataset(&run.out, ds));
+        for (p, q) in [(&split, &all), (&all, &split)] {
+            let diff = duckdb_int(&format!("SELECT count(*) FROM (({p}) EXCEPT ALL ({q}))"));
+            assert_eq!(
+                diff, 0,
+                "{ds}: the split output differs from the nodes' monolith runs"
+            );
+        }
+    }
+    assert_eq!(
+        duckdb_int(&format!(
+            "SELECT count(DISTINCT node) FROM {}",
+            dataset(&run.out, "flows")
+        )),
+        3
+    );
+    let consumers = nats.consumers("tcplake-sink-");
+    for (stream, name, unacked, undelivered) in consumers {
+        assert_eq!((unacked, undelivered), (0, 0), "{stream}/{name}");
+    }
+    assert_eq!(leftovers(&run.out), Vec::<PathBuf>::new());
+    report_fault(
+        "split: 3 capture nodes; one capture, an aggregator and the sink killed -9 mid-run",
+        "output == the union of the nodes' monolith runs",
+    );
+}
+
 #[test]
 fn broker_crashed_and_restarted_mid_run_loses_and_duplicates_nothing() {
     const N: u64 = 1_200_000;
