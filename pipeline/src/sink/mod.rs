@@ -203,7 +203,7 @@ fn partition_runs<T: SinkRows>(batch: &T) -> Vec<(Partition, Range<usize>)> {
         }
     }
     runs.into_iter()
-        .map(|(hour, r)| (Partition::of(hour * HOUR_US), r))
+        .map(|(hour, r)| (Partition::of(hour.saturating_mul(HOUR_US)), r))
         .collect()
 }
 
@@ -510,4 +510,48 @@ fn write_batch<T: SinkRows>(
     }
     metrics.batches.add(1);
     Ok(committed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Comm, Event, EventKind};
+
+    fn at(seq: u64, ts_us: i64) -> Event {
+        Event {
+            seq,
+            ts_us,
+            sock_id: 1,
+            cgroup_id: 0,
+            pid: 7,
+            comm: Comm::from_bytes(b"curl"),
+            local_addr: "10.0.0.1".parse().unwrap(),
+            local_port: 40_000,
+            remote_addr: "10.0.0.2".parse().unwrap(),
+            remote_port: 443,
+            kind: EventKind::BytesSent { bytes: 1 },
+        }
+    }
+
+    /// Rows split where the hour changes; a corrupt timestamp at either end of the range names the
+    /// nearest partition instead of overflowing.
+    #[test]
+    fn partition_runs_split_at_hours_and_survive_extreme_timestamps() {
+        const H: i64 = 3_600_000_000;
+        let b = Arc::new(EventBatch::new(
+            "n".into(),
+            vec![
+                at(0, 0),
+                at(1, H - 1),
+                at(2, H),
+                at(3, i64::MIN),
+                at(4, i64::MAX),
+            ],
+            None,
+        ));
+        let runs = partition_runs(&b);
+        let ranges: Vec<_> = runs.iter().map(|(_, r)| r.clone()).collect();
+        assert_eq!(ranges, [0..2, 2..3, 3..4, 4..5]);
+        assert_eq!(runs[1].0.path(), "date=1970-01-01/hour=01");
+    }
 }
