@@ -401,7 +401,7 @@ impl Windows {
 mod tests {
     use super::*;
     use crate::capture::synthetic::{Synthetic, SyntheticConfig};
-    use crate::event::{Comm, TcpState};
+    use crate::event::TcpState;
 
     const S: i64 = 1_000_000;
 
@@ -414,19 +414,7 @@ mod tests {
     }
 
     fn ev(seq: u64, ts_s: f64, kind: EventKind) -> Event {
-        Event {
-            seq,
-            ts_us: (ts_s * S as f64) as i64,
-            sock_id: 1,
-            cgroup_id: 0,
-            pid: 7,
-            comm: Comm::from_bytes(b"curl"),
-            local_addr: "10.0.0.1".parse().unwrap(),
-            local_port: 40_000,
-            remote_addr: "10.0.0.2".parse().unwrap(),
-            remote_port: 443,
-            kind,
-        }
+        Event::sample(seq, (ts_s * S as f64) as i64, kind)
     }
 
     fn add(w: &mut Windows, node: &Arc<str>, events: &[Event]) {

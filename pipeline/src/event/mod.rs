@@ -128,6 +128,24 @@ impl Event {
     pub fn family(&self) -> Family {
         Family::of(&self.local_addr)
     }
+
+    /// One event of a fixed socket (`curl`, 10.0.0.1:40000 → 10.0.0.2:443), for unit tests.
+    #[cfg(test)]
+    pub fn sample(seq: u64, ts_us: i64, kind: EventKind) -> Self {
+        Event {
+            seq,
+            ts_us,
+            sock_id: 1,
+            cgroup_id: 0,
+            pid: 7,
+            comm: Comm::from_bytes(b"curl"),
+            local_addr: "10.0.0.1".parse().unwrap(),
+            local_port: 40_000,
+            remote_addr: "10.0.0.2".parse().unwrap(),
+            remote_port: 443,
+            kind,
+        }
+    }
 }
 
 /// A batch of events from one node: the unit every edge moves.

@@ -515,22 +515,10 @@ fn write_batch<T: SinkRows>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Comm, Event, EventKind};
+    use crate::event::{Event, EventKind};
 
     fn at(seq: u64, ts_us: i64) -> Event {
-        Event {
-            seq,
-            ts_us,
-            sock_id: 1,
-            cgroup_id: 0,
-            pid: 7,
-            comm: Comm::from_bytes(b"curl"),
-            local_addr: "10.0.0.1".parse().unwrap(),
-            local_port: 40_000,
-            remote_addr: "10.0.0.2".parse().unwrap(),
-            remote_port: 443,
-            kind: EventKind::BytesSent { bytes: 1 },
-        }
+        Event::sample(seq, ts_us, EventKind::BytesSent { bytes: 1 })
     }
 
     /// Rows split where the hour changes; a corrupt timestamp at either end of the range names the
