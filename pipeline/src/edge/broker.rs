@@ -40,6 +40,8 @@ const END_HEADER: &str = "Tcplake-End";
 const MSG_ID: &str = "Nats-Msg-Id";
 /// How long a failed publish is retried before the producing stage fails.
 const PUBLISH_RETRY_FOR: Duration = Duration::from_secs(120);
+/// How long a process waits at its end for the broker to confirm the acks it sent.
+const SETTLE_FOR: Duration = Duration::from_secs(10);
 
 pub fn events_subject(node: &str) -> String {
     format!("tcplake.events.{node}")
@@ -252,6 +254,36 @@ impl Broker {
 
     pub fn metrics(&self) -> &Arc<BrokerMetrics> {
         &self.metrics
+    }
+
+    /// Makes sure the acks released so far reached the broker: the last thing a consuming process
+    /// does with it. An ack is a message the client only queues; without this, a process exiting
+    /// right after its last commit can leave those deliveries unacked, and the broker hands them to
+    /// the next run again (which skips them as committed, but had to read them).
+    pub async fn settle(&self) {
+        let client = self.js.client();
+        // Flushed to the socket, then one request answered: the server read every ack before it.
+        let round_trip = async {
+            client.flush().await.map_err(|e| e.to_string())?;
+            self.js
+                .query_account()
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(SETTLE_FOR, round_trip).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(
+                error = %e,
+                "the last acks may not have reached the broker; their messages will be delivered \
+                 to the next run again and skipped as committed"
+            ),
+            Err(_) => tracing::warn!(
+                "the broker did not confirm the last acks within {}s; their messages will be \
+                 delivered to the next run again and skipped as committed",
+                SETTLE_FOR.as_secs()
+            ),
+        }
     }
 
     async fn stream(&self, name: &'static str) -> Result<stream::Stream, BrokerError> {

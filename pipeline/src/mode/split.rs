@@ -324,6 +324,8 @@ pub async fn sink(
             first_error = Some(e);
         }
     }
+    // Also after an error: the acks released before it are for committed rows.
+    broker.settle().await;
     if let Some(e) = first_error {
         return Err(e);
     }
