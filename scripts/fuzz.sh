@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the cargo-fuzz targets (fuzz/): the broker wire codec and the config/flag parser, each for
 # SECONDS (default 60). A crash is saved under fuzz/artifacts/<target>/; copy it to
-# fuzz/regressions/<target>/ and `cargo test --test fuzz_regressions` replays it on every CI run.
+# fuzz/regressions/<target>/ and `cargo test --test it fuzz_regressions` replays it on every CI run.
 #
 #   scripts/fuzz.sh [SECONDS=60] [TARGET...]
 #

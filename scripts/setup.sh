@@ -93,7 +93,7 @@ if [ "$purpose" = test ] && ! "$PYTHON" -c "import deltalake, pyarrow, polars, p
 fi
 
 # prometheus-client: its parser checks tcplake's /metrics the way a Prometheus scrape would.
-# PyYAML: tests/deploy.rs parses the Kubernetes manifests with it.
+# PyYAML: tests/it/deploy.rs parses the Kubernetes manifests with it.
 if [ "$purpose" = test ] && ! "$PYTHON" -c "import prometheus_client, yaml" 2>/dev/null; then
   say "installing prometheus-client and PyYAML for $PYTHON"
   "$PYTHON" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \

@@ -17,7 +17,7 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 # --no-fail-fast: one failing binary must not hide the results of the others.
 status=0
-faults=target/tmp/fault-report.tsv   # rows appended by the fault tests (tests/common::report_fault)
+faults=target/tmp/fault-report.tsv   # rows appended by the fault tests (tests/it/common::report_fault)
 rm -f "$faults"
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$log" || status=$?
 if [ -s "$faults" ]; then

@@ -1,5 +1,5 @@
 //! Entry points for the fuzz targets (`fuzz/`, run with cargo-fuzz) and for the test that replays
-//! their corpus and regressions on every CI run (`tests/fuzz_regressions.rs`). Each takes arbitrary
+//! their corpus and regressions on every CI run (`tests/it/fuzz_regressions.rs`). Each takes arbitrary
 //! bytes, must never panic, and checks what must hold for any input it accepts.
 
 use std::path::Path;

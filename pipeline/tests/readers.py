@@ -1,4 +1,4 @@
-"""Totals of a tcplake output as other lake engines read it (tests/lake_readers.rs).
+"""Totals of a tcplake output as other lake engines read it (tests/it/lake_readers.rs).
 
 Usage: readers.py OUT ENGINE[,ENGINE...]   (engines: deltalake, polars, spark)
 Prints one JSON object: engine -> [event rows, sum(events.bytes), flow rows, sum(flows.events),

@@ -812,7 +812,7 @@ mod tests {
     }
 
     /// Thousands of random flag combinations through parsing and resolution: an error or settings,
-    /// never a panic (the binary-level property test in tests/bad_input.rs also runs what passes).
+    /// never a panic (the binary-level property test in tests/it/bad_input.rs also runs what passes).
     #[test]
     fn random_flag_combinations_resolve_or_fail_without_panicking() {
         let pool: &[(&str, &[&str])] = &[

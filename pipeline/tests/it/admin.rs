@@ -1,16 +1,14 @@
-//! The admin endpoint of a running tcplake: `/metrics` parses as Prometheus text (checked with the
-//! Prometheus Python client's parser) and its counters grow; `/readyz` turns ready once the stages run;
-//! SIGTERM then stops the run in bounded time with everything committed. A busy or malformed address
-//! is a clear error; `--log-json` logs one JSON object per line.
-
-mod common;
+//! The admin endpoint of a running tcplake: `/metrics` parses as OpenMetrics text (checked with the
+//! Prometheus Python client's OpenMetrics parser) and its counters grow; `/readyz` turns ready once
+//! the stages run; SIGTERM then stops the run in bounded time with everything committed. A busy or
+//! malformed address is a clear error; `--log-json` logs one JSON object per line.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 /// `GET path` on loopback: (status code, body).
 fn get(port: u16, path: &str) -> Option<(u16, String)> {
@@ -24,11 +22,12 @@ fn get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((code, body.to_string()))
 }
 
-/// Sample values by series, parsed by `prometheus_client.parser` (fails on malformed exposition).
+/// Sample values by series, parsed by `prometheus_client.openmetrics.parser` (fails on malformed
+/// exposition).
 fn parse_prometheus(text: &str) -> std::collections::BTreeMap<String, f64> {
     let script = r#"
 import json, sys
-from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
 out = {}
 for fam in text_string_to_metric_families(sys.stdin.read()):
     for s in fam.samples:
@@ -52,7 +51,7 @@ print(json.dumps(out))
     let o = child.wait_with_output().unwrap();
     assert!(
         o.status.success(),
-        "not valid Prometheus text (install prometheus-client with scripts/setup.sh): {}",
+        "not valid OpenMetrics text (install prometheus-client with scripts/setup.sh): {}",
         String::from_utf8_lossy(&o.stderr)
     );
     serde_json::from_slice(&o.stdout).unwrap()
@@ -64,7 +63,7 @@ fn metrics_readiness_and_a_bounded_graceful_stop() {
     let out = tmp.path().join("out");
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let child = tcplake_cmd()
+    let mut child = tcplake_cmd()
         .args([
             "--source",
             "synthetic",
@@ -104,7 +103,7 @@ fn metrics_readiness_and_a_bounded_graceful_stop() {
     let (code, first) = get(port, "/metrics").unwrap();
     assert_eq!(code, 200);
     let first = parse_prometheus(&first);
-    wait_for_commit_beyond(&out, "events", 1);
+    wait_for_commit_beyond(&out, "events", 1, &mut child);
     let second = parse_prometheus(&get(port, "/metrics").unwrap().1);
     let events = "tcplake_capture_events_total{}";
     assert!(second[events] > first[events], "{first:?} {second:?}");

@@ -1,8 +1,6 @@
 //! Bad input: one clear error line naming the problem, a non-zero exit, nothing half-written.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[test]
 fn unknown_config_key_is_named_with_its_line() {

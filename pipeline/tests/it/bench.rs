@@ -2,9 +2,7 @@
 //! nats-server for split-broker), the outputs are checked to be identical, and the report holds every
 //! figure with a cost breakdown. (Numbers are not asserted: performance is what the bench reports.)
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 #[test]
 fn bench_runs_every_mode_checks_outputs_and_writes_the_report() {

@@ -3,13 +3,11 @@
 //! replay reads a compacted log; `tcplake vacuum` then removes the replaced files; `--since/--until`
 //! replay one contiguous stretch of the log; files of a newer schema version are refused by name.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const N: u64 = 600_000;
 /// Synthetic time runs at 20 000 events/s: this run spans 30 s across the 01:00 boundary, so hour=00

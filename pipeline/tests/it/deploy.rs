@@ -4,13 +4,11 @@
 //! tcplake container's command line, with its environment and mounted config file, passes
 //! `tcplake --check-config`; so does the systemd unit's, which `systemd-analyze verify` accepts.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 fn repo() -> PathBuf {

@@ -1,14 +1,12 @@
 //! Every `tcplake` command shown in the README and docs (in ```sh blocks) is accepted as written:
 //! each is run with `--check-config`, which parses and validates it completely without starting
 //! anything. Flags renamed or removed later break this test, not a newcomer's first attempt. (The
-//! queries in docs/queries.md are run for real by tests/queries.rs.)
-
-mod common;
+//! queries in docs/queries.md are run for real by tests/it/queries.rs.)
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 fn docs() -> Vec<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");

@@ -5,15 +5,13 @@
 //! what the peers did, including which processes did it. A second test drops packets with nftables in a
 //! network namespace of its own and checks retransmits against the namespace's kernel counters.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/tcp_peer.py");
 

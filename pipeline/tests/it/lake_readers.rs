@@ -3,14 +3,12 @@
 //! the table, still on disk until a vacuum) and a file a crashed run left behind — read by
 //! DuckDB (`delta_scan`), delta-rs (the `deltalake` Python package), Polars (`read_delta`) and Spark:
 //! each must give exactly the totals of the events tcplake reported, while a glob over the Parquet
-//! files, which ignores the Delta log, must not. (Compaction's removed files: tests/compact.rs.)
-
-mod common;
+//! files, which ignores the Delta log, must not. (Compaction's removed files: tests/it/compact.rs.)
 
 use std::path::Path;
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 /// [event rows, sum(bytes) of events, flow rows, sum(events) of flows, bytes of flows] per engine.
 fn other_engines(out: &Path) -> serde_json::Map<String, serde_json::Value> {

@@ -1,10 +1,8 @@
 //! End to end: the real binary in monolith mode, its output read back with DuckDB.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 
 const N: u64 = 200_000;
 // Five seconds before an hour boundary, so the output spans two Hive partitions.

@@ -9,8 +9,6 @@
 //!
 //! Privileges are dropped with util-linux `setpriv`, so the test itself must start as root (as CI does).
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
@@ -18,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const NOBODY: &str = "65534";
 

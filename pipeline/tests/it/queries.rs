@@ -1,9 +1,7 @@
 //! Every query in docs/queries.md, run with DuckDB against a synthetic output and checked against the
 //! same question answered from the raw `events/` log (the truth the flows are projected from).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 /// (heading in docs/queries.md, the answer computed from `events/`). `EV` is replaced by the event
 /// log; both sides are ordered the same way.

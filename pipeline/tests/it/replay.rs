@@ -2,12 +2,10 @@
 //! rebuilds the live `flows/` row for row, also when the replay is killed and rerun; with another
 //! window it is a new projection of the same events.
 
-mod common;
-
 use std::path::Path;
 use std::process::Stdio;
 
-use common::*;
+use crate::common::*;
 
 const N: u64 = 600_000;
 
@@ -42,7 +40,7 @@ fn replaying_the_log_rebuilds_the_flows_even_after_a_kill() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_for_commit_beyond(&replayed, "events", 0);
+    wait_for_commit_beyond(&replayed, "events", 0, &mut child);
     assert!(child.try_wait().unwrap().is_none(), "ended before the kill");
     child.kill().unwrap();
     child.wait().unwrap();

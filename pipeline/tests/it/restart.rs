@@ -2,13 +2,11 @@
 //! arbitrary points) and restarted with the same command ends with exactly the rows of an undisturbed
 //! run. The S3 variant (killed mid multipart upload) is in `s3.rs`.
 
-mod common;
-
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const N: u64 = 1_000_000;
 
@@ -45,7 +43,7 @@ fn run_and_kill(out: &Path, after: Duration) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_for_commit_beyond(out, "events", known);
+    wait_for_commit_beyond(out, "events", known, &mut child);
     std::thread::sleep(after);
     assert!(child.try_wait().unwrap().is_none(), "ended before the kill");
     child.kill().unwrap();
@@ -211,13 +209,13 @@ fn terminate(mut child: std::process::Child) -> std::process::Output {
 /// Starts `args` paced, waits for a new events commit, then stops it with SIGTERM.
 fn run_and_terminate(out: &Path, args: &[String]) {
     let known = commits(out, "events");
-    let child = tcplake_cmd()
+    let mut child = tcplake_cmd()
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    wait_for_commit_beyond(out, "events", known);
+    wait_for_commit_beyond(out, "events", known, &mut child);
     terminate(child);
 }
 

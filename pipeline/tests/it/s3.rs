@@ -1,13 +1,11 @@
 //! The S3 sink against a real S3-compatible server (s3s-fs on loopback, installed by scripts/setup.sh),
 //! read back with DuckDB's httpfs straight from the bucket.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 fn run_to(out: &str, endpoint: &str, secret: &str, extra: &[&str]) -> std::process::Output {
     let mut args = vec![

@@ -1,11 +1,9 @@
 //! SIGINT/SIGTERM mid-run: everything captured so far is flushed and committed, exit status 0.
 
-mod common;
-
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 fn interrupt_mid_run(signal: &str) {
     let tmp = tempfile::tempdir().unwrap();

@@ -3,13 +3,11 @@
 //! separate processes write exactly the rows a monolith writes from the same seed, also when each
 //! service is killed with SIGKILL mid-run and restarted.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 /// The same workload for every process of a run.
 struct Run {
@@ -131,8 +129,8 @@ fn one_capture_two_aggregators_one_sink_write_exactly_the_monolith_rows() {
     // broker to deliver again, on either stream.
     let consumers = nats.consumers("tcplake-sink-");
     assert_eq!(consumers.len(), 2, "{consumers:?}");
-    for (stream, name, unacked, undelivered) in consumers {
-        assert_eq!((unacked, undelivered), (0, 0), "{stream}/{name}");
+    for (stream, name, unacked, beyond_ack_floor) in consumers {
+        assert_eq!((unacked, beyond_ack_floor), (0, 0), "{stream}/{name}");
     }
 }
 
@@ -150,7 +148,7 @@ fn each_service_killed_mid_run_and_restarted_still_writes_the_monolith_rows() {
     let capture = run.spawn("capture", &paced);
     let agg0 = run.spawn("aggregate", &["--shard", "0/2"]);
     let agg1 = run.spawn("aggregate", &["--shard", "1/2"]);
-    let sink = run.spawn("sink", &sink_args);
+    let mut sink = run.spawn("sink", &sink_args);
     pause();
     kill(capture);
     let capture = run.spawn("capture", &paced);
@@ -158,7 +156,7 @@ fn each_service_killed_mid_run_and_restarted_still_writes_the_monolith_rows() {
     kill(agg0);
     let agg0 = run.spawn("aggregate", &["--shard", "0/2"]);
     // The sink is killed after it has committed something, so its successor must resume.
-    wait_for_commit_beyond(&run.out, "events", 0);
+    wait_for_commit_beyond(&run.out, "events", 0, &mut sink);
     kill(sink);
     let sink = run.spawn("sink", &sink_args);
     pause();
@@ -220,13 +218,13 @@ fn three_capture_nodes_into_one_tier_write_the_union_of_their_monolith_rows() {
     let sink_args = ["--max-file-age", "1s"];
     let agg0 = run.spawn("aggregate", &["--shard", "0/2"]);
     let agg1 = run.spawn("aggregate", &["--shard", "1/2"]);
-    let sink = run.spawn("sink", &sink_args);
+    let mut sink = run.spawn("sink", &sink_args);
     std::thread::sleep(Duration::from_millis(1_000));
     kill(captures.remove(1));
     captures.insert(1, spawn_capture(&run, "node-b", "42", &paced));
     kill(agg1);
     let agg1 = run.spawn("aggregate", &["--shard", "1/2"]);
-    wait_for_commit_beyond(&run.out, "events", 0);
+    wait_for_commit_beyond(&run.out, "events", 0, &mut sink);
     kill(sink);
     let sink = run.spawn("sink", &sink_args);
     for (c, (n, _)) in captures.into_iter().zip(nodes) {
@@ -267,8 +265,8 @@ fn three_capture_nodes_into_one_tier_write_the_union_of_their_monolith_rows() {
         3
     );
     let consumers = nats.consumers("tcplake-sink-");
-    for (stream, name, unacked, undelivered) in consumers {
-        assert_eq!((unacked, undelivered), (0, 0), "{stream}/{name}");
+    for (stream, name, unacked, beyond_ack_floor) in consumers {
+        assert_eq!((unacked, beyond_ack_floor), (0, 0), "{stream}/{name}");
     }
     assert_eq!(leftovers(&run.out), Vec::<PathBuf>::new());
     report_fault(
@@ -287,8 +285,8 @@ fn broker_crashed_and_restarted_mid_run_loses_and_duplicates_nothing() {
     let capture = run.spawn("capture", &paced);
     let agg0 = run.spawn("aggregate", &["--shard", "0/2"]);
     let agg1 = run.spawn("aggregate", &["--shard", "1/2"]);
-    let sink = run.spawn("sink", &["--max-file-age", "1s"]);
-    wait_for_commit_beyond(&run.out, "events", 0);
+    let mut sink = run.spawn("sink", &["--max-file-age", "1s"]);
+    wait_for_commit_beyond(&run.out, "events", 0, &mut sink);
     nats.crash_and_restart(Duration::from_secs(3));
     let c = finish(capture, "capture");
     let a0 = finish(agg0, "aggregator 0");
@@ -453,8 +451,8 @@ fn a_sink_for_a_new_output_reads_the_streams_from_their_start() {
     let first = tmp.path().join("first");
     let capture = run.spawn("capture", &["--rate", "150000"]);
     let agg = run.spawn("aggregate", &[]);
-    let sink = sink_to(&first, &["--max-file-age", "1s"]);
-    wait_for_commit_beyond(&first, "events", 0);
+    let mut sink = sink_to(&first, &["--max-file-age", "1s"]);
+    wait_for_commit_beyond(&first, "events", 0, &mut sink);
     kill(sink);
     let second = tmp.path().join("second");
     let sink = sink_to(&second, &[]);

@@ -3,14 +3,14 @@
 #![allow(dead_code)]
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
 
 pub mod servers;
 #[allow(unused_imports)]
 pub use servers::*;
 
 /// The `tcplake` binary built for this test run, as a command with a clean environment: no settings
-/// from the developer's shell, and no metrics endpoint (tests run side by side; tests/admin.rs
+/// from the developer's shell, and no metrics endpoint (tests run side by side; tests/it/admin.rs
 /// covers the endpoint).
 pub fn tcplake_cmd() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tcplake"));
@@ -205,11 +205,22 @@ pub fn commits(out: &Path, dataset: &str) -> usize {
         .count()
 }
 
-/// Waits (up to a minute) until `dataset` has more than `known` commits: a kill after this lands after a
-/// commit whatever the machine's load, which fixed sleeps cannot promise.
-pub fn wait_for_commit_beyond(out: &Path, dataset: &str, known: usize) {
+/// Waits (up to a minute) until `dataset` has more than `known` commits, written by `writer`: a kill
+/// after this lands after a commit whatever the machine's load, which fixed sleeps cannot promise. A
+/// writer that exits first fails the wait at once, with what it printed.
+pub fn wait_for_commit_beyond(out: &Path, dataset: &str, known: usize, writer: &mut Child) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while commits(out, dataset) <= known {
+        if let Some(status) = writer.try_wait().unwrap() {
+            let mut said = String::new();
+            if let Some(mut e) = writer.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut said);
+            }
+            panic!(
+                "the writer of {} exited ({status}) before a new {dataset} commit: {said}",
+                out.display()
+            );
+        }
         assert!(
             std::time::Instant::now() < deadline,
             "no new {dataset} commit under {} within a minute",

@@ -43,8 +43,13 @@ impl Nats {
         n
     }
 
-    /// Per durable consumer whose name starts with `prefix`: (stream, consumer, messages delivered
-    /// but not acked, messages not yet delivered), from the server's `/jsz` monitoring endpoint.
+    /// Per durable consumer whose name starts with `prefix`: (stream and where it and the consumer
+    /// stand, consumer, messages delivered but not acked, messages after the consumer's ack floor),
+    /// from the server's `/jsz` monitoring endpoint. A consumer that acked everything has (0, 0).
+    ///
+    /// The second count is the stream's last sequence minus the ack floor (each stream holds only its
+    /// consumers' subjects), not the server's `num_pending`: nats-server 2.9 keeps that as a running
+    /// count it admits can race with deliveries.
     pub fn consumers(&self, prefix: &str) -> Vec<(String, String, u64, u64)> {
         use std::io::{Read, Write};
         let port = self.monitor.expect("started with Nats::start_monitored");
@@ -63,11 +68,24 @@ impl Nats {
                 for c in st["consumer_detail"].as_array().into_iter().flatten() {
                     let name = c["name"].as_str().unwrap_or_default();
                     if name.starts_with(prefix) {
+                        // Where the consumer and its stream stand, for a failing assertion.
+                        let stream = format!(
+                            "{} (stream state {}; consumer delivered {}, ack floor {})",
+                            st["name"].as_str().unwrap_or_default(),
+                            st["state"],
+                            c["delivered"],
+                            c["ack_floor"]
+                        );
                         out.push((
-                            st["name"].as_str().unwrap_or_default().to_string(),
+                            stream,
                             name.to_string(),
                             c["num_ack_pending"].as_u64().unwrap_or(u64::MAX),
-                            c["num_pending"].as_u64().unwrap_or(u64::MAX),
+                            st["state"]["last_seq"]
+                                .as_u64()
+                                .unwrap_or(u64::MAX)
+                                .saturating_sub(
+                                    c["ack_floor"]["stream_seq"].as_u64().unwrap_or_default(),
+                                ),
                         ));
                     }
                 }
