@@ -86,7 +86,7 @@ pub fn serve(listener: TcpListener, metrics: Arc<Metrics>) -> tokio::task::JoinH
 fn answer<B>(req: &Request<B>, metrics: &Metrics) -> Response<Full<Bytes>> {
     let (status, body) = respond(req.method(), req.uri().path(), metrics);
     let content_type = if status == StatusCode::OK && req.uri().path() == "/metrics" {
-        "text/plain; version=0.0.4; charset=utf-8"
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
     } else {
         "text/plain; charset=utf-8"
     };

@@ -1,12 +1,20 @@
 //! Every metric tcplake exposes, named in one place.
 //!
 //! Stages count locally in their hot loops and publish here once per batch, so an atomic add is paid
-//! per batch, not per event. The same values feed the end-of-run summary and the Prometheus text
-//! rendering ([`Metrics::render_prometheus`]).
+//! per batch, not per event. The same values feed the end-of-run summary and, on each scrape, the
+//! OpenMetrics text that prometheus-client encodes ([`Metrics::render_prometheus`]): every family is
+//! named and described here, the exposition format is the crate's.
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram as PromHistogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
 
 /// A monotonically increasing count.
 #[derive(Debug, Default)]
@@ -42,39 +50,19 @@ const DURATION_BOUNDS: [f64; 11] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// A Prometheus histogram of durations: a count per bucket, plus the sum and the count.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    /// Observations in bucket `i` (not cumulative; `DURATION_BOUNDS.len()` is +Inf).
-    buckets: [AtomicU64; DURATION_BOUNDS.len() + 1],
-    sum_us: AtomicU64,
+/// A histogram of durations (prometheus-client's, with [`DURATION_BOUNDS`]).
+#[derive(Debug, Clone)]
+pub struct Histogram(PromHistogram);
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram(PromHistogram::new(DURATION_BOUNDS))
+    }
 }
 
 impl Histogram {
     pub fn observe(&self, d: std::time::Duration) {
-        let secs = d.as_secs_f64();
-        let i = DURATION_BOUNDS
-            .iter()
-            .position(|&b| secs <= b)
-            .unwrap_or(DURATION_BOUNDS.len());
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_us
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-    }
-
-    /// Cumulative counts per upper bound (`+Inf` last), sum in seconds, count.
-    fn snapshot(&self) -> (Vec<(String, u64)>, f64, u64) {
-        let mut total = 0;
-        let mut out = Vec::with_capacity(self.buckets.len());
-        for (i, b) in self.buckets.iter().enumerate() {
-            total += b.load(Ordering::Relaxed);
-            let le = DURATION_BOUNDS
-                .get(i)
-                .map_or("+Inf".to_string(), |b| b.to_string());
-            out.push((le, total));
-        }
-        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
-        (out, sum, total)
+        self.0.observe(d.as_secs_f64());
     }
 }
 
@@ -287,222 +275,274 @@ pub struct Metrics {
     pub health: crate::health::Health,
 }
 
-/// Builds the text exposition: each family's HELP and TYPE once, then all its samples together.
-struct Exposition(String);
+/// One label set: (name, value) pairs.
+type Labels = Vec<(&'static str, &'static str)>;
 
-impl Exposition {
-    fn family<V: std::fmt::Display>(
-        &mut self,
-        name: &str,
-        kind: &str,
-        help: &str,
-        samples: impl IntoIterator<Item = (String, V)>,
-    ) {
-        let _ = writeln!(
-            self.0,
-            "# HELP tcplake_{name} {help}\n# TYPE tcplake_{name} {kind}"
-        );
-        for (labels, v) in samples {
-            let _ = writeln!(self.0, "tcplake_{name}{labels} {v}");
+/// The values of one metric family at a scrape.
+#[derive(Debug)]
+enum Samples {
+    Counter(Vec<(Labels, u64)>),
+    Gauge(Vec<(Labels, i64)>),
+    Histogram(Vec<(Labels, PromHistogram)>),
+}
+
+/// One family: its name (without the `tcplake_` prefix and a counter's `_total`), help and unit.
+#[derive(Debug)]
+struct Family {
+    name: &'static str,
+    help: &'static str,
+    unit: Option<Unit>,
+    samples: Samples,
+}
+
+impl Family {
+    fn counter(name: &'static str, help: &'static str, v: u64) -> Family {
+        Self::counters(name, help, [(vec![], v)])
+    }
+
+    fn counters(
+        name: &'static str,
+        help: &'static str,
+        samples: impl IntoIterator<Item = (Labels, u64)>,
+    ) -> Family {
+        Family {
+            name,
+            help,
+            unit: None,
+            samples: Samples::Counter(samples.into_iter().collect()),
         }
     }
 
-    fn counter(&mut self, name: &str, help: &str, v: u64) {
-        self.family(name, "counter", help, [(String::new(), v)]);
+    fn gauges(
+        name: &'static str,
+        help: &'static str,
+        samples: impl IntoIterator<Item = (Labels, i64)>,
+    ) -> Family {
+        Family {
+            name,
+            help,
+            unit: None,
+            samples: Samples::Gauge(samples.into_iter().collect()),
+        }
     }
 }
 
-fn label(key: &str, value: &str) -> String {
-    format!("{{{key}=\"{value}\"}}")
+/// The families of one scrape, encoded by prometheus-client as a collector.
+#[derive(Debug)]
+struct Scrape(Vec<Family>);
+
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for f in &self.0 {
+            let kind = match f.samples {
+                Samples::Counter(_) => MetricType::Counter,
+                Samples::Gauge(_) => MetricType::Gauge,
+                Samples::Histogram(_) => MetricType::Histogram,
+            };
+            let mut family = encoder.encode_descriptor(f.name, f.help, f.unit.as_ref(), kind)?;
+            match &f.samples {
+                Samples::Counter(samples) => {
+                    for (labels, v) in samples {
+                        ConstCounter::new(*v).encode(family.encode_family(labels)?)?;
+                    }
+                }
+                Samples::Gauge(samples) => {
+                    for (labels, v) in samples {
+                        ConstGauge::new(*v).encode(family.encode_family(labels)?)?;
+                    }
+                }
+                Samples::Histogram(samples) => {
+                    for (labels, h) in samples {
+                        h.encode(family.encode_family(labels)?)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn by<const N: usize, V>(
+    key: &'static str,
+    values: [(&'static str, V); N],
+) -> impl Iterator<Item = (Labels, V)> {
+    values.into_iter().map(move |(k, v)| (vec![(key, k)], v))
 }
 
 impl Metrics {
-    /// Prometheus text exposition format (version 0.0.4).
+    /// The OpenMetrics text exposition (served as `application/openmetrics-text; version=1.0.0`).
     pub fn render_prometheus(&self) -> String {
-        let mut x = Exposition(String::new());
-        let c = &self.capture;
-        x.counter("capture_events_total", "Events captured.", c.events.get());
-        x.counter(
-            "capture_batches_total",
-            "Event batches captured.",
-            c.batches.get(),
-        );
-        x.counter(
-            "capture_kernel_drops_total",
-            "Records lost in the kernel ring buffer (it was full).",
-            c.kernel_drops.get(),
-        );
-        let a = &self.aggregate;
-        x.counter(
-            "aggregate_events_total",
-            "Events folded into windows.",
-            a.events_in.get(),
-        );
-        x.counter(
-            "aggregate_late_events_total",
-            "Events later than the late horizon (kept in events/, not in flows/).",
-            a.late_events.get(),
-        );
-        x.counter(
-            "aggregate_late_folded_total",
-            "Events for a window already emitted, folded in (the window is emitted again).",
-            a.late_folded.get(),
-        );
-        x.counter(
-            "aggregate_records_total",
-            "Flow records emitted.",
-            a.records_out.get(),
-        );
-        x.counter(
-            "aggregate_windows_closed_total",
-            "Windows emitted for the first time.",
-            a.windows_closed.get(),
-        );
-        x.counter(
-            "aggregate_windows_rewritten_total",
-            "Windows emitted again with more events (their rows replace the earlier ones).",
-            a.windows_rewritten.get(),
-        );
-        let sinks = [("events", &self.sink_events), ("flows", &self.sink_flows)];
-        for (name, help, get) in [
-            (
-                "sink_rows_total",
-                "Rows committed.",
-                (|s: &SinkMetrics| s.rows.get()) as fn(&SinkMetrics) -> u64,
+        let mut registry = Registry::with_prefix("tcplake");
+        registry.register_collector(Box::new(Scrape(self.families())));
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+
+    /// Every family with its values now.
+    fn families(&self) -> Vec<Family> {
+        let (c, a, b, h) = (&self.capture, &self.aggregate, &self.broker, &self.handoff);
+        let sinks = |get: fn(&SinkMetrics) -> u64| {
+            by(
+                "dataset",
+                [
+                    ("events", get(&self.sink_events)),
+                    ("flows", get(&self.sink_flows)),
+                ],
+            )
+        };
+        let durations = S3_OPS
+            .iter()
+            .zip(&self.s3.durations)
+            .map(|(op, h)| (vec![("op", *op)], h.0.clone()))
+            .collect();
+        vec![
+            Family::counter("capture_events", "Events captured", c.events.get()),
+            Family::counter("capture_batches", "Event batches captured", c.batches.get()),
+            Family::counter(
+                "capture_kernel_drops",
+                "Records lost in the kernel ring buffer (it was full)",
+                c.kernel_drops.get(),
             ),
-            ("sink_batches_total", "Batches received.", |s| {
-                s.batches.get()
-            }),
-            ("sink_files_total", "Files committed.", |s| s.files.get()),
-            ("sink_bytes_total", "Bytes committed.", |s| s.bytes.get()),
-        ] {
-            x.family(
-                name,
-                "counter",
-                help,
-                sinks.map(|(ds, s)| (label("dataset", ds), get(s))),
-            );
-        }
-        x.family(
-            "delta_log_requests_total",
-            "counter",
-            "Requests of the Delta log to the output's store, by type (any store; on S3 also in s3_requests_total).",
-            self.log.by_type().map(|(op, n)| (label("op", op), n)),
-        );
-        x.family(
-            "s3_requests_total",
-            "counter",
-            "Requests to the S3 store, by type (every attempt, as billed).",
-            self.s3.by_type().map(|(op, n)| (label("op", op), n)),
-        );
-        let mut samples = Vec::new();
-        let mut sums = Vec::new();
-        let mut counts = Vec::new();
-        for (op, h) in S3_OPS.iter().zip(&self.s3.durations) {
-            let (buckets, sum, count) = h.snapshot();
-            for (le, n) in buckets {
-                samples.push((format!("_bucket{{op=\"{op}\",le=\"{le}\"}}"), n.to_string()));
-            }
-            sums.push((format!("_sum{}", label("op", op)), sum.to_string()));
-            counts.push((format!("_count{}", label("op", op)), count.to_string()));
-        }
-        samples.extend(sums);
-        samples.extend(counts);
-        x.family(
-            "s3_request_duration_seconds",
-            "histogram",
-            "Duration of S3 request attempts, by type.",
-            samples,
-        );
-        x.counter(
-            "s3_uploaded_bytes_total",
-            "Bytes uploaded to S3.",
-            self.s3.bytes_uploaded.get(),
-        );
-        x.counter(
-            "s3_downloaded_bytes_total",
-            "Bytes downloaded from S3.",
-            self.s3.bytes_downloaded.get(),
-        );
-        let b = &self.broker;
-        for (name, help, v) in [
-            (
-                "broker_published_messages_total",
-                "Messages published to the broker.",
+            Family::counter(
+                "aggregate_events",
+                "Events folded into windows",
+                a.events_in.get(),
+            ),
+            Family::counter(
+                "aggregate_late_events",
+                "Events later than the late horizon (kept in events/, not in flows/)",
+                a.late_events.get(),
+            ),
+            Family::counter(
+                "aggregate_late_folded",
+                "Events for a window already emitted, folded in (the window is emitted again)",
+                a.late_folded.get(),
+            ),
+            Family::counter(
+                "aggregate_records",
+                "Flow records emitted",
+                a.records_out.get(),
+            ),
+            Family::counter(
+                "aggregate_windows_closed",
+                "Windows emitted for the first time",
+                a.windows_closed.get(),
+            ),
+            Family::counter(
+                "aggregate_windows_rewritten",
+                "Windows emitted again with more events (their rows replace the earlier ones)",
+                a.windows_rewritten.get(),
+            ),
+            Family::counters("sink_rows", "Rows committed", sinks(|s| s.rows.get())),
+            Family::counters(
+                "sink_batches",
+                "Batches received",
+                sinks(|s| s.batches.get()),
+            ),
+            Family::counters("sink_files", "Files committed", sinks(|s| s.files.get())),
+            Family::counters("sink_bytes", "Bytes committed", sinks(|s| s.bytes.get())),
+            Family::counters(
+                "delta_log_requests",
+                "Requests of the Delta log to the output's store, by type (any store; on S3 also \
+                 in s3_requests_total)",
+                by("op", self.log.by_type()),
+            ),
+            Family::counters(
+                "s3_requests",
+                "Requests to the S3 store, by type (every attempt, as billed)",
+                by("op", self.s3.by_type()),
+            ),
+            Family {
+                name: "s3_request_duration",
+                help: "Duration of S3 request attempts, by type",
+                unit: Some(Unit::Seconds),
+                samples: Samples::Histogram(durations),
+            },
+            Family::counter(
+                "s3_uploaded_bytes",
+                "Bytes uploaded to S3",
+                self.s3.bytes_uploaded.get(),
+            ),
+            Family::counter(
+                "s3_downloaded_bytes",
+                "Bytes downloaded from S3",
+                self.s3.bytes_downloaded.get(),
+            ),
+            Family::counter(
+                "broker_published_messages",
+                "Messages published to the broker",
                 b.published_messages.get(),
             ),
-            (
-                "broker_published_bytes_total",
-                "Bytes published to the broker.",
+            Family::counter(
+                "broker_published_bytes",
+                "Bytes published to the broker",
                 b.published_bytes.get(),
             ),
-            (
-                "broker_consumed_messages_total",
-                "Messages consumed from the broker.",
+            Family::counter(
+                "broker_consumed_messages",
+                "Messages consumed from the broker",
                 b.consumed_messages.get(),
             ),
-            (
-                "broker_consumed_bytes_total",
-                "Bytes consumed from the broker.",
+            Family::counter(
+                "broker_consumed_bytes",
+                "Bytes consumed from the broker",
                 b.consumed_bytes.get(),
             ),
-            ("broker_acks_total", "Messages acknowledged.", b.acks.get()),
-            (
-                "broker_duplicates_dropped_total",
-                "Re-published messages the broker dropped as duplicates.",
+            Family::counter("broker_acks", "Messages acknowledged", b.acks.get()),
+            Family::counter(
+                "broker_duplicates_dropped",
+                "Re-published messages the broker dropped as duplicates",
                 b.duplicates_dropped.get(),
             ),
-            (
-                "broker_consumer_reconnects_total",
-                "Consumers reopened after losing the broker.",
+            Family::counter(
+                "broker_consumer_reconnects",
+                "Consumers reopened after losing the broker",
                 b.consumer_reconnects.get(),
             ),
-            (
-                "broker_redelivered_rows_skipped_total",
-                "Rows received again (restart or redelivery) and skipped: already written.",
+            Family::counter(
+                "broker_redelivered_rows_skipped",
+                "Rows received again (restart or redelivery) and skipped: already written",
                 b.redelivered_rows_skipped.get(),
             ),
-        ] {
-            x.counter(name, help, v);
-        }
-        let h = &self.handoff;
-        x.family(
-            "handoff_requests_total",
-            "counter",
-            "Object-store hand-off requests, by type (GETs include polls that found nothing).",
-            [("put", h.puts.get()), ("get", h.gets.get())].map(|(op, n)| (label("op", op), n)),
-        );
-        x.family(
-            "errors_total",
-            "counter",
-            "Errors survived, by kind: each was counted and the data kept or retried, never dropped \
-             silently (fatal errors end the run with a message instead).",
-            [
-                ("kernel_record_undecodable", c.decode_errors.get()),
-                ("s3_transient_retried", self.s3.retries.get()),
-                ("broker_publish_retried", b.publish_retries.get()),
-                ("broker_message_dead_lettered", b.dead_letters.get()),
-            ]
-            .map(|(kind, n)| (label("kind", kind), n)),
-        );
-        x.family(
-            "edge_queue_depth",
-            "gauge",
-            "Batches queued on an in-process edge.",
-            [
-                ("events_to_aggregate", &self.edges.events_to_aggregate),
-                ("events_to_sink", &self.edges.events_to_sink),
-                ("flows_to_sink", &self.edges.flows_to_sink),
-            ]
-            .map(|(edge, g)| (label("edge", edge), g.get())),
-        );
-        x.family(
-            "ready",
-            "gauge",
-            "1 when edges are connected and the output writable (as /readyz).",
-            [(String::new(), u8::from(self.health.check().is_ok()))],
-        );
-        x.0
+            Family::counters(
+                "handoff_requests",
+                "Object-store hand-off requests, by type (GETs include polls that found nothing)",
+                by("op", [("put", h.puts.get()), ("get", h.gets.get())]),
+            ),
+            Family::counters(
+                "errors",
+                "Errors survived, by kind: each was counted and the data kept or retried, never \
+                 dropped silently (fatal errors end the run with a message instead)",
+                by(
+                    "kind",
+                    [
+                        ("kernel_record_undecodable", c.decode_errors.get()),
+                        ("s3_transient_retried", self.s3.retries.get()),
+                        ("broker_publish_retried", b.publish_retries.get()),
+                        ("broker_message_dead_lettered", b.dead_letters.get()),
+                    ],
+                ),
+            ),
+            Family::gauges(
+                "edge_queue_depth",
+                "Batches queued on an in-process edge",
+                by(
+                    "edge",
+                    [
+                        ("events_to_aggregate", self.edges.events_to_aggregate.get()),
+                        ("events_to_sink", self.edges.events_to_sink.get()),
+                        ("flows_to_sink", self.edges.flows_to_sink.get()),
+                    ],
+                ),
+            ),
+            Family::gauges(
+                "ready",
+                "1 when edges are connected and the output writable (as /readyz)",
+                [(vec![], i64::from(self.health.check().is_ok()))],
+            ),
+        ]
     }
 }
 
@@ -511,21 +551,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn prometheus_text_names_every_family_once_with_values() {
+    fn openmetrics_text_names_every_family_once_with_values() {
         let m = Metrics::default();
         m.capture.events.add(42);
         m.sink_flows.rows.add(7);
         m.edges.flows_to_sink.add(3);
+        m.s3.observe("put", std::time::Duration::from_millis(30));
         let text = m.render_prometheus();
-        assert!(text.contains("tcplake_capture_events_total 42\n"), "{text}");
-        assert!(
-            text.contains("tcplake_sink_rows_total{dataset=\"flows\"} 7\n"),
-            "{text}"
-        );
-        assert!(
-            text.contains("tcplake_edge_queue_depth{edge=\"flows_to_sink\"} 3\n"),
-            "{text}"
-        );
+        for sample in [
+            "tcplake_capture_events_total 42\n",
+            "tcplake_sink_rows_total{dataset=\"flows\"} 7\n",
+            "tcplake_edge_queue_depth{edge=\"flows_to_sink\"} 3\n",
+            "tcplake_s3_request_duration_seconds_bucket{le=\"0.025\",op=\"put\"} 0\n",
+            "tcplake_s3_request_duration_seconds_bucket{le=\"0.05\",op=\"put\"} 1\n",
+            "tcplake_s3_request_duration_seconds_count{op=\"put\"} 1\n",
+            "# TYPE tcplake_s3_request_duration_seconds histogram\n",
+        ] {
+            assert!(text.contains(sample), "{sample} missing from:\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"), "{text}");
         // Every sample line is `name{labels} value` with a numeric value.
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let value = line.rsplit(' ').next().unwrap();
@@ -542,13 +586,6 @@ mod tests {
                 assert!(line.starts_with(&current), "{line} outside {current}");
             }
         }
-        m.s3.observe("put", std::time::Duration::from_millis(30));
-        let text = m.render_prometheus();
-        assert!(text
-            .contains("tcplake_s3_request_duration_seconds_bucket{op=\"put\",le=\"0.025\"} 0\n"));
-        assert!(
-            text.contains("tcplake_s3_request_duration_seconds_bucket{op=\"put\",le=\"0.05\"} 1\n")
-        );
-        assert!(text.contains("tcplake_s3_request_duration_seconds_count{op=\"put\"} 1\n"));
+        assert_eq!(seen.len(), m.families().len());
     }
 }
