@@ -1,4 +1,4 @@
-//! The admin endpoint: `/metrics` (Prometheus text), `/healthz` (the process is serving) and `/readyz`
+//! The admin endpoint: `/metrics` (OpenMetrics text), `/healthz` (the process is serving) and `/readyz`
 //! (its edges are connected and its output is writable; not while starting or shutting down).
 //!
 //! hyper's HTTP/1 server: GET and HEAD, one request per connection, a bounded request head and read

@@ -30,12 +30,28 @@ fn skipped() -> bool {
     std::env::var_os("TCPLAKE_SKIP_EBPF_TESTS").is_some()
 }
 
+/// A free port below the kernel's ephemeral range, a different one on each call: the capture filters
+/// on it, and the other tests running in this process open connections whose local ports come from
+/// that range, so none of their traffic can match the filter.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap();
+    let low: u16 = range.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(
+        low > 11_000,
+        "ephemeral ports start at {low}: no room below them"
+    );
+    let span = low - 10_000;
+    let seed = (std::process::id() % u32::from(span)) as u16;
+    loop {
+        let i = NEXT.fetch_add(1, Ordering::SeqCst);
+        assert!(i < span, "no free port below the ephemeral range");
+        let port = 10_000 + seed.wrapping_add(i) % span;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A running `tcplake --source ebpf`, attached and ready.

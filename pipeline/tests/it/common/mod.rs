@@ -212,6 +212,10 @@ pub fn wait_for_commit_beyond(out: &Path, dataset: &str, known: usize, writer: &
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while commits(out, dataset) <= known {
         if let Some(status) = writer.try_wait().unwrap() {
+            // It may have committed just before exiting.
+            if commits(out, dataset) > known {
+                return;
+            }
             let mut said = String::new();
             if let Some(mut e) = writer.stderr.take() {
                 let _ = std::io::Read::read_to_string(&mut e, &mut said);
