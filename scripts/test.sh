@@ -9,6 +9,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo clippy -D warnings (the binary as production images build it: no bench harness)"
+cargo clippy -p pipeline --no-default-features --bin tcplake --locked -- -D warnings
 echo "== cargo clippy -D warnings (kernel programs, BPF target)"
 RUSTFLAGS='--cfg bpf_target_arch="x86_64"' cargo +nightly clippy --locked -p probe-ebpf \
   --target bpfel-unknown-none -Z build-std=core --target-dir target/bpf-clippy -- -D warnings

@@ -12,7 +12,6 @@
 
 pub mod admin;
 pub mod aggregate;
-pub mod bench;
 pub mod blocking;
 pub mod capture;
 pub mod config;

@@ -3,11 +3,13 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use pipeline::config::{
-    BenchArgs, Cli, CliError, Command, CompactArgs, Settings, SummaryFormat, VacuumArgs,
-};
+use pipeline::config::{Cli, CliError, Command, CompactArgs, Settings, SummaryFormat, VacuumArgs};
 use pipeline::metrics::Metrics;
 use pipeline::{admin, mode, secrets, shutdown};
+
+/// The `tcplake bench` harness (feature `bench`, on by default; production images leave it out).
+#[cfg(feature = "bench")]
+mod bench;
 
 /// Exit status of a configuration error (bad flag, variable or file): nothing was started.
 const CONFIG_ERROR: u8 = 2;
@@ -31,8 +33,16 @@ fn main() -> ExitCode {
         Err(e) => return fail(&anyhow::Error::new(e), CONFIG_ERROR),
     };
     match &cli.command {
+        #[cfg(not(feature = "bench"))]
+        Some(Command::Bench(_)) => fail(
+            &anyhow::anyhow!(
+                "this tcplake was built without the bench harness (build it with `--features bench`)"
+            ),
+            CONFIG_ERROR,
+        ),
+        #[cfg(feature = "bench")]
         Some(Command::Bench(args)) => {
-            let cfg = match pipeline::bench::config(args) {
+            let cfg = match bench::config(args) {
                 Ok(c) => c,
                 Err(e) => return fail(&anyhow::Error::msg(e), CONFIG_ERROR),
             };
@@ -40,7 +50,7 @@ fn main() -> ExitCode {
                 println!("tcplake: bench configuration ok");
                 return ExitCode::SUCCESS;
             }
-            finish(bench(args, cfg))
+            finish(bench(cfg))
         }
         Some(Command::Compact(args)) => {
             let options = match compact_options(&settings, args) {
@@ -225,8 +235,9 @@ fn vacuum(
     })
 }
 
-fn bench(_args: &BenchArgs, cfg: pipeline::bench::BenchConfig) -> anyhow::Result<()> {
-    let report = pipeline::bench::run(&cfg)?;
+#[cfg(feature = "bench")]
+fn bench(cfg: bench::BenchConfig) -> anyhow::Result<()> {
+    let report = bench::run(&cfg)?;
     println!("{}", report.table());
     report.write(&cfg.dir)?;
     eprintln!(

@@ -10,7 +10,7 @@ pub mod cost;
 mod procs;
 
 /// Settings of `tcplake bench` from its flags.
-pub fn config(args: &crate::config::BenchArgs) -> Result<BenchConfig, String> {
+pub fn config(args: &pipeline::config::BenchArgs) -> Result<BenchConfig, String> {
     let prices = match &args.prices {
         Some(p) => {
             let text = std::fs::read_to_string(p)
@@ -45,12 +45,12 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::event::schema::batch_to_flows;
-use crate::event::FlowRecord;
 use cost::{cost_per_billion, Cost, Prices, Usage};
+use pipeline::event::schema::batch_to_flows;
+use pipeline::event::FlowRecord;
 use procs::{Measured, NatsServer};
 
-pub use crate::config::BenchMode;
+pub use pipeline::config::BenchMode;
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -336,7 +336,16 @@ fn mode_report(
         gb_seconds: all.iter().map(|p| p.peak_rss_mib / 1024.0 * secs).sum(),
         // The output is priced as if written to S3: one PUT per data file, plus the Delta log's own
         // requests as counted (commits, snapshot LISTs and GETs, checkpoints).
-        s3_writes: requests(&["put", "list", "copy"]) + handoff_puts,
+        // (Multipart requests are PUT-class too; an aborted upload is a free DELETE.)
+        s3_writes: requests(&[
+            "put",
+            "list",
+            "copy",
+            "create_multipart",
+            "upload_part",
+            "complete_multipart",
+            "other",
+        ]) + handoff_puts,
         s3_reads: requests(&["get", "head"]) + sum(&["handoff", "gets"]),
         broker_requests: messages,
         // Every object handed from one stage to the next is one orchestrated step.
@@ -407,10 +416,10 @@ pub fn read_flows(out: &Path) -> Result<Vec<FlowRecord>, BenchError> {
         .build()
         .map_err(|e| err(e.to_string()))?;
     let mut rows = rt.block_on(async {
-        let store = crate::storage::Store::Local(
-            crate::storage::LocalDir::open_read_only(out).map_err(|e| err(e.to_string()))?,
+        let store = pipeline::storage::Store::Local(
+            pipeline::storage::LocalDir::open_read_only(out).map_err(|e| err(e.to_string()))?,
         );
-        let Some(table) = crate::lake::Table::open(&store, crate::lake::Dataset::Flows)
+        let Some(table) = pipeline::lake::Table::open(&store, pipeline::lake::Dataset::Flows)
             .await
             .map_err(|e| err(e.to_string()))?
         else {
@@ -419,7 +428,7 @@ pub fn read_flows(out: &Path) -> Result<Vec<FlowRecord>, BenchError> {
         let mut rows = Vec::new();
         for f in table.files().map_err(|e| err(e.to_string()))? {
             let key = format!("flows/{}", f.path);
-            for batch in crate::lake::read::open(&store, &key, 65_536)
+            for batch in pipeline::lake::read::open(&store, &key, 65_536)
                 .await
                 .map_err(|e| err(e.to_string()))?
             {
@@ -569,9 +578,9 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let cli = crate::config::Cli {
-            source: Some(crate::config::SourceArg {
-                kind: crate::config::SourceKind::Synthetic,
+        let cli = pipeline::config::Cli {
+            source: Some(pipeline::config::SourceArg {
+                kind: pipeline::config::SourceKind::Synthetic,
                 from: None,
             }),
             seed: Some(seed),
@@ -580,9 +589,9 @@ mod tests {
             node: Some("bench".into()),
             ..Default::default()
         };
-        let s = crate::config::Settings::merge(&cli, &Default::default()).unwrap();
-        let (_t, l) = crate::shutdown::channel();
-        rt.block_on(crate::mode::run(&s, Default::default(), l))
+        let s = pipeline::config::Settings::merge(&cli, &Default::default()).unwrap();
+        let (_t, l) = pipeline::shutdown::channel();
+        rt.block_on(pipeline::mode::run(&s, Default::default(), l))
             .unwrap();
     }
 
