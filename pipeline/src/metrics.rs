@@ -121,77 +121,107 @@ impl SinkMetrics {
     }
 }
 
+/// An S3 request type, as counted and billed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum S3Op {
+    Put,
+    CreateMultipart,
+    UploadPart,
+    CompleteMultipart,
+    AbortMultipart,
+    Head,
+    List,
+    Get,
+    Delete,
+    /// An operation tcplake does not make today: still counted, never dropped.
+    Other,
+}
+
+impl S3Op {
+    /// Every type, in the order of [`S3Metrics::by_type`].
+    pub const ALL: [S3Op; 10] = [
+        S3Op::Put,
+        S3Op::CreateMultipart,
+        S3Op::UploadPart,
+        S3Op::CompleteMultipart,
+        S3Op::AbortMultipart,
+        S3Op::Head,
+        S3Op::List,
+        S3Op::Get,
+        S3Op::Delete,
+        S3Op::Other,
+    ];
+
+    /// The label in metrics and summaries.
+    pub fn name(self) -> &'static str {
+        match self {
+            S3Op::Put => "put",
+            S3Op::CreateMultipart => "create_multipart",
+            S3Op::UploadPart => "upload_part",
+            S3Op::CompleteMultipart => "complete_multipart",
+            S3Op::AbortMultipart => "abort_multipart",
+            S3Op::Head => "head",
+            S3Op::List => "list",
+            S3Op::Get => "get",
+            S3Op::Delete => "delete",
+            S3Op::Other => "other",
+        }
+    }
+
+    /// The type of an S3 API operation, by its name (`PutObject`).
+    pub fn of_operation(name: &str) -> S3Op {
+        match name {
+            "PutObject" => S3Op::Put,
+            "CreateMultipartUpload" => S3Op::CreateMultipart,
+            "UploadPart" => S3Op::UploadPart,
+            "CompleteMultipartUpload" => S3Op::CompleteMultipart,
+            "AbortMultipartUpload" => S3Op::AbortMultipart,
+            "HeadObject" | "HeadBucket" => S3Op::Head,
+            "ListObjectsV2" | "ListObjects" | "ListMultipartUploads" | "ListParts" => S3Op::List,
+            "GetObject" => S3Op::Get,
+            "DeleteObject" | "DeleteObjects" => S3Op::Delete,
+            _ => S3Op::Other,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// Requests to the S3 store, by type: each attempt counts (retries included), as each is billed.
 #[derive(Debug, Default)]
 pub struct S3Metrics {
-    pub put: Counter,
-    pub create_multipart: Counter,
-    pub upload_part: Counter,
-    pub complete_multipart: Counter,
-    pub abort_multipart: Counter,
-    pub head: Counter,
-    pub list: Counter,
-    pub get: Counter,
-    pub delete: Counter,
+    requests: [Counter; S3Op::ALL.len()],
     /// Attempts that failed transiently and were tried again.
     pub retries: Counter,
     pub bytes_uploaded: Counter,
     pub bytes_downloaded: Counter,
-    /// Duration of each attempt, by request type (same order as [`S3Metrics::by_type`]).
-    pub durations: [Histogram; 9],
+    /// Duration of each attempt, by request type.
+    durations: [Histogram; S3Op::ALL.len()],
 }
 
 impl S3Metrics {
-    /// Counts one request of type `op` (the names used by the S3 store).
-    pub fn count(&self, op: &str) {
-        match op {
-            "put" => &self.put,
-            "create_multipart" => &self.create_multipart,
-            "upload_part" => &self.upload_part,
-            "complete_multipart" => &self.complete_multipart,
-            "abort_multipart" => &self.abort_multipart,
-            "head" => &self.head,
-            "list" => &self.list,
-            "delete" => &self.delete,
-            _ => &self.get,
-        }
-        .add(1);
+    /// Counts one attempt of a request of type `op`.
+    pub fn count(&self, op: S3Op) {
+        self.requests[op.index()].add(1);
     }
 
     /// Records how long one attempt of `op` took.
-    pub fn observe(&self, op: &str, d: std::time::Duration) {
-        let i = S3_OPS.iter().position(|&o| o == op).unwrap_or(7);
-        self.durations[i].observe(d);
+    pub fn observe(&self, op: S3Op, d: std::time::Duration) {
+        self.durations[op.index()].observe(d);
+    }
+
+    /// Attempts of one request type so far.
+    pub fn requests(&self, op: S3Op) -> u64 {
+        self.requests[op.index()].get()
     }
 
     /// (type, count) for every request type.
-    pub fn by_type(&self) -> [(&'static str, u64); 9] {
-        [
-            ("put", self.put.get()),
-            ("create_multipart", self.create_multipart.get()),
-            ("upload_part", self.upload_part.get()),
-            ("complete_multipart", self.complete_multipart.get()),
-            ("abort_multipart", self.abort_multipart.get()),
-            ("head", self.head.get()),
-            ("list", self.list.get()),
-            ("get", self.get.get()),
-            ("delete", self.delete.get()),
-        ]
+    pub fn by_type(&self) -> [(&'static str, u64); S3Op::ALL.len()] {
+        S3Op::ALL.map(|op| (op.name(), self.requests(op)))
     }
 }
-
-/// Request types, in the order of [`S3Metrics::by_type`] and [`S3Metrics::durations`].
-const S3_OPS: [&str; 9] = [
-    "put",
-    "create_multipart",
-    "upload_part",
-    "complete_multipart",
-    "abort_multipart",
-    "head",
-    "list",
-    "get",
-    "delete",
-];
 
 /// Requests the Delta log made to the output's store (table snapshots, commits, checkpoints), by type.
 /// Counted for every store — on S3 they are also part of [`S3Metrics`] — so a run into a local
@@ -392,10 +422,14 @@ impl Metrics {
                 ],
             )
         };
-        let durations = S3_OPS
+        let durations = S3Op::ALL
             .iter()
-            .zip(&self.s3.durations)
-            .map(|(op, h)| (vec![("op", *op)], h.0.clone()))
+            .map(|op| {
+                (
+                    vec![("op", op.name())],
+                    self.s3.durations[op.index()].0.clone(),
+                )
+            })
             .collect();
         vec![
             Family::counter("capture_events", "Events captured", c.events.get()),
@@ -556,7 +590,7 @@ mod tests {
         m.capture.events.add(42);
         m.sink_flows.rows.add(7);
         m.edges.flows_to_sink.add(3);
-        m.s3.observe("put", std::time::Duration::from_millis(30));
+        m.s3.observe(S3Op::Put, std::time::Duration::from_millis(30));
         let text = m.render_prometheus();
         for sample in [
             "tcplake_capture_events_total 42\n",

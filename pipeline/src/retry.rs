@@ -1,7 +1,8 @@
-//! One backoff policy for every retry loop (S3 requests and response bodies, broker connects,
-//! publishes and consumers): exponential steps from a first delay up to a cap, each wait a random
-//! point between half and all of its step ("equal jitter": processes that failed together do not
-//! retry together). How long to keep trying, and what counts as transient, stays with each caller.
+//! One backoff policy for tcplake's own retry loops (broker connects, publishes and consumers, an S3
+//! answer cut off mid-body; S3 requests themselves are retried by the SDK, `storage::s3_requests`):
+//! exponential steps from a first delay up to a cap, each wait a random point between half and all of
+//! its step ("equal jitter": processes that failed together do not retry together). How long to keep
+//! trying, and what counts as transient, stays with each caller.
 
 use std::time::Duration;
 

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use crate::metrics::LogMetrics;
 
 pub mod s3;
+pub mod s3_requests;
 
 /// Where files are written before they are committed (under the output directory or spool).
 const STAGING_DIR: &str = ".staging";

@@ -3,12 +3,12 @@
 //! A sealed file is uploaded from the local spool with one PUT, or as a multipart upload in
 //! [`PART_SIZE`] parts when larger than [`MULTIPART_THRESHOLD`] (one part in memory at a time). Small
 //! objects can be created conditionally (`If-None-Match: *`: the Delta log's commits rely on it).
-//! Every request is counted by type ([`S3Metrics`]). Transient failures
-//! (timeouts, connection errors, 5xx, throttling) are retried with exponential backoff and jitter for up
-//! to the configured time, while the sink — and through the edges, capture — waits; multipart uploads
-//! that fail are aborted, and dangling ones under the prefix are aborted at startup.
+//! Every attempt is counted by type ([`S3Metrics`]). Transient failures (timeouts, connection errors,
+//! 5xx, throttling) are retried by the SDK with exponential backoff and jitter for up to the configured
+//! time (the policy and the counting: [`super::s3_requests`]), while the sink — and through the edges,
+//! capture — waits; multipart uploads that fail are aborted, and dangling ones under the prefix are
+//! aborted at startup.
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +20,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
 use tokio::io::AsyncReadExt;
 
+use super::s3_requests::{self, error_chain, is_tls, status_is_transient};
 use super::{LocalDir, StoreError};
 use crate::metrics::{LogMetrics, S3Metrics};
 use crate::retry::Backoff;
@@ -28,8 +29,6 @@ use crate::retry::Backoff;
 pub const MULTIPART_THRESHOLD: u64 = 16 << 20;
 /// Size of each part (S3's minimum is 5 MiB).
 pub const PART_SIZE: usize = 8 << 20;
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Why talking to S3 failed, phrased for the operator.
 #[derive(Debug, thiserror::Error)]
@@ -137,7 +136,8 @@ fn status<E>(e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Option<
     e.raw_response().map(|r| r.status().as_u16())
 }
 
-/// Worth trying again: the server did not answer, or said it is overloaded or broken.
+/// Worth trying again (the judgement the SDK's retries used, [`s3_requests::Transient`]): the server
+/// did not answer, or said it is overloaded or broken.
 fn transient<E: ProvideErrorMetadata + std::error::Error + 'static>(
     e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
 ) -> bool {
@@ -148,8 +148,7 @@ fn transient<E: ProvideErrorMetadata + std::error::Error + 'static>(
             true
         }
         SdkError::ServiceError(s) => {
-            // 501/505: the store does not support the request; asking again will not change that.
-            matches!(status(e), Some(500 | 502..=504 | 506..=599 | 408 | 429))
+            status(e).and_then(status_is_transient).unwrap_or(false)
                 || matches!(
                     s.err().code(),
                     Some("SlowDown" | "RequestTimeout" | "InternalError")
@@ -164,32 +163,7 @@ fn tls_problem<E: std::error::Error + 'static>(
     e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>,
 ) -> Option<String> {
     let chain = error_chain(e);
-    let lower = chain.to_ascii_lowercase();
-    [
-        "tls",
-        "ssl",
-        "certificate",
-        "corrupt message",
-        "invalidcontenttype",
-        "handshake",
-    ]
-    .iter()
-    .any(|w| lower.contains(w))
-    .then_some(chain)
-}
-
-/// An error and its causes, each once, on one line (`a: b: c`).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        let text = err.to_string().replace('\n', " ");
-        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        cur = err.source();
-    }
-    parts.join(": ")
+    is_tls(&chain).then_some(chain)
 }
 
 /// How long the startup check of the bucket retries an unreachable store.
@@ -205,8 +179,9 @@ impl S3Store {
     /// left behind.
     pub async fn connect(s: &S3Settings, metrics: Arc<S3Metrics>) -> Result<Self, StoreError> {
         let spool = LocalDir::open(&s.spool)?;
-        let mut store = Self::client(s, spool, metrics).await?;
-        store.max_retry = s.max_retry;
+        let store = Self::client(s, spool, metrics)
+            .await?
+            .with_budget(s.max_retry);
         store.check_conditional_writes(s.single_writer).await?;
         store.abort_journalled_uploads().await?;
         store.abort_dangling_uploads().await?;
@@ -219,9 +194,23 @@ impl S3Store {
         metrics: Arc<S3Metrics>,
     ) -> Result<Self, StoreError> {
         let spool = LocalDir::open(&s.spool)?;
-        let mut store = Self::client(s, spool, metrics).await?;
-        store.max_retry = s.max_retry;
-        Ok(store)
+        Ok(Self::client(s, spool, metrics)
+            .await?
+            .with_budget(s.max_retry))
+    }
+
+    /// Sets how long one request may take, retries included.
+    fn with_budget(mut self, budget: Duration) -> Self {
+        let conf = self.client.config();
+        let timeouts = s3_requests::with_budget(conf.timeout_config(), budget);
+        self.client = Client::from_conf(
+            conf.to_builder()
+                .retry_config(s3_requests::retry_config(budget))
+                .timeout_config(timeouts)
+                .build(),
+        );
+        self.max_retry = budget;
+        self
     }
 
     async fn client(
@@ -242,10 +231,8 @@ impl S3Store {
             .imds_client(imds)
             .build()
             .await;
-        let mut loader = aws_config::defaults(BehaviorVersion::latest())
-            .credentials_provider(chain)
-            // Retries are ours (below): every attempt is then counted, and outages are ridden out.
-            .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled());
+        let mut loader =
+            aws_config::defaults(BehaviorVersion::latest()).credentials_provider(chain);
         if let Some(r) = &s.region {
             loader = loader.region(Region::new(r.clone()));
         }
@@ -258,15 +245,18 @@ impl S3Store {
         if let Some(ep) = &s.endpoint {
             conf = conf.endpoint_url(ep);
         }
+        // At startup an unreachable store is more likely a wrong endpoint than an outage: fail within
+        // a minute; once running, ride outages out for the configured time (`with_budget`).
+        let budget = s.max_retry.min(STARTUP_RETRY_FOR);
+        let conf =
+            s3_requests::configure(conf, shared.timeout_config(), budget, Arc::clone(&metrics));
         let store = S3Store {
             client: Client::from_conf(conf.build()),
             bucket: s.bucket.clone(),
             prefix: s.prefix.clone(),
             endpoint,
             spool,
-            // At startup an unreachable store is more likely a wrong endpoint than an outage: fail
-            // within a minute; once running, ride outages out for the configured time.
-            max_retry: s.max_retry.min(STARTUP_RETRY_FOR),
+            max_retry: budget,
             multipart_threshold: s.multipart_threshold,
             metrics,
             log_requests: Arc::default(),
@@ -349,39 +339,6 @@ impl S3Store {
         }
     }
 
-    /// Runs one request with retries; `op` names it in metrics and errors.
-    async fn request<T, E, F, Fut>(
-        &self,
-        op: &'static str,
-        key: &str,
-        mut send: F,
-    ) -> Result<T, SdkError<E, aws_sdk_s3::config::http::HttpResponse>>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, SdkError<E, aws_sdk_s3::config::http::HttpResponse>>>,
-        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    {
-        let started = Instant::now();
-        let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
-        loop {
-            self.metrics.count(op);
-            let attempt = Instant::now();
-            let result = send().await;
-            self.metrics.observe(op, attempt.elapsed());
-            match result {
-                Ok(v) => return Ok(v),
-                Err(e) if transient(&e) && started.elapsed() < self.max_retry => {
-                    self.metrics.retries.add(1);
-                    if backoff.is_first() {
-                        tracing::warn!(op, key, error = %describe(&e), "S3 request failed; retrying with backoff");
-                    }
-                    backoff.wait().await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
     fn failed<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
         &self,
         op: &'static str,
@@ -435,11 +392,7 @@ impl S3Store {
     }
 
     async fn check_bucket(&self) -> Result<(), S3Error> {
-        let r = self
-            .request("head", &self.bucket, || {
-                self.client.head_bucket().bucket(&self.bucket).send()
-            })
-            .await;
+        let r = self.client.head_bucket().bucket(&self.bucket).send().await;
         match r {
             Ok(_) => Ok(()),
             // A HEAD answer has no body to tell S3's 404 from a web server's: ask with a LIST.
@@ -461,13 +414,11 @@ impl S3Store {
     /// After a 404 on the bucket: a missing bucket (S3 says `NoSuchBucket`), or no S3 store at all.
     async fn check_not_s3(&self) -> Result<(), S3Error> {
         let r = self
-            .request("list", &self.bucket, || {
-                self.client
-                    .list_objects_v2()
-                    .bucket(&self.bucket)
-                    .max_keys(1)
-                    .send()
-            })
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .max_keys(1)
+            .send()
             .await;
         match r {
             Ok(_) => Ok(()),
@@ -492,13 +443,11 @@ impl S3Store {
     async fn abort_dangling_uploads(&self) -> Result<(), S3Error> {
         let prefix = self.object_key("");
         let listed = match self
-            .request("list", &prefix, || {
-                self.client
-                    .list_multipart_uploads()
-                    .bucket(&self.bucket)
-                    .prefix(&prefix)
-                    .send()
-            })
+            .client
+            .list_multipart_uploads()
+            .bucket(&self.bucket)
+            .prefix(&prefix)
+            .send()
             .await
         {
             Ok(l) => l,
@@ -526,16 +475,14 @@ impl S3Store {
                 continue;
             }
             tracing::info!(key, "aborting a multipart upload left by an earlier run");
-            self.request("abort_multipart", key, || {
-                self.client
-                    .abort_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .upload_id(id)
-                    .send()
-            })
-            .await
-            .map_err(|e| self.failed("abort multipart upload", key, &e))?;
+            self.client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(id)
+                .send()
+                .await
+                .map_err(|e| self.failed("abort multipart upload", key, &e))?;
         }
         Ok(())
     }
@@ -566,21 +513,20 @@ impl S3Store {
             return self.put_multipart(path, &key, size, if_absent).await;
         }
         let (client, bucket, object) = (&self.client, &self.bucket, &key);
-        let r = self
-            .request("put", &key, || async move {
-                // Streamed from the file: memory stays bounded whatever the file size.
-                let body = ByteStream::from_path(path).await.map_err(|e| {
-                    SdkError::construction_failure(std::io::Error::other(e.to_string()))
-                })?;
-                let put = client.put_object().bucket(bucket).key(object);
-                let put = if if_absent {
-                    put.if_none_match("*")
-                } else {
-                    put
-                };
-                put.body(body).send().await
-            })
-            .await;
+        let r = async move {
+            // Streamed from the file: memory stays bounded whatever the file size.
+            let body = ByteStream::from_path(path).await.map_err(|e| {
+                SdkError::construction_failure(std::io::Error::other(e.to_string()))
+            })?;
+            let put = client.put_object().bucket(bucket).key(object);
+            let put = if if_absent {
+                put.if_none_match("*")
+            } else {
+                put
+            };
+            put.body(body).send().await
+        }
+        .await;
         match r {
             Ok(_) => {
                 self.metrics.bytes_uploaded.add(size);
@@ -607,17 +553,16 @@ impl S3Store {
     async fn put_small(&self, key: &str, body: &[u8], if_absent: bool) -> Result<bool, S3Error> {
         let key = self.object_key(key);
         let body = bytes::Bytes::copy_from_slice(body);
-        let r = self
-            .request("put", &key, || {
-                let put = self.client.put_object().bucket(&self.bucket).key(&key);
-                let put = if if_absent {
-                    put.if_none_match("*")
-                } else {
-                    put
-                };
-                put.body(ByteStream::from(body.clone())).send()
-            })
-            .await;
+        let r = {
+            let put = self.client.put_object().bucket(&self.bucket).key(&key);
+            let put = if if_absent {
+                put.if_none_match("*")
+            } else {
+                put
+            };
+            put.body(ByteStream::from(body.clone())).send()
+        }
+        .await;
         match r {
             Ok(_) => {
                 self.metrics.bytes_uploaded.add(body.len() as u64);
@@ -637,17 +582,15 @@ impl S3Store {
     ) -> Result<Option<(Vec<u8>, ObjectInfo)>, S3Error> {
         let full = self.object_key(key);
         let started = Instant::now();
-        let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
+        let mut backoff = Backoff::new(s3_requests::FIRST_BACKOFF, s3_requests::MAX_BACKOFF);
         loop {
             let r = self
-                .request("get", &full, || {
-                    self.client
-                        .get_object()
-                        .bucket(&self.bucket)
-                        .key(&full)
-                        .set_range(range.clone())
-                        .send()
-                })
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .set_range(range.clone())
+                .send()
                 .await;
             let out = match r {
                 Ok(out) => out,
@@ -709,13 +652,11 @@ impl S3Store {
     pub async fn head_info(&self, key: &str) -> Result<Option<ObjectInfo>, S3Error> {
         let full = self.object_key(key);
         let r = self
-            .request("head", &full, || {
-                self.client
-                    .head_object()
-                    .bucket(&self.bucket)
-                    .key(&full)
-                    .send()
-            })
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
             .await;
         match r {
             Ok(out) => Ok(Some(ObjectInfo {
@@ -750,15 +691,13 @@ impl S3Store {
         let mut token: Option<String> = None;
         loop {
             let page = self
-                .request("list", &full, || {
-                    self.client
-                        .list_objects_v2()
-                        .bucket(&self.bucket)
-                        .prefix(&full)
-                        .set_start_after(after.clone())
-                        .set_continuation_token(token.clone())
-                        .send()
-                })
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&full)
+                .set_start_after(after.clone())
+                .set_continuation_token(token.clone())
+                .send()
                 .await
                 .map_err(|e| self.failed("LIST", &full, &e))?;
             for o in page.contents() {
@@ -810,15 +749,13 @@ impl S3Store {
     /// Removes an object (absent is fine: S3 answers 204 either way).
     pub async fn delete(&self, key: &str) -> Result<(), S3Error> {
         let key = self.object_key(key);
-        self.request("delete", &key, || {
-            self.client
-                .delete_object()
-                .bucket(&self.bucket)
-                .key(&key)
-                .send()
-        })
-        .await
-        .map_err(|e| self.failed("DELETE", &key, &e))?;
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&key)
+            .send()
+            .await
+            .map_err(|e| self.failed("DELETE", &key, &e))?;
         Ok(())
     }
 
@@ -830,13 +767,11 @@ impl S3Store {
         if_absent: bool,
     ) -> Result<bool, S3Error> {
         let created = self
-            .request("create_multipart", key, || {
-                self.client
-                    .create_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .send()
-            })
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
             .await
             .map_err(|e| self.failed("create multipart upload", key, &e))?;
         let id = created.upload_id().unwrap_or_default().to_string();
@@ -885,14 +820,12 @@ impl S3Store {
 
     async fn abort_upload(&self, key: &str, id: &str) -> Result<(), S3Error> {
         match self
-            .request("abort_multipart", key, || {
-                self.client
-                    .abort_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .upload_id(id)
-                    .send()
-            })
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(id)
+            .send()
             .await
         {
             Ok(_) => Ok(()),
@@ -957,16 +890,14 @@ impl S3Store {
             file.read_exact(&mut buf).await.map_err(read_err)?;
             let body = bytes::Bytes::from(buf);
             let part = self
-                .request("upload_part", key, || {
-                    self.client
-                        .upload_part()
-                        .bucket(&self.bucket)
-                        .key(key)
-                        .upload_id(id)
-                        .part_number(number)
-                        .body(ByteStream::from(body.clone()))
-                        .send()
-                })
+                .client
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(id)
+                .part_number(number)
+                .body(ByteStream::from(body.clone()))
+                .send()
                 .await
                 .map_err(|e| self.failed("upload part of", key, &e))?;
             parts.push(
@@ -982,22 +913,21 @@ impl S3Store {
         let done = CompletedMultipartUpload::builder()
             .set_parts(Some(parts))
             .build();
-        let r = self
-            .request("complete_multipart", key, || {
-                let complete = self
-                    .client
-                    .complete_multipart_upload()
-                    .bucket(&self.bucket)
-                    .key(key)
-                    .upload_id(id)
-                    .multipart_upload(done.clone());
-                if if_absent {
-                    complete.if_none_match("*").send()
-                } else {
-                    complete.send()
-                }
-            })
-            .await;
+        let r = {
+            let complete = self
+                .client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(key)
+                .upload_id(id)
+                .multipart_upload(done.clone());
+            if if_absent {
+                complete.if_none_match("*").send()
+            } else {
+                complete.send()
+            }
+        }
+        .await;
         match r {
             Ok(_) => Ok(true),
             Err(e) if status(&e) == Some(412) => Ok(false),
