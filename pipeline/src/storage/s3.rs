@@ -475,14 +475,7 @@ impl S3Store {
                 continue;
             }
             tracing::info!(key, "aborting a multipart upload left by an earlier run");
-            self.client
-                .abort_multipart_upload()
-                .bucket(&self.bucket)
-                .key(key)
-                .upload_id(id)
-                .send()
-                .await
-                .map_err(|e| self.failed("abort multipart upload", key, &e))?;
+            self.abort_upload(key, id).await?;
         }
         Ok(())
     }

@@ -176,9 +176,9 @@ pub struct CountAttempts {
     metrics: Arc<S3Metrics>,
 }
 
-fn op_of(cfg: &ConfigBag) -> (S3Op, String) {
-    let name = cfg.load::<Metadata>().map_or("", |m| m.name());
-    (S3Op::of_operation(name), name.to_string())
+/// The S3 API operation of this request (`PutObject`), as the SDK names it.
+fn operation(cfg: &ConfigBag) -> &str {
+    cfg.load::<Metadata>().map_or("", |m| m.name())
 }
 
 impl Intercept for CountAttempts {
@@ -192,14 +192,17 @@ impl Intercept for CountAttempts {
         _rc: &RuntimeComponents,
         cfg: &mut ConfigBag,
     ) -> Result<(), BoxError> {
-        let (op, name) = op_of(cfg);
-        self.metrics.count(op);
+        self.metrics.count(S3Op::of_operation(operation(cfg)));
         let attempt = cfg.load::<RequestAttempts>().map_or(1, |a| a.attempts());
         if attempt > 1 {
             self.metrics.retries.add(1);
             if attempt == 2 {
                 let why = cfg.load::<LastFailure>().map_or("", |f| f.0.as_str());
-                tracing::warn!(op = %name, error = %why, "S3 request failed; retrying with backoff");
+                tracing::warn!(
+                    op = operation(cfg),
+                    error = why,
+                    "S3 request failed; retrying with backoff"
+                );
             }
         }
         cfg.interceptor_state()
@@ -213,8 +216,8 @@ impl Intercept for CountAttempts {
         _rc: &RuntimeComponents,
         cfg: &mut ConfigBag,
     ) -> Result<(), BoxError> {
-        let (op, _) = op_of(cfg);
         if let Some(started) = cfg.load::<AttemptStarted>() {
+            let op = S3Op::of_operation(operation(cfg));
             self.metrics.observe(op, started.0.elapsed());
         }
         if let Some(Err(e)) = ctx.output_or_error() {
