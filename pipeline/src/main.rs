@@ -247,9 +247,7 @@ fn bench(cfg: bench::BenchConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One line on stderr naming the problem, then a non-zero exit. The library's error messages already
-/// carry their causes, so only the outermost message is printed (`{:#}` would repeat them).
-/// One line: the error and each cause it does not already say (library errors that wrap another often
+/// One line on stderr naming the problem, then a non-zero exit. One line: the error and each cause it does not already say (library errors that wrap another often
 /// name it in their own message), scrubbed of registered secrets like every log line.
 fn fail(e: &anyhow::Error, code: u8) -> ExitCode {
     let line = chain(e).replace('\n', " ");

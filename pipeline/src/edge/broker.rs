@@ -19,6 +19,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::context::CreateStreamErrorKind;
+use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::{self, consumer, stream};
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -147,6 +149,12 @@ pub enum BrokerError {
     Auth { url: String, reason: String },
     #[error("broker stream {name}: {reason}")]
     Stream { name: &'static str, reason: String },
+    #[error(
+        "the broker cannot reserve {mib} MiB of JetStream storage for stream {name} (it reserves each \
+         stream's limit up front): lower broker.max_bytes in the config file, or give nats-server more \
+         JetStream storage (jetstream {{ max_file_store }}) or disk"
+    )]
+    NoRoom { name: &'static str, mib: i64 },
     #[error("broker consumer on {subject}: {reason}")]
     Consumer { subject: String, reason: String },
     #[error(
@@ -244,9 +252,21 @@ impl Broker {
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| BrokerError::Stream {
-                    name,
-                    reason: e.to_string(),
+                .map_err(|e| match e.kind() {
+                    // Said plainly: the server's own words only name the resource, not the setting.
+                    CreateStreamErrorKind::JetStream(js)
+                        if js.error_code() == ErrorCode::STORAGE_RESOURCES_EXCEEDED
+                            || js.error_code() == ErrorCode::INSUFFICIENT_RESOURCES =>
+                    {
+                        BrokerError::NoRoom {
+                            name,
+                            mib: max_bytes >> 20,
+                        }
+                    }
+                    _ => BrokerError::Stream {
+                        name,
+                        reason: e.to_string(),
+                    },
                 })?;
         }
         Ok(broker)

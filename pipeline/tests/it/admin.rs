@@ -48,7 +48,7 @@ print(json.dumps(out))
         .unwrap()
         .write_all(text.as_bytes())
         .unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = child.wait_bounded().unwrap();
     assert!(
         o.status.success(),
         "not valid OpenMetrics text (install prometheus-client with scripts/setup.sh): {}",
@@ -123,7 +123,7 @@ fn metrics_readiness_and_a_bounded_graceful_stop() {
     // SIGTERM: the paced run (8 minutes of events) stops at once, drains, commits, exits 0.
     let stop = Instant::now();
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let o = child.wait_with_output().unwrap();
+    let o = child.wait_bounded().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(
         stop.elapsed() < Duration::from_secs(30),

@@ -582,10 +582,10 @@ fn run_with_timeout(args: &[&str], limit: std::time::Duration) -> std::process::
     while child.try_wait().unwrap().is_none() {
         if std::time::Instant::now() > deadline {
             child.kill().unwrap();
-            let o = child.wait_with_output().unwrap();
+            let o = child.wait_bounded().unwrap();
             panic!("{args:?} did not finish within {limit:?}: {}", stderr(&o));
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    child.wait_with_output().unwrap()
+    child.wait_bounded().unwrap()
 }

@@ -175,7 +175,7 @@ fn compaction_keeps_every_row_and_answer_even_when_killed_and_rerun() {
         );
         seen += 1;
     }
-    let o = child.wait_with_output().unwrap();
+    let o = child.wait_bounded().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let reports: Vec<serde_json::Value> = stdout(&o)
         .lines()

@@ -23,7 +23,7 @@ fn yaml_docs(path: &Path) -> Vec<Value> {
             "import json, sys, yaml; print(json.dumps([d for d in yaml.safe_load_all(open(sys.argv[1])) if d]))",
         ])
         .arg(path)
-        .output()
+        .output_bounded()
         .expect("python3");
     assert!(
         o.status.success(),
@@ -102,7 +102,7 @@ fn check_container(c: &Value, configs: &BTreeMap<String, String>, tmp: &Path) {
     cmd.env_remove("TCPLAKE_METRICS_ADDR")
         .args(&args)
         .envs(&env);
-    let o = cmd.output().unwrap();
+    let o = cmd.output_bounded().unwrap();
     assert!(
         o.status.success(),
         "container {}: `tcplake {}` is refused: {}",
@@ -241,7 +241,7 @@ fn the_systemd_unit_verifies_and_its_command_is_accepted() {
     let o = Command::new("systemd-analyze")
         .arg("verify")
         .arg(&path)
-        .output()
+        .output_bounded()
         .expect("systemd-analyze (scripts/setup.sh installs systemd)");
     let err = String::from_utf8_lossy(&o.stderr);
     // Complaints about the host itself (no running systemd in a container) are not the unit's.
@@ -261,7 +261,7 @@ fn the_systemd_unit_verifies_and_its_command_is_accepted() {
         .args(words)
         .arg("--check-config")
         .env_remove("TCPLAKE_METRICS_ADDR")
-        .output()
+        .output_bounded()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
 }

@@ -56,7 +56,7 @@ fn words(line: &str) -> Vec<String> {
             "import json, shlex, sys; print(json.dumps(shlex.split(sys.argv[1], comments=True)))",
             line,
         ])
-        .output()
+        .output_bounded()
         .unwrap();
     assert!(o.status.success(), "cannot split: {line}");
     serde_json::from_slice(&o.stdout).unwrap()
@@ -103,7 +103,7 @@ fn every_documented_tcplake_command_is_accepted() {
             let o = tcplake_cmd()
                 .args(&args)
                 .current_dir(cwd.path())
-                .output()
+                .output_bounded()
                 .unwrap();
             assert!(
                 o.status.success(),

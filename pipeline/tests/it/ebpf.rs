@@ -112,7 +112,7 @@ impl Capture {
             .unwrap()
             .success();
         assert!(ok);
-        let o = self.child.wait_with_output().unwrap();
+        let o = self.child.wait_bounded().unwrap();
         let errors: Vec<String> = self
             .stderr
             .try_iter()
@@ -279,7 +279,7 @@ impl Netns {
         Command::new("ip")
             .args(["netns", "exec", &self.0])
             .args(args)
-            .output()
+            .output_bounded()
             .unwrap()
     }
 
@@ -404,7 +404,7 @@ fn unprivileged_live_capture_fails_clearly_and_synthetic_still_runs() {
             ])
             .arg(&bin)
             .args(args)
-            .output()
+            .output_bounded()
             .expect("run setpriv (util-linux)")
     };
     let out = dir.join("out");

@@ -16,7 +16,7 @@ fn other_engines(out: &Path) -> serde_json::Map<String, serde_json::Value> {
     let python = std::env::var("TCPLAKE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
     let o = Command::new(python)
         .args([script, out.to_str().unwrap(), "deltalake,polars,spark"])
-        .output()
+        .output_bounded()
         .expect("python3 with deltalake, polars and pyspark (scripts/setup.sh)");
     assert!(o.status.success(), "{}", stderr(&o));
     let last = stdout(&o).lines().last().unwrap_or_default().to_string();

@@ -236,7 +236,7 @@ fn two_nodes_writing_one_output_at_once_each_hold_exactly_their_rows() {
         .collect();
     let mut conflicts = 0;
     for w in writers {
-        let o = w.wait_with_output().unwrap();
+        let o = w.wait_bounded().unwrap();
         assert!(o.status.success(), "{}", stderr(&o));
         conflicts += stderr(&o).matches("commit conflicted").count();
     }
@@ -250,7 +250,7 @@ fn two_nodes_writing_one_output_at_once_each_hold_exactly_their_rows() {
         let alone = tmp.path().join(node);
         let o = tcplake_cmd()
             .args(args(seed, node, &alone))
-            .output()
+            .output_bounded()
             .unwrap();
         assert!(o.status.success(), "{}", stderr(&o));
         for ds in ["events", "flows"] {

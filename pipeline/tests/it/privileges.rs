@@ -98,7 +98,7 @@ fn capture(sb: &Sandbox, name: &str, uid: &str, caps: &[&str], connections: usiz
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
+            return child.wait_bounded().unwrap();
         }
         let ready = TcpStream::connect(("127.0.0.1", admin))
             .and_then(|mut s| {
@@ -132,7 +132,7 @@ fn capture(sb: &Sandbox, name: &str, uid: &str, caps: &[&str], connections: usiz
     // Let the last close reach the ring buffer, then stop the run as an operator would.
     std::thread::sleep(Duration::from_secs(1));
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    child.wait_with_output().unwrap()
+    child.wait_bounded().unwrap()
 }
 
 fn opened_connections(out: &Path) -> i64 {
@@ -175,7 +175,7 @@ fn everything_but_live_capture_runs_unprivileged() {
     let sb = Sandbox::new();
     let (rec, rebuilt) = (sb.path("rec"), sb.path("rebuilt"));
     let run = |args: &[&str]| {
-        let o = sb.command(NOBODY, &[]).args(args).output().unwrap();
+        let o = sb.command(NOBODY, &[]).args(args).output_bounded().unwrap();
         assert!(o.status.success(), "{args:?}: {}", stderr(&o));
     };
     run(&[

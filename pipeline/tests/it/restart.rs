@@ -197,7 +197,7 @@ fn terminate(mut child: std::process::Child) -> std::process::Output {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let o = child.wait_with_output().unwrap();
+    let o = child.wait_bounded().unwrap();
     assert!(
         o.status.success(),
         "SIGTERM must stop cleanly: {}",

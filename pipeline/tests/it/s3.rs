@@ -214,7 +214,7 @@ fn store_outage_mid_run_is_ridden_out_with_nothing_lost() {
     server.outage(Duration::from_secs(60));
     stop_sampling.store(true, std::sync::atomic::Ordering::Relaxed);
     let peak = sampler.join().unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = child.wait_bounded().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let s: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert!(
@@ -432,7 +432,7 @@ fn live_capture_excludes_its_own_s3_traffic_unless_asked() {
             .status()
             .unwrap();
         assert!(traffic.success());
-        let o = child.wait_with_output().unwrap();
+        let o = child.wait_bounded().unwrap();
         assert!(o.status.success(), "{}", stderr(&o));
         let events = format!("delta_scan('s3://{BUCKET}/self-{run}/events')");
         let port = server.port;
@@ -580,7 +580,7 @@ fn missing_credentials_tls_mismatch_and_a_non_s3_server_are_named_at_once() {
     };
     let timed = |mut cmd: Command| {
         let started = Instant::now();
-        let o = cmd.output().unwrap();
+        let o = cmd.output_bounded().unwrap();
         (o, started.elapsed())
     };
 
@@ -751,7 +751,7 @@ fn concurrent_runs_sharing_a_spool_directory_leave_each_other_alone() {
         assert!(o.status.success(), "short run {i}: {}", stderr(&o));
     }
     assert!(overlapped > 0, "no short run started during an upload");
-    let o = long.wait_with_output().unwrap();
+    let o = long.wait_bounded().unwrap();
     assert!(o.status.success(), "the long run: {}", stderr(&o));
     let s: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(s["event_rows"], N, "{s}");
@@ -838,7 +838,7 @@ fn two_nodes_on_one_bucket_output_with_graceful_restarts_keep_every_node_exact()
         while commits_of_a() <= known {
             if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
                 let _ = child.kill();
-                let o = child.wait_with_output().unwrap();
+                let o = child.wait_bounded().unwrap();
                 panic!(
                     "no node-a commit within a minute ({}): {}",
                     o.status,
@@ -849,17 +849,15 @@ fn two_nodes_on_one_bucket_output_with_graceful_restarts_keep_every_node_exact()
         }
         let pid = child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let o = child.wait_with_output().unwrap();
+        let o = child.wait_bounded().unwrap();
         assert!(o.status.success(), "SIGTERM stops cleanly: {}", stderr(&o));
     }
-    let last = spawn(args("71", "node-a", false))
-        .wait_with_output()
-        .unwrap();
+    let last = spawn(args("71", "node-a", false)).wait_bounded().unwrap();
     assert!(last.status.success(), "{}", stderr(&last));
     let s: serde_json::Value = serde_json::from_str(stdout(&last).trim()).unwrap();
     assert!(s["resumed_at_seq"].as_u64().unwrap() > 0, "{s}");
     assert_eq!(s["late_events"], 0, "{s}");
-    let o = other.wait_with_output().unwrap();
+    let o = other.wait_bounded().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
 
     // Each node against a run of its own that was never stopped.

@@ -32,7 +32,7 @@ fn interrupt_mid_run(signal: &str) {
         .status()
         .unwrap();
     assert!(status.success());
-    let o = child.wait_with_output().unwrap();
+    let o = child.wait_bounded().unwrap();
     assert_eq!(o.status.code(), Some(0), "stderr: {}", stderr(&o));
     let s: serde_json::Value = serde_json::from_str(stdout(&o).trim()).expect("summary printed");
     let events = s["events"].as_i64().unwrap();

@@ -78,7 +78,7 @@ impl Run {
 }
 
 fn finish(child: Child, what: &str) -> serde_json::Value {
-    let o: Output = child.wait_with_output().unwrap();
+    let o: Output = child.wait_bounded().unwrap();
     assert!(o.status.success(), "{what}: {}", stderr(&o));
     serde_json::from_str(stdout(&o).trim()).unwrap_or_else(|_| panic!("{what}: {}", stdout(&o)))
 }
@@ -336,12 +336,29 @@ fn broker_unreachable_and_bad_messages_are_reported_clearly() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--broker"), "{}", stderr(&o));
 
+    // A broker without room for the streams: named with the setting to change, not a hang or a
+    // server error code.
+    let small = tmp.path().join("small.conf");
+    std::fs::write(&small, "jetstream { max_file_store: 64MB }\n").unwrap();
+    let cramped = Nats::start_with(&["-c", small.to_str().unwrap()]);
+    let cramped_run = Run::new(&cramped, tmp.path(), "5", 10);
+    let o = cramped_run.spawn("capture", &[]).wait_bounded().unwrap();
+    assert_one_error_line(
+        &o,
+        &[
+            "cannot reserve 256 MiB",
+            "broker.max_bytes",
+            "max_file_store",
+        ],
+    );
+    drop(cramped);
+
     // Garbage on the events subject: counted, dead-lettered, and the good messages still arrive.
     let nats = Nats::start();
     let run = Run::new(&nats, tmp.path(), "5", 50_000);
     let garbage = Command::new("python3")
         .args(["-c", PUBLISH_GARBAGE, &nats.port.to_string()])
-        .output()
+        .output_bounded()
         .unwrap();
     assert!(
         garbage.status.success(),
@@ -363,22 +380,30 @@ fn broker_unreachable_and_bad_messages_are_reported_clearly() {
 /// Publishes one undecodable message on the events subject (raw NATS protocol, so the test needs no
 /// client library); the streams are created by tcplake, so first make the stream exist the same way.
 const PUBLISH_GARBAGE: &str = r#"
-import socket, sys, time, json
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+import socket, sys, json
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=30)
 f = s.makefile("rb")
+def reply():
+    # The MSG line, then its payload; a closed connection or a silent server is an error, not a hang.
+    while True:
+        line = f.readline()
+        if not line: sys.exit("nats-server closed the connection")
+        if line.startswith(b"MSG"): return f.readline()
 f.readline()  # INFO
 s.sendall(b'CONNECT {"verbose":false,"headers":true}\r\nPING\r\n')
 assert f.readline().startswith(b"PONG")
+# Small, as tcplake's own test streams: JetStream reserves max_bytes on disk up front and refuses a
+# stream the disk cannot hold, and without the stream the publish below is never answered.
 cfg = json.dumps({"name": "TCPLAKE_EVENTS", "subjects": ["tcplake.events.>"], "retention": "limits",
-  "discard": "new", "storage": "file", "max_age": 86400 * 10**9, "max_bytes": 8 << 30,
+  "discard": "new", "storage": "file", "max_age": 86400 * 10**9, "max_bytes": 256 << 20,
   "duplicate_window": 120 * 10**9, "num_replicas": 1}).encode()
 s.sendall(b"SUB _INBOX.t 1\r\nPUB $JS.API.STREAM.CREATE.TCPLAKE_EVENTS _INBOX.t %d\r\n%s\r\n" % (len(cfg), cfg))
-while not f.readline().startswith(b"MSG"): pass
-f.readline()
+r = reply()
+assert b'"error"' not in r, r
 body = b"this is not a tcplake batch"
 s.sendall(b"PUB tcplake.events.intruder _INBOX.t %d\r\n%s\r\n" % (len(body), body))
-while not f.readline().startswith(b"MSG"): pass
-f.readline()
+r = reply()
+assert b'"error"' not in r, r
 "#;
 
 /// Every process's summary and logs, for the secret checks.
@@ -398,7 +423,7 @@ fn aggregators_that_disagree_on_the_shard_count_stop_the_sink() {
     finish(capture, "capture");
     finish(agg0, "aggregator 0/2");
     finish(agg1, "aggregator 1/3");
-    let o = sink.wait_with_output().unwrap();
+    let o = sink.wait_bounded().unwrap();
     assert_one_error_line(&o, &["disagree on how many shards", "--shard I/N"]);
 }
 
@@ -406,14 +431,16 @@ fn aggregators_that_disagree_on_the_shard_count_stop_the_sink() {
 fn purge_below(nats: &Nats, stream: &str, below: u64) {
     let script = r#"
 import socket, sys, json
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=30)
 f = s.makefile("rb")
 f.readline()
 s.sendall(b'CONNECT {"verbose":false,"headers":true}\r\nPING\r\n')
 assert f.readline().startswith(b"PONG")
 body = json.dumps({"seq": int(sys.argv[3])}).encode()
 s.sendall(b"SUB _INBOX.p 1\r\nPUB $JS.API.STREAM.PURGE.%s _INBOX.p %d\r\n%s\r\n" % (sys.argv[2].encode(), len(body), body))
-while not f.readline().startswith(b"MSG"): pass
+line = f.readline()
+while line and not line.startswith(b"MSG"): line = f.readline()
+assert line, "nats-server closed the connection"
 reply = f.readline()
 assert b'"success":true' in reply, reply
 "#;
@@ -425,7 +452,7 @@ assert b'"success":true' in reply, reply
             stream,
             &below.to_string(),
         ])
-        .output()
+        .output_bounded()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
@@ -484,7 +511,7 @@ fn a_sink_for_a_new_output_reads_the_streams_from_their_start() {
     // A new output whose beginning the stream no longer holds is refused, not silently partial.
     purge_below(&nats, "TCPLAKE_EVENTS", 5);
     let late = tmp.path().join("late");
-    let o = sink_to(&late, &[]).wait_with_output().unwrap();
+    let o = sink_to(&late, &[]).wait_bounded().unwrap();
     assert_one_error_line(&o, &["holds no events of node `split-node`", "retention"]);
     report_fault(
         "split: sink killed -9, restarted with a new --out; two sinks at once; stream purged",
@@ -586,7 +613,7 @@ fn broker_credentials_are_sent_every_way_and_never_logged() {
     );
     let s = spawn(sink, &[("RUST_LOG", "trace")]);
     for (child, what) in [(c, "capture"), (a, "aggregator"), (s, "sink")] {
-        let o = child.wait_with_output().unwrap();
+        let o = child.wait_bounded().unwrap();
         assert!(o.status.success(), "{what}: {}", stderr(&o));
         let text = all_output(&o);
         for secret in [PASS, encoded.as_str()] {

@@ -2,8 +2,10 @@
 
 #![allow(dead_code)]
 
+use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub mod servers;
 #[allow(unused_imports)]
@@ -28,7 +30,86 @@ pub fn tcplake(args: &[&str], envs: &[(&str, &str)]) -> Output {
     let mut cmd = tcplake_cmd();
     cmd.args(args);
     cmd.envs(envs.iter().copied());
-    cmd.output().expect("run tcplake")
+    cmd.output_bounded().expect("run tcplake")
+}
+
+/// The longest any process a test starts may run. A hung process is killed and fails its test with
+/// what it printed, instead of stalling the whole suite until CI's own limit, which reports nothing
+/// about the cause. Generous: the slowest process here (the S3 outage run) needs about 90 s.
+pub const PROCESS_LIMIT: Duration = Duration::from_secs(480);
+
+/// [`Command::output`] bounded by [`PROCESS_LIMIT`].
+pub trait OutputBounded {
+    fn output_bounded(&mut self) -> std::io::Result<Output>;
+}
+
+impl OutputBounded for Command {
+    fn output_bounded(&mut self) -> std::io::Result<Output> {
+        let what: String = format!("{self:?}").chars().take(300).collect();
+        let child = self
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        wait_within(child, PROCESS_LIMIT, &what)
+    }
+}
+
+/// [`Child::wait_with_output`] bounded by [`PROCESS_LIMIT`].
+pub trait WaitBounded {
+    fn wait_bounded(self) -> std::io::Result<Output>;
+}
+
+impl WaitBounded for Child {
+    fn wait_bounded(self) -> std::io::Result<Output> {
+        let what = format!("process {}", self.id());
+        wait_within(self, PROCESS_LIMIT, &what)
+    }
+}
+
+/// Waits for `child` at most `limit`; past it, kills the process and panics with its output.
+pub fn wait_within(mut child: Child, limit: Duration, what: &str) -> std::io::Result<Output> {
+    fn drain<R: Read + Send + 'static>(r: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            buf
+        })
+    }
+    drop(child.stdin.take());
+    let (out, err) = (drain(child.stdout.take()), drain(child.stderr.take()));
+    let deadline = Instant::now() + limit;
+    let killed = loop {
+        if child.try_wait()?.is_some() {
+            break false;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            break true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let output = Output {
+        status: child.wait()?,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    };
+    if killed {
+        let tail = |b: &[u8]| {
+            let s = String::from_utf8_lossy(b);
+            let lines: Vec<&str> = s.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        };
+        panic!(
+            "{what} still ran after {} s and was killed\n--- stdout (tail)\n{}\n--- stderr (tail)\n{}",
+            limit.as_secs(),
+            tail(&output.stdout),
+            tail(&output.stderr)
+        );
+    }
+    Ok(output)
 }
 
 pub fn stderr(o: &Output) -> String {
@@ -52,7 +133,7 @@ pub fn duckdb_extension(name: &str) -> std::path::PathBuf {
     );
     let out = Command::new(python())
         .args(["-c", &code])
-        .output()
+        .output_bounded()
         .expect("python3");
     assert!(
         out.status.success(),
@@ -78,7 +159,7 @@ print(json.dumps([list(r) for r in rows], default=str))
 "#;
     let out = Command::new(python())
         .args(["-c", script, sql, delta.to_str().unwrap()])
-        .output()
+        .output_bounded()
         .expect("run python3 (install the test dependencies with scripts/setup.sh)");
     assert!(
         out.status.success(),
@@ -182,7 +263,7 @@ print(json.dumps(pyarrow.table(adds).column("path").to_pylist()))
 "#;
     let o = Command::new(python())
         .args(["-c", script, out.join(dataset).to_str().unwrap()])
-        .output()
+        .output_bounded()
         .expect("python3 with deltalake (scripts/setup.sh)");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     serde_json::from_slice(&o.stdout).unwrap()
