@@ -23,6 +23,7 @@ pub mod lake;
 pub mod metrics;
 pub mod mode;
 pub mod replay;
+pub mod report;
 pub mod retry;
 pub mod secrets;
 pub mod shutdown;

@@ -27,8 +27,18 @@ pub enum CaptureError {
     Edge(#[from] EdgeError),
     #[error(transparent)]
     Load(#[from] ebpf::LoadError),
-    #[error("replay source: {0}")]
-    Replay(String),
+    #[error("replay source: no event log of node `{node}` in {store} (nodes there: {nodes})")]
+    ReplayNoNode {
+        node: String,
+        store: String,
+        nodes: String,
+    },
+    #[error("replay source: no committed event log in {store}{why}")]
+    ReplayNoLog { store: String, why: &'static str },
+    #[error(
+        "replay source: {store} holds the logs of several nodes ({nodes}): pick one with --node"
+    )]
+    ReplayWhichNode { store: String, nodes: String },
     #[error("replay source: {0}")]
     ReplayLog(#[from] crate::lake::events_log::ReadLogError),
     #[error("replay source: {0}")]

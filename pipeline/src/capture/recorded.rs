@@ -51,25 +51,24 @@ impl Recorded {
         let node = match (node, nodes.as_slice()) {
             (Some(n), _) if nodes.iter().any(|x| x == n) => n.to_string(),
             (Some(n), _) => {
-                return Err(CaptureError::Replay(format!(
-                    "no event log of node `{n}` in {} (nodes there: {})",
-                    store.describe(),
-                    nodes.join(", ")
-                )))
+                return Err(CaptureError::ReplayNoNode {
+                    node: n.to_string(),
+                    store: store.describe(),
+                    nodes: nodes.join(", "),
+                })
             }
             (None, [only]) => only.clone(),
             (None, []) => {
-                return Err(CaptureError::Replay(format!(
-                    "no committed event log in {}",
-                    store.describe()
-                )))
+                return Err(CaptureError::ReplayNoLog {
+                    store: store.describe(),
+                    why: "",
+                })
             }
             (None, many) => {
-                return Err(CaptureError::Replay(format!(
-                    "{} holds the logs of several nodes ({}): pick one with --node",
-                    store.describe(),
-                    many.join(", ")
-                )))
+                return Err(CaptureError::ReplayWhichNode {
+                    store: store.describe(),
+                    nodes: many.join(", "),
+                })
             }
         };
         // Drawn only on a terminal (indicatif hides it otherwise): services and tests log no bars.

@@ -27,7 +27,7 @@ use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 
 use super::wire::{self, WireError};
-use super::{Ack, EdgeError, Rx, Tx};
+use super::{Ack, EdgeError, Rx, StreamFault, Tx};
 use crate::event::{EventBatch, FlowBatch};
 use crate::metrics::BrokerMetrics;
 use crate::retry::Backoff;
@@ -91,7 +91,7 @@ impl BrokerAuth {
     async fn apply(
         &self,
         opts: async_nats::ConnectOptions,
-    ) -> Result<async_nats::ConnectOptions, String> {
+    ) -> Result<async_nats::ConnectOptions, std::io::Error> {
         Ok(match self {
             BrokerAuth::None => opts,
             BrokerAuth::UserPassword { user, password } => {
@@ -99,10 +99,7 @@ impl BrokerAuth {
             }
             BrokerAuth::Token(t) => opts.token(t.expose().to_string()),
             BrokerAuth::NKey(seed) => opts.nkey(seed.expose().to_string()),
-            BrokerAuth::CredsFile(path) => opts
-                .credentials_file(path)
-                .await
-                .map_err(|e| format!("cannot use credentials file `{}`: {e}", path.display()))?,
+            BrokerAuth::CredsFile(path) => opts.credentials_file(path).await?,
         })
     }
 }
@@ -128,35 +125,72 @@ pub struct BrokerSettings {
     pub ack_wait: Option<Duration>,
 }
 
+/// Any error of the NATS client, kept as the cause of tcplake's own.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
 /// Why the broker could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error(
-        "cannot reach the broker at {url} (tried for {secs} s): {reason}; is nats-server running there, \
-         with JetStream (-js)?"
+        "cannot reach the broker at {url} (tried for {secs} s; is nats-server running there, with \
+         JetStream (-js)?)"
     )]
     Unreachable {
         url: String,
         secs: u64,
-        reason: String,
+        #[source]
+        source: async_nats::ConnectError,
     },
     #[error(
-        "the broker at {url} refused tcplake's credentials ({reason}): check the broker user and \
-         password, token, NKey or credentials file"
+        "the broker at {url} refused tcplake's credentials (check the broker user and password, \
+         token, NKey or credentials file)"
     )]
-    Refused { url: String, reason: String },
-    #[error("broker at {url}: {reason}")]
-    Auth { url: String, reason: String },
-    #[error("broker stream {name}: {reason}")]
-    Stream { name: &'static str, reason: String },
+    Refused {
+        url: String,
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    #[error("broker at {url}: cannot use credentials file `{}`", path.display())]
+    CredsFile {
+        url: String,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("broker stream {name}")]
+    Stream {
+        name: &'static str,
+        #[source]
+        source: Cause,
+    },
+    #[error("broker stream {name}: the last message of {of} is unreadable")]
+    Unreadable {
+        name: &'static str,
+        of: String,
+        #[source]
+        source: WireError,
+    },
     #[error(
         "the broker cannot reserve {mib} MiB of JetStream storage for stream {name} (it reserves each \
          stream's limit up front): lower broker.max_bytes in the config file, or give nats-server more \
          JetStream storage (jetstream {{ max_file_store }}) or disk"
     )]
     NoRoom { name: &'static str, mib: i64 },
-    #[error("broker consumer on {subject}: {reason}")]
-    Consumer { subject: String, reason: String },
+    #[error("broker consumer on {subject}")]
+    Consumer {
+        subject: String,
+        #[source]
+        source: Cause,
+    },
+    #[error(
+        "broker consumer on {subject}: rebuilding the open windows needs messages from {from} on, but \
+         retention already removed everything before {first} (raise broker.max_age / broker.max_bytes)"
+    )]
+    Retained {
+        subject: String,
+        from: u64,
+        first: u64,
+    },
     #[error(
         "node name `{0}` cannot be used in a broker subject: use letters, digits, `-` and `_` only"
     )]
@@ -189,14 +223,16 @@ impl Broker {
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         let client = loop {
             let opts = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(2));
-            let opts = settings
-                .auth
-                .apply(opts)
-                .await
-                .map_err(|reason| BrokerError::Auth {
+            let opts = settings.auth.apply(opts).await.map_err(|source| {
+                let BrokerAuth::CredsFile(path) = &settings.auth else {
+                    unreachable!("only a credentials file is read")
+                };
+                BrokerError::CredsFile {
                     url: settings.url.clone(),
-                    reason,
-                })?;
+                    path: path.clone(),
+                    source,
+                }
+            })?;
             match opts.connect(settings.url.as_str()).await {
                 Ok(c) => break c,
                 // Wrong credentials stay wrong: say so now instead of retrying for half a minute.
@@ -209,7 +245,7 @@ impl Broker {
                 {
                     return Err(BrokerError::Refused {
                         url: settings.url.clone(),
-                        reason: e.to_string(),
+                        source: e,
                     })
                 }
                 Err(e) if started.elapsed() < settings.connect_for => {
@@ -222,7 +258,7 @@ impl Broker {
                     return Err(BrokerError::Unreachable {
                         url: settings.url.clone(),
                         secs: settings.connect_for.as_secs(),
-                        reason: e.to_string(),
+                        source: e,
                     })
                 }
             }
@@ -265,7 +301,7 @@ impl Broker {
                     }
                     _ => BrokerError::Stream {
                         name,
-                        reason: e.to_string(),
+                        source: e.into(),
                     },
                 })?;
         }
@@ -312,7 +348,7 @@ impl Broker {
             .await
             .map_err(|e| BrokerError::Stream {
                 name,
-                reason: e.to_string(),
+                source: e.into(),
             })
     }
 
@@ -330,7 +366,7 @@ impl Broker {
             }
             Err(e) => Err(BrokerError::Stream {
                 name,
-                reason: e.to_string(),
+                source: e.into(),
             }),
         }
     }
@@ -344,9 +380,10 @@ impl Broker {
         if m.headers.get(END_HEADER).is_some() {
             return Ok(Some(None));
         }
-        let batch = wire::decode_events(&m.payload).map_err(|e| BrokerError::Stream {
+        let batch = wire::decode_events(&m.payload).map_err(|source| BrokerError::Unreadable {
             name: EVENTS_STREAM,
-            reason: format!("the last message of node `{node}` is unreadable: {e}"),
+            of: format!("node `{node}`"),
+            source,
         })?;
         Ok(Some(batch.events.last().map(|e| e.seq)))
     }
@@ -362,9 +399,10 @@ impl Broker {
         if m.headers.get(END_HEADER).is_some() {
             return Ok(Some(None));
         }
-        let batch = wire::decode_flows(&m.payload).map_err(|e| BrokerError::Stream {
+        let batch = wire::decode_flows(&m.payload).map_err(|source| BrokerError::Unreadable {
             name: FLOWS_STREAM,
-            reason: format!("the last message of shard {shard} is unreadable: {e}"),
+            of: format!("shard {shard}"),
+            source,
         })?;
         Ok(Some(Some(batch)))
     }
@@ -445,25 +483,18 @@ impl Broker {
         let stream = self.stream(EVENTS_STREAM).await?;
         let info = stream.get_info().await.map_err(|e| BrokerError::Stream {
             name: EVENTS_STREAM,
-            reason: e.to_string(),
+            source: e.into(),
         })?;
         if from > 0 && from < info.state.first_sequence {
-            return Err(BrokerError::Consumer {
+            return Err(BrokerError::Retained {
                 subject: "tcplake.events.>".into(),
-                reason: format!(
-                    "rebuilding the open windows needs messages from {from} on, but retention already \
-                     removed everything before {} (raise broker.max_age / broker.max_bytes)",
-                    info.state.first_sequence
-                ),
+                from,
+                first: info.state.first_sequence,
             });
         }
-        let messages =
-            open_ordered(self.clone(), from)
-                .await
-                .map_err(|reason| BrokerError::Consumer {
-                    subject: "tcplake.events.>".into(),
-                    reason,
-                })?;
+        let messages = open_ordered(self.clone(), from)
+            .await
+            .map_err(|e| consumer_err("tcplake.events.>", e))?;
         let broker = self.clone();
         let reopen: Reopen = Arc::new(move |next| Box::pin(open_ordered(broker.clone(), next)));
         Ok(BrokerRx::new(
@@ -533,16 +564,15 @@ impl Broker {
         let reopen: Reopen = Arc::new(move |_| {
             let (broker, name) = (broker.clone(), name.clone());
             Box::pin(async move {
-                let s = broker.stream(stream).await.map_err(|e| e.to_string())?;
-                let c: consumer::PullConsumer =
-                    s.get_consumer(&name).await.map_err(|e| e.to_string())?;
-                let m = c.messages().await.map_err(|e| e.to_string())?;
-                Ok(Box::pin(m.map(|m| m.map_err(|e| e.to_string()))) as MessageStream)
+                let s = broker.stream(stream).await?;
+                let c: consumer::PullConsumer = s.get_consumer(&name).await?;
+                let m = c.messages().await?;
+                Ok(Box::pin(m.map(|m| m.map_err(Cause::from))) as MessageStream)
             })
         });
         let mut rx = BrokerRx::new(
             self.clone(),
-            Box::pin(messages.map(|m| m.map_err(|e| e.to_string()))),
+            Box::pin(messages.map(|m| m.map_err(Cause::from))),
             reopen,
             start,
             decode,
@@ -567,13 +597,13 @@ impl Broker {
                 .await
                 .map_err(|e| BrokerError::Stream {
                     name,
-                    reason: e.to_string(),
+                    source: e.into(),
                 })?;
         let mut all = Vec::new();
         while let Some(item) = subjects.next().await {
             let (subject, _) = item.map_err(|e| BrokerError::Stream {
                 name,
-                reason: e.to_string(),
+                source: e.into(),
             })?;
             all.push(subject);
         }
@@ -604,7 +634,7 @@ impl Broker {
     async fn dead_letter(&self, kind: &str, msg: &jetstream::Message, reason: &WireError) {
         self.metrics.dead_letters.add(1);
         let mut headers = HeaderMap::new();
-        headers.insert("Tcplake-Reason", reason.to_string().as_str());
+        headers.insert("Tcplake-Reason", crate::report::one_line(reason).as_str());
         headers.insert("Tcplake-Subject", msg.subject.as_str());
         if let Ok(info) = msg.info() {
             headers.insert("Tcplake-Seq", info.stream_sequence.to_string().as_str());
@@ -626,7 +656,7 @@ impl Broker {
 }
 
 /// An ordered consumer of the events stream from stream sequence `from` on (0: from the start).
-async fn open_ordered(broker: Broker, from: u64) -> Result<MessageStream, String> {
+async fn open_ordered(broker: Broker, from: u64) -> Result<MessageStream, Cause> {
     let deliver_policy = if from <= 1 {
         consumer::DeliverPolicy::All
     } else {
@@ -634,26 +664,22 @@ async fn open_ordered(broker: Broker, from: u64) -> Result<MessageStream, String
             start_sequence: from,
         }
     };
-    let stream = broker
-        .stream(EVENTS_STREAM)
-        .await
-        .map_err(|e| e.to_string())?;
+    let stream = broker.stream(EVENTS_STREAM).await?;
     let c = stream
         .create_consumer(consumer::pull::OrderedConfig {
             filter_subject: "tcplake.events.>".into(),
             deliver_policy,
             ..Default::default()
         })
-        .await
-        .map_err(|e| e.to_string())?;
-    let messages = c.messages().await.map_err(|e| e.to_string())?;
-    Ok(Box::pin(messages.map(|m| m.map_err(|e| e.to_string()))))
+        .await?;
+    let messages = c.messages().await?;
+    Ok(Box::pin(messages.map(|m| m.map_err(Cause::from))))
 }
 
-fn consumer_err(subject: &str, e: impl std::fmt::Display) -> BrokerError {
+fn consumer_err(subject: &str, e: impl Into<Cause>) -> BrokerError {
     BrokerError::Consumer {
         subject: subject.to_string(),
-        reason: e.to_string(),
+        source: e.into(),
     }
 }
 
@@ -790,69 +816,64 @@ impl<T> BrokerTx<T> {
                         self.last_seq = Some(seq);
                         return Ok(());
                     }
-                    return Err(EdgeError::Broker(format!(
-                        "{}: a message this producer did not send is on its subject (stream sequence \
-                         {seq}): is a second tcplake running with the same node name or shard?",
-                        self.subject
-                    )));
+                    return Err(StreamFault::Foreign {
+                        subject: self.subject.clone(),
+                        seq,
+                    }
+                    .into());
                 }
-                Err(e) => e.to_string(),
+                Err(e) => e,
             };
-            let failure = explain_publish_failure(&failure, &self.broker.settings);
+            let hint = publish_hint(&failure, &self.broker.settings);
             if started.elapsed() >= PUBLISH_RETRY_FOR {
-                return Err(EdgeError::Broker(format!(
-                    "publish to {} failed for {}s: {failure}",
-                    self.subject,
-                    PUBLISH_RETRY_FOR.as_secs()
-                )));
+                return Err(EdgeError::Publish {
+                    subject: self.subject.clone(),
+                    secs: PUBLISH_RETRY_FOR.as_secs(),
+                    hint,
+                    source: failure.into(),
+                });
             }
             self.broker.metrics.publish_retries.add(1);
-            tracing::warn!(subject = %self.subject, error = %failure, "publish failed; retrying");
+            tracing::warn!(subject = %self.subject, error = %format_args!("{failure}{hint}"), "publish failed; retrying");
             // The server may have restarted: look the subject's last message up again.
             self.last_seq = None;
             tokio::select! {
                 _ = backoff.wait() => {}
                 _ = self.shutdown.wait() => {
-                    return Err(EdgeError::Broker(format!(
-                        "stopped while publishing to {} was failing ({failure}): the {rows} rows of \
-                         this batch were not published (a restarted producer continues from the last \
-                         stored message)",
-                        self.subject
-                    )));
+                    return Err(EdgeError::PublishStopped {
+                        subject: self.subject.clone(),
+                        rows,
+                        hint,
+                        source: failure.into(),
+                    });
                 }
             }
         }
     }
 }
 
-/// A publish error in the user's terms, where the server's words are cryptic.
-fn explain_publish_failure(failure: &str, s: &BrokerSettings) -> String {
-    let lower = failure.to_ascii_lowercase();
+/// What to change, when a publish error's cryptic server words say the stream is full.
+fn publish_hint(failure: &Attempt, s: &BrokerSettings) -> String {
+    let lower = failure.to_string().to_ascii_lowercase();
     if lower.contains("maximum bytes") || lower.contains("insufficient resources") {
         format!(
-            "{failure} (the stream is full: it keeps at most {} MiB for {}; raise broker.max_bytes or \
-             lower broker.max_age)",
+            " (the stream is full: it keeps at most {} MiB for {}; raise broker.max_bytes or lower \
+             broker.max_age)",
             s.max_bytes >> 20,
             humantime::format_duration(s.max_age)
         )
     } else {
-        failure.to_string()
+        String::new()
     }
 }
 
 /// Why one publish attempt failed.
+#[derive(Debug, thiserror::Error)]
 enum Attempt {
+    #[error(transparent)]
     Lookup(EdgeError),
+    #[error(transparent)]
     Publish(jetstream::context::PublishError),
-}
-
-impl std::fmt::Display for Attempt {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Attempt::Lookup(e) => write!(f, "{e}"),
-            Attempt::Publish(e) => write!(f, "{e}"),
-        }
-    }
 }
 
 /// The stream a subject belongs to.
@@ -879,12 +900,12 @@ impl<T: Send + Sync> Tx<T> for BrokerTx<T> {
                         continue;
                     }
                     None => {
-                        return Err(EdgeError::Broker(format!(
-                            "{}: one row takes {} bytes, more than the broker's max_payload of \
-                             {max_payload}: raise max_payload in nats-server's configuration",
-                            self.subject,
-                            body.len()
-                        )))
+                        return Err(StreamFault::RowTooLarge {
+                            subject: self.subject.clone(),
+                            bytes: body.len(),
+                            max_payload,
+                        }
+                        .into())
                     }
                 }
             }
@@ -946,11 +967,11 @@ fn shard_of(subject: &str) -> Option<u32> {
 }
 
 type MessageStream =
-    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<jetstream::Message, String>> + Send>>;
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<jetstream::Message, Cause>> + Send>>;
 
 /// Opens the message stream again after the broker went away, continuing at a stream sequence.
 type Reopen = Arc<
-    dyn Fn(u64) -> futures_util::future::BoxFuture<'static, Result<MessageStream, String>>
+    dyn Fn(u64) -> futures_util::future::BoxFuture<'static, Result<MessageStream, Cause>>
         + Send
         + Sync,
 >;
@@ -1054,19 +1075,18 @@ impl<T> BrokerRx<T> {
                     shards.unwrap_or_else(|| self.ended_shards.iter().max().map_or(1, |m| m + 1));
                 match self.shard_count {
                     Some(known) if known != n => {
-                        return Err(EdgeError::Broker(format!(
-                            "the aggregators disagree on how many shards there are: shard {i} ended \
-                             as one of {n}, an earlier one as one of {known}; every aggregator of a \
-                             deployment must run with the same N in --shard I/N"
-                        )))
+                        return Err(StreamFault::ShardsDisagree {
+                            this: format!("shard {i} ended"),
+                            n,
+                            earlier: "an earlier one".into(),
+                            known,
+                        }
+                        .into())
                     }
                     _ => self.shard_count = Some(n),
                 }
                 if let Some(&beyond) = self.ended_shards.iter().find(|&&s| s >= n) {
-                    return Err(EdgeError::Broker(format!(
-                        "shard {beyond} ended, but the aggregators say there are {n} shards (0..{n}): \
-                         every aggregator of a deployment must run with the same N in --shard I/N"
-                    )));
+                    return Err(StreamFault::ShardBeyond { shard: beyond, n }.into());
                 }
                 let done = self.all_shards_ended();
                 if !done {
@@ -1091,7 +1111,7 @@ impl<T> BrokerRx<T> {
 
     /// The broker went away (restart, network): reopen the consumer where this one stopped, with
     /// backoff, for up to [`CONSUME_RETRY_FOR`].
-    async fn recover(&mut self, error: String) -> Result<(), EdgeError> {
+    async fn recover(&mut self, error: Cause) -> Result<(), EdgeError> {
         tracing::warn!(%error, next_seq = self.next_seq, "lost the broker while consuming; reconnecting");
         let started = Instant::now();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
@@ -1108,10 +1128,11 @@ impl<T> BrokerRx<T> {
                     tracing::debug!(error = %e, "broker not back yet");
                 }
                 Err(e) => {
-                    return Err(EdgeError::Broker(format!(
-                        "consuming: {error}; the broker was still unavailable after {}s: {e}",
-                        CONSUME_RETRY_FOR.as_secs()
-                    )))
+                    return Err(EdgeError::Lost {
+                        secs: CONSUME_RETRY_FOR.as_secs(),
+                        lost: error,
+                        source: e,
+                    })
                 }
             }
         }
@@ -1184,7 +1205,7 @@ impl<T> BrokerRx<T> {
                 }
                 Err(e) => {
                     // Counted, logged once per reason, set aside; the stream goes on.
-                    tracing::warn!(subject = %m.subject, error = %e, "undecodable message sent to the dead-letter stream");
+                    tracing::warn!(subject = %m.subject, error = %crate::report::one_line(&e), "undecodable message sent to the dead-letter stream");
                     let kind = if m.subject.as_str().starts_with("tcplake.flows") {
                         "flows"
                     } else {

@@ -21,10 +21,39 @@ pub enum EdgeError {
     /// The other side is gone (it failed or shut down early); the item was not delivered.
     #[error("the {0} edge is closed: the stage on the other side stopped")]
     Closed(&'static str),
-    /// The broker could not take or give an item (after retrying), or its stream says something the
-    /// run must not go past (a gap, aggregators that disagree).
+    /// The broker's stream holds something the run must not go past.
     #[error("broker: {0}")]
-    Broker(String),
+    Stream(#[from] StreamFault),
+    /// Publishing kept failing for the whole retry allowance.
+    #[error("broker: publish to {subject} failed for {secs}s{hint}")]
+    Publish {
+        subject: String,
+        secs: u64,
+        /// What to change, when the failure says (a full stream).
+        hint: String,
+        #[source]
+        source: broker::Cause,
+    },
+    /// Shutdown came while publishing was failing: the batch was not published.
+    #[error(
+        "broker: stopped while publishing to {subject} was failing{hint}: the {rows} rows of this \
+         batch were not published (a restarted producer continues from the last stored message)"
+    )]
+    PublishStopped {
+        subject: String,
+        rows: usize,
+        hint: String,
+        #[source]
+        source: broker::Cause,
+    },
+    /// The broker went away while consuming and did not come back within the retry allowance.
+    #[error("broker: consuming; the broker was still unavailable after {secs}s (lost it: {lost})")]
+    Lost {
+        secs: u64,
+        lost: broker::Cause,
+        #[source]
+        source: broker::Cause,
+    },
     /// The broker's answer to a request was an error.
     #[error("broker: {what}: {source}")]
     BrokerRequest {
@@ -46,6 +75,73 @@ pub enum EdgeError {
         #[source]
         source: Box<wire::WireError>,
     },
+}
+
+/// What a stream can hold that the run must not go past: going on would lose or mix rows.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamFault {
+    #[error(
+        "{subject}: a message this producer did not send is on its subject (stream sequence {seq}): \
+         is a second tcplake running with the same node name or shard?"
+    )]
+    Foreign { subject: String, seq: u64 },
+    #[error(
+        "{subject}: one row takes {bytes} bytes, more than the broker's max_payload of {max_payload}: \
+         raise max_payload in nats-server's configuration"
+    )]
+    RowTooLarge {
+        subject: String,
+        bytes: usize,
+        max_payload: usize,
+    },
+    #[error(
+        "this output holds no events of node `{node}` yet, but the first of them the stream still \
+         delivers is seq {first} (stream sequence {stream_seq}): events 0..{first} were removed by the \
+         stream's retention, so this output cannot hold the node's log from its start (write to the \
+         output that holds them, or replay that output into a new one)"
+    )]
+    Retained {
+        node: String,
+        first: u64,
+        stream_seq: u64,
+    },
+    #[error(
+        "events {next}..{first} of node `{node}` are missing from this sink's deliveries (stream \
+         sequence {stream_seq} starts at {first}): refusing to write past a gap; is a second sink \
+         consuming for the same output? (it takes a share of the messages: run one sink per output)"
+    )]
+    EventGap {
+        node: String,
+        next: u64,
+        first: u64,
+        stream_seq: u64,
+    },
+    #[error(
+        "emission {emission} of `{producer}`: rows {next}..{first} are missing from the stream \
+         (stream sequence {stream_seq}): refusing to write past a gap"
+    )]
+    FlowGap {
+        emission: u64,
+        producer: String,
+        next: usize,
+        first: usize,
+        stream_seq: u64,
+    },
+    #[error(
+        "the aggregators disagree on how many shards there are: {this} as one of {n}, {earlier} as \
+         one of {known}; every aggregator of a deployment must run with the same N in --shard I/N"
+    )]
+    ShardsDisagree {
+        this: String,
+        n: u32,
+        earlier: String,
+        known: u32,
+    },
+    #[error(
+        "shard {shard} ended, but the aggregators say there are {n} shards (0..{n}): every \
+         aggregator of a deployment must run with the same N in --shard I/N"
+    )]
+    ShardBeyond { shard: u32, n: u32 },
 }
 
 /// The sending half of an edge.

@@ -23,7 +23,7 @@ use crate::event::schema::{batch_to_events, batch_to_flows, events_to_batch, flo
 use crate::storage::{Store, StoreError};
 
 /// What to compact.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CompactOptions {
     pub dataset: Dataset,
     /// Only this partition (`date=YYYY-MM-DD` or `date=YYYY-MM-DD/hour=HH`); every closed one if `None`.
@@ -83,10 +83,18 @@ pub enum CompactError {
     Table(#[from] TableError),
     #[error(transparent)]
     Read(#[from] ReadError),
-    #[error("`{key}`: {reason}")]
-    Convert { key: String, reason: String },
-    #[error("writing the merged file `{key}`: {reason}")]
-    Write { key: String, reason: String },
+    #[error("`{key}`")]
+    Convert {
+        key: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("writing the merged file `{key}`")]
+    Write {
+        key: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error(
         "invalid partition `{0}`: expected date=YYYY-MM-DD or date=YYYY-MM-DD/hour=HH, as in the \
          dataset's directory names"
@@ -242,26 +250,26 @@ async fn merge(
     let rel = format!("{dir}/{name}");
     let key = format!("{}/{rel}", opts.dataset.name());
     let staged = store.staging_path(&key)?;
-    let write_err = |e: &dyn std::fmt::Display| CompactError::Write {
+    let write_err = |e: Box<dyn std::error::Error + Send + Sync>| CompactError::Write {
         key: key.clone(),
-        reason: e.to_string(),
+        source: e,
     };
-    let file = File::create(&staged).map_err(|e| write_err(&e))?;
+    let file = File::create(&staged).map_err(|e| write_err(e.into()))?;
     let props = writer_properties(opts.dataset.name(), opts.row_group_rows);
     let mut w = ArrowWriter::try_new(file, opts.dataset.schema(), Some(props))
-        .map_err(|e| write_err(&e))?;
+        .map_err(|e| write_err(e.into()))?;
     let mut rows = 0u64;
     for src in &m.sources {
         let src_key = format!("{}/{}", opts.dataset.name(), src.path);
-        let convert = |reason: String| CompactError::Convert {
+        let convert = |e: Box<dyn std::error::Error + Send + Sync>| CompactError::Convert {
             key: src_key.clone(),
-            reason,
+            source: e,
         };
         for rb in read::open(store, &src_key, 65_536).await? {
             let rb = rb.map_err(|e| read::batch_error(&src_key, e))?;
             let out = match opts.dataset {
                 Dataset::Events => {
-                    let events = batch_to_events(&rb).map_err(|e| convert(e.to_string()))?;
+                    let events = batch_to_events(&rb).map_err(|e| convert(e.into()))?;
                     let Some((node, _)) = events.first() else {
                         continue;
                     };
@@ -270,17 +278,17 @@ async fn merge(
                     events_to_batch(&node, &events)
                 }
                 Dataset::Flows => {
-                    flows_to_batch(&batch_to_flows(&rb).map_err(|e| convert(e.to_string()))?)
+                    flows_to_batch(&batch_to_flows(&rb).map_err(|e| convert(e.into()))?)
                 }
             }
-            .map_err(|e| convert(e.to_string()))?;
+            .map_err(|e| convert(e.into()))?;
             rows += out.num_rows() as u64;
-            w.write(&out).map_err(|e| write_err(&e))?;
+            w.write(&out).map_err(|e| write_err(e.into()))?;
         }
     }
-    let file = w.into_inner().map_err(|e| write_err(&e))?;
-    file.sync_all().map_err(|e| write_err(&e))?;
-    let size = file.metadata().map_err(|e| write_err(&e))?.len();
+    let file = w.into_inner().map_err(|e| write_err(e.into()))?;
+    file.sync_all().map_err(|e| write_err(e.into()))?;
+    let size = file.metadata().map_err(|e| write_err(e.into()))?.len();
     drop(file);
     store.upload(&staged, &key).await?;
     let partition = &m.sources[0].partition;

@@ -33,8 +33,14 @@ impl CommitRecord {
 pub enum LegacyError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("commit record `{key}` is unreadable: {reason}")]
-    Corrupt { key: String, reason: String },
+    #[error("commit record `{key}` was listed but is gone")]
+    Gone { key: String },
+    #[error("commit record `{key}` is unreadable")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
 }
 
 fn dir(dataset: Dataset) -> String {
@@ -68,16 +74,15 @@ pub async fn records(
     keys.sort();
     let mut out = Vec::with_capacity(keys.len());
     for k in keys {
-        let corrupt = |reason: String| LegacyError::Corrupt {
-            key: k.clone(),
-            reason,
-        };
         let bytes = store
             .get(&k)
             .await?
-            .ok_or_else(|| corrupt("listed but gone".into()))?;
+            .ok_or_else(|| LegacyError::Gone { key: k.clone() })?;
         let record: CommitRecord =
-            serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+            serde_json::from_slice(&bytes).map_err(|source| LegacyError::Corrupt {
+                key: k.clone(),
+                source,
+            })?;
         out.push(record);
     }
     if let Some(last) = out.last() {

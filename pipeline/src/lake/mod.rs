@@ -92,7 +92,7 @@ pub async fn output_id(store: &Store) -> Result<String, CommitError> {
         let v: serde_json::Value =
             serde_json::from_slice(&bytes).map_err(|e| CommitError::Corrupt {
                 key: OUTPUT_ID_KEY.into(),
-                reason: e.to_string(),
+                source: e.into(),
             })?;
         match v["id"].as_str() {
             Some(id) if !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric()) => {
@@ -100,7 +100,7 @@ pub async fn output_id(store: &Store) -> Result<String, CommitError> {
             }
             _ => Err(CommitError::Corrupt {
                 key: OUTPUT_ID_KEY.into(),
-                reason: "no valid `id`".into(),
+                source: "no valid `id`".into(),
             }),
         }
     };
@@ -117,7 +117,7 @@ pub async fn output_id(store: &Store) -> Result<String, CommitError> {
         .await?
         .ok_or_else(|| CommitError::Corrupt {
             key: OUTPUT_ID_KEY.into(),
-            reason: "written but not found".into(),
+            source: "written but not found".into(),
         })?;
     read(bytes)
 }

@@ -39,8 +39,23 @@ pub enum CommitError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Table(#[from] TableError),
-    #[error("`{key}` is unreadable: {reason}")]
-    Corrupt { key: String, reason: String },
+    #[error("`{key}` is unreadable")]
+    Corrupt {
+        key: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "`{key}` holds older rows of a window being replaced, but is no longer in the table (is \
+         another process rewriting this producer's files?)"
+    )]
+    Vanished { key: String },
+    #[error("writing `{key}`")]
+    Write {
+        key: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error(transparent)]
     Read(#[from] ReadError),
     #[error(
@@ -425,11 +440,8 @@ impl CommitLog {
             let Some(entry) = files.get(&path) else {
                 // Compaction leaves mutable windows alone, so this is another writer's doing: stop
                 // rather than leave the old rows beside the new.
-                return Err(CommitError::Corrupt {
+                return Err(CommitError::Vanished {
                     key: format!("{}/{path}", self.dataset.name()),
-                    reason: "holds older rows of a window being replaced, but is no longer in the \
-                             table (is another process rewriting this producer's files?)"
-                        .into(),
                 });
             };
             let key = format!("{}/{path}", self.dataset.name());
@@ -438,7 +450,7 @@ impl CommitLog {
                 let rb = rb.map_err(|e| read::batch_error(&key, e))?;
                 let rows = batch_to_flows(&rb).map_err(|e| CommitError::Corrupt {
                     key: key.clone(),
-                    reason: e.to_string(),
+                    source: e.into(),
                 })?;
                 kept.extend(
                     rows.into_iter()
@@ -484,20 +496,20 @@ impl CommitLog {
     async fn write_flows(&self, rel: &str, rows: &[FlowRecord]) -> Result<u64, CommitError> {
         let key = format!("{}/{rel}", self.dataset.name());
         let staged = self.store.staging_path(&key)?;
-        let corrupt = |e: &dyn std::fmt::Display| CommitError::Corrupt {
+        let write = |e: Box<dyn std::error::Error + Send + Sync>| CommitError::Write {
             key: key.clone(),
-            reason: e.to_string(),
+            source: e,
         };
         let size = crate::blocking::run(|| {
-            let batch = flows_to_batch(rows).map_err(|e| corrupt(&e))?;
-            let file = File::create(&staged).map_err(|e| corrupt(&e))?;
+            let batch = flows_to_batch(rows).map_err(|e| write(e.into()))?;
+            let file = File::create(&staged).map_err(|e| write(e.into()))?;
             let props = writer_properties(self.dataset.name(), 131_072);
             let mut w = ArrowWriter::try_new(file, self.dataset.schema(), Some(props))
-                .map_err(|e| corrupt(&e))?;
-            w.write(&batch).map_err(|e| corrupt(&e))?;
-            let file = w.into_inner().map_err(|e| corrupt(&e))?;
-            file.sync_all().map_err(|e| corrupt(&e))?;
-            Ok::<_, CommitError>(file.metadata().map_err(|e| corrupt(&e))?.len())
+                .map_err(|e| write(e.into()))?;
+            w.write(&batch).map_err(|e| write(e.into()))?;
+            let file = w.into_inner().map_err(|e| write(e.into()))?;
+            file.sync_all().map_err(|e| write(e.into()))?;
+            Ok::<_, CommitError>(file.metadata().map_err(|e| write(e.into()))?.len())
         })?;
         self.store.upload(&staged, &key).await?;
         Ok(size)
@@ -544,7 +556,7 @@ async fn load_projection(
             let rb = rb.map_err(|e| read::batch_error(&key, e))?;
             rows.extend(batch_to_flows(&rb).map_err(|e| CommitError::Corrupt {
                 key: key.clone(),
-                reason: e.to_string(),
+                source: e.into(),
             })?);
         }
         let _ = n;

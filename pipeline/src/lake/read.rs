@@ -19,8 +19,12 @@ pub enum ReadError {
     Store(#[from] StoreError),
     #[error("committed file `{key}` is missing from the store")]
     Missing { key: String },
-    #[error("reading committed file `{key}`: {reason}")]
-    Decode { key: String, reason: String },
+    #[error("reading committed file `{key}`")]
+    Decode {
+        key: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error(
         "`{key}` has schema version {found}; this tcplake reads versions up to {SCHEMA_VERSION}: \
          upgrade tcplake to read it"
@@ -62,7 +66,7 @@ pub fn open_bytes(
 ) -> Result<ParquetRecordBatchReader, ReadError> {
     let decode = |e: parquet::errors::ParquetError| ReadError::Decode {
         key: key.to_string(),
-        reason: e.to_string(),
+        source: e.into(),
     };
     let builder = ParquetRecordBatchReaderBuilder::try_new(Bytes::from(bytes)).map_err(decode)?;
     check_version(key, builder.metadata().file_metadata().key_value_metadata())?;
@@ -88,7 +92,7 @@ pub async fn open(
 pub fn batch_error(key: &str, e: arrow::error::ArrowError) -> ReadError {
     ReadError::Decode {
         key: key.to_string(),
-        reason: e.to_string(),
+        source: e.into(),
     }
 }
 

@@ -55,8 +55,8 @@ pub enum RunError {
         dataset: &'static str,
         source: SinkError,
     },
-    #[error("a pipeline task panicked: {0}")]
-    Panicked(String),
+    #[error("a pipeline task failed")]
+    Panicked(#[source] tokio::task::JoinError),
 }
 
 impl RunError {
@@ -101,9 +101,10 @@ async fn open_source(
             let store = open_existing(from, metrics, Access::ReadOnly)
                 .await
                 .map_err(|e| match e {
-                    OpenError::Missing(dir) => RunError::Capture(CaptureError::Replay(format!(
-                        "no committed event log in {dir}: the directory does not exist"
-                    ))),
+                    OpenError::Missing(dir) => RunError::Capture(CaptureError::ReplayNoLog {
+                        store: dir,
+                        why: ": the directory does not exist",
+                    }),
                     OpenError::Store(e) => e.into(),
                 })?;
             let explicit = (s.node_given).then_some(s.node.as_str());
@@ -490,7 +491,7 @@ async fn monolith(
 }
 
 async fn join<T>(h: JoinHandle<Result<T, RunError>>) -> Result<T, RunError> {
-    h.await.map_err(|e| RunError::Panicked(e.to_string()))?
+    h.await.map_err(RunError::Panicked)?
 }
 
 fn micros(d: Duration) -> i64 {

@@ -25,7 +25,7 @@ use crate::edge::broker::{
     decode_events_msg, decode_flows_msg, Broker, BrokerRx, Ends, EVENTS_STREAM, FLOWS_STREAM,
 };
 use crate::edge::objects::{self, ObjectRx, ObjectTx};
-use crate::edge::{memory, Ack, EdgeError, Finalized, Tx};
+use crate::edge::{memory, Ack, EdgeError, Finalized, StreamFault, Tx};
 use crate::event::{EventBatch, FlowBatch};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
@@ -171,7 +171,7 @@ pub async fn aggregate(
         tokio::spawn(async move { aggregate::run(cfg, input, output, &m.aggregate).await });
     tokio::select! {
         r = &mut task => {
-            r.map_err(|e| RunError::Panicked(e.to_string()))?.map_err(RunError::Aggregate)?;
+            r.map_err(RunError::Panicked)?.map_err(RunError::Aggregate)?;
         }
         _ = shutdown.wait() => {
             // Open windows are not flushed half-full: a restart rebuilds them from the stream.
@@ -316,10 +316,7 @@ pub async fn sink(
     ));
     let mut first_error = None;
     for task in [events, flows] {
-        let r = task
-            .await
-            .map_err(|e| RunError::Panicked(e.to_string()))
-            .and_then(|r| r);
+        let r = task.await.map_err(RunError::Panicked).and_then(|r| r);
         if let (None, Err(e)) = (&first_error, r) {
             first_error = Some(e);
         }
@@ -397,7 +394,7 @@ async fn sink_from_objects(
         }));
     }
     for t in tasks {
-        t.await.map_err(|e| RunError::Panicked(e.to_string()))??;
+        t.await.map_err(RunError::Panicked)??;
     }
     Ok(summary(&metrics, started, store.describe()))
 }
@@ -448,25 +445,21 @@ async fn route_events(
         // events are missing from the stream, and going on would lose them without a trace.
         if let Some(first) = batch.events.first().map(|e| e.seq) {
             if first > ns.next_seq {
-                let why = if ns.next_seq == 0 {
-                    format!(
-                        "this output holds no events of node `{}` yet, but the first of them the \
-                         stream still delivers is seq {first} (stream sequence {sseq}): events \
-                         0..{first} were removed by the stream's retention, so this output cannot \
-                         hold the node's log from its start (write to the output that holds them, \
-                         or replay that output into a new one)",
-                        batch.node
-                    )
+                let fault = if ns.next_seq == 0 {
+                    StreamFault::Retained {
+                        node: batch.node.to_string(),
+                        first,
+                        stream_seq: sseq,
+                    }
                 } else {
-                    format!(
-                        "events {}..{first} of node `{}` are missing from this sink's deliveries \
-                         (stream sequence {sseq} starts at {first}): refusing to write past a gap; \
-                         is a second sink consuming for the same output? (it takes a share of the \
-                         messages: run one sink per output)",
-                        ns.next_seq, batch.node
-                    )
+                    StreamFault::EventGap {
+                        node: batch.node.to_string(),
+                        next: ns.next_seq,
+                        first,
+                        stream_seq: sseq,
+                    }
                 };
-                return Err(edge_err("events")(EdgeError::Broker(why)));
+                return Err(edge_err("events")(fault.into()));
             }
         }
         // Rows a commit (or an earlier delivery) already covers are skipped: redelivery.
@@ -503,7 +496,7 @@ async fn route_events(
     }
     for task in tasks {
         task.await
-            .map_err(|e| RunError::Panicked(e.to_string()))?
+            .map_err(RunError::Panicked)?
             .map_err(sink_err("events"))?;
     }
     Ok(())
@@ -613,11 +606,16 @@ async fn route_flows(
             continue;
         }
         if piece.first_row as usize > next_row {
-            return Err(edge_err("flows")(EdgeError::Broker(format!(
-                "emission {emission} of `{producer}`: rows {next_row}..{} are missing from the stream \
-                 (stream sequence {sseq}): refusing to write past a gap",
-                piece.first_row
-            ))));
+            return Err(edge_err("flows")(
+                StreamFault::FlowGap {
+                    emission,
+                    producer: producer.to_string(),
+                    next: next_row,
+                    first: piece.first_row as usize,
+                    stream_seq: sseq,
+                }
+                .into(),
+            ));
         }
         // An emission a restarted aggregator abandoned half-published is superseded by its rebuild
         // (its pieces' acks go with the rebuild's).
@@ -653,7 +651,7 @@ async fn route_flows(
     }
     for task in tasks {
         task.await
-            .map_err(|e| RunError::Panicked(e.to_string()))?
+            .map_err(RunError::Panicked)?
             .map_err(sink_err("flows"))?;
     }
     Ok(())
@@ -665,11 +663,13 @@ fn check_shard_count(count: &mut Option<(Arc<str>, u32)>, b: &FlowBatch) -> Resu
         return Ok(()); // a message of an older build, which did not say
     }
     match count {
-        Some((first, n)) if *n != b.shard_count => Err(EdgeError::Broker(format!(
-            "the aggregators disagree on how many shards there are: `{first}` runs as one of {n}, \
-             `{}` as one of {}; every aggregator of a deployment must run with the same N in --shard I/N",
-            b.producer, b.shard_count
-        ))),
+        Some((first, n)) if *n != b.shard_count => Err(StreamFault::ShardsDisagree {
+            this: format!("`{}` runs", b.producer),
+            n: b.shard_count,
+            earlier: format!("`{first}`"),
+            known: *n,
+        }
+        .into()),
         Some(_) => Ok(()),
         None => {
             *count = Some((Arc::clone(&b.producer), b.shard_count));

@@ -28,13 +28,33 @@ pub enum LoadError {
     NotBuilt,
     #[error(transparent)]
     Btf(#[from] BtfError),
-    #[error("{0}")]
-    Denied(String),
-    #[error("loading eBPF programs: {0}")]
-    Load(String),
-    #[error("attaching to tracepoint {tracepoint}: {reason}")]
-    Attach { tracepoint: String, reason: String },
+    #[error("{what}: permission denied; {hint}; --source synthetic needs no privileges")]
+    Denied {
+        what: String,
+        hint: &'static str,
+        #[source]
+        source: Cause,
+    },
+    #[error("loading eBPF programs")]
+    Load(#[source] Cause),
+    #[error("the eBPF object has no {0}: this build is broken")]
+    Missing(String),
+    #[error("tracepoint {name} passes {n} arguments on this kernel, tcplake needs {need}")]
+    Args {
+        name: &'static str,
+        n: usize,
+        need: usize,
+    },
+    #[error("attaching to tracepoint {tracepoint}")]
+    Attach {
+        tracepoint: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
 }
+
+/// The error of aya or the kernel under tcplake's own.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
 
 /// A loaded, attached probe: the ring buffer to drain and the drop counters to read.
 pub struct Probe {
@@ -55,7 +75,7 @@ impl Probe {
 }
 
 /// Explains a permission failure: the usual causes here are privileges and kernel lockdown.
-fn denied(what: &str, err: &dyn std::fmt::Display) -> LoadError {
+fn denied(what: &str, source: Cause) -> LoadError {
     let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown").unwrap_or_default();
     let lockdown = lockdown
         .split_whitespace()
@@ -70,9 +90,11 @@ fn denied(what: &str, err: &dyn std::fmt::Display) -> LoadError {
     } else {
         "check that the process has CAP_BPF and CAP_PERFMON and that bpf() is not blocked by seccomp"
     };
-    LoadError::Denied(format!(
-        "{what}: {err}: permission denied; {hint}; --source synthetic needs no privileges"
-    ))
+    LoadError::Denied {
+        what: what.to_string(),
+        hint,
+        source,
+    }
 }
 
 fn is_permission(e: &dyn std::error::Error) -> bool {
@@ -85,17 +107,6 @@ fn is_permission(e: &dyn std::error::Error) -> bool {
         cur = err.source();
     }
     false
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(err) = cur {
-        out.push_str(": ");
-        out.push_str(&err.to_string());
-        cur = err.source();
-    }
-    out
 }
 
 /// Where the programs find what they read on this kernel.
@@ -127,9 +138,11 @@ fn sock_offsets(btf: &Btf) -> Result<SockOffsets, LoadError> {
     ] {
         let n = btf.tracepoint_args(name)?;
         if n < args {
-            return Err(LoadError::Load(format!(
-                "tracepoint {name} passes {n} arguments on this kernel, tcplake needs {args}"
-            )));
+            return Err(LoadError::Args {
+                name,
+                n,
+                need: args,
+            });
         }
     }
     Ok(offsets)
@@ -143,7 +156,7 @@ pub fn load(config: &ProbeConfig, ring_bytes: u32) -> Result<Probe, LoadError> {
     let btf = Btf::from_sys_fs()?;
     let offsets = sock_offsets(&btf)?;
     // aya's own copy of the kernel types, which BTF programs are loaded against.
-    let kernel_types = aya::Btf::from_sys_fs().map_err(|e| LoadError::Load(chain(&e)))?;
+    let kernel_types = aya::Btf::from_sys_fs().map_err(|e| LoadError::Load(e.into()))?;
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&kernel_types))
         .override_global("SOCK", &offsets, true)
@@ -152,41 +165,41 @@ pub fn load(config: &ProbeConfig, ring_bytes: u32) -> Result<Probe, LoadError> {
         .load(OBJECT)
         .map_err(|e| {
             if is_permission(&e) {
-                denied("loading eBPF maps and programs", &chain(&e))
+                denied("loading eBPF maps and programs", e.into())
             } else {
-                LoadError::Load(chain(&e))
+                LoadError::Load(e.into())
             }
         })?;
     for (prog, category) in PROGRAMS {
         let tracepoint = format!("{category}:{prog}");
-        let attach_err = |reason: String| LoadError::Attach {
+        let attach_err = |source| LoadError::Attach {
             tracepoint: tracepoint.clone(),
-            reason,
+            source,
         };
         let program: &mut BtfTracePoint = ebpf
             .program_mut(prog)
-            .ok_or_else(|| attach_err(format!("program `{prog}` missing from the object")))?
+            .ok_or_else(|| LoadError::Missing(format!("program `{prog}`")))?
             .try_into()
-            .map_err(|e: aya::programs::ProgramError| attach_err(chain(&e)))?;
+            .map_err(attach_err)?;
         program.load(prog, &kernel_types).map_err(|e| {
             if is_permission(&e) {
-                denied(&format!("loading program {prog}"), &chain(&e))
+                denied(&format!("loading program {prog}"), e.into())
             } else {
-                attach_err(chain(&e))
+                attach_err(e)
             }
         })?;
-        program.attach().map_err(|e| attach_err(chain(&e)))?;
+        program.attach().map_err(attach_err)?;
     }
     let ring = RingBuf::try_from(
         ebpf.take_map("EVENTS")
-            .ok_or_else(|| LoadError::Load("map EVENTS missing".into()))?,
+            .ok_or_else(|| LoadError::Missing("map EVENTS".into()))?,
     )
-    .map_err(|e| LoadError::Load(chain(&e)))?;
+    .map_err(|e| LoadError::Load(e.into()))?;
     let drops = PerCpuArray::try_from(
         ebpf.take_map("DROPS")
-            .ok_or_else(|| LoadError::Load("map DROPS missing".into()))?,
+            .ok_or_else(|| LoadError::Missing("map DROPS".into()))?,
     )
-    .map_err(|e| LoadError::Load(chain(&e)))?;
+    .map_err(|e| LoadError::Load(e.into()))?;
     tracing::info!(ring_bytes, "eBPF programs attached to 5 tracepoints (BTF)");
     Ok(Probe {
         _ebpf: ebpf,
