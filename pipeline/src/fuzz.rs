@@ -4,9 +4,7 @@
 
 use std::path::Path;
 
-use clap::Parser;
-
-use crate::config::{Cli, FileConfig, Settings};
+use crate::config::{Cli, ConfigFile, Settings};
 use crate::edge::wire;
 
 /// The wire codec: anything decodes to a batch or a clear error, and an accepted batch survives a
@@ -38,16 +36,15 @@ pub fn config(data: &[u8]) {
         return;
     };
     let (file_text, flags) = text.split_once('\0').unwrap_or((text, ""));
-    let Ok(file) = FileConfig::parse(Path::new("fuzz.toml"), file_text) else {
+    let Ok(file) = ConfigFile::parse(Path::new("fuzz.toml"), file_text) else {
         return;
     };
     let args = std::iter::once("tcplake").chain(flags.split('\0').filter(|a| !a.is_empty()));
-    let cli = match Cli::try_parse_from(args) {
-        Ok(c) => c.expand(),
-        Err(_) => return,
+    let Ok(cli) = Cli::try_parse_args(args) else {
+        return;
     };
     // Only the pieces that do not touch the filesystem: a --config flag would read a file.
     if cli.config.is_none() {
-        let _ = Settings::merge(&cli, &file);
+        let _ = Settings::resolve_with(&cli, Some(file));
     }
 }

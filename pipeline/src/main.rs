@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use pipeline::config::{Cli, CliError, Command, CompactArgs, Settings, SummaryFormat, VacuumArgs};
+use pipeline::config::{Cli, CliError, Command, Settings, SummaryFormat, Task};
 use pipeline::metrics::Metrics;
 use pipeline::{admin, mode, secrets, shutdown};
 
@@ -52,36 +52,24 @@ fn main() -> ExitCode {
             }
             finish(bench(cfg))
         }
-        Some(Command::Compact(args)) => {
-            let options = match compact_options(&settings, args) {
-                Ok(o) => o,
-                Err(e) => return fail(&e, CONFIG_ERROR),
-            };
-            if cli.check_config {
-                println!("{} (compact)", settings.describe());
-                return ExitCode::SUCCESS;
-            }
-            finish(compact(&settings, options))
-        }
-        Some(Command::Vacuum(args)) => {
-            let (datasets, retention) = match vacuum_options(args) {
-                Ok(o) => o,
-                Err(e) => return fail(&e, CONFIG_ERROR),
-            };
-            if cli.check_config {
-                println!("{} (vacuum)", settings.describe());
-                return ExitCode::SUCCESS;
-            }
-            finish(vacuum(&settings, datasets, retention))
-        }
         _ if cli.check_config => {
-            println!("{}", settings.describe());
+            match &settings.task {
+                Task::Compact(_) => println!("{} (compact)", settings.describe()),
+                Task::Vacuum { .. } => println!("{} (vacuum)", settings.describe()),
+                _ => println!("{}", settings.describe()),
+            }
             ExitCode::SUCCESS
         }
-        _ => finish(run(&settings)),
+        _ => match &settings.task {
+            Task::Compact(options) => finish(compact(&settings, options)),
+            Task::Vacuum {
+                datasets,
+                retention,
+            } => finish(vacuum(&settings, datasets, *retention)),
+            _ => finish(run(&settings)),
+        },
     }
 }
-
 fn finish(r: anyhow::Result<()>) -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -140,40 +128,9 @@ fn run(settings: &Settings) -> anyhow::Result<()> {
     })
 }
 
-/// What `tcplake compact` will do, checked (a bad partition or size fails before anything is read).
-fn compact_options(
-    settings: &Settings,
-    args: &CompactArgs,
-) -> anyhow::Result<Vec<pipeline::lake::compact::CompactOptions>> {
-    let target_bytes = match &args.target_size {
-        Some(t) => pipeline::config::size_within(t, 1 << 10, 64 << 30)
-            .map_err(|e| anyhow::anyhow!("invalid target size `{t}`: {e}"))?,
-        None => settings.max_file_bytes,
-    };
-    if let Some(p) = &args.partition {
-        pipeline::lake::compact::validate_partition(p)?;
-    }
-    let datasets = match args.dataset {
-        Some(d) => vec![d.into()],
-        None => vec![
-            pipeline::sink::Dataset::Events,
-            pipeline::sink::Dataset::Flows,
-        ],
-    };
-    Ok(datasets
-        .into_iter()
-        .map(|dataset| pipeline::lake::compact::CompactOptions {
-            dataset,
-            partition: args.partition.clone(),
-            target_bytes,
-            row_group_rows: settings.row_group_rows,
-        })
-        .collect())
-}
-
 fn compact(
     settings: &Settings,
-    options: Vec<pipeline::lake::compact::CompactOptions>,
+    options: &[pipeline::lake::compact::CompactOptions],
 ) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -182,7 +139,7 @@ fn compact(
         let metrics = Metrics::default();
         let store = mode::open_existing(&settings.out, &metrics, mode::Access::ReadWrite).await?;
         for opts in options {
-            let report = pipeline::lake::compact::run(&store, &opts).await?;
+            let report = pipeline::lake::compact::run(&store, opts).await?;
             match settings.summary {
                 SummaryFormat::Text => println!("{report}"),
                 SummaryFormat::Json => println!("{}", serde_json::to_string(&report)?),
@@ -192,30 +149,9 @@ fn compact(
     })
 }
 
-/// What `tcplake vacuum` will do, checked.
-fn vacuum_options(
-    args: &VacuumArgs,
-) -> anyhow::Result<(Vec<pipeline::lake::Dataset>, std::time::Duration)> {
-    let text = args.retention.as_deref().unwrap_or("7d");
-    let retention = pipeline::config::duration_within(
-        text,
-        std::time::Duration::ZERO,
-        std::time::Duration::from_secs(10 * 365 * 86_400),
-    )
-    .map_err(|e| anyhow::anyhow!("invalid retention `{text}`: {e}"))?;
-    let datasets = match args.dataset {
-        Some(d) => vec![d.into()],
-        None => vec![
-            pipeline::lake::Dataset::Events,
-            pipeline::lake::Dataset::Flows,
-        ],
-    };
-    Ok((datasets, retention))
-}
-
 fn vacuum(
     settings: &Settings,
-    datasets: Vec<pipeline::lake::Dataset>,
+    datasets: &[pipeline::lake::Dataset],
     retention: std::time::Duration,
 ) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -224,7 +160,7 @@ fn vacuum(
     rt.block_on(async {
         let metrics = Metrics::default();
         let store = mode::open_existing(&settings.out, &metrics, mode::Access::ReadWrite).await?;
-        for dataset in datasets {
+        for &dataset in datasets {
             let report = pipeline::lake::vacuum::run(&store, dataset, retention).await?;
             match settings.summary {
                 SummaryFormat::Text => println!("{report}"),
@@ -250,21 +186,13 @@ fn bench(cfg: bench::BenchConfig) -> anyhow::Result<()> {
 /// One line on stderr naming the problem, then a non-zero exit. One line: the error and each cause it does not already say (library errors that wrap another often
 /// name it in their own message), scrubbed of registered secrets like every log line.
 fn fail(e: &anyhow::Error, code: u8) -> ExitCode {
-    let line = chain(e).replace('\n', " ");
+    let line = chain(e);
     eprintln!("tcplake: error: {}", secrets::scrub(&line));
     ExitCode::from(code)
 }
 
 fn chain(e: &anyhow::Error) -> String {
-    let mut line = e.to_string();
-    for cause in e.chain().skip(1) {
-        let c = cause.to_string();
-        if !c.is_empty() && !line.contains(&c) {
-            line.push_str(": ");
-            line.push_str(&c);
-        }
-    }
-    line
+    pipeline::report::one_line(e.as_ref())
 }
 
 fn init_tracing(json: bool) {

@@ -578,18 +578,22 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        let cli = pipeline::config::Cli {
-            source: Some(pipeline::config::SourceArg {
-                kind: pipeline::config::SourceKind::Synthetic,
-                from: None,
-            }),
-            seed: Some(seed),
-            events: Some(events),
-            out: Some(dir.to_path_buf()),
-            node: Some("bench".into()),
-            ..Default::default()
-        };
-        let s = pipeline::config::Settings::merge(&cli, &Default::default()).unwrap();
+        let (seed, events, out) = (seed.to_string(), events.to_string(), dir.to_str().unwrap());
+        let args = [
+            "tcplake",
+            "--source",
+            "synthetic",
+            "--seed",
+            &seed,
+            "--events",
+            &events,
+            "--out",
+            out,
+            "--node",
+            "bench",
+        ];
+        let cli = pipeline::config::Cli::try_parse_args(args).unwrap();
+        let s = pipeline::config::Settings::resolve(&cli).unwrap();
         let (_t, l) = pipeline::shutdown::channel();
         rt.block_on(pipeline::mode::run(&s, Default::default(), l))
             .unwrap();

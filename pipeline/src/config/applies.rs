@@ -8,7 +8,8 @@
 //! apply (`capture.port` with the synthetic source is an error).
 
 use super::keys::{self, Key};
-use super::{Cli, ConfigError, FileConfig, Mode, Output, Settings, SourceKind};
+use super::layers::Layers;
+use super::{Cli, ConfigError, Mode, Output, Settings, SourceKind};
 
 /// What the command line asks to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -236,7 +237,7 @@ fn not_applicable(key: &Key, c: &Ctx) -> Option<String> {
 }
 
 /// Checks every flag, environment variable and (relevant) file key given.
-pub(super) fn check(cli: &Cli, file: &FileConfig, s: &Settings) -> Result<(), ConfigError> {
+pub(super) fn check(cli: &Cli, layers: &Layers, s: &Settings) -> Result<(), ConfigError> {
     let run = Run::of(cli);
     let is_s3 = |o: &Output| matches!(o, Output::S3(_));
     let ctx = Ctx {
@@ -281,13 +282,10 @@ pub(super) fn check(cli: &Cli, file: &FileConfig, s: &Settings) -> Result<(), Co
             });
         }
     }
-    let path = file
-        .path
-        .as_ref()
-        .map_or("the config file".to_string(), |p| {
-            format!("`{}`", p.display())
-        });
-    for key_name in &file.keys {
+    let path = layers.file().map_or("the config file".to_string(), |f| {
+        format!("`{}`", f.path.display())
+    });
+    for key_name in layers.file_keys() {
         let section = key_name.split_once('.').map(|(s, _)| s);
         let checked = match section {
             Some("capture") => ctx.captures(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::keys::{self, Key};
 use super::values::{duration_within, parse_size, redact_url};
-use super::{defaults, invalid, Cli, ConfigError, FileBroker};
+use super::{invalid, required, Broker, ConfigError};
 use crate::edge::broker::{BrokerAuth, BrokerSettings};
 use crate::secrets::Secret;
 
@@ -26,18 +26,14 @@ pub fn max_message_bytes(batch_size: usize) -> u64 {
 }
 
 pub(super) fn settings(
-    cli: &Cli,
-    file: &FileBroker,
+    file: &Broker,
     batch_size: usize,
 ) -> Result<Option<BrokerSettings>, ConfigError> {
-    let Some(raw) = cli.broker.clone().or(file.url.clone()) else {
+    let Some(raw) = file.url.clone() else {
         return Ok(None);
     };
     let (url, url_auth) = split_url(&raw)?;
-    let size = file
-        .max_bytes
-        .clone()
-        .unwrap_or_else(|| defaults::BROKER_MAX_BYTES.into());
+    let size = required(&file.max_bytes, &keys::BROKER_MAX_BYTES)?;
     let max_bytes = parse_size(&size).map_err(|e| invalid(&keys::BROKER_MAX_BYTES, &size, e))?;
     // JetStream refuses a message larger than the stream: the smallest useful stream holds a few of
     // the largest messages this batch size can make.
@@ -53,31 +49,19 @@ pub(super) fn settings(
             ),
         ));
     }
-    let dur = |key: &'static Key, v: &Option<String>, default: &str, min: u64, max: u64| {
-        let text = v.clone().unwrap_or_else(|| default.into());
+    let dur = |key: &'static Key, v: &Option<String>, min: u64, max: u64| {
+        let text = required(v, key)?;
         duration_within(&text, Duration::from_secs(min), Duration::from_secs(max))
             .map_err(|e| invalid(key, &text, e))
     };
     const DAY: u64 = 86_400;
     Ok(Some(BrokerSettings {
         url,
-        auth: auth(cli, file, url_auth)?,
-        connect_for: dur(
-            &keys::BROKER_CONNECT_TIMEOUT,
-            &file.connect_timeout,
-            defaults::BROKER_CONNECT_TIMEOUT,
-            1,
-            DAY,
-        )?,
-        max_age: dur(
-            &keys::BROKER_MAX_AGE,
-            &file.max_age,
-            defaults::BROKER_MAX_AGE,
-            60,
-            3650 * DAY,
-        )?,
+        auth: auth(file, url_auth)?,
+        connect_for: dur(&keys::BROKER_CONNECT_TIMEOUT, &file.connect_timeout, 1, DAY)?,
+        max_age: dur(&keys::BROKER_MAX_AGE, &file.max_age, 60, 3650 * DAY)?,
         max_bytes: i64::try_from(max_bytes).unwrap_or(i64::MAX),
-        compress: file.compress.unwrap_or(true),
+        compress: required(&file.compress, &keys::BROKER_COMPRESS)?,
         ack_wait: file
             .ack_wait
             .as_ref()
@@ -150,20 +134,13 @@ fn percent_decode(s: &str) -> String {
 }
 
 /// The one way of authenticating that was given (two are an error: which should win is not obvious).
-fn auth(
-    cli: &Cli,
-    file: &FileBroker,
-    from_url: Option<BrokerAuth>,
-) -> Result<BrokerAuth, ConfigError> {
+fn auth(file: &Broker, from_url: Option<BrokerAuth>) -> Result<BrokerAuth, ConfigError> {
     let mut given: Vec<(&'static str, BrokerAuth)> = Vec::new();
     if let Some(a) = from_url {
         given.push(("credentials in the broker URL", a));
     }
-    let user = cli.broker_user.clone().or(file.user.clone());
-    let password_file = cli
-        .broker_password_file
-        .clone()
-        .or(file.password_file.clone());
+    let user = file.user.clone();
+    let password_file = file.password_file.clone();
     let password = match (std::env::var(PASSWORD_ENV).ok(), password_file) {
         (Some(_), Some(f)) => {
             return Err(invalid(
@@ -199,7 +176,7 @@ fn auth(
         }
         (None, None) => {}
     }
-    let token_file = cli.broker_token_file.clone().or(file.token_file.clone());
+    let token_file = file.token_file.clone();
     match (std::env::var(TOKEN_ENV).ok(), token_file) {
         (Some(_), Some(f)) => {
             return Err(invalid(
@@ -215,7 +192,7 @@ fn auth(
         )),
         (None, None) => {}
     }
-    if let Some(f) = cli.broker_creds.clone().or(file.creds_file.clone()) {
+    if let Some(f) = file.creds_file.clone() {
         // Read now so a missing file fails --check-config; the client reads it again at connect.
         let text = read_secret(&keys::BROKER_CREDS, &f)?;
         for line in text.expose().lines() {
@@ -226,7 +203,7 @@ fn auth(
         }
         given.push(("a broker credentials file", BrokerAuth::CredsFile(f)));
     }
-    if let Some(f) = cli.broker_nkey.clone().or(file.nkey_file.clone()) {
+    if let Some(f) = file.nkey_file.clone() {
         let seed = read_secret(&keys::BROKER_NKEY, &f)?;
         let seed = Secret::new(seed.expose().trim());
         if !seed.expose().starts_with("SU") {

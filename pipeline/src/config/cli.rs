@@ -6,10 +6,15 @@ use std::path::PathBuf;
 
 use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+use figment::value::Value;
 use serde::{Deserialize, Serialize};
 
+use super::keys;
+use super::layers::Given;
+pub use super::layers::Origin;
+
 /// How the pipeline is deployed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mode {
     /// Capture, aggregate and sink in one process, joined by bounded in-memory channels.
@@ -29,7 +34,7 @@ impl Mode {
 }
 
 /// Where events come from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SourceKind {
     /// Live TCP telemetry from the kernel via eBPF tracepoints (needs root or CAP_BPF + CAP_PERFMON).
@@ -109,7 +114,9 @@ CONFIGURATION
   Every flag can also be set in a TOML file (--config) or an environment variable (shown per flag).
   Precedence: flag > environment > file > default. SIGINT/SIGTERM flush everything and exit 0.";
 
-/// Command-line flags. Every value is optional here so the file and defaults can fill the gaps.
+/// Command-line flags: a surface over the settings of [`super::Schema`] (each flag's key is in
+/// [`super::keys`]), plus what only a command line has (subcommands, `--config`, `--check-config`).
+/// Every value is optional: a flag not given leaves the setting to the layers below it.
 #[derive(Debug, Parser, Default)]
 #[command(name = "tcplake", version, about = ABOUT, long_about = LONG_ABOUT)]
 pub struct Cli {
@@ -275,24 +282,6 @@ pub struct Cli {
     pub origins: Origins,
 }
 
-/// Where a value came from: the command line, or the flag's environment variable.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Origin {
-    /// `--window`
-    Flag(String),
-    /// `TCPLAKE_WINDOW`
-    Env(String),
-}
-
-impl std::fmt::Display for Origin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Origin::Flag(flag) => write!(f, "{flag}"),
-            Origin::Env(var) => write!(f, "{var}"),
-        }
-    }
-}
-
 /// The origin of every flag given, by its id (the field name: `max_file_age`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Origins(BTreeMap<String, Origin>);
@@ -384,7 +373,7 @@ impl Cli {
         })?;
         let mut cli = Cli::from_arg_matches(&matches).map_err(CliError::Clap)?;
         cli.origins = Origins::of(&cmd, &matches);
-        Ok(cli.expand())
+        Ok(cli)
     }
 }
 
@@ -500,33 +489,126 @@ pub struct ReplayArgs {
 }
 
 impl Cli {
-    /// Folds a subcommand that is only a shorthand for flags into those flags.
-    pub fn expand(mut self) -> Self {
-        if let Some(Command::Replay(r)) = &self.command {
-            let flag = |f: &str| Origin::Flag(f.to_string());
-            self.origins.set("source", flag("replay --from"));
-            self.origins.set("out", flag("replay --to"));
-            if r.since.is_some() {
-                self.origins.set("since", flag("replay --since"));
+    /// Every setting this command line gives (flags, their environment variables, and `tcplake
+    /// replay`'s flags, which are the same settings by other names), by its key in the schema.
+    pub fn given(&self) -> Result<Vec<Given>, super::ConfigError> {
+        let mut out = Vec::new();
+        let mut put = |key: &'static keys::Key, value: Value, origin: &Origin| {
+            if let Some(k) = key.file {
+                out.push(Given {
+                    key: k,
+                    value,
+                    origin: origin.clone(),
+                });
             }
-            if r.until.is_some() {
-                self.origins.set("until", flag("replay --until"));
+        };
+        for (id, origin) in self.origins.iter() {
+            let Some(key) = keys::by_flag(id) else {
+                continue;
+            };
+            match id {
+                "source" => {
+                    if let Some(s) = &self.source {
+                        put(key, serialize(key, &s.kind)?, origin);
+                        if let Some(from) = &s.from {
+                            put(
+                                &keys::REPLAY_FROM,
+                                serialize(&keys::REPLAY_FROM, from)?,
+                                origin,
+                            );
+                        }
+                    }
+                }
+                // The flag says the opposite of the file's key.
+                "include_self" => put(key, Value::from(!self.include_self), origin),
+                _ => {
+                    if let Some(v) = self.flag_value(id, key)? {
+                        put(key, v, origin);
+                    }
+                }
             }
-            if r.window.is_some() {
-                self.origins.set("window", flag("replay --window"));
-            }
-            self.source = Some(SourceArg {
-                kind: SourceKind::Replay,
-                from: Some(r.from.clone()),
-            });
-            self.out = Some(r.to.clone());
-            self.since = r.since.clone().or(self.since);
-            self.until = r.until.clone().or(self.until);
-            self.window = r.window.or(self.window);
-            self.command = None;
         }
-        self
+        if let Some(Command::Replay(r)) = &self.command {
+            let flag = |f: &str| Origin::Flag(format!("replay {f}"));
+            put(
+                &keys::SOURCE,
+                serialize(&keys::SOURCE, SourceKind::Replay)?,
+                &flag("--from"),
+            );
+            put(
+                &keys::REPLAY_FROM,
+                serialize(&keys::REPLAY_FROM, &r.from)?,
+                &flag("--from"),
+            );
+            put(&keys::OUT, serialize(&keys::OUT, &r.to)?, &flag("--to"));
+            if let Some(t) = &r.since {
+                put(&keys::SINCE, Value::from(t.clone()), &flag("--since"));
+            }
+            if let Some(t) = &r.until {
+                put(&keys::UNTIL, Value::from(t.clone()), &flag("--until"));
+            }
+            if let Some(w) = r.window {
+                put(&keys::WINDOW, Value::from(w), &flag("--window"));
+            }
+        }
+        Ok(out)
     }
+
+    /// The value of the flag with clap id `id`, as a schema value.
+    fn flag_value(
+        &self,
+        id: &str,
+        key: &'static keys::Key,
+    ) -> Result<Option<Value>, super::ConfigError> {
+        macro_rules! fields {
+            ($($f:ident),* $(,)?) => {
+                match id {
+                    $(stringify!($f) => self.$f.as_ref().map(|v| serialize(key, v)).transpose(),)*
+                    _ => Ok(None),
+                }
+            };
+        }
+        fields!(
+            mode,
+            since,
+            until,
+            events,
+            duration,
+            port,
+            pid,
+            cgroup,
+            seed,
+            start,
+            rate,
+            out,
+            s3_endpoint,
+            s3_region,
+            spool_dir,
+            window,
+            allowed_lateness,
+            late_horizon,
+            node,
+            batch_size,
+            channel_capacity,
+            max_file_size,
+            max_file_age,
+            broker,
+            broker_user,
+            broker_password_file,
+            broker_token_file,
+            broker_creds,
+            broker_nkey,
+            handoff,
+            shard,
+            shards,
+            metrics_addr,
+        )
+    }
+}
+
+/// A flag's value in the schema's terms (a path that is not UTF-8 cannot be one).
+fn serialize<T: Serialize>(key: &'static keys::Key, v: T) -> Result<Value, super::ConfigError> {
+    Value::serialize(v).map_err(|e| super::invalid(key, "(a value that is not UTF-8)", e))
 }
 
 #[derive(Debug, clap::Args)]

@@ -1,15 +1,17 @@
-//! Configuration: command-line flags, environment variables and a TOML file, resolved once into
-//! validated [`Settings`] before anything starts.
+//! Configuration: one schema of settings ([`Schema`]), given in layers — built-in defaults < a TOML
+//! file < environment variables (`TCPLAKE_*`) < flags — stacked by [`layers`] and validated once into
+//! [`Settings`] before anything starts; subcommands' own options are resolved here too ([`Task`]).
 //!
-//! Precedence, highest first: flag, environment variable (`TCPLAKE_*`), config file, built-in default.
 //! The file is strict (`deny_unknown_fields`): a misspelt key is an error naming the key and line, not
-//! a silently ignored setting.
+//! a silently ignored setting. An invalid value is named with where it came from.
 
 mod applies;
 mod broker;
 mod cli;
-mod file;
 pub mod keys;
+pub mod layers;
+mod schema;
+mod task;
 mod values;
 
 use std::path::{Path, PathBuf};
@@ -18,8 +20,10 @@ use std::time::Duration;
 pub use applies::Run;
 pub use broker::{max_message_bytes, PASSWORD_ENV, TOKEN_ENV};
 pub use cli::*;
-pub use file::*;
 use keys::Key;
+use layers::Layers;
+pub use schema::*;
+pub use task::Task;
 pub use values::{duration_within, parse_size, redact_url, rfc3339_us, size_within};
 
 /// A configuration problem, phrased for the person who made it.
@@ -46,6 +50,13 @@ pub enum ConfigError {
     },
     #[error("{what} has no effect here: {reason}")]
     NotApplicable { what: String, reason: String },
+    /// A subcommand's own option (`compact --target-size`).
+    #[error("invalid {what} `{value}`: {reason}")]
+    Arg {
+        what: &'static str,
+        value: String,
+        reason: String,
+    },
 }
 
 fn invalid(key: &'static Key, value: impl std::fmt::Display, reason: impl ToString) -> ConfigError {
@@ -54,38 +65,6 @@ fn invalid(key: &'static Key, value: impl std::fmt::Display, reason: impl ToStri
         value: value.to_string(),
         reason: reason.to_string(),
         origin: String::new(),
-    }
-}
-
-impl ConfigError {
-    /// Names where an invalid value came from: the flag, its environment variable, or the file key.
-    fn locate(self, cli: &Cli, file: &FileConfig) -> Self {
-        match self {
-            ConfigError::Invalid {
-                key,
-                value,
-                reason,
-                origin,
-            } if origin.is_empty() => {
-                let from = key
-                    .flag
-                    .and_then(|id| cli.origins.get(id))
-                    .map(|o| format!(" (from {o})"))
-                    .or_else(|| {
-                        let k = key.file.filter(|k| file.has(k))?;
-                        let path = file.path.as_ref()?;
-                        Some(format!(" (from `{}` key `{k}`)", path.display()))
-                    })
-                    .unwrap_or_default();
-                ConfigError::Invalid {
-                    key,
-                    value,
-                    reason,
-                    origin: from,
-                }
-            }
-            other => other,
-        }
     }
 }
 
@@ -130,6 +109,8 @@ pub struct Settings {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// The address was asked for (a busy port is then fatal; the default's is only a warning).
     pub metrics_addr_given: bool,
+    /// What runs: the pipeline, or a subcommand with its options.
+    pub task: Task,
 }
 
 /// Where a run writes.
@@ -225,16 +206,13 @@ struct S3Common {
 }
 
 impl S3Common {
-    fn of(cli: &Cli, file: &FileSink) -> Result<Self, ConfigError> {
-        let endpoint = cli.s3_endpoint.clone().or(file.s3_endpoint.clone());
+    fn of(file: &Sink) -> Result<Self, ConfigError> {
+        let endpoint = file.s3_endpoint.clone();
         if let Some(ep) = &endpoint {
             values::check_endpoint(ep)
                 .map_err(|r| invalid(&keys::S3_ENDPOINT, redact_url(ep), r))?;
         }
-        let retry = file
-            .s3_max_retry
-            .clone()
-            .unwrap_or_else(|| defaults::S3_MAX_RETRY.into());
+        let retry = required(&file.s3_max_retry, &keys::S3_MAX_RETRY)?;
         let max_retry = duration_within(&retry, Duration::ZERO, bounds::DAY)
             .map_err(|e| invalid(&keys::S3_MAX_RETRY, &retry, e))?;
         let multipart_threshold = match &file.s3_multipart_threshold {
@@ -245,12 +223,11 @@ impl S3Common {
         };
         Ok(S3Common {
             endpoint,
-            region: cli.s3_region.clone().or(file.s3_region.clone()),
+            region: file.s3_region.clone(),
             path_style: file.s3_path_style,
-            spool: cli
+            spool: file
                 .spool_dir
                 .clone()
-                .or(file.spool_dir.clone())
                 .unwrap_or_else(|| std::env::temp_dir().join("tcplake-spool")),
             max_retry,
             multipart_threshold,
@@ -286,42 +263,34 @@ impl S3Common {
 }
 
 impl Settings {
-    /// Resolves flags + environment (already merged by clap) over the file over the defaults, and
-    /// checks that every setting given applies to what runs.
+    /// Stacks the layers (defaults < the `--config` file < environment < flags), validates every
+    /// value once, and checks that every setting given applies to what runs.
     pub fn resolve(cli: &Cli) -> Result<Self, ConfigError> {
-        let file = match &cli.config {
-            Some(p) => FileConfig::load(p)?,
-            None => FileConfig::default(),
-        };
-        let settings = Self::merge(cli, &file)?;
-        applies::check(cli, &file, &settings)?;
+        let file = cli.config.as_deref().map(ConfigFile::load).transpose()?;
+        Self::resolve_with(cli, file)
+    }
+
+    /// [`Settings::resolve`] with the config file already read (or none).
+    pub fn resolve_with(cli: &Cli, file: Option<ConfigFile>) -> Result<Self, ConfigError> {
+        let layers = Layers::new(file, cli.given()?)?;
+        let settings = Self::validate(cli, &layers).map_err(|e| layers.locate(e))?;
+        applies::check(cli, &layers, &settings)?;
         Ok(settings)
     }
 
-    /// Layers flags + environment over the file over the defaults and validates every value; errors
-    /// name where the bad value came from.
-    pub fn merge(cli: &Cli, file: &FileConfig) -> Result<Self, ConfigError> {
-        Self::merge_layers(cli, file).map_err(|e| e.locate(cli, file))
-    }
-
-    fn merge_layers(cli: &Cli, file: &FileConfig) -> Result<Self, ConfigError> {
-        let s3 = S3Common::of(cli, &file.sink)?;
-        let out_text = cli
-            .out
-            .clone()
-            .or(file.sink.out.clone())
-            .unwrap_or_else(|| defaults::OUT.into());
+    /// Settings from the stacked layers, every value checked; errors name the setting.
+    fn validate(cli: &Cli, layers: &Layers) -> Result<Self, ConfigError> {
+        let raw = layers.schema()?;
+        let run = Run::of(cli);
+        let s3 = S3Common::of(&raw.sink)?;
+        let out_text = required(&raw.sink.out, &keys::OUT)?;
         let out = s3.output(&keys::OUT, out_text.as_os_str())?;
-        let handoff = match cli.handoff.clone().or(file.edge.handoff.clone()) {
+        let handoff = match &raw.edge.handoff {
             Some(h) => Some(s3.output(&keys::HANDOFF, h.as_os_str())?),
             None => None,
         };
-        let node_given = cli.node.is_some() || file.node.is_some();
-        let node = cli
-            .node
-            .clone()
-            .or(file.node.clone())
-            .unwrap_or_else(default_node);
+        let node_given = layers.is_set(&keys::NODE);
+        let node = raw.node.clone().unwrap_or_else(default_node);
         if node.is_empty() || node.len() > 64 || !node.chars().all(is_node_char) {
             return Err(invalid(
                 &keys::NODE,
@@ -329,16 +298,9 @@ impl Settings {
                 "use 1-64 characters from A-Z a-z 0-9 . _ -",
             ));
         }
-        let start = cli
-            .start
-            .clone()
-            .or(file.capture.start.clone())
-            .unwrap_or_else(|| defaults::START.into());
+        let start = required(&raw.capture.start, &keys::START)?;
         let start_us = rfc3339_us(&start).map_err(|e| invalid(&keys::START, &start, e))?;
-        let window_secs = cli
-            .window
-            .or(file.aggregate.window_secs)
-            .unwrap_or(defaults::WINDOW_SECS);
+        let window_secs = required(&raw.aggregate.window_secs, &keys::WINDOW)?;
         if window_secs == 0 || window_secs > 86_400 {
             return Err(invalid(
                 &keys::WINDOW,
@@ -346,10 +308,7 @@ impl Settings {
                 "must be between 1 and 86400 seconds",
             ));
         }
-        let lateness = cli
-            .allowed_lateness
-            .or(file.aggregate.allowed_lateness_secs)
-            .unwrap_or(defaults::ALLOWED_LATENESS_SECS);
+        let lateness = required(&raw.aggregate.allowed_lateness_secs, &keys::LATENESS)?;
         if lateness > 86_400 {
             return Err(invalid(
                 &keys::LATENESS,
@@ -357,9 +316,11 @@ impl Settings {
                 "must be at most 86400 seconds",
             ));
         }
-        let horizon = cli
-            .late_horizon
-            .or(file.aggregate.late_horizon_secs)
+        // The horizon's default follows the lateness: a window never stops taking events before it
+        // is first emitted.
+        let horizon = raw
+            .aggregate
+            .late_horizon_secs
             .unwrap_or(defaults::LATE_HORIZON_SECS.max(lateness));
         if horizon < lateness || horizon > 7 * 86_400 {
             return Err(invalid(
@@ -370,10 +331,7 @@ impl Settings {
                 ),
             ));
         }
-        let batch_size = cli
-            .batch_size
-            .or(file.capture.batch_size)
-            .unwrap_or(defaults::BATCH_SIZE);
+        let batch_size = required(&raw.capture.batch_size, &keys::BATCH_SIZE)?;
         if !(1..=1_000_000).contains(&batch_size) {
             return Err(invalid(
                 &keys::BATCH_SIZE,
@@ -381,10 +339,7 @@ impl Settings {
                 "must be between 1 and 1000000",
             ));
         }
-        let channel_capacity = cli
-            .channel_capacity
-            .or(file.edge.channel_capacity)
-            .unwrap_or(defaults::CHANNEL_CAPACITY);
+        let channel_capacity = required(&raw.edge.channel_capacity, &keys::CHANNEL_CAPACITY)?;
         if !(1..=65_536).contains(&channel_capacity) {
             return Err(invalid(
                 &keys::CHANNEL_CAPACITY,
@@ -392,21 +347,13 @@ impl Settings {
                 "must be between 1 and 65536",
             ));
         }
-        let size = cli
-            .max_file_size
-            .clone()
-            .or(file.sink.max_file_size.clone())
-            .unwrap_or_else(|| defaults::MAX_FILE_SIZE.into());
+        let size = required(&raw.sink.max_file_size, &keys::MAX_FILE_SIZE)?;
         let max_file_bytes = size_within(&size, 1 << 10, bounds::FILE_SIZE_MAX)
             .map_err(|e| invalid(&keys::MAX_FILE_SIZE, &size, e))?;
-        let age = cli
-            .max_file_age
-            .clone()
-            .or(file.sink.max_file_age.clone())
-            .unwrap_or_else(|| defaults::MAX_FILE_AGE.into());
+        let age = required(&raw.sink.max_file_age, &keys::MAX_FILE_AGE)?;
         let max_file_age = duration_within(&age, bounds::SECOND, bounds::FILE_AGE)
             .map_err(|e| invalid(&keys::MAX_FILE_AGE, &age, e))?;
-        let row_group_rows = file.sink.row_group_rows.unwrap_or(defaults::ROW_GROUP_ROWS);
+        let row_group_rows = required(&raw.sink.row_group_rows, &keys::ROW_GROUP_ROWS)?;
         if !(1..=16 << 20).contains(&row_group_rows) {
             return Err(invalid(
                 &keys::ROW_GROUP_ROWS,
@@ -414,17 +361,17 @@ impl Settings {
                 "must be between 1 and 16777216",
             ));
         }
-        let duration = cli
+        let duration = raw
+            .capture
             .duration
-            .clone()
-            .or(file.capture.duration.clone())
+            .as_ref()
             .map(|d| {
-                duration_within(&d, Duration::from_millis(1), bounds::RUN_FOR)
-                    .map_err(|e| invalid(&keys::DURATION, &d, e))
+                duration_within(d, Duration::from_millis(1), bounds::RUN_FOR)
+                    .map_err(|e| invalid(&keys::DURATION, d, e))
             })
             .transpose()?;
-        let ebpf = ebpf_settings(cli, &file.capture)?;
-        let synthetic_late = match (file.capture.late_every, &file.capture.late_by) {
+        let ebpf = ebpf_settings(&raw.capture)?;
+        let synthetic_late = match (raw.capture.late_every, &raw.capture.late_by) {
             (None, None) => None,
             (Some(0), _) => return Err(invalid(&keys::LATE_EVERY, 0, "must be at least 1")),
             (Some(every), Some(by)) => Some((
@@ -443,15 +390,15 @@ impl Settings {
                 return Err(invalid(&keys::LATE_BY, by, "needs capture.late_every too"))
             }
         };
-        if cli.rate == Some(0) || (cli.rate.is_none() && file.capture.rate == Some(0)) {
+        if raw.capture.rate == Some(0) {
             return Err(invalid(
                 &keys::RATE,
                 0,
                 "must be at least 1 event per second (omit it for no pacing)",
             ));
         }
-        let mode = cli.mode.or(file.mode).unwrap_or(Mode::Monolith);
-        let broker = broker::settings(cli, &file.broker, batch_size)?;
+        let mode = required(&raw.mode, &keys::MODE)?;
+        let broker = broker::settings(&raw.broker, batch_size)?;
         if mode.is_split() {
             if broker.is_none() && handoff.is_none() {
                 return Err(invalid(
@@ -468,30 +415,20 @@ impl Settings {
                 ));
             }
         }
-        let shard = match cli.shard.clone().or(file.aggregate.shard.clone()) {
-            Some(s) => parse_shard(&s)?,
+        let shard = match &raw.aggregate.shard {
+            Some(s) => parse_shard(s)?,
             None => crate::aggregate::Shard::ALL,
         };
-        let source = cli
-            .source
-            .as_ref()
-            .map(|s| s.kind)
-            .or(file.capture.source)
-            .unwrap_or(SourceKind::Ebpf);
+        let source = required(&raw.capture.source, &keys::SOURCE)?;
         let replay_from = match source {
             SourceKind::Replay => {
-                let from = cli
-                    .source
-                    .as_ref()
-                    .and_then(|s| s.from.clone())
-                    .or(file.capture.replay_from.clone())
-                    .ok_or_else(|| {
-                        invalid(
-                            &keys::SOURCE,
-                            "replay",
-                            "name the log to read: --source replay:DIR|s3://...",
-                        )
-                    })?;
+                let from = raw.capture.replay_from.clone().ok_or_else(|| {
+                    invalid(
+                        &keys::SOURCE,
+                        "replay",
+                        "name the log to read: --source replay:DIR|s3://...",
+                    )
+                })?;
                 let from = s3.output(&keys::SOURCE, from.as_os_str())?;
                 if let Output::Local(dir) = &from {
                     if !dir.exists() {
@@ -502,7 +439,7 @@ impl Settings {
                         ));
                     }
                 }
-                if Run::of(cli) == Run::Pipeline && same_place(&from, &out) {
+                if run == Run::Pipeline && same_place(&from, &out) {
                     return Err(invalid(
                         &keys::OUT,
                         describe_output(&out),
@@ -514,9 +451,9 @@ impl Settings {
             }
             _ => None,
         };
-        let replay_range = replay_range(cli, &file.capture)?;
-        let metrics_given = cli.metrics_addr.clone().or(file.metrics_addr.clone());
-        let metrics_addr = match metrics_given.as_deref().unwrap_or(defaults::METRICS_ADDR) {
+        let replay_range = replay_range(&raw.capture)?;
+        let metrics = required(&raw.metrics_addr, &keys::METRICS_ADDR)?;
+        let metrics_addr = match metrics.as_str() {
             "off" => None,
             a => Some(a.parse().map_err(|_| {
                 invalid(
@@ -526,6 +463,7 @@ impl Settings {
                 )
             })?),
         };
+        let task = Task::of(cli, max_file_bytes, row_group_rows)?;
         Ok(Settings {
             mode,
             node,
@@ -533,13 +471,13 @@ impl Settings {
             source,
             replay_from,
             replay_range,
-            events: cli.events.or(file.capture.events),
+            events: raw.capture.events,
             duration,
             ebpf,
-            seed: cli.seed.or(file.capture.seed).unwrap_or(defaults::SEED),
+            seed: required(&raw.capture.seed, &keys::SEED)?,
             start_us,
             synthetic_late,
-            rate: cli.rate.or(file.capture.rate),
+            rate: raw.capture.rate,
             batch_size,
             window: Duration::from_secs(window_secs),
             allowed_lateness: Duration::from_secs(lateness),
@@ -554,9 +492,17 @@ impl Settings {
             handoff,
             shard,
             metrics_addr,
-            metrics_addr_given: metrics_given.is_some(),
+            metrics_addr_given: layers.is_set(&keys::METRICS_ADDR),
+            task,
         })
     }
+}
+
+/// A setting the defaults layer always fills (`None` would mean the defaults lost a key: say which
+/// rather than panic).
+fn required<T: Clone>(v: &Option<T>, key: &'static Key) -> Result<T, ConfigError> {
+    v.clone()
+        .ok_or_else(|| invalid(key, "(none)", "has no value and no default"))
 }
 
 /// Do two outputs name the same place (the same directory, or the same bucket and prefix)?
@@ -587,12 +533,9 @@ fn describe_output(o: &Output) -> String {
     }
 }
 
-fn replay_range(
-    cli: &Cli,
-    file: &FileCapture,
-) -> Result<crate::capture::recorded::TimeRange, ConfigError> {
-    let since = cli.since.clone().or(file.replay_since.clone());
-    let until = cli.until.clone().or(file.replay_until.clone());
+fn replay_range(file: &Capture) -> Result<crate::capture::recorded::TimeRange, ConfigError> {
+    let since = file.replay_since.clone();
+    let until = file.replay_until.clone();
     let time = |key: &'static Key, t: &str| rfc3339_us(t).map_err(|e| invalid(key, t, e));
     let range = crate::capture::recorded::TimeRange {
         since_us: since
@@ -673,11 +616,8 @@ fn parse_shard(s: &str) -> Result<crate::aggregate::Shard, ConfigError> {
     Ok(crate::aggregate::Shard { index, count })
 }
 
-fn ebpf_settings(cli: &Cli, file: &FileCapture) -> Result<EbpfSettings, ConfigError> {
-    let ring = file
-        .ring_buffer_size
-        .clone()
-        .unwrap_or_else(|| defaults::RING_BUFFER_SIZE.into());
+fn ebpf_settings(file: &Capture) -> Result<EbpfSettings, ConfigError> {
+    let ring = required(&file.ring_buffer_size, &keys::RING_BUFFER)?;
     let ring_bytes = parse_size(&ring).map_err(|e| invalid(&keys::RING_BUFFER, &ring, e))?;
     // The kernel requires a power of two that is a multiple of the page size.
     if !ring_bytes.is_power_of_two() || !(4096..=1 << 30).contains(&ring_bytes) {
@@ -687,10 +627,9 @@ fn ebpf_settings(cli: &Cli, file: &FileCapture) -> Result<EbpfSettings, ConfigEr
             "must be a power of two between 4KiB and 1GiB",
         ));
     }
-    let cgroup_id = cli
+    let cgroup_id = file
         .cgroup
         .clone()
-        .or(file.cgroup.clone())
         .map(|c| match c.parse::<u64>() {
             Ok(id) => Ok(id),
             // On cgroup v2 the id of a cgroup is the inode number of its directory.
@@ -705,8 +644,8 @@ fn ebpf_settings(cli: &Cli, file: &FileCapture) -> Result<EbpfSettings, ConfigEr
                 }),
         })
         .transpose()?;
-    let interval = |key: &'static Key, v: &Option<String>, default: &str| {
-        let text = v.clone().unwrap_or_else(|| default.into());
+    let interval = |key: &'static Key, v: &Option<String>| {
+        let text = required(v, key)?;
         duration_within(
             &text,
             bounds::PROBE_INTERVAL_MIN,
@@ -715,21 +654,13 @@ fn ebpf_settings(cli: &Cli, file: &FileCapture) -> Result<EbpfSettings, ConfigEr
         .map_err(|e| invalid(key, &text, e))
     };
     Ok(EbpfSettings {
-        port: cli.port.or(file.port).filter(|&p| p != 0),
-        pid: cli.pid.or(file.pid).filter(|&p| p != 0),
+        port: file.port.filter(|&p| p != 0),
+        pid: file.pid.filter(|&p| p != 0),
         cgroup_id,
-        exclude_self: !cli.include_self && file.exclude_self.unwrap_or(true),
+        exclude_self: required(&file.exclude_self, &keys::INCLUDE_SELF)?,
         ring_buffer_bytes: ring_bytes as u32,
-        rtt_sample_interval: interval(
-            &keys::RTT_INTERVAL,
-            &file.rtt_sample_interval,
-            defaults::RTT_SAMPLE_INTERVAL,
-        )?,
-        bytes_flush_interval: interval(
-            &keys::FLUSH_INTERVAL,
-            &file.bytes_flush_interval,
-            defaults::BYTES_FLUSH_INTERVAL,
-        )?,
+        rtt_sample_interval: interval(&keys::RTT_INTERVAL, &file.rtt_sample_interval)?,
+        bytes_flush_interval: interval(&keys::FLUSH_INTERVAL, &file.bytes_flush_interval)?,
     })
 }
 
@@ -737,8 +668,15 @@ fn ebpf_settings(cli: &Cli, file: &FileCapture) -> Result<EbpfSettings, ConfigEr
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> Result<FileConfig, ConfigError> {
-        FileConfig::parse(Path::new("t.toml"), text)
+    fn parse(text: &str) -> Result<ConfigFile, ConfigError> {
+        ConfigFile::parse(Path::new("t.toml"), text)
+    }
+
+    /// Settings from flags (and a file's text), as the binary resolves them.
+    fn resolve(args: &[&str], file: Option<&str>) -> Result<Settings, ConfigError> {
+        let cli = Cli::try_parse_args(std::iter::once("tcplake").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e:?}"));
+        Settings::resolve_with(&cli, file.map(|t| parse(t).unwrap()))
     }
 
     #[test]
@@ -753,17 +691,14 @@ mod tests {
 
     #[test]
     fn precedence_is_flag_over_file_over_default() {
-        let file =
-            parse("[aggregate]\nwindow_secs = 30\n[capture]\nevents = 7\nseed = 9\n").unwrap();
-        let cli = Cli {
-            seed: Some(3),
-            node: Some("n1".into()),
-            ..Cli::default()
-        };
-        let s = Settings::merge(&cli, &file).unwrap();
+        let s = resolve(
+            &["--seed", "3", "--node", "n1", "--source", "synthetic"],
+            Some("[aggregate]\nwindow_secs = 30\n[capture]\nevents = 7\nseed = 9\n"),
+        )
+        .unwrap();
         assert_eq!(s.window, Duration::from_secs(30));
         assert_eq!(s.events, Some(7));
-        assert_eq!(s.source, SourceKind::Ebpf);
+        assert_eq!(s.source, SourceKind::Synthetic);
         assert!(s.ebpf.exclude_self);
         assert_eq!(s.ebpf.ring_buffer_bytes, 4 << 20);
         assert_eq!(s.seed, 3);
@@ -771,44 +706,87 @@ mod tests {
         assert_eq!(s.max_file_bytes, 128 << 20);
         assert_eq!(s.max_file_age, Duration::from_secs(300));
         assert_eq!(s.start_us, 1_767_225_600_000_000);
+        assert_eq!(s.task, Task::Pipeline);
+        // Defaults that follow other settings: the horizon is at least the lateness.
+        let s = resolve(&["--node", "n", "--allowed-lateness", "90"], None).unwrap();
+        assert_eq!(s.late_horizon, Duration::from_secs(90));
+    }
+
+    #[test]
+    fn every_layer_is_named_in_errors_and_the_highest_wins() {
+        let file = Some("[aggregate]\nwindow_secs = 0\n");
+        let err = resolve(&["--node", "n"], file).unwrap_err().to_string();
+        assert!(
+            err.contains("invalid window `0` (from `t.toml` key `aggregate.window_secs`)"),
+            "{err}"
+        );
+        let err = resolve(&["--node", "n", "--window", "0"], None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("(from --window)"), "{err}");
+        // A flag over a bad file value: the file's value is never used, so it is no error.
+        let s = resolve(&["--node", "n", "--window", "7"], file).unwrap();
+        assert_eq!(s.window, Duration::from_secs(7));
+        // `tcplake replay`'s flags are settings by other names, named as typed.
+        let tmp = std::env::temp_dir();
+        let from = tmp.to_str().unwrap();
+        let err = resolve(
+            &[
+                "--node", "n", "replay", "--from", from, "--to", "/x", "--window", "0",
+            ],
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("(from replay --window)"), "{err}");
+        let s = resolve(
+            &["--node", "n", "replay", "--from", from, "--to", "/x"],
+            None,
+        )
+        .unwrap();
+        assert_eq!(s.source, SourceKind::Replay);
+        assert_eq!(s.out, Output::Local("/x".into()));
+        // --include-self is the file's capture.exclude_self, inverted.
+        let s = resolve(
+            &["--node", "n", "--include-self"],
+            Some("[capture]\nexclude_self = true\n"),
+        )
+        .unwrap();
+        assert!(!s.ebpf.exclude_self);
+    }
+
+    #[test]
+    fn subcommand_options_are_resolved_with_the_settings() {
+        let s = resolve(&["compact", "--target-size", "1MiB"], None).unwrap();
+        match s.task {
+            Task::Compact(o) => {
+                assert_eq!(o.len(), 2);
+                assert_eq!(o[0].target_bytes, 1 << 20);
+            }
+            other => panic!("{other:?}"),
+        }
+        let err = resolve(&["compact", "--partition", "x"], None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("invalid partition `x`"), "{err}");
+        let s = resolve(&["vacuum"], None).unwrap();
+        assert_eq!(
+            s.task,
+            Task::Vacuum {
+                datasets: vec![crate::lake::Dataset::Events, crate::lake::Dataset::Flows],
+                retention: Duration::from_secs(7 * 86_400)
+            }
+        );
     }
 
     #[test]
     fn bad_values_are_named() {
-        let node = || Cli {
-            node: Some("n".into()),
-            ..Cli::default()
-        };
-        let err = |cli: Cli| {
-            Settings::merge(&cli, &FileConfig::default())
-                .unwrap_err()
-                .to_string()
-        };
-        assert!(err(Cli {
-            window: Some(0),
-            ..node()
-        })
-        .contains("invalid window `0`"));
-        assert!(err(Cli {
-            max_file_size: Some("12 parsecs".into()),
-            ..node()
-        })
-        .contains("max file size"));
-        assert!(err(Cli {
-            node: Some("a/b".into()),
-            ..Cli::default()
-        })
-        .contains("node name `a/b`"));
-        assert!(err(Cli {
-            start: Some("yesterday".into()),
-            ..node()
-        })
-        .contains("start time"));
-        assert!(err(Cli {
-            rate: Some(0),
-            ..node()
-        })
-        .contains("rate"));
+        let err = |args: &[&str]| resolve(args, None).unwrap_err().to_string();
+        assert!(err(&["--node", "n", "--window", "0"]).contains("invalid window `0`"));
+        assert!(err(&["--node", "n", "--max-file-size", "12 parsecs"]).contains("max file size"));
+        assert!(err(&["--node", "a/b"]).contains("node name `a/b`"));
+        assert!(err(&["--node", "n", "--start", "yesterday"]).contains("start time"));
+        assert!(err(&["--node", "n", "--source", "synthetic", "--rate", "0"]).contains("rate"));
     }
 
     /// Thousands of random flag combinations through parsing and resolution: an error or settings,

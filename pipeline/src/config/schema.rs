@@ -1,41 +1,38 @@
-//! The TOML configuration file: the same settings as the flags, grouped by stage.
+//! The one configuration schema: every setting by its dotted key (`aggregate.window_secs`), grouped
+//! by stage. The config file is written in it; flags and environment variables are a surface over it
+//! (their keys are in [`super::keys`]); the built-in defaults are a value of it ([`Schema::defaults`]).
+//! [`super::layers`] stacks them, and the result is validated once into [`super::Settings`].
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use super::{ConfigError, Mode, SourceKind};
+use super::{defaults, ConfigError, Mode, SourceKind};
 
-/// The TOML file. Same settings as the flags, grouped by stage.
-#[derive(Debug, Default, Deserialize)]
+/// Every setting. A value is `None` where nothing set it and it has no plain default (its default
+/// depends on other settings, or there is none).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct FileConfig {
+pub struct Schema {
     pub mode: Option<Mode>,
     pub node: Option<String>,
     pub metrics_addr: Option<String>,
     #[serde(default)]
-    pub capture: FileCapture,
+    pub capture: Capture,
     #[serde(default)]
-    pub aggregate: FileAggregate,
+    pub aggregate: Aggregate,
     #[serde(default)]
-    pub sink: FileSink,
+    pub sink: Sink,
     #[serde(default)]
-    pub edge: FileEdge,
+    pub edge: Edge,
     #[serde(default)]
-    pub broker: FileBroker,
-    /// The file it was read from.
-    #[serde(skip)]
-    pub path: Option<PathBuf>,
-    /// Every key the file sets, dotted (`aggregate.window_secs`): to name where a bad value came from
-    /// and to check that what the file sets applies to what runs.
-    #[serde(skip)]
-    pub keys: BTreeSet<String>,
+    pub broker: Broker,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct FileBroker {
+pub struct Broker {
     pub url: Option<String>,
     pub connect_timeout: Option<String>,
     pub max_age: Option<String>,
@@ -49,9 +46,9 @@ pub struct FileBroker {
     pub nkey_file: Option<PathBuf>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct FileCapture {
+pub struct Capture {
     pub source: Option<SourceKind>,
     /// With `source = "replay"`: the recorded output to read (`DIR` or `s3://bucket/prefix`).
     pub replay_from: Option<PathBuf>,
@@ -76,18 +73,18 @@ pub struct FileCapture {
     pub batch_size: Option<usize>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct FileAggregate {
+pub struct Aggregate {
     pub window_secs: Option<u64>,
     pub allowed_lateness_secs: Option<u64>,
     pub late_horizon_secs: Option<u64>,
     pub shard: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct FileSink {
+pub struct Sink {
     pub out: Option<PathBuf>,
     pub s3_endpoint: Option<String>,
     pub s3_region: Option<String>,
@@ -102,15 +99,74 @@ pub struct FileSink {
     pub shards: Option<u32>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct FileEdge {
+pub struct Edge {
     pub channel_capacity: Option<usize>,
     pub handoff: Option<PathBuf>,
 }
 
-impl FileConfig {
-    /// Reads and parses a config file; errors name the file, line and key.
+impl Schema {
+    /// The built-in defaults: the lowest layer. Settings whose default depends on others (the late
+    /// horizon, the event count, the node name) are left to validation.
+    pub fn defaults() -> Schema {
+        let s = |v: &str| Some(v.to_string());
+        Schema {
+            mode: Some(Mode::Monolith),
+            node: None,
+            metrics_addr: s(defaults::METRICS_ADDR),
+            capture: Capture {
+                source: Some(SourceKind::Ebpf),
+                exclude_self: Some(true),
+                ring_buffer_size: s(defaults::RING_BUFFER_SIZE),
+                rtt_sample_interval: s(defaults::RTT_SAMPLE_INTERVAL),
+                bytes_flush_interval: s(defaults::BYTES_FLUSH_INTERVAL),
+                seed: Some(defaults::SEED),
+                start: s(defaults::START),
+                batch_size: Some(defaults::BATCH_SIZE),
+                ..Capture::default()
+            },
+            aggregate: Aggregate {
+                window_secs: Some(defaults::WINDOW_SECS),
+                allowed_lateness_secs: Some(defaults::ALLOWED_LATENESS_SECS),
+                ..Aggregate::default()
+            },
+            sink: Sink {
+                out: Some(defaults::OUT.into()),
+                s3_max_retry: s(defaults::S3_MAX_RETRY),
+                s3_single_writer: Some(false),
+                max_file_size: s(defaults::MAX_FILE_SIZE),
+                max_file_age: s(defaults::MAX_FILE_AGE),
+                row_group_rows: Some(defaults::ROW_GROUP_ROWS),
+                ..Sink::default()
+            },
+            edge: Edge {
+                channel_capacity: Some(defaults::CHANNEL_CAPACITY),
+                handoff: None,
+            },
+            broker: Broker {
+                connect_timeout: s(defaults::BROKER_CONNECT_TIMEOUT),
+                max_age: s(defaults::BROKER_MAX_AGE),
+                max_bytes: s(defaults::BROKER_MAX_BYTES),
+                compress: Some(true),
+                ..Broker::default()
+            },
+        }
+    }
+}
+
+/// A config file, checked against the schema: what it sets, as written.
+#[derive(Clone, Debug)]
+pub struct ConfigFile {
+    pub path: PathBuf,
+    /// The file's tables and values (only what it sets: the layer above the defaults).
+    pub table: toml::Table,
+    /// Every key the file sets, dotted (`aggregate.window_secs`).
+    pub keys: BTreeSet<String>,
+}
+
+impl ConfigFile {
+    /// Reads and checks a config file; errors name the file, line and key.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
@@ -119,8 +175,10 @@ impl FileConfig {
         Self::parse(path, &text)
     }
 
+    /// Checks `text` against the schema (a misspelt key or a wrong type is an error naming the key and
+    /// line, not a silently ignored setting).
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let mut file: FileConfig = toml::from_str(text).map_err(|e| {
+        let parse_error = |e: toml::de::Error| {
             let location = e
                 .span()
                 .map(|s| {
@@ -133,26 +191,22 @@ impl FileConfig {
                 location,
                 message: e.message().replace('\n', " "),
             }
-        })?;
-        // It parsed into the typed form above, so it is a table of tables and values.
-        if let Ok(table) = text.parse::<toml::Table>() {
-            for (k, v) in &table {
-                match v.as_table() {
-                    Some(section) => file
-                        .keys
-                        .extend(section.keys().map(|sk| format!("{k}.{sk}"))),
-                    None => {
-                        file.keys.insert(k.clone());
-                    }
+        };
+        let _: Schema = toml::from_str(text).map_err(parse_error)?;
+        let table: toml::Table = text.parse().map_err(parse_error)?;
+        let mut keys = BTreeSet::new();
+        for (k, v) in &table {
+            match v.as_table() {
+                Some(section) => keys.extend(section.keys().map(|sk| format!("{k}.{sk}"))),
+                None => {
+                    keys.insert(k.clone());
                 }
             }
         }
-        file.path = Some(path.to_path_buf());
-        Ok(file)
-    }
-
-    /// Sets `key` (dotted)?
-    pub fn has(&self, key: &str) -> bool {
-        self.keys.contains(key)
+        Ok(ConfigFile {
+            path: path.to_path_buf(),
+            table,
+            keys,
+        })
     }
 }
