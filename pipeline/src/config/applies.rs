@@ -8,7 +8,7 @@
 //! apply (`capture.port` with the synthetic source is an error).
 
 use super::keys::{self, Key};
-use super::layers::Layers;
+use super::layers::{Layers, Origin};
 use super::{Cli, ConfigError, Mode, Output, Settings, SourceKind};
 
 /// What the command line asks to run.
@@ -278,6 +278,22 @@ pub(super) fn check(cli: &Cli, layers: &Layers, s: &Settings) -> Result<(), Conf
         if let Some(reason) = reason {
             return Err(ConfigError::NotApplicable {
                 what: origin.to_string(),
+                reason,
+            });
+        }
+    }
+    // `tcplake replay`'s own flags are settings under other names: layers of their own, checked like
+    // any flag.
+    for (key, origin) in layers.set_keys() {
+        let Origin::Flag(flag) = &origin else {
+            continue;
+        };
+        if !flag.starts_with("replay ") {
+            continue;
+        }
+        if let Some(reason) = not_applicable(key, &ctx) {
+            return Err(ConfigError::NotApplicable {
+                what: flag.clone(),
                 reason,
             });
         }

@@ -509,7 +509,7 @@ impl Cli {
             match id {
                 "source" => {
                     if let Some(s) = &self.source {
-                        put(key, serialize(key, &s.kind)?, origin);
+                        put(key, serialize(key, s.kind)?, origin);
                         if let Some(from) = &s.from {
                             put(
                                 &keys::REPLAY_FROM,
@@ -519,8 +519,13 @@ impl Cli {
                         }
                     }
                 }
-                // The flag says the opposite of the file's key.
-                "include_self" => put(key, Value::from(!self.include_self), origin),
+                // The flag says the opposite of the file's key, and only ever asks for inclusion
+                // (`TCPLAKE_INCLUDE_SELF=false` leaves the file's choice alone).
+                "include_self" => {
+                    if self.include_self {
+                        put(key, Value::from(false), origin);
+                    }
+                }
                 _ => {
                     if let Some(v) = self.flag_value(id, key)? {
                         put(key, v, origin);

@@ -132,12 +132,7 @@ impl Layers {
                 .as_ref()
                 .and_then(|m| self.origins.get(m.name.as_ref()))
                 .map_or_else(|| "the configuration".to_string(), |o| o.describe(&key));
-            // Not the value itself: it could be a URL with credentials.
-            ConfigError::Parse {
-                path: PathBuf::from(origin),
-                location: String::new(),
-                message: format!("`{key}` has a value of the wrong type"),
-            }
+            ConfigError::Layer { origin, key }
         })
     }
 
@@ -206,10 +201,10 @@ impl Layers {
 fn dict<T: serde::Serialize>(value: &T) -> Result<Dict, ConfigError> {
     match Value::serialize(value) {
         Ok(Value::Dict(_, d)) => Ok(d),
-        other => Err(ConfigError::Parse {
-            path: PathBuf::from("the configuration"),
-            location: String::new(),
-            message: format!("not a table of settings: {other:?}"),
+        // Not the value itself: it could hold credentials.
+        _ => Err(ConfigError::Layer {
+            origin: "the configuration".into(),
+            key: "(a layer)".into(),
         }),
     }
 }

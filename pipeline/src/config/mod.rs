@@ -50,6 +50,13 @@ pub enum ConfigError {
     },
     #[error("{what} has no effect here: {reason}")]
     NotApplicable { what: String, reason: String },
+    /// `compact --partition` names no partition of the layout.
+    #[error(transparent)]
+    Partition(#[from] crate::lake::compact::CompactError),
+    /// A layer holds a value of the wrong type for its key (each layer is typed on its own, so this
+    /// means a bug; the value itself is not shown: it could hold credentials).
+    #[error("{origin}: `{key}` has a value of the wrong type")]
+    Layer { origin: String, key: String },
     /// A subcommand's own option (`compact --target-size`).
     #[error("invalid {what} `{value}`: {reason}")]
     Arg {
@@ -746,6 +753,26 @@ mod tests {
         .unwrap();
         assert_eq!(s.source, SourceKind::Replay);
         assert_eq!(s.out, Output::Local("/x".into()));
+        // ... and checked like any flag: a capture process writes no output.
+        let err = resolve(
+            &[
+                "--node",
+                "n",
+                "--mode",
+                "capture",
+                "--broker",
+                "nats://h:1",
+                "replay",
+                "--from",
+                from,
+                "--to",
+                "/x",
+            ],
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("replay --to has no effect here"), "{err}");
         // --include-self is the file's capture.exclude_self, inverted.
         let s = resolve(
             &["--node", "n", "--include-self"],
@@ -769,6 +796,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("invalid partition `x`"), "{err}");
+        assert_eq!(err.matches("invalid partition").count(), 1, "{err}");
         let s = resolve(&["vacuum"], None).unwrap();
         assert_eq!(
             s.task,

@@ -49,11 +49,7 @@ impl Task {
                     None => max_file_bytes,
                 };
                 if let Some(p) = &args.partition {
-                    validate_partition(p).map_err(|e| ConfigError::Arg {
-                        what: "partition",
-                        value: p.clone(),
-                        reason: e.to_string(),
-                    })?;
+                    validate_partition(p)?;
                 }
                 Task::Compact(
                     datasets(args.dataset)

@@ -1125,7 +1125,7 @@ impl<T> BrokerRx<T> {
                     return Ok(());
                 }
                 Err(e) if started.elapsed() < CONSUME_RETRY_FOR => {
-                    tracing::debug!(error = %e, "broker not back yet");
+                    tracing::debug!(error = %crate::report::one_line(&*e), "broker not back yet");
                 }
                 Err(e) => {
                     return Err(EdgeError::Lost {

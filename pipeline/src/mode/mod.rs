@@ -49,7 +49,7 @@ pub enum RunError {
     #[error("capture: {0}")]
     Capture(#[from] CaptureError),
     #[error("aggregate: {0}")]
-    Aggregate(EdgeError),
+    Aggregate(#[source] EdgeError),
     #[error("{dataset} sink: {source}")]
     Sink {
         dataset: &'static str,

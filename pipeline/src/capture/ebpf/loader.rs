@@ -28,7 +28,7 @@ pub enum LoadError {
     NotBuilt,
     #[error(transparent)]
     Btf(#[from] BtfError),
-    #[error("{what}: permission denied; {hint}; --source synthetic needs no privileges")]
+    #[error("{what}: {source}: permission denied; {hint}; --source synthetic needs no privileges")]
     Denied {
         what: String,
         hint: &'static str,
