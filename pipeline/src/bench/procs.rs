@@ -117,7 +117,17 @@ impl NatsServer {
             .and_then(|l| l.local_addr())
             .map_err(|e| BenchError::Process(format!("finding a free port: {e}")))?
             .port();
+        // JetStream reserves each stream's max_bytes against its storage limit, by default most of
+        // the free disk: a stated limit lets the bench run on a nearly full disk (it writes far less
+        // than the streams' limits). The store itself is this run's own, removed above.
+        std::fs::create_dir_all(store)
+            .map_err(|e| BenchError::Process(format!("creating {}: {e}", store.display())))?;
+        let conf = store.join("limits.conf");
+        std::fs::write(&conf, "jetstream { max_file_store: 1TB }\n")
+            .map_err(|e| BenchError::Process(format!("writing {}: {e}", conf.display())))?;
         let child = Command::new(nats_binary())
+            .arg("-c")
+            .arg(&conf)
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
             .arg(store)
             .stdout(Stdio::null())

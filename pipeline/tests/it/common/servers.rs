@@ -103,8 +103,18 @@ impl Nats {
             .into_iter()
             .find(|p| Path::new(p).exists())
             .unwrap_or("nats-server");
+        // JetStream reserves each stream's max_bytes against its storage limit, which by default is
+        // most of the free disk: on a full build machine, streams tcplake asks for by default (1 GiB
+        // each) would be refused although the tests write megabytes. A stated limit is what the
+        // reservations count against. (Tests that need a small limit pass their own `-c`.)
+        let conf = store.join("limits.conf");
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        if !extra.contains(&"-c") {
+            std::fs::write(&conf, "jetstream { max_file_store: 1TB }\n").unwrap();
+            args.extend(["-c".to_string(), conf.to_str().unwrap().to_string()]);
+        }
         let child = Command::new(bin)
-            .args(extra)
+            .args(&args)
             .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
             .arg(store)
             .stdout(Stdio::null())
