@@ -157,19 +157,21 @@ pub fn is_batch(msg: &[u8]) -> bool {
 }
 
 fn frame(kind: u8, body: Vec<u8>, compress: bool, extra: u16) -> Vec<u8> {
+    let body_len = body.len();
     let (codec, payload) = match compress {
         // Level 1: several hundred MB/s; event batches shrink ~4x, which is what crosses the network.
         true => (
             CODEC_ZSTD,
             zstd::bulk::compress(&body, 1).expect("zstd compresses any input"),
         ),
-        false => (CODEC_RAW, body.clone()),
+        // Uncompressed, the body is the payload: no copy of it but the one into the message.
+        false => (CODEC_RAW, body),
     };
     let mut out = Vec::with_capacity(HEADER + payload.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&[VERSION, kind, codec]);
     out.extend_from_slice(&extra.to_le_bytes());
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(body_len as u32).to_le_bytes());
     out.extend_from_slice(&payload);
     out
 }
@@ -179,7 +181,12 @@ const MIN_EVENT_BYTES: usize = 64;
 const MIN_FLOW_BYTES: usize = 64;
 
 /// The body of a message, and its header's `extra` field.
-fn unframe(msg: &[u8], kind: u8, expected: &'static str) -> Result<(Vec<u8>, u16), WireError> {
+/// The body of a message (borrowed from it when uncompressed: decoding reads it in place).
+fn unframe<'m>(
+    msg: &'m [u8],
+    kind: u8,
+    expected: &'static str,
+) -> Result<(std::borrow::Cow<'m, [u8]>, u16), WireError> {
     if msg.len() < HEADER || &msg[..3] != MAGIC {
         return Err(WireError::Magic);
     }
@@ -200,14 +207,14 @@ fn unframe(msg: &[u8], kind: u8, expected: &'static str) -> Result<(Vec<u8>, u16
     }
     let payload = &msg[HEADER..];
     let body = match msg[5] {
-        CODEC_RAW if payload.len() == len => Ok(payload.to_vec()),
+        CODEC_RAW if payload.len() == len => Ok(std::borrow::Cow::Borrowed(payload)),
         CODEC_RAW => Err(WireError::Truncated("body")),
         CODEC_ZSTD => {
             let body = zstd::bulk::decompress(payload, len).map_err(WireError::Decompress)?;
             if body.len() != len {
                 return Err(WireError::Truncated("body"));
             }
-            Ok(body)
+            Ok(std::borrow::Cow::Owned(body))
         }
         c => Err(WireError::Codec(c)),
     }?;
