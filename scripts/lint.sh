@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
 # The lint gates: clippy -D warnings on the workspace (every target), on the binary as production
-# images build it (no bench harness), and on the kernel programs for the BPF target. scripts/test.sh
-# runs this beside the tests; run it alone after `scripts/setup.sh`.
+# images build it (no bench harness), and on the kernel programs for the BPF target: the same gates
+# scripts/test.sh applies while it builds the tests, for running alone (after `scripts/setup.sh`).
 #
-# It checks in its own target directory (target/lint): a check shares no compiled dependency with a
-# test build anyway, and its own directory means it never waits on the test run's lock.
+# It checks in its own target directory (target/lint), so a check never invalidates a test build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
