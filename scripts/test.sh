@@ -14,7 +14,12 @@ cargo fmt --all -- --check
 # any rustc or clippy warning an error, as `cargo clippy -- -D warnings` does; dependencies' lints are
 # capped by cargo as always. Both cargo test invocations below use the same settings, so the second
 # runs what the first built. (scripts/lint.sh runs the same gates with `cargo clippy`, standalone.)
-RUSTC_WORKSPACE_WRAPPER=$(rustup which clippy-driver 2>/dev/null || command -v clippy-driver)
+RUSTC_WORKSPACE_WRAPPER=$(rustup which clippy-driver 2>/dev/null || command -v clippy-driver || true)
+# Without it the build would pass unlinted: say so and stop.
+if [ -z "$RUSTC_WORKSPACE_WRAPPER" ]; then
+  echo "test.sh: clippy-driver not found (rustup component add clippy)" >&2
+  exit 1
+fi
 export RUSTC_WORKSPACE_WRAPPER
 export RUSTFLAGS="${RUSTFLAGS:-} -D warnings"
 echo "== cargo test --no-run, linted by clippy -D warnings (every target)"

@@ -186,13 +186,9 @@ fn bench(cfg: bench::BenchConfig) -> anyhow::Result<()> {
 /// One line on stderr naming the problem, then a non-zero exit. One line: the error and each cause it does not already say (library errors that wrap another often
 /// name it in their own message), scrubbed of registered secrets like every log line.
 fn fail(e: &anyhow::Error, code: u8) -> ExitCode {
-    let line = chain(e);
+    let line = pipeline::report::one_line(e.as_ref());
     eprintln!("tcplake: error: {}", secrets::scrub(&line));
     ExitCode::from(code)
-}
-
-fn chain(e: &anyhow::Error) -> String {
-    pipeline::report::one_line(e.as_ref())
 }
 
 fn init_tracing(json: bool) {

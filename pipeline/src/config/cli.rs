@@ -328,10 +328,6 @@ impl Origins {
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Origin)> {
         self.0.iter().map(|(k, v)| (k.as_str(), v))
     }
-
-    pub fn set(&mut self, id: &str, origin: Origin) {
-        self.0.insert(id.to_string(), origin);
-    }
 }
 
 fn flag_name(arg: &clap::Arg) -> String {
