@@ -42,7 +42,11 @@ fn main() -> ExitCode {
         ),
         #[cfg(feature = "bench")]
         Some(Command::Bench(args)) => {
-            let cfg = match bench::config(args) {
+            let s3 = bench::S3Flags {
+                endpoint: cli.s3_endpoint.clone(),
+                region: cli.s3_region.clone(),
+            };
+            let cfg = match bench::config(args, s3) {
                 Ok(c) => c,
                 Err(e) => return fail(&anyhow::Error::msg(e), CONFIG_ERROR),
             };

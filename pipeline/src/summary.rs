@@ -84,7 +84,8 @@ pub struct BrokerSummary {
 
 impl Summary {
     pub fn from_metrics(m: &Metrics, elapsed: Duration, out: String) -> Self {
-        let s3 = out.starts_with("s3://");
+        // Also a process whose S3 traffic is not its output's (an S3 hand-off, an S3 replay source).
+        let s3 = out.starts_with("s3://") || m.s3.by_type().iter().any(|&(_, n)| n > 0);
         let secs = elapsed.as_secs_f64();
         let events = m.capture.events.get();
         Summary {

@@ -9,8 +9,15 @@
 pub mod cost;
 mod procs;
 
+/// The global S3 flags, which reach an `s3://` hand-off.
+#[derive(Clone, Debug, Default)]
+pub struct S3Flags {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+}
+
 /// Settings of `tcplake bench` from its flags.
-pub fn config(args: &pipeline::config::BenchArgs) -> Result<BenchConfig, String> {
+pub fn config(args: &pipeline::config::BenchArgs, s3: S3Flags) -> Result<BenchConfig, String> {
     let prices = match &args.prices {
         Some(p) => {
             let text = std::fs::read_to_string(p)
@@ -25,15 +32,46 @@ pub fn config(args: &pipeline::config::BenchArgs) -> Result<BenchConfig, String>
     if !(1..=64).contains(&args.shards) {
         return Err("--shards must be between 1 and 64".into());
     }
+    if args.nodes.is_empty() || args.nodes.iter().any(|n| !(1..=64).contains(n)) {
+        return Err("--nodes takes counts between 1 and 64 (for example --nodes 1,2,4,8)".into());
+    }
     let dir = args
         .report
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join("tcplake-bench"));
+    let handoff = match &args.handoff {
+        Some(h) if h.to_ascii_lowercase().starts_with("s3://") => {
+            let rest = &h["s3://".len()..];
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(format!(
+                    "--handoff `{h}` names no bucket (s3://BUCKET/PREFIX)"
+                ));
+            }
+            Handoff::S3 {
+                bucket: bucket.to_string(),
+                prefix: prefix.trim_matches('/').to_string(),
+                s3,
+            }
+        }
+        other => {
+            let other = other.as_ref();
+            if s3.endpoint.is_some() || s3.region.is_some() {
+                return Err(
+                    "--s3-endpoint/--s3-region apply to an S3 hand-off: give --handoff s3://BUCKET/PREFIX"
+                        .into(),
+                );
+            }
+            Handoff::Dir(other.map_or_else(|| dir.join("handoff-store"), PathBuf::from))
+        }
+    };
     Ok(BenchConfig {
         events: args.events,
         seed: args.seed,
         modes: args.modes.clone(),
         shards: args.shards,
+        nodes: args.nodes.clone(),
+        handoff,
         prices,
         dir,
         exe: std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?,
@@ -52,14 +90,31 @@ use procs::{Measured, NatsServer};
 
 pub use pipeline::config::BenchMode;
 
+/// Where split-object-store hands batches over.
+#[derive(Clone, Debug)]
+pub enum Handoff {
+    /// A local directory (requests are counted by the edge and priced as if S3).
+    Dir(PathBuf),
+    /// An S3-compatible store: every request counted is one made.
+    S3 {
+        bucket: String,
+        prefix: String,
+        s3: S3Flags,
+    },
+}
+
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct BenchConfig {
+    /// Synthetic events per capture node.
     pub events: u64,
     pub seed: u64,
     pub modes: Vec<BenchMode>,
     /// Aggregator processes in the split modes.
     pub shards: u32,
+    /// Capture-node counts: every mode runs once per count.
+    pub nodes: Vec<u32>,
+    pub handoff: Handoff,
     pub prices: Prices,
     /// Where outputs and the report go.
     pub dir: PathBuf,
@@ -99,10 +154,14 @@ pub struct ProcessReport {
     pub peak_rss_mib: f64,
 }
 
-/// Everything measured for one mode.
+/// Everything measured for one mode at one node count.
 #[derive(Clone, Debug, Serialize)]
 pub struct ModeReport {
     pub mode: BenchMode,
+    /// Capture processes (nodes) in this run.
+    pub nodes: u32,
+    /// Events through this run: `nodes` x the events per node.
+    pub events: u64,
     pub wall_seconds: f64,
     pub events_per_sec: f64,
     pub cpu_seconds: f64,
@@ -115,6 +174,9 @@ pub struct ModeReport {
     /// Hand-off objects written, and GETs (polls included) issued for them.
     pub handoff_puts: u64,
     pub handoff_gets: u64,
+    /// The hand-off went through an S3-compatible store: its requests in `usage` were made, not
+    /// modelled.
+    pub handoff_on_s3: bool,
     pub flow_rows: u64,
     pub files: u64,
     /// Capture-to-durable latency of event batches (the sink's figures), ms.
@@ -126,57 +188,65 @@ pub struct ModeReport {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
+    /// Synthetic events per capture node.
     pub events: u64,
     pub seed: u64,
+    /// The node counts run, in order.
+    pub nodes: Vec<u32>,
     pub machine: String,
     pub prices_source: String,
+    /// One entry per (mode, node count), node counts in order and modes in order within each.
     pub modes: Vec<ModeReport>,
-    /// Every mode wrote the same `flows/` rows as the first.
+    /// At every node count, every mode wrote the same `flows/` rows as the first.
     pub identical_flows: bool,
 }
 
-/// Runs every mode, checks their outputs agree, and returns the measurements.
+/// Runs every mode at every node count, checks the outputs of each count agree, and returns the
+/// measurements.
 pub fn run(cfg: &BenchConfig) -> Result<Report, BenchError> {
     std::fs::create_dir_all(&cfg.dir).map_err(|source| BenchError::Report {
         path: cfg.dir.clone(),
         source,
     })?;
     let mut modes = Vec::new();
-    let mut baseline: Option<(BenchMode, Vec<FlowRecord>)> = None;
-    for (i, &mode) in cfg.modes.iter().enumerate() {
-        eprintln!(
-            "bench: [{}/{}] {} ({} events)...",
-            i + 1,
-            cfg.modes.len(),
-            mode.name(),
-            cfg.events
-        );
-        let out = cfg.dir.join(mode.name());
-        let _ = std::fs::remove_dir_all(&out);
-        let report = match mode {
-            BenchMode::Monolith => monolith(cfg, &out)?,
-            BenchMode::SplitBroker => split_broker(cfg, &out)?,
-            BenchMode::SplitObjectStore => split_object_store(cfg, &out)?,
-        };
-        let rows = read_flows(&out)?;
-        match &baseline {
-            None => baseline = Some((mode, rows)),
-            Some((base, expected)) => same_rows(*base, expected, mode, &rows)?,
+    let runs = cfg.nodes.len() * cfg.modes.len();
+    let mut done = 0;
+    for &nodes in &cfg.nodes {
+        let mut baseline: Option<(BenchMode, Vec<FlowRecord>)> = None;
+        for &mode in &cfg.modes {
+            done += 1;
+            eprintln!(
+                "bench: [{done}/{runs}] {} with {nodes} node(s) ({} events each)...",
+                mode.name(),
+                cfg.events
+            );
+            let run = Run { cfg, nodes };
+            let out = cfg.dir.join(format!("{}-{nodes}", mode.name()));
+            let _ = std::fs::remove_dir_all(&out);
+            let report = match mode {
+                BenchMode::Monolith => run.monolith(&out)?,
+                BenchMode::SplitBroker => run.split_broker(&out)?,
+                BenchMode::SplitObjectStore => run.split_object_store(&out)?,
+            };
+            let rows = read_flows(&out)?;
+            match &baseline {
+                None => baseline = Some((mode, rows)),
+                Some((base, expected)) => same_rows(*base, expected, mode, &rows)?,
+            }
+            eprintln!(
+                "bench: [{done}/{runs}] {} with {nodes} node(s): {:.1} s, {:.0} events/s, {:.2} CPU-s",
+                mode.name(),
+                report.wall_seconds,
+                report.events_per_sec,
+                report.cpu_seconds
+            );
+            modes.push(report);
         }
-        eprintln!(
-            "bench: [{}/{}] {}: {:.1} s, {:.0} events/s, {:.2} CPU-s",
-            i + 1,
-            cfg.modes.len(),
-            mode.name(),
-            report.wall_seconds,
-            report.events_per_sec,
-            report.cpu_seconds
-        );
-        modes.push(report);
     }
     Ok(Report {
         events: cfg.events,
         seed: cfg.seed,
+        nodes: cfg.nodes.clone(),
         machine: procs::machine(),
         prices_source: cfg.prices.source.clone(),
         modes,
@@ -184,117 +254,213 @@ pub fn run(cfg: &BenchConfig) -> Result<Report, BenchError> {
     })
 }
 
-/// Flags every process of a topology takes.
-fn base_args() -> Vec<String> {
-    ["--node", "bench", "--summary", "json"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+/// One topology at one node count.
+struct Run<'a> {
+    cfg: &'a BenchConfig,
+    nodes: u32,
 }
 
-/// What the capturing process takes: the workload.
-fn source_args(cfg: &BenchConfig) -> Vec<String> {
+/// Capture node `i`'s name: its streams, its event-log producer, its flow rows.
+fn node_name(i: u32) -> String {
+    format!("bench-{i}")
+}
+
+/// Flags every process of a topology takes.
+fn base_args(node: &str) -> Vec<String> {
     vec![
-        "--source".into(),
-        "synthetic".into(),
-        "--seed".into(),
-        cfg.seed.to_string(),
-        "--events".into(),
-        cfg.events.to_string(),
+        "--node".into(),
+        node.into(),
+        "--summary".into(),
+        "json".into(),
     ]
 }
 
-/// What the writing process takes: the output.
+/// What to write: the output.
 fn out_args(out: &Path) -> Vec<String> {
     vec!["--out".into(), out.display().to_string()]
 }
 
-fn monolith(cfg: &BenchConfig, out: &Path) -> Result<ModeReport, BenchError> {
-    let started = Instant::now();
-    let mut args = base_args();
-    args.extend(source_args(cfg));
-    args.extend(out_args(out));
-    args.extend(["--mode".into(), "monolith".into()]);
-    let p = procs::spawn(&cfg.exe, "monolith", &args)?.finish()?;
-    Ok(mode_report(
-        cfg,
-        BenchMode::Monolith,
-        started.elapsed(),
-        vec![p],
-        None,
-    ))
-}
+impl Run<'_> {
+    /// What capture node `i` takes: its share of the workload (its own seed).
+    fn source_args(&self, i: u32) -> Vec<String> {
+        vec![
+            "--source".into(),
+            "synthetic".into(),
+            "--seed".into(),
+            (self.cfg.seed + u64::from(i)).to_string(),
+            "--events".into(),
+            self.cfg.events.to_string(),
+        ]
+    }
 
-fn split_broker(cfg: &BenchConfig, out: &Path) -> Result<ModeReport, BenchError> {
-    let nats = NatsServer::start(&cfg.dir.join("nats-store"))?;
-    let started = Instant::now();
-    let done = split_processes(cfg, out, &["--broker".into(), nats.url()])?;
-    let wall = started.elapsed();
-    let broker = nats.stop(wall)?;
-    Ok(mode_report(
-        cfg,
-        BenchMode::SplitBroker,
-        wall,
-        done,
-        Some(broker),
-    ))
-}
+    fn role(&self, what: &str, i: u32) -> String {
+        if self.nodes == 1 {
+            what.to_string()
+        } else {
+            format!("{what} {}", node_name(i))
+        }
+    }
 
-fn split_object_store(cfg: &BenchConfig, out: &Path) -> Result<ModeReport, BenchError> {
-    let store = cfg.dir.join("handoff-store");
-    let _ = std::fs::remove_dir_all(&store);
-    let started = Instant::now();
-    let done = split_processes(cfg, out, &["--handoff".into(), store.display().to_string()])?;
-    let wall = started.elapsed();
-    Ok(mode_report(
-        cfg,
-        BenchMode::SplitObjectStore,
-        wall,
-        done,
-        None,
-    ))
-}
+    /// One monolith per node, all writing the one output.
+    fn monolith(&self, out: &Path) -> Result<ModeReport, BenchError> {
+        let started = Instant::now();
+        let mut running = Vec::new();
+        for i in 0..self.nodes {
+            let mut args = base_args(&node_name(i));
+            args.extend(self.source_args(i));
+            args.extend(out_args(out));
+            args.extend(["--mode".into(), "monolith".into()]);
+            running.push(procs::spawn(
+                &self.cfg.exe,
+                &self.role("monolith", i),
+                &args,
+            )?);
+        }
+        let done = finish_all(running)?;
+        Ok(self.report(BenchMode::Monolith, started.elapsed(), done, None))
+    }
 
-/// Capture, `shards` aggregators and a sink, joined by the edge `edge_args` selects.
-fn split_processes(
-    cfg: &BenchConfig,
-    out: &Path,
-    edge_args: &[String],
-) -> Result<Vec<Measured>, BenchError> {
-    let base = |mode: &str| {
-        let mut a = base_args();
+    /// Every node's capture into one broker, one tier of aggregators, one sink.
+    fn split_broker(&self, out: &Path) -> Result<ModeReport, BenchError> {
+        let nats = NatsServer::start(&self.cfg.dir.join("nats-store"))?;
+        let edge = ["--broker".to_string(), nats.url()];
+        let started = Instant::now();
+        let mut running = Vec::new();
+        for i in 0..self.nodes {
+            running.push(self.capture(i, &edge)?);
+        }
+        // The aggregators and the sink serve every node; their own --node names only their logs.
+        running.extend(self.aggregators(&node_name(0), &edge)?);
+        running.push(self.sink(&node_name(0), out, &edge)?);
+        let done = finish_all(running)?;
+        let wall = started.elapsed();
+        let broker = nats.stop(wall)?;
+        Ok(self.report(BenchMode::SplitBroker, wall, done, Some(broker)))
+    }
+
+    /// The object-store design: every node's own capture, aggregators and sink, handing over through
+    /// the store.
+    fn split_object_store(&self, out: &Path) -> Result<ModeReport, BenchError> {
+        let edge = self.handoff_args()?;
+        let started = Instant::now();
+        let mut running = Vec::new();
+        for i in 0..self.nodes {
+            let node = node_name(i);
+            running.push(self.capture(i, &edge)?);
+            running.extend(self.aggregators(&node, &edge)?);
+            running.push(self.sink(&node, out, &edge)?);
+        }
+        let done = finish_all(running)?;
+        Ok(self.report(BenchMode::SplitObjectStore, started.elapsed(), done, None))
+    }
+
+    /// A fresh hand-off location for this run, and the flags that reach it.
+    fn handoff_args(&self) -> Result<Vec<String>, BenchError> {
+        match &self.cfg.handoff {
+            Handoff::Dir(dir) => {
+                let _ = std::fs::remove_dir_all(dir);
+                Ok(vec!["--handoff".into(), dir.display().to_string()])
+            }
+            Handoff::S3 { bucket, prefix, s3 } => {
+                // A prefix of its own per run: a bench never reads another run's objects.
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis());
+                let run = format!("run-{stamp}-{}n", self.nodes);
+                let key = if prefix.is_empty() {
+                    run
+                } else {
+                    format!("{prefix}/{run}")
+                };
+                let mut a = vec!["--handoff".into(), format!("s3://{bucket}/{key}")];
+                if let Some(e) = &s3.endpoint {
+                    a.extend(["--s3-endpoint".into(), e.clone()]);
+                }
+                if let Some(r) = &s3.region {
+                    a.extend(["--s3-region".into(), r.clone()]);
+                }
+                Ok(a)
+            }
+        }
+    }
+
+    fn split_args(node: &str, mode: &str, edge: &[String]) -> Vec<String> {
+        let mut a = base_args(node);
         a.extend(["--mode".into(), mode.into()]);
-        a.extend(edge_args.iter().cloned());
+        a.extend(edge.iter().cloned());
         a
-    };
-    let mut a = base("capture");
-    a.extend(source_args(cfg));
-    let capture = procs::spawn(&cfg.exe, "capture", &a)?;
-    let mut aggs = Vec::new();
-    for i in 0..cfg.shards {
-        let mut a = base("aggregate");
-        a.extend(["--shard".into(), format!("{i}/{}", cfg.shards)]);
-        let role = format!("aggregate {i}/{}", cfg.shards);
-        aggs.push(procs::spawn(&cfg.exe, &role, &a)?);
     }
-    let mut a = base("sink");
-    a.extend(out_args(out));
-    let sink = procs::spawn(&cfg.exe, "sink", &a)?;
-    let mut done = vec![capture.finish()?];
-    for agg in aggs {
-        done.push(agg.finish()?);
+
+    fn capture(&self, i: u32, edge: &[String]) -> Result<procs::Running, BenchError> {
+        let mut a = Self::split_args(&node_name(i), "capture", edge);
+        a.extend(self.source_args(i));
+        procs::spawn(&self.cfg.exe, &self.role("capture", i), &a)
     }
-    done.push(sink.finish()?);
-    Ok(done)
+
+    fn aggregators(&self, node: &str, edge: &[String]) -> Result<Vec<procs::Running>, BenchError> {
+        let shards = self.cfg.shards;
+        let mut out = Vec::new();
+        for i in 0..shards {
+            let mut a = Self::split_args(node, "aggregate", edge);
+            a.extend(["--shard".into(), format!("{i}/{shards}")]);
+            let role = if self.nodes == 1 || edge.iter().any(|e| e == "--broker") {
+                format!("aggregate {i}/{shards}")
+            } else {
+                format!("aggregate {i}/{shards} {node}")
+            };
+            out.push(procs::spawn(&self.cfg.exe, &role, &a)?);
+        }
+        Ok(out)
+    }
+
+    fn sink(&self, node: &str, out: &Path, edge: &[String]) -> Result<procs::Running, BenchError> {
+        let mut a = Self::split_args(node, "sink", edge);
+        a.extend(out_args(out));
+        let role = if self.nodes == 1 || edge.iter().any(|e| e == "--broker") {
+            "sink".to_string()
+        } else {
+            format!("sink {node}")
+        };
+        procs::spawn(&self.cfg.exe, &role, &a)
+    }
+
+    fn report(
+        &self,
+        mode: BenchMode,
+        wall: Duration,
+        procs: Vec<Measured>,
+        broker: Option<Measured>,
+    ) -> ModeReport {
+        let handoff_on_s3 =
+            mode == BenchMode::SplitObjectStore && matches!(self.cfg.handoff, Handoff::S3 { .. });
+        mode_report(
+            self.cfg,
+            mode,
+            self.nodes,
+            handoff_on_s3,
+            wall,
+            procs,
+            broker,
+        )
+    }
+}
+
+/// Waits for every process, in order; after a failure the rest are killed (dropped), not waited for:
+/// they may be waiting for what the failed one would have sent.
+fn finish_all(running: Vec<procs::Running>) -> Result<Vec<Measured>, BenchError> {
+    running.into_iter().map(procs::Running::finish).collect()
 }
 
 fn mode_report(
     cfg: &BenchConfig,
     mode: BenchMode,
+    nodes: u32,
+    handoff_on_s3: bool,
     wall: Duration,
     procs: Vec<Measured>,
     broker: Option<Measured>,
 ) -> ModeReport {
+    let events = cfg.events * u64::from(nodes);
     let secs = wall.as_secs_f64();
     let all: Vec<&Measured> = procs.iter().chain(broker.iter()).collect();
     let cpu: f64 = all.iter().map(|p| p.cpu_seconds).sum();
@@ -312,41 +478,43 @@ fn mode_report(
     let handoff_puts = sum(&["handoff", "puts"]);
     let messages = sum(&["broker", "published_messages"]) + sum(&["broker", "consumed_messages"]);
     let files = sum(&["files"]);
-    // Store requests by type, as if the output were on S3: a process writing to S3 counted all of
-    // them; one writing to a directory counted its Delta log's, to which each data file adds a PUT.
-    let requests = |ops: &[&str]| -> u64 {
+    // The output's requests by type, as if it were on S3 (the bench writes it to a directory): its
+    // Delta log's as counted, and a PUT per data file.
+    let output_requests = |ops: &[&str]| -> u64 {
         let mut n = 0;
-        for p in &procs {
-            let on_s3 = p.summary["s3_requests"].is_object();
-            let by = if on_s3 {
-                "s3_requests"
-            } else {
-                "delta_log_requests"
-            };
-            n += ops.iter().map(|op| field(p, &[by, op])).sum::<u64>();
-            if !on_s3 && ops.contains(&"put") {
-                n += field(p, &["files"]);
-            }
+        for op in ops {
+            n += sum(&["delta_log_requests", op]);
+        }
+        if ops.contains(&"put") {
+            n += files;
         }
         n
     };
+    // The hand-off's: made on S3 (every request of those processes' S3 client), or counted by the
+    // edge on a directory (each object one PUT, each poll one GET).
+    let on_s3 = |ops: &[&str]| -> u64 { ops.iter().map(|op| sum(&["s3_requests", op])).sum() };
+    const WRITES: [&str; 7] = [
+        "put",
+        "list",
+        "copy",
+        "create_multipart",
+        "upload_part",
+        "complete_multipart",
+        "other",
+    ];
+    const READS: [&str; 2] = ["get", "head"];
+    let (handoff_writes, handoff_reads) = if handoff_on_s3 {
+        (on_s3(&WRITES), on_s3(&READS))
+    } else {
+        (handoff_puts, sum(&["handoff", "gets"]))
+    };
     let usage = Usage {
-        events: cfg.events,
+        events,
         cpu_seconds: cpu,
         gb_seconds: all.iter().map(|p| p.peak_rss_mib / 1024.0 * secs).sum(),
-        // The output is priced as if written to S3: one PUT per data file, plus the Delta log's own
-        // requests as counted (commits, snapshot LISTs and GETs, checkpoints).
         // (Multipart requests are PUT-class too; an aborted upload is a free DELETE.)
-        s3_writes: requests(&[
-            "put",
-            "list",
-            "copy",
-            "create_multipart",
-            "upload_part",
-            "complete_multipart",
-            "other",
-        ]) + handoff_puts,
-        s3_reads: requests(&["get", "head"]) + sum(&["handoff", "gets"]),
+        s3_writes: output_requests(&WRITES) + handoff_writes,
+        s3_reads: output_requests(&READS) + handoff_reads,
         broker_requests: messages,
         // Every object handed from one stage to the next is one orchestrated step.
         handoffs: handoff_puts,
@@ -354,10 +522,12 @@ fn mode_report(
     let cost = cost_per_billion(&usage, &cfg.prices);
     ModeReport {
         mode,
+        nodes,
+        events,
         wall_seconds: secs,
-        events_per_sec: cfg.events as f64 / secs.max(1e-9),
+        events_per_sec: events as f64 / secs.max(1e-9),
         cpu_seconds: cpu,
-        cpu_seconds_per_million_events: cpu / (cfg.events as f64 / 1e6).max(1e-9),
+        cpu_seconds_per_million_events: cpu / (events as f64 / 1e6).max(1e-9),
         peak_rss_mib: peak,
         processes: all
             .iter()
@@ -371,6 +541,7 @@ fn mode_report(
         broker_messages: messages,
         handoff_puts,
         handoff_gets: sum(&["handoff", "gets"]),
+        handoff_on_s3,
         flow_rows: sum(&["flow_rows"]),
         latency_p50_ms: procs
             .iter()
@@ -447,14 +618,15 @@ impl Report {
     pub fn table(&self) -> String {
         let mut s = String::new();
         s.push_str(
-            "| mode | wall s | events/s | CPU s | CPU s / M events | peak RSS MiB | boundary MiB | broker msgs | hand-off PUT/GET | latency p50/p99 ms | $ / 10^9 events (compute + S3 + broker + orchestration) |\n",
+            "| mode | nodes | wall s | events/s | CPU s | CPU s / M events | peak RSS MiB | boundary MiB | broker msgs | hand-off PUT/GET | latency p50/p99 ms | $ / 10^9 events (compute + S3 + broker + orchestration) |\n",
         );
-        s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+        s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
         for m in &self.modes {
             let c = &m.cost_per_billion_events;
             s.push_str(&format!(
-                "| {} | {:.1} | {:.0} | {:.2} | {:.2} | {:.0} | {:.1} | {} | {}/{} | {:.0}/{:.0} | **{:.2}** = {:.2} + {:.2} + {:.2} + {:.2} |\n",
+                "| {} | {} | {:.1} | {:.0} | {:.2} | {:.2} | {:.0} | {:.1} | {} | {}/{}{} | {:.0}/{:.0} | **{:.2}** = {:.2} + {:.2} + {:.2} + {:.2} |\n",
                 m.mode.name(),
+                m.nodes,
                 m.wall_seconds,
                 m.events_per_sec,
                 m.cpu_seconds,
@@ -464,6 +636,7 @@ impl Report {
                 m.broker_messages,
                 m.handoff_puts,
                 m.handoff_gets,
+                if m.handoff_on_s3 { " (S3)" } else { "" },
                 m.latency_p50_ms,
                 m.latency_p99_ms,
                 c.total,
@@ -473,28 +646,78 @@ impl Report {
                 c.orchestration
             ));
         }
-        if let (Some(base), true) = (self.modes.first(), self.modes.len() > 1) {
-            for m in &self.modes[1..] {
-                s.push_str(&format!(
-                    "\n{} vs {}: {:.2}x the CPU per event, {:.2}x the cost per event, {:.2}x the throughput",
+        let mut lines = Vec::new();
+        for &n in &self.nodes {
+            let at: Vec<&ModeReport> = self.modes.iter().filter(|m| m.nodes == n).collect();
+            let Some((base, rest)) = at.split_first() else {
+                continue;
+            };
+            for m in rest {
+                lines.push(format!(
+                    "{} vs {} ({n} node(s)): {:.2}x the CPU per event, {:.2}x the cost per event, {:.2}x the throughput",
                     m.mode.name(),
                     base.mode.name(),
-                    m.cpu_seconds / base.cpu_seconds.max(1e-9),
+                    m.cpu_seconds_per_million_events / base.cpu_seconds_per_million_events.max(1e-9),
                     m.cost_per_billion_events.total / base.cost_per_billion_events.total.max(1e-12),
                     m.events_per_sec / base.events_per_sec.max(1e-9),
                 ));
             }
+        }
+        if self.nodes.len() > 1 {
+            for mode in self.mode_order() {
+                let runs: Vec<&ModeReport> = self.modes.iter().filter(|m| m.mode == mode).collect();
+                let (Some(first), Some(last)) = (runs.first(), runs.last()) else {
+                    continue;
+                };
+                let per = |f: fn(&ModeReport) -> f64| {
+                    runs.iter()
+                        .map(|m| format!("{:.2}", f(m)))
+                        .collect::<Vec<_>>()
+                        .join(" / ")
+                };
+                lines.push(format!(
+                    "{} at {} nodes: CPU s per M events {} ({:.2}x from {} to {} nodes), $ per 10^9 events {}",
+                    mode.name(),
+                    runs.iter().map(|m| m.nodes.to_string()).collect::<Vec<_>>().join(" / "),
+                    per(|m| m.cpu_seconds_per_million_events),
+                    last.cpu_seconds_per_million_events / first.cpu_seconds_per_million_events.max(1e-9),
+                    first.nodes,
+                    last.nodes,
+                    per(|m| m.cost_per_billion_events.total),
+                ));
+            }
+        }
+        if !lines.is_empty() {
+            s.push('\n');
+            s.push_str(&lines.join("\n"));
             s.push('\n');
         }
         s
     }
 
+    /// The modes run, in their order.
+    fn mode_order(&self) -> Vec<BenchMode> {
+        let mut modes = Vec::new();
+        for m in &self.modes {
+            if !modes.contains(&m.mode) {
+                modes.push(m.mode);
+            }
+        }
+        modes
+    }
+
     pub fn markdown(&self) -> String {
         format!(
-            "# tcplake bench\n\n{} synthetic events (seed {}), every mode as real processes on {}.\n\
-             Every mode wrote identical `flows/` rows: {}.\n\nPrices: {}.\n\n{}\n![throughput and cost](report.svg)\n",
+            "# tcplake bench\n\n{} synthetic events per capture node (seed {} + node index), {} node(s), \
+             every mode as real processes on {}.\n\
+             At every node count, every mode wrote identical `flows/` rows: {}.\n\nPrices: {}.\n\n{}\n![throughput and cost](report.svg)\n",
             self.events,
             self.seed,
+            self.nodes
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
             self.machine,
             self.identical_flows,
             self.prices_source,
@@ -502,14 +725,17 @@ impl Report {
         )
     }
 
-    /// A bar chart of throughput and cost per mode (plain SVG, viewable anywhere).
+    /// Bar charts of throughput and cost per run and, with several node counts, cost against nodes
+    /// per topology (plain SVG, viewable anywhere).
     pub fn svg(&self) -> String {
-        let (w, bar_h, gap, left) = (760.0_f64, 26.0_f64, 10.0_f64, 170.0_f64);
+        let (w, bar_h, gap, left) = (760.0_f64, 26.0_f64, 10.0_f64, 200.0_f64);
         let n = self.modes.len() as f64;
         let panel_h = 40.0 + n * (bar_h + gap);
+        let scaling = self.nodes.len() > 1;
+        let line_h = 300.0;
+        let height = panel_h * 2.0 + 20.0 + if scaling { line_h + 20.0 } else { 0.0 };
         let mut s = format!(
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"13\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
-            panel_h * 2.0 + 20.0
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"13\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
         );
         type Value = fn(&ModeReport) -> f64;
         let panels: [(&str, Value, &str); 2] = [
@@ -540,17 +766,100 @@ impl Report {
                 let y = top + 36.0 + i as f64 * (bar_h + gap);
                 let v = value(m);
                 let len = (w - left - 120.0) * v / max;
+                let label = if scaling {
+                    format!("{}, {} node(s)", m.mode.name(), m.nodes)
+                } else {
+                    m.mode.name().to_string()
+                };
                 s.push_str(&format!(
-                    "<text x=\"10\" y=\"{}\">{}</text><rect x=\"{left}\" y=\"{y}\" width=\"{len:.1}\" height=\"{bar_h}\" fill=\"{colour}\"/><text x=\"{:.1}\" y=\"{}\">{}</text>\n",
+                    "<text x=\"10\" y=\"{}\">{label}</text><rect x=\"{left}\" y=\"{y}\" width=\"{len:.1}\" height=\"{bar_h}\" fill=\"{colour}\"/><text x=\"{:.1}\" y=\"{}\">{}</text>\n",
                     y + 18.0,
-                    m.mode.name(),
                     left + len + 6.0,
                     y + 18.0,
                     if v >= 100.0 { format!("{v:.0}") } else { format!("{v:.2}") }
                 ));
             }
         }
+        if scaling {
+            s.push_str(&self.scaling_svg(2.0 * (panel_h + 20.0), w, line_h));
+        }
         s.push_str("</svg>\n");
+        s
+    }
+
+    /// Cost per 10^9 events against the node count, one line per topology (nodes on a log scale).
+    fn scaling_svg(&self, top: f64, w: f64, h: f64) -> String {
+        let colours = ["#4878a8", "#c0504d", "#9bbb59", "#8064a2"];
+        let (left, right, plot_top, plot_bottom) = (70.0, w - 190.0, top + 40.0, top + h - 40.0);
+        let max = self
+            .modes
+            .iter()
+            .map(|m| m.cost_per_billion_events.total)
+            .fold(0.0_f64, f64::max)
+            .max(1e-12);
+        let (lo, hi) = (
+            f64::from(*self.nodes.iter().min().unwrap_or(&1)).log2(),
+            f64::from(*self.nodes.iter().max().unwrap_or(&1)).log2(),
+        );
+        let x = |nodes: u32| {
+            let t = if hi > lo {
+                (f64::from(nodes).log2() - lo) / (hi - lo)
+            } else {
+                0.5
+            };
+            left + t * (right - left)
+        };
+        let y = |v: f64| plot_bottom - (plot_bottom - plot_top) * v / max;
+        let mut s = format!(
+            "<text x=\"10\" y=\"{}\" font-weight=\"bold\">Cost against capture nodes ($ per 10^9 events, lower is better)</text>\n\
+             <line x1=\"{left}\" y1=\"{plot_bottom}\" x2=\"{right}\" y2=\"{plot_bottom}\" stroke=\"black\"/>\n\
+             <line x1=\"{left}\" y1=\"{plot_top}\" x2=\"{left}\" y2=\"{plot_bottom}\" stroke=\"black\"/>\n\
+             <text x=\"10\" y=\"{:.1}\">{max:.2}</text><text x=\"10\" y=\"{plot_bottom}\">0</text>\n",
+            top + 22.0,
+            plot_top + 4.0
+        );
+        let mut nodes = self.nodes.clone();
+        nodes.sort_unstable();
+        nodes.dedup();
+        for n in nodes {
+            s.push_str(&format!(
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{n}</text>\n",
+                x(n),
+                plot_bottom + 18.0
+            ));
+        }
+        for (i, mode) in self.mode_order().into_iter().enumerate() {
+            let colour = colours[i % colours.len()];
+            let mut runs: Vec<&ModeReport> = self.modes.iter().filter(|m| m.mode == mode).collect();
+            runs.sort_by_key(|m| m.nodes);
+            let points: Vec<String> = runs
+                .iter()
+                .map(|m| {
+                    format!(
+                        "{:.1},{:.1}",
+                        x(m.nodes),
+                        y(m.cost_per_billion_events.total)
+                    )
+                })
+                .collect();
+            s.push_str(&format!(
+                "<polyline points=\"{}\" fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\"/>\n",
+                points.join(" ")
+            ));
+            for m in &runs {
+                s.push_str(&format!(
+                    "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{colour}\"/>\n",
+                    x(m.nodes),
+                    y(m.cost_per_billion_events.total)
+                ));
+            }
+            s.push_str(&format!(
+                "<text x=\"{:.1}\" y=\"{:.1}\" fill=\"{colour}\">{}</text>\n",
+                right + 12.0,
+                plot_top + 16.0 + 18.0 * i as f64,
+                mode.name()
+            ));
+        }
         s
     }
 

@@ -18,9 +18,21 @@ pub struct Measured {
     pub summary: serde_json::Value,
 }
 
+/// A started process; one dropped before [`Running::finish`] is killed (a bench that failed leaves
+/// nothing running).
 pub struct Running {
     role: String,
     child: Child,
+    reaped: bool,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 pub fn spawn(exe: &Path, role: &str, args: &[String]) -> Result<Running, BenchError> {
@@ -42,6 +54,7 @@ pub fn spawn(exe: &Path, role: &str, args: &[String]) -> Result<Running, BenchEr
     Ok(Running {
         role: role.to_string(),
         child,
+        reaped: false,
     })
 }
 
@@ -67,6 +80,8 @@ impl Running {
         let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
         // SAFETY: pid is our child, not yet waited for; the pointers are valid.
         let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        // Reaped (or not ours to wait for): never signalled again, its pid may be reused.
+        self.reaped = true;
         if r != pid {
             return Err(BenchError::Process(format!(
                 "waiting for {}: {}",
@@ -87,7 +102,7 @@ impl Running {
             BenchError::Process(format!("{} printed no JSON summary: {e}", self.role))
         })?;
         Ok(Measured {
-            role: self.role,
+            role: std::mem::take(&mut self.role),
             cpu_seconds: seconds(usage.ru_utime) + seconds(usage.ru_stime),
             // ru_maxrss is in KiB on Linux.
             peak_rss_mib: usage.ru_maxrss as f64 / 1024.0,

@@ -88,7 +88,14 @@ fn not_applicable(key: &Key, c: &Ctx) -> Option<String> {
         |what: &str| (!c.captures()).then(|| format!("{what}; {} runs no capture", c.what()));
     let pipeline_only =
         || (c.run != Run::Pipeline).then(|| format!("it does nothing in {}", c.what()));
-    if c.run == Run::Bench && !(k(&keys::LOG_JSON) || k(&keys::CHECK_CONFIG)) {
+    // The S3 endpoint and region are the bench's too: they reach its `--handoff s3://...`.
+    let bench_own = [
+        &keys::LOG_JSON,
+        &keys::CHECK_CONFIG,
+        &keys::S3_ENDPOINT,
+        &keys::S3_REGION,
+    ];
+    if c.run == Run::Bench && !bench_own.iter().any(|o| k(o)) {
         return Some(
             "`tcplake bench` starts its own processes with their own settings: use its flags \
              (tcplake bench --help)"
@@ -236,6 +243,12 @@ fn not_applicable(key: &Key, c: &Ctx) -> Option<String> {
     None
 }
 
+/// `tcplake bench --handoff s3://...`: the S3 settings reach the bench's object-store hand-off.
+fn bench_handoff_on_s3(cli: &Cli) -> bool {
+    matches!(&cli.command, Some(super::Command::Bench(b))
+        if b.handoff.as_deref().is_some_and(|h| h.to_ascii_lowercase().starts_with("s3://")))
+}
+
 /// Checks every flag, environment variable and (relevant) file key given.
 pub(super) fn check(cli: &Cli, layers: &Layers, s: &Settings) -> Result<(), ConfigError> {
     let run = Run::of(cli);
@@ -246,7 +259,8 @@ pub(super) fn check(cli: &Cli, layers: &Layers, s: &Settings) -> Result<(), Conf
         source: s.source,
         s3_used: (ctx_writes(run, s.mode) && is_s3(&s.out))
             || s.handoff.as_ref().is_some_and(is_s3)
-            || s.replay_from.as_ref().is_some_and(is_s3),
+            || s.replay_from.as_ref().is_some_and(is_s3)
+            || bench_handoff_on_s3(cli),
         broker: s.broker.is_some(),
     };
     for (id, origin) in cli.origins.iter() {

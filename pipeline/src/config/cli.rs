@@ -631,6 +631,15 @@ pub struct BenchArgs {
     /// Aggregator processes in split modes.
     #[arg(long, default_value_t = 2)]
     pub shards: u32,
+    /// Capture nodes per run, in order: each topology runs once per count, with that many capture
+    /// processes (own `--node`, seed + i, `--events` each).
+    #[arg(long, value_delimiter = ',', default_value = "1", value_name = "N,...")]
+    pub nodes: Vec<u32>,
+    /// Where split-object-store hands batches over [default: a directory beside the report]; an
+    /// `s3://BUCKET/PREFIX` goes through that store (with the global `--s3-endpoint`/`--s3-region`
+    /// and the AWS credentials of the environment), and the requests counted are the ones made.
+    #[arg(long, value_name = "DIR|S3_URL")]
+    pub handoff: Option<String>,
     /// Price table (TOML) instead of the built-in AWS list prices.
     #[arg(long, value_name = "FILE")]
     pub prices: Option<PathBuf>,

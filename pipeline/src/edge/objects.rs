@@ -4,6 +4,11 @@
 //! any request), so the store itself is the queue and no other service is needed. An empty object ends
 //! the stream.
 //!
+//! Each capture node has a pipeline of its own on this edge (the original design scaled by running one
+//! per stream): its events under `_handoff/<node>/events`, its aggregators' flows under
+//! `_handoff/<node>/flows/<shard>`, and the flows producers are named after the node, so several
+//! nodes' pipelines share one output.
+//!
 //! This edge is for comparing topologies (`tcplake bench`): it has no crash recovery of its own. For a
 //! split deployment that survives restarts, use the broker edge.
 
@@ -21,11 +26,17 @@ use crate::storage::Store;
 const POLL: Duration = Duration::from_millis(20);
 
 pub fn events_stream(node: &str) -> String {
-    format!("_handoff/events/{node}")
+    format!("_handoff/{node}/events")
 }
 
-pub fn flows_stream(shard: u32) -> String {
-    format!("_handoff/flows/{shard}")
+pub fn flows_stream(node: &str, shard: u32) -> String {
+    format!("_handoff/{node}/flows/{shard}")
+}
+
+/// The flows producer of aggregator `shard` of `node`'s pipeline: unique across nodes, so each
+/// pipeline's commits to the shared `flows/` table are its own.
+pub fn flows_producer(node: &str, shard: u32) -> String {
+    format!("agg-{shard}-{node}")
 }
 
 fn key(stream: &str, n: u64) -> String {
@@ -109,11 +120,15 @@ impl<T: Handoff + Sync> Tx<T> for ObjectTx<T> {
     }
 }
 
-/// How many aggregator shards write flows to the hand-off store, learned from the data: the first
-/// object of shard 0 (waited for) says it; a shard 0 that ended without any batch leaves the count to
-/// the streams present.
-pub async fn shard_count(store: &Store, metrics: &HandoffMetrics) -> Result<u32, EdgeError> {
-    let k = key(&flows_stream(0), 0);
+/// How many aggregator shards of `node`'s pipeline write flows to the hand-off store, learned from the
+/// data: the first object of shard 0 (waited for) says it; a shard 0 that ended without any batch
+/// leaves the count to the streams present.
+pub async fn shard_count(
+    store: &Store,
+    node: &str,
+    metrics: &HandoffMetrics,
+) -> Result<u32, EdgeError> {
+    let k = key(&flows_stream(node, 0), 0);
     loop {
         metrics.gets.add(1);
         let got = store.get(&k).await.map_err(|source| EdgeError::Handoff {
@@ -134,14 +149,13 @@ pub async fn shard_count(store: &Store, metrics: &HandoffMetrics) -> Result<u32,
                 return Ok(b.shard_count);
             }
         }
-        let dirs =
-            store
-                .list_dirs("_handoff/flows/")
-                .await
-                .map_err(|source| EdgeError::Handoff {
-                    what: "streams".into(),
-                    source: Box::new(source),
-                })?;
+        let dirs = store
+            .list_dirs(&format!("_handoff/{node}/flows/"))
+            .await
+            .map_err(|source| EdgeError::Handoff {
+                what: "streams".into(),
+                source: Box::new(source),
+            })?;
         let n = dirs.iter().filter_map(|d| d.parse::<u32>().ok()).max();
         return Ok(n.map_or(1, |m| m + 1));
     }

@@ -113,7 +113,7 @@ pub async fn aggregate(
     let shard = s.shard;
     let windows = window_config(s);
     if let Some(store) = handoff_store(s, &metrics).await? {
-        // Reads the hand-off objects of this process's --node (one capture node per topology).
+        // Reads the hand-off objects of this process's --node: over this edge every node has a pipeline.
         let input: ObjectRx<Arc<EventBatch>> = ObjectRx::new(
             store.clone(),
             objects::events_stream(&s.node),
@@ -121,12 +121,12 @@ pub async fn aggregate(
         );
         let output = ObjectTx::new(
             store.clone(),
-            objects::flows_stream(shard.index),
+            objects::flows_stream(&s.node, shard.index),
             Arc::clone(&metrics.handoff),
         );
         let cfg = AggregateConfig {
             windows,
-            producer: format!("agg-{}", shard.index).into(),
+            producer: objects::flows_producer(&s.node, shard.index).into(),
             resume: None,
             shard,
         };
@@ -361,19 +361,19 @@ async fn sink_from_objects(
         .map(|_| ())
         .map_err(sink_err("events"))
     }));
-    let shards = objects::shard_count(&handoff, &metrics.handoff)
+    let shards = objects::shard_count(&handoff, &s.node, &metrics.handoff)
         .await
         .map_err(edge_err("flows"))?;
     for i in 0..shards {
         let input: ObjectRx<FlowBatch> = ObjectRx::new(
             handoff.clone(),
-            objects::flows_stream(i),
+            objects::flows_stream(&s.node, i),
             Arc::clone(&metrics.handoff),
         );
         let mut log = CommitLog::recover(
             store.clone(),
             Dataset::Flows,
-            &format!("agg-{i}"),
+            &objects::flows_producer(&s.node, i),
             &Default::default(),
         )
         .await?;
