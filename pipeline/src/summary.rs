@@ -40,7 +40,11 @@ pub struct Summary {
     pub events_per_sec: f64,
     /// `DIR` or `s3://bucket/prefix`.
     pub out: String,
-    /// Requests to S3 by type (absent for local output).
+    /// Peak resident memory of this process (`VmHWM`), MiB: its own address space's, unlike a
+    /// parent's `wait4` figure, which also holds the parent's own peak from before the `exec`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_rss_mib: Option<f64>,
+    /// Requests to S3 by type (absent when the process used no S3 store).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub s3_requests: Option<BTreeMap<&'static str, u64>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -112,6 +116,7 @@ impl Summary {
                 0.0
             },
             out,
+            peak_rss_mib: peak_rss_mib(),
             s3_requests: s3.then(|| m.s3.by_type().into_iter().collect()),
             s3_retries: s3.then(|| m.s3.retries.get()),
             delta_log_requests: m.log.by_type().into_iter().collect(),
@@ -215,4 +220,17 @@ impl std::fmt::Display for Summary {
             self.elapsed_secs, self.events_per_sec
         )
     }
+}
+
+/// `VmHWM` of this process from `/proc/self/status`, MiB (`None` where there is no such file).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
 }

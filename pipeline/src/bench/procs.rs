@@ -98,14 +98,17 @@ impl Running {
                     .unwrap_or("no message")
             )));
         }
-        let summary = serde_json::from_str(out.trim()).map_err(|e| {
+        let summary: serde_json::Value = serde_json::from_str(out.trim()).map_err(|e| {
             BenchError::Process(format!("{} printed no JSON summary: {e}", self.role))
         })?;
+        // The process's own figure: `ru_maxrss` starts at this (bench) process's peak, which the
+        // kernel carries across the child's `exec`, and so grows with every run the bench has read.
+        let own = summary["peak_rss_mib"].as_f64();
         Ok(Measured {
             role: std::mem::take(&mut self.role),
             cpu_seconds: seconds(usage.ru_utime) + seconds(usage.ru_stime),
             // ru_maxrss is in KiB on Linux.
-            peak_rss_mib: usage.ru_maxrss as f64 / 1024.0,
+            peak_rss_mib: own.unwrap_or(usage.ru_maxrss as f64 / 1024.0),
             summary,
         })
     }
