@@ -3,16 +3,17 @@
 //!
 //! `cargo bench --bench ebpf_overhead` runs off-the-shelf programs on loopback — nginx answering a tiny
 //! response to `ab` opening a new connection per request (connection churn, the worst case for a
-//! per-connection probe), and `iperf3` streaming one connection (bulk transfer) — in three phases that
+//! per-connection probe), and `iperf3` streaming one connection (bulk transfer) — in four phases that
 //! alternate within each round (their order rotates from round to round):
 //!
 //! - **none**: nothing attached;
 //! - **floor**: bpftrace attached to the same five tracepoints, doing nothing but count — what merely
 //!   attaching costs;
-//! - **tcplake**: `tcplake --source ebpf` capturing everything into a local output.
+//! - **tcplake**: `tcplake --source ebpf` capturing everything into a local output;
+//! - **lifecycle**: the same with `capture.state_changes = "lifecycle"` (the state changes flows count).
 //!
-//! It reports each phase's throughput (median over rounds) as a ratio of the no-probe phase, tcplake's
-//! loss as a multiple of the floor's, and for tcplake on churn: each program's invocations and run time
+//! It reports each phase's throughput (median over rounds) as a ratio of the no-probe phase, each
+//! tcplake phase's loss as a multiple of the floor's, and for each on churn: each program's invocations and run time
 //! per connection (the kernel's BPF statistics), the tcplake process's CPU per connection (decode,
 //! aggregate, Parquet), events and event-log bytes per connection, and ring-buffer drops.
 //!
@@ -175,6 +176,8 @@ enum Phase {
     None,
     Floor,
     Tcplake,
+    /// tcplake with `capture.state_changes = "lifecycle"`.
+    Lifecycle,
 }
 
 impl Phase {
@@ -183,7 +186,12 @@ impl Phase {
             Phase::None => "nothing attached",
             Phase::Floor => "bpftrace counting (the floor)",
             Phase::Tcplake => "tcplake --source ebpf",
+            Phase::Lifecycle => "tcplake, state_changes = lifecycle",
         }
+    }
+
+    fn captures(self) -> bool {
+        matches!(self, Phase::Tcplake | Phase::Lifecycle)
     }
 }
 
@@ -219,15 +227,23 @@ fn attach(phase: Phase, out: &Path) -> Attached {
             std::thread::spawn(move || for _ in lines.lines() {});
             Attached::Floor(Guard(child))
         }
-        Phase::Tcplake => Attached::Tcplake(Capture::start(out)),
+        Phase::Tcplake => Attached::Tcplake(Capture::start(out, false)),
+        Phase::Lifecycle => Attached::Tcplake(Capture::start(out, true)),
     }
 }
 
 struct Capture(Child);
 
 impl Capture {
-    fn start(out: &Path) -> Capture {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tcplake"))
+    fn start(out: &Path, lifecycle: bool) -> Capture {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tcplake"));
+        if lifecycle {
+            std::fs::create_dir_all(out).unwrap();
+            let conf = out.join("lifecycle.toml");
+            std::fs::write(&conf, "[capture]\nstate_changes = \"lifecycle\"\n").unwrap();
+            cmd.arg("--config").arg(conf);
+        }
+        let mut child = cmd
             .args([
                 "--source",
                 "ebpf",
@@ -350,15 +366,17 @@ fn main() {
     // Warm up (page cache, nginx workers, TIME_WAIT reuse), unmeasured.
     churn(web, 1, concurrency);
 
-    let phases = [Phase::None, Phase::Floor, Phase::Tcplake];
-    let mut churn_rates: Vec<Vec<f64>> = vec![Vec::new(); 3];
-    let mut bulk_rates: Vec<Vec<f64>> = vec![Vec::new(); 3];
-    let mut cost = CaptureCost::default();
+    let phases = [Phase::None, Phase::Floor, Phase::Tcplake, Phase::Lifecycle];
+    let n = phases.len();
+    let mut churn_rates: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let mut bulk_rates: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let mut costs: Vec<CaptureCost> = (0..n).map(|_| CaptureCost::default()).collect();
     for round in 0..rounds as usize {
-        for k in 0..3 {
-            let i = (round + k) % 3;
+        for k in 0..n {
+            let i = (round + k) % n;
             let phase = phases[i];
-            let out = tmp.path().join(format!("round-{round}"));
+            let cost = &mut costs[i];
+            let out = tmp.path().join(format!("round-{round}-{i}"));
             let attached = attach(phase, &out);
             let before = program_stats();
             let cpu0 = match &attached {
@@ -392,7 +410,8 @@ fn main() {
                     cost.events += s["events"].as_u64().unwrap_or(0);
                     cost.drops += s["kernel_drops"].as_u64().unwrap_or(0);
                     cost.event_bytes += data_bytes(&out.join("events"));
-                    Attached::Tcplake(Capture::start(&tmp.path().join(format!("bulk-{round}"))))
+                    let bulk_out = tmp.path().join(format!("bulk-{round}-{i}"));
+                    Attached::Tcplake(Capture::start(&bulk_out, phase == Phase::Lifecycle))
                 }
                 other => other,
             };
@@ -401,7 +420,7 @@ fn main() {
                 cost.drops += c.stop()["kernel_drops"].as_u64().unwrap_or(0);
             }
             eprintln!(
-                "round {round}: {:<32} churn {rate:>8.0} req/s  bulk {:>6.2} Gbit/s",
+                "round {round}: {:<36} churn {rate:>8.0} req/s  bulk {:>6.2} Gbit/s",
                 phase.name(),
                 bulk_rates[i].last().unwrap()
             );
@@ -428,48 +447,57 @@ fn main() {
         );
     }
     let floor_loss = 1.0 - churn_mid[1] / churn_mid[0];
-    let loss = 1.0 - churn_mid[2] / churn_mid[0];
-    if floor_loss > 0.0 {
-        println!(
-            "\ntcplake's churn loss is {:.2}x the floor's ({:.1} % vs {:.1} %).",
-            loss / floor_loss,
-            loss * 100.0,
-            floor_loss * 100.0
-        );
-    } else {
-        println!(
-            "\nThe floor lost nothing measurable ({:.1} %); tcplake's loss: {:.1} %.",
-            floor_loss * 100.0,
-            loss * 100.0
-        );
-    }
-    let conns = cost.connections.max(1) as f64;
-    println!(
-        "\nPer connection under tcplake (both ends of each connection are captured): {:.1} events, \
-         {:.0} bytes of event Parquet, {:.1} µs of tcplake CPU (decode, aggregate, Parquet); \
-         ring-buffer drops: {}.\n",
-        cost.events as f64 / conns,
-        cost.event_bytes as f64 / conns,
-        cost.cpu_secs * 1e6 / conns,
-        cost.drops
-    );
-    if !cost.programs.is_empty() {
-        println!("| program | runs per connection | mean run time | BPF ns per connection |");
-        println!("|---|---:|---:|---:|");
-        let mut total = 0.0;
-        for (name, runs, ns) in &cost.programs {
-            let mean = if *runs > 0 {
-                *ns as f64 / *runs as f64
-            } else {
-                0.0
-            };
-            total += *ns as f64 / conns;
+    println!();
+    for (i, p) in phases.iter().enumerate().filter(|(_, p)| p.captures()) {
+        let loss = 1.0 - churn_mid[i] / churn_mid[0];
+        if floor_loss > 0.0 {
             println!(
-                "| {name} | {:.1} | {mean:.0} ns | {:.0} |",
-                *runs as f64 / conns,
-                *ns as f64 / conns
+                "{}: churn loss {:.2}x the floor's ({:.1} % vs {:.1} %).",
+                p.name(),
+                loss / floor_loss,
+                loss * 100.0,
+                floor_loss * 100.0
+            );
+        } else {
+            println!(
+                "{}: the floor lost nothing measurable ({:.1} %); this phase's loss: {:.1} %.",
+                p.name(),
+                floor_loss * 100.0,
+                loss * 100.0
             );
         }
-        println!("| all | | | {total:.0} |");
+    }
+    for (i, p) in phases.iter().enumerate().filter(|(_, p)| p.captures()) {
+        let cost = &costs[i];
+        let conns = cost.connections.max(1) as f64;
+        println!(
+            "\nPer connection under {} (both ends of each connection are captured): {:.1} events, \
+             {:.0} bytes of event Parquet, {:.1} µs of tcplake CPU (decode, aggregate, Parquet); \
+             ring-buffer drops: {}.\n",
+            p.name(),
+            cost.events as f64 / conns,
+            cost.event_bytes as f64 / conns,
+            cost.cpu_secs * 1e6 / conns,
+            cost.drops
+        );
+        if !cost.programs.is_empty() {
+            println!("| program | runs per connection | mean run time | BPF ns per connection |");
+            println!("|---|---:|---:|---:|");
+            let mut total = 0.0;
+            for (name, runs, ns) in &cost.programs {
+                let mean = if *runs > 0 {
+                    *ns as f64 / *runs as f64
+                } else {
+                    0.0
+                };
+                total += *ns as f64 / conns;
+                println!(
+                    "| {name} | {:.1} | {mean:.0} ns | {:.0} |",
+                    *runs as f64 / conns,
+                    *ns as f64 / conns
+                );
+            }
+            println!("| all | | | {total:.0} |");
+        }
     }
 }

@@ -154,7 +154,10 @@ pub struct ProbeConfig {
     pub filter_pid: u32,
     /// Connections owned by this process are ignored (tcplake's own S3/broker traffic; 0 = none).
     pub exclude_pid: u32,
-    pub _pad: u32,
+    /// 1: only state changes into `SYN_SENT`, `ESTABLISHED` and `CLOSE` are recorded (the ones flows
+    /// count: attempts, opens, closes and resets, with the true previous state); the closing
+    /// handshake's intermediate states are not. 0: every state change.
+    pub lifecycle_only: u32,
     /// Only connections owned by a task in this cgroup (0 = all).
     pub filter_cgroup: u64,
     /// At most one RTT sample per socket per this many nanoseconds.

@@ -20,6 +20,7 @@ const IPPROTO_TCP: u16 = 6;
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_NOEXIST: u64 = 1;
 const MSG_PEEK: i32 = 2;
+const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_SENT: i32 = 2;
 const TCP_SYN_RECV: i32 = 3;
 const TCP_CLOSE: i32 = 7;
@@ -333,17 +334,20 @@ fn try_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     if new == TCP_CLOSE {
         flush(info_ptr, id, now);
     }
-    emit(
-        info,
-        id,
-        now,
-        KIND_STATE_CHANGE,
-        old as u8,
-        new as u8,
-        0,
-        0,
-        0,
-    );
+    let lifecycle = new == TCP_SYN_SENT || new == TCP_ESTABLISHED || new == TCP_CLOSE;
+    if lifecycle || load(&CONFIG).lifecycle_only == 0 {
+        emit(
+            info,
+            id,
+            now,
+            KIND_STATE_CHANGE,
+            old as u8,
+            new as u8,
+            0,
+            0,
+            0,
+        );
+    }
     if new == TCP_CLOSE {
         let _ = SOCKS.remove(id);
     }

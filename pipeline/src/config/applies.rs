@@ -128,6 +128,7 @@ fn not_applicable(key: &Key, c: &Ctx) -> Option<String> {
         &keys::RING_BUFFER,
         &keys::RTT_INTERVAL,
         &keys::FLUSH_INTERVAL,
+        &keys::STATE_CHANGES,
     ]
     .iter()
     .any(|x| k(x))

@@ -38,6 +38,7 @@ keys! {
     RING_BUFFER: "ring buffer size", None, Some("capture.ring_buffer_size");
     RTT_INTERVAL: "rtt sample interval", None, Some("capture.rtt_sample_interval");
     FLUSH_INTERVAL: "bytes flush interval", None, Some("capture.bytes_flush_interval");
+    STATE_CHANGES: "state changes", None, Some("capture.state_changes");
     SEED: "seed", Some("seed"), Some("capture.seed");
     START: "start time", Some("start"), Some("capture.start");
     LATE_EVERY: "late every", None, Some("capture.late_every");

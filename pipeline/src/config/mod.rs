@@ -137,6 +137,30 @@ pub struct EbpfSettings {
     pub ring_buffer_bytes: u32,
     pub rtt_sample_interval: Duration,
     pub bytes_flush_interval: Duration,
+    pub state_changes: StateChanges,
+}
+
+/// Which TCP state changes live capture records (`capture.state_changes`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateChanges {
+    /// Every one the kernel makes (the default).
+    All,
+    /// Only those into `SYN_SENT`, `ESTABLISHED` and `CLOSE`: what `flows/` counts (attempts, opens,
+    /// closes, resets), each with its true previous state. The closing handshake's intermediate
+    /// states (`FIN_WAIT1`, `FIN_WAIT2`, `CLOSE_WAIT`, `LAST_ACK`, `CLOSING`) are not in `events/`;
+    /// `flows/` is the same but for its `events` column. About a quarter fewer events per
+    /// connection.
+    Lifecycle,
+}
+
+impl StateChanges {
+    fn parse(v: &str) -> Result<Self, String> {
+        match v {
+            "all" => Ok(StateChanges::All),
+            "lifecycle" => Ok(StateChanges::Lifecycle),
+            _ => Err("expected `all` or `lifecycle`".into()),
+        }
+    }
 }
 
 /// Defaults, in one place (documented in `docs/configuration.md`).
@@ -156,6 +180,7 @@ pub mod defaults {
     pub const RING_BUFFER_SIZE: &str = "4MiB";
     pub const RTT_SAMPLE_INTERVAL: &str = "100ms";
     pub const BYTES_FLUSH_INTERVAL: &str = "1s";
+    pub const STATE_CHANGES: &str = "all";
     pub const S3_MAX_RETRY: &str = "10m";
     pub const BROKER_CONNECT_TIMEOUT: &str = "30s";
     pub const BROKER_MAX_AGE: &str = "24h";
@@ -668,6 +693,10 @@ fn ebpf_settings(file: &Capture) -> Result<EbpfSettings, ConfigError> {
         ring_buffer_bytes: ring_bytes as u32,
         rtt_sample_interval: interval(&keys::RTT_INTERVAL, &file.rtt_sample_interval)?,
         bytes_flush_interval: interval(&keys::FLUSH_INTERVAL, &file.bytes_flush_interval)?,
+        state_changes: {
+            let text = required(&file.state_changes, &keys::STATE_CHANGES)?;
+            StateChanges::parse(&text).map_err(|e| invalid(&keys::STATE_CHANGES, &text, e))?
+        },
     })
 }
 
@@ -694,6 +723,28 @@ mod tests {
         assert!(err.contains("t.toml` line 3"), "{err}");
         assert!(err.contains("unknown field `window`"), "{err}");
         assert!(!err.contains('\n'), "one line: {err}");
+    }
+
+    #[test]
+    fn state_changes_are_all_by_default_and_lifecycle_on_request() {
+        let s = resolve(&["--source", "ebpf"], None).unwrap();
+        assert_eq!(s.ebpf.state_changes, StateChanges::All);
+        let s = resolve(
+            &["--source", "ebpf"],
+            Some("[capture]\nstate_changes = \"lifecycle\"\n"),
+        )
+        .unwrap();
+        assert_eq!(s.ebpf.state_changes, StateChanges::Lifecycle);
+        let err = resolve(
+            &["--source", "ebpf"],
+            Some("[capture]\nstate_changes = \"some\"\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("capture.state_changes") && err.contains("`all` or `lifecycle`"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -64,6 +64,8 @@ pub struct Capture {
     pub ring_buffer_size: Option<String>,
     pub rtt_sample_interval: Option<String>,
     pub bytes_flush_interval: Option<String>,
+    /// `all` or `lifecycle`.
+    pub state_changes: Option<String>,
     pub seed: Option<u64>,
     pub start: Option<String>,
     /// Synthetic: every `late_every`-th event arrives `late_by` late (stragglers, to exercise lateness).
@@ -121,6 +123,7 @@ impl Schema {
                 ring_buffer_size: s(defaults::RING_BUFFER_SIZE),
                 rtt_sample_interval: s(defaults::RTT_SAMPLE_INTERVAL),
                 bytes_flush_interval: s(defaults::BYTES_FLUSH_INTERVAL),
+                state_changes: s(defaults::STATE_CHANGES),
                 seed: Some(defaults::SEED),
                 start: s(defaults::START),
                 batch_size: Some(defaults::BATCH_SIZE),

@@ -17,7 +17,7 @@ use crate::capture::ebpf::{EbpfConfig, EbpfSource};
 use crate::capture::synthetic::{Synthetic, SyntheticConfig};
 use crate::capture::{self, AnySource, CaptureConfig, CaptureError};
 use crate::config::Output;
-use crate::config::{defaults, Mode, Settings, SourceKind};
+use crate::config::{defaults, Mode, Settings, SourceKind, StateChanges};
 use crate::edge::tee::Tee;
 use crate::edge::{memory, Ack, EdgeError, Finalized, Finalizing};
 use crate::event::{EventBatch, FlowBatch};
@@ -136,6 +136,7 @@ async fn open_source(
                 exclude_self: e.exclude_self,
                 rtt_interval: e.rtt_sample_interval,
                 flush_interval: e.bytes_flush_interval,
+                lifecycle_only: e.state_changes == StateChanges::Lifecycle,
                 ring_bytes: e.ring_buffer_bytes,
                 max_events: s.events,
             };

@@ -61,7 +61,7 @@ struct Capture {
 }
 
 impl Capture {
-    fn start(out: &Path, port: u16) -> Capture {
+    fn start(out: &Path, port: u16, extra: &[&str]) -> Capture {
         let mut child = tcplake_cmd()
             .args([
                 "--source",
@@ -79,6 +79,7 @@ impl Capture {
                 "--out",
                 out.to_str().unwrap(),
             ])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -170,13 +171,45 @@ fn loopback_connections_bytes_resets_and_owners_are_exact() {
     if skipped() {
         return;
     }
+    let tmp = tempfile::tempdir().unwrap();
+    let states = exact_loopback(tmp.path(), None);
+    // Every state change is recorded: the closing handshake's too.
+    for s in ["FIN_WAIT1", "FIN_WAIT2", "CLOSE_WAIT", "LAST_ACK"] {
+        assert!(states.iter().any(|x| x == s), "{s} in {states:?}");
+    }
+}
+
+/// `capture.state_changes = "lifecycle"`: the closing handshake's intermediate states are not
+/// recorded, and `flows/` counts exactly the same opens, closes, resets, bytes and owners.
+#[test]
+fn lifecycle_state_changes_keep_flows_exact_with_fewer_events() {
+    require_root();
+    if skipped() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("tcplake.toml");
+    std::fs::write(&config, "[capture]\nstate_changes = \"lifecycle\"\n").unwrap();
+    let out = tmp.path().join("out");
+    let states = exact_loopback(&out, Some(&config));
+    let mut expected = vec!["CLOSE", "ESTABLISHED", "SYN_SENT"];
+    expected.sort_unstable();
+    assert_eq!(states, expected, "only lifecycle states recorded");
+}
+
+/// Loopback connections between two Python peers, captured live: `flows/` must count them exactly
+/// on both sides. Returns the distinct `new_state`s of the recorded state changes, sorted.
+fn exact_loopback(out: &Path, config: Option<&Path>) -> Vec<String> {
     const CONNS: u64 = 12;
     const RSTS: u64 = 4;
     const REQ: u64 = 70_000;
     const RESP: u64 = 30_000;
-    let tmp = tempfile::tempdir().unwrap();
     let port = free_port();
-    let capture = Capture::start(tmp.path(), port);
+    let extra: Vec<&str> = match config {
+        Some(c) => vec!["--config", c.to_str().unwrap()],
+        None => Vec::new(),
+    };
+    let capture = Capture::start(out, port, &extra);
 
     let args = |role: &str| -> Vec<String> {
         let mut v = vec![
@@ -202,7 +235,7 @@ fn loopback_connections_bytes_resets_and_owners_are_exact() {
     assert_eq!(summary["kernel_drops"], 0, "{summary}");
     assert_eq!(summary["decode_errors"], 0, "{summary}");
 
-    let flows = dataset(tmp.path(), "flows");
+    let flows = dataset(out, "flows");
     let side = |filter: &str| {
         duckdb(&format!(
             "SELECT count(DISTINCT (pid, comm)), min(pid), min(comm), sum(connections_opened), \
@@ -241,7 +274,7 @@ fn loopback_connections_bytes_resets_and_owners_are_exact() {
     assert_eq!(num(&s[7]), CONNS * REQ, "server bytes_received");
     assert!(num(&c[8]) + num(&s[8]) > 0, "RTT samples were taken");
     // The event log agrees with the projection, and nothing else was captured.
-    let events = dataset(tmp.path(), "events");
+    let events = dataset(out, "events");
     assert_eq!(
         duckdb_int(&format!(
             "SELECT count(*) FROM {events} WHERE local_port <> {port} AND remote_port <> {port}"
@@ -252,6 +285,17 @@ fn loopback_connections_bytes_resets_and_owners_are_exact() {
         duckdb_int(&format!("SELECT sum(bytes) FROM {events}")) as u64,
         CONNS * (REQ + RESP) * 2
     );
+    // flows/ is the projection of events/: its `events` column counts every event row.
+    assert_eq!(
+        duckdb_int(&format!("SELECT sum(events) FROM {flows}")),
+        duckdb_int(&format!("SELECT count(*) FROM {events}"))
+    );
+    duckdb(&format!(
+        "SELECT DISTINCT new_state FROM {events} WHERE kind = 'state_change' ORDER BY 1"
+    ))
+    .into_iter()
+    .map(|r| r[0].as_str().unwrap().to_string())
+    .collect()
 }
 
 /// A network namespace made for one test, removed when dropped.
@@ -331,7 +375,7 @@ fn retransmits_under_packet_loss_are_counted() {
         String::from_utf8_lossy(&o.stderr)
     );
 
-    let capture = Capture::start(&tmp.path().join("out"), port);
+    let capture = Capture::start(&tmp.path().join("out"), port, &[]);
     let before = ns.tcp_counter("RetransSegs");
     let p = port.to_string();
     let mut server = peer(

@@ -41,6 +41,8 @@ pub struct EbpfConfig {
     pub rtt_interval: Duration,
     /// How long a socket's byte counts fold in the kernel before they are sent.
     pub flush_interval: Duration,
+    /// Record only the state changes flows count (into `SYN_SENT`, `ESTABLISHED`, `CLOSE`).
+    pub lifecycle_only: bool,
     pub ring_bytes: u32,
     /// Stop once this many events were captured (unbounded when `None`).
     pub max_events: Option<u64>,
@@ -57,7 +59,7 @@ impl EbpfConfig {
             } else {
                 0
             },
-            _pad: 0,
+            lifecycle_only: u32::from(self.lifecycle_only),
             filter_cgroup: self.cgroup_id.unwrap_or(0),
             rtt_interval_ns: self.rtt_interval.as_nanos() as u64,
             flush_interval_ns: self.flush_interval.as_nanos() as u64,
