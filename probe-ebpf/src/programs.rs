@@ -282,13 +282,28 @@ fn try_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     }
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
-    if new == TCP_LISTEN || old == TCP_LISTEN {
+    if new == TCP_LISTEN {
         // listen() runs in the owning process: remember it for the connections it will accept.
+        let _ = LISTENERS.insert(u32::from(field::<u16>(sk, o.num)), current_owner(), 0);
+        return Ok(());
+    }
+    if old == TCP_LISTEN {
         let port = u32::from(field::<u16>(sk, o.num));
-        if new == TCP_LISTEN {
-            let _ = LISTENERS.insert(port, current_owner(), 0);
-        } else {
+        if new != TCP_SYN_RECV {
+            // The listener itself closes.
             let _ = LISTENERS.remove(port);
+            return Ok(());
+        }
+        // A connection accepted on the listener is born: the kernel clones the listener (state
+        // included) and sets the clone to SYN_RECV. It inherits the listener's owner here, before any
+        // data; its addresses are not all set yet, so its tuple is read at its next change. The birth
+        // is not a transition of the connection: nothing is recorded.
+        // SAFETY: map value read.
+        if let Some(l) = unsafe { LISTENERS.get(port) } {
+            let owner = *l;
+            let info = unsafe { &mut *sock_info(sk as u64).ok_or(0)? };
+            info.owner = owner;
+            info.has_owner = 1;
         }
         return Ok(());
     }

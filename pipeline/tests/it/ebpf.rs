@@ -179,6 +179,56 @@ fn loopback_connections_bytes_resets_and_owners_are_exact() {
     }
 }
 
+/// A server that accepts and closes without moving a byte is still named as the connections' owner:
+/// they inherit the listener's owner when they are born, not at their first send or receive.
+#[test]
+fn accepted_connections_are_owned_by_the_listener_before_any_data() {
+    require_root();
+    if skipped() {
+        return;
+    }
+    const CONNS: u64 = 6;
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let capture = Capture::start(tmp.path(), port, &[]);
+    let args = |role: &str| -> Vec<String> {
+        let mut v = vec![
+            role.to_string(),
+            port.to_string(),
+            CONNS.to_string(),
+            "0".into(),
+            "0".into(),
+        ];
+        if role == "client" {
+            v.push("0".into());
+        }
+        v
+    };
+    let mut server = peer(None, &args("server"));
+    let _server_out = wait_for_line(&mut server, "READY");
+    let server_pid = server.id();
+    finish(peer(None, &args("client")));
+    finish(server);
+    let summary = capture.stop();
+    assert_eq!(summary["kernel_drops"], 0, "{summary}");
+    let flows = dataset(tmp.path(), "flows");
+    let rows = duckdb(&format!(
+        "SELECT pid, comm, sum(connections_opened), sum(bytes_sent + bytes_received) FROM {flows} \
+         WHERE local_port = {port} GROUP BY ALL"
+    ));
+    let num = |v: &serde_json::Value| {
+        v.as_u64()
+            .unwrap_or_else(|| v.as_str().unwrap().parse().unwrap())
+    };
+    assert_eq!(rows.len(), 1, "one owner on the server side: {rows:?}");
+    assert_eq!(
+        (num(&rows[0][0]), rows[0][1].as_str().unwrap()),
+        (u64::from(server_pid), "tl-server"),
+        "{rows:?}"
+    );
+    assert_eq!((num(&rows[0][2]), num(&rows[0][3])), (CONNS, 0), "{rows:?}");
+}
+
 /// `capture.state_changes = "lifecycle"`: the closing handshake's intermediate states are not
 /// recorded, and `flows/` counts exactly the same opens, closes, resets, bytes and owners.
 #[test]
