@@ -1,10 +1,11 @@
 //! `tcplake bench`: the same synthetic workload through each deployment topology, as real separate
 //! processes, measured and priced on one run.
 //!
-//! Per mode it records wall time, events/s, CPU-seconds and peak memory of every process (from
-//! `wait4`, and from `/proc` for the broker), bytes and messages crossing process boundaries, and S3
-//! requests; [`cost`] turns those counts into dollars per 10⁹ events. Every mode's `flows/` rows are
-//! compared with the first mode's: a bench whose modes disagree fails.
+//! Per mode and capture-node count it records wall time, events/s, CPU-seconds (`wait4`) and peak
+//! memory (each process's own `VmHWM`; `/proc` for the broker) of every process, bytes and messages
+//! crossing process boundaries, and S3 requests; [`cost`] turns those counts into dollars per 10⁹
+//! events. At each node count every mode's `flows/` rows are compared with the first mode's: a bench
+//! whose modes disagree fails.
 
 pub mod cost;
 mod procs;
@@ -34,6 +35,18 @@ pub fn config(args: &pipeline::config::BenchArgs, s3: S3Flags) -> Result<BenchCo
     }
     if args.nodes.is_empty() || args.nodes.iter().any(|n| !(1..=64).contains(n)) {
         return Err("--nodes takes counts between 1 and 64 (for example --nodes 1,2,4,8)".into());
+    }
+    let most = args.nodes.iter().copied().max().unwrap_or(1);
+    if args.events.checked_mul(u64::from(most)).is_none() {
+        return Err(format!(
+            "--events {} x {most} nodes is more events than a run can count",
+            args.events
+        ));
+    }
+    if args.handoff.is_some() && !args.modes.contains(&BenchMode::SplitObjectStore) {
+        return Err(
+            "--handoff is where split-object-store hands over, and --modes leaves it out".into(),
+        );
     }
     let dir = args
         .report
@@ -160,7 +173,7 @@ pub struct ModeReport {
     pub mode: BenchMode,
     /// Capture processes (nodes) in this run.
     pub nodes: u32,
-    /// Events through this run: `nodes` x the events per node.
+    /// Events the capture processes captured: `nodes` x the events per node.
     pub events: u64,
     pub wall_seconds: f64,
     pub events_per_sec: f64,
@@ -179,7 +192,8 @@ pub struct ModeReport {
     pub handoff_on_s3: bool,
     pub flow_rows: u64,
     pub files: u64,
-    /// Capture-to-durable latency of event batches (the sink's figures), ms.
+    /// Capture-to-durable latency of event batches, ms: the sinks' figures (with several sinks or
+    /// monoliths, the worst process's percentile, not one over the whole run).
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
     pub usage: Usage,
@@ -220,7 +234,13 @@ pub fn run(cfg: &BenchConfig) -> Result<Report, BenchError> {
                 mode.name(),
                 cfg.events
             );
-            let run = Run { cfg, nodes };
+            let run = Run {
+                cfg,
+                nodes,
+                started_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis()),
+            };
             let out = cfg.dir.join(format!("{}-{nodes}", mode.name()));
             let _ = std::fs::remove_dir_all(&out);
             let report = match mode {
@@ -258,6 +278,8 @@ pub fn run(cfg: &BenchConfig) -> Result<Report, BenchError> {
 struct Run<'a> {
     cfg: &'a BenchConfig,
     nodes: u32,
+    /// When it started (ms since the epoch): names its own hand-off location.
+    started_ms: u128,
 }
 
 /// Capture node `i`'s name: its streams, its event-log producer, its flow rows.
@@ -287,7 +309,7 @@ impl Run<'_> {
             "--source".into(),
             "synthetic".into(),
             "--seed".into(),
-            (self.cfg.seed + u64::from(i)).to_string(),
+            self.cfg.seed.wrapping_add(u64::from(i)).to_string(),
             "--events".into(),
             self.cfg.events.to_string(),
         ]
@@ -323,12 +345,31 @@ impl Run<'_> {
     /// Every node's capture into one broker, one tier of aggregators, one sink.
     fn split_broker(&self, out: &Path) -> Result<ModeReport, BenchError> {
         let nats = NatsServer::start(&self.cfg.dir.join("nats-store"))?;
-        let edge = ["--broker".to_string(), nats.url()];
+        // Streams large enough for the whole run (at most 64 bytes per event; the default 1 GiB
+        // would refuse publishes past ~50 M events and stall the captures).
+        let conf = self.cfg.dir.join("broker.toml");
+        let mib = (self.cfg.events * u64::from(self.nodes) * 64 / (1 << 20)).max(1024);
+        std::fs::write(&conf, format!("[broker]\nmax_bytes = \"{mib}MiB\"\n")).map_err(
+            |source| BenchError::Report {
+                path: conf.clone(),
+                source,
+            },
+        )?;
+        let edge = [
+            "--broker".to_string(),
+            nats.url(),
+            "--config".into(),
+            conf.display().to_string(),
+        ];
         let started = Instant::now();
         let mut running = Vec::new();
         for i in 0..self.nodes {
             running.push(self.capture(i, &edge)?);
         }
+        // A finite run ends for a consumer once every node it has seen has ended: the aggregators and
+        // the sink start once every node has published, or one whose first batch came late would be
+        // missed.
+        procs::wait_for_streams(&nats.url(), self.nodes, &running)?;
         // The aggregators and the sink serve every node; their own --node names only their logs.
         running.extend(self.aggregators(&node_name(0), &edge)?);
         running.push(self.sink(&node_name(0), out, &edge)?);
@@ -341,7 +382,7 @@ impl Run<'_> {
     /// The object-store design: every node's own capture, aggregators and sink, handing over through
     /// the store.
     fn split_object_store(&self, out: &Path) -> Result<ModeReport, BenchError> {
-        let edge = self.handoff_args()?;
+        let (edge, own_dir) = self.handoff_args();
         let started = Instant::now();
         let mut running = Vec::new();
         for i in 0..self.nodes {
@@ -350,23 +391,33 @@ impl Run<'_> {
             running.extend(self.aggregators(&node, &edge)?);
             running.push(self.sink(&node, out, &edge)?);
         }
-        let done = finish_all(running)?;
-        Ok(self.report(BenchMode::SplitObjectStore, started.elapsed(), done, None))
+        let done = finish_all(running);
+        match own_dir {
+            Some(dir) => {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            None => eprintln!("bench: the hand-off objects are left under {}", edge[1]),
+        }
+        Ok(self.report(BenchMode::SplitObjectStore, started.elapsed(), done?, None))
     }
 
-    /// A fresh hand-off location for this run, and the flags that reach it.
-    fn handoff_args(&self) -> Result<Vec<String>, BenchError> {
+    /// A fresh hand-off location for this run and the flags that reach it (`--handoff LOCATION`
+    /// first), and the directory to remove afterwards when it is a local one.
+    fn handoff_args(&self) -> (Vec<String>, Option<PathBuf>) {
         match &self.cfg.handoff {
             Handoff::Dir(dir) => {
-                let _ = std::fs::remove_dir_all(dir);
-                Ok(vec!["--handoff".into(), dir.display().to_string()])
+                // A directory of its own per run, inside the one given (never emptied: it may hold
+                // anything), removed when the run is over.
+                let own = dir.join(self.run_name());
+                (
+                    vec!["--handoff".into(), own.display().to_string()],
+                    Some(own),
+                )
             }
             Handoff::S3 { bucket, prefix, s3 } => {
-                // A prefix of its own per run: a bench never reads another run's objects.
-                let stamp = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_millis());
-                let run = format!("run-{stamp}-{}n", self.nodes);
+                // A prefix of its own per run: a bench never reads another run's objects. (The bench
+                // has no S3 client to remove them with: the prefix is printed.)
+                let run = self.run_name();
                 let key = if prefix.is_empty() {
                     run
                 } else {
@@ -379,9 +430,14 @@ impl Run<'_> {
                 if let Some(r) = &s3.region {
                     a.extend(["--s3-region".into(), r.clone()]);
                 }
-                Ok(a)
+                (a, None)
             }
         }
+    }
+
+    /// `run-<unix ms>-<nodes>n`: unique per run of a topology.
+    fn run_name(&self) -> String {
+        format!("run-{}-{}n", self.started_ms, self.nodes)
     }
 
     fn split_args(node: &str, mode: &str, edge: &[String]) -> Vec<String> {
@@ -460,7 +516,6 @@ fn mode_report(
     procs: Vec<Measured>,
     broker: Option<Measured>,
 ) -> ModeReport {
-    let events = cfg.events * u64::from(nodes);
     let secs = wall.as_secs_f64();
     let all: Vec<&Measured> = procs.iter().chain(broker.iter()).collect();
     let cpu: f64 = all.iter().map(|p| p.cpu_seconds).sum();
@@ -473,6 +528,8 @@ fn mode_report(
         v.as_u64().unwrap_or(0)
     };
     let sum = |path: &[&str]| procs.iter().map(|p| field(p, path)).sum::<u64>();
+    // What the capture stages say they captured (each node's `--events`, if none was lost).
+    let events = sum(&["events"]);
     let published = sum(&["broker", "published_bytes"]) + sum(&["handoff", "bytes_written"]);
     let consumed = sum(&["broker", "consumed_bytes"]) + sum(&["handoff", "bytes_read"]);
     let handoff_puts = sum(&["handoff", "puts"]);
@@ -575,7 +632,6 @@ fn same_rows(
     })
 }
 
-/// Every flow row under `dir`, sorted (file names differ between modes; rows must not).
 /// Every row of the `flows` table of the output at `out` (its current snapshot), sorted.
 pub fn read_flows(out: &Path) -> Result<Vec<FlowRecord>, BenchError> {
     let err = |reason: String| BenchError::Read {

@@ -1,9 +1,11 @@
-//! The processes a bench runs, and what they cost: CPU and peak memory from `wait4` for tcplake's own
-//! children, from `/proc` for the broker (which is stopped rather than exiting on its own).
+//! The processes a bench runs, and what they cost: CPU from `wait4` and peak memory from each
+//! process's own summary (`VmHWM`) for tcplake's children, both from `/proc` for the broker (which is
+//! stopped rather than exiting on its own).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::BenchError;
@@ -24,6 +26,25 @@ pub struct Running {
     role: String,
     child: Child,
     reaped: bool,
+    /// Reads the process's stderr from the start (however much it logs, it never blocks on a full
+    /// pipe while the bench waits for another process).
+    stderr: Option<JoinHandle<String>>,
+}
+
+/// The last `keep` bytes of what `r` yields until it ends (at a character boundary).
+fn tail_of(mut r: impl Read, keep: usize) -> String {
+    let mut tail: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 8192];
+    while let Ok(n) = r.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        tail.extend_from_slice(&buf[..n]);
+        if tail.len() > 2 * keep {
+            tail.drain(..tail.len() - keep);
+        }
+    }
+    String::from_utf8_lossy(&tail).into_owned()
 }
 
 impl Drop for Running {
@@ -43,7 +64,7 @@ pub fn spawn(exe: &Path, role: &str, args: &[String]) -> Result<Running, BenchEr
             cmd.env_remove(k);
         }
     }
-    let child = cmd
+    let mut child = cmd
         .args(args)
         // Several processes per mode on one host: none serves metrics (the bench reads rusage).
         .env("TCPLAKE_METRICS_ADDR", "off")
@@ -51,10 +72,15 @@ pub fn spawn(exe: &Path, role: &str, args: &[String]) -> Result<Running, BenchEr
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| BenchError::Process(format!("starting {role}: {e}")))?;
+    let stderr = child
+        .stderr
+        .take()
+        .map(|e| std::thread::spawn(move || tail_of(e, 64 * 1024)));
     Ok(Running {
         role: role.to_string(),
         child,
         reaped: false,
+        stderr,
     })
 }
 
@@ -63,30 +89,56 @@ fn seconds(tv: libc::timeval) -> f64 {
 }
 
 impl Running {
+    pub fn role(&self) -> &str {
+        &self.role
+    }
+
+    /// Has it exited? (It stays unreaped: [`Running::finish`] still reads its resource usage.)
+    pub fn exited(&self) -> bool {
+        // SAFETY: an all-zero siginfo is valid; waitid with WNOWAIT only looks at our own child.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                self.child.id(),
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        // SAFETY: waitid filled `info` (a zero pid means no state change yet).
+        r == 0 && unsafe { info.si_pid() } != 0
+    }
+
     /// Waits for the exit and reads its resource usage and summary.
     pub fn finish(mut self) -> Result<Measured, BenchError> {
         let mut out = String::new();
-        let mut err = String::new();
-        // The summary is one line and errors are few: reading before the wait cannot deadlock.
+        // The summary is one line on stdout, read to its end (stderr has a reader of its own).
         if let Some(mut s) = self.child.stdout.take() {
             let _ = s.read_to_string(&mut out);
-        }
-        if let Some(mut s) = self.child.stderr.take() {
-            let _ = s.read_to_string(&mut err);
         }
         let pid = self.child.id() as libc::pid_t;
         let mut status = 0;
         // SAFETY: an all-zero rusage is valid; wait4 fills it for our own child.
         let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: pid is our child, not yet waited for; the pointers are valid.
-        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        let (r, wait_error) = loop {
+            // SAFETY: pid is our child, not yet waited for; the pointers are valid.
+            let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+            let e = std::io::Error::last_os_error();
+            if r != -1 || e.kind() != std::io::ErrorKind::Interrupted {
+                break (r, e);
+            }
+        };
+        let err = self
+            .stderr
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default();
         // Reaped (or not ours to wait for): never signalled again, its pid may be reused.
         self.reaped = true;
         if r != pid {
             return Err(BenchError::Process(format!(
-                "waiting for {}: {}",
-                self.role,
-                std::io::Error::last_os_error()
+                "waiting for {}: {wait_error}",
+                self.role
             )));
         }
         if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
@@ -235,4 +287,46 @@ pub fn machine() -> String {
         "{cpus} CPUs ({model}), {mem_gib:.0} GiB, Linux {}",
         kernel.trim()
     )
+}
+
+/// Waits until the broker's events stream holds messages of `nodes` capture nodes (one subject each),
+/// or every capture has exited (a failed one is reported when it is finished).
+pub fn wait_for_streams(url: &str, nodes: u32, captures: &[Running]) -> Result<(), BenchError> {
+    let fail =
+        |what: String| BenchError::Process(format!("waiting for every node to publish: {what}"));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fail(e.to_string()))?;
+    rt.block_on(async {
+        let client = async_nats::connect(url)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let js = async_nats::jetstream::new(client);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(mut stream) = js.get_stream(pipeline::edge::broker::EVENTS_STREAM).await {
+                if let Ok(info) = stream.info().await {
+                    if info.state.subjects_count >= u64::from(nodes) {
+                        return Ok(());
+                    }
+                }
+            }
+            // All ended and some never published: they failed, which finishing them reports.
+            if captures.iter().all(Running::exited) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(fail(format!(
+                    "fewer than {nodes} nodes published within 120 s ({})",
+                    captures
+                        .iter()
+                        .map(Running::role)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
 }

@@ -614,7 +614,7 @@ fn serialize<T: Serialize>(key: &'static keys::Key, v: T) -> Result<Value, super
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Synthetic events per mode.
+    /// Synthetic events per capture node (each mode runs them all).
     #[arg(long, default_value_t = 5_000_000)]
     pub events: u64,
     /// Seed of the workload.

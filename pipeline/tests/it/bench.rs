@@ -9,6 +9,10 @@ use crate::common::*;
 fn bench_runs_every_mode_at_each_node_count_checks_outputs_and_writes_the_report() {
     let tmp = tempfile::tempdir().unwrap();
     let report = tmp.path().join("report");
+    // A hand-off directory of the user's: the bench works in a directory of its own inside it.
+    let handoff = tmp.path().join("handoff");
+    std::fs::create_dir(&handoff).unwrap();
+    std::fs::write(handoff.join("keep.txt"), "mine").unwrap();
     let o = tcplake(
         &[
             "bench",
@@ -18,12 +22,15 @@ fn bench_runs_every_mode_at_each_node_count_checks_outputs_and_writes_the_report
             "3",
             "--nodes",
             "1,2",
+            "--handoff",
+            handoff.to_str().unwrap(),
             "--report",
             report.to_str().unwrap(),
         ],
         &[],
     );
     assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(files_under(&handoff), vec![handoff.join("keep.txt")]);
     let table = stdout(&o);
     for mode in ["monolith", "split-broker", "split-object-store"] {
         for n in [1, 2] {
@@ -185,6 +192,10 @@ fn bench_flags_that_cannot_work_are_refused() {
             "s3://",
         ),
         (&["bench", "--handoff", "s3:///x"][..], "names no bucket"),
+        (
+            &["bench", "--modes", "monolith", "--handoff", "/tmp"][..],
+            "--modes leaves it out",
+        ),
     ] {
         let o = tcplake(args, &[]);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
