@@ -165,6 +165,27 @@ fn finish(mut child: Child) {
     assert!(status.success(), "peer failed: {status}");
 }
 
+/// A peer's arguments (tests/support/tcp_peer.py); `rsts` only for the client.
+fn peer_args(role: &str, port: u16, conns: u64, req: u64, resp: u64, rsts: u64) -> Vec<String> {
+    let mut v = vec![
+        role.to_string(),
+        port.to_string(),
+        conns.to_string(),
+        req.to_string(),
+        resp.to_string(),
+    ];
+    if role == "client" {
+        v.push(rsts.to_string());
+    }
+    v
+}
+
+/// A DuckDB integer (JSON number, or a string for HUGEINT sums).
+fn num(v: &serde_json::Value) -> u64 {
+    v.as_u64()
+        .unwrap_or_else(|| v.as_str().unwrap().parse().unwrap())
+}
+
 #[test]
 fn loopback_connections_bytes_resets_and_owners_are_exact() {
     require_root();
@@ -191,19 +212,7 @@ fn accepted_connections_are_owned_by_the_listener_before_any_data() {
     let tmp = tempfile::tempdir().unwrap();
     let port = free_port();
     let capture = Capture::start(tmp.path(), port, &[]);
-    let args = |role: &str| -> Vec<String> {
-        let mut v = vec![
-            role.to_string(),
-            port.to_string(),
-            CONNS.to_string(),
-            "0".into(),
-            "0".into(),
-        ];
-        if role == "client" {
-            v.push("0".into());
-        }
-        v
-    };
+    let args = |role: &str| peer_args(role, port, CONNS, 0, 0, 0);
     let mut server = peer(None, &args("server"));
     let _server_out = wait_for_line(&mut server, "READY");
     let server_pid = server.id();
@@ -216,10 +225,6 @@ fn accepted_connections_are_owned_by_the_listener_before_any_data() {
         "SELECT pid, comm, sum(connections_opened), sum(bytes_sent + bytes_received) FROM {flows} \
          WHERE local_port = {port} GROUP BY ALL"
     ));
-    let num = |v: &serde_json::Value| {
-        v.as_u64()
-            .unwrap_or_else(|| v.as_str().unwrap().parse().unwrap())
-    };
     assert_eq!(rows.len(), 1, "one owner on the server side: {rows:?}");
     assert_eq!(
         (num(&rows[0][0]), rows[0][1].as_str().unwrap()),
@@ -261,19 +266,7 @@ fn exact_loopback(out: &Path, config: Option<&Path>) -> Vec<String> {
     };
     let capture = Capture::start(out, port, &extra);
 
-    let args = |role: &str| -> Vec<String> {
-        let mut v = vec![
-            role.to_string(),
-            port.to_string(),
-            CONNS.to_string(),
-            REQ.to_string(),
-            RESP.to_string(),
-        ];
-        if role == "client" {
-            v.push(RSTS.to_string());
-        }
-        v
-    };
+    let args = |role: &str| peer_args(role, port, CONNS, REQ, RESP, RSTS);
     let mut server = peer(None, &args("server"));
     let _server_out = wait_for_line(&mut server, "READY");
     let server_pid = server.id();
@@ -293,10 +286,6 @@ fn exact_loopback(out: &Path, config: Option<&Path>) -> Vec<String> {
              FROM {flows} WHERE {filter}"
         ))
         .remove(0)
-    };
-    let num = |v: &serde_json::Value| {
-        v.as_u64()
-            .unwrap_or_else(|| v.as_str().unwrap().parse().unwrap())
     };
     // Client side: connections to the server's port.
     let c = side(&format!("remote_port = {port}"));
