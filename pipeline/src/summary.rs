@@ -224,7 +224,11 @@ impl std::fmt::Display for Summary {
 
 /// `VmHWM` of this process from `/proc/self/status`, MiB (`None` where there is no such file).
 fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    vm_hwm_mib(&std::fs::read_to_string("/proc/self/status").ok()?)
+}
+
+/// Peak resident memory (`VmHWM`) in a `/proc/<pid>/status` text, MiB.
+pub fn vm_hwm_mib(status: &str) -> Option<f64> {
     let kib: f64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmHWM:"))?

@@ -52,30 +52,25 @@ pub fn config(args: &pipeline::config::BenchArgs, s3: S3Flags) -> Result<BenchCo
         .report
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join("tcplake-bench"));
-    let handoff = match &args.handoff {
-        Some(h) if h.to_ascii_lowercase().starts_with("s3://") => {
-            let rest = &h["s3://".len()..];
-            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            if bucket.is_empty() {
-                return Err(format!(
-                    "--handoff `{h}` names no bucket (s3://BUCKET/PREFIX)"
-                ));
-            }
-            Handoff::S3 {
-                bucket: bucket.to_string(),
-                prefix: prefix.trim_matches('/').to_string(),
-                s3,
-            }
+    let handoff = match args.handoff.as_deref().map(pipeline::config::location) {
+        Some(Err(e)) => {
+            return Err(format!(
+                "invalid hand-off store `{}`: {e}",
+                args.handoff.as_deref().unwrap_or_default()
+            ))
         }
+        Some(Ok(Location::S3 { bucket, prefix })) => Handoff::S3 { bucket, prefix, s3 },
         other => {
-            let other = other.as_ref();
             if s3.endpoint.is_some() || s3.region.is_some() {
                 return Err(
                     "--s3-endpoint/--s3-region apply to an S3 hand-off: give --handoff s3://BUCKET/PREFIX"
                         .into(),
                 );
             }
-            Handoff::Dir(other.map_or_else(|| dir.join("handoff-store"), PathBuf::from))
+            match other {
+                Some(Ok(Location::Dir(d))) => Handoff::Dir(d),
+                _ => Handoff::Dir(dir.join("handoff-store")),
+            }
         }
     };
     Ok(BenchConfig {
@@ -97,6 +92,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use cost::{cost_per_billion, Cost, Prices, Usage};
+use pipeline::config::Location;
 use pipeline::event::schema::batch_to_flows;
 use pipeline::event::FlowRecord;
 use procs::{Measured, NatsServer};
@@ -315,14 +311,6 @@ impl Run<'_> {
         ]
     }
 
-    fn role(&self, what: &str, i: u32) -> String {
-        if self.nodes == 1 {
-            what.to_string()
-        } else {
-            format!("{what} {}", node_name(i))
-        }
-    }
-
     /// One monolith per node, all writing the one output.
     fn monolith(&self, out: &Path) -> Result<ModeReport, BenchError> {
         let started = Instant::now();
@@ -334,7 +322,7 @@ impl Run<'_> {
             args.extend(["--mode".into(), "monolith".into()]);
             running.push(procs::spawn(
                 &self.cfg.exe,
-                &self.role("monolith", i),
+                &self.tier_role("monolith".into(), Some(&node_name(i))),
                 &args,
             )?);
         }
@@ -370,9 +358,9 @@ impl Run<'_> {
         // the sink start once every node has published, or one whose first batch came late would be
         // missed.
         procs::wait_for_streams(&nats.url(), self.nodes, &running)?;
-        // The aggregators and the sink serve every node; their own --node names only their logs.
-        running.extend(self.aggregators(&node_name(0), &edge)?);
-        running.push(self.sink(&node_name(0), out, &edge)?);
+        // One tier of aggregators and one sink serve every node.
+        running.extend(self.aggregators(None, &edge)?);
+        running.push(self.sink(None, out, &edge)?);
         let done = finish_all(running)?;
         let wall = started.elapsed();
         let broker = nats.stop(wall)?;
@@ -388,8 +376,8 @@ impl Run<'_> {
         for i in 0..self.nodes {
             let node = node_name(i);
             running.push(self.capture(i, &edge)?);
-            running.extend(self.aggregators(&node, &edge)?);
-            running.push(self.sink(&node, out, &edge)?);
+            running.extend(self.aggregators(Some(&node), &edge)?);
+            running.push(self.sink(Some(&node), out, &edge)?);
         }
         let done = finish_all(running);
         match own_dir {
@@ -450,34 +438,54 @@ impl Run<'_> {
     fn capture(&self, i: u32, edge: &[String]) -> Result<procs::Running, BenchError> {
         let mut a = Self::split_args(&node_name(i), "capture", edge);
         a.extend(self.source_args(i));
-        procs::spawn(&self.cfg.exe, &self.role("capture", i), &a)
+        procs::spawn(
+            &self.cfg.exe,
+            &self.tier_role("capture".into(), Some(&node_name(i))),
+            &a,
+        )
     }
 
-    fn aggregators(&self, node: &str, edge: &[String]) -> Result<Vec<procs::Running>, BenchError> {
+    /// The aggregators of one node's pipeline (`Some(node)`), or of the tier serving every node.
+    fn aggregators(
+        &self,
+        node: Option<&str>,
+        edge: &[String],
+    ) -> Result<Vec<procs::Running>, BenchError> {
         let shards = self.cfg.shards;
         let mut out = Vec::new();
         for i in 0..shards {
-            let mut a = Self::split_args(node, "aggregate", edge);
+            let mut a = Self::split_args(&self.tier_node(node), "aggregate", edge);
             a.extend(["--shard".into(), format!("{i}/{shards}")]);
-            let role = if self.nodes == 1 || edge.iter().any(|e| e == "--broker") {
-                format!("aggregate {i}/{shards}")
-            } else {
-                format!("aggregate {i}/{shards} {node}")
-            };
+            let role = self.tier_role(format!("aggregate {i}/{shards}"), node);
             out.push(procs::spawn(&self.cfg.exe, &role, &a)?);
         }
         Ok(out)
     }
 
-    fn sink(&self, node: &str, out: &Path, edge: &[String]) -> Result<procs::Running, BenchError> {
-        let mut a = Self::split_args(node, "sink", edge);
+    /// The sink of one node's pipeline (`Some(node)`), or the one serving every node.
+    fn sink(
+        &self,
+        node: Option<&str>,
+        out: &Path,
+        edge: &[String],
+    ) -> Result<procs::Running, BenchError> {
+        let mut a = Self::split_args(&self.tier_node(node), "sink", edge);
         a.extend(out_args(out));
-        let role = if self.nodes == 1 || edge.iter().any(|e| e == "--broker") {
-            "sink".to_string()
-        } else {
-            format!("sink {node}")
-        };
-        procs::spawn(&self.cfg.exe, &role, &a)
+        procs::spawn(&self.cfg.exe, &self.tier_role("sink".into(), node), &a)
+    }
+
+    /// The `--node` of a process serving `node` (or every node: its own name then only labels its
+    /// logs).
+    fn tier_node(&self, node: Option<&str>) -> String {
+        node.map_or_else(|| node_name(0), str::to_string)
+    }
+
+    /// A role, named after its node when it serves one node of several.
+    fn tier_role(&self, what: String, node: Option<&str>) -> String {
+        match node {
+            Some(n) if self.nodes > 1 => format!("{what} {n}"),
+            _ => what,
+        }
     }
 
     fn report(

@@ -239,18 +239,13 @@ impl NatsServer {
         };
         let cpu_seconds = (tick(11) + tick(12)) / ticks;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let peak_kib = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0);
+        let peak_mib = pipeline::summary::vm_hwm_mib(&status).unwrap_or(0.0);
         let _ = self.child.kill();
         let _ = self.child.wait();
         Ok(Measured {
             role: "nats-server".into(),
             cpu_seconds,
-            peak_rss_mib: peak_kib / 1024.0,
+            peak_rss_mib: peak_mib,
             summary: serde_json::Value::Null,
         })
     }

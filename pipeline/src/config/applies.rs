@@ -247,7 +247,7 @@ fn not_applicable(key: &Key, c: &Ctx) -> Option<String> {
 /// `tcplake bench --handoff s3://...`: the S3 settings reach the bench's object-store hand-off.
 fn bench_handoff_on_s3(cli: &Cli) -> bool {
     matches!(&cli.command, Some(super::Command::Bench(b))
-        if b.handoff.as_deref().is_some_and(|h| h.to_ascii_lowercase().starts_with("s3://")))
+        if matches!(b.handoff.as_deref().map(super::location), Some(Ok(super::Location::S3 { .. }))))
 }
 
 /// Checks every flag, environment variable and (relevant) file key given.

@@ -24,7 +24,9 @@ use keys::Key;
 use layers::Layers;
 pub use schema::*;
 pub use task::Task;
-pub use values::{duration_within, parse_size, redact_url, rfc3339_us, size_within};
+pub use values::{
+    duration_within, location, parse_size, redact_url, rfc3339_us, size_within, Location,
+};
 
 /// A configuration problem, phrased for the person who made it.
 #[derive(Debug, thiserror::Error)]

@@ -191,7 +191,7 @@ fn bench_flags_that_cannot_work_are_refused() {
             &["bench", "--s3-endpoint", "http://127.0.0.1:9"][..],
             "s3://",
         ),
-        (&["bench", "--handoff", "s3:///x"][..], "names no bucket"),
+        (&["bench", "--handoff", "s3:///x"][..], "valid bucket name"),
         (
             &["bench", "--modes", "monolith", "--handoff", "/tmp"][..],
             "--modes leaves it out",
