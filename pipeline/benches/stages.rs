@@ -102,7 +102,7 @@ fn stages(c: &mut Criterion) {
                 file,
                 batches[0].schema(),
                 props(),
-                pipeline::sink::parquet_file::threads(),
+                pipeline::sink::encoder::Encoder::new(pipeline::sink::encoder::threads()),
             )
             .unwrap();
             for batch in &batches {

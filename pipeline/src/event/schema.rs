@@ -21,6 +21,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
 
 use super::{Comm, Event, EventKind, FlowKey, FlowRecord, TcpState};
+use crate::sink::encoder::Encoder;
 
 /// Version of both dataset schemas, stored in file metadata under [`SCHEMA_VERSION_KEY`].
 pub const SCHEMA_VERSION: u32 = 2;
@@ -125,42 +126,28 @@ fn utc_micros(values: Vec<i64>) -> ArrayRef {
 
 /// Encodes events captured on `node` as a record batch of [`events_schema`].
 pub fn events_to_batch(node: &str, events: &[Event]) -> Result<RecordBatch, ArrowError> {
+    events_to_batch_on(Encoder::SERIAL, node, events)
+}
+
+/// [`events_to_batch`], each column built on `encoder` (columns are independent of one another).
+pub fn events_to_batch_on(
+    encoder: Encoder,
+    node: &str,
+    events: &[Event],
+) -> Result<RecordBatch, ArrowError> {
+    let schema = events_schema();
+    let columns = encoder
+        .map(events.len(), schema.fields().len(), |c| {
+            event_column(c, node, events)
+        })
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    RecordBatch::try_new(schema, columns)
+}
+
+/// Column `c` of [`events_schema`] for `events`.
+fn event_column(c: usize, node: &str, events: &[Event]) -> Result<ArrayRef, ArrowError> {
     let n = events.len();
-    let mut addr_buf = String::with_capacity(48);
-    let mut local = StringBuilder::with_capacity(n, n * 12);
-    let mut remote = StringBuilder::with_capacity(n, n * 12);
-    let mut comm = StringBuilder::with_capacity(n, n * 8);
-    for e in events {
-        append_addr(&mut local, &mut addr_buf, e.local_addr);
-        append_addr(&mut remote, &mut addr_buf, e.remote_addr);
-        comm.append_value(e.comm.as_str());
-    }
-    let (old_state, new_state): (Vec<_>, Vec<_>) = events
-        .iter()
-        .map(|e| match e.kind {
-            EventKind::StateChange { old, new } => (Some(old.name()), Some(new.name())),
-            EventKind::Retransmit { state } => (None, Some(state.name())),
-            _ => (None, None),
-        })
-        .unzip();
-    let bytes: Int64Array = events
-        .iter()
-        .map(|e| match e.kind {
-            EventKind::BytesSent { bytes } | EventKind::BytesReceived { bytes } => {
-                Some(bytes as i64)
-            }
-            _ => None,
-        })
-        .collect();
-    let (srtt, cwnd): (Vec<_>, Vec<_>) = events
-        .iter()
-        .map(|e| match e.kind {
-            EventKind::RttSample { srtt_us, snd_cwnd } => {
-                (Some(srtt_us as i32), Some(snd_cwnd as i32))
-            }
-            _ => (None, None),
-        })
-        .unzip();
     // Unsigned values are stored bit for bit in the signed types (see the module doc).
     let i64s = |f: fn(&Event) -> u64| -> ArrayRef {
         Arc::new(Int64Array::from_iter_values(
@@ -172,27 +159,68 @@ pub fn events_to_batch(node: &str, events: &[Event]) -> Result<RecordBatch, Arro
             events.iter().map(|e| f(e) as i32),
         ))
     };
-    let columns: Vec<ArrayRef> = vec![
-        utc_micros(events.iter().map(|e| e.ts_us).collect()),
-        strings(n, std::iter::repeat_n(node, n)),
-        i64s(|e| e.seq),
-        strings(n, events.iter().map(|e| e.kind.name())),
-        i32s(|e| e.pid),
-        Arc::new(comm.finish()),
-        i64s(|e| e.cgroup_id),
-        i64s(|e| e.sock_id),
-        strings(n, events.iter().map(|e| e.family().as_str())),
-        Arc::new(local.finish()),
-        i32s(|e| u32::from(e.local_port)),
-        Arc::new(remote.finish()),
-        i32s(|e| u32::from(e.remote_port)),
-        Arc::new(StringArray::from(old_state)),
-        Arc::new(StringArray::from(new_state)),
-        Arc::new(bytes),
-        Arc::new(Int32Array::from(srtt)),
-        Arc::new(Int32Array::from(cwnd)),
-    ];
-    RecordBatch::try_new(events_schema(), columns)
+    let addrs = |f: fn(&Event) -> IpAddr| -> ArrayRef {
+        let mut b = StringBuilder::with_capacity(n, n * 12);
+        let mut buf = String::with_capacity(48);
+        for e in events {
+            append_addr(&mut b, &mut buf, f(e));
+        }
+        Arc::new(b.finish())
+    };
+    let state = |f: fn(&EventKind) -> Option<TcpState>| -> ArrayRef {
+        Arc::new(StringArray::from_iter(
+            events.iter().map(|e| f(&e.kind).map(TcpState::name)),
+        ))
+    };
+    Ok(match c {
+        0 => utc_micros(events.iter().map(|e| e.ts_us).collect()),
+        1 => strings(n, std::iter::repeat_n(node, n)),
+        2 => i64s(|e| e.seq),
+        3 => strings(n, events.iter().map(|e| e.kind.name())),
+        4 => i32s(|e| e.pid),
+        5 => {
+            let mut b = StringBuilder::with_capacity(n, n * 8);
+            for e in events {
+                b.append_value(e.comm.as_str());
+            }
+            Arc::new(b.finish())
+        }
+        6 => i64s(|e| e.cgroup_id),
+        7 => i64s(|e| e.sock_id),
+        8 => strings(n, events.iter().map(|e| e.family().as_str())),
+        9 => addrs(|e| e.local_addr),
+        10 => i32s(|e| u32::from(e.local_port)),
+        11 => addrs(|e| e.remote_addr),
+        12 => i32s(|e| u32::from(e.remote_port)),
+        13 => state(|k| match *k {
+            EventKind::StateChange { old, .. } => Some(old),
+            _ => None,
+        }),
+        14 => state(|k| match *k {
+            EventKind::StateChange { new, .. } => Some(new),
+            EventKind::Retransmit { state } => Some(state),
+            _ => None,
+        }),
+        15 => Arc::new(Int64Array::from_iter(events.iter().map(|e| match e.kind {
+            EventKind::BytesSent { bytes } | EventKind::BytesReceived { bytes } => {
+                Some(bytes as i64)
+            }
+            _ => None,
+        }))),
+        16 => Arc::new(Int32Array::from_iter(events.iter().map(|e| match e.kind {
+            EventKind::RttSample { srtt_us, .. } => Some(srtt_us as i32),
+            _ => None,
+        }))),
+        17 => Arc::new(Int32Array::from_iter(events.iter().map(|e| match e.kind {
+            EventKind::RttSample { snd_cwnd, .. } => Some(snd_cwnd as i32),
+            _ => None,
+        }))),
+        _ => {
+            return Err(ArrowError::SchemaError(format!(
+                "the events schema has no column {c}"
+            )))
+        }
+    })
 }
 
 /// Encodes flow records as a record batch of [`flows_schema`].
@@ -640,6 +668,16 @@ mod tests {
         assert!(back.iter().all(|(n, _)| **n == *node));
         let back: Vec<Event> = back.into_iter().map(|(_, e)| e).collect();
         assert_eq!(back, events);
+    }
+
+    /// The sink builds columns on its encoder threads: the batch is the serial one, column for column.
+    #[test]
+    fn events_built_in_parallel_equal_the_serial_batch() {
+        let (node, events, _) = sample();
+        let serial = events_to_batch(&node, &events).unwrap();
+        let parallel = events_to_batch_on(Encoder::new(4), &node, &events).unwrap();
+        assert_eq!(serial, parallel);
+        assert_eq!(serial.num_columns(), events_schema().fields().len());
     }
 
     #[test]

@@ -218,7 +218,7 @@ fn roll_policy(s: &Settings) -> RollPolicy {
         encode_threads: if live {
             1
         } else {
-            crate::sink::parquet_file::threads()
+            crate::sink::encoder::threads()
         },
     }
 }

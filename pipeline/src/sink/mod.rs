@@ -6,6 +6,7 @@
 //! dataset's table ([`crate::lake`]). One sink instance serves one dataset; it does not know what feeds
 //! it.
 
+pub mod encoder;
 pub mod parquet_file;
 pub mod rolling;
 
@@ -20,13 +21,14 @@ use tokio::sync::watch;
 
 use crate::blocking;
 use crate::edge::{Ack, EdgeError, Finalized, Rx};
-use crate::event::schema::{events_to_batch, flows_to_batch};
+use crate::event::schema::{events_to_batch_on, flows_to_batch};
 use crate::event::{EventBatch, FlowBatch};
 pub use crate::lake::producer::StagedFile;
 pub use crate::lake::{output_id, CommitError, CommitLog, Dataset, Position};
 use crate::metrics::SinkMetrics;
 pub use crate::storage::{LocalDir, Store, StoreError};
 pub use crate::time::Partition;
+use encoder::Encoder;
 pub use rolling::{Group, RollPolicy, RollingWriter, SealedFile, WriteError};
 
 /// What a sink can write: a batch that splits into partitioned record batches.
@@ -35,8 +37,8 @@ pub trait SinkRows: Send + 'static {
     fn num_rows(&self) -> usize;
     /// Event time that decides row `i`'s partition.
     fn partition_ts(&self, i: usize) -> i64;
-    /// Rows `range` as Arrow.
-    fn to_arrow(&self, range: Range<usize>) -> Result<RecordBatch, ArrowError>;
+    /// Rows `range` as Arrow, columns built on `encoder`.
+    fn to_arrow(&self, range: Range<usize>, encoder: Encoder) -> Result<RecordBatch, ArrowError>;
     /// Deterministic, unique file stem for a file whose first row is row `i` of this batch.
     fn file_stem(&self, i: usize) -> String;
     /// Stream position of row `i`.
@@ -59,8 +61,8 @@ impl SinkRows for Arc<EventBatch> {
     fn partition_ts(&self, i: usize) -> i64 {
         self.events[i].ts_us
     }
-    fn to_arrow(&self, range: Range<usize>) -> Result<RecordBatch, ArrowError> {
-        events_to_batch(&self.node, &self.events[range])
+    fn to_arrow(&self, range: Range<usize>, encoder: Encoder) -> Result<RecordBatch, ArrowError> {
+        events_to_batch_on(encoder, &self.node, &self.events[range])
     }
     fn file_stem(&self, i: usize) -> String {
         // (node, seq) identifies an event: the file is named after its first one.
@@ -84,7 +86,8 @@ impl SinkRows for FlowBatch {
     fn partition_ts(&self, i: usize) -> i64 {
         self.records[i].window_start_us
     }
-    fn to_arrow(&self, range: Range<usize>) -> Result<RecordBatch, ArrowError> {
+    fn to_arrow(&self, range: Range<usize>, _: Encoder) -> Result<RecordBatch, ArrowError> {
+        // A window's flows are few next to its events: not worth the threads.
         flows_to_batch(&self.records[range])
     }
     fn file_stem(&self, i: usize) -> String {
@@ -490,10 +493,13 @@ fn write_batch<T: SinkRows>(
             let t = batch.partition_ts(i);
             (lo.min(t), hi.max(t))
         });
-        let arrow = batch.to_arrow(range).map_err(|source| SinkError::Encode {
-            dataset: T::DATASET.name(),
-            source,
-        })?;
+        let arrow =
+            batch
+                .to_arrow(range, writer.encoder())
+                .map_err(|source| SinkError::Encode {
+                    dataset: T::DATASET.name(),
+                    source,
+                })?;
         committed.extend(writer.write(
             rolling::Chunk {
                 partition,

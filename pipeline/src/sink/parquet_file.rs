@@ -3,17 +3,14 @@
 //! Encoding (dictionaries, statistics, zstd) is most of the sink's CPU, and `ArrowWriter` does it one
 //! column after another on the calling thread: on two cores the event log was one serial stage. This
 //! writer keeps parquet's own per-column encoders (`ArrowColumnWriter`, the parallel-encoding API
-//! parquet documents) and lets up to [`threads`] threads take columns from a shared counter for each
-//! batch, so a batch costs about `max(column)` + `sum / threads`, not `sum`. Row groups are cut at
-//! exactly the configured row count, and the bytes are the ones `ArrowWriter` writes with the same
-//! properties (same encoders, same Arrow schema in the footer): readers see no difference.
+//! parquet documents) and spreads each batch's columns over the sink's [`Encoder`]. Row groups are
+//! cut at exactly the configured row count, and the bytes are the ones `ArrowWriter` writes with the
+//! same properties (same encoders, same Arrow schema in the footer): readers see no difference.
 //!
 //! With one core available (`taskset`, a CPU quota of one), or in a process capturing live traffic
 //! (which must not take a second core from the workload it watches), it encodes on the calling thread.
 
 use std::fs::File;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
 
 use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
@@ -25,17 +22,7 @@ use parquet::errors::{ParquetError, Result};
 use parquet::file::properties::WriterProperties;
 use parquet::file::writer::SerializedFileWriter;
 
-/// At most this many threads encode one file's columns (the events table has 18; beyond a few threads
-/// the widest string column dominates).
-const MAX_THREADS: usize = 4;
-
-/// Threads that encode a batch: the cores this process may use, up to [`MAX_THREADS`].
-pub fn threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(MAX_THREADS)
-}
+use super::encoder::Encoder;
 
 /// A Parquet file open for writing.
 pub struct ParquetFile {
@@ -47,16 +34,16 @@ pub struct ParquetFile {
     group_rows: usize,
     groups: usize,
     max_group_rows: usize,
-    threads: usize,
+    encoder: Encoder,
 }
 
 impl ParquetFile {
-    /// A file encoding each batch on up to `threads` threads (1: on the calling thread only).
+    /// A file encoding each batch's columns on `encoder`.
     pub fn try_new(
         file: File,
         schema: SchemaRef,
         props: WriterProperties,
-        threads: usize,
+        encoder: Encoder,
     ) -> Result<Self> {
         let max_group_rows = props
             .max_row_group_row_count()
@@ -75,7 +62,7 @@ impl ParquetFile {
             group_rows: 0,
             groups: 0,
             max_group_rows,
-            threads: threads.max(1),
+            encoder,
         })
     }
 
@@ -107,39 +94,12 @@ impl ParquetFile {
                 self.columns.len()
             )));
         }
-        let threads = self.threads.min(leaves.len());
-        if threads <= 1 || batch.num_rows() < 1024 {
-            // Not worth a thread: one core, or a handful of rows.
-            for (writer, leaf) in self.columns.iter_mut().zip(&leaves) {
-                writer.write(leaf)?;
-            }
-            return Ok(());
-        }
-        // Each column writer is taken by exactly one thread (the counter hands out each index once).
-        let slots: Vec<Mutex<&mut ArrowColumnWriter>> =
-            self.columns.iter_mut().map(Mutex::new).collect();
-        let next = AtomicUsize::new(0);
-        let work = || -> Result<()> {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(slot) = slots.get(i) else {
-                    return Ok(());
-                };
-                let mut writer = slot.lock().unwrap_or_else(|p| p.into_inner());
-                writer.write(&leaves[i])?;
-            }
-        };
-        std::thread::scope(|s| {
-            let helpers: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
-            let mut result = work();
-            for h in helpers {
-                let r = h
-                    .join()
-                    .unwrap_or_else(|_| Err(ParquetError::General("an encoder panicked".into())));
-                result = result.and(r);
-            }
-            result
-        })
+        self.encoder.zip_mut(
+            batch.num_rows(),
+            &mut self.columns,
+            &leaves,
+            |writer, leaf| writer.write(leaf),
+        )
     }
 
     /// Closes the open row group into the file and starts the next.
@@ -233,7 +193,7 @@ mod tests {
                 File::create(&path).unwrap(),
                 schema.clone(),
                 props.clone(),
-                threads,
+                Encoder::new(threads),
             )
             .unwrap();
             for b in &batches {

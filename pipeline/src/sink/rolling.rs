@@ -17,6 +17,7 @@ use arrow::array::RecordBatch;
 use arrow::datatypes::SchemaRef;
 use parquet::file::properties::WriterProperties;
 
+use super::encoder::Encoder;
 use super::parquet_file::ParquetFile;
 use crate::lake::format::writer_properties;
 use crate::lake::Position;
@@ -49,7 +50,8 @@ pub struct RollPolicy {
     pub max_age: Duration,
     /// Rows per Parquet row group (bounds the memory a file holds before flushing).
     pub row_group_rows: usize,
-    /// Threads that encode a batch's columns (see [`super::parquet_file`]).
+    /// More than 1: a batch's columns are built and encoded on the encoder threads (see
+    /// [`super::encoder`]); 1: on the calling thread.
     pub encode_threads: usize,
 }
 
@@ -179,6 +181,11 @@ impl RollingWriter {
         Ok(sealed)
     }
 
+    /// Where this writer's batches are built and encoded, column by column.
+    pub fn encoder(&self) -> Encoder {
+        Encoder::new(self.policy.encode_threads)
+    }
+
     pub fn store(&self) -> &Store {
         &self.store
     }
@@ -237,7 +244,7 @@ impl RollingWriter {
             file,
             self.schema.clone(),
             self.props.clone(),
-            self.policy.encode_threads,
+            self.encoder(),
         )
         .map_err(|e| {
             self.store.discard(&staged);
