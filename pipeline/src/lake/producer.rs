@@ -70,8 +70,8 @@ pub enum CommitError {
     },
     #[error(
         "{location} holds `{producer}`'s events from another source than this run's ({run}): its \
-         seed, start time, capture filters or replayed output differ; write to a new --out, or run with \
-         the settings that recorded it"
+         seed, start time, capture filters, recorded state changes or replayed output differ; write to \
+         a new --out, or run with the settings that recorded it"
     )]
     Stream {
         location: String,

@@ -260,12 +260,18 @@ fn source_identity(s: &Settings, source: &AnySource) -> String {
         AnySource::Ebpf(_) => {
             let e = &s.ebpf;
             let opt = |v: Option<String>| v.unwrap_or_else(|| "any".into());
-            format!(
+            let mut id = format!(
                 "ebpf port={} pid={} cgroup={}",
                 opt(e.port.map(|p| p.to_string())),
                 opt(e.pid.map(|p| p.to_string())),
                 opt(e.cgroup_id.map(|c| c.to_string()))
-            )
+            );
+            // Lifecycle-only logs hold fewer state changes per connection (and flows count fewer
+            // `events`): one log records one setting. Outputs of the default keep their identity.
+            if e.state_changes == StateChanges::Lifecycle {
+                id.push_str(" state_changes=lifecycle");
+            }
+            id
         }
         AnySource::Recorded(r) => {
             let t = |v: Option<i64>| v.map_or("-".to_string(), |t| t.to_string());

@@ -193,7 +193,7 @@ fn loopback_connections_bytes_resets_and_owners_are_exact() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let states = exact_loopback(tmp.path(), None);
+    let (states, _) = exact_loopback(tmp.path(), None);
     // Every state change is recorded: the closing handshake's too.
     for s in ["FIN_WAIT1", "FIN_WAIT2", "CLOSE_WAIT", "LAST_ACK"] {
         assert!(states.iter().any(|x| x == s), "{s} in {states:?}");
@@ -246,15 +246,49 @@ fn lifecycle_state_changes_keep_flows_exact_with_fewer_events() {
     let config = tmp.path().join("tcplake.toml");
     std::fs::write(&config, "[capture]\nstate_changes = \"lifecycle\"\n").unwrap();
     let out = tmp.path().join("out");
-    let states = exact_loopback(&out, Some(&config));
+    let (states, port) = exact_loopback(&out, Some(&config));
     let mut expected = vec!["CLOSE", "ESTABLISHED", "SYN_SENT"];
     expected.sort_unstable();
     assert_eq!(states, expected, "only lifecycle states recorded");
+
+    // A restart on the same output with every state change recorded would mix two kinds of log (and
+    // change what flows' `events` counts mid-table): refused, naming the setting, nothing written.
+    let files = |d: &str| files_under(&out.join(d)).len();
+    let before = (files("events"), files("flows"));
+    let port = port.to_string();
+    let resumed = tcplake(
+        &[
+            "--source",
+            "ebpf",
+            "--port",
+            &port,
+            "--window",
+            "60",
+            "--node",
+            "ebpf-test",
+            // Were it let through, it would end by itself, and fail below.
+            "--duration",
+            "5s",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_one_line_error(
+        &resumed,
+        1,
+        &[
+            "another source than this run's (ebpf port=",
+            "recorded state changes",
+        ],
+    );
+    assert_eq!((files("events"), files("flows")), before, "nothing written");
 }
 
 /// Loopback connections between two Python peers, captured live: `flows/` must count them exactly
-/// on both sides. Returns the distinct `new_state`s of the recorded state changes, sorted.
-fn exact_loopback(out: &Path, config: Option<&Path>) -> Vec<String> {
+/// on both sides. Returns the distinct `new_state`s of the recorded state changes, sorted, and the
+/// port the capture was filtered on.
+fn exact_loopback(out: &Path, config: Option<&Path>) -> (Vec<String>, u16) {
     const CONNS: u64 = 12;
     const RSTS: u64 = 4;
     const REQ: u64 = 70_000;
@@ -329,12 +363,13 @@ fn exact_loopback(out: &Path, config: Option<&Path>) -> Vec<String> {
         duckdb_int(&format!("SELECT sum(events) FROM {flows}")),
         duckdb_int(&format!("SELECT count(*) FROM {events}"))
     );
-    duckdb(&format!(
+    let states = duckdb(&format!(
         "SELECT DISTINCT new_state FROM {events} WHERE kind = 'state_change' ORDER BY 1"
     ))
     .into_iter()
     .map(|r| r[0].as_str().unwrap().to_string())
-    .collect()
+    .collect();
+    (states, port)
 }
 
 /// A network namespace made for one test, removed when dropped.
