@@ -39,6 +39,10 @@ pub const EVENTS_STREAM: &str = "TCPLAKE_EVENTS";
 pub const FLOWS_STREAM: &str = "TCPLAKE_FLOWS";
 pub const DEAD_STREAM: &str = "TCPLAKE_DEAD";
 const END_HEADER: &str = "Tcplake-End";
+/// On the first message of a capture run that found nothing of its node on the stream: its events'
+/// `seq` start a numbering of their own there (see `mode::split::capture`), so a jump from what the
+/// output holds is a new run, not a gap.
+const RUN_START_HEADER: &str = "Tcplake-Run-Start";
 const MSG_ID: &str = "Nats-Msg-Id";
 /// How long a failed publish is retried before the producing stage fails.
 const PUBLISH_RETRY_FOR: Duration = Duration::from_secs(120);
@@ -425,7 +429,7 @@ impl Broker {
             events_subject(&node),
             Box::new(move |b: &Arc<EventBatch>| {
                 // (node, first seq) names a batch whatever run or attempt publishes it.
-                let id = format!("{node}-{}", b.events.first().map_or(0, |e| e.seq));
+                let id = events_msg_id(&node, b);
                 (wire::encode_events(b, compress), id)
             }),
             Box::new(|b: &Arc<EventBatch>| {
@@ -711,6 +715,8 @@ pub struct BrokerTx<T> {
     rows: Counter<T>,
     /// Flows: the shard count the end marker announces.
     shards: Option<u32>,
+    /// Events: the next message is the first of a capture run (marked with [`RUN_START_HEADER`]).
+    run_start: bool,
     /// Stream sequence of the last message stored on the subject (0: none); `None` until looked up.
     last_seq: Option<u64>,
     /// Once fired, a failing publish is not retried any more.
@@ -734,8 +740,23 @@ impl<T> BrokerTx<T> {
             split,
             rows,
             shards,
+            run_start: false,
             last_seq: None,
             shutdown,
+        }
+    }
+
+    /// Marks the messages this producer publishes as the start of a capture run, up to the first that
+    /// holds rows (an idle capture sends empty batches, its clock only: the run starts with its first
+    /// event).
+    pub fn starting_run(mut self) -> Self {
+        self.run_start = true;
+        self
+    }
+
+    fn published_rows(&mut self, rows: usize) {
+        if rows > 0 {
+            self.run_start = false;
         }
     }
 
@@ -786,6 +807,8 @@ impl<T> BrokerTx<T> {
                     if let Some(n) = self.shards {
                         h.insert(SHARDS_HEADER, n.to_string().as_str());
                     }
+                } else if self.run_start {
+                    h.insert(RUN_START_HEADER, "1");
                 }
                 let ack = self
                     .broker
@@ -801,9 +824,14 @@ impl<T> BrokerTx<T> {
                     m.published_messages.add(1);
                     m.published_bytes.add(payload.len() as u64);
                     if ack.duplicate {
+                        // The sequence is the original's, which need not be the subject's last any
+                        // more (a purge, retention, or a later message): look it up before the next.
                         m.duplicates_dropped.add(1);
+                        self.last_seq = None;
+                    } else {
+                        self.last_seq = Some(ack.sequence);
                     }
-                    self.last_seq = Some(ack.sequence);
+                    self.published_rows(rows);
                     return Ok(());
                 }
                 Err(Attempt::Publish(e))
@@ -814,6 +842,7 @@ impl<T> BrokerTx<T> {
                     let (seq, last_id) = self.last_stored().await?;
                     if last_id.as_deref() == Some(id) {
                         self.last_seq = Some(seq);
+                        self.published_rows(rows);
                         return Ok(());
                     }
                     return Err(StreamFault::Foreign {
@@ -924,6 +953,19 @@ impl<T: Send + Sync> Tx<T> for BrokerTx<T> {
     }
 }
 
+/// The id of an event batch's message: the same whatever attempt or run publishes the batch, and no
+/// other batch's. Rows: `(node, first seq)`. A heartbeat (no rows, the capture's clock only) is named
+/// by its clock: all heartbeats were once named `<node>-0`, so the broker took the second for a
+/// duplicate of the first (and the first batch of events of a run that started idle, numbered from 0,
+/// for a duplicate of that heartbeat: dropped).
+fn events_msg_id(node: &str, b: &EventBatch) -> String {
+    match (b.events.first(), b.clock_us) {
+        (Some(e), _) => format!("{node}-{}", e.seq),
+        (None, Some(clock)) => format!("{node}-clock-{clock}"),
+        (None, None) => format!("{node}-empty"),
+    }
+}
+
 /// Turns a message into an item; `Err` sends it to the dead-letter stream.
 pub type Decoder<T> = Box<dyn Fn(&jetstream::Message) -> Result<T, WireError> + Send + Sync>;
 
@@ -983,6 +1025,8 @@ const CONSUME_RETRY_FOR: Duration = PUBLISH_RETRY_FOR;
 pub struct Delivery<T> {
     pub item: T,
     pub ack: Ack,
+    /// Events: the first message of a capture run (its `seq` may jump ahead of the node's last).
+    pub run_start: bool,
 }
 
 /// The consuming half.
@@ -1192,6 +1236,10 @@ impl<T> BrokerRx<T> {
                 .metrics
                 .consumed_bytes
                 .add(m.payload.len() as u64);
+            let run_start = m
+                .headers
+                .as_ref()
+                .is_some_and(|h| h.get(RUN_START_HEADER).is_some());
             match (self.decode)(&m) {
                 Ok(item) => {
                     // A node is waited for once it has sent something readable.
@@ -1201,7 +1249,11 @@ impl<T> BrokerRx<T> {
                         }
                     }
                     let ack = self.ack(m);
-                    return Ok(Some(Delivery { item, ack }));
+                    return Ok(Some(Delivery {
+                        item,
+                        ack,
+                        run_start,
+                    }));
                 }
                 Err(e) => {
                     // Counted, logged once per reason, set aside; the stream goes on.
@@ -1225,5 +1277,34 @@ impl Rx<Arc<EventBatch>> for BrokerRx<Arc<EventBatch>> {
         // An ordered consumer needs no acks: they are let go unreleased.
         self.settled.clear();
         Ok(self.next().await?.map(|d| d.item))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Event, EventKind};
+
+    /// Message ids deduplicate retries of one batch, never two batches: heartbeats of different
+    /// times differ from each other and from any batch of rows.
+    #[test]
+    fn every_event_batch_has_an_id_of_its_own() {
+        let node: Arc<str> = "n".into();
+        let heartbeat = |clock| EventBatch::new(Arc::clone(&node), Vec::new(), Some(clock));
+        let rows = |seq| {
+            let e = Event::sample(seq, 1, EventKind::BytesSent { bytes: 1 });
+            EventBatch::new(Arc::clone(&node), vec![e], Some(5))
+        };
+        let ids = [
+            events_msg_id("n", &heartbeat(5)),
+            events_msg_id("n", &heartbeat(6)),
+            events_msg_id("n", &rows(0)),
+            events_msg_id("n", &rows(5)),
+        ];
+        let distinct: std::collections::BTreeSet<_> = ids.iter().collect();
+        assert_eq!(distinct.len(), ids.len(), "{ids:?}");
+        // A retry of the same batch keeps its id (the broker drops it as a duplicate).
+        assert_eq!(events_msg_id("n", &rows(5)), ids[3]);
+        assert_eq!(events_msg_id("n", &heartbeat(6)), ids[1]);
     }
 }

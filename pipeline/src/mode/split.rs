@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 
 use super::{open_output, open_source, open_store, roll_policy, window_config, RunError};
 use crate::aggregate::{self, AggregateConfig, Resume};
-use crate::capture::{self, CaptureConfig};
+use crate::capture::{self, AnySource, CaptureConfig};
 use crate::config::Settings;
 use crate::edge::broker::{
     decode_events_msg, decode_flows_msg, Broker, BrokerRx, Ends, EVENTS_STREAM, FLOWS_STREAM,
@@ -79,28 +79,50 @@ pub async fn capture(
         return Ok(summary(&metrics, started, store.describe()));
     }
     let broker = connect(s, &metrics).await?;
-    let resume_seq = match broker.capture_progress(&s.node).await? {
-        None => 0,
-        Some(Some(last)) => last + 1,
+    let progress = match broker.capture_progress(&s.node).await? {
+        None => None,
+        Some(Some(last)) => Some(last + 1),
         Some(None) => {
             tracing::info!(node = %s.node, "this node's event stream already ended; nothing to do");
             return Ok(summary(&metrics, started, s.broker_url()));
         }
     };
     let mut source = open_source(s, &node, &metrics).await?;
+    let resume_seq = match progress {
+        Some(next) => {
+            tracing::info!(
+                resume_seq = next,
+                "continuing after the last event this node published"
+            );
+            next
+        }
+        None => run_start_seq(&source),
+    };
     source.resume_at(resume_seq);
-    if resume_seq > 0 {
-        tracing::info!(
-            resume_seq,
-            "continuing after the last event this node published"
-        );
+    let mut output = broker.events_tx(&s.node, shutdown.clone())?;
+    if progress.is_none() {
+        output = output.starting_run();
     }
-    let output = broker.events_tx(&s.node, shutdown.clone())?;
     metrics.health.set_ready();
     capture::run(cfg, source, output, shutdown, &metrics.capture).await?;
     let mut sum = summary(&metrics, started, s.broker_url());
-    sum.resumed_at_seq = resume_seq;
+    sum.resumed_at_seq = progress.unwrap_or(0);
     Ok(sum)
+}
+
+/// Where a capture run numbers its events when the stream holds nothing of its node: a first run, or
+/// one after retention (`broker.max_age`) or a purge removed the node's messages. A source that
+/// regenerates its events from their `seq` (synthetic, a replay) starts at 0: what the output already
+/// holds comes again, and the sink skips it as redelivered. Live events are new whatever their number,
+/// and starting at 0 again would have the sink take them for the ones it committed under those
+/// numbers and drop them: they are numbered from the current time in microseconds instead, above
+/// anything an earlier run can have used (unless it averaged more than a million events a second),
+/// and the run's first message says so, so the sink takes the jump for a new run, not a gap.
+fn run_start_seq(source: &AnySource) -> u64 {
+    match source {
+        AnySource::Ebpf(_) => u64::try_from(crate::time::now_us()).unwrap_or(0),
+        AnySource::Synthetic(_) | AnySource::Recorded(_) => 0,
+    }
 }
 
 /// `--mode aggregate`: events from the broker, this shard's flow batches to `tcplake.flows.<i>`.
@@ -298,22 +320,50 @@ pub async fn sink(
     // Everything before the consumer's start was committed by an earlier run of this sink.
     let (progress, through_rx) = LogProgress::new(events_in.start_seq());
     metrics.health.set_ready();
-    let events = tokio::spawn(route_events(
-        events_in,
-        store.clone(),
-        s.clone(),
-        Arc::clone(&metrics),
-        progress,
-        shutdown.clone(),
-    ));
-    let flows = tokio::spawn(route_flows(
-        flows_in,
-        store.clone(),
-        s.clone(),
-        Arc::clone(&metrics),
-        through_rx,
-        shutdown.clone(),
-    ));
+    // A route that fails stops the other (which commits what it holds), so the sink exits with the
+    // error at once instead of sitting there, ready and silent, until it is signalled.
+    let (stop, stopped) = crate::shutdown::channel();
+    let forward = {
+        let (stop, mut shutdown) = (stop.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            shutdown.wait().await;
+            stop.trigger();
+        })
+    };
+    let stopping = |r: Result<(), RunError>, stop: &crate::shutdown::Trigger| {
+        if r.is_err() {
+            stop.trigger();
+        }
+        r
+    };
+    let events = tokio::spawn({
+        let (stop, route) = (
+            stop.clone(),
+            route_events(
+                events_in,
+                store.clone(),
+                s.clone(),
+                Arc::clone(&metrics),
+                progress,
+                stopped.clone(),
+            ),
+        );
+        async move { stopping(route.await, &stop) }
+    });
+    let flows = tokio::spawn({
+        let (stop, route) = (
+            stop.clone(),
+            route_flows(
+                flows_in,
+                store.clone(),
+                s.clone(),
+                Arc::clone(&metrics),
+                through_rx,
+                stopped,
+            ),
+        );
+        async move { stopping(route.await, &stop) }
+    });
     let mut first_error = None;
     for task in [events, flows] {
         let r = task.await.map_err(RunError::Panicked).and_then(|r| r);
@@ -321,6 +371,7 @@ pub async fn sink(
             first_error = Some(e);
         }
     }
+    forward.abort();
     // Also after an error: the acks released before it are for committed rows.
     broker.settle().await;
     if let Some(e) = first_error {
@@ -434,6 +485,7 @@ async fn route_events(
         progress.publish();
         let Some(d) = delivery else { break };
         let sseq = d.ack.position();
+        let run_start = d.run_start;
         let ack = progress.track(d.ack);
         let batch = d.item;
         if !nodes.contains_key(&batch.node) {
@@ -444,7 +496,11 @@ async fn route_events(
         // Producers store a node's batches in seq order (see `edge::broker`): a jump ahead means
         // events are missing from the stream, and going on would lose them without a trace.
         if let Some(first) = batch.events.first().map(|e| e.seq) {
-            if first > ns.next_seq {
+            if first > ns.next_seq && run_start {
+                // A live capture started a run with nothing of its node left on the stream: it
+                // numbers its events from the clock (see `run_start_seq`).
+                tracing::info!(node = %batch.node, first, after = ns.next_seq, "a new capture run of this node");
+            } else if first > ns.next_seq {
                 let fault = if ns.next_seq == 0 {
                     StreamFault::Retained {
                         node: batch.node.to_string(),

@@ -61,25 +61,31 @@ struct Capture {
 }
 
 impl Capture {
+    /// A monolith capturing connections on `port` into `out`.
     fn start(out: &Path, port: u16, extra: &[&str]) -> Capture {
+        let port = port.to_string();
+        let mut args = vec![
+            "--source",
+            "ebpf",
+            "--port",
+            &port,
+            "--window",
+            "60",
+            "--node",
+            "ebpf-test",
+            "--summary",
+            "json",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        Capture::spawn(&args)
+    }
+
+    /// `tcplake ARGS` (an ebpf source), once it has attached its programs.
+    fn spawn(args: &[&str]) -> Capture {
         let mut child = tcplake_cmd()
-            .args([
-                "--source",
-                "ebpf",
-                "--port",
-                &port.to_string(),
-                "--window",
-                "60",
-            ])
-            .args([
-                "--node",
-                "ebpf-test",
-                "--summary",
-                "json",
-                "--out",
-                out.to_str().unwrap(),
-            ])
-            .args(extra)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -117,7 +123,7 @@ impl Capture {
         let errors: Vec<String> = self
             .stderr
             .try_iter()
-            .filter(|l| l.contains("ERROR"))
+            .filter(|l| l.contains("ERROR") || l.contains("error:"))
             .collect();
         assert!(
             o.status.success(),
@@ -546,4 +552,123 @@ fn unprivileged_live_capture_fails_clearly_and_synthetic_still_runs() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("5000 events"), "{}", stdout(&o));
+}
+
+/// Split deployment, live capture: a capture restarted after the broker lost its node's messages
+/// (retention by `broker.max_age` on a quiet node, a purge, a broker back with empty storage) starts
+/// a new run. Its events are new: numbered from 0 again, the sink took them for the ones it had
+/// committed under those numbers and dropped them, exit 0. Both runs must be in `events/`.
+#[test]
+fn a_live_capture_restarted_on_an_emptied_stream_loses_nothing() {
+    require_root();
+    if skipped() {
+        return;
+    }
+    const CONNS: u64 = 6;
+    let nats = Nats::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let config = tmp.path().join("split.toml");
+    std::fs::write(&config, "[broker]\nmax_bytes = \"64MiB\"\n").unwrap();
+    let (url, config, out_s) = (
+        nats.url(),
+        config.to_str().unwrap().to_string(),
+        out.to_str().unwrap().to_string(),
+    );
+    // The sink's log goes to a file: read on a failure, never filling a pipe.
+    let sink_log = tmp.path().join("sink.log");
+    let mut sink = tcplake_cmd()
+        .args(["--mode", "sink", "--node", "live", "--broker", &url])
+        .args(["--config", &config, "--summary", "json"])
+        .args(["--out", &out_s, "--max-file-age", "1s"])
+        .env("RUST_LOG", "pipeline=info,tcplake=info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&sink_log).unwrap())
+        .spawn()
+        .unwrap();
+    let port = free_port();
+    let port_s = port.to_string();
+    let capture_args = [
+        "--mode",
+        "capture",
+        "--source",
+        "ebpf",
+        "--port",
+        &port_s,
+        "--node",
+        "live",
+        "--broker",
+        &url,
+        "--config",
+        &config,
+        "--summary",
+        "json",
+    ];
+    let traffic = || {
+        let args = |role: &str| peer_args(role, port, CONNS, 1_000, 1_000, 0);
+        let mut server = peer(None, &args("server"));
+        let _server_out = wait_for_line(&mut server, "READY");
+        finish(peer(None, &args("client")));
+        finish(server);
+    };
+    let events = dataset(&out, "events");
+    let committed = |sink: &mut Child, want: u64| {
+        // Files close after a second; wait for the rows, not for a time.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while commits(&out, "events") == 0 {
+            assert!(
+                sink.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline,
+                "no events commit; the sink said:\n{}",
+                std::fs::read_to_string(&sink_log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let n = duckdb_int(&format!("SELECT count(*) FROM {events}")) as u64;
+            if n == want {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "events/ holds {n} rows, not the {want} captured; the sink said:\n{}",
+                std::fs::read_to_string(&sink_log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+
+    let first = Capture::spawn(&capture_args);
+    traffic();
+    // Idle between connections: the capture sends heartbeats (its clock, no rows) meanwhile, which
+    // the broker once took for duplicates of one another and of the run's first batch.
+    std::thread::sleep(Duration::from_secs(1));
+    traffic();
+    let first_events = num(&first.stop()["events"]);
+    assert!(first_events >= 2 * CONNS * 2 * 4, "{first_events} events");
+    committed(&mut sink, first_events);
+    // The broker loses the node's messages (everything was committed: nothing is lost here).
+    purge_below(&nats, "TCPLAKE_EVENTS", 1 << 40);
+
+    let second = Capture::spawn(&capture_args);
+    traffic();
+    let second_events = num(&second.stop()["events"]);
+    committed(&mut sink, first_events + second_events);
+    Command::new("kill")
+        .args(["-INT", &sink.id().to_string()])
+        .status()
+        .unwrap();
+    let o = sink.wait_bounded().unwrap();
+    assert!(o.status.success(), "sink: {}", stderr(&o));
+
+    // Both runs (three rounds of connections), each connection on both sides, and no seq twice.
+    let n = |sql: &str| duckdb_int(&sql.replace("{events}", &events)) as u64;
+    assert_eq!(
+        n("SELECT count(*) FROM {events} WHERE kind = 'state_change' AND new_state = 'ESTABLISHED'"),
+        3 * CONNS * 2
+    );
+    assert_eq!(
+        n("SELECT count(DISTINCT seq) FROM {events}"),
+        first_events + second_events
+    );
 }

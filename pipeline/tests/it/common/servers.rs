@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use super::{duckdb, duckdb_int, free_port, wait_for_port};
+use super::{duckdb, duckdb_int, free_port, wait_for_port, OutputBounded};
 
 /// A JetStream server on a free loopback port, stopped when dropped.
 pub struct Nats {
@@ -154,6 +154,36 @@ pub struct S3Server {
     pub child: Child,
     pub port: u16,
     pub data: tempfile::TempDir,
+}
+
+/// Purges a stream's messages below stream sequence `below` (what retention does to old messages).
+pub fn purge_below(nats: &Nats, stream: &str, below: u64) {
+    let script = r#"
+import socket, sys, json
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=30)
+f = s.makefile("rb")
+f.readline()
+s.sendall(b'CONNECT {"verbose":false,"headers":true}\r\nPING\r\n')
+assert f.readline().startswith(b"PONG")
+body = json.dumps({"seq": int(sys.argv[3])}).encode()
+s.sendall(b"SUB _INBOX.p 1\r\nPUB $JS.API.STREAM.PURGE.%s _INBOX.p %d\r\n%s\r\n" % (sys.argv[2].encode(), len(body), body))
+line = f.readline()
+while line and not line.startswith(b"MSG"): line = f.readline()
+assert line, "nats-server closed the connection"
+reply = f.readline()
+assert b'"success":true' in reply, reply
+"#;
+    let o = Command::new("python3")
+        .args([
+            "-c",
+            script,
+            &nats.port.to_string(),
+            stream,
+            &below.to_string(),
+        ])
+        .output_bounded()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 pub fn s3s_fs() -> PathBuf {
