@@ -18,6 +18,9 @@ use std::time::Duration;
 use crate::edge::{EdgeError, Tx};
 use crate::event::EventBatch;
 use crate::metrics::CaptureMetrics;
+
+/// An idle source's clock goes downstream at most this often (windows close on it).
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 use crate::shutdown::Shutdown;
 
 /// Why capture stopped early.
@@ -137,6 +140,7 @@ where
     };
     tokio::pin!(until_deadline);
     let mut exhausted = false;
+    let mut last_sent = None;
     while !shutdown.is_triggered() {
         let batch = tokio::select! {
             biased;
@@ -153,13 +157,18 @@ where
             break;
         };
         let n = batch.len() as u64;
-        // Empty batches only matter when they carry the clock (they let idle windows close).
-        if n == 0 && batch.clock_us.is_none() {
+        // Empty batches only matter when they carry the clock (they let idle windows close), and
+        // once a [`HEARTBEAT_EVERY`] is enough for that: over a broker each is a stored message.
+        if n == 0
+            && (batch.clock_us.is_none()
+                || last_sent.is_some_and(|t: tokio::time::Instant| t.elapsed() < HEARTBEAT_EVERY))
+        {
             continue;
         }
         let mut batch = batch;
         batch.sent_at_us = Some(crate::time::now_us());
         output.send(Arc::new(batch)).await?;
+        last_sent = Some(tokio::time::Instant::now());
         if n > 0 {
             stats.events += n;
             stats.batches += 1;

@@ -8,10 +8,12 @@
 //! * Producers publish many events per message ([`super::wire`]), one message at a time, each only
 //!   after its predecessor on the subject is stored (`Nats-Expected-Last-Subject-Sequence`), so a
 //!   producer's messages are stored in order even across broker restarts; a message id
-//!   (`Nats-Msg-Id`) derived from the batch's stream position recognises a retried message that was
-//!   in fact stored.
+//!   (`Nats-Msg-Id`: events `(node, first seq)` or a heartbeat's clock, flows `(producer, emission,
+//!   first row)`) recognises a retried message that was in fact stored.
 //! * A stream ends with an end marker (header `Tcplake-End`) when a finite source is exhausted; a stop
-//!   by signal sends none, so a restarted producer simply continues.
+//!   by signal sends none, so a restarted producer simply continues: every event message says the
+//!   node's next `seq` (`Tcplake-Next-Seq`), and the first rows of a run that could not continue (its
+//!   node's messages gone) say so (`Tcplake-Run-Start`).
 //! * Consumers: aggregators read with an ordered consumer from the position their last published flow
 //!   batch names (their own output is their checkpoint); the sink uses durable consumers and acks a
 //!   message only once the files holding its rows are committed.
@@ -43,6 +45,9 @@ const END_HEADER: &str = "Tcplake-End";
 /// `seq` start a numbering of their own there (see `mode::split::capture`), so a jump from what the
 /// output holds is a new run, not a gap.
 const RUN_START_HEADER: &str = "Tcplake-Run-Start";
+/// On every event message: the `seq` the node's next event gets. A heartbeat (no rows) says where
+/// the numbering stands as well as a batch, so a capture restarted after one continues it.
+const NEXT_SEQ_HEADER: &str = "Tcplake-Next-Seq";
 const MSG_ID: &str = "Nats-Msg-Id";
 /// How long a failed publish is retried before the producing stage fails.
 const PUBLISH_RETRY_FOR: Duration = Duration::from_secs(120);
@@ -375,21 +380,35 @@ impl Broker {
         }
     }
 
-    /// Where a capture node's stream stands: `Ok(None)` if it never published, `Some(None)` if it
-    /// ended, `Some(Some(seq))` with the last event `seq` published.
-    pub async fn capture_progress(&self, node: &str) -> Result<Option<Option<u64>>, BrokerError> {
+    /// Where a capture node's stream stands, from its last message on the stream.
+    pub async fn capture_progress(&self, node: &str) -> Result<NodeProgress, BrokerError> {
         let Some(m) = self.last_on(EVENTS_STREAM, &events_subject(node)).await? else {
-            return Ok(None);
+            return Ok(NodeProgress::Nothing);
         };
         if m.headers.get(END_HEADER).is_some() {
-            return Ok(Some(None));
+            return Ok(NodeProgress::Ended);
         }
+        let run_start = m.headers.get(RUN_START_HEADER).is_some();
+        if let Some(next) = m
+            .headers
+            .get(NEXT_SEQ_HEADER)
+            .and_then(|v| v.as_str().parse().ok())
+        {
+            return Ok(NodeProgress::Next { next, run_start });
+        }
+        // A message of an older tcplake: only a batch with rows says where the numbering stands.
         let batch = wire::decode_events(&m.payload).map_err(|source| BrokerError::Unreadable {
             name: EVENTS_STREAM,
             of: format!("node `{node}`"),
             source,
         })?;
-        Ok(Some(batch.events.last().map(|e| e.seq)))
+        Ok(match batch.events.last() {
+            Some(e) => NodeProgress::Next {
+                next: e.seq.saturating_add(1),
+                run_start,
+            },
+            None => NodeProgress::Nothing,
+        })
     }
 
     /// The last flow batch a shard published: `Ok(None)` if none, `Some(None)` if the shard ended.
@@ -414,9 +433,11 @@ impl Broker {
     /// A producer of event batches for `node`. It gives up retrying a failing publish once `shutdown`
     /// fires (the rest of the stream is then published by a restarted capture, or lost with the
     /// kernel's events if it is not restarted: the error says how many).
+    /// `next_seq`: the `seq` its first event gets.
     pub fn events_tx(
         &self,
         node: &str,
+        next_seq: u64,
         shutdown: Shutdown,
     ) -> Result<BrokerTx<Arc<EventBatch>>, BrokerError> {
         if !valid_node(node) {
@@ -446,6 +467,10 @@ impl Broker {
             Box::new(|b: &Arc<EventBatch>| b.events.len()),
             None,
             shutdown,
+        )
+        .numbering_from(
+            next_seq,
+            Box::new(|b: &Arc<EventBatch>| b.events.last().map(|e| e.seq.saturating_add(1))),
         ))
     }
 
@@ -691,6 +716,20 @@ type Encoder<T> = Box<dyn Fn(&T) -> (Vec<u8>, String) + Send + Sync>;
 /// Cuts an item in two halves (`None`: it holds one row and cannot be cut).
 type Splitter<T> = Box<dyn Fn(&T) -> Option<(T, T)> + Send + Sync>;
 type Counter<T> = Box<dyn Fn(&T) -> usize + Send + Sync>;
+/// The `seq` after an item's last row (`None`: it holds none).
+type After<T> = Box<dyn Fn(&T) -> Option<u64> + Send + Sync>;
+
+/// Where a capture node's event stream stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeProgress {
+    /// Nothing of the node on the stream (never published, or retention removed it), or nothing that
+    /// says where its numbering stands.
+    Nothing,
+    /// The node's stream ended for good (an exhausted source, the end of `--duration`).
+    Ended,
+    /// The node's next event gets `seq` `next`; `run_start`: its run has sent no rows yet.
+    Next { next: u64, run_start: bool },
+}
 
 /// Server-side check that a publish directly follows the previous message on its subject.
 const EXPECTED_LAST_SUBJECT_SEQ: &str = "Nats-Expected-Last-Subject-Sequence";
@@ -717,6 +756,10 @@ pub struct BrokerTx<T> {
     shards: Option<u32>,
     /// Events: the next message is the first of a capture run (marked with [`RUN_START_HEADER`]).
     run_start: bool,
+    /// Events: the `seq` of the next event to publish ([`NEXT_SEQ_HEADER`]), and of the event after
+    /// an item (`None`: it holds no rows).
+    next_seq: Option<u64>,
+    after: Option<After<T>>,
     /// Stream sequence of the last message stored on the subject (0: none); `None` until looked up.
     last_seq: Option<u64>,
     /// Once fired, a failing publish is not retried any more.
@@ -741,9 +784,17 @@ impl<T> BrokerTx<T> {
             rows,
             shards,
             run_start: false,
+            next_seq: None,
+            after: None,
             last_seq: None,
             shutdown,
         }
+    }
+
+    fn numbering_from(mut self, next_seq: u64, after: After<T>) -> Self {
+        self.next_seq = Some(next_seq);
+        self.after = Some(after);
+        self
     }
 
     /// Marks the messages this producer publishes as the start of a capture run, up to the first that
@@ -809,6 +860,9 @@ impl<T> BrokerTx<T> {
                     }
                 } else if self.run_start {
                     h.insert(RUN_START_HEADER, "1");
+                }
+                if let Some(next) = self.next_seq {
+                    h.insert(NEXT_SEQ_HEADER, next.to_string().as_str());
                 }
                 let ack = self
                     .broker
@@ -939,6 +993,9 @@ impl<T: Send + Sync> Tx<T> for BrokerTx<T> {
                 }
             }
             let rows = (self.rows)(&item);
+            if let Some(next) = self.after.as_ref().and_then(|after| after(&item)) {
+                self.next_seq = Some(next);
+            }
             self.publish(Bytes::from(body), &id, false, rows).await?;
         }
         Ok(())

@@ -22,7 +22,8 @@ use crate::aggregate::{self, AggregateConfig, Resume};
 use crate::capture::{self, AnySource, CaptureConfig};
 use crate::config::Settings;
 use crate::edge::broker::{
-    decode_events_msg, decode_flows_msg, Broker, BrokerRx, Ends, EVENTS_STREAM, FLOWS_STREAM,
+    decode_events_msg, decode_flows_msg, Broker, BrokerRx, Ends, NodeProgress, EVENTS_STREAM,
+    FLOWS_STREAM,
 };
 use crate::edge::objects::{self, ObjectRx, ObjectTx};
 use crate::edge::{memory, Ack, EdgeError, Finalized, StreamFault, Tx};
@@ -79,13 +80,13 @@ pub async fn capture(
         return Ok(summary(&metrics, started, store.describe()));
     }
     let broker = connect(s, &metrics).await?;
-    let progress = match broker.capture_progress(&s.node).await? {
-        None => None,
-        Some(Some(last)) => Some(last + 1),
-        Some(None) => {
+    let (progress, run_started) = match broker.capture_progress(&s.node).await? {
+        NodeProgress::Ended => {
             tracing::info!(node = %s.node, "this node's event stream already ended; nothing to do");
             return Ok(summary(&metrics, started, s.broker_url()));
         }
+        NodeProgress::Next { next, run_start } => (Some(next), !run_start),
+        NodeProgress::Nothing => (None, false),
     };
     let mut source = open_source(s, &node, &metrics).await?;
     let resume_seq = match progress {
@@ -96,11 +97,19 @@ pub async fn capture(
             );
             next
         }
-        None => run_start_seq(&source),
+        None => {
+            let first = run_start_seq(&source);
+            tracing::info!(
+                first_seq = first,
+                "nothing of this node on the stream: a new run, numbered from {first}"
+            );
+            first
+        }
     };
     source.resume_at(resume_seq);
-    let mut output = broker.events_tx(&s.node, shutdown.clone())?;
-    if progress.is_none() {
+    let mut output = broker.events_tx(&s.node, resume_seq, shutdown.clone())?;
+    // A new run, or one whose earlier process sent no rows: its first rows are marked as a run's.
+    if !run_started {
         output = output.starting_run();
     }
     metrics.health.set_ready();
@@ -330,9 +339,18 @@ pub async fn sink(
             stop.trigger();
         })
     };
-    let stopping = |r: Result<(), RunError>, stop: &crate::shutdown::Trigger| {
-        if r.is_err() {
-            stop.trigger();
+    // Fires unless disarmed: on an error, and on a panic (the future is dropped while unwinding).
+    struct StopUnlessOk(Option<crate::shutdown::Trigger>);
+    impl Drop for StopUnlessOk {
+        fn drop(&mut self) {
+            if let Some(t) = self.0.take() {
+                t.trigger();
+            }
+        }
+    }
+    let stopping = |r: Result<(), RunError>, mut guard: StopUnlessOk| {
+        if r.is_ok() {
+            guard.0 = None;
         }
         r
     };
@@ -348,7 +366,10 @@ pub async fn sink(
                 stopped.clone(),
             ),
         );
-        async move { stopping(route.await, &stop) }
+        async move {
+            let guard = StopUnlessOk(Some(stop));
+            stopping(route.await, guard)
+        }
     });
     let flows = tokio::spawn({
         let (stop, route) = (
@@ -362,7 +383,10 @@ pub async fn sink(
                 stopped,
             ),
         );
-        async move { stopping(route.await, &stop) }
+        async move {
+            let guard = StopUnlessOk(Some(stop));
+            stopping(route.await, guard)
+        }
     });
     let mut first_error = None;
     for task in [events, flows] {
@@ -498,8 +522,20 @@ async fn route_events(
         if let Some(first) = batch.events.first().map(|e| e.seq) {
             if first > ns.next_seq && run_start {
                 // A live capture started a run with nothing of its node left on the stream: it
-                // numbers its events from the clock (see `run_start_seq`).
-                tracing::info!(node = %batch.node, first, after = ns.next_seq, "a new capture run of this node");
+                // numbers its events from the clock (see `run_start_seq`). Whether the broker removed
+                // messages of the earlier run before this sink took them cannot be told here: said.
+                if ns.next_seq > 0 {
+                    tracing::warn!(
+                        node = %batch.node,
+                        first,
+                        committed_before = ns.next_seq,
+                        "a new capture run of this node after its messages left the broker; \
+                         events it published after those committed here and before the broker lost \
+                         them, if any, are not in this output"
+                    );
+                } else {
+                    tracing::info!(node = %batch.node, first, "a new capture run of this node");
+                }
             } else if first > ns.next_seq {
                 let fault = if ns.next_seq == 0 {
                     StreamFault::Retained {

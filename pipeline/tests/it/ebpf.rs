@@ -554,12 +554,16 @@ fn unprivileged_live_capture_fails_clearly_and_synthetic_still_runs() {
     assert!(stdout(&o).contains("5000 events"), "{}", stdout(&o));
 }
 
-/// Split deployment, live capture: a capture restarted after the broker lost its node's messages
-/// (retention by `broker.max_age` on a quiet node, a purge, a broker back with empty storage) starts
-/// a new run. Its events are new: numbered from 0 again, the sink took them for the ones it had
-/// committed under those numbers and dropped them, exit 0. Both runs must be in `events/`.
+/// Split deployment, live capture, restarts: every run's events end up in `events/`.
+/// - Idle between connections, the capture sends heartbeats; restarted after one, it continues its
+///   node's numbering (it once took the heartbeat for the end of the stream and exited, capturing
+///   nothing, exit 0).
+/// - Restarted after the broker lost its node's messages (retention by `broker.max_age` on a quiet
+///   node, a purge, a broker back with empty storage), it starts a new run. Its events are new:
+///   numbered from 0 again, the sink took them for the ones it had committed under those numbers and
+///   dropped them, exit 0.
 #[test]
-fn a_live_capture_restarted_on_an_emptied_stream_loses_nothing() {
+fn a_live_split_capture_restarted_idle_or_on_an_emptied_stream_loses_nothing() {
     require_root();
     if skipped() {
         return;
@@ -612,6 +616,7 @@ fn a_live_capture_restarted_on_an_emptied_stream_loses_nothing() {
         finish(server);
     };
     let events = dataset(&out, "events");
+    let n_of = |sql: &str| duckdb_int(sql) as u64;
     let committed = |sink: &mut Child, want: u64| {
         // Files close after a second; wait for the rows, not for a time.
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -644,16 +649,28 @@ fn a_live_capture_restarted_on_an_emptied_stream_loses_nothing() {
     // the broker once took for duplicates of one another and of the run's first batch.
     std::thread::sleep(Duration::from_secs(1));
     traffic();
-    let first_events = num(&first.stop()["events"]);
-    assert!(first_events >= 2 * CONNS * 2 * 4, "{first_events} events");
-    committed(&mut sink, first_events);
-    // The broker loses the node's messages (everything was committed: nothing is lost here).
-    purge_below(&nats, "TCPLAKE_EVENTS", 1 << 40);
+    // Stopped while idle, a heartbeat period after its last events: its last message is a heartbeat.
+    std::thread::sleep(Duration::from_secs(2));
+    let mut total = num(&first.stop()["events"]);
+    assert!(total >= 2 * CONNS * 2 * 4, "{total} events");
+    committed(&mut sink, total);
 
+    // Restarted on the same stream: it continues the numbering (a heartbeat last on the stream was
+    // once taken for the end of the node's stream: the capture exited at once, capturing nothing).
+    let next = n_of(&format!("SELECT max(seq) + 1 FROM {events}"));
     let second = Capture::spawn(&capture_args);
     traffic();
-    let second_events = num(&second.stop()["events"]);
-    committed(&mut sink, first_events + second_events);
+    let summary = second.stop();
+    assert_eq!(num(&summary["resumed_at_seq"]), next, "{summary}");
+    total += num(&summary["events"]);
+    committed(&mut sink, total);
+
+    // The broker loses the node's messages (everything was committed: nothing is lost here).
+    purge_below(&nats, "TCPLAKE_EVENTS", 1 << 40);
+    let third = Capture::spawn(&capture_args);
+    traffic();
+    total += num(&third.stop()["events"]);
+    committed(&mut sink, total);
     Command::new("kill")
         .args(["-INT", &sink.id().to_string()])
         .status()
@@ -661,14 +678,15 @@ fn a_live_capture_restarted_on_an_emptied_stream_loses_nothing() {
     let o = sink.wait_bounded().unwrap();
     assert!(o.status.success(), "sink: {}", stderr(&o));
 
-    // Both runs (three rounds of connections), each connection on both sides, and no seq twice.
-    let n = |sql: &str| duckdb_int(&sql.replace("{events}", &events)) as u64;
+    // Three runs (four rounds of connections), each connection on both sides, and no seq twice.
     assert_eq!(
-        n("SELECT count(*) FROM {events} WHERE kind = 'state_change' AND new_state = 'ESTABLISHED'"),
-        3 * CONNS * 2
+        n_of(&format!(
+            "SELECT count(*) FROM {events} WHERE kind = 'state_change' AND new_state = 'ESTABLISHED'"
+        )),
+        4 * CONNS * 2
     );
     assert_eq!(
-        n("SELECT count(DISTINCT seq) FROM {events}"),
-        first_events + second_events
+        n_of(&format!("SELECT count(DISTINCT seq) FROM {events}")),
+        total
     );
 }
