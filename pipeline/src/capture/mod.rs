@@ -18,10 +18,10 @@ use std::time::Duration;
 use crate::edge::{EdgeError, Tx};
 use crate::event::EventBatch;
 use crate::metrics::CaptureMetrics;
+use crate::shutdown::Shutdown;
 
 /// An idle source's clock goes downstream at most this often (windows close on it).
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
-use crate::shutdown::Shutdown;
 
 /// Why capture stopped early.
 #[derive(Debug, thiserror::Error)]

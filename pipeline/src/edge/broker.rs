@@ -45,6 +45,10 @@ const END_HEADER: &str = "Tcplake-End";
 /// `seq` start a numbering of their own there (see `mode::split::capture`), so a jump from what the
 /// output holds is a new run, not a gap.
 const RUN_START_HEADER: &str = "Tcplake-Run-Start";
+/// On every event message: which event stream it belongs to (a hash of the capture's settings that
+/// decide what it records), so a capture restarted with other settings does not continue the node's
+/// stream.
+const SOURCE_HEADER: &str = "Tcplake-Source";
 /// On every event message: the `seq` the node's next event gets. A heartbeat (no rows) says where
 /// the numbering stands as well as a batch, so a capture restarted after one continues it.
 const NEXT_SEQ_HEADER: &str = "Tcplake-Next-Seq";
@@ -204,6 +208,12 @@ pub enum BrokerError {
         "node name `{0}` cannot be used in a broker subject: use letters, digits, `-` and `_` only"
     )]
     NodeName(String),
+    #[error(
+        "node `{node}`'s events on the broker were captured with other settings than this run's \
+         ({run}): its capture filters, recorded state changes, seed or start differ; run with the \
+         settings that recorded them, or under another --node"
+    )]
+    SourceChanged { node: String, run: String },
 }
 
 /// A connection to JetStream with the tcplake streams in place.
@@ -388,24 +398,37 @@ impl Broker {
         if m.headers.get(END_HEADER).is_some() {
             return Ok(NodeProgress::Ended);
         }
-        let run_start = m.headers.get(RUN_START_HEADER).is_some();
+        let unreadable = |source| BrokerError::Unreadable {
+            name: EVENTS_STREAM,
+            of: format!("node `{node}`"),
+            source,
+        };
+        // The run-start mark is also on the run's first rows: only a message without rows says the
+        // run has sent none yet.
+        let run_start = m.headers.get(RUN_START_HEADER).is_some()
+            && wire::decode_events(&m.payload)
+                .map_err(unreadable)?
+                .events
+                .is_empty();
+        let source = m.headers.get(SOURCE_HEADER).map(|v| v.as_str().to_string());
         if let Some(next) = m
             .headers
             .get(NEXT_SEQ_HEADER)
             .and_then(|v| v.as_str().parse().ok())
         {
-            return Ok(NodeProgress::Next { next, run_start });
+            return Ok(NodeProgress::Next {
+                next,
+                run_start,
+                source,
+            });
         }
         // A message of an older tcplake: only a batch with rows says where the numbering stands.
-        let batch = wire::decode_events(&m.payload).map_err(|source| BrokerError::Unreadable {
-            name: EVENTS_STREAM,
-            of: format!("node `{node}`"),
-            source,
-        })?;
+        let batch = wire::decode_events(&m.payload).map_err(unreadable)?;
         Ok(match batch.events.last() {
             Some(e) => NodeProgress::Next {
                 next: e.seq.saturating_add(1),
                 run_start,
+                source,
             },
             None => NodeProgress::Nothing,
         })
@@ -433,11 +456,12 @@ impl Broker {
     /// A producer of event batches for `node`. It gives up retrying a failing publish once `shutdown`
     /// fires (the rest of the stream is then published by a restarted capture, or lost with the
     /// kernel's events if it is not restarted: the error says how many).
-    /// `next_seq`: the `seq` its first event gets.
+    /// `next_seq`: the `seq` its first event gets; `source`: the [`SOURCE_HEADER`] of its messages.
     pub fn events_tx(
         &self,
         node: &str,
         next_seq: u64,
+        source: String,
         shutdown: Shutdown,
     ) -> Result<BrokerTx<Arc<EventBatch>>, BrokerError> {
         if !valid_node(node) {
@@ -470,6 +494,7 @@ impl Broker {
         )
         .numbering_from(
             next_seq,
+            source,
             Box::new(|b: &Arc<EventBatch>| b.events.last().map(|e| e.seq.saturating_add(1))),
         ))
     }
@@ -720,15 +745,20 @@ type Counter<T> = Box<dyn Fn(&T) -> usize + Send + Sync>;
 type After<T> = Box<dyn Fn(&T) -> Option<u64> + Send + Sync>;
 
 /// Where a capture node's event stream stands.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NodeProgress {
     /// Nothing of the node on the stream (never published, or retention removed it), or nothing that
     /// says where its numbering stands.
     Nothing,
     /// The node's stream ended for good (an exhausted source, the end of `--duration`).
     Ended,
-    /// The node's next event gets `seq` `next`; `run_start`: its run has sent no rows yet.
-    Next { next: u64, run_start: bool },
+    /// The node's next event gets `seq` `next`; `run_start`: its run has sent no rows yet;
+    /// `source`: the settings that recorded it ([`SOURCE_HEADER`], none from an older tcplake).
+    Next {
+        next: u64,
+        run_start: bool,
+        source: Option<String>,
+    },
 }
 
 /// Server-side check that a publish directly follows the previous message on its subject.
@@ -760,6 +790,8 @@ pub struct BrokerTx<T> {
     /// an item (`None`: it holds no rows).
     next_seq: Option<u64>,
     after: Option<After<T>>,
+    /// Events: the [`SOURCE_HEADER`] of every message.
+    source: Option<String>,
     /// Stream sequence of the last message stored on the subject (0: none); `None` until looked up.
     last_seq: Option<u64>,
     /// Once fired, a failing publish is not retried any more.
@@ -786,13 +818,15 @@ impl<T> BrokerTx<T> {
             run_start: false,
             next_seq: None,
             after: None,
+            source: None,
             last_seq: None,
             shutdown,
         }
     }
 
-    fn numbering_from(mut self, next_seq: u64, after: After<T>) -> Self {
+    fn numbering_from(mut self, next_seq: u64, source: String, after: After<T>) -> Self {
         self.next_seq = Some(next_seq);
+        self.source = Some(source);
         self.after = Some(after);
         self
     }
@@ -863,6 +897,9 @@ impl<T> BrokerTx<T> {
                 }
                 if let Some(next) = self.next_seq {
                     h.insert(NEXT_SEQ_HEADER, next.to_string().as_str());
+                }
+                if let Some(source) = &self.source {
+                    h.insert(SOURCE_HEADER, source.as_str());
                 }
                 let ack = self
                     .broker

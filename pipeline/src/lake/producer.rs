@@ -133,7 +133,7 @@ pub struct CommitLog {
 pub const SOURCE_PROPERTY: &str = "tcplake.source";
 
 /// A stable 63-bit hash of a source's identity (FNV-1a), as Delta keeps versions: integers.
-fn source_hash(s: &str) -> i64 {
+pub(crate) fn source_hash(s: &str) -> i64 {
     let h = s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
     });

@@ -85,10 +85,29 @@ pub async fn capture(
             tracing::info!(node = %s.node, "this node's event stream already ended; nothing to do");
             return Ok(summary(&metrics, started, s.broker_url()));
         }
-        NodeProgress::Next { next, run_start } => (Some(next), !run_start),
+        NodeProgress::Next {
+            next,
+            run_start,
+            source,
+        } => (Some((next, source)), !run_start),
         NodeProgress::Nothing => (None, false),
     };
     let mut source = open_source(s, &node, &metrics).await?;
+    // The settings that decide what is recorded: a restart with others would continue the node's
+    // stream with another kind of events (the monolith checks the same against its table).
+    let identity = super::source_identity(s, &source);
+    let stream = format!("{:016x}", crate::lake::producer::source_hash(&identity));
+    let progress = match progress {
+        Some((_, Some(held))) if held != stream => {
+            return Err(crate::edge::broker::BrokerError::SourceChanged {
+                node: s.node.clone(),
+                run: identity,
+            }
+            .into())
+        }
+        Some((next, _)) => Some(next),
+        None => None,
+    };
     let resume_seq = match progress {
         Some(next) => {
             tracing::info!(
@@ -107,7 +126,7 @@ pub async fn capture(
         }
     };
     source.resume_at(resume_seq);
-    let mut output = broker.events_tx(&s.node, resume_seq, shutdown.clone())?;
+    let mut output = broker.events_tx(&s.node, resume_seq, stream, shutdown.clone())?;
     // A new run, or one whose earlier process sent no rows: its first rows are marked as a run's.
     if !run_started {
         output = output.starting_run();
@@ -529,9 +548,9 @@ async fn route_events(
                         node = %batch.node,
                         first,
                         committed_before = ns.next_seq,
-                        "a new capture run of this node after its messages left the broker; \
-                         events it published after those committed here and before the broker lost \
-                         them, if any, are not in this output"
+                        "a new capture run of this node after rows of it were committed here: \
+                         events it published between those and the broker losing its messages, if \
+                         any, are missing from this output (this cannot be told here)"
                     );
                 } else {
                     tracing::info!(node = %batch.node, first, "a new capture run of this node");

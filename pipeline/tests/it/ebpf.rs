@@ -562,6 +562,7 @@ fn unprivileged_live_capture_fails_clearly_and_synthetic_still_runs() {
 ///   node, a purge, a broker back with empty storage), it starts a new run. Its events are new:
 ///   numbered from 0 again, the sink took them for the ones it had committed under those numbers and
 ///   dropped them, exit 0.
+/// - Restarted with other settings, it is refused (it would have continued the node's stream).
 #[test]
 fn a_live_split_capture_restarted_idle_or_on_an_emptied_stream_loses_nothing() {
     require_root();
@@ -645,12 +646,13 @@ fn a_live_split_capture_restarted_idle_or_on_an_emptied_stream_loses_nothing() {
 
     let first = Capture::spawn(&capture_args);
     traffic();
-    // Idle between connections: the capture sends heartbeats (its clock, no rows) meanwhile, which
-    // the broker once took for duplicates of one another and of the run's first batch.
-    std::thread::sleep(Duration::from_secs(1));
+    // Idle between connections: the capture sends heartbeats (its clock, no rows; at most one a
+    // second, after rows held up to a second for attribution) meanwhile, which the broker once took
+    // for duplicates of one another and of the run's first batch.
+    std::thread::sleep(Duration::from_secs(3));
     traffic();
-    // Stopped while idle, a heartbeat period after its last events: its last message is a heartbeat.
-    std::thread::sleep(Duration::from_secs(2));
+    // Stopped while idle, heartbeat periods after its last events: its last message is a heartbeat.
+    std::thread::sleep(Duration::from_secs(3));
     let mut total = num(&first.stop()["events"]);
     assert!(total >= 2 * CONNS * 2 * 4, "{total} events");
     committed(&mut sink, total);
@@ -664,6 +666,18 @@ fn a_live_split_capture_restarted_idle_or_on_an_emptied_stream_loses_nothing() {
     assert_eq!(num(&summary["resumed_at_seq"]), next, "{summary}");
     total += num(&summary["events"]);
     committed(&mut sink, total);
+
+    // Restarted with other settings (another port filter), it would continue the node's stream
+    // with another kind of events: refused, naming the setting, before publishing anything.
+    let other_port = free_port().to_string();
+    let mut other: Vec<&str> = capture_args.to_vec();
+    let i = other.iter().position(|a| *a == "--port").unwrap() + 1;
+    other[i] = &other_port;
+    // Were it let through, it would end by itself, and fail below.
+    other.extend(["--duration", "5s"]);
+    let o = tcplake(&other, &[]);
+    assert_one_error_line(&o, &["captured with other settings", "--node"]);
+    assert_eq!(n_of(&format!("SELECT count(*) FROM {events}")), total);
 
     // The broker loses the node's messages (everything was committed: nothing is lost here).
     purge_below(&nats, "TCPLAKE_EVENTS", 1 << 40);
