@@ -54,32 +54,42 @@ fn free_port() -> u16 {
     }
 }
 
+/// The flags of a monolith capturing connections on `port` into `out`.
+fn monolith_args(out: &Path, port: u16) -> Vec<String> {
+    let port = port.to_string();
+    [
+        "--source",
+        "ebpf",
+        "--port",
+        &port,
+        "--window",
+        "60",
+        "--node",
+        "ebpf-test",
+        "--summary",
+        "json",
+        "--out",
+        out.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// A running `tcplake --source ebpf`, attached and ready.
 struct Capture {
     child: Child,
     stderr: mpsc::Receiver<String>,
+    /// The port it filters on, and the network namespace the peers run in (if not this one).
+    port: u16,
+    netns: Option<String>,
 }
 
 impl Capture {
     /// A monolith capturing connections on `port` into `out`.
     fn start(out: &Path, port: u16, extra: &[&str]) -> Capture {
-        let port = port.to_string();
-        let mut args = vec![
-            "--source",
-            "ebpf",
-            "--port",
-            &port,
-            "--window",
-            "60",
-            "--node",
-            "ebpf-test",
-            "--summary",
-            "json",
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        args.extend(extra);
-        Capture::spawn(&args)
+        let mut args = monolith_args(out, port);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        Capture::spawn(&args.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
     /// `tcplake ARGS` (an ebpf source), once it has attached its programs.
@@ -106,13 +116,24 @@ impl Capture {
                 Err(e) => panic!("tcplake did not attach its probes: {e}"),
             }
         }
-        Capture { child, stderr: rx }
+        let port = args
+            .iter()
+            .position(|a| *a == "--port")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|p| p.parse().ok())
+            .expect("an ebpf test capture filters on a --port");
+        Capture {
+            child,
+            stderr: rx,
+            port,
+            netns: None,
+        }
     }
 
-    /// SIGINT, then the end-of-run summary.
+    /// SIGINT once every state change of the port's connections has happened, then the end-of-run
+    /// summary (a stopping capture drains the ring buffer and sends all it holds).
     fn stop(self) -> serde_json::Value {
-        // Let the last close-time flushes reach the ring buffer and the 200 ms batch timer.
-        std::thread::sleep(Duration::from_millis(800));
+        wait_for_sockets_settled(self.port, self.netns.as_deref());
         let ok = Command::new("kill")
             .args(["-INT", &self.child.id().to_string()])
             .status()
@@ -131,6 +152,48 @@ impl Capture {
             o.status
         );
         serde_json::from_str(stdout(&o).trim()).expect("summary is JSON")
+    }
+}
+
+/// Waits (up to 30 s) until no socket on `port` is in a state that will still change: nothing but
+/// TIME_WAIT is left (a socket enters it with its last state change), so the kernel has reported
+/// every state change of the test's connections. Under packet loss a closing handshake takes several
+/// retransmission timeouts; a fixed pause could stop the capture before it.
+fn wait_for_sockets_settled(port: u16, netns: Option<&str>) {
+    const TIME_WAIT: &str = "06";
+    let suffix = format!(":{port:04X}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "cat"]);
+                c
+            }
+            None => Command::new("cat"),
+        };
+        let o = cmd
+            .args(["/proc/net/tcp", "/proc/net/tcp6"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        let open: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() > 3
+                    && (f[1].ends_with(&suffix) || f[2].ends_with(&suffix))
+                    && f[3] != TIME_WAIT
+            })
+            .collect();
+        if open.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sockets on port {port} still changing state after 30 s: {open:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -261,25 +324,10 @@ fn lifecycle_state_changes_keep_flows_exact_with_fewer_events() {
     // change what flows' `events` counts mid-table): refused, naming the setting, nothing written.
     let files = |d: &str| files_under(&out.join(d)).len();
     let before = (files("events"), files("flows"));
-    let port = port.to_string();
-    let resumed = tcplake(
-        &[
-            "--source",
-            "ebpf",
-            "--port",
-            &port,
-            "--window",
-            "60",
-            "--node",
-            "ebpf-test",
-            // Were it let through, it would end by itself, and fail below.
-            "--duration",
-            "5s",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let mut args = monolith_args(&out, port);
+    // Were it let through, it would end by itself, and fail below.
+    args.extend(["--duration".into(), "5s".into()]);
+    let resumed = tcplake(&args.iter().map(String::as_str).collect::<Vec<_>>(), &[]);
     assert_one_line_error(
         &resumed,
         1,
@@ -455,7 +503,8 @@ fn retransmits_under_packet_loss_are_counted() {
         String::from_utf8_lossy(&o.stderr)
     );
 
-    let capture = Capture::start(&tmp.path().join("out"), port, &[]);
+    let mut capture = Capture::start(&tmp.path().join("out"), port, &[]);
+    capture.netns = Some(ns.0.clone());
     let before = ns.tcp_counter("RetransSegs");
     let p = port.to_string();
     let mut server = peer(
@@ -483,7 +532,8 @@ fn retransmits_under_packet_loss_are_counted() {
     finish(client);
     finish(server);
     let summary = capture.stop();
-    // Read after capture stopped, so a FIN retransmitted after the peers exited is in both counts.
+    // Read once the closing handshakes are over, so a FIN retransmitted after the peers exited is in
+    // both counts.
     let kernel_retrans = ns.tcp_counter("RetransSegs") - before;
     assert_eq!(summary["kernel_drops"], 0);
 
