@@ -15,8 +15,9 @@ cd "$(dirname "$0")/.."
 shards=${TCPLAKE_SHARDS:-2}
 out=${TCPLAKE_OUT:-./tcplake-data-split}
 port=${NATS_PORT:-4222}
-# The broker state belongs to the output it feeds: rerun with the same output and the capture resumes;
-# a new output starts a new stream history.
+# The broker state belongs to the output it feeds: rerun with the same output and the same workload
+# arguments and the capture resumes (other capture settings are refused while the node's messages are
+# on the broker); a new output starts a new stream history.
 store=${NATS_STORE:-$out.nats-store}
 logs=$(dirname "$out")/split-logs
 mkdir -p "$logs"

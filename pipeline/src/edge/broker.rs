@@ -210,8 +210,10 @@ pub enum BrokerError {
     NodeName(String),
     #[error(
         "node `{node}`'s events on the broker were captured with other settings than this run's \
-         ({run}): its capture filters, recorded state changes, seed or start differ; run with the \
-         settings that recorded them, or under another --node"
+         ({run}): the source, its filters (a --cgroup or --pid by its id: a recreated cgroup is \
+         another), recorded state changes, synthetic seed, start or lateness, or the replayed output \
+         and range differ; run with the settings that recorded them, under another --node, or once \
+         the node's messages have left the broker"
     )]
     SourceChanged { node: String, run: String },
 }

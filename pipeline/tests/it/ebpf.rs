@@ -132,8 +132,15 @@ impl Capture {
 
     /// SIGINT once every state change of the port's connections has happened, then the end-of-run
     /// summary (a stopping capture drains the ring buffer and sends all it holds).
-    fn stop(self) -> serde_json::Value {
-        wait_for_sockets_settled(self.port, self.netns.as_deref());
+    fn stop(mut self) -> serde_json::Value {
+        let (port, netns) = (self.port, self.netns.clone());
+        let settled =
+            std::panic::catch_unwind(move || wait_for_sockets_settled(port, netns.as_deref()));
+        if let Err(e) = settled {
+            // Not left running with its probes attached.
+            let _ = self.child.kill();
+            std::panic::resume_unwind(e);
+        }
         let ok = Command::new("kill")
             .args(["-INT", &self.child.id().to_string()])
             .status()
@@ -177,6 +184,12 @@ fn wait_for_sockets_settled(port: u16, netns: Option<&str>) {
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&o.stdout).to_string();
+        // An empty answer (a failed `ip netns exec`) must not pass for "settled".
+        assert!(
+            o.status.success() && text.contains("local_address"),
+            "reading the socket tables: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         let open: Vec<&str> = text
             .lines()
             .filter(|l| {
