@@ -358,55 +358,28 @@ pub async fn sink(
             stop.trigger();
         })
     };
-    // Fires unless disarmed: on an error, and on a panic (the future is dropped while unwinding).
-    struct StopUnlessOk(Option<crate::shutdown::Trigger>);
-    impl Drop for StopUnlessOk {
-        fn drop(&mut self) {
-            if let Some(t) = self.0.take() {
-                t.trigger();
-            }
-        }
-    }
-    let stopping = |r: Result<(), RunError>, mut guard: StopUnlessOk| {
-        if r.is_ok() {
-            guard.0 = None;
-        }
-        r
-    };
-    let events = tokio::spawn({
-        let (stop, route) = (
-            stop.clone(),
-            route_events(
-                events_in,
-                store.clone(),
-                s.clone(),
-                Arc::clone(&metrics),
-                progress,
-                stopped.clone(),
-            ),
-        );
-        async move {
-            let guard = StopUnlessOk(Some(stop));
-            stopping(route.await, guard)
-        }
-    });
-    let flows = tokio::spawn({
-        let (stop, route) = (
-            stop.clone(),
-            route_flows(
-                flows_in,
-                store.clone(),
-                s.clone(),
-                Arc::clone(&metrics),
-                through_rx,
-                stopped,
-            ),
-        );
-        async move {
-            let guard = StopUnlessOk(Some(stop));
-            stopping(route.await, guard)
-        }
-    });
+    let events = spawn_route(
+        route_events(
+            events_in,
+            store.clone(),
+            s.clone(),
+            Arc::clone(&metrics),
+            progress,
+            stopped.clone(),
+        ),
+        stop.clone(),
+    );
+    let flows = spawn_route(
+        route_flows(
+            flows_in,
+            store.clone(),
+            s.clone(),
+            Arc::clone(&metrics),
+            through_rx,
+            stopped,
+        ),
+        stop.clone(),
+    );
     let mut first_error = None;
     for task in [events, flows] {
         let r = task.await.map_err(RunError::Panicked).and_then(|r| r);
@@ -421,6 +394,31 @@ pub async fn sink(
         return Err(e);
     }
     Ok(summary(&metrics, started, store.describe()))
+}
+
+/// Spawns one of the sink's routes; if it fails or panics it fires `stop`, so the other route commits
+/// what it holds and ends.
+fn spawn_route<F>(route: F, stop: crate::shutdown::Trigger) -> JoinHandle<Result<(), RunError>>
+where
+    F: std::future::Future<Output = Result<(), RunError>> + Send + 'static,
+{
+    // Fires unless disarmed: on an error, and on a panic (the future is dropped while unwinding).
+    struct StopUnlessOk(Option<crate::shutdown::Trigger>);
+    impl Drop for StopUnlessOk {
+        fn drop(&mut self) {
+            if let Some(t) = self.0.take() {
+                t.trigger();
+            }
+        }
+    }
+    tokio::spawn(async move {
+        let mut guard = StopUnlessOk(Some(stop));
+        let r = route.await;
+        if r.is_ok() {
+            guard.0 = None;
+        }
+        r
+    })
 }
 
 /// The sink over the object-store hand-off: the same sink stage, reading numbered objects.
