@@ -75,6 +75,11 @@ pub struct CaptureMetrics {
     pub decode_errors: Counter,
     /// Records the kernel could not queue because the ring buffer was full.
     pub kernel_drops: Counter,
+    /// New cgroups the kernel could not tell user space of (their ring buffer was full): their events
+    /// are resolved by id instead, if the cgroup still exists.
+    pub cgroup_records_dropped: Counter,
+    /// Cgroup ids that resolved to no path: their events carry no cgroup path.
+    pub cgroups_unresolved: Counter,
 }
 
 /// Aggregate stage counters.
@@ -438,6 +443,16 @@ impl Metrics {
                 "capture_kernel_drops",
                 "Records lost in the kernel ring buffer (it was full)",
                 c.kernel_drops.get(),
+            ),
+            Family::counter(
+                "capture_cgroup_records_dropped",
+                "New cgroups the kernel could not report (their ring buffer was full); resolved by id",
+                c.cgroup_records_dropped.get(),
+            ),
+            Family::counter(
+                "capture_cgroups_unresolved",
+                "Cgroup ids that resolved to no path: their events carry no cgroup path",
+                c.cgroups_unresolved.get(),
             ),
             Family::counter(
                 "aggregate_events",

@@ -31,6 +31,13 @@ pub const FAMILY_IPV4: u16 = 2;
 /// `AF_INET6`.
 pub const FAMILY_IPV6: u16 = 10;
 
+/// The socket's start was not seen (it predates the capture).
+pub const ROLE_UNKNOWN: u8 = 0;
+/// The socket connected (`connect`: it went to `SYN_SENT`).
+pub const ROLE_CLIENT: u8 = 1;
+/// The socket was accepted on a listener (born in `SYN_RECV`).
+pub const ROLE_SERVER: u8 = 2;
+
 /// Length of the kernel's `task->comm`.
 pub const COMM_LEN: usize = 16;
 
@@ -72,8 +79,10 @@ pub struct TcpEvent {
     pub old_state: u8,
     /// TCP state after the change.
     pub new_state: u8,
+    /// [`ROLE_CLIENT`], [`ROLE_SERVER`] or [`ROLE_UNKNOWN`].
+    pub role: u8,
     /// Explicit padding: always zero.
-    pub _pad: [u8; 2],
+    pub _pad: u8,
     /// `task->comm` of the owning task, NUL padded.
     pub comm: [u8; COMM_LEN],
 }
@@ -103,10 +112,55 @@ impl TcpEvent {
             kind: 0,
             old_state: 0,
             new_state: 0,
-            _pad: [0; 2],
+            role: ROLE_UNKNOWN,
+            _pad: 0,
             comm: [0; COMM_LEN],
         }
     }
+}
+
+/// Longest cgroup path a [`CgroupRecord`] carries whole (a Kubernetes container's is ~190 bytes).
+pub const CGROUP_PATH_LEN: usize = 512;
+
+/// A cgroup created (`cgroup:cgroup_mkdir`) in the cgroup v2 hierarchy: its id and path, sent as it is
+/// made, so events of a cgroup removed before user space reads them still resolve to its path.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CgroupRecord {
+    /// The cgroup's id (the `cgroup_id` of events).
+    pub id: u64,
+    /// Bytes of the path read, without its NUL; [`CGROUP_PATH_UNREAD`] if it could not be read. A
+    /// path of `CGROUP_PATH_LEN - 1` bytes or more may have been cut.
+    pub len: u32,
+    /// Explicit padding: always zero.
+    pub _pad: u32,
+    /// The path from the hierarchy's root (`/system.slice/nginx.service`), NUL padded.
+    pub path: [u8; CGROUP_PATH_LEN],
+}
+
+/// Size of [`CgroupRecord`] in bytes.
+pub const CGROUP_RECORD_SIZE: usize = 16 + CGROUP_PATH_LEN;
+
+const _: () = assert!(core::mem::size_of::<CgroupRecord>() == CGROUP_RECORD_SIZE);
+
+/// [`CgroupRecord::len`] of a path the kernel could not read.
+pub const CGROUP_PATH_UNREAD: u32 = u32::MAX;
+
+/// Where the fields `cgroup_mkdir(struct cgroup *cgrp, const char *path)` follows sit on this kernel
+/// (byte offsets, from its BTF, like [`SockOffsets`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupOffsets {
+    /// `cgroup.kn` (`struct kernfs_node *`).
+    pub kn: u32,
+    /// `kernfs_node.id` (u64): the cgroup's id.
+    pub kn_id: u32,
+    /// `cgroup.root` (`struct cgroup_root *`).
+    pub root: u32,
+    /// `cgroup_root.hierarchy_id` (int): 0 for the cgroup v2 hierarchy.
+    pub hierarchy_id: u32,
+    /// 1 when the loader found all of the above (else the program records nothing).
+    pub valid: u32,
 }
 
 /// Where the fields the programs read sit in the running kernel's `struct sock` / `struct tcp_sock`
@@ -172,6 +226,8 @@ mod pod {
     unsafe impl aya::Pod for super::TcpEvent {}
     unsafe impl aya::Pod for super::SockOffsets {}
     unsafe impl aya::Pod for super::ProbeConfig {}
+    unsafe impl aya::Pod for super::CgroupRecord {}
+    unsafe impl aya::Pod for super::CgroupOffsets {}
 }
 
 const _: () = assert!(core::mem::size_of::<SockOffsets>() == 12 * 4);
@@ -192,7 +248,8 @@ mod tests {
         assert_eq!(offset_of!(TcpEvent, sport), 76);
         assert_eq!(offset_of!(TcpEvent, kind), 82);
         assert_eq!(offset_of!(TcpEvent, old_state), 84);
-        assert_eq!(offset_of!(TcpEvent, _pad), 86);
+        assert_eq!(offset_of!(TcpEvent, role), 86);
+        assert_eq!(offset_of!(TcpEvent, _pad), 87);
         assert_eq!(offset_of!(TcpEvent, comm), 88);
     }
 }

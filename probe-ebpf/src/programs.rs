@@ -5,15 +5,16 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_ktime_get_boot_ns, bpf_probe_read_kernel,
+        bpf_ktime_get_boot_ns, bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes,
     },
     macros::{btf_tracepoint, map},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
 use probe_common::{
-    ProbeConfig, SockOffsets, TcpEvent, COMM_LEN, FAMILY_IPV4, FAMILY_IPV6, KIND_BYTES_RECEIVED,
-    KIND_BYTES_SENT, KIND_RETRANSMIT, KIND_RTT_SAMPLE, KIND_STATE_CHANGE,
+    CgroupOffsets, CgroupRecord, ProbeConfig, SockOffsets, TcpEvent, CGROUP_PATH_UNREAD, COMM_LEN,
+    FAMILY_IPV4, FAMILY_IPV6, KIND_BYTES_RECEIVED, KIND_BYTES_SENT, KIND_RETRANSMIT,
+    KIND_RTT_SAMPLE, KIND_STATE_CHANGE, ROLE_CLIENT, ROLE_SERVER,
 };
 
 const IPPROTO_TCP: u16 = 6;
@@ -30,6 +31,8 @@ const TCP_LISTEN: i32 = 10;
 static SOCK: SockOffsets = unsafe { core::mem::zeroed() };
 #[unsafe(no_mangle)]
 static CONFIG: ProbeConfig = unsafe { core::mem::zeroed() };
+#[unsafe(no_mangle)]
+static CGROUP: CgroupOffsets = unsafe { core::mem::zeroed() };
 
 /// Reads a global the loader filled in. Volatile, so the compiler cannot fold the build-time zeros in.
 /// (Plain statics rather than `aya_ebpf::Global`: the generic wrapper's name is not valid BTF.)
@@ -48,9 +51,13 @@ static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(65_536, 0
 /// Owner of each listening port, inherited by the connections accepted on it.
 #[map]
 static LISTENERS: HashMap<u32, Owner> = HashMap::with_max_entries(4_096, 0);
-/// Records lost because the ring buffer was full (one counter per CPU).
+/// Records lost because a ring buffer was full (one counter per CPU): slot 0 events, slot 1 cgroups.
 #[map]
-static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
+/// Cgroups created in the cgroup v2 hierarchy, as they are made (rare: a small buffer of its own, so
+/// a burst of TCP events never crowds them out).
+#[map]
+static CGROUPS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -80,6 +87,14 @@ struct SockInfo {
     family: u16,
     has_owner: u8,
     has_tuple: u8,
+    /// `ROLE_*`: set where the socket's start is seen.
+    role: u8,
+}
+
+#[btf_tracepoint(function = "cgroup_mkdir")]
+pub fn cgroup_mkdir(ctx: BtfTracePointContext) -> u32 {
+    let _ = try_cgroup_mkdir(&ctx);
+    0
 }
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
@@ -218,10 +233,7 @@ fn emit(
         return;
     }
     let Some(mut entry) = EVENTS.reserve::<TcpEvent>(0) else {
-        if let Some(d) = DROPS.get_ptr_mut(0) {
-            // SAFETY: per-CPU slot, only this CPU writes it.
-            unsafe { *d += 1 };
-        }
+        count_drop(0);
         return;
     };
     entry.write(TcpEvent {
@@ -240,10 +252,18 @@ fn emit(
         kind,
         old_state,
         new_state,
-        _pad: [0; 2],
+        role: info.role,
+        _pad: 0,
         comm: info.owner.comm,
     });
     entry.submit(BPF_RB_NO_WAKEUP);
+}
+
+fn count_drop(slot: u32) {
+    if let Some(d) = DROPS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, only this CPU writes it.
+        unsafe { *d += 1 };
+    }
 }
 
 /// `*ptr += v` as one BPF atomic instruction (several CPUs may update one socket's counters).
@@ -298,11 +318,11 @@ fn try_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
         // included) and sets the clone to SYN_RECV. It inherits the listener's owner here, before any
         // data; its addresses are not all set yet, so its tuple is read at its next change. The birth
         // is not a transition of the connection: nothing is recorded.
+        let info = unsafe { &mut *sock_info(sk as u64).ok_or(0)? };
+        info.role = ROLE_SERVER;
         // SAFETY: map value read.
         if let Some(l) = unsafe { LISTENERS.get(port) } {
-            let owner = *l;
-            let info = unsafe { &mut *sock_info(sk as u64).ok_or(0)? };
-            info.owner = owner;
+            info.owner = *l;
             info.has_owner = 1;
         }
         return Ok(());
@@ -314,6 +334,14 @@ fn try_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let info = unsafe { &mut *info_ptr };
     if info.has_tuple == 0 {
         read_tuple(sk, info);
+    }
+    if info.role == 0 {
+        // The start of a socket born before tcplake saw its listener, or of a connect.
+        if new == TCP_SYN_SENT {
+            info.role = ROLE_CLIENT;
+        } else if old == TCP_SYN_RECV {
+            info.role = ROLE_SERVER;
+        }
     }
     if info.has_owner == 0 {
         if new == TCP_SYN_SENT {
@@ -456,6 +484,45 @@ fn try_length(ctx: &BtfTracePointContext, kind: u16) -> Result<(), i32> {
     {
         flush(info_ptr, id, now);
     }
+    Ok(())
+}
+
+/// Sends a new cgroup's id and path (`cgroup_mkdir(struct cgroup *cgrp, const char *path)`; `path` is
+/// the cgroup's full path in its hierarchy).
+fn try_cgroup_mkdir(ctx: &BtfTracePointContext) -> Result<(), i32> {
+    let o = load(&CGROUP);
+    if o.valid == 0 {
+        return Ok(());
+    }
+    let cgrp: *const u8 = ctx.arg(0);
+    let path: *const u8 = ctx.arg(1);
+    // SAFETY: kernel pointers read with the helper, which checks every access; offsets from BTF.
+    let (hierarchy, id) = unsafe {
+        let root: *const u8 = bpf_probe_read_kernel(cgrp.add(o.root as usize).cast())?;
+        let hierarchy: i32 = bpf_probe_read_kernel(root.add(o.hierarchy_id as usize).cast())?;
+        let kn: *const u8 = bpf_probe_read_kernel(cgrp.add(o.kn as usize).cast())?;
+        let id: u64 = bpf_probe_read_kernel(kn.add(o.kn_id as usize).cast())?;
+        (hierarchy, id)
+    };
+    if hierarchy != 0 {
+        // A cgroup v1 hierarchy: events carry cgroup v2 ids only.
+        return Ok(());
+    }
+    let Some(mut entry) = CGROUPS.reserve::<CgroupRecord>(0) else {
+        count_drop(1);
+        return Ok(());
+    };
+    let rec = entry.as_mut_ptr();
+    // SAFETY: `rec` is the reserved entry; the helper checks the read of `path`.
+    unsafe {
+        (*rec).id = id;
+        (*rec)._pad = 0;
+        (*rec).len = match bpf_probe_read_kernel_str_bytes(path, &mut (*rec).path) {
+            Ok(read) => read.len() as u32,
+            Err(_) => CGROUP_PATH_UNREAD,
+        };
+    }
+    entry.submit(BPF_RB_NO_WAKEUP);
     Ok(())
 }
 

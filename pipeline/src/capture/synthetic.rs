@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use super::rng::Rng;
-use crate::event::{Comm, Event, EventBatch, EventKind, TcpState};
+use crate::event::{Cgroup, Comm, Event, EventBatch, EventKind, Role, TcpState};
 
 /// Settings of the synthetic workload.
 #[derive(Clone, Debug, PartialEq)]
@@ -51,6 +51,7 @@ struct Conn {
     pid: u32,
     comm: Comm,
     cgroup_id: u64,
+    cgroup: Cgroup,
     local_addr: IpAddr,
     local_port: u16,
     remote_addr: IpAddr,
@@ -76,6 +77,8 @@ pub struct Synthetic {
     pending: VecDeque<(u64, EventKind, usize)>,
     /// Every `n`-th event this many µs late.
     late: Option<(u64, i64)>,
+    /// Each process's cgroup, made once.
+    cgroups: Vec<(&'static str, Cgroup)>,
 }
 
 fn process_ids(comm: &str) -> (u32, u64) {
@@ -84,6 +87,40 @@ fn process_ids(comm: &str) -> (u32, u64) {
         (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
     });
     (1000 + (h % 30_000) as u32, 0x1_0000 + (h >> 48))
+}
+
+/// The cgroup a process of the workload runs in, of the shapes a node has: pods' containers
+/// (systemd driver), system services, a login session.
+fn process_cgroup(comm: &str) -> String {
+    let h = comm.bytes().fold(0x8422_2325_cbf2_9ce4u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let hex = |n: usize, salt: u64| -> String {
+        (0..n)
+            .map(|i| {
+                let v = (h.rotate_left((i as u32 * 7 + salt as u32) % 64) >> 3) % 16;
+                char::from_digit(v as u32, 16).unwrap_or('0')
+            })
+            .collect()
+    };
+    match comm {
+        "envoy" | "java" | "grpc-worker" | "node" | "python3" | "coredns" => {
+            let uid = format!(
+                "{}_{}_{}_{}_{}",
+                hex(8, 1),
+                hex(4, 2),
+                hex(4, 3),
+                hex(4, 4),
+                hex(12, 5)
+            );
+            format!(
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid}.slice/cri-containerd-{}.scope",
+                hex(64, 6)
+            )
+        }
+        "curl" => "/user.slice/user-1000.slice/session-3.scope".into(),
+        service => format!("/system.slice/{service}.service"),
+    }
 }
 
 impl Synthetic {
@@ -98,6 +135,7 @@ impl Synthetic {
             emitted: 0,
             active: Vec::with_capacity(TARGET_ACTIVE),
             pending: VecDeque::new(),
+            cgroups: Vec::new(),
         }
     }
 
@@ -152,6 +190,8 @@ impl Synthetic {
             ts_us: self.clock_us as i64 - late,
             sock_id,
             cgroup_id: c.cgroup_id,
+            cgroup: Some(c.cgroup.clone()),
+            role: Some(if c.server { Role::Server } else { Role::Client }),
             pid: c.pid,
             comm: c.comm,
             local_addr: c.local_addr,
@@ -288,12 +328,21 @@ impl Synthetic {
             1 + rng.below(12)
         } as u32;
         let (pid, cgroup_id) = process_ids(comm_str);
+        let cgroup = match self.cgroups.iter().find(|(c, _)| *c == comm_str) {
+            Some((_, g)) => g.clone(),
+            None => {
+                let g = Cgroup::new(&process_cgroup(comm_str));
+                self.cgroups.push((comm_str, g.clone()));
+                g
+            }
+        };
         self.next_sock += 0x100;
         self.active.push(Conn {
             sock_id: self.next_sock,
             pid,
             comm: Comm::from_bytes(comm_str.as_bytes()),
             cgroup_id,
+            cgroup,
             local_addr,
             local_port,
             remote_addr,

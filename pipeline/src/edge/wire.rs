@@ -8,21 +8,28 @@
 //! body: the batch, fixed-width little-endian fields; strings as u16 length + UTF-8
 //! ```
 //!
+//! Version 3 added who is talking: an event batch lists its distinct cgroup paths once, before its
+//! events, and each event says its role and the index of its path in the list (0: none); a flow record
+//! says its role and its cgroup path.
+//!
 //! Decoding checks everything and says what was wrong ([`WireError`]); a message that fails is counted
 //! and dead-lettered by the edge, never half-applied.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
+use crate::event::cgroup::Paths;
 use crate::event::{
-    Comm, Event, EventBatch, EventKind, FlowBatch, FlowKey, FlowRecord, ReplayPoint, TcpState,
+    Cgroup, Comm, Event, EventBatch, EventKind, FlowBatch, FlowKey, FlowRecord, ReplayPoint, Role,
+    TcpState,
 };
 
 const MAGIC: &[u8; 3] = b"TLW";
-/// The version this build writes. It reads events of version 1 too (their layout did not change);
-/// flows of version 1 (ranked rows, another replay point) are refused: drain the flows stream of an
-/// older tcplake before upgrading its aggregators.
-pub const VERSION: u8 = 2;
+/// The version this build writes. It reads events of versions 1 and 2 too (without role and cgroup
+/// path: `unknown` and none), and flows of version 2; flows of version 1 (ranked rows, another replay
+/// point) are refused: drain the flows stream of an older tcplake before upgrading its aggregators.
+/// An older build refuses this version's messages (dead-lettered, counted): upgrade consumers first.
+pub const VERSION: u8 = 3;
 const KIND_EVENTS: u8 = 1;
 const KIND_FLOWS: u8 = 2;
 const CODEC_RAW: u8 = 0;
@@ -37,7 +44,7 @@ pub enum WireError {
     #[error("not a tcplake message (bad magic)")]
     Magic,
     #[error(
-        "unsupported wire version {0} (this build reads version {VERSION}, and version 1 events)"
+        "unsupported wire version {0} (this build reads versions 2 and {VERSION}, and version 1 events)"
     )]
     Version(u8),
     #[error("expected a {expected} message, got kind {found}")]
@@ -153,7 +160,7 @@ impl<'a> Reader<'a> {
 
 /// Does `msg` start like a tcplake message (magic and version)? Cheap; decoding says the rest.
 pub fn is_batch(msg: &[u8]) -> bool {
-    msg.len() >= HEADER && &msg[..3] == MAGIC && (msg[3] == VERSION || msg[3] == 1)
+    msg.len() >= HEADER && &msg[..3] == MAGIC && (1..=VERSION).contains(&msg[3])
 }
 
 fn frame(kind: u8, body: Vec<u8>, compress: bool, extra: u16) -> Vec<u8> {
@@ -180,17 +187,17 @@ fn frame(kind: u8, body: Vec<u8>, compress: bool, extra: u16) -> Vec<u8> {
 const MIN_EVENT_BYTES: usize = 64;
 const MIN_FLOW_BYTES: usize = 64;
 
-/// The body of a message, and its header's `extra` field.
-/// The body of a message (borrowed from it when uncompressed: decoding reads it in place).
+/// A message's body (borrowed from it when uncompressed: decoding reads it in place), its header's
+/// `extra` field and its version.
 fn unframe<'m>(
     msg: &'m [u8],
     kind: u8,
     expected: &'static str,
-) -> Result<(std::borrow::Cow<'m, [u8]>, u16), WireError> {
+) -> Result<(std::borrow::Cow<'m, [u8]>, u16, u8), WireError> {
     if msg.len() < HEADER || &msg[..3] != MAGIC {
         return Err(WireError::Magic);
     }
-    let readable = msg[3] == VERSION || (msg[3] == 1 && kind == KIND_EVENTS);
+    let readable = (2..=VERSION).contains(&msg[3]) || (msg[3] == 1 && kind == KIND_EVENTS);
     if !readable {
         return Err(WireError::Version(msg[3]));
     }
@@ -218,7 +225,7 @@ fn unframe<'m>(
         }
         c => Err(WireError::Codec(c)),
     }?;
-    Ok((body, extra))
+    Ok((body, extra, msg[3]))
 }
 
 /// Encodes an event batch (its position is the edge's business, not the message's).
@@ -237,8 +244,25 @@ pub fn encode_events(b: &EventBatch, compress: bool) -> Vec<u8> {
     }
     w.u8(u8::from(b.sent_at_us.is_some()));
     w.i64(b.sent_at_us.unwrap_or(0));
-    w.u32(b.events.len() as u32);
+    // The batch's distinct cgroups, each once (a batch holds a few): events name them by index + 1.
+    let mut cgroups: Vec<&Cgroup> = Vec::new();
+    let mut known: rustc_hash::FxHashMap<&Cgroup, u32> = Default::default();
+    let mut index: Vec<u32> = Vec::with_capacity(b.events.len());
     for e in &b.events {
+        index.push(match &e.cgroup {
+            None => 0,
+            Some(c) => *known.entry(c).or_insert_with(|| {
+                cgroups.push(c);
+                cgroups.len() as u32
+            }),
+        });
+    }
+    w.u32(cgroups.len() as u32);
+    for c in &cgroups {
+        w.str(c.path());
+    }
+    w.u32(b.events.len() as u32);
+    for (e, cgroup) in b.events.iter().zip(index) {
         w.u64(e.seq);
         w.i64(e.ts_us);
         w.u64(e.sock_id);
@@ -261,19 +285,32 @@ pub fn encode_events(b: &EventBatch, compress: bool) -> Vec<u8> {
         w.u8(tag);
         w.u64(a);
         w.u64(b);
+        w.u8(role_byte(e.role));
+        w.u32(cgroup);
     }
     frame(KIND_EVENTS, w.0, compress, 0)
 }
 
 /// Decodes an event batch; `position` is set to the range of its events' `seq`s.
 pub fn decode_events(msg: &[u8]) -> Result<EventBatch, WireError> {
-    let (body, _) = unframe(msg, KIND_EVENTS, "events")?;
+    let (body, _, version) = unframe(msg, KIND_EVENTS, "events")?;
     let mut r = Reader(&body);
     let node: Arc<str> = r.str("node")?.into();
     let has_clock = r.u8("clock")?;
     let clock = r.i64("clock")?;
     let has_sent = r.u8("sent_at")?;
     let sent_at = r.i64("sent_at")?;
+    let mut cgroups: Vec<Cgroup> = Vec::new();
+    if version >= 3 {
+        let n = r.u32("cgroups")? as usize;
+        let mut paths = Paths::default();
+        for _ in 0..n.min(r.0.len() / 2) {
+            cgroups.push(paths.get(&r.str("cgroup path")?));
+        }
+        if cgroups.len() < n {
+            return Err(WireError::Truncated("cgroups"));
+        }
+    }
     let n = r.u32("count")? as usize;
     // Capacity from what the body can hold, not from the count it claims: a 20-byte message must not
     // make the consumer allocate for a million events.
@@ -326,11 +363,18 @@ pub fn decode_events(msg: &[u8]) -> Result<EventBatch, WireError> {
                 })
             }
         };
+        let (role, cgroup) = if version >= 3 {
+            (read_role(&mut r)?, read_index(&mut r, &cgroups)?)
+        } else {
+            (None, None)
+        };
         events.push(Event {
             seq,
             ts_us,
             sock_id,
             cgroup_id,
+            cgroup,
+            role,
             pid,
             comm,
             local_addr,
@@ -346,6 +390,40 @@ pub fn decode_events(msg: &[u8]) -> Result<EventBatch, WireError> {
     let mut batch = EventBatch::new(node, events, (has_clock == 1).then_some(clock));
     batch.sent_at_us = (has_sent == 1).then_some(sent_at);
     Ok(batch)
+}
+
+/// A role on the wire: the kernel's numbering, [`NO_ROLE`] where none was recorded.
+fn role_byte(role: Option<Role>) -> u8 {
+    role.map_or(NO_ROLE, Role::to_kernel)
+}
+
+const NO_ROLE: u8 = u8::MAX;
+
+fn read_role(r: &mut Reader<'_>) -> Result<Option<Role>, WireError> {
+    let v = r.u8("role")?;
+    if v == NO_ROLE {
+        return Ok(None);
+    }
+    Role::from_kernel(v).map(Some).ok_or(WireError::Invalid {
+        field: "role",
+        value: u64::from(v),
+    })
+}
+
+/// An event's cgroup: an index into its batch's list, 0 for none.
+fn read_index(r: &mut Reader<'_>, cgroups: &[Cgroup]) -> Result<Option<Cgroup>, WireError> {
+    let i = r.u32("cgroup")?;
+    match i {
+        0 => Ok(None),
+        i => cgroups
+            .get(i as usize - 1)
+            .cloned()
+            .map(Some)
+            .ok_or(WireError::Invalid {
+                field: "cgroup",
+                value: u64::from(i),
+            }),
+    }
 }
 
 fn opt(w: &mut Writer, v: Option<u32>) {
@@ -385,6 +463,9 @@ pub fn encode_flows(b: &FlowBatch, compress: bool) -> Vec<u8> {
         w.u16(r.key.local_port);
         w.addr(&r.key.remote_addr);
         w.u16(r.key.remote_port);
+        w.u8(role_byte(r.key.role));
+        w.u8(u8::from(r.key.cgroup.is_some()));
+        w.str(r.key.cgroup.as_ref().map_or("", Cgroup::path));
         for v in [r.bytes_sent, r.bytes_received, r.retransmits, r.rtt_samples] {
             w.u64(v);
         }
@@ -409,7 +490,8 @@ pub fn encode_flows(b: &FlowBatch, compress: bool) -> Vec<u8> {
 }
 
 pub fn decode_flows(msg: &[u8]) -> Result<FlowBatch, WireError> {
-    let (body, shard_count) = unframe(msg, KIND_FLOWS, "flows")?;
+    let (body, shard_count, version) = unframe(msg, KIND_FLOWS, "flows")?;
+    let mut paths = Paths::default();
     let mut r = Reader(&body);
     let producer: Arc<str> = r.str("producer")?.into();
     let seq = r.u64("seq")?;
@@ -445,16 +527,24 @@ pub fn decode_flows(msg: &[u8]) -> Result<FlowBatch, WireError> {
                 n
             }
         };
-        let key = FlowKey {
+        let mut key = FlowKey {
             node,
             pid: r.u32("pid")?,
             comm: r.comm()?,
             cgroup_id: r.u64("cgroup_id")?,
+            cgroup: None,
+            role: None,
             local_addr: r.addr("local_addr")?,
             local_port: r.u16("local_port")?,
             remote_addr: r.addr("remote_addr")?,
             remote_port: r.u16("remote_port")?,
         };
+        if version >= 3 {
+            key.role = read_role(&mut r)?;
+            let has_cgroup = r.u8("cgroup")?;
+            let path = r.str("cgroup path")?;
+            key.cgroup = (has_cgroup == 1).then(|| paths.get(&path));
+        }
         let bytes_sent = r.u64("bytes_sent")?;
         let bytes_received = r.u64("bytes_received")?;
         let retransmits = r.u64("retransmits")?;
@@ -573,11 +663,11 @@ mod tests {
             decode_events(b"hello world!!").unwrap_err(),
             WireError::Magic
         ));
-        let mut v2 = good.clone();
-        v2[3] = 3;
+        let mut newer = good.clone();
+        newer[3] = VERSION + 1;
         assert!(matches!(
-            decode_events(&v2).unwrap_err(),
-            WireError::Version(3)
+            decode_events(&newer).unwrap_err(),
+            WireError::Version(v) if v == VERSION + 1
         ));
         assert!(matches!(
             decode_flows(&good).unwrap_err(),

@@ -3,16 +3,20 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::{Comm, Family};
+use super::{Cgroup, Comm, Family, Role};
 
 /// What identifies a flow within a window. The owning process is part of the key, so a 4-tuple reused
-/// by another process within one window yields two rows rather than a mixed one.
+/// by another process within one window yields two rows rather than a mixed one; so are the socket's
+/// role and the owner's cgroup path (one per cgroup id, but a path resolved for some events of a
+/// cgroup and not others yields two rows rather than a guess).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowKey {
     pub node: Arc<str>,
     pub pid: u32,
     pub comm: Comm,
     pub cgroup_id: u64,
+    pub cgroup: Option<Cgroup>,
+    pub role: Option<Role>,
     pub local_addr: IpAddr,
     pub local_port: u16,
     pub remote_addr: IpAddr,

@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use probe_common as pc;
 
-use super::{Comm, Event, EventKind, TcpState};
+use super::{Comm, Event, EventKind, Role, TcpState};
 
 /// Why a kernel record could not be decoded. Such records are counted and skipped, never guessed at.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -15,6 +15,8 @@ pub enum DecodeError {
     UnknownFamily(u16),
     #[error("unknown TCP state {0}")]
     UnknownState(u8),
+    #[error("unknown connection role {0}")]
+    UnknownRole(u8),
 }
 
 /// Converts one kernel record. `boot_to_unix_us` is the offset from the kernel's boot clock to UTC
@@ -51,6 +53,9 @@ pub fn decode(rec: &pc::TcpEvent, boot_to_unix_us: i64, seq: u64) -> Result<Even
         ts_us: boot_to_unix_us + (rec.ts_ns / 1_000) as i64,
         sock_id: rec.sock_id,
         cgroup_id: rec.cgroup_id,
+        // Resolved from the id by the capture (see `capture::ebpf::cgroups`).
+        cgroup: None,
+        role: Some(Role::from_kernel(rec.role).ok_or(DecodeError::UnknownRole(rec.role))?),
         pid: rec.pid,
         comm: Comm::from_bytes(&rec.comm),
         local_addr,

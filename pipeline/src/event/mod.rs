@@ -5,6 +5,7 @@
 //! others: the kernel record ([`probe_common::TcpEvent`], decoded in [`kernel`]), this domain type, and
 //! the explicit Arrow schemas of the two datasets ([`schema`]).
 
+pub mod cgroup;
 pub mod flow;
 pub mod kernel;
 pub mod schema;
@@ -13,6 +14,7 @@ mod tcp_state;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+pub use cgroup::Cgroup;
 pub use flow::{FlowBatch, FlowKey, FlowRecord, ReplayPoint};
 pub use tcp_state::TcpState;
 
@@ -35,6 +37,51 @@ impl Family {
         match self {
             Family::Ipv4 => "ipv4",
             Family::Ipv6 => "ipv6",
+        }
+    }
+}
+
+/// Which side of the connection this socket is: it connected (`client`), it was accepted on a
+/// listener (`server`), or its start was not seen (`unknown`: it predates the capture).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    #[default]
+    Unknown,
+    Client,
+    Server,
+}
+
+impl Role {
+    /// The `role` column value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Unknown => "unknown",
+            Role::Client => "client",
+            Role::Server => "server",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        [Role::Unknown, Role::Client, Role::Server]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+    }
+
+    /// The kernel's numbering (`probe_common::ROLE_*`).
+    pub fn from_kernel(n: u8) -> Option<Self> {
+        match n {
+            probe_common::ROLE_UNKNOWN => Some(Role::Unknown),
+            probe_common::ROLE_CLIENT => Some(Role::Client),
+            probe_common::ROLE_SERVER => Some(Role::Server),
+            _ => None,
+        }
+    }
+
+    pub fn to_kernel(self) -> u8 {
+        match self {
+            Role::Unknown => probe_common::ROLE_UNKNOWN,
+            Role::Client => probe_common::ROLE_CLIENT,
+            Role::Server => probe_common::ROLE_SERVER,
         }
     }
 }
@@ -103,7 +150,7 @@ impl EventKind {
 }
 
 /// One TCP telemetry event, as every stage sees it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Event {
     /// Position of this event in its node's stream (0, 1, 2, ...): with `node` it identifies the event.
     pub seq: u64,
@@ -113,6 +160,11 @@ pub struct Event {
     pub sock_id: u64,
     /// cgroup v2 id of the owning task (0 when unknown).
     pub cgroup_id: u64,
+    /// cgroup v2 path of the owning task, when known (shared by every event of the cgroup).
+    pub cgroup: Option<Cgroup>,
+    /// Client, server or unknown side of the connection; `None` where it was not recorded (an event
+    /// of schema version 2 or older: the `role` column reads null).
+    pub role: Option<Role>,
     /// Process id of the owning task.
     pub pid: u32,
     /// Process name of the owning task.
@@ -137,6 +189,8 @@ impl Event {
             ts_us,
             sock_id: 1,
             cgroup_id: 0,
+            cgroup: None,
+            role: Some(Role::Client),
             pid: 7,
             comm: Comm::from_bytes(b"curl"),
             local_addr: "10.0.0.1".parse().unwrap(),

@@ -20,11 +20,14 @@ use arrow::array::{
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
 
-use super::{Comm, Event, EventKind, FlowKey, FlowRecord, TcpState};
+use super::cgroup::Paths;
+use super::{Cgroup, Comm, Event, EventKind, FlowKey, FlowRecord, Role, TcpState};
 use crate::sink::encoder::Encoder;
 
-/// Version of both dataset schemas, stored in file metadata under [`SCHEMA_VERSION_KEY`].
-pub const SCHEMA_VERSION: u32 = 2;
+/// Version of both dataset schemas, stored in file metadata under [`SCHEMA_VERSION_KEY`]. Version 3
+/// added who is talking: `role` and the owner's cgroup (`cgroup_path`, `container_id`, `pod_uid`,
+/// `systemd_unit`), nullable, at the end of both schemas.
+pub const SCHEMA_VERSION: u32 = 3;
 /// File metadata key holding [`SCHEMA_VERSION`].
 pub const SCHEMA_VERSION_KEY: &str = "tcplake.schema_version";
 
@@ -54,6 +57,11 @@ pub fn events_schema() -> SchemaRef {
             Field::new("bytes", DataType::Int64, true),
             Field::new("srtt_us", DataType::Int32, true),
             Field::new("snd_cwnd", DataType::Int32, true),
+            Field::new("role", DataType::Utf8, true),
+            Field::new("cgroup_path", DataType::Utf8, true),
+            Field::new("container_id", DataType::Utf8, true),
+            Field::new("pod_uid", DataType::Utf8, true),
+            Field::new("systemd_unit", DataType::Utf8, true),
         ]))
     });
     SCHEMA.clone()
@@ -86,6 +94,11 @@ pub fn flows_schema() -> SchemaRef {
             Field::new("connections_closed", DataType::Int64, false),
             Field::new("resets", DataType::Int64, false),
             Field::new("events", DataType::Int64, false),
+            Field::new("role", DataType::Utf8, true),
+            Field::new("cgroup_path", DataType::Utf8, true),
+            Field::new("container_id", DataType::Utf8, true),
+            Field::new("pod_uid", DataType::Utf8, true),
+            Field::new("systemd_unit", DataType::Utf8, true),
         ]))
     });
     SCHEMA.clone()
@@ -119,6 +132,42 @@ fn strings<'a, I: Iterator<Item = &'a str>>(len: usize, values: I) -> ArrayRef {
     }
     Arc::new(b.finish())
 }
+
+/// A column of what the owners' cgroups say (`f` of each row's cgroup; null without one).
+fn cgroup_strings<'a, I>(len: usize, cgroups: I, f: fn(&Cgroup) -> Option<&str>) -> ArrayRef
+where
+    I: Iterator<Item = Option<&'a Cgroup>>,
+{
+    let mut b = StringBuilder::with_capacity(len, 0);
+    for c in cgroups {
+        b.append_option(c.and_then(f));
+    }
+    Arc::new(b.finish())
+}
+
+/// Column `c - first` of the who-is-talking columns (`role`, `cgroup_path`, `container_id`,
+/// `pod_uid`, `systemd_unit`), shared by both schemas.
+fn identity_column<'a, I>(
+    i: usize,
+    len: usize,
+    roles: impl Iterator<Item = Option<Role>>,
+    cgroups: I,
+) -> ArrayRef
+where
+    I: Iterator<Item = Option<&'a Cgroup>>,
+{
+    match i {
+        0 => Arc::new(StringArray::from_iter(roles.map(|r| r.map(Role::as_str)))),
+        1 => cgroup_strings(len, cgroups, |c| Some(c.path())),
+        2 => cgroup_strings(len, cgroups, Cgroup::container_id),
+        3 => cgroup_strings(len, cgroups, Cgroup::pod_uid),
+        _ => cgroup_strings(len, cgroups, Cgroup::systemd_unit),
+    }
+}
+
+/// Number of the who-is-talking columns at the end of both schemas.
+const IDENTITY_COLUMNS: usize = 5;
+const _: () = assert!(18 + IDENTITY_COLUMNS == 23, "event_column's last arm");
 
 fn utc_micros(values: Vec<i64>) -> ArrayRef {
     Arc::new(TimestampMicrosecondArray::from(values).with_timezone("UTC"))
@@ -215,6 +264,13 @@ fn event_column(c: usize, node: &str, events: &[Event]) -> Result<ArrayRef, Arro
             EventKind::RttSample { snd_cwnd, .. } => Some(snd_cwnd as i32),
             _ => None,
         }))),
+        // The last IDENTITY_COLUMNS columns.
+        18..=22 => identity_column(
+            c - 18,
+            n,
+            events.iter().map(|e| e.role),
+            events.iter().map(|e| e.cgroup.as_ref()),
+        ),
         _ => {
             return Err(ArrowError::SchemaError(format!(
                 "the events schema has no column {c}"
@@ -278,6 +334,15 @@ pub fn flows_to_batch(records: &[FlowRecord]) -> Result<RecordBatch, ArrowError>
         i64s(|r| r.resets),
         i64s(|r| r.events),
     ];
+    let mut columns = columns;
+    for i in 0..IDENTITY_COLUMNS {
+        columns.push(identity_column(
+            i,
+            n,
+            records.iter().map(|r| r.key.role),
+            records.iter().map(|r| r.key.cgroup.as_ref()),
+        ));
+    }
     RecordBatch::try_new(flows_schema(), columns)
 }
 
@@ -469,6 +534,21 @@ fn parse_state(a: &StringArray, row: usize, column: &'static str) -> Result<TcpS
         .ok_or_else(|| bad(row, column, format!("unknown TCP state `{}`", a.value(row))))
 }
 
+/// The row's cgroup, from its path (what the path says is read anew, not from the other columns).
+fn read_cgroup(paths: &StringArray, row: usize, cgroups: &mut Paths) -> Option<Cgroup> {
+    paths.is_valid(row).then(|| cgroups.get(paths.value(row)))
+}
+
+/// The row's role; null where it was not recorded (a file of schema version 2 or older).
+fn read_role(roles: &StringArray, row: usize) -> Result<Option<Role>, SchemaError> {
+    if roles.is_null(row) {
+        return Ok(None);
+    }
+    Role::from_name(roles.value(row))
+        .map(Some)
+        .ok_or_else(|| bad(row, "role", format!("unknown role `{}`", roles.value(row))))
+}
+
 /// Decodes a record batch of [`events_schema`] back into `(node, event)` pairs (replay, wire codec).
 pub fn batch_to_events(batch: &RecordBatch) -> Result<Vec<(Arc<str>, Event)>, SchemaError> {
     let batch = &conform(batch, &events_schema())?;
@@ -488,6 +568,8 @@ pub fn batch_to_events(batch: &RecordBatch) -> Result<Vec<(Arc<str>, Event)>, Sc
     );
     let (old_state, new_state) = (c.str("old_state")?, c.str("new_state")?);
     let (bytes, srtt, cwnd) = (c.i64("bytes")?, c.i32("srtt_us")?, c.i32("snd_cwnd")?);
+    let (roles, paths) = (c.str("role")?, c.str("cgroup_path")?);
+    let mut cgroups = Paths::default();
     let mut out = Vec::with_capacity(batch.num_rows());
     let mut last_node: Option<Arc<str>> = None;
     for i in 0..batch.num_rows() {
@@ -533,6 +615,8 @@ pub fn batch_to_events(batch: &RecordBatch) -> Result<Vec<(Arc<str>, Event)>, Sc
                 ts_us: ts.value(i),
                 sock_id: sock.value(i) as u64,
                 cgroup_id: cgroup.value(i) as u64,
+                cgroup: read_cgroup(paths, i, &mut cgroups),
+                role: read_role(roles, i)?,
                 pid: pid.value(i) as u32,
                 comm: Comm::from_bytes(comm.value(i).as_bytes()),
                 local_addr: parse_addr(laddr, i, "local_addr")?,
@@ -582,6 +666,8 @@ pub fn batch_to_flows(batch: &RecordBatch) -> Result<Vec<FlowRecord>, SchemaErro
         c.i64("resets")?,
         c.i64("events")?,
     );
+    let (roles, paths) = (c.str("role")?, c.str("cgroup_path")?);
+    let mut cgroups = Paths::default();
     (0..batch.num_rows())
         .map(|i| {
             Ok(FlowRecord {
@@ -592,6 +678,8 @@ pub fn batch_to_flows(batch: &RecordBatch) -> Result<Vec<FlowRecord>, SchemaErro
                     pid: pid.value(i) as u32,
                     comm: Comm::from_bytes(comm.value(i).as_bytes()),
                     cgroup_id: cgroup.value(i) as u64,
+                    cgroup: read_cgroup(paths, i, &mut cgroups),
+                    role: read_role(roles, i)?,
                     local_addr: parse_addr(laddr, i, "local_addr")?,
                     local_port: port(lport, i, "local_port")?,
                     remote_addr: parse_addr(raddr, i, "remote_addr")?,
@@ -711,7 +799,8 @@ mod tests {
             "ts:Timestamp(µs, \"UTC\") node:Utf8 seq:Int64 kind:Utf8 pid:Int32 comm:Utf8 \
              cgroup_id:Int64 sock_id:Int64 family:Utf8 local_addr:Utf8 local_port:Int32 \
              remote_addr:Utf8 remote_port:Int32 old_state:Utf8? new_state:Utf8? bytes:Int64? \
-             srtt_us:Int32? snd_cwnd:Int32?"
+             srtt_us:Int32? snd_cwnd:Int32? role:Utf8? cgroup_path:Utf8? container_id:Utf8? \
+             pod_uid:Utf8? systemd_unit:Utf8?"
         );
         assert_eq!(
             describe(flows_schema()).join(" "),
@@ -720,7 +809,8 @@ mod tests {
              remote_addr:Utf8 remote_port:Int32 bytes_sent:Int64 bytes_received:Int64 \
              retransmits:Int64 rtt_samples:Int64 rtt_min_us:Int32? rtt_p50_us:Int32? \
              rtt_p99_us:Int32? rtt_max_us:Int32? connections_opened:Int64 \
-             connections_closed:Int64 resets:Int64 events:Int64"
+             connections_closed:Int64 resets:Int64 events:Int64 role:Utf8? cgroup_path:Utf8? \
+             container_id:Utf8? pod_uid:Utf8? systemd_unit:Utf8?"
         );
     }
 

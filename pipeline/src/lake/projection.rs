@@ -177,6 +177,8 @@ mod tests {
                 pid: 1,
                 comm: Comm::from_bytes(b"x"),
                 cgroup_id: 0,
+                cgroup: None,
+                role: None,
                 local_addr: "127.0.0.1".parse().unwrap(),
                 local_port: port,
                 remote_addr: "127.0.0.1".parse().unwrap(),

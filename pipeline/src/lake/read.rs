@@ -106,16 +106,17 @@ mod tests {
 
     #[test]
     fn versions_up_to_ours_are_read_and_others_refused_by_name() {
-        assert_eq!(check_version("k", Some(&kv("2"))).unwrap(), 2);
-        assert_eq!(check_version("k", Some(&kv("1"))).unwrap(), 1);
-        let newer = check_version("a.parquet", Some(&kv("3"))).unwrap_err();
+        for v in 1..=3 {
+            assert_eq!(check_version("k", Some(&kv(&v.to_string()))).unwrap(), v);
+        }
+        let newer = check_version("a.parquet", Some(&kv("4"))).unwrap_err();
         assert!(
-            matches!(newer, ReadError::Newer { found: 3, .. }),
+            matches!(newer, ReadError::Newer { found: 4, .. }),
             "{newer}"
         );
         assert!(newer
             .to_string()
-            .starts_with("`a.parquet` has schema version 3"));
+            .starts_with("`a.parquet` has schema version 4"));
         for bad in [check_version("k", None), check_version("k", Some(&kv("x")))] {
             assert!(matches!(bad, Err(ReadError::Foreign { .. })));
         }

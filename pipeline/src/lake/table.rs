@@ -217,6 +217,68 @@ fn delta_columns(dataset: Dataset) -> Vec<StructField> {
     cols
 }
 
+/// The columns of the dataset's schema that `table` lacks (a table an older tcplake made).
+fn missing_columns(
+    table: &DeltaTable,
+    dataset: Dataset,
+) -> Result<Vec<StructField>, DeltaTableError> {
+    let schema = table.snapshot()?.schema();
+    Ok(delta_columns(dataset)
+        .into_iter()
+        .filter(|f| !schema.contains(f.name()))
+        .collect())
+}
+
+/// Brings a table an older tcplake made up to this build's schema: the columns a later schema
+/// version added (nullable, so the rows already there read them as null) are added to the table's
+/// schema in one commit (Delta's `ADD COLUMN`), before any file that has them is committed: readers
+/// take a table's columns from its schema, not from its files. Two writers doing it at once: one
+/// adds, the other finds them there.
+async fn evolve(table: DeltaTable, dataset: Dataset) -> Result<DeltaTable, TableError> {
+    let delta = |source| TableError::Delta {
+        dataset: dataset.name(),
+        source: Box::new(source),
+    };
+    let missing = missing_columns(&table, dataset).map_err(delta)?;
+    if missing.is_empty() {
+        return Ok(table);
+    }
+    if let Some(f) = missing.iter().find(|f| !f.is_nullable()) {
+        return Err(TableError::Location {
+            dataset: dataset.name(),
+            location: table.table_url().to_string(),
+            reason: format!(
+                "the table has no column `{}`, which every tcplake version writes: it is not a \
+                 tcplake table",
+                f.name()
+            ),
+        });
+    }
+    let names: Vec<String> = missing.iter().map(|f| f.name().to_string()).collect();
+    let log_store = table.log_store();
+    match table.add_columns().with_fields(missing).await {
+        Ok(t) => {
+            tracing::info!(
+                dataset = dataset.name(),
+                columns = names.join(","),
+                "added the columns of schema version {} to the table",
+                crate::event::schema::SCHEMA_VERSION
+            );
+            Ok(t)
+        }
+        Err(e) => {
+            let mut fresh = DeltaTable::new(log_store);
+            fresh.load().await.map_err(delta)?;
+            if missing_columns(&fresh, dataset).map_err(delta)?.is_empty() {
+                // Another writer added them first.
+                Ok(fresh)
+            } else {
+                Err(delta(e))
+            }
+        }
+    }
+}
+
 impl Table {
     /// Opens the dataset's table in `store`, creating it (schema, partitioning, `properties`) if there
     /// is none yet. Two processes creating it at once are fine: one creates, both open it.
@@ -253,6 +315,7 @@ impl Table {
         }
         let mut table = DeltaTable::new(log_store);
         table.load().await.map_err(delta)?;
+        let table = evolve(table, dataset).await?;
         Ok(Table {
             dataset,
             table,
@@ -772,6 +835,61 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    /// A table an older tcplake made (schema version 2: no who-is-talking columns) gains the new
+    /// columns when a writer opens it, keeping its rows, files and properties; the same table opened
+    /// again (or by a second writer) is left as it is.
+    #[tokio::test]
+    async fn a_table_of_an_older_schema_gains_the_new_columns_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::Local(LocalDir::open(dir.path()).unwrap());
+        let (log_store, _) = log_store(&store, Dataset::Flows).unwrap();
+        let new = [
+            "role",
+            "cgroup_path",
+            "container_id",
+            "pod_uid",
+            "systemd_unit",
+        ];
+        let old_columns: Vec<StructField> = delta_columns(Dataset::Flows)
+            .into_iter()
+            .filter(|f| !new.contains(&f.name().as_str()))
+            .collect();
+        deltalake_core::operations::create::CreateBuilder::new()
+            .with_log_store(Arc::clone(&log_store))
+            .with_table_name("flows")
+            .with_columns(old_columns)
+            .with_partition_columns(PARTITION_COLUMNS)
+            .with_configuration([("tcplake.window_secs".to_string(), Some("10".to_string()))])
+            .with_raise_if_key_not_exists(false)
+            .await
+            .unwrap();
+        let props = BTreeMap::from([("tcplake.window_secs".to_string(), "10".to_string())]);
+        let mut t = Table::open_or_create(&store, Dataset::Flows, &props)
+            .await
+            .unwrap();
+        t.commit(stream(1), vec![file("a1")], vec![], vec![(APP.into(), 1)])
+            .await
+            .unwrap();
+        let schema = t.table.snapshot().unwrap().schema();
+        for name in new {
+            let f = schema.field(name).unwrap_or_else(|| panic!("{name} added"));
+            assert!(f.is_nullable());
+        }
+        let version = t.version();
+        let again = Table::open_or_create(&store, Dataset::Flows, &props)
+            .await
+            .unwrap();
+        assert_eq!(again.version(), version, "nothing more to add");
+        assert_eq!(names(&again), ["a1"]);
+        assert_eq!(
+            again.properties().unwrap().get("tcplake.window_secs"),
+            Some(&"10".to_string())
+        );
+        assert!(missing_columns(&again.table, Dataset::Flows)
+            .unwrap()
+            .is_empty());
     }
 
     #[tokio::test]

@@ -372,7 +372,7 @@ fn replay_since_until_and_bad_requests() {
     let rewritten = victim.with_extension("v2");
     duckdb(&format!(
         "COPY (SELECT * FROM read_parquet('{}')) TO '{}' (FORMAT parquet, \
-         KV_METADATA {{'tcplake.schema_version': '3'}})",
+         KV_METADATA {{'tcplake.schema_version': '4'}})",
         victim.display(),
         rewritten.display()
     ));
@@ -380,7 +380,7 @@ fn replay_since_until_and_bad_requests() {
     let o = replay(&live, &tmp.path().join("newer"), &[]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        stderr(&o).contains("has schema version 3; this tcplake reads versions up to 2"),
+        stderr(&o).contains("has schema version 4; this tcplake reads versions up to 3"),
         "{}",
         stderr(&o)
     );

@@ -262,6 +262,77 @@ fn peer_args(role: &str, port: u16, conns: u64, req: u64, resp: u64, rsts: u64) 
     v
 }
 
+/// The cgroup v2 path of process `pid` (`0::/path` in /proc/PID/cgroup).
+fn cgroup_of(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("0::").map(String::from))
+        .expect("the process is in the cgroup v2 hierarchy")
+}
+
+/// The cgroup2 mount point, read from /proc/mounts (hybrid hosts mount it under a subdirectory).
+fn cgroup2_mount() -> std::path::PathBuf {
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| std::path::PathBuf::from(f[1]))
+        })
+        .expect("a cgroup2 hierarchy is mounted")
+}
+
+/// Cgroup directories made for a test, removed (innermost first) when it ends.
+struct Cgroups {
+    mount: std::path::PathBuf,
+    made: Vec<std::path::PathBuf>,
+}
+
+impl Cgroups {
+    /// Makes `path` (from the hierarchy's root) and any parent it lacks; returns its directory.
+    fn make(&mut self, path: &str) -> std::path::PathBuf {
+        let mut dir = self.mount.clone();
+        for part in path.trim_start_matches('/').split('/') {
+            dir.push(part);
+            if !dir.exists() {
+                std::fs::create_dir(&dir).unwrap();
+                self.made.push(dir.clone());
+            }
+        }
+        dir
+    }
+
+    /// Removes `dir` (empty of processes) now.
+    fn remove(&mut self, dir: &Path) {
+        std::fs::remove_dir(dir).unwrap();
+        self.made.retain(|d| d != dir);
+    }
+}
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        for d in self.made.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// A peer started inside cgroup directory `cgroup` (it moves itself in before it execs).
+fn peer_in(cgroup: &Path, args: &[String]) -> Child {
+    let script = format!(
+        "echo $$ > '{}/cgroup.procs' && exec python3 \"$@\"",
+        cgroup.display()
+    );
+    Command::new("sh")
+        .args(["-c", &script, "sh", PEER])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start python3 peer")
+}
+
 /// A DuckDB integer (JSON number, or a string for HUGEINT sums).
 fn num(v: &serde_json::Value) -> u64 {
     v.as_u64()
@@ -314,6 +385,119 @@ fn accepted_connections_are_owned_by_the_listener_before_any_data() {
         "{rows:?}"
     );
     assert_eq!((num(&rows[0][2]), num(&rows[0][3])), (CONNS, 0), "{rows:?}");
+}
+
+/// Who is talking, on both sides of every connection: a server in a systemd service's cgroup, a client
+/// in a Kubernetes container's (the kubelet's systemd-driver layout, made after capture started), and
+/// a client whose cgroup was made and removed while the capture was stopped, so that only the kernel's
+/// report of the cgroup's creation can name it. Every event and flow row carries its role and the
+/// cgroup's path, container id, pod uid and systemd unit.
+#[test]
+fn container_pod_and_unit_are_named_on_both_sides_even_for_a_removed_cgroup() {
+    require_root();
+    if skipped() {
+        return;
+    }
+    const UID: &str = "0c7a8f2e-5b1d-4d3e-9f60-1a2b3c4d5e6f";
+    const ID: &str = "4f1b2c3d4e5f60718293a4b5c6d7e8f90123456789abcdef0123456789abcdef";
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    // Under a root of the test's own, so nothing of the host's is touched.
+    let root = format!("/tcplake-test-{}-{port}.slice", std::process::id());
+    let server_cg = format!("{root}/system.slice/tl-web.service");
+    let pod = format!(
+        "{root}/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice",
+        UID.replace('-', "_")
+    );
+    let container_cg = format!("{pod}/cri-containerd-{ID}.scope");
+    let gone_cg = format!("{root}/system.slice/tl-job.scope");
+    let mut cgroups = Cgroups {
+        mount: cgroup2_mount(),
+        made: Vec::new(),
+    };
+    let server_dir = cgroups.make(&server_cg);
+
+    let capture = Capture::start(tmp.path(), port, &[]);
+    let mut server = peer_in(&server_dir, &peer_args("server", port, 5, 100, 200, 0));
+    let _server_out = wait_for_line(&mut server, "READY");
+    // Made after the capture started.
+    let container_dir = cgroups.make(&container_cg);
+    finish(peer_in(
+        &container_dir,
+        &peer_args("client", port, 3, 100, 200, 0),
+    ));
+    // Made, used and removed while the capture is stopped: when it reads these events, the cgroup no
+    // longer exists to be looked up.
+    let pid = capture.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let gone_dir = cgroups.make(&gone_cg);
+    finish(peer_in(
+        &gone_dir,
+        &peer_args("client", port, 2, 100, 200, 0),
+    ));
+    cgroups.remove(&gone_dir);
+    assert!(Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    finish(server);
+    let summary = capture.stop();
+    assert_eq!(summary["kernel_drops"], 0, "{summary}");
+
+    let events = dataset(tmp.path(), "events");
+    let flows = dataset(tmp.path(), "flows");
+    let expected = [
+        // (side, cgroup, role, container_id, pod_uid, systemd_unit, connections)
+        (
+            "local_port",
+            &server_cg,
+            "server",
+            "",
+            "",
+            "tl-web.service",
+            5,
+        ),
+        ("remote_port", &container_cg, "client", ID, UID, "", 3),
+        ("remote_port", &gone_cg, "client", "", "", "tl-job.scope", 2),
+    ];
+    let rows = duckdb(&format!(
+        "SELECT CASE WHEN local_port = {port} THEN 'local_port' ELSE 'remote_port' END, cgroup_path, \
+         role, coalesce(container_id, ''), coalesce(pod_uid, ''), coalesce(systemd_unit, ''), \
+         sum(connections_opened) FROM {flows} GROUP BY ALL ORDER BY 1, 7 DESC"
+    ));
+    let got: Vec<(String, String, String, String, String, String, u64)> = rows
+        .iter()
+        .map(|r| {
+            let s = |i: usize| r[i].as_str().unwrap_or("<null>").to_string();
+            (s(0), s(1), s(2), s(3), s(4), s(5), num(&r[6]))
+        })
+        .collect();
+    let want: Vec<(String, String, String, String, String, String, u64)> = expected
+        .iter()
+        .map(|(a, b, c, d, e, f, n)| {
+            let t = |s: &str| s.to_string();
+            (t(a), t(b), t(c), t(d), t(e), t(f), *n)
+        })
+        .collect();
+    assert_eq!(got, want);
+    // Every event names them too: none without a path or a role.
+    assert_eq!(
+        duckdb_int(&format!(
+            "SELECT count(*) FROM {events} WHERE cgroup_path IS NULL OR role IS NULL OR role = 'unknown'"
+        )),
+        0
+    );
+    assert_eq!(
+        duckdb_int(&format!(
+            "SELECT count(DISTINCT (cgroup_path, role, container_id, pod_uid, systemd_unit)) FROM {events}"
+        )),
+        3
+    );
 }
 
 /// `capture.state_changes = "lifecycle"`: the closing handshake's intermediate states are not
@@ -383,11 +567,14 @@ fn exact_loopback(out: &Path, config: Option<&Path>) -> (Vec<String>, u16) {
     let side = |filter: &str| {
         duckdb(&format!(
             "SELECT count(DISTINCT (pid, comm)), min(pid), min(comm), sum(connections_opened), \
-             sum(connections_closed), sum(resets), sum(bytes_sent), sum(bytes_received), sum(rtt_samples) \
+             sum(connections_closed), sum(resets), sum(bytes_sent), sum(bytes_received), sum(rtt_samples), \
+             string_agg(DISTINCT role), string_agg(DISTINCT cgroup_path) \
              FROM {flows} WHERE {filter}"
         ))
         .remove(0)
     };
+    // Both peers run in the test's own cgroup.
+    let own_cgroup = cgroup_of(std::process::id());
     // Client side: connections to the server's port.
     let c = side(&format!("remote_port = {port}"));
     assert_eq!(num(&c[0]), 1, "one owner for the client side: {c:?}");
@@ -400,6 +587,10 @@ fn exact_loopback(out: &Path, config: Option<&Path>) -> (Vec<String>, u16) {
     assert_eq!(num(&c[5]), RSTS, "client resets");
     assert_eq!(num(&c[6]), CONNS * REQ, "client bytes_sent");
     assert_eq!(num(&c[7]), CONNS * RESP, "client bytes_received");
+    assert_eq!(
+        (c[9].as_str(), c[10].as_str()),
+        (Some("client"), Some(&*own_cgroup))
+    );
     // Server side: connections accepted on the port.
     let s = side(&format!("local_port = {port}"));
     assert_eq!(num(&s[0]), 1, "one owner for the server side: {s:?}");
@@ -412,6 +603,10 @@ fn exact_loopback(out: &Path, config: Option<&Path>) -> (Vec<String>, u16) {
     assert_eq!(num(&s[5]), RSTS, "server resets");
     assert_eq!(num(&s[6]), CONNS * RESP, "server bytes_sent");
     assert_eq!(num(&s[7]), CONNS * REQ, "server bytes_received");
+    assert_eq!(
+        (s[9].as_str(), s[10].as_str()),
+        (Some("server"), Some(&*own_cgroup))
+    );
     assert!(num(&c[8]) + num(&s[8]) > 0, "RTT samples were taken");
     // The event log agrees with the projection, and nothing else was captured.
     let events = dataset(out, "events");

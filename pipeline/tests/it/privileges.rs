@@ -152,6 +152,15 @@ fn capture_needs_only_bpf_and_perfmon() {
     let o = capture(&sb, "nobody", NOBODY, &["bpf", "perfmon"], 5);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(opened_connections(&sb.path("nobody")), 10);
+    // Who is talking needs nothing more: the cgroup hierarchy is world-readable, and new cgroups
+    // come from a BTF tracepoint like the rest.
+    assert_eq!(
+        duckdb_int(&format!(
+            "SELECT count(*) FROM {} WHERE cgroup_path IS NULL OR role IS NULL OR role = 'unknown'",
+            dataset(&sb.path("nobody"), "events")
+        )),
+        0
+    );
     let owner = std::fs::metadata(sb.path("nobody")).unwrap();
     assert_eq!(std::os::unix::fs::MetadataExt::uid(&owner), 65534);
 

@@ -35,9 +35,25 @@ const REFERENCES: &[(&str, &str)] = &[
          FROM EV GROUP BY comm ORDER BY opened DESC, comm",
     ),
     (
+        "Top pods by retransmits",
+        "SELECT pod_uid,
+                count(*) FILTER (kind = 'retransmit') AS retransmits,
+                count(*) FILTER (kind = 'state_change' AND new_state = 'ESTABLISHED') AS connections,
+                count(DISTINCT container_id) AS containers
+         FROM EV WHERE pod_uid IS NOT NULL GROUP BY pod_uid
+         ORDER BY retransmits DESC, pod_uid LIMIT 10",
+    ),
+    (
+        "Inbound vs outbound bytes per service",
+        "SELECT coalesce(systemd_unit, pod_uid, cgroup_path) AS service,
+                coalesce(sum(bytes) FILTER (role = 'server'), 0) AS inbound_bytes,
+                coalesce(sum(bytes) FILTER (role = 'client'), 0) AS outbound_bytes
+         FROM EV GROUP BY service ORDER BY inbound_bytes + outbound_bytes DESC, service",
+    ),
+    (
         "Flows per window",
         "SELECT to_timestamp(floor(epoch_us(ts) / 10000000) * 10) AS window_start,
-                count(DISTINCT (node, pid, comm, cgroup_id, local_addr, local_port, remote_addr, remote_port)) AS flows,
+                count(DISTINCT (node, pid, comm, cgroup_id, cgroup_path, role, local_addr, local_port, remote_addr, remote_port)) AS flows,
                 count(*) AS events,
                 sum(coalesce(bytes, 0)) AS bytes
          FROM EV GROUP BY ALL ORDER BY window_start",
@@ -68,7 +84,7 @@ fn every_cookbook_query_runs_and_agrees_with_the_event_log() {
     let out = tmp.path().join("tcplake-data");
     synthetic_run(&out, "12", "cook", 300_000, &[]);
     let queries = cookbook();
-    assert_eq!(queries.len(), 7, "{queries:?}");
+    assert_eq!(queries.len(), 10, "{queries:?}");
     let local = |sql: &str| sql.replace("tcplake-data", &out.display().to_string());
     let events = dataset(&out, "events");
     for (heading, sql) in &queries {
@@ -79,25 +95,49 @@ fn every_cookbook_query_runs_and_agrees_with_the_event_log() {
             assert_eq!(got, want, "{heading}: flows and events disagree");
         }
     }
-    // RTT: the sketch's p99 is within 3 % of the exact quantile of each flow window's samples.
-    let (_, rtt) = queries.iter().find(|(h, _)| h.starts_with("RTT")).unwrap();
-    let got = duckdb(&local(rtt));
-    let exact = duckdb(&format!(
-        "WITH w AS (
-           SELECT remote_addr, remote_port, node, pid, comm, cgroup_id, local_addr, local_port,
-                  floor(epoch_us(ts) / 10000000) AS win,
-                  quantile_disc(srtt_us, 0.99) AS p99, count(*) AS n
-           FROM {events} WHERE kind = 'rtt' GROUP BY ALL)
-         SELECT remote_addr, remote_port, max(p99), sum(n) FROM w GROUP BY ALL"
-    ));
-    for row in &got {
-        let ex = exact
-            .iter()
-            .find(|e| e[0] == row[0] && e[1] == row[1])
-            .unwrap_or_else(|| panic!("{row:?} not in the event log"));
-        assert_eq!(row[3], ex[3], "RTT sample counts agree");
-        let (a, b) = (row[2].as_f64().unwrap(), ex[2].as_f64().unwrap());
-        assert!((a - b).abs() <= 0.031 * b, "p99 {a} vs exact {b}");
+    // RTT: the sketch's p99 is within 3 % of the exact quantile of each flow window's samples, per
+    // remote service and per service of the node.
+    for (heading, keys) in [
+        (
+            "RTT p99 per remote service",
+            &[
+                ("remote_addr", "remote_addr"),
+                ("remote_port", "remote_port"),
+            ][..],
+        ),
+        (
+            "RTT p99 per service",
+            &[("coalesce(systemd_unit, pod_uid, cgroup_path)", "service")][..],
+        ),
+    ] {
+        let (_, rtt) = queries.iter().find(|(h, _)| h == heading).unwrap();
+        let got = duckdb(&local(rtt));
+        let n = keys.len();
+        let exprs: Vec<String> = keys.iter().map(|(e, a)| format!("{e} AS {a}")).collect();
+        let names: Vec<&str> = keys.iter().map(|(_, a)| *a).collect();
+        let exact = duckdb(&format!(
+            "WITH w AS (
+               SELECT {}, node, pid, comm, cgroup_id, cgroup_path, role, local_addr, local_port,
+                      remote_addr, remote_port, floor(epoch_us(ts) / 10000000) AS win,
+                      quantile_disc(srtt_us, 0.99) AS p99, count(*) AS n
+               FROM {events} WHERE kind = 'rtt' GROUP BY ALL)
+             SELECT {names}, max(p99), sum(n) FROM w GROUP BY ALL",
+            exprs.join(", "),
+            names = names.join(", ")
+        ));
+        assert!(got.len() > 1, "{heading}: {got:?}");
+        for row in &got {
+            let ex = exact
+                .iter()
+                .find(|e| e[..n] == row[..n])
+                .unwrap_or_else(|| panic!("{heading}: {row:?} not in the event log"));
+            assert_eq!(row[n + 1], ex[n + 1], "{heading}: RTT sample counts agree");
+            let (a, b) = (row[n].as_f64().unwrap(), ex[n].as_f64().unwrap());
+            assert!(
+                (a - b).abs() <= 0.031 * b,
+                "{heading}: p99 {a} vs exact {b}"
+            );
+        }
     }
     // Time travel: version 1 is the first commit of the flows (fewer rows than now in a run of
     // several commits, the same when there was one).

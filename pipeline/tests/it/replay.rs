@@ -229,8 +229,19 @@ fn an_output_of_schema_1_is_refused_for_appending_and_replays_into_tables() {
     assert!(o.status.success(), "{}", stderr(&o));
     let fresh = tmp.path().join("fresh");
     synthetic_run(&fresh, "90", "legacy", 6_000, &[]);
-    same_rows(&new, &fresh, "events");
-    same_rows(&new, &fresh, "flows");
+    // The same rows but for what version 1 did not record: null there (not recorded), not a guess.
+    same_rows_but(&new, &fresh, "events", IDENTITY_COLUMNS);
+    same_rows_but(&new, &fresh, "flows", IDENTITY_COLUMNS);
+    for ds in ["events", "flows"] {
+        assert_eq!(
+            duckdb_int(&format!(
+                "SELECT count(*) FROM {} WHERE role IS NOT NULL OR cgroup_path IS NOT NULL",
+                dataset(&new, ds)
+            )),
+            0,
+            "{ds}"
+        );
+    }
     // The old event files' values, read as they are (unsigned types), are the same rows; `sock_id`, a
     // kernel address above 2^63, reads back as the signed 64-bit value of the same bits (compared
     // apart: DuckDB will not cast one to the other); `hour` is text in a glob, an integer in the table.
@@ -239,7 +250,8 @@ fn an_output_of_schema_1_is_refused_for_appending_and_replays_into_tables() {
         old.display()
     );
     let table = format!(
-        "(SELECT * EXCLUDE (sock_id, date, hour) FROM {})",
+        "(SELECT * EXCLUDE (sock_id, date, hour, {}) FROM {})",
+        IDENTITY_COLUMNS.join(", "),
         dataset(&new, "events")
     );
     assert_eq!(
@@ -270,6 +282,67 @@ fn an_output_of_schema_1_is_refused_for_appending_and_replays_into_tables() {
         3000
     );
     assert_eq!(counted(dataset(&new, "flows")), 6000);
+}
+
+/// An output a tcplake of schema version 2 wrote (`tests/fixtures/v2-output`: synthetic, seed 91,
+/// node `v2node`, 4 000 events) is appended to by this one: the tables gain the new columns in one
+/// commit, the old rows read them as null (not recorded), the new rows carry them, and the output is
+/// what a fresh run of this version makes but for those columns. `flows/` is still the projection of
+/// `events/`: a replay rebuilds it row for row, the window that mixes both versions' events included.
+#[test]
+fn an_output_of_schema_2_gains_the_new_columns_and_still_replays_row_for_row() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v2-output");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    copy_dir(&fixture, &out);
+    synthetic_run(&out, "91", "v2node", 8_000, &[]);
+    for ds in ["events", "flows"] {
+        let log: Vec<String> = files_under(&out.join(ds).join("_delta_log"))
+            .iter()
+            .map(|f| std::fs::read_to_string(f).unwrap())
+            .collect();
+        let adds = log.iter().filter(|c| c.contains("\"ADD COLUMN\"")).count();
+        assert_eq!(adds, 1, "{ds}: one commit added the columns");
+    }
+    let events = dataset(&out, "events");
+    let counts = duckdb(&format!(
+        "SELECT role IS NULL, cgroup_path IS NULL, count(*), min(seq), max(seq) FROM {events} \
+         GROUP BY ALL ORDER BY 4"
+    ));
+    assert_eq!(
+        counts,
+        duckdb("SELECT true, true, 4000, 0, 3999 UNION ALL SELECT false, false, 4000, 4000, 7999"),
+        "old rows: not recorded; new rows: recorded"
+    );
+    let fresh = tmp.path().join("fresh");
+    synthetic_run(&fresh, "91", "v2node", 8_000, &[]);
+    same_rows_but(&out, &fresh, "events", IDENTITY_COLUMNS);
+    // Per flow and window, the same sums (a window with events of both versions has a row for each:
+    // the old events have no role or cgroup to be keyed by).
+    let sums = |o: &Path| {
+        duckdb(&format!(
+            "SELECT window_start, pid, comm, local_addr, local_port, remote_addr, remote_port, \
+             sum(bytes_sent), sum(bytes_received), sum(retransmits), sum(rtt_samples), \
+             sum(connections_opened), sum(connections_closed), sum(resets), sum(events) \
+             FROM {} GROUP BY ALL ORDER BY ALL",
+            dataset(o, "flows")
+        ))
+    };
+    assert_eq!(sums(&out), sums(&fresh));
+    let replayed = tmp.path().join("replayed");
+    let o = tcplake(
+        &[
+            "replay",
+            "--from",
+            out.to_str().unwrap(),
+            "--to",
+            replayed.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    same_rows(&out, &replayed, "events");
+    same_rows(&out, &replayed, "flows");
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -13,18 +13,19 @@ use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
 
-use crate::event::{Comm, Event, EventKind, TcpState};
+use crate::event::{Cgroup, Comm, Event, EventKind, TcpState};
 
 /// Upper bound on events held at once; past it everything held is released (memory stays bounded).
 const MAX_HELD_EVENTS: usize = 65_536;
 /// Upper bound on remembered owners; sockets whose close was never seen would otherwise accumulate.
 const MAX_OWNERS: usize = 262_144;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Owner {
     pid: u32,
     comm: Comm,
     cgroup_id: u64,
+    cgroup: Option<Cgroup>,
 }
 
 struct Held {
@@ -73,19 +74,23 @@ impl Attribution {
                 pid: e.pid,
                 comm: e.comm,
                 cgroup_id: e.cgroup_id,
+                cgroup: e.cgroup.clone(),
             };
             if self.owners.len() >= MAX_OWNERS {
                 self.owners.clear();
             }
-            self.owners.insert(e.sock_id, owner);
             if let Some(h) = self.held.remove(&e.sock_id) {
                 self.held_events -= h.events.len();
                 out.extend(h.events.into_iter().map(|mut w| {
-                    apply(&mut w, owner);
+                    apply(&mut w, &owner);
                     w
                 }));
             }
-        } else if let Some(&owner) = self.owners.get(&e.sock_id) {
+            // Already known (the usual case: every event of an owned socket names it): no copy.
+            if self.owners.get(&e.sock_id) != Some(&owner) {
+                self.owners.insert(e.sock_id, owner);
+            }
+        } else if let Some(owner) = self.owners.get(&e.sock_id) {
             apply(&mut e, owner);
         } else if !closes(&e) {
             let h = self.held.entry(e.sock_id).or_insert_with(|| Held {
@@ -154,10 +159,11 @@ impl Attribution {
     }
 }
 
-fn apply(e: &mut Event, o: Owner) {
+fn apply(e: &mut Event, o: &Owner) {
     e.pid = o.pid;
     e.comm = o.comm;
     e.cgroup_id = o.cgroup_id;
+    e.cgroup.clone_from(&o.cgroup);
 }
 
 #[cfg(test)]
@@ -170,6 +176,8 @@ mod tests {
             ts_us: seq as i64,
             sock_id: sock,
             cgroup_id: u64::from(pid) * 10,
+            cgroup: None,
+            role: Some(crate::event::Role::Server),
             pid,
             comm: Comm::from_bytes(if pid == 0 { b"" } else { b"server" }),
             local_addr: "127.0.0.1".parse().unwrap(),

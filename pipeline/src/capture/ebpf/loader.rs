@@ -5,7 +5,7 @@
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::BtfTracePoint;
 use aya::{Ebpf, EbpfLoader};
-use probe_common::{ProbeConfig, SockOffsets};
+use probe_common::{CgroupOffsets, ProbeConfig, SockOffsets};
 
 use super::btf::{Btf, BtfError};
 
@@ -13,12 +13,14 @@ use super::btf::{Btf, BtfError};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcplake-probe"));
 
 /// (program, tracepoint category, tracepoint name); each program has its tracepoint's name.
-const PROGRAMS: [(&str, &str); 5] = [
+const PROGRAMS: [(&str, &str); 6] = [
     ("inet_sock_set_state", "sock"),
     ("tcp_retransmit_skb", "tcp"),
     ("tcp_probe", "tcp"),
     ("sock_send_length", "sock"),
     ("sock_recv_length", "sock"),
+    // Reports new cgroups (their ring buffer, CGROUPS); records nothing if its offsets were not found.
+    ("cgroup_mkdir", "cgroup"),
 ];
 
 /// Why the probe could not be loaded.
@@ -56,22 +58,56 @@ pub enum LoadError {
 /// The error of aya or the kernel under tcplake's own.
 pub type Cause = Box<dyn std::error::Error + Send + Sync>;
 
-/// A loaded, attached probe: the ring buffer to drain and the drop counters to read.
+/// A loaded, attached probe: the ring buffers to drain and the drop counters to read.
 pub struct Probe {
     /// Keeps the programs attached; dropping it detaches them.
     _ebpf: Ebpf,
     pub ring: RingBuf<MapData>,
+    /// New cgroups' ids and paths; `None` where the kernel's BTF lacks what `cgroup_mkdir` reads.
+    pub cgroups: Option<RingBuf<MapData>>,
     drops: PerCpuArray<MapData, u64>,
 }
 
 impl Probe {
     /// Records lost in the kernel because the ring buffer was full, summed over CPUs.
     pub fn drops(&self) -> u64 {
+        self.drops_at(0)
+    }
+
+    /// New cgroups the kernel could not report because their ring buffer was full.
+    pub fn cgroup_drops(&self) -> u64 {
+        self.drops_at(1)
+    }
+
+    fn drops_at(&self, slot: u32) -> u64 {
         self.drops
-            .get(&0, 0)
+            .get(&slot, 0)
             .map(|per_cpu| per_cpu.iter().sum())
             .unwrap_or(0)
     }
+}
+
+/// Where `cgroup_mkdir`'s program finds a cgroup's id and hierarchy on this kernel; `valid: 0` (the
+/// program then records nothing) if the kernel's BTF lacks one of them.
+fn cgroup_offsets(btf: &Btf) -> CgroupOffsets {
+    let found = (|| -> Result<CgroupOffsets, BtfError> {
+        if btf.tracepoint_args("cgroup_mkdir")? < 2 {
+            return Err(BtfError::Malformed(
+                "cgroup_mkdir passes fewer than 2 arguments",
+            ));
+        }
+        Ok(CgroupOffsets {
+            kn: btf.field("cgroup", "kn")?.0,
+            kn_id: btf.field("kernfs_node", "id")?.0,
+            root: btf.field("cgroup", "root")?.0,
+            hierarchy_id: btf.field("cgroup_root", "hierarchy_id")?.0,
+            valid: 1,
+        })
+    })();
+    found.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cgroups made after start resolve only while they exist (the kernel's cgroup_mkdir is not usable)");
+        CgroupOffsets::default()
+    })
 }
 
 /// Explains a permission failure: the usual causes here are privileges and kernel lockdown.
@@ -155,12 +191,14 @@ pub fn load(config: &ProbeConfig, ring_bytes: u32) -> Result<Probe, LoadError> {
     }
     let btf = Btf::from_sys_fs()?;
     let offsets = sock_offsets(&btf)?;
+    let cgroup = cgroup_offsets(&btf);
     // aya's own copy of the kernel types, which BTF programs are loaded against.
     let kernel_types = aya::Btf::from_sys_fs().map_err(|e| LoadError::Load(e.into()))?;
     let mut ebpf = EbpfLoader::new()
         .btf(Some(&kernel_types))
         .override_global("SOCK", &offsets, true)
         .override_global("CONFIG", config, true)
+        .override_global("CGROUP", &cgroup, true)
         .map_max_entries("EVENTS", ring_bytes)
         .load(OBJECT)
         .map_err(|e| {
@@ -190,6 +228,12 @@ pub fn load(config: &ProbeConfig, ring_bytes: u32) -> Result<Probe, LoadError> {
         })?;
         program.attach().map_err(attach_err)?;
     }
+    let cgroups = (cgroup.valid == 1)
+        .then(|| ebpf.take_map("CGROUPS"))
+        .flatten()
+        .map(RingBuf::try_from)
+        .transpose()
+        .map_err(|e| LoadError::Load(e.into()))?;
     let ring = RingBuf::try_from(
         ebpf.take_map("EVENTS")
             .ok_or_else(|| LoadError::Missing("map EVENTS".into()))?,
@@ -200,10 +244,15 @@ pub fn load(config: &ProbeConfig, ring_bytes: u32) -> Result<Probe, LoadError> {
             .ok_or_else(|| LoadError::Missing("map DROPS".into()))?,
     )
     .map_err(|e| LoadError::Load(e.into()))?;
-    tracing::info!(ring_bytes, "eBPF programs attached to 5 tracepoints (BTF)");
+    tracing::info!(
+        ring_bytes,
+        cgroup_mkdir = cgroups.is_some(),
+        "eBPF programs attached to 6 tracepoints (BTF)"
+    );
     Ok(Probe {
         _ebpf: ebpf,
         ring,
+        cgroups,
         drops,
     })
 }

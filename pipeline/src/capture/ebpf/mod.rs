@@ -3,16 +3,18 @@
 //! The kernel writes records into one ring buffer without waking us; this source drains it on a short
 //! timer, decodes records into [`Event`]s with consecutive `seq` numbers, and cuts a batch when it is
 //! full or [`BATCH_LATENCY`] has passed. Every batch carries the capture clock so windows close even
-//! when no traffic flows. Undecodable records and kernel-side drops are counted, never ignored.
+//! when no traffic flows. Undecodable records and kernel-side drops are counted, never ignored. Each
+//! event's cgroup id is resolved to the cgroup's path ([`cgroups`]).
 
 mod attribution;
 pub mod btf;
+pub mod cgroups;
 pub mod loader;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use probe_common::{ProbeConfig, TcpEvent, TCP_EVENT_SIZE};
+use probe_common::{CgroupRecord, ProbeConfig, TcpEvent, CGROUP_RECORD_SIZE, TCP_EVENT_SIZE};
 
 use crate::event::kernel::decode;
 use crate::event::{Event, EventBatch};
@@ -75,11 +77,13 @@ pub struct EbpfSource {
     /// Arrival order of decoded records (provisional `seq` while attribution may hold them).
     arrivals: u64,
     attribution: attribution::Attribution,
+    cgroups: cgroups::Resolver,
     boot_to_unix_us: i64,
     pending: Vec<Event>,
     remaining: Option<u64>,
     metrics: Arc<crate::metrics::Metrics>,
     reported_drops: u64,
+    reported_cgroup_drops: u64,
     last_cut: Instant,
     poll: tokio::time::Interval,
 }
@@ -109,6 +113,8 @@ impl EbpfSource {
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<Self, LoadError> {
         let probe = loader::load(&cfg.probe(), cfg.ring_bytes)?;
+        // After the programs are attached: a cgroup made from now on is reported by the kernel.
+        let cgroups = cgroups::Resolver::of_this_host();
         let mut poll = tokio::time::interval(POLL_INTERVAL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Ok(EbpfSource {
@@ -117,12 +123,14 @@ impl EbpfSource {
             seq: 0,
             arrivals: 0,
             attribution: attribution::Attribution::new(ATTRIBUTION_HOLD),
+            cgroups,
             // Kernel timestamps count from boot (including suspend): shift them onto UTC once.
             boot_to_unix_us: clock_us(libc::CLOCK_REALTIME) - clock_us(libc::CLOCK_BOOTTIME),
             pending: Vec::new(),
             remaining: cfg.max_events,
             metrics,
             reported_drops: 0,
+            reported_cgroup_drops: 0,
             last_cut: Instant::now(),
             poll,
         })
@@ -133,7 +141,27 @@ impl EbpfSource {
         self.seq = seq;
     }
 
+    /// Learns the cgroups made since the last drain: before the events, which may be theirs.
+    fn drain_cgroups(&mut self) {
+        let Some(ring) = self.probe.cgroups.as_mut() else {
+            return;
+        };
+        while let Some(item) = ring.next() {
+            if item.len() < CGROUP_RECORD_SIZE {
+                continue;
+            }
+            // SAFETY: at least CGROUP_RECORD_SIZE bytes of plain integers.
+            let rec: CgroupRecord = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            match cgroups::record_path(&rec) {
+                Some(path) => self.cgroups.learn(rec.id, path),
+                // Cut or unreadable: the id is looked up in the kernel when an event names it.
+                None => tracing::debug!(id = rec.id, len = rec.len, "cgroup path not usable"),
+            }
+        }
+    }
+
     fn drain(&mut self, max: usize) {
+        self.drain_cgroups();
         let mut decode_errors = 0;
         let now = Instant::now();
         let first_new = self.pending.len();
@@ -148,7 +176,8 @@ impl EbpfSource {
             // SAFETY: at least TCP_EVENT_SIZE bytes; TcpEvent is plain integers (any bit pattern is valid).
             let rec: TcpEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             match decode(&rec, self.boot_to_unix_us, self.arrivals) {
-                Ok(e) => {
+                Ok(mut e) => {
+                    e.cgroup = self.cgroups.resolve(e.cgroup_id);
                     self.arrivals += 1;
                     if let Some(r) = self.remaining.as_mut() {
                         *r -= 1;
@@ -165,6 +194,10 @@ impl EbpfSource {
         }
         if decode_errors > 0 {
             self.capture_metrics().decode_errors.add(decode_errors);
+        }
+        let unresolved = self.cgroups.take_unresolved();
+        if unresolved > 0 {
+            self.capture_metrics().cgroups_unresolved.add(unresolved);
         }
         self.attribution.expire(now, &mut self.pending);
         if self.remaining == Some(0) {
@@ -187,6 +220,16 @@ impl EbpfSource {
     }
 
     fn publish_drops(&mut self) {
+        let cgroup_drops = self.probe.cgroup_drops();
+        if cgroup_drops > self.reported_cgroup_drops {
+            if self.reported_cgroup_drops == 0 {
+                tracing::warn!("the kernel's cgroup ring buffer overflowed: new cgroups are looked up by id instead (see capture_cgroup_records_dropped)");
+            }
+            self.capture_metrics()
+                .cgroup_records_dropped
+                .add(cgroup_drops - self.reported_cgroup_drops);
+            self.reported_cgroup_drops = cgroup_drops;
+        }
         let drops = self.probe.drops();
         if drops > self.reported_drops {
             if self.reported_drops == 0 {
