@@ -136,9 +136,15 @@ fn strings<'a, I: Iterator<Item = &'a str>>(len: usize, values: I) -> ArrayRef {
 /// A column of what the owners' cgroups say (`f` of each row's cgroup; null without one).
 fn cgroup_strings<'a, I>(len: usize, cgroups: I, f: fn(&Cgroup) -> Option<&str>) -> ArrayRef
 where
-    I: Iterator<Item = Option<&'a Cgroup>>,
+    I: Iterator<Item = Option<&'a Cgroup>> + Clone,
 {
-    let mut b = StringBuilder::with_capacity(len, 0);
+    // Sized first: the values are long (a pod's path is ~190 bytes), so growing by doubling would copy
+    // them several times over.
+    let bytes = cgroups
+        .clone()
+        .map(|c| c.and_then(f).map_or(0, str::len))
+        .sum();
+    let mut b = StringBuilder::with_capacity(len, bytes);
     for c in cgroups {
         b.append_option(c.and_then(f));
     }
@@ -154,7 +160,7 @@ fn identity_column<'a, I>(
     cgroups: I,
 ) -> ArrayRef
 where
-    I: Iterator<Item = Option<&'a Cgroup>>,
+    I: Iterator<Item = Option<&'a Cgroup>> + Clone,
 {
     match i {
         0 => Arc::new(StringArray::from_iter(roles.map(|r| r.map(Role::as_str)))),
