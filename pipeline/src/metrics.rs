@@ -43,6 +43,9 @@ impl Gauge {
     pub fn get(&self) -> i64 {
         self.0.load(Ordering::Relaxed)
     }
+    pub fn set(&self, v: i64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
 }
 
 /// Upper bounds (seconds) of the request-duration histogram buckets.
@@ -80,6 +83,19 @@ pub struct CaptureMetrics {
     pub cgroup_records_dropped: Counter,
     /// Cgroup ids that resolved to no path: their events carry no cgroup path.
     pub cgroups_unresolved: Counter,
+}
+
+/// Kubernetes names (live capture with `--kubernetes`).
+#[derive(Debug, Default)]
+pub struct KubernetesMetrics {
+    /// A pod uid looked up (once per cgroup, and again when the pods changed).
+    pub lookups: Counter,
+    /// Lookups that found no pod on the node: those events have no Kubernetes names.
+    pub misses: Counter,
+    /// Failures of the pod watch (each retried with backoff).
+    pub watch_errors: Counter,
+    /// Pods of the node known now.
+    pub pods: Gauge,
 }
 
 /// Aggregate stage counters.
@@ -298,6 +314,7 @@ pub struct EdgeMetrics {
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub capture: CaptureMetrics,
+    pub kubernetes: KubernetesMetrics,
     pub aggregate: AggregateMetrics,
     pub sink_events: SinkMetrics,
     pub sink_flows: SinkMetrics,
@@ -453,6 +470,26 @@ impl Metrics {
                 "capture_cgroups_unresolved",
                 "Cgroup ids that resolved to no path: their events carry no cgroup path",
                 c.cgroups_unresolved.get(),
+            ),
+            Family::counter(
+                "kubernetes_pod_lookups",
+                "Pod uids looked up in the node's pods (once per cgroup, again after changes)",
+                self.kubernetes.lookups.get(),
+            ),
+            Family::counter(
+                "kubernetes_pod_misses",
+                "Lookups that found no pod on the node: those events have no Kubernetes names",
+                self.kubernetes.misses.get(),
+            ),
+            Family::counter(
+                "kubernetes_watch_errors",
+                "Failures of the pod watch (each retried with backoff)",
+                self.kubernetes.watch_errors.get(),
+            ),
+            Family::gauges(
+                "kubernetes_pods",
+                "Pods of the node the watch knows",
+                [(vec![], self.kubernetes.pods.get())],
             ),
             Family::counter(
                 "aggregate_events",

@@ -7,6 +7,7 @@
 //! The stage does not know what is downstream of its output edge.
 
 pub mod ebpf;
+pub mod kubernetes;
 pub mod recorded;
 mod rng;
 pub mod synthetic;

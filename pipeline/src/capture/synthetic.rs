@@ -12,7 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use super::rng::Rng;
-use crate::event::{Cgroup, Comm, Event, EventBatch, EventKind, Role, TcpState};
+use crate::event::{Cgroup, Comm, Event, EventBatch, EventKind, Pod, Role, TcpState};
 
 /// Settings of the synthetic workload.
 #[derive(Clone, Debug, PartialEq)]
@@ -52,6 +52,7 @@ struct Conn {
     comm: Comm,
     cgroup_id: u64,
     cgroup: Cgroup,
+    pod: Option<Pod>,
     local_addr: IpAddr,
     local_port: u16,
     remote_addr: IpAddr,
@@ -77,8 +78,8 @@ pub struct Synthetic {
     pending: VecDeque<(u64, EventKind, usize)>,
     /// Every `n`-th event this many µs late.
     late: Option<(u64, i64)>,
-    /// Each process's cgroup, made once.
-    cgroups: Vec<(&'static str, Cgroup)>,
+    /// Each process's cgroup and pod, made once.
+    cgroups: Vec<(&'static str, Cgroup, Option<Pod>)>,
 }
 
 fn process_ids(comm: &str) -> (u32, u64) {
@@ -191,6 +192,7 @@ impl Synthetic {
             sock_id,
             cgroup_id: c.cgroup_id,
             cgroup: Some(c.cgroup.clone()),
+            pod: c.pod.clone(),
             role: Some(if c.server { Role::Server } else { Role::Client }),
             pid: c.pid,
             comm: c.comm,
@@ -328,12 +330,30 @@ impl Synthetic {
             1 + rng.below(12)
         } as u32;
         let (pid, cgroup_id) = process_ids(comm_str);
-        let cgroup = match self.cgroups.iter().find(|(c, _)| *c == comm_str) {
-            Some((_, g)) => g.clone(),
+        let (cgroup, pod) = match self.cgroups.iter().find(|(c, _, _)| *c == comm_str) {
+            Some((_, g, p)) => (g.clone(), p.clone()),
             None => {
                 let g = Cgroup::new(&process_cgroup(comm_str));
-                self.cgroups.push((comm_str, g.clone()));
-                g
+                // The pods' names, as a watch of the API server would give them.
+                let p = g.pod_uid().map(|_| {
+                    let workload = comm_str.replace('3', "");
+                    Pod::new(
+                        &format!(
+                            "{workload}-6c9f8d7b5-{}",
+                            &g.container_id().unwrap_or("x")[..5]
+                        ),
+                        if comm_str == "coredns" {
+                            "kube-system"
+                        } else {
+                            "shop"
+                        },
+                        "Deployment",
+                        &workload,
+                        &self.node,
+                    )
+                });
+                self.cgroups.push((comm_str, g.clone(), p.clone()));
+                (g, p)
             }
         };
         self.next_sock += 0x100;
@@ -343,6 +363,7 @@ impl Synthetic {
             comm: Comm::from_bytes(comm_str.as_bytes()),
             cgroup_id,
             cgroup,
+            pod,
             local_addr,
             local_port,
             remote_addr,

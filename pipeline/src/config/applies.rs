@@ -129,6 +129,9 @@ fn not_applicable(key: &Key, c: &Ctx) -> Option<String> {
         &keys::RTT_INTERVAL,
         &keys::FLUSH_INTERVAL,
         &keys::STATE_CHANGES,
+        &keys::KUBERNETES,
+        &keys::KUBERNETES_API,
+        &keys::KUBERNETES_NODE,
     ]
     .iter()
     .any(|x| k(x))

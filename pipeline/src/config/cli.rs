@@ -151,6 +151,17 @@ pub struct Cli {
     /// ebpf: only connections of tasks in this cgroup (v2 id, or a path under /sys/fs/cgroup).
     #[arg(long, env = "TCPLAKE_CGROUP", value_name = "ID_OR_PATH")]
     pub cgroup: Option<String>,
+    /// ebpf: Kubernetes names for pods (pod, namespace, workload, node) from the API server: on, off,
+    /// or auto = on when running in a cluster (a service account is mounted) [default: auto].
+    #[arg(long, env = "TCPLAKE_KUBERNETES", value_name = "auto|on|off")]
+    pub kubernetes: Option<String>,
+    /// ebpf: the Kubernetes API server's URL, without credentials (e.g. a `kubectl proxy`)
+    /// [default: the in-cluster service account, else the kubeconfig]; implies --kubernetes on.
+    #[arg(long, env = "TCPLAKE_KUBERNETES_API", value_name = "URL")]
+    pub kubernetes_api: Option<String>,
+    /// ebpf: the Kubernetes node whose pods are named [default: the node name, as --node sets it].
+    #[arg(long, env = "TCPLAKE_KUBERNETES_NODE", value_name = "NAME")]
+    pub kubernetes_node: Option<String>,
     /// ebpf: also capture tcplake's own connections (excluded by default).
     #[arg(long, env = "TCPLAKE_INCLUDE_SELF")]
     pub include_self: bool,
@@ -578,6 +589,9 @@ impl Cli {
             port,
             pid,
             cgroup,
+            kubernetes,
+            kubernetes_api,
+            kubernetes_node,
             seed,
             start,
             rate,

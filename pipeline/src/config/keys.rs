@@ -39,6 +39,9 @@ keys! {
     RTT_INTERVAL: "rtt sample interval", None, Some("capture.rtt_sample_interval");
     FLUSH_INTERVAL: "bytes flush interval", None, Some("capture.bytes_flush_interval");
     STATE_CHANGES: "state changes", None, Some("capture.state_changes");
+    KUBERNETES: "kubernetes", Some("kubernetes"), Some("capture.kubernetes");
+    KUBERNETES_API: "Kubernetes API", Some("kubernetes_api"), Some("capture.kubernetes_api");
+    KUBERNETES_NODE: "Kubernetes node", Some("kubernetes_node"), Some("capture.kubernetes_node");
     SEED: "seed", Some("seed"), Some("capture.seed");
     START: "start time", Some("start"), Some("capture.start");
     LATE_EVERY: "late every", None, Some("capture.late_every");

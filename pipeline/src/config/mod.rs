@@ -140,6 +140,59 @@ pub struct EbpfSettings {
     pub rtt_sample_interval: Duration,
     pub bytes_flush_interval: Duration,
     pub state_changes: StateChanges,
+    /// Kubernetes names: `None` when off (or `auto` outside a cluster).
+    pub kubernetes: Option<KubernetesSettings>,
+}
+
+/// Where live capture finds Kubernetes names (`capture.kubernetes*`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KubernetesSettings {
+    /// The API server's URL; `None`: the in-cluster service account, else the kubeconfig.
+    pub api: Option<String>,
+    /// The node whose pods are named; `None`: the run's node name.
+    pub node: Option<String>,
+}
+
+/// Is this process in a Kubernetes pod with a service account (what `kubernetes = "auto"` asks)?
+fn in_cluster() -> bool {
+    std::env::var_os("KUBERNETES_SERVICE_HOST").is_some()
+        && std::path::Path::new("/var/run/secrets/kubernetes.io/serviceaccount/token").exists()
+}
+
+fn kubernetes_settings(file: &Capture) -> Result<Option<KubernetesSettings>, ConfigError> {
+    let mode = required(&file.kubernetes, &keys::KUBERNETES)?;
+    let on = match mode.as_str() {
+        "on" => true,
+        "off" => false,
+        "auto" => file.kubernetes_api.is_some() || in_cluster(),
+        _ => {
+            return Err(invalid(
+                &keys::KUBERNETES,
+                &mode,
+                "expected auto, on or off",
+            ))
+        }
+    };
+    if let Some(url) = &file.kubernetes_api {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(invalid(
+                &keys::KUBERNETES_API,
+                url,
+                "expected an http:// or https:// URL",
+            ));
+        }
+        if url.contains('@') {
+            return Err(invalid(
+                &keys::KUBERNETES_API,
+                "(a URL with credentials: not shown)",
+                "credentials come from the service account or the kubeconfig, not the URL",
+            ));
+        }
+    }
+    Ok(on.then(|| KubernetesSettings {
+        api: file.kubernetes_api.clone(),
+        node: file.kubernetes_node.clone().filter(|n| !n.is_empty()),
+    }))
 }
 
 /// Which TCP state changes live capture records (`capture.state_changes`).
@@ -183,6 +236,7 @@ pub mod defaults {
     pub const RTT_SAMPLE_INTERVAL: &str = "100ms";
     pub const BYTES_FLUSH_INTERVAL: &str = "1s";
     pub const STATE_CHANGES: &str = "all";
+    pub const KUBERNETES: &str = "auto";
     pub const S3_MAX_RETRY: &str = "10m";
     pub const BROKER_CONNECT_TIMEOUT: &str = "30s";
     pub const BROKER_MAX_AGE: &str = "24h";
@@ -695,6 +749,7 @@ fn ebpf_settings(file: &Capture) -> Result<EbpfSettings, ConfigError> {
         ring_buffer_bytes: ring_bytes as u32,
         rtt_sample_interval: interval(&keys::RTT_INTERVAL, &file.rtt_sample_interval)?,
         bytes_flush_interval: interval(&keys::FLUSH_INTERVAL, &file.bytes_flush_interval)?,
+        kubernetes: kubernetes_settings(file)?,
         state_changes: {
             let text = required(&file.state_changes, &keys::STATE_CHANGES)?;
             StateChanges::parse(&text).map_err(|e| invalid(&keys::STATE_CHANGES, &text, e))?
@@ -868,6 +923,65 @@ mod tests {
         assert!(err(&["--node", "a/b"]).contains("node name `a/b`"));
         assert!(err(&["--node", "n", "--start", "yesterday"]).contains("start time"));
         assert!(err(&["--node", "n", "--source", "synthetic", "--rate", "0"]).contains("rate"));
+        assert!(err(&["--node", "n", "--kubernetes", "maybe"]).contains("invalid kubernetes"));
+        let secret = err(&[
+            "--node",
+            "n",
+            "--kubernetes-api",
+            "https://admin:hunter2@api:6443",
+        ]);
+        assert!(secret.contains("Kubernetes API"), "{secret}");
+        assert!(
+            !secret.contains("hunter2"),
+            "no credentials in errors: {secret}"
+        );
+        assert!(err(&["--node", "n", "--kubernetes-api", "api:6443"]).contains("http://"));
+        // Live capture only: a synthetic run is told its setting does nothing.
+        assert!(
+            err(&["--node", "n", "--source", "synthetic", "--kubernetes", "on"])
+                .contains("tunes live eBPF capture")
+        );
+    }
+
+    #[test]
+    fn kubernetes_names_follow_the_flags_or_the_cluster() {
+        let k = |args: &[&str]| resolve(args, None).unwrap().ebpf.kubernetes;
+        // Outside a cluster, `auto` is off.
+        if std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
+            assert_eq!(k(&["--node", "n"]), None);
+        }
+        assert_eq!(
+            k(&["--node", "n", "--kubernetes-api", "http://127.0.0.1:8001"]),
+            Some(KubernetesSettings {
+                api: Some("http://127.0.0.1:8001".into()),
+                node: None
+            })
+        );
+        assert_eq!(
+            k(&[
+                "--node",
+                "n",
+                "--kubernetes",
+                "on",
+                "--kubernetes-node",
+                "k1"
+            ]),
+            Some(KubernetesSettings {
+                api: None,
+                node: Some("k1".into())
+            })
+        );
+        assert_eq!(
+            k(&[
+                "--node",
+                "n",
+                "--kubernetes",
+                "off",
+                "--kubernetes-api",
+                "http://x"
+            ]),
+            None
+        );
     }
 
     /// Thousands of random flag combinations through parsing and resolution: an error or settings,

@@ -60,6 +60,10 @@ pub struct Capture {
     pub port: Option<u16>,
     pub pid: Option<u32>,
     pub cgroup: Option<String>,
+    /// `auto`, `on` or `off`.
+    pub kubernetes: Option<String>,
+    pub kubernetes_api: Option<String>,
+    pub kubernetes_node: Option<String>,
     pub exclude_self: Option<bool>,
     pub ring_buffer_size: Option<String>,
     pub rtt_sample_interval: Option<String>,
@@ -124,6 +128,7 @@ impl Schema {
                 rtt_sample_interval: s(defaults::RTT_SAMPLE_INTERVAL),
                 bytes_flush_interval: s(defaults::BYTES_FLUSH_INTERVAL),
                 state_changes: s(defaults::STATE_CHANGES),
+                kubernetes: s(defaults::KUBERNETES),
                 seed: Some(defaults::SEED),
                 start: s(defaults::START),
                 batch_size: Some(defaults::BATCH_SIZE),

@@ -8,9 +8,9 @@
 //! body: the batch, fixed-width little-endian fields; strings as u16 length + UTF-8
 //! ```
 //!
-//! Version 3 added who is talking: an event batch lists its distinct cgroup paths once, before its
-//! events, and each event says its role and the index of its path in the list (0: none); a flow record
-//! says its role and its cgroup path.
+//! Version 3 added who is talking: an event batch lists its distinct cgroup paths and pods (five
+//! names each) once, before its events, and each event says its role and the index of its path and of
+//! its pod in the lists (0: none); a flow record says its role, cgroup path and pod names.
 //!
 //! Decoding checks everything and says what was wrong ([`WireError`]); a message that fails is counted
 //! and dead-lettered by the edge, never half-applied.
@@ -19,9 +19,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use crate::event::cgroup::Paths;
+use crate::event::pod::Pods;
 use crate::event::{
-    Cgroup, Comm, Event, EventBatch, EventKind, FlowBatch, FlowKey, FlowRecord, ReplayPoint, Role,
-    TcpState,
+    Cgroup, Comm, Event, EventBatch, EventKind, FlowBatch, FlowKey, FlowRecord, Pod, ReplayPoint,
+    Role, TcpState,
 };
 
 const MAGIC: &[u8; 3] = b"TLW";
@@ -261,8 +262,24 @@ pub fn encode_events(b: &EventBatch, compress: bool) -> Vec<u8> {
     for c in &cgroups {
         w.str(c.path());
     }
+    let mut pods: Vec<&Pod> = Vec::new();
+    let mut known_pods: rustc_hash::FxHashMap<&Pod, u32> = Default::default();
+    let mut pod_index: Vec<u32> = Vec::with_capacity(b.events.len());
+    for e in &b.events {
+        pod_index.push(match &e.pod {
+            None => 0,
+            Some(p) => *known_pods.entry(p).or_insert_with(|| {
+                pods.push(p);
+                pods.len() as u32
+            }),
+        });
+    }
+    w.u32(pods.len() as u32);
+    for p in &pods {
+        write_pod(&mut w, p);
+    }
     w.u32(b.events.len() as u32);
-    for (e, cgroup) in b.events.iter().zip(index) {
+    for ((e, cgroup), pod) in b.events.iter().zip(index).zip(pod_index) {
         w.u64(e.seq);
         w.i64(e.ts_us);
         w.u64(e.sock_id);
@@ -287,6 +304,7 @@ pub fn encode_events(b: &EventBatch, compress: bool) -> Vec<u8> {
         w.u64(b);
         w.u8(role_byte(e.role));
         w.u32(cgroup);
+        w.u32(pod);
     }
     frame(KIND_EVENTS, w.0, compress, 0)
 }
@@ -309,6 +327,17 @@ pub fn decode_events(msg: &[u8]) -> Result<EventBatch, WireError> {
         }
         if cgroups.len() < n {
             return Err(WireError::Truncated("cgroups"));
+        }
+    }
+    let mut pods: Vec<Pod> = Vec::new();
+    if version >= 3 {
+        let n = r.u32("pods")? as usize;
+        let mut known = Pods::default();
+        for _ in 0..n.min(r.0.len() / 10) {
+            pods.push(read_pod(&mut r, &mut known)?);
+        }
+        if pods.len() < n {
+            return Err(WireError::Truncated("pods"));
         }
     }
     let n = r.u32("count")? as usize;
@@ -363,10 +392,14 @@ pub fn decode_events(msg: &[u8]) -> Result<EventBatch, WireError> {
                 })
             }
         };
-        let (role, cgroup) = if version >= 3 {
-            (read_role(&mut r)?, read_index(&mut r, &cgroups)?)
+        let (role, cgroup, pod) = if version >= 3 {
+            (
+                read_role(&mut r)?,
+                read_index(&mut r, &cgroups, "cgroup")?,
+                read_index(&mut r, &pods, "pod")?,
+            )
         } else {
-            (None, None)
+            (None, None, None)
         };
         events.push(Event {
             seq,
@@ -374,6 +407,7 @@ pub fn decode_events(msg: &[u8]) -> Result<EventBatch, WireError> {
             sock_id,
             cgroup_id,
             cgroup,
+            pod,
             role,
             pid,
             comm,
@@ -410,20 +444,45 @@ fn read_role(r: &mut Reader<'_>) -> Result<Option<Role>, WireError> {
     })
 }
 
-/// An event's cgroup: an index into its batch's list, 0 for none.
-fn read_index(r: &mut Reader<'_>, cgroups: &[Cgroup]) -> Result<Option<Cgroup>, WireError> {
-    let i = r.u32("cgroup")?;
+/// An event's cgroup or pod: an index into its batch's list, 0 for none.
+fn read_index<T: Clone>(
+    r: &mut Reader<'_>,
+    list: &[T],
+    field: &'static str,
+) -> Result<Option<T>, WireError> {
+    let i = r.u32(field)?;
     match i {
         0 => Ok(None),
-        i => cgroups
+        i => list
             .get(i as usize - 1)
             .cloned()
             .map(Some)
             .ok_or(WireError::Invalid {
-                field: "cgroup",
+                field,
                 value: u64::from(i),
             }),
     }
+}
+
+fn write_pod(w: &mut Writer, p: &Pod) {
+    for s in [
+        p.name(),
+        p.namespace(),
+        p.workload_kind(),
+        p.workload_name(),
+        p.node(),
+    ] {
+        w.str(s);
+    }
+}
+
+fn read_pod(r: &mut Reader<'_>, known: &mut Pods) -> Result<Pod, WireError> {
+    let name = r.str("pod name")?;
+    let namespace = r.str("pod namespace")?;
+    let kind = r.str("workload kind")?;
+    let workload = r.str("workload name")?;
+    let node = r.str("pod node")?;
+    Ok(known.get(&name, &namespace, &kind, &workload, &node))
 }
 
 fn opt(w: &mut Writer, v: Option<u32>) {
@@ -466,6 +525,10 @@ pub fn encode_flows(b: &FlowBatch, compress: bool) -> Vec<u8> {
         w.u8(role_byte(r.key.role));
         w.u8(u8::from(r.key.cgroup.is_some()));
         w.str(r.key.cgroup.as_ref().map_or("", Cgroup::path));
+        w.u8(u8::from(r.key.pod.is_some()));
+        if let Some(p) = &r.key.pod {
+            write_pod(&mut w, p);
+        }
         for v in [r.bytes_sent, r.bytes_received, r.retransmits, r.rtt_samples] {
             w.u64(v);
         }
@@ -492,6 +555,7 @@ pub fn encode_flows(b: &FlowBatch, compress: bool) -> Vec<u8> {
 pub fn decode_flows(msg: &[u8]) -> Result<FlowBatch, WireError> {
     let (body, shard_count, version) = unframe(msg, KIND_FLOWS, "flows")?;
     let mut paths = Paths::default();
+    let mut pods = Pods::default();
     let mut r = Reader(&body);
     let producer: Arc<str> = r.str("producer")?.into();
     let seq = r.u64("seq")?;
@@ -533,6 +597,7 @@ pub fn decode_flows(msg: &[u8]) -> Result<FlowBatch, WireError> {
             comm: r.comm()?,
             cgroup_id: r.u64("cgroup_id")?,
             cgroup: None,
+            pod: None,
             role: None,
             local_addr: r.addr("local_addr")?,
             local_port: r.u16("local_port")?,
@@ -544,6 +609,9 @@ pub fn decode_flows(msg: &[u8]) -> Result<FlowBatch, WireError> {
             let has_cgroup = r.u8("cgroup")?;
             let path = r.str("cgroup path")?;
             key.cgroup = (has_cgroup == 1).then(|| paths.get(&path));
+            if r.u8("pod")? == 1 {
+                key.pod = Some(read_pod(&mut r, &mut pods)?);
+            }
         }
         let bytes_sent = r.u64("bytes_sent")?;
         let bytes_received = r.u64("bytes_received")?;

@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::{Cgroup, Comm, Family, Role};
+use super::{Cgroup, Comm, Family, Pod, Role};
 
 /// What identifies a flow within a window. The owning process is part of the key, so a 4-tuple reused
 /// by another process within one window yields two rows rather than a mixed one; so are the socket's
@@ -16,6 +16,7 @@ pub struct FlowKey {
     pub comm: Comm,
     pub cgroup_id: u64,
     pub cgroup: Option<Cgroup>,
+    pub pod: Option<Pod>,
     pub role: Option<Role>,
     pub local_addr: IpAddr,
     pub local_port: u16,

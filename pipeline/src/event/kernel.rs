@@ -55,6 +55,8 @@ pub fn decode(rec: &pc::TcpEvent, boot_to_unix_us: i64, seq: u64) -> Result<Even
         cgroup_id: rec.cgroup_id,
         // Resolved from the id by the capture (see `capture::ebpf::cgroups`).
         cgroup: None,
+        // Named by the capture when it runs with Kubernetes (see `capture::kubernetes`).
+        pod: None,
         role: Some(Role::from_kernel(rec.role).ok_or(DecodeError::UnknownRole(rec.role))?),
         pid: rec.pid,
         comm: Comm::from_bytes(&rec.comm),

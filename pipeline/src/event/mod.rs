@@ -8,6 +8,7 @@
 pub mod cgroup;
 pub mod flow;
 pub mod kernel;
+pub mod pod;
 pub mod schema;
 mod tcp_state;
 
@@ -16,6 +17,7 @@ use std::sync::Arc;
 
 pub use cgroup::Cgroup;
 pub use flow::{FlowBatch, FlowKey, FlowRecord, ReplayPoint};
+pub use pod::Pod;
 pub use tcp_state::TcpState;
 
 /// Address family of a connection, derived from its addresses.
@@ -162,6 +164,8 @@ pub struct Event {
     pub cgroup_id: u64,
     /// cgroup v2 path of the owning task, when known (shared by every event of the cgroup).
     pub cgroup: Option<Cgroup>,
+    /// The Kubernetes names of the owner's pod, when capture runs with them and knows the pod.
+    pub pod: Option<Pod>,
     /// Client, server or unknown side of the connection; `None` where it was not recorded (an event
     /// of schema version 2 or older: the `role` column reads null).
     pub role: Option<Role>,
@@ -190,6 +194,7 @@ impl Event {
             sock_id: 1,
             cgroup_id: 0,
             cgroup: None,
+            pod: None,
             role: Some(Role::Client),
             pid: 7,
             comm: Comm::from_bytes(b"curl"),

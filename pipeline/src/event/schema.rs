@@ -21,12 +21,15 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
 
 use super::cgroup::Paths;
-use super::{Cgroup, Comm, Event, EventKind, FlowKey, FlowRecord, Role, TcpState};
+use super::pod::Pods;
+use super::{Cgroup, Comm, Event, EventKind, FlowKey, FlowRecord, Pod, Role, TcpState};
 use crate::sink::encoder::Encoder;
 
 /// Version of both dataset schemas, stored in file metadata under [`SCHEMA_VERSION_KEY`]. Version 3
-/// added who is talking: `role` and the owner's cgroup (`cgroup_path`, `container_id`, `pod_uid`,
-/// `systemd_unit`), nullable, at the end of both schemas.
+/// added who is talking ([`IDENTITY_FIELDS`]): `role`, the owner's cgroup (`cgroup_path`,
+/// `container_id`, `pod_uid`, `systemd_unit`) and its pod's Kubernetes names (`pod_name`,
+/// `pod_namespace`, `workload_kind`, `workload_name`, `k8s_node`), nullable, at the end of both
+/// schemas.
 pub const SCHEMA_VERSION: u32 = 3;
 /// File metadata key holding [`SCHEMA_VERSION`].
 pub const SCHEMA_VERSION_KEY: &str = "tcplake.schema_version";
@@ -38,31 +41,31 @@ fn ts_type() -> DataType {
 /// Schema of the `events/` dataset (the raw event log).
 pub fn events_schema() -> SchemaRef {
     static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-        Arc::new(Schema::new(vec![
-            Field::new("ts", ts_type(), false),
-            Field::new("node", DataType::Utf8, false),
-            Field::new("seq", DataType::Int64, false),
-            Field::new("kind", DataType::Utf8, false),
-            Field::new("pid", DataType::Int32, false),
-            Field::new("comm", DataType::Utf8, false),
-            Field::new("cgroup_id", DataType::Int64, false),
-            Field::new("sock_id", DataType::Int64, false),
-            Field::new("family", DataType::Utf8, false),
-            Field::new("local_addr", DataType::Utf8, false),
-            Field::new("local_port", DataType::Int32, false),
-            Field::new("remote_addr", DataType::Utf8, false),
-            Field::new("remote_port", DataType::Int32, false),
-            Field::new("old_state", DataType::Utf8, true),
-            Field::new("new_state", DataType::Utf8, true),
-            Field::new("bytes", DataType::Int64, true),
-            Field::new("srtt_us", DataType::Int32, true),
-            Field::new("snd_cwnd", DataType::Int32, true),
-            Field::new("role", DataType::Utf8, true),
-            Field::new("cgroup_path", DataType::Utf8, true),
-            Field::new("container_id", DataType::Utf8, true),
-            Field::new("pod_uid", DataType::Utf8, true),
-            Field::new("systemd_unit", DataType::Utf8, true),
-        ]))
+        Arc::new(Schema::new(
+            vec![
+                Field::new("ts", ts_type(), false),
+                Field::new("node", DataType::Utf8, false),
+                Field::new("seq", DataType::Int64, false),
+                Field::new("kind", DataType::Utf8, false),
+                Field::new("pid", DataType::Int32, false),
+                Field::new("comm", DataType::Utf8, false),
+                Field::new("cgroup_id", DataType::Int64, false),
+                Field::new("sock_id", DataType::Int64, false),
+                Field::new("family", DataType::Utf8, false),
+                Field::new("local_addr", DataType::Utf8, false),
+                Field::new("local_port", DataType::Int32, false),
+                Field::new("remote_addr", DataType::Utf8, false),
+                Field::new("remote_port", DataType::Int32, false),
+                Field::new("old_state", DataType::Utf8, true),
+                Field::new("new_state", DataType::Utf8, true),
+                Field::new("bytes", DataType::Int64, true),
+                Field::new("srtt_us", DataType::Int32, true),
+                Field::new("snd_cwnd", DataType::Int32, true),
+            ]
+            .into_iter()
+            .chain(identity_fields())
+            .collect::<Vec<_>>(),
+        ))
     });
     SCHEMA.clone()
 }
@@ -70,36 +73,36 @@ pub fn events_schema() -> SchemaRef {
 /// Schema of the `flows/` dataset (the projection).
 pub fn flows_schema() -> SchemaRef {
     static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
-        Arc::new(Schema::new(vec![
-            Field::new("window_start", ts_type(), false),
-            Field::new("window_end", ts_type(), false),
-            Field::new("node", DataType::Utf8, false),
-            Field::new("pid", DataType::Int32, false),
-            Field::new("comm", DataType::Utf8, false),
-            Field::new("cgroup_id", DataType::Int64, false),
-            Field::new("family", DataType::Utf8, false),
-            Field::new("local_addr", DataType::Utf8, false),
-            Field::new("local_port", DataType::Int32, false),
-            Field::new("remote_addr", DataType::Utf8, false),
-            Field::new("remote_port", DataType::Int32, false),
-            Field::new("bytes_sent", DataType::Int64, false),
-            Field::new("bytes_received", DataType::Int64, false),
-            Field::new("retransmits", DataType::Int64, false),
-            Field::new("rtt_samples", DataType::Int64, false),
-            Field::new("rtt_min_us", DataType::Int32, true),
-            Field::new("rtt_p50_us", DataType::Int32, true),
-            Field::new("rtt_p99_us", DataType::Int32, true),
-            Field::new("rtt_max_us", DataType::Int32, true),
-            Field::new("connections_opened", DataType::Int64, false),
-            Field::new("connections_closed", DataType::Int64, false),
-            Field::new("resets", DataType::Int64, false),
-            Field::new("events", DataType::Int64, false),
-            Field::new("role", DataType::Utf8, true),
-            Field::new("cgroup_path", DataType::Utf8, true),
-            Field::new("container_id", DataType::Utf8, true),
-            Field::new("pod_uid", DataType::Utf8, true),
-            Field::new("systemd_unit", DataType::Utf8, true),
-        ]))
+        Arc::new(Schema::new(
+            vec![
+                Field::new("window_start", ts_type(), false),
+                Field::new("window_end", ts_type(), false),
+                Field::new("node", DataType::Utf8, false),
+                Field::new("pid", DataType::Int32, false),
+                Field::new("comm", DataType::Utf8, false),
+                Field::new("cgroup_id", DataType::Int64, false),
+                Field::new("family", DataType::Utf8, false),
+                Field::new("local_addr", DataType::Utf8, false),
+                Field::new("local_port", DataType::Int32, false),
+                Field::new("remote_addr", DataType::Utf8, false),
+                Field::new("remote_port", DataType::Int32, false),
+                Field::new("bytes_sent", DataType::Int64, false),
+                Field::new("bytes_received", DataType::Int64, false),
+                Field::new("retransmits", DataType::Int64, false),
+                Field::new("rtt_samples", DataType::Int64, false),
+                Field::new("rtt_min_us", DataType::Int32, true),
+                Field::new("rtt_p50_us", DataType::Int32, true),
+                Field::new("rtt_p99_us", DataType::Int32, true),
+                Field::new("rtt_max_us", DataType::Int32, true),
+                Field::new("connections_opened", DataType::Int64, false),
+                Field::new("connections_closed", DataType::Int64, false),
+                Field::new("resets", DataType::Int64, false),
+                Field::new("events", DataType::Int64, false),
+            ]
+            .into_iter()
+            .chain(identity_fields())
+            .collect::<Vec<_>>(),
+        ))
     });
     SCHEMA.clone()
 }
@@ -133,47 +136,80 @@ fn strings<'a, I: Iterator<Item = &'a str>>(len: usize, values: I) -> ArrayRef {
     Arc::new(b.finish())
 }
 
-/// A column of what the owners' cgroups say (`f` of each row's cgroup; null without one).
-fn cgroup_strings<'a, I>(len: usize, cgroups: I, f: fn(&Cgroup) -> Option<&str>) -> ArrayRef
+/// A string column of `f` of each row (null where it gives none), sized before it is filled: some
+/// values are long (a pod's cgroup path is ~190 bytes), and growing by doubling would copy them
+/// several times over.
+fn optional_strings<'a, T: 'a, I>(
+    len: usize,
+    rows: I,
+    f: impl Fn(&'a T) -> Option<&'a str>,
+) -> ArrayRef
 where
-    I: Iterator<Item = Option<&'a Cgroup>> + Clone,
+    I: Iterator<Item = Option<&'a T>> + Clone,
 {
-    // Sized first: the values are long (a pod's path is ~190 bytes), so growing by doubling would copy
-    // them several times over.
-    let bytes = cgroups
+    let bytes = rows
         .clone()
-        .map(|c| c.and_then(f).map_or(0, str::len))
+        .map(|r| r.and_then(&f).map_or(0, str::len))
         .sum();
     let mut b = StringBuilder::with_capacity(len, bytes);
-    for c in cgroups {
-        b.append_option(c.and_then(f));
+    for r in rows {
+        b.append_option(r.and_then(&f));
     }
     Arc::new(b.finish())
 }
 
-/// Column `c - first` of the who-is-talking columns (`role`, `cgroup_path`, `container_id`,
-/// `pod_uid`, `systemd_unit`), shared by both schemas.
-fn identity_column<'a, I>(
-    i: usize,
-    len: usize,
-    roles: impl Iterator<Item = Option<Role>>,
-    cgroups: I,
-) -> ArrayRef
+/// Who is talking, per row, as both schemas hold it.
+#[derive(Clone, Copy)]
+struct Identity<'a> {
+    role: Option<Role>,
+    cgroup: Option<&'a Cgroup>,
+    pod: Option<&'a Pod>,
+}
+
+/// Column `i` of the who-is-talking columns at the end of both schemas ([`IDENTITY_FIELDS`]).
+fn identity_column<'a, I>(i: usize, len: usize, rows: I) -> ArrayRef
 where
-    I: Iterator<Item = Option<&'a Cgroup>> + Clone,
+    I: Iterator<Item = Identity<'a>> + Clone,
 {
+    let cgroups = rows.clone().map(|r| r.cgroup);
+    let pods = rows.clone().map(|r| r.pod);
     match i {
-        0 => Arc::new(StringArray::from_iter(roles.map(|r| r.map(Role::as_str)))),
-        1 => cgroup_strings(len, cgroups, |c| Some(c.path())),
-        2 => cgroup_strings(len, cgroups, Cgroup::container_id),
-        3 => cgroup_strings(len, cgroups, Cgroup::pod_uid),
-        _ => cgroup_strings(len, cgroups, Cgroup::systemd_unit),
+        0 => Arc::new(StringArray::from_iter(
+            rows.map(|r| r.role.map(Role::as_str)),
+        )),
+        1 => optional_strings(len, cgroups, |c: &Cgroup| Some(c.path())),
+        2 => optional_strings(len, cgroups, Cgroup::container_id),
+        3 => optional_strings(len, cgroups, Cgroup::pod_uid),
+        4 => optional_strings(len, cgroups, Cgroup::systemd_unit),
+        5 => optional_strings(len, pods, |p: &Pod| Some(p.name())),
+        6 => optional_strings(len, pods, |p: &Pod| Some(p.namespace())),
+        7 => optional_strings(len, pods, |p: &Pod| Some(p.workload_kind())),
+        8 => optional_strings(len, pods, |p: &Pod| Some(p.workload_name())),
+        _ => optional_strings(len, pods, |p: &Pod| Some(p.node())),
     }
 }
 
-/// Number of the who-is-talking columns at the end of both schemas.
-const IDENTITY_COLUMNS: usize = 5;
-const _: () = assert!(18 + IDENTITY_COLUMNS == 23, "event_column's last arm");
+/// The who-is-talking columns (schema version 3), at the end of both schemas, in order.
+const IDENTITY_FIELDS: [&str; 10] = [
+    "role",
+    "cgroup_path",
+    "container_id",
+    "pod_uid",
+    "systemd_unit",
+    "pod_name",
+    "pod_namespace",
+    "workload_kind",
+    "workload_name",
+    "k8s_node",
+];
+const IDENTITY_COLUMNS: usize = IDENTITY_FIELDS.len();
+const _: () = assert!(18 + IDENTITY_COLUMNS == 28, "event_column's last arm");
+
+fn identity_fields() -> impl Iterator<Item = Field> {
+    IDENTITY_FIELDS
+        .into_iter()
+        .map(|name| Field::new(name, DataType::Utf8, true))
+}
 
 fn utc_micros(values: Vec<i64>) -> ArrayRef {
     Arc::new(TimestampMicrosecondArray::from(values).with_timezone("UTC"))
@@ -271,11 +307,14 @@ fn event_column(c: usize, node: &str, events: &[Event]) -> Result<ArrayRef, Arro
             _ => None,
         }))),
         // The last IDENTITY_COLUMNS columns.
-        18..=22 => identity_column(
+        18..=27 => identity_column(
             c - 18,
             n,
-            events.iter().map(|e| e.role),
-            events.iter().map(|e| e.cgroup.as_ref()),
+            events.iter().map(|e| Identity {
+                role: e.role,
+                cgroup: e.cgroup.as_ref(),
+                pod: e.pod.as_ref(),
+            }),
         ),
         _ => {
             return Err(ArrowError::SchemaError(format!(
@@ -345,8 +384,11 @@ pub fn flows_to_batch(records: &[FlowRecord]) -> Result<RecordBatch, ArrowError>
         columns.push(identity_column(
             i,
             n,
-            records.iter().map(|r| r.key.role),
-            records.iter().map(|r| r.key.cgroup.as_ref()),
+            records.iter().map(|r| Identity {
+                role: r.key.role,
+                cgroup: r.key.cgroup.as_ref(),
+                pod: r.key.pod.as_ref(),
+            }),
         ));
     }
     RecordBatch::try_new(flows_schema(), columns)
@@ -545,6 +587,42 @@ fn read_cgroup(paths: &StringArray, row: usize, cgroups: &mut Paths) -> Option<C
     paths.is_valid(row).then(|| cgroups.get(paths.value(row)))
 }
 
+/// The columns naming a row's pod (all five, or none).
+struct PodColumns<'a>([&'a StringArray; 5]);
+
+impl<'a> PodColumns<'a> {
+    fn of(c: &Columns<'a>) -> Result<Self, SchemaError> {
+        Ok(PodColumns([
+            c.str("pod_name")?,
+            c.str("pod_namespace")?,
+            c.str("workload_kind")?,
+            c.str("workload_name")?,
+            c.str("k8s_node")?,
+        ]))
+    }
+
+    /// The row's pod: `None` where its name is null.
+    fn read(&self, row: usize, pods: &mut Pods) -> Option<Pod> {
+        let [name, namespace, kind, workload, node] = self.0;
+        fn v(a: &StringArray, row: usize) -> &str {
+            if a.is_valid(row) {
+                a.value(row)
+            } else {
+                ""
+            }
+        }
+        name.is_valid(row).then(|| {
+            pods.get(
+                v(name, row),
+                v(namespace, row),
+                v(kind, row),
+                v(workload, row),
+                v(node, row),
+            )
+        })
+    }
+}
+
 /// The row's role; null where it was not recorded (a file of schema version 2 or older).
 fn read_role(roles: &StringArray, row: usize) -> Result<Option<Role>, SchemaError> {
     if roles.is_null(row) {
@@ -576,6 +654,7 @@ pub fn batch_to_events(batch: &RecordBatch) -> Result<Vec<(Arc<str>, Event)>, Sc
     let (bytes, srtt, cwnd) = (c.i64("bytes")?, c.i32("srtt_us")?, c.i32("snd_cwnd")?);
     let (roles, paths) = (c.str("role")?, c.str("cgroup_path")?);
     let mut cgroups = Paths::default();
+    let (pod_columns, mut pods) = (PodColumns::of(&c)?, Pods::default());
     let mut out = Vec::with_capacity(batch.num_rows());
     let mut last_node: Option<Arc<str>> = None;
     for i in 0..batch.num_rows() {
@@ -622,6 +701,7 @@ pub fn batch_to_events(batch: &RecordBatch) -> Result<Vec<(Arc<str>, Event)>, Sc
                 sock_id: sock.value(i) as u64,
                 cgroup_id: cgroup.value(i) as u64,
                 cgroup: read_cgroup(paths, i, &mut cgroups),
+                pod: pod_columns.read(i, &mut pods),
                 role: read_role(roles, i)?,
                 pid: pid.value(i) as u32,
                 comm: Comm::from_bytes(comm.value(i).as_bytes()),
@@ -674,6 +754,7 @@ pub fn batch_to_flows(batch: &RecordBatch) -> Result<Vec<FlowRecord>, SchemaErro
     );
     let (roles, paths) = (c.str("role")?, c.str("cgroup_path")?);
     let mut cgroups = Paths::default();
+    let (pod_columns, mut pods) = (PodColumns::of(&c)?, Pods::default());
     (0..batch.num_rows())
         .map(|i| {
             Ok(FlowRecord {
@@ -685,6 +766,7 @@ pub fn batch_to_flows(batch: &RecordBatch) -> Result<Vec<FlowRecord>, SchemaErro
                     comm: Comm::from_bytes(comm.value(i).as_bytes()),
                     cgroup_id: cgroup.value(i) as u64,
                     cgroup: read_cgroup(paths, i, &mut cgroups),
+                    pod: pod_columns.read(i, &mut pods),
                     role: read_role(roles, i)?,
                     local_addr: parse_addr(laddr, i, "local_addr")?,
                     local_port: port(lport, i, "local_port")?,
@@ -806,7 +888,8 @@ mod tests {
              cgroup_id:Int64 sock_id:Int64 family:Utf8 local_addr:Utf8 local_port:Int32 \
              remote_addr:Utf8 remote_port:Int32 old_state:Utf8? new_state:Utf8? bytes:Int64? \
              srtt_us:Int32? snd_cwnd:Int32? role:Utf8? cgroup_path:Utf8? container_id:Utf8? \
-             pod_uid:Utf8? systemd_unit:Utf8?"
+             pod_uid:Utf8? systemd_unit:Utf8? pod_name:Utf8? pod_namespace:Utf8? \
+             workload_kind:Utf8? workload_name:Utf8? k8s_node:Utf8?"
         );
         assert_eq!(
             describe(flows_schema()).join(" "),
@@ -816,7 +899,8 @@ mod tests {
              retransmits:Int64 rtt_samples:Int64 rtt_min_us:Int32? rtt_p50_us:Int32? \
              rtt_p99_us:Int32? rtt_max_us:Int32? connections_opened:Int64 \
              connections_closed:Int64 resets:Int64 events:Int64 role:Utf8? cgroup_path:Utf8? \
-             container_id:Utf8? pod_uid:Utf8? systemd_unit:Utf8?"
+             container_id:Utf8? pod_uid:Utf8? systemd_unit:Utf8? pod_name:Utf8? \
+             pod_namespace:Utf8? workload_kind:Utf8? workload_name:Utf8? k8s_node:Utf8?"
         );
     }
 

@@ -178,6 +178,7 @@ mod tests {
                 comm: Comm::from_bytes(b"x"),
                 cgroup_id: 0,
                 cgroup: None,
+                pod: None,
                 role: None,
                 local_addr: "127.0.0.1".parse().unwrap(),
                 local_port: port,

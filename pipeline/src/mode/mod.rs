@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::aggregate::{self, AggregateConfig, Resume, WindowConfig};
 use crate::capture::ebpf::{EbpfConfig, EbpfSource};
+use crate::capture::kubernetes::KubernetesConfig;
 use crate::capture::synthetic::{Synthetic, SyntheticConfig};
 use crate::capture::{self, AnySource, CaptureConfig, CaptureError};
 use crate::config::Output;
@@ -139,6 +140,10 @@ async fn open_source(
                 lifecycle_only: e.state_changes == StateChanges::Lifecycle,
                 ring_bytes: e.ring_buffer_bytes,
                 max_events: s.events,
+                kubernetes: e.kubernetes.as_ref().map(|k| KubernetesConfig {
+                    api: k.api.clone(),
+                    node: k.node.clone().unwrap_or_else(|| node.to_string()),
+                }),
             };
             let source = EbpfSource::start(Arc::clone(node), &cfg, Arc::clone(metrics))
                 .map_err(|e| RunError::Capture(e.into()))?;

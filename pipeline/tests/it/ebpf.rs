@@ -500,6 +500,182 @@ fn container_pod_and_unit_are_named_on_both_sides_even_for_a_removed_cgroup() {
     );
 }
 
+const FAKE_KUBE_API: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/support/fake_kube_api.py"
+);
+
+/// A pod of the node `node` as the API server lists it.
+fn kube_pod(
+    uid: &str,
+    name: &str,
+    namespace: &str,
+    node: &str,
+    owner: serde_json::Value,
+) -> serde_json::Value {
+    let mut labels = serde_json::Map::new();
+    if owner["kind"] == "ReplicaSet" {
+        let hash = owner["name"]
+            .as_str()
+            .unwrap()
+            .rsplit('-')
+            .next()
+            .unwrap()
+            .to_string();
+        labels.insert("pod-template-hash".into(), hash.into());
+    }
+    serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "uid": uid, "labels": labels,
+                     "ownerReferences": [owner]},
+        "spec": {"nodeName": node, "containers": [{"name": "main"}]}
+    })
+}
+
+/// Kubernetes names from the API server's watch of the node's pods, on both sides of connections
+/// between two pods' containers: one pod listed when capture starts (a Deployment's), one that the
+/// watch adds later (a Job's). No cluster exists here: `tests/support/fake_kube_api.py` serves the
+/// list and watch requests kube-runtime makes, with these pods, and a pod of another node that the
+/// node's field selector must leave out.
+#[test]
+fn kubernetes_names_of_listed_and_watched_pods_are_on_every_row() {
+    require_root();
+    if skipped() {
+        return;
+    }
+    const WEB_UID: &str = "6f1d2a3b-4c5d-4e6f-8a9b-0c1d2e3f4a5b";
+    const JOB_UID: &str = "7a2e3b4c-5d6e-4f70-9b0c-1d2e3f4a5b6c";
+    const OTHER_UID: &str = "8b3f4c5d-6e7f-4081-a0c1-2e3f4a5b6c7d";
+    const ID_WEB: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const ID_JOB: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let node = format!("kube-node-{port}");
+    let rs = serde_json::json!({"apiVersion": "apps/v1", "kind": "ReplicaSet",
+        "name": "web-5d8f7c9b4", "uid": "rs-1", "controller": true});
+    let job = serde_json::json!({"apiVersion": "batch/v1", "kind": "Job",
+        "name": "backup-29000000", "uid": "job-1", "controller": true});
+    let pods = serde_json::json!({
+        "initial": [
+            kube_pod(WEB_UID, "web-5d8f7c9b4-x2x9q", "shop", &node, rs.clone()),
+            kube_pod(OTHER_UID, "web-5d8f7c9b4-zzzzz", "shop", "another-node", rs),
+        ],
+        "later": [kube_pod(JOB_UID, "backup-29000000-k7j2m", "ops", &node, job)],
+    });
+    let pods_file = tmp.path().join("pods.json");
+    std::fs::write(&pods_file, pods.to_string()).unwrap();
+    let mut api = Command::new("python3")
+        .args([FAKE_KUBE_API, pods_file.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the fake API server");
+    let mut api_out = BufReader::new(api.stdout.take().unwrap());
+    let mut line = String::new();
+    api_out.read_line(&mut line).unwrap();
+    let api_port = line
+        .trim()
+        .strip_prefix("READY ")
+        .expect("READY <port>")
+        .to_string();
+    let (requests_tx, requests) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in api_out.lines().map_while(Result::ok) {
+            let _ = requests_tx.send(l);
+        }
+    });
+
+    let root = format!("/tcplake-test-{}-{port}.slice", std::process::id());
+    let container = |uid: &str, id: &str| {
+        format!(
+            "{root}/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/cri-containerd-{id}.scope",
+            uid.replace('-', "_")
+        )
+    };
+    let mut cgroups = Cgroups {
+        mount: cgroup2_mount(),
+        made: Vec::new(),
+    };
+    let web_dir = cgroups.make(&container(WEB_UID, ID_WEB));
+    let job_dir = cgroups.make(&container(JOB_UID, ID_JOB));
+    let api_url = format!("http://127.0.0.1:{api_port}");
+    let capture = Capture::start(
+        tmp.path(),
+        port,
+        &["--kubernetes-api", &api_url, "--kubernetes-node", &node],
+    );
+    // The list, then the watch that adds the Job's pod (sent as soon as the watch starts).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.contains("watch=true")) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match requests.recv_timeout(left) {
+            Ok(l) => seen.push(l),
+            Err(e) => panic!("no watch of the pods within 30 s ({e}): {seen:?}"),
+        }
+    }
+    assert!(
+        seen.iter()
+            .all(|l| l.contains(&format!("spec.nodeName%3D{node}"))
+                || l.contains(&format!("spec.nodeName={node}"))),
+        "only this node's pods are asked for: {seen:?}"
+    );
+    let mut server = peer_in(&web_dir, &peer_args("server", port, 2, 100, 200, 0));
+    let _server_out = wait_for_line(&mut server, "READY");
+    finish(peer_in(
+        &job_dir,
+        &peer_args("client", port, 2, 100, 200, 0),
+    ));
+    finish(server);
+    let summary = capture.stop();
+    let _ = api.kill();
+    let _ = api.wait();
+    assert_eq!(summary["kernel_drops"], 0, "{summary}");
+
+    let flows = dataset(tmp.path(), "flows");
+    let rows = duckdb(&format!(
+        "SELECT role, pod_uid, pod_name, pod_namespace, workload_kind, workload_name, k8s_node, \
+         sum(connections_opened) FROM {flows} GROUP BY ALL ORDER BY 1"
+    ));
+    let want = serde_json::json!([
+        [
+            "client",
+            JOB_UID,
+            "backup-29000000-k7j2m",
+            "ops",
+            "Job",
+            "backup-29000000",
+            node,
+            2
+        ],
+        [
+            "server",
+            WEB_UID,
+            "web-5d8f7c9b4-x2x9q",
+            "shop",
+            "Deployment",
+            "web",
+            node,
+            2
+        ],
+    ]);
+    let got: Vec<serde_json::Value> = rows
+        .into_iter()
+        .map(|mut r| {
+            r[7] = serde_json::json!(num(&r[7]));
+            serde_json::Value::Array(r)
+        })
+        .collect();
+    assert_eq!(serde_json::Value::Array(got), want);
+    let events = dataset(tmp.path(), "events");
+    assert_eq!(
+        duckdb_int(&format!(
+            "SELECT count(*) FROM {events} WHERE pod_name IS NULL"
+        )),
+        0,
+        "every event of the pods is named"
+    );
+}
+
 /// `capture.state_changes = "lifecycle"`: the closing handshake's intermediate states are not
 /// recorded, and `flows/` counts exactly the same opens, closes, resets, bytes and owners.
 #[test]

@@ -36,16 +36,16 @@ const REFERENCES: &[(&str, &str)] = &[
     ),
     (
         "Top pods by retransmits",
-        "SELECT pod_uid,
+        "SELECT pod_uid, pod_namespace, pod_name,
                 count(*) FILTER (kind = 'retransmit') AS retransmits,
                 count(*) FILTER (kind = 'state_change' AND new_state = 'ESTABLISHED') AS connections,
                 count(DISTINCT container_id) AS containers
-         FROM EV WHERE pod_uid IS NOT NULL GROUP BY pod_uid
+         FROM EV WHERE pod_uid IS NOT NULL GROUP BY ALL
          ORDER BY retransmits DESC, pod_uid LIMIT 10",
     ),
     (
         "Inbound vs outbound bytes per service",
-        "SELECT coalesce(systemd_unit, pod_uid, cgroup_path) AS service,
+        "SELECT coalesce(pod_namespace || '/' || workload_name, systemd_unit, cgroup_path) AS service,
                 coalesce(sum(bytes) FILTER (role = 'server'), 0) AS inbound_bytes,
                 coalesce(sum(bytes) FILTER (role = 'client'), 0) AS outbound_bytes
          FROM EV GROUP BY service ORDER BY inbound_bytes + outbound_bytes DESC, service",
@@ -53,7 +53,7 @@ const REFERENCES: &[(&str, &str)] = &[
     (
         "Flows per window",
         "SELECT to_timestamp(floor(epoch_us(ts) / 10000000) * 10) AS window_start,
-                count(DISTINCT (node, pid, comm, cgroup_id, cgroup_path, role, local_addr, local_port, remote_addr, remote_port)) AS flows,
+                count(DISTINCT (node, pid, comm, cgroup_id, cgroup_path, pod_name, role, local_addr, local_port, remote_addr, remote_port)) AS flows,
                 count(*) AS events,
                 sum(coalesce(bytes, 0)) AS bytes
          FROM EV GROUP BY ALL ORDER BY window_start",
@@ -107,7 +107,10 @@ fn every_cookbook_query_runs_and_agrees_with_the_event_log() {
         ),
         (
             "RTT p99 per service",
-            &[("coalesce(systemd_unit, pod_uid, cgroup_path)", "service")][..],
+            &[(
+                "coalesce(pod_namespace || '/' || workload_name, systemd_unit, cgroup_path)",
+                "service",
+            )][..],
         ),
     ] {
         let (_, rtt) = queries.iter().find(|(h, _)| h == heading).unwrap();
@@ -117,7 +120,7 @@ fn every_cookbook_query_runs_and_agrees_with_the_event_log() {
         let names: Vec<&str> = keys.iter().map(|(_, a)| *a).collect();
         let exact = duckdb(&format!(
             "WITH w AS (
-               SELECT {}, node, pid, comm, cgroup_id, cgroup_path, role, local_addr, local_port,
+               SELECT {}, node, pid, comm, cgroup_id, cgroup_path, pod_name, role, local_addr, local_port,
                       remote_addr, remote_port, floor(epoch_us(ts) / 10000000) AS win,
                       quantile_disc(srtt_us, 0.99) AS p99, count(*) AS n
                FROM {events} WHERE kind = 'rtt' GROUP BY ALL)

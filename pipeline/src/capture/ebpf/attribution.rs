@@ -177,6 +177,7 @@ mod tests {
             sock_id: sock,
             cgroup_id: u64::from(pid) * 10,
             cgroup: None,
+            pod: None,
             role: Some(crate::event::Role::Server),
             pid,
             comm: Comm::from_bytes(if pid == 0 { b"" } else { b"server" }),

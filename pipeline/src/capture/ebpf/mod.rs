@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use probe_common::{CgroupRecord, ProbeConfig, TcpEvent, CGROUP_RECORD_SIZE, TCP_EVENT_SIZE};
 
+use crate::capture::kubernetes::{self, KubernetesConfig, PodDirectory, PodLookup};
 use crate::event::kernel::decode;
 use crate::event::{Event, EventBatch};
 use crate::metrics::CaptureMetrics;
@@ -25,6 +26,9 @@ pub use loader::LoadError;
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// Longest an event waits in user space before its batch is sent.
 const BATCH_LATENCY: Duration = Duration::from_millis(200);
+/// Longest capture waits at start for the node's pods to be listed (its first events then carry
+/// their names); past it, capture starts and names come as the list arrives.
+const PODS_LISTED_WAIT: Duration = Duration::from_secs(5);
 /// Longest a softirq-only event waits for its socket's owner (see [`attribution`]).
 const ATTRIBUTION_HOLD: Duration = Duration::from_secs(1);
 
@@ -48,6 +52,8 @@ pub struct EbpfConfig {
     pub ring_bytes: u32,
     /// Stop once this many events were captured (unbounded when `None`).
     pub max_events: Option<u64>,
+    /// Name the pods of events with Kubernetes names from this API server.
+    pub kubernetes: Option<KubernetesConfig>,
 }
 
 impl EbpfConfig {
@@ -78,6 +84,8 @@ pub struct EbpfSource {
     arrivals: u64,
     attribution: attribution::Attribution,
     cgroups: cgroups::Resolver,
+    /// Kubernetes names, when asked for: the watch's directory, and this source's cached lookups.
+    pods: Option<Pods>,
     boot_to_unix_us: i64,
     pending: Vec<Event>,
     remaining: Option<u64>,
@@ -86,6 +94,38 @@ pub struct EbpfSource {
     reported_cgroup_drops: u64,
     last_cut: Instant,
     poll: tokio::time::Interval,
+}
+
+/// The pod watch of a source: stopped when the source is dropped.
+struct Pods {
+    dir: Arc<PodDirectory>,
+    lookup: PodLookup,
+    waited: bool,
+    _stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Pods {
+    /// Starts the watch of `cfg.node`'s pods in the background.
+    fn start(cfg: KubernetesConfig, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        let dir = Arc::new(PodDirectory::default());
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let watched = Arc::clone(&dir);
+        tokio::spawn(async move {
+            match kubernetes::client(&cfg).await {
+                Ok(client) => kubernetes::watch(client, cfg, watched, metrics, stopped).await,
+                Err(e) => tracing::warn!(
+                    error = %crate::storage::s3_requests::error_chain(&e),
+                    "no Kubernetes names: events are written without them"
+                ),
+            }
+        });
+        Pods {
+            lookup: PodLookup::new(Arc::clone(&dir)),
+            dir,
+            waited: false,
+            _stop: stop,
+        }
+    }
 }
 
 fn clock_us(clock: libc::clockid_t) -> i64 {
@@ -115,6 +155,10 @@ impl EbpfSource {
         let probe = loader::load(&cfg.probe(), cfg.ring_bytes)?;
         // After the programs are attached: a cgroup made from now on is reported by the kernel.
         let cgroups = cgroups::Resolver::of_this_host();
+        let pods = cfg
+            .kubernetes
+            .clone()
+            .map(|k| Pods::start(k, Arc::clone(&metrics)));
         let mut poll = tokio::time::interval(POLL_INTERVAL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Ok(EbpfSource {
@@ -124,6 +168,7 @@ impl EbpfSource {
             arrivals: 0,
             attribution: attribution::Attribution::new(ATTRIBUTION_HOLD),
             cgroups,
+            pods,
             // Kernel timestamps count from boot (including suspend): shift them onto UTC once.
             boot_to_unix_us: clock_us(libc::CLOCK_REALTIME) - clock_us(libc::CLOCK_BOOTTIME),
             pending: Vec::new(),
@@ -207,11 +252,18 @@ impl EbpfSource {
         self.number_from(first_new);
     }
 
-    /// Final stream positions, in the order events leave this source.
+    /// Final stream positions, in the order events leave this source; and their pods' names, now
+    /// that attribution has named every owner it could.
     fn number_from(&mut self, start: usize) {
         for e in &mut self.pending[start..] {
             e.seq = self.seq;
             self.seq += 1;
+            if let (Some(pods), Some(uid)) = (
+                self.pods.as_mut(),
+                e.cgroup.as_ref().and_then(|c| c.pod_uid()),
+            ) {
+                e.pod = pods.lookup.get(e.cgroup_id, uid, &self.metrics);
+            }
         }
     }
 
@@ -259,6 +311,10 @@ impl EbpfSource {
     /// The next batch: full, or whatever arrived within [`BATCH_LATENCY`] (possibly nothing: a
     /// heartbeat carrying the clock). `None` once `max_events` were delivered.
     pub async fn next_batch(&mut self, max: usize) -> Option<EventBatch> {
+        if let Some(pods) = self.pods.as_mut().filter(|p| !p.waited) {
+            pods.waited = true;
+            pods.dir.wait_listed(PODS_LISTED_WAIT).await;
+        }
         loop {
             self.drain(max);
             let done = self.remaining == Some(0);

@@ -219,6 +219,11 @@ pub const IDENTITY_COLUMNS: &[&str] = &[
     "container_id",
     "pod_uid",
     "systemd_unit",
+    "pod_name",
+    "pod_namespace",
+    "workload_kind",
+    "workload_name",
+    "k8s_node",
 ];
 
 /// [`same_rows`] over every column but `except`.
