@@ -110,7 +110,8 @@ impl FlowState {
 }
 
 /// A flow's key within its node's windows: [`FlowKey`] without the node, which every flow of the node
-/// shares (no reference count to bump nor name to hash per event). Orders like `FlowKey` within a node.
+/// shares (no name to hash per event; the cgroup and pod are hashed by their precomputed hashes).
+/// Orders like `FlowKey` within a node.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 struct LocalKey {
     pid: u32,

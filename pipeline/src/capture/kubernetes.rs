@@ -61,9 +61,9 @@ pub struct PodDirectory {
     /// Changes whenever a pod's names appear, change or are forgotten: lookups cached by a reader stay
     /// valid until it moves.
     generation: AtomicU64,
-    /// The initial list has been read (capture waits a little for it, so its first events are named).
-    listed: tokio::sync::Notify,
-    listed_flag: std::sync::atomic::AtomicBool,
+    /// The initial list has been read (capture holds its first batches a little for it, so their
+    /// events are named).
+    listed: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Default)]
@@ -91,14 +91,9 @@ impl PodDirectory {
         self.len() == 0
     }
 
-    /// Waits until the initial list was read, or `at_most`.
-    pub async fn wait_listed(&self, at_most: Duration) {
-        // Made before the flag is read: it receives a notification sent from then on.
-        let listed = self.listed.notified();
-        if self.listed_flag.load(Ordering::Acquire) {
-            return;
-        }
-        let _ = tokio::time::timeout(at_most, listed).await;
+    /// The initial list has been read.
+    pub fn is_listed(&self) -> bool {
+        self.listed.load(Ordering::Acquire)
     }
 
     fn bump(&self) {
@@ -137,14 +132,15 @@ impl PodDirectory {
             .cloned()
             .collect();
         k.deleted.extend(gone.into_iter().map(|uid| (now, uid)));
+        // Listed now: not deleted, whatever an earlier list said.
+        k.deleted.retain(|(_, uid)| !listed.contains_key(uid));
         for (uid, pod) in listed {
             k.pods.insert(uid, pod);
         }
         self.forget_old(&mut k, now);
         self.bump();
         drop(k);
-        self.listed_flag.store(true, Ordering::Release);
-        self.listed.notify_waiters();
+        self.listed.store(true, Ordering::Release);
     }
 
     fn forget_old(&self, k: &mut Known, now: Instant) {
@@ -153,7 +149,7 @@ impl PodDirectory {
                 break;
             }
             let (_, uid) = k.deleted.pop_front().expect("front exists");
-            // Unless it came back meanwhile (relisted after a watch restart).
+            // Unless it is in the queue again (deleted twice: the later entry decides).
             if !k.deleted.iter().any(|(_, u)| *u == uid) {
                 k.pods.remove(&uid);
                 self.bump();

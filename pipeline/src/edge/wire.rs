@@ -464,6 +464,18 @@ fn read_index<T: Clone>(
     }
 }
 
+/// A presence byte: 0 or 1, anything else refused.
+fn flag(r: &mut Reader<'_>, field: &'static str) -> Result<bool, WireError> {
+    match r.u8(field)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        v => Err(WireError::Invalid {
+            field,
+            value: u64::from(v),
+        }),
+    }
+}
+
 fn write_pod(w: &mut Writer, p: &Pod) {
     for s in [
         p.name(),
@@ -606,10 +618,10 @@ pub fn decode_flows(msg: &[u8]) -> Result<FlowBatch, WireError> {
         };
         if version >= 3 {
             key.role = read_role(&mut r)?;
-            let has_cgroup = r.u8("cgroup")?;
+            let has_cgroup = flag(&mut r, "cgroup")?;
             let path = r.str("cgroup path")?;
-            key.cgroup = (has_cgroup == 1).then(|| paths.get(&path));
-            if r.u8("pod")? == 1 {
+            key.cgroup = has_cgroup.then(|| paths.get(&path));
+            if flag(&mut r, "pod")? {
                 key.pod = Some(read_pod(&mut r, &mut pods)?);
             }
         }

@@ -120,7 +120,11 @@ impl std::fmt::Debug for Pod {
 
 /// Shares one [`Pod`] per distinct set of names among the rows of a batch read back.
 #[derive(Default)]
-pub struct Pods(Vec<Pod>);
+pub struct Pods {
+    known: rustc_hash::FxHashMap<String, Pod>,
+    /// The five names joined, reused from row to row.
+    key: String,
+}
 
 impl Pods {
     pub fn get(
@@ -131,18 +135,17 @@ impl Pods {
         workload_name: &str,
         node: &str,
     ) -> Pod {
-        let same = |p: &&Pod| {
-            p.name() == name
-                && p.namespace() == namespace
-                && p.workload_kind() == workload_kind
-                && p.workload_name() == workload_name
-                && p.node() == node
-        };
-        if let Some(p) = self.0.iter().find(same) {
+        self.key.clear();
+        for part in [name, namespace, workload_kind, workload_name, node] {
+            // NUL cannot be in a Kubernetes name: the parts cannot run into one another.
+            self.key.push_str(part);
+            self.key.push('\0');
+        }
+        if let Some(p) = self.known.get(&self.key) {
             return p.clone();
         }
         let p = Pod::new(name, namespace, workload_kind, workload_name, node);
-        self.0.push(p.clone());
+        self.known.insert(self.key.clone(), p.clone());
         p
     }
 }

@@ -210,6 +210,8 @@ pub async fn run(store: &Store, opts: &CompactOptions) -> Result<CompactReport, 
     let Some(mut table) = Table::open(store, opts.dataset).await? else {
         return Ok(report);
     };
+    // The merged files are written in this build's schema: the table's must have their columns.
+    table.upgrade().await?;
     let mutable_us = (opts.dataset == Dataset::Flows).then(|| horizon_us(&table));
     for m in plan(&table.files()?, opts, mutable_us) {
         let (rows, merged) = merge(store, opts, &m).await?;

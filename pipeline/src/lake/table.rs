@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use deltalake_core::kernel::transaction::{CommitBuilder, CommitProperties};
 use deltalake_core::kernel::{
-    Action, Add, DataType, PrimitiveType, Remove, StructField, Transaction,
+    Action, Add, DataType, MetadataExt, PrimitiveType, Remove, StructField, StructType, Transaction,
 };
 use deltalake_core::logstore::{default_logstore, LogStoreRef, StorageConfig};
 use deltalake_core::protocol::{DeltaOperation, OutputMode, SaveMode};
@@ -231,9 +231,11 @@ fn missing_columns(
 
 /// Brings a table an older tcplake made up to this build's schema: the columns a later schema
 /// version added (nullable, so the rows already there read them as null) are added to the table's
-/// schema in one commit (Delta's `ADD COLUMN`), before any file that has them is committed: readers
-/// take a table's columns from its schema, not from its files. Two writers doing it at once: one
-/// adds, the other finds them there.
+/// schema in one commit (a Delta `ADD COLUMN`), before any file that has them is committed: readers
+/// take a table's columns from its schema, not from its files. The commit writes the schema in this
+/// build's column order, the one a new table has (the partition columns last), so `SELECT *` reads an
+/// upgraded table and a new one alike; Delta matches files' columns by name. Two writers doing it at
+/// once: one adds, the other finds them there.
 async fn evolve(table: DeltaTable, dataset: Dataset) -> Result<DeltaTable, TableError> {
     let delta = |source| TableError::Delta {
         dataset: dataset.name(),
@@ -256,26 +258,35 @@ async fn evolve(table: DeltaTable, dataset: Dataset) -> Result<DeltaTable, Table
     }
     let names: Vec<String> = missing.iter().map(|f| f.name().to_string()).collect();
     let log_store = table.log_store();
-    match table.add_columns().with_fields(missing).await {
-        Ok(t) => {
+    let committed = async {
+        let snapshot = table.snapshot()?;
+        let schema = StructType::try_new(delta_columns(dataset))?;
+        let metadata = snapshot.metadata().clone().with_schema(&schema)?;
+        CommitBuilder::default()
+            .with_actions(vec![Action::Metadata(metadata)])
+            .build(
+                Some(snapshot),
+                Arc::clone(&log_store),
+                DeltaOperation::AddColumn { fields: missing },
+            )
+            .await
+    }
+    .await;
+    let mut fresh = DeltaTable::new(log_store);
+    fresh.load().await.map_err(delta)?;
+    match committed {
+        Ok(_) => {
             tracing::info!(
                 dataset = dataset.name(),
                 columns = names.join(","),
                 "added the columns of schema version {} to the table",
                 crate::event::schema::SCHEMA_VERSION
             );
-            Ok(t)
+            Ok(fresh)
         }
-        Err(e) => {
-            let mut fresh = DeltaTable::new(log_store);
-            fresh.load().await.map_err(delta)?;
-            if missing_columns(&fresh, dataset).map_err(delta)?.is_empty() {
-                // Another writer added them first.
-                Ok(fresh)
-            } else {
-                Err(delta(e))
-            }
-        }
+        // Another writer added them first.
+        Err(_) if missing_columns(&fresh, dataset).map_err(delta)?.is_empty() => Ok(fresh),
+        Err(e) => Err(delta(e)),
     }
 }
 
@@ -323,6 +334,15 @@ impl Table {
             check_commits: matches!(store, Store::S3(_)),
             unverified: None,
         })
+    }
+
+    /// Brings a table opened with [`Self::open`] up to this build's schema before writing to it
+    /// (see `evolve`).
+    pub async fn upgrade(&mut self) -> Result<(), TableError> {
+        let placeholder = DeltaTable::new(self.table.log_store());
+        let table = std::mem::replace(&mut self.table, placeholder);
+        self.table = evolve(table, self.dataset).await?;
+        Ok(())
     }
 
     /// Opens an existing table to read; `None` if the output has none.
@@ -845,16 +865,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::Local(LocalDir::open(dir.path()).unwrap());
         let (log_store, _) = log_store(&store, Dataset::Flows).unwrap();
-        let new = [
-            "role",
-            "cgroup_path",
-            "container_id",
-            "pod_uid",
-            "systemd_unit",
-        ];
-        let old_columns: Vec<StructField> = delta_columns(Dataset::Flows)
-            .into_iter()
-            .filter(|f| !new.contains(&f.name().as_str()))
+        // Schema version 2: none of the who-is-talking columns, which come last before `date`, `hour`.
+        let all = delta_columns(Dataset::Flows);
+        let first_new = all.iter().position(|f| f.name() == "role").unwrap();
+        let new: Vec<String> = all[first_new..all.len() - 2]
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect();
+        assert_eq!(new.len(), 10, "{new:?}");
+        let old_columns: Vec<StructField> = all
+            .iter()
+            .filter(|f| !new.contains(f.name()))
+            .cloned()
             .collect();
         deltalake_core::operations::create::CreateBuilder::new()
             .with_log_store(Arc::clone(&log_store))
@@ -873,10 +895,14 @@ mod tests {
             .await
             .unwrap();
         let schema = t.table.snapshot().unwrap().schema();
-        for name in new {
+        for name in &new {
             let f = schema.field(name).unwrap_or_else(|| panic!("{name} added"));
             assert!(f.is_nullable());
         }
+        // In the order a new table has: `SELECT *` reads both alike.
+        let order: Vec<&String> = schema.fields().map(|f| f.name()).collect();
+        let want: Vec<&String> = all.iter().map(|f| f.name()).collect();
+        assert_eq!(order, want);
         let version = t.version();
         let again = Table::open_or_create(&store, Dataset::Flows, &props)
             .await

@@ -303,9 +303,18 @@ impl Cgroups {
         dir
     }
 
-    /// Removes `dir` (empty of processes) now.
+    /// Removes `dir` (its processes exited and were reaped): the kernel may report it busy for a
+    /// moment after the last one left, so this waits (up to 10 s) until it is not.
     fn remove(&mut self, dir: &Path) {
-        std::fs::remove_dir(dir).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while let Err(e) = std::fs::remove_dir(dir) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "cannot remove {}: {e}",
+                dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         self.made.retain(|d| d != dir);
     }
 }
@@ -500,6 +509,22 @@ fn container_pod_and_unit_are_named_on_both_sides_even_for_a_removed_cgroup() {
     );
 }
 
+/// The admin endpoint's `/metrics` text (empty if it does not answer yet).
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    );
+    let mut text = String::new();
+    let _ = s.read_to_string(&mut text);
+    text
+}
+
 const FAKE_KUBE_API: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/tests/support/fake_kube_api.py"
@@ -598,21 +623,31 @@ fn kubernetes_names_of_listed_and_watched_pods_are_on_every_row() {
     let web_dir = cgroups.make(&container(WEB_UID, ID_WEB));
     let job_dir = cgroups.make(&container(JOB_UID, ID_JOB));
     let api_url = format!("http://127.0.0.1:{api_port}");
+    let admin = free_port();
+    let admin_addr = format!("127.0.0.1:{admin}");
     let capture = Capture::start(
         tmp.path(),
         port,
-        &["--kubernetes-api", &api_url, "--kubernetes-node", &node],
+        &[
+            "--kubernetes-api",
+            &api_url,
+            "--kubernetes-node",
+            &node,
+            "--metrics-addr",
+            &admin_addr,
+        ],
     );
-    // The list, then the watch that adds the Job's pod (sent as soon as the watch starts).
+    // The list (the Deployment's pod), then the watch that adds the Job's: both known to capture.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut seen = Vec::new();
-    while !seen.iter().any(|l: &String| l.contains("watch=true")) {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match requests.recv_timeout(left) {
-            Ok(l) => seen.push(l),
-            Err(e) => panic!("no watch of the pods within 30 s ({e}): {seen:?}"),
-        }
+    while !scrape(admin).contains("\ntcplake_kubernetes_pods 2\n") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node's 2 pods not known within 30 s: {:?}",
+            requests.try_iter().collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
+    let seen: Vec<String> = requests.try_iter().collect();
     assert!(
         seen.iter()
             .all(|l| l.contains(&format!("spec.nodeName%3D{node}"))

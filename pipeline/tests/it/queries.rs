@@ -36,11 +36,11 @@ const REFERENCES: &[(&str, &str)] = &[
     ),
     (
         "Top pods by retransmits",
-        "SELECT pod_uid, pod_namespace, pod_name,
+        "SELECT pod_uid, any_value(pod_namespace) AS pod_namespace, any_value(pod_name) AS pod_name,
                 count(*) FILTER (kind = 'retransmit') AS retransmits,
                 count(*) FILTER (kind = 'state_change' AND new_state = 'ESTABLISHED') AS connections,
                 count(DISTINCT container_id) AS containers
-         FROM EV WHERE pod_uid IS NOT NULL GROUP BY ALL
+         FROM EV WHERE pod_uid IS NOT NULL GROUP BY pod_uid
          ORDER BY retransmits DESC, pod_uid LIMIT 10",
     ),
     (

@@ -284,8 +284,8 @@ fn an_output_of_schema_1_is_refused_for_appending_and_replays_into_tables() {
     assert_eq!(counted(dataset(&new, "flows")), 6000);
 }
 
-/// An output a tcplake of schema version 2 wrote (`tests/fixtures/v2-output`: synthetic, seed 91,
-/// node `v2node`, 4 000 events) is appended to by this one: the tables gain the new columns in one
+/// An output a tcplake of schema version 2 wrote (`tests/fixtures/v2-output`, made by tcplake 42e5105
+/// with `--source synthetic --seed 91 --node v2node --events 4000`) is appended to by this one: the tables gain the new columns in one
 /// commit, the old rows read them as null (not recorded), the new rows carry them, and the output is
 /// what a fresh run of this version makes but for those columns. `flows/` is still the projection of
 /// `events/`: a replay rebuilds it row for row, the window that mixes both versions' events included.

@@ -5,21 +5,28 @@
 //! cgroup2 mount: a directory's inode number is its cgroup id), every cgroup made after that (the
 //! kernel's `cgroup:cgroup_mkdir` records, sent as it makes them and read before the TCP events of the
 //! same drain), and, for an id neither saw, the kernel's own lookup by id (`open_by_handle_at` on the
-//! mount, then the descriptor's path). What is known is kept in a bounded map; an id that cannot be
-//! resolved is counted (`capture_cgroups_unresolved_total`) and its events carry no path, never a
-//! guess.
+//! mount, then the descriptor's path; it needs `CAP_DAC_READ_SEARCH`) or, without it, a new walk.
+//! The walk is repeated every [`REWALK_EVERY`]: a cgroup no walk has seen for [`GONE_KEPT`] (it was
+//! removed) is forgotten, so the map holds the live cgroups and the recently removed ones, however
+//! many come and go. An id that cannot be resolved is counted (`capture_cgroups_unresolved_total`),
+//! tried again after [`MISS_RETRY`], and its events carry no path meanwhile, never a guess.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
 
 use crate::event::Cgroup;
 
-/// Upper bound on remembered cgroups (~a few hundred bytes each); past it the map starts over and
-/// live cgroups are looked up again.
-const MAX_KNOWN: usize = 65_536;
+/// How often the hierarchy is walked again (it refreshes the live cgroups, and lets removed ones go).
+const REWALK_EVERY: Duration = Duration::from_secs(300);
+/// How long a cgroup no walk sees any more (removed) is still resolved: its last events are read after
+/// it is gone.
+const GONE_KEPT: Duration = Duration::from_secs(600);
+/// An id that resolved to nothing is tried again after this long (with a new walk, at most this often).
+const MISS_RETRY: Duration = Duration::from_secs(10);
 
 /// The cgroup2 mount point, from `/proc/mounts` (never assumed: hybrid hosts mount it under
 /// `/sys/fs/cgroup/unified`, unified ones at `/sys/fs/cgroup`).
@@ -50,10 +57,17 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// A cgroup id's answer and when it was last confirmed (walk or kernel report; a miss: when tried).
+struct Entry {
+    cgroup: Option<Cgroup>,
+    seen: Instant,
+}
+
 /// Known cgroups by id.
 pub struct Resolver {
     mount: Option<PathBuf>,
-    known: FxHashMap<u64, Option<Cgroup>>,
+    known: FxHashMap<u64, Entry>,
+    last_walk: Instant,
     /// The last id resolved and its answer: consecutive events are mostly of one cgroup.
     last: Option<(u64, Option<Cgroup>)>,
     unresolved: u64,
@@ -67,11 +81,12 @@ impl Resolver {
         let mut r = Resolver {
             mount: mount.clone(),
             known: FxHashMap::default(),
+            last_walk: Instant::now(),
             last: None,
             unresolved: 0,
         };
         match &mount {
-            Some(m) => r.walk(m, m),
+            Some(m) => r.walk(m, m, Instant::now()),
             None => tracing::warn!(
                 "no cgroup2 hierarchy is mounted (/proc/mounts): events carry cgroup ids but no \
                  cgroup paths, container ids, pod uids or systemd units"
@@ -86,37 +101,74 @@ impl Resolver {
         Resolver {
             mount: None,
             known: FxHashMap::default(),
+            last_walk: Instant::now(),
             last: None,
             unresolved: 0,
         }
     }
 
-    fn walk(&mut self, root: &Path, dir: &Path) {
+    /// Walks the hierarchy again if it is time: every [`REWALK_EVERY`], or after a miss (at most every
+    /// [`MISS_RETRY`]). Cgroups no walk has seen for [`GONE_KEPT`] are forgotten.
+    fn rewalk(&mut self, now: Instant) {
+        let Some(mount) = self.mount.clone() else {
+            return;
+        };
+        self.walk(&mount, &mount, now);
+        self.last_walk = now;
+        self.last = None;
+        self.known
+            .retain(|_, e| now.duration_since(e.seen) < GONE_KEPT);
+    }
+
+    /// Called once per drain: the periodic walk.
+    pub fn maintain(&mut self, now: Instant) {
+        if now.duration_since(self.last_walk) >= REWALK_EVERY {
+            self.rewalk(now);
+        }
+    }
+
+    fn walk(&mut self, root: &Path, dir: &Path, now: Instant) {
         use std::os::unix::fs::MetadataExt;
         let Ok(meta) = std::fs::metadata(dir) else {
             return;
         };
         if let Some(path) = relative(root, dir) {
-            self.learn(meta.ino(), &path);
+            self.learn_at(meta.ino(), &path, now);
         }
         let Ok(entries) = std::fs::read_dir(dir) else {
             return;
         };
         for entry in entries.flatten() {
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                self.walk(root, &entry.path());
+                self.walk(root, &entry.path(), now);
             }
         }
     }
 
-    /// A cgroup `id` with `path` (from the hierarchy's root, `/a/b`).
+    /// A cgroup `id` with `path` (from the hierarchy's root, `/a/b`), as the kernel reported it.
     pub fn learn(&mut self, id: u64, path: &str) {
-        if self.known.len() >= MAX_KNOWN {
-            self.known.clear();
-        }
-        self.known.insert(id, Some(Cgroup::new(path)));
-        if self.last.as_ref().is_some_and(|(l, _)| *l == id) {
-            self.last = None;
+        self.learn_at(id, path, Instant::now());
+    }
+
+    fn learn_at(&mut self, id: u64, path: &str, now: Instant) {
+        match self.known.get_mut(&id) {
+            // The same path: keep the one allocation every event of it shares.
+            Some(Entry {
+                cgroup: Some(c),
+                seen,
+            }) if c.path() == path => *seen = now,
+            _ => {
+                self.known.insert(
+                    id,
+                    Entry {
+                        cgroup: Some(Cgroup::new(path)),
+                        seen: now,
+                    },
+                );
+                if self.last.as_ref().is_some_and(|(l, _)| *l == id) {
+                    self.last = None;
+                }
+            }
         }
     }
 
@@ -135,18 +187,30 @@ impl Resolver {
                 return c.clone();
             }
         }
+        let now = Instant::now();
         let c = match self.known.get(&id) {
-            Some(c) => c.clone(),
-            None => {
-                let c = self.lookup(id).map(|p| Cgroup::new(&p));
+            Some(Entry {
+                cgroup: Some(c), ..
+            }) => Some(c.clone()),
+            Some(Entry { cgroup: None, seen }) if now.duration_since(*seen) < MISS_RETRY => None,
+            _ => {
+                let mut c = self.lookup(id).map(|p| Cgroup::new(&p));
+                if c.is_none() && now.duration_since(self.last_walk) >= MISS_RETRY {
+                    // Without the lookup's privilege: the walk finds what exists now.
+                    self.rewalk(now);
+                    c = self.known.get(&id).and_then(|e| e.cgroup.clone());
+                }
                 if c.is_none() {
                     self.unresolved += 1;
                     tracing::debug!(id, "cgroup id resolves to no path (counted)");
                 }
-                if self.known.len() >= MAX_KNOWN {
-                    self.known.clear();
-                }
-                self.known.insert(id, c.clone());
+                self.known.insert(
+                    id,
+                    Entry {
+                        cgroup: c.clone(),
+                        seen: now,
+                    },
+                );
                 c
             }
         };
@@ -255,6 +319,34 @@ mod tests {
         // A path learned later wins over the remembered miss.
         r.learn(99, "/late");
         assert_eq!(r.resolve(99).unwrap().path(), "/late");
+    }
+
+    /// The hierarchy of this host: its cgroups resolve; one made later is found by the walk a miss
+    /// makes (without the lookup by id); one no walk sees any more is forgotten after GONE_KEPT.
+    #[test]
+    fn walks_find_new_cgroups_and_let_removed_ones_go() {
+        let Some(mount) = cgroup2_mount() else {
+            return;
+        };
+        let mut r = Resolver::of_this_host();
+        use std::os::unix::fs::MetadataExt;
+        let root_id = std::fs::metadata(&mount).unwrap().ino();
+        assert_eq!(r.resolve(root_id).unwrap().path(), "/");
+        // An id no walk saw stays unresolved, and is forgotten GONE_KEPT after it was tried.
+        let t = Instant::now();
+        r.known.insert(
+            u64::MAX - 1,
+            Entry {
+                cgroup: Some(Cgroup::new("/gone")),
+                seen: t,
+            },
+        );
+        r.rewalk(t + GONE_KEPT);
+        assert!(
+            !r.known.contains_key(&(u64::MAX - 1)),
+            "removed cgroup forgotten"
+        );
+        assert!(r.known.contains_key(&root_id), "live cgroups stay");
     }
 
     #[test]

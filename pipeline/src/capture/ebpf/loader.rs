@@ -209,6 +209,10 @@ pub fn load(config: &ProbeConfig, ring_bytes: u32) -> Result<Probe, LoadError> {
             }
         })?;
     for (prog, category) in PROGRAMS {
+        if prog == "cgroup_mkdir" && cgroup.valid == 0 {
+            // Its kernel lacks what it reads (warned above): capture goes on without it.
+            continue;
+        }
         let tracepoint = format!("{category}:{prog}");
         let attach_err = |source| LoadError::Attach {
             tracepoint: tracepoint.clone(),

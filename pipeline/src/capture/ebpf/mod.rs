@@ -26,8 +26,8 @@ pub use loader::LoadError;
 const POLL_INTERVAL: Duration = Duration::from_millis(10);
 /// Longest an event waits in user space before its batch is sent.
 const BATCH_LATENCY: Duration = Duration::from_millis(200);
-/// Longest capture waits at start for the node's pods to be listed (its first events then carry
-/// their names); past it, capture starts and names come as the list arrives.
+/// Longest capture holds its first batches at start (draining the kernel meanwhile) for the node's
+/// pods to be listed, so its first events carry their names; past it, names come with the list.
 const PODS_LISTED_WAIT: Duration = Duration::from_secs(5);
 /// Longest a softirq-only event waits for its socket's owner (see [`attribution`]).
 const ATTRIBUTION_HOLD: Duration = Duration::from_secs(1);
@@ -84,6 +84,8 @@ pub struct EbpfSource {
     arrivals: u64,
     attribution: attribution::Attribution,
     cgroups: cgroups::Resolver,
+    /// Records read from the ring buffer, before they are decoded (a buffer kept between drains).
+    records: Vec<TcpEvent>,
     /// Kubernetes names, when asked for: the watch's directory, and this source's cached lookups.
     pods: Option<Pods>,
     boot_to_unix_us: i64,
@@ -100,7 +102,7 @@ pub struct EbpfSource {
 struct Pods {
     dir: Arc<PodDirectory>,
     lookup: PodLookup,
-    waited: bool,
+    started: Instant,
     _stop: tokio::sync::watch::Sender<bool>,
 }
 
@@ -122,8 +124,22 @@ impl Pods {
         Pods {
             lookup: PodLookup::new(Arc::clone(&dir)),
             dir,
-            waited: false,
+            started: Instant::now(),
             _stop: stop,
+        }
+    }
+
+    /// Batches may be cut: the pods were listed, or waiting for them has taken long enough.
+    fn ready(&self) -> bool {
+        self.dir.is_listed() || self.started.elapsed() >= PODS_LISTED_WAIT
+    }
+
+    /// Names the pods of `events` whose cgroup is a pod's.
+    fn name(&mut self, events: &mut [Event], metrics: &crate::metrics::Metrics) {
+        for e in events {
+            if let Some(uid) = e.cgroup.as_ref().and_then(|c| c.pod_uid()) {
+                e.pod = self.lookup.get(e.cgroup_id, uid, metrics);
+            }
         }
     }
 }
@@ -168,6 +184,7 @@ impl EbpfSource {
             arrivals: 0,
             attribution: attribution::Attribution::new(ATTRIBUTION_HOLD),
             cgroups,
+            records: Vec::new(),
             pods,
             // Kernel timestamps count from boot (including suspend): shift them onto UTC once.
             boot_to_unix_us: clock_us(libc::CLOCK_REALTIME) - clock_us(libc::CLOCK_BOOTTIME),
@@ -206,11 +223,17 @@ impl EbpfSource {
     }
 
     fn drain(&mut self, max: usize) {
-        self.drain_cgroups();
         let mut decode_errors = 0;
         let now = Instant::now();
         let first_new = self.pending.len();
-        while self.pending.len() < max && self.remaining != Some(0) {
+        // The records first, then the cgroups made meanwhile: a cgroup is reported before any event
+        // of it is written, so every cgroup these records name is then known.
+        let mut records = std::mem::take(&mut self.records);
+        let mut room = max.saturating_sub(self.pending.len());
+        if let Some(r) = self.remaining {
+            room = room.min(usize::try_from(r).unwrap_or(usize::MAX));
+        }
+        while records.len() < room {
             let Some(item) = self.probe.ring.next() else {
                 break;
             };
@@ -219,7 +242,11 @@ impl EbpfSource {
                 continue;
             }
             // SAFETY: at least TCP_EVENT_SIZE bytes; TcpEvent is plain integers (any bit pattern is valid).
-            let rec: TcpEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            records.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) });
+        }
+        self.drain_cgroups();
+        self.cgroups.maintain(now);
+        for rec in records.drain(..) {
             match decode(&rec, self.boot_to_unix_us, self.arrivals) {
                 Ok(mut e) => {
                     e.cgroup = self.cgroups.resolve(e.cgroup_id);
@@ -237,6 +264,7 @@ impl EbpfSource {
                 }
             }
         }
+        self.records = records;
         if decode_errors > 0 {
             self.capture_metrics().decode_errors.add(decode_errors);
         }
@@ -252,19 +280,21 @@ impl EbpfSource {
         self.number_from(first_new);
     }
 
-    /// Final stream positions, in the order events leave this source; and their pods' names, now
-    /// that attribution has named every owner it could.
+    /// Final stream positions, in the order events leave this source.
     fn number_from(&mut self, start: usize) {
         for e in &mut self.pending[start..] {
             e.seq = self.seq;
             self.seq += 1;
-            if let (Some(pods), Some(uid)) = (
-                self.pods.as_mut(),
-                e.cgroup.as_ref().and_then(|c| c.pod_uid()),
-            ) {
-                e.pod = pods.lookup.get(e.cgroup_id, uid, &self.metrics);
-            }
         }
+    }
+
+    /// The events gathered so far, as the next batch: their pods named now, as late as possible.
+    fn cut(&mut self) -> EventBatch {
+        let mut events = std::mem::take(&mut self.pending);
+        if let Some(pods) = self.pods.as_mut() {
+            pods.name(&mut events, &self.metrics);
+        }
+        EventBatch::new(Arc::clone(&self.node), events, Some(now_unix_us()))
     }
 
     fn capture_metrics(&self) -> &CaptureMetrics {
@@ -301,20 +331,12 @@ impl EbpfSource {
         self.attribution.release_all(&mut self.pending);
         self.number_from(start);
         self.publish_drops();
-        Some(EventBatch::new(
-            Arc::clone(&self.node),
-            std::mem::take(&mut self.pending),
-            Some(now_unix_us()),
-        ))
+        Some(self.cut())
     }
 
     /// The next batch: full, or whatever arrived within [`BATCH_LATENCY`] (possibly nothing: a
     /// heartbeat carrying the clock). `None` once `max_events` were delivered.
     pub async fn next_batch(&mut self, max: usize) -> Option<EventBatch> {
-        if let Some(pods) = self.pods.as_mut().filter(|p| !p.waited) {
-            pods.waited = true;
-            pods.dir.wait_listed(PODS_LISTED_WAIT).await;
-        }
         loop {
             self.drain(max);
             let done = self.remaining == Some(0);
@@ -322,14 +344,16 @@ impl EbpfSource {
                 self.publish_drops();
                 return None;
             }
-            if self.pending.len() >= max || done || self.last_cut.elapsed() >= BATCH_LATENCY {
+            // At start, batches wait (up to PODS_LISTED_WAIT) for the pods' names; the ring buffer is
+            // drained all the while.
+            let hold = self.pods.as_ref().is_some_and(|p| !p.ready());
+            if self.pending.len() >= max
+                || done
+                || (!hold && self.last_cut.elapsed() >= BATCH_LATENCY)
+            {
                 self.publish_drops();
                 self.last_cut = Instant::now();
-                return Some(EventBatch::new(
-                    Arc::clone(&self.node),
-                    std::mem::take(&mut self.pending),
-                    Some(now_unix_us()),
-                ));
+                return Some(self.cut());
             }
             self.poll.tick().await;
         }
