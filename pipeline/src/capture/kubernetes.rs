@@ -3,7 +3,8 @@
 //! capture reads when an event's cgroup names a pod (`pod_uid`, see [`crate::event::cgroup`]).
 //!
 //! One watch per capture process, of the pods scheduled on its node (`fieldSelector
-//! spec.nodeName=…`), never a request per flow. A pod that is deleted keeps its names for
+//! spec.nodeName=…`), never a request per flow; of their metadata only (names, labels, owners): no
+//! pod spec crosses the wire or is kept. A pod that is deleted keeps its names for
 //! [`DELETED_KEPT`]: its last connections' events are read after it is gone. Lookups, misses, watch
 //! errors and the pods known are metrics (`kubernetes_*`); a watch that fails is retried with backoff
 //! and said once at warn level, and capture goes on without names meanwhile — never stopped by the
@@ -16,9 +17,13 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Pod as KubePod;
+use kube::core::PartialObjectMeta;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::ResourceExt;
+
+/// What the watch receives of a pod: its metadata.
+type PodMeta = PartialObjectMeta<KubePod>;
 use rustc_hash::FxHashMap;
 
 use crate::event::Pod;
@@ -173,7 +178,7 @@ impl PodDirectory {
 /// The workload that runs a pod: its controller, with a ReplicaSet of a Deployment named after the
 /// Deployment (`web-5d8f7c9b4` with label `pod-template-hash=5d8f7c9b4` is Deployment `web`); a
 /// pod no controller owns is its own workload (`Pod`, its name).
-fn workload(p: &KubePod) -> (String, String) {
+fn workload(p: &PodMeta) -> (String, String) {
     let controller = p
         .metadata
         .owner_references
@@ -192,15 +197,10 @@ fn workload(p: &KubePod) -> (String, String) {
     (owner.kind.clone(), owner.name.clone())
 }
 
-/// A pod's uid and names; `None` for an object without a uid.
-fn names(p: &KubePod, node: &str) -> Option<(Box<str>, Pod)> {
+/// A pod's uid and names (on `node`, the one the watch selects); `None` for an object without a uid.
+fn names(p: &PodMeta, node: &str) -> Option<(Box<str>, Pod)> {
     let uid = p.metadata.uid.as_deref()?;
     let (kind, workload) = workload(p);
-    let node = p
-        .spec
-        .as_ref()
-        .and_then(|s| s.node_name.as_deref())
-        .unwrap_or(node);
     Some((
         uid.into(),
         Pod::new(
@@ -248,10 +248,11 @@ pub async fn watch(
 ) {
     let selector = format!("spec.nodeName={}", cfg.node);
     let api = kube::Api::<KubePod>::all(client);
-    let mut events =
-        std::pin::pin!(
-            watcher::watcher(api, watcher::Config::default().fields(&selector)).default_backoff()
-        );
+    let mut events = std::pin::pin!(watcher::metadata_watcher(
+        api,
+        watcher::Config::default().fields(&selector)
+    )
+    .default_backoff());
     let mut listing: FxHashMap<Box<str>, Pod> = FxHashMap::default();
     let mut failing = false;
     let k = &metrics.kubernetes;
@@ -342,7 +343,7 @@ impl PodLookup {
 mod tests {
     use super::*;
 
-    fn pod(json: serde_json::Value) -> KubePod {
+    fn pod(json: serde_json::Value) -> PodMeta {
         serde_json::from_value(json).unwrap()
     }
 
@@ -355,7 +356,7 @@ mod tests {
                     "name": "web-5d8f7c9b4", "uid": "r1", "controller": true}]},
             "spec": {"nodeName": "n1", "containers": []}
         }));
-        let (uid, names) = names(&p, "other").unwrap();
+        let (uid, names) = names(&p, "n1").unwrap();
         assert_eq!(&*uid, "u1");
         assert_eq!(
             (
@@ -375,8 +376,8 @@ mod tests {
         assert_eq!(workload(&job), ("Job".into(), "backup-29000000".into()));
         let bare = pod(serde_json::json!({"metadata": {"name": "debug", "uid": "u3"}}));
         assert_eq!(workload(&bare), ("Pod".into(), "debug".into()));
-        let (_, names) = super::names(&bare, "fallback-node").unwrap();
-        assert_eq!(names.node(), "fallback-node");
+        let (_, names) = super::names(&bare, "watched-node").unwrap();
+        assert_eq!(names.node(), "watched-node");
         // A ReplicaSet of no Deployment (no hash label) is named as it is.
         let rs = pod(serde_json::json!({
             "metadata": {"name": "rs-abc", "uid": "u4",

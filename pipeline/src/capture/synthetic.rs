@@ -340,7 +340,7 @@ impl Synthetic {
                     Pod::new(
                         &format!(
                             "{workload}-6c9f8d7b5-{}",
-                            &g.container_id().unwrap_or("x")[..5]
+                            g.container_id().and_then(|id| id.get(..5)).unwrap_or("x")
                         ),
                         if comm_str == "coredns" {
                             "kube-system"

@@ -245,35 +245,14 @@ pub fn encode_events(b: &EventBatch, compress: bool) -> Vec<u8> {
     }
     w.u8(u8::from(b.sent_at_us.is_some()));
     w.i64(b.sent_at_us.unwrap_or(0));
-    // The batch's distinct cgroups, each once (a batch holds a few): events name them by index + 1.
-    let mut cgroups: Vec<&Cgroup> = Vec::new();
-    let mut known: rustc_hash::FxHashMap<&Cgroup, u32> = Default::default();
-    let mut index: Vec<u32> = Vec::with_capacity(b.events.len());
-    for e in &b.events {
-        index.push(match &e.cgroup {
-            None => 0,
-            Some(c) => *known.entry(c).or_insert_with(|| {
-                cgroups.push(c);
-                cgroups.len() as u32
-            }),
-        });
-    }
+    // The batch's distinct cgroups and pods, each once (a batch holds a few): events name them by
+    // index + 1.
+    let (cgroups, index) = distinct(b.events.iter().map(|e| e.cgroup.as_ref()));
     w.u32(cgroups.len() as u32);
     for c in &cgroups {
         w.str(c.path());
     }
-    let mut pods: Vec<&Pod> = Vec::new();
-    let mut known_pods: rustc_hash::FxHashMap<&Pod, u32> = Default::default();
-    let mut pod_index: Vec<u32> = Vec::with_capacity(b.events.len());
-    for e in &b.events {
-        pod_index.push(match &e.pod {
-            None => 0,
-            Some(p) => *known_pods.entry(p).or_insert_with(|| {
-                pods.push(p);
-                pods.len() as u32
-            }),
-        });
-    }
+    let (pods, pod_index) = distinct(b.events.iter().map(|e| e.pod.as_ref()));
     w.u32(pods.len() as u32);
     for p in &pods {
         write_pod(&mut w, p);
@@ -307,6 +286,25 @@ pub fn encode_events(b: &EventBatch, compress: bool) -> Vec<u8> {
         w.u32(pod);
     }
     frame(KIND_EVENTS, w.0, compress, 0)
+}
+
+/// The distinct values of `rows`, in first-seen order, and each row's index + 1 among them (0: none).
+fn distinct<'a, T: std::hash::Hash + Eq>(
+    rows: impl ExactSizeIterator<Item = Option<&'a T>>,
+) -> (Vec<&'a T>, Vec<u32>) {
+    let mut values: Vec<&T> = Vec::new();
+    let mut known: rustc_hash::FxHashMap<&T, u32> = Default::default();
+    let mut index = Vec::with_capacity(rows.len());
+    for row in rows {
+        index.push(match row {
+            None => 0,
+            Some(v) => *known.entry(v).or_insert_with(|| {
+                values.push(v);
+                values.len() as u32
+            }),
+        });
+    }
+    (values, index)
 }
 
 /// Decodes an event batch; `position` is set to the range of its events' `seq`s.

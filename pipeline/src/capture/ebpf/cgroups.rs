@@ -214,7 +214,8 @@ impl Resolver {
                 c
             }
         };
-        self.last = Some((id, c.clone()));
+        // Only answers are kept as the last: a miss is tried again after MISS_RETRY.
+        self.last = c.clone().map(|c| (id, Some(c)));
         c
     }
 
