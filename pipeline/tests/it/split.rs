@@ -506,7 +506,8 @@ fn nkey_server_config(dir: &Path) -> (PathBuf, PathBuf) {
     std::fs::write(
         &conf,
         format!(
-            "authorization {{ users = [ {{ nkey: \"{}\" }} ] }}\n",
+            // The storage limit Nats::start_with states when it writes the config (see there).
+            "authorization {{ users = [ {{ nkey: \"{}\" }} ] }}\njetstream {{ max_file_store: 1TB }}\n",
             kp.public_key()
         ),
     )
