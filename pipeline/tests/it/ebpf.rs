@@ -79,6 +79,8 @@ fn monolith_args(out: &Path, port: u16) -> Vec<String> {
 struct Capture {
     child: Child,
     stderr: mpsc::Receiver<String>,
+    /// What it logged before it had attached.
+    startup: Vec<String>,
     /// The port it filters on, and the network namespace the peers run in (if not this one).
     port: u16,
     netns: Option<String>,
@@ -94,7 +96,12 @@ impl Capture {
 
     /// `tcplake ARGS` (an ebpf source), once it has attached its programs.
     fn spawn(args: &[&str]) -> Capture {
-        let mut child = tcplake_cmd()
+        Capture::spawn_with(tcplake_cmd(), args)
+    }
+
+    /// `cmd ARGS`, a command that execs `tcplake ARGS` (an ebpf source), once it has attached.
+    fn spawn_with(mut cmd: Command, args: &[&str]) -> Capture {
+        let mut child = cmd
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -108,11 +115,12 @@ impl Capture {
                 let _ = tx.send(line);
             }
         });
+        let mut startup = Vec::new();
         loop {
             match rx.recv_timeout(Duration::from_secs(60)) {
                 Ok(line) if line.contains("eBPF programs attached") => break,
                 Ok(line) if line.contains("error") => panic!("tcplake failed to start: {line}"),
-                Ok(_) => {}
+                Ok(line) => startup.push(line),
                 Err(e) => panic!("tcplake did not attach its probes: {e}"),
             }
         }
@@ -125,6 +133,7 @@ impl Capture {
         Capture {
             child,
             stderr: rx,
+            startup,
             port,
             netns: None,
         }
@@ -394,6 +403,86 @@ fn accepted_connections_are_owned_by_the_listener_before_any_data() {
         "{rows:?}"
     );
     assert_eq!((num(&rows[0][2]), num(&rows[0][3])), (CONNS, 0), "{rows:?}");
+}
+
+/// A capture that sees only a cgroup namespace's view of the hierarchy (a container run without the
+/// host's /sys/fs/cgroup) cannot read the paths of cgroups that exist before it starts: walked there,
+/// they would read relative to its own cgroup, which would be `/`, the host's root. It says so in one warning and leaves those paths
+/// empty, never wrong; a cgroup made after it started is still named in full, from the kernel's report.
+#[test]
+fn a_capture_seeing_a_cgroup_namespace_says_so_and_records_no_wrong_path() {
+    require_root();
+    if skipped() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let root = format!("/tcplake-test-{}-{port}-ns.slice", std::process::id());
+    let mount = cgroup2_mount();
+    let mut cgroups = Cgroups {
+        mount: mount.clone(),
+        made: Vec::new(),
+    };
+    let capture_dir = cgroups.make(&format!("{root}/capture.scope"));
+    // Inside the namespace's view: walked there, its path would read `/early.service`.
+    let early_dir = cgroups.make(&format!("{root}/capture.scope/early.service"));
+    // Into a cgroup of its own, then a cgroup namespace rooted there with that view mounted over the
+    // host's (in a mount namespace of its own: the host's mount is untouched), then tcplake.
+    let script = format!(
+        "echo $$ > '{}/cgroup.procs' && exec unshare --cgroup --mount sh -c \
+         'umount \"$0\" && mount -t cgroup2 none \"$0\" && exec \"$@\"' '{}' \"$@\"",
+        capture_dir.display(),
+        mount.display()
+    );
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", &script, "sh", env!("CARGO_BIN_EXE_tcplake")])
+        .env("TCPLAKE_METRICS_ADDR", "off");
+    let args = monolith_args(tmp.path(), port);
+    let capture = Capture::spawn_with(cmd, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    // Said once, when the hierarchy is first read (just after the programs are attached).
+    let warning = "is a cgroup namespace's view";
+    let mut seen = capture.startup.clone();
+    while !seen.iter().any(|l| l.contains(warning)) {
+        match capture.stderr.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("no warning that paths cannot be read: {seen:?}"),
+        }
+    }
+
+    let mut server = peer_in(&early_dir, &peer_args("server", port, 2, 100, 200, 0));
+    let _server_out = wait_for_line(&mut server, "READY");
+    let late_cg = format!("{root}/late.scope");
+    let late_dir = cgroups.make(&late_cg);
+    finish(peer_in(
+        &late_dir,
+        &peer_args("client", port, 2, 100, 200, 0),
+    ));
+    finish(server);
+    seen.extend(capture.stderr.try_iter());
+    let summary = capture.stop();
+    assert_eq!(summary["kernel_drops"], 0, "{summary}");
+    assert_eq!(
+        seen.iter().filter(|l| l.contains(warning)).count(),
+        1,
+        "{seen:?}"
+    );
+
+    let events = dataset(tmp.path(), "events");
+    let rows = duckdb(&format!(
+        "SELECT comm, coalesce(cgroup_path, '<null>'), count(*) FROM {events} GROUP BY ALL ORDER BY 1"
+    ));
+    let got: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| (r[0].as_str().unwrap().into(), r[1].as_str().unwrap().into()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("tl-client".to_string(), late_cg),
+            ("tl-server".to_string(), "<null>".to_string()),
+        ],
+        "{rows:?}"
+    );
 }
 
 /// Who is talking, on both sides of every connection: a server in a systemd service's cgroup, a client

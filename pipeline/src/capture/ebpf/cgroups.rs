@@ -28,16 +28,46 @@ const GONE_KEPT: Duration = Duration::from_secs(600);
 /// An id that resolved to nothing is tried again after this long (with a new walk, at most this often).
 const MISS_RETRY: Duration = Duration::from_secs(10);
 
-/// The cgroup2 mount point, from `/proc/mounts` (never assumed: hybrid hosts mount it under
-/// `/sys/fs/cgroup/unified`, unified ones at `/sys/fs/cgroup`).
-pub fn cgroup2_mount() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
-    mounts.lines().find_map(|line| {
-        let mut f = line.split_whitespace();
-        let (_, dir, kind) = (f.next()?, f.next()?, f.next()?);
-        // Octal escapes (`\040` for a space) as /proc/mounts writes them.
-        (kind == "cgroup2").then(|| PathBuf::from(unescape(dir)))
-    })
+/// The cgroup id of a cgroup2 hierarchy's root (its root directory's inode number).
+const ROOT_CGROUP_ID: u64 = 1;
+
+/// Where this process can read the cgroup2 hierarchy.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Mount {
+    /// Its root is mounted here.
+    Root(PathBuf),
+    /// Only a subtree is (a container's own view in a cgroup namespace): paths read there would be
+    /// relative to that subtree, and other containers' cgroups are not in it.
+    Subtree(PathBuf),
+    /// No cgroup2 is mounted.
+    None,
+}
+
+/// The cgroup2 mount, from `/proc/mounts` (never assumed: hybrid hosts mount it under
+/// `/sys/fs/cgroup/unified`, unified ones at `/sys/fs/cgroup`). Of several, the hierarchy's root:
+/// a pod that mounts the host's hierarchy may still have its own namespaced view mounted elsewhere.
+pub fn cgroup2_mount() -> Mount {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(mounts) = std::fs::read_to_string("/proc/mounts") else {
+        return Mount::None;
+    };
+    choose_mount(&mounts, |dir| std::fs::metadata(dir).ok().map(|m| m.ino()))
+}
+
+fn choose_mount(mounts: &str, inode: impl Fn(&Path) -> Option<u64>) -> Mount {
+    let dirs: Vec<PathBuf> = mounts
+        .lines()
+        .filter_map(|line| {
+            let mut f = line.split_whitespace();
+            let (_, dir, kind) = (f.next()?, f.next()?, f.next()?);
+            // Octal escapes (`\040` for a space) as /proc/mounts writes them.
+            (kind == "cgroup2").then(|| PathBuf::from(unescape(dir)))
+        })
+        .collect();
+    if let Some(root) = dirs.iter().find(|d| inode(d) == Some(ROOT_CGROUP_ID)) {
+        return Mount::Root(root.clone());
+    }
+    dirs.into_iter().next().map_or(Mount::None, Mount::Subtree)
 }
 
 fn unescape(s: &str) -> String {
@@ -77,7 +107,29 @@ impl Resolver {
     /// Starts with the hierarchy as it is now. Call after the `cgroup_mkdir` program is attached, so
     /// that no cgroup made meanwhile is missed.
     pub fn of_this_host() -> Self {
-        let mount = cgroup2_mount();
+        let mount = match cgroup2_mount() {
+            Mount::Root(m) => Some(m),
+            // Paths read there would name the wrong cgroups (relative to a subtree): only the
+            // kernel's reports of new cgroups, which carry full paths, are used.
+            Mount::Subtree(m) => {
+                tracing::warn!(
+                    "the cgroup2 hierarchy mounted at {} is a cgroup namespace's view, not the \
+                     host's: cgroups that exist before capture starts get no paths, container \
+                     ids, pod uids or systemd units (counted in \
+                     capture_cgroups_unresolved_total); mount the host's /sys/fs/cgroup (the \
+                     Kubernetes manifests do)",
+                    m.display()
+                );
+                None
+            }
+            Mount::None => {
+                tracing::warn!(
+                    "no cgroup2 hierarchy is mounted (/proc/mounts): events carry cgroup ids but \
+                     no cgroup paths, container ids, pod uids or systemd units"
+                );
+                None
+            }
+        };
         let mut r = Resolver {
             mount: mount.clone(),
             known: FxHashMap::default(),
@@ -85,12 +137,8 @@ impl Resolver {
             last: None,
             unresolved: 0,
         };
-        match &mount {
-            Some(m) => r.walk(m, m, Instant::now()),
-            None => tracing::warn!(
-                "no cgroup2 hierarchy is mounted (/proc/mounts): events carry cgroup ids but no \
-                 cgroup paths, container ids, pod uids or systemd units"
-            ),
+        if let Some(m) = &mount {
+            r.walk(m, m, Instant::now());
         }
         r
     }
@@ -309,6 +357,32 @@ mod tests {
     }
 
     #[test]
+    fn the_hierarchys_root_is_chosen_and_a_namespaced_view_is_told_apart() {
+        let mounts = "cgroup2 /sys/fs/cgroup cgroup2 rw,nsdelegate 0 0\n\
+                      proc /proc proc rw 0 0\n\
+                      cgroup2 /host/cgroup cgroup2 rw 0 0\n";
+        // The container's own view first, the host's hierarchy (root inode 1) second.
+        let inode = |d: &Path| {
+            Some(if d == Path::new("/host/cgroup") {
+                1
+            } else {
+                4242
+            })
+        };
+        assert_eq!(
+            choose_mount(mounts, inode),
+            Mount::Root("/host/cgroup".into())
+        );
+        assert_eq!(
+            choose_mount(mounts, |_| Some(4242)),
+            Mount::Subtree("/sys/fs/cgroup".into())
+        );
+        assert_eq!(choose_mount("proc /proc proc rw 0 0\n", inode), Mount::None);
+        // This host's own mount is its hierarchy's root (hybrid here: /sys/fs/cgroup/unified).
+        assert!(matches!(cgroup2_mount(), Mount::Root(_)));
+    }
+
+    #[test]
     fn learned_ids_resolve_and_unknown_ones_are_counted_once() {
         let mut r = Resolver::empty();
         r.learn(44, "/system.slice/nginx.service");
@@ -326,7 +400,7 @@ mod tests {
     /// makes (without the lookup by id); one no walk sees any more is forgotten after GONE_KEPT.
     #[test]
     fn walks_find_new_cgroups_and_let_removed_ones_go() {
-        let Some(mount) = cgroup2_mount() else {
+        let Mount::Root(mount) = cgroup2_mount() else {
             return;
         };
         let mut r = Resolver::of_this_host();
