@@ -143,12 +143,17 @@ pub async fn capture(
 /// regenerates its events from their `seq` (synthetic, a replay) starts at 0: what the output already
 /// holds comes again, and the sink skips it as redelivered. Live events are new whatever their number,
 /// and starting at 0 again would have the sink take them for the ones it committed under those
-/// numbers and drop them: they are numbered from the current time in microseconds instead, above
-/// anything an earlier run can have used (unless it averaged more than a million events a second),
-/// and the run's first message says so, so the sink takes the jump for a new run, not a gap.
+/// numbers and drop them: they are numbered from the current time in nanoseconds instead, above
+/// anything an earlier run can have used (it would have had to average more than a billion events a
+/// second; in microseconds a node averaging a million, a busy load balancer, could have overtaken the
+/// clock), and the run's first message says so, so the sink takes the jump for a new run, not a gap.
+/// (`seq` is a signed 64-bit column: nanoseconds since 1970 fit until 2262.)
 fn run_start_seq(source: &AnySource) -> u64 {
     match source {
-        AnySource::Ebpf(_) => u64::try_from(crate::time::now_us()).unwrap_or(0),
+        AnySource::Ebpf(_) => chrono::Utc::now()
+            .timestamp_nanos_opt()
+            .and_then(|ns| u64::try_from(ns).ok())
+            .unwrap_or(0),
         AnySource::Synthetic(_) | AnySource::Recorded(_) => 0,
     }
 }
@@ -553,6 +558,18 @@ async fn route_events(
                 } else {
                     tracing::info!(node = %batch.node, first, "a new capture run of this node");
                 }
+            } else if run_start && first < ns.next_seq {
+                // A redelivered first message of a run (the sink stopped before it acked it), or a
+                // new run numbered below what was committed (its clock went back): the overlap is
+                // skipped either way, and which one it was cannot be told here, so it is said.
+                tracing::warn!(
+                    node = %batch.node,
+                    first,
+                    committed_before = ns.next_seq,
+                    "a capture run's first message starts below what this sink committed of the node: \
+                     its rows up to there are skipped as redelivered (if the capture's clock went \
+                     back before it started a new run, those are new events, lost)"
+                );
             } else if first > ns.next_seq {
                 let fault = if ns.next_seq == 0 {
                     StreamFault::Retained {
