@@ -17,18 +17,16 @@
 //! A `conmon` scope (`crio-conmon-<id>.scope`, `libpod-conmon-<id>.scope`) is the runtime's monitor,
 //! not the container: it names no container (it is a systemd unit).
 
-use std::hash::{Hash, Hasher};
-use std::sync::Arc;
+use super::shared::{Keyed, Shared};
 
-/// A cgroup v2 path (`/system.slice/nginx.service`, `/` for the root) and what it says.
-#[derive(Clone)]
-pub struct Cgroup(Arc<Info>);
+/// A cgroup v2 path (`/system.slice/nginx.service`, `/` for the root) and what it says; one key per
+/// path (its hash is computed once: flows are keyed by cgroup, and hashing the path per event would
+/// cost as much as the rest of the key).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Cgroup(Shared<Info>);
 
 struct Info {
     path: Box<str>,
-    /// Hash of `path`, computed once: flows are keyed by cgroup, and hashing the path per event would
-    /// cost as much as the rest of the key.
-    hash: u64,
     container_id: Option<Box<str>>,
     pod_uid: Option<Box<str>>,
     systemd_unit: Option<Box<str>>,
@@ -37,8 +35,6 @@ struct Info {
 impl Cgroup {
     /// Reads what `path` says about its owner.
     pub fn new(path: &str) -> Self {
-        let mut h = rustc_hash::FxHasher::default();
-        path.hash(&mut h);
         let components: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
         let container = components
             .iter()
@@ -55,9 +51,8 @@ impl Cgroup {
                     && container.as_ref().is_none_or(|(ci, _)| ci != i)
             })
             .map(|(_, c)| Box::from(*c));
-        Cgroup(Arc::new(Info {
+        Cgroup(Shared::new(Info {
             path: path.into(),
-            hash: h.finish(),
             container_id: container.map(|(_, id)| id.into()),
             pod_uid: pod_uid.map(Into::into),
             systemd_unit,
@@ -82,40 +77,13 @@ impl Cgroup {
     pub fn systemd_unit(&self) -> Option<&str> {
         self.0.systemd_unit.as_deref()
     }
-
-    /// The same path: the same allocation (the usual case) or equal text.
-    fn same(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0) || self.0.path == other.0.path
-    }
 }
 
-impl PartialEq for Cgroup {
-    fn eq(&self, other: &Self) -> bool {
-        self.same(other)
-    }
-}
-
-impl Eq for Cgroup {}
-
-impl Hash for Cgroup {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        // Equal paths have equal hashes: consistent with `Eq`.
-        state.write_u64(self.0.hash);
-    }
-}
-
-impl PartialOrd for Cgroup {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Cgroup {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        if Arc::ptr_eq(&self.0, &other.0) {
-            return std::cmp::Ordering::Equal;
-        }
-        self.0.path.cmp(&other.0.path)
+/// Everything else a path says is read from it.
+impl Keyed for Info {
+    type Key = str;
+    fn key(&self) -> &str {
+        &self.path
     }
 }
 
@@ -189,6 +157,7 @@ fn component_is_pod(component: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::hash::{Hash, Hasher};
 
     const ID: &str = "4f1b2c3d4e5f60718293a4b5c6d7e8f90123456789abcdef0123456789abcdef";
     const UID: &str = "0c7a8f2e-5b1d-4d3e-9f60-1a2b3c4d5e6f";
@@ -285,6 +254,6 @@ mod tests {
         assert!(a < c);
         let mut paths = Paths::default();
         let one = paths.get("/x");
-        assert!(Arc::ptr_eq(&one.0, &paths.get("/x").0));
+        assert!(one.0.ptr_eq(&paths.get("/x").0));
     }
 }

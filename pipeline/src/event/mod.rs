@@ -10,6 +10,7 @@ pub mod flow;
 pub mod kernel;
 pub mod pod;
 pub mod schema;
+mod shared;
 mod tcp_state;
 
 use std::net::IpAddr;

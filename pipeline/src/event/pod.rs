@@ -4,14 +4,13 @@
 //! Like [`super::Cgroup`], one [`Pod`] is shared by every event of the pod; equal names are one flow
 //! key whatever the allocation.
 
-use std::hash::{Hash, Hasher};
-use std::sync::Arc;
+use super::shared::{Keyed, Shared};
 
-/// A pod's names.
-#[derive(Clone)]
-pub struct Pod(Arc<Info>);
+/// A pod's names (their hash computed once: flows are keyed by them).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Pod(Shared<Names>);
 
-#[derive(PartialEq, Eq, PartialOrd, Ord)]
+#[derive(PartialEq, Eq, PartialOrd, Ord, Hash)]
 struct Names {
     name: Box<str>,
     namespace: Box<str>,
@@ -20,10 +19,11 @@ struct Names {
     node: Box<str>,
 }
 
-struct Info {
-    names: Names,
-    /// Hash of `names`, computed once (flows are keyed by it).
-    hash: u64,
+impl Keyed for Names {
+    type Key = Names;
+    fn key(&self) -> &Names {
+        self
+    }
 }
 
 impl Pod {
@@ -34,73 +34,36 @@ impl Pod {
         workload_name: &str,
         node: &str,
     ) -> Self {
-        let names = Names {
+        Pod(Shared::new(Names {
             name: name.into(),
             namespace: namespace.into(),
             workload_kind: workload_kind.into(),
             workload_name: workload_name.into(),
             node: node.into(),
-        };
-        let mut h = rustc_hash::FxHasher::default();
-        for part in [name, namespace, workload_kind, workload_name, node] {
-            part.hash(&mut h);
-        }
-        Pod(Arc::new(Info {
-            names,
-            hash: h.finish(),
         }))
     }
 
     pub fn name(&self) -> &str {
-        &self.0.names.name
+        &self.0.name
     }
 
     pub fn namespace(&self) -> &str {
-        &self.0.names.namespace
+        &self.0.namespace
     }
 
     /// `Deployment`, `StatefulSet`, `DaemonSet`, `Job`, `ReplicaSet`, …; `Pod` for a pod no
     /// controller owns.
     pub fn workload_kind(&self) -> &str {
-        &self.0.names.workload_kind
+        &self.0.workload_kind
     }
 
     pub fn workload_name(&self) -> &str {
-        &self.0.names.workload_name
+        &self.0.workload_name
     }
 
     /// The Kubernetes node the pod is scheduled on.
     pub fn node(&self) -> &str {
-        &self.0.names.node
-    }
-}
-
-impl PartialEq for Pod {
-    fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0) || self.0.names == other.0.names
-    }
-}
-
-impl Eq for Pod {}
-
-impl Hash for Pod {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64(self.0.hash);
-    }
-}
-
-impl PartialOrd for Pod {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Pod {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        if Arc::ptr_eq(&self.0, &other.0) {
-            return std::cmp::Ordering::Equal;
-        }
-        self.0.names.cmp(&other.0.names)
+        &self.0.node
     }
 }
 
@@ -153,6 +116,7 @@ impl Pods {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::hash::{Hash, Hasher};
 
     #[test]
     fn equal_names_are_one_key() {
@@ -170,6 +134,6 @@ mod tests {
         assert!(a < c);
         let mut pods = Pods::default();
         let one = pods.get("x", "y", "Pod", "x", "n");
-        assert!(Arc::ptr_eq(&one.0, &pods.get("x", "y", "Pod", "x", "n").0));
+        assert!(one.0.ptr_eq(&pods.get("x", "y", "Pod", "x", "n").0));
     }
 }

@@ -190,7 +190,7 @@ where
 }
 
 /// The who-is-talking columns (schema version 3), at the end of both schemas, in order.
-const IDENTITY_FIELDS: [&str; 10] = [
+pub const IDENTITY_FIELDS: [&str; 10] = [
     "role",
     "cgroup_path",
     "container_id",

@@ -407,8 +407,9 @@ fn accepted_connections_are_owned_by_the_listener_before_any_data() {
 
 /// A capture that sees only a cgroup namespace's view of the hierarchy (a container run without the
 /// host's /sys/fs/cgroup) cannot read the paths of cgroups that exist before it starts: walked there,
-/// they would read relative to its own cgroup, which would be `/`, the host's root. It says so in one warning and leaves those paths
-/// empty, never wrong; a cgroup made after it started is still named in full, from the kernel's report.
+/// they would read relative to its own cgroup, which would be `/`, the host's root. It says so in one
+/// warning and leaves those paths empty, never wrong; a cgroup made after it started is still named in
+/// full, from the kernel's report.
 #[test]
 fn a_capture_seeing_a_cgroup_namespace_says_so_and_records_no_wrong_path() {
     require_root();

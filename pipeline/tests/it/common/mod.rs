@@ -213,18 +213,7 @@ pub fn same_rows(a: &Path, b: &Path, ds: &str) {
 }
 
 /// The columns of schema version 3 (who is talking), which older outputs did not record.
-pub const IDENTITY_COLUMNS: &[&str] = &[
-    "role",
-    "cgroup_path",
-    "container_id",
-    "pod_uid",
-    "systemd_unit",
-    "pod_name",
-    "pod_namespace",
-    "workload_kind",
-    "workload_name",
-    "k8s_node",
-];
+pub const IDENTITY_COLUMNS: &[&str] = &pipeline::event::schema::IDENTITY_FIELDS;
 
 /// [`same_rows`] over every column but `except`.
 pub fn same_rows_but(a: &Path, b: &Path, ds: &str, except: &[&str]) {

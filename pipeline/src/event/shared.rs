@@ -1,0 +1,73 @@
+//! A value shared by reference among every row that carries it (a [`super::Cgroup`], a
+//! [`super::Pod`]): flows are keyed by it, so it is compared, hashed and ordered by its key alone,
+//! with the key's hash computed once and the same allocation equal without reading the key.
+
+use std::hash::{Hash, Hasher};
+use std::ops::Deref;
+use std::sync::Arc;
+
+/// What a shared value is compared, hashed and ordered by.
+pub trait Keyed {
+    type Key: ?Sized + Eq + Ord + Hash;
+    fn key(&self) -> &Self::Key;
+}
+
+/// One allocation of `T` and its key's hash, shared by every row that carries it.
+pub struct Shared<T>(Arc<(T, u64)>);
+
+impl<T: Keyed> Shared<T> {
+    pub fn new(value: T) -> Self {
+        let mut h = rustc_hash::FxHasher::default();
+        value.key().hash(&mut h);
+        let hash = h.finish();
+        Shared(Arc::new((value, hash)))
+    }
+
+    /// The same allocation (rows read back share one per distinct value).
+    pub fn ptr_eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        Shared(Arc::clone(&self.0))
+    }
+}
+
+impl<T> Deref for Shared<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0 .0
+    }
+}
+
+impl<T: Keyed> PartialEq for Shared<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.ptr_eq(other) || self.key() == other.key()
+    }
+}
+
+impl<T: Keyed> Eq for Shared<T> {}
+
+impl<T: Keyed> Hash for Shared<T> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Equal keys have equal hashes: consistent with `Eq`.
+        state.write_u64(self.0 .1);
+    }
+}
+
+impl<T: Keyed> PartialOrd for Shared<T> {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl<T: Keyed> Ord for Shared<T> {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        if self.ptr_eq(other) {
+            return std::cmp::Ordering::Equal;
+        }
+        self.key().cmp(other.key())
+    }
+}
