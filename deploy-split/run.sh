@@ -21,6 +21,10 @@ port=${NATS_PORT:-4222}
 store=${NATS_STORE:-$out.nats-store}
 logs=$(dirname "$out")/split-logs
 mkdir -p "$logs"
+# This script's own settings, not tcplake's: left in the environment, TCPLAKE_OUT would reach the capture
+# process, which refuses an output setting (it writes none), and TCPLAKE_SHARDS the sink (it learns it).
+run_for=${TCPLAKE_RUN_FOR:-30s}
+unset TCPLAKE_OUT TCPLAKE_SHARDS TCPLAKE_RUN_FOR
 
 scripts/setup.sh run
 if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
@@ -33,7 +37,7 @@ bin=./target/release/tcplake
 
 args=("$@")
 if [ ${#args[@]} -eq 0 ]; then
-  args=(--duration "${TCPLAKE_RUN_FOR:-30s}")
+  args=(--duration "$run_for")
 fi
 broker="nats://127.0.0.1:$port"
 
@@ -41,7 +45,11 @@ pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; }
 trap cleanup EXIT
 
-"$nats" -js -a 127.0.0.1 -p "$port" -sd "$store" >"$logs/nats.log" 2>&1 &
+# JetStream reserves each stream's max_bytes (broker.max_bytes, 1 GiB by default) against its storage
+# limit, by default most of the free disk: a stated limit lets this run on a nearly full disk.
+mkdir -p "$store"
+echo 'jetstream { max_file_store: 1TB }' >"$store/limits.conf"
+"$nats" -c "$store/limits.conf" -js -a 127.0.0.1 -p "$port" -sd "$store" >"$logs/nats.log" 2>&1 &
 nats_pid=$!
 pids+=("$nats_pid")
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done

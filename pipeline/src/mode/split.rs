@@ -567,8 +567,10 @@ async fn route_events(
                     first,
                     committed_before = ns.next_seq,
                     "a capture run's first message starts below what this sink committed of the node: \
-                     its rows up to there are skipped as redelivered (if the capture's clock went \
-                     back before it started a new run, those are new events, lost)"
+                     its rows up to there are skipped as redelivered (right for a redelivery, and for a \
+                     synthetic or replayed source, which regenerates the same events; for a live \
+                     capture whose clock went back before it started a new run, they are new events, \
+                     lost)"
                 );
             } else if first > ns.next_seq {
                 let fault = if ns.next_seq == 0 {

@@ -77,7 +77,9 @@ fn monolith_args(out: &Path, port: u16) -> Vec<String> {
 
 /// A running `tcplake --source ebpf`, attached and ready.
 struct Capture {
-    child: Child,
+    /// Taken by [`Capture::stop`]; killed when dropped before (a failing test leaves no probes
+    /// attached, nor a process holding its cgroups).
+    child: Option<Child>,
     stderr: mpsc::Receiver<String>,
     /// What it logged before it had attached.
     startup: Vec<String>,
@@ -131,12 +133,16 @@ impl Capture {
             .and_then(|p| p.parse().ok())
             .expect("an ebpf test capture filters on a --port");
         Capture {
-            child,
+            child: Some(child),
             stderr: rx,
             startup,
             port,
             netns: None,
         }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     /// SIGINT once every state change of the port's connections has happened, then the end-of-run
@@ -146,17 +152,17 @@ impl Capture {
         let settled =
             std::panic::catch_unwind(move || wait_for_sockets_settled(port, netns.as_deref()));
         if let Err(e) = settled {
-            // Not left running with its probes attached.
-            let _ = self.child.kill();
+            // Not left running with its probes attached (see Drop).
             std::panic::resume_unwind(e);
         }
         let ok = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
+            .args(["-INT", &self.pid().to_string()])
             .status()
             .unwrap()
             .success();
         assert!(ok);
-        let o = self.child.wait_bounded().unwrap();
+        let child = self.child.take().expect("stopped once");
+        let o = child.wait_bounded().unwrap();
         let errors: Vec<String> = self
             .stderr
             .try_iter()
@@ -168,6 +174,15 @@ impl Capture {
             o.status
         );
         serde_json::from_str(stdout(&o).trim()).expect("summary is JSON")
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -330,8 +345,15 @@ impl Cgroups {
 
 impl Drop for Cgroups {
     fn drop(&mut self) {
+        // As in `remove`: busy for a moment after the last process left (up to 5 s each).
         for d in self.made.iter().rev() {
-            let _ = std::fs::remove_dir(d);
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while std::fs::remove_dir(d).is_err()
+                && d.exists()
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
 }
@@ -527,7 +549,7 @@ fn container_pod_and_unit_are_named_on_both_sides_even_for_a_removed_cgroup() {
     ));
     // Made, used and removed while the capture is stopped: when it reads these events, the cgroup no
     // longer exists to be looked up.
-    let pid = capture.child.id().to_string();
+    let pid = capture.pid().to_string();
     assert!(Command::new("kill")
         .args(["-STOP", &pid])
         .status()

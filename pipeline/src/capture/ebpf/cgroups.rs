@@ -39,6 +39,8 @@ pub enum Mount {
     /// Only a subtree is (a container's own view in a cgroup namespace): paths read there would be
     /// relative to that subtree, and other containers' cgroups are not in it.
     Subtree(PathBuf),
+    /// It is mounted here, but the mount cannot be read (`stat` fails).
+    Unreadable(PathBuf),
     /// No cgroup2 is mounted.
     None,
 }
@@ -64,10 +66,22 @@ fn choose_mount(mounts: &str, inode: impl Fn(&Path) -> Option<u64>) -> Mount {
             (kind == "cgroup2").then(|| PathBuf::from(unescape(dir)))
         })
         .collect();
-    if let Some(root) = dirs.iter().find(|d| inode(d) == Some(ROOT_CGROUP_ID)) {
-        return Mount::Root(root.clone());
+    let inodes: Vec<Option<u64>> = dirs.iter().map(|d| inode(d)).collect();
+    let found = |want: &dyn Fn(Option<u64>) -> bool| {
+        dirs.iter()
+            .zip(&inodes)
+            .find(|(_, i)| want(**i))
+            .map(|(d, _)| d.clone())
+    };
+    if let Some(root) = found(&|i| i == Some(ROOT_CGROUP_ID)) {
+        return Mount::Root(root);
     }
-    dirs.into_iter().next().map_or(Mount::None, Mount::Subtree)
+    if let Some(view) = found(&|i| i.is_some()) {
+        return Mount::Subtree(view);
+    }
+    dirs.into_iter()
+        .next()
+        .map_or(Mount::None, Mount::Unreadable)
 }
 
 fn unescape(s: &str) -> String {
@@ -118,6 +132,14 @@ impl Resolver {
                      ids, pod uids or systemd units (counted in \
                      capture_cgroups_unresolved_total); mount the host's /sys/fs/cgroup (the \
                      Kubernetes manifests do)",
+                    m.display()
+                );
+                None
+            }
+            Mount::Unreadable(m) => {
+                tracing::warn!(
+                    "the cgroup2 hierarchy mounted at {} cannot be read: cgroups that exist before \
+                     capture starts get no paths, container ids, pod uids or systemd units",
                     m.display()
                 );
                 None
@@ -378,8 +400,11 @@ mod tests {
             Mount::Subtree("/sys/fs/cgroup".into())
         );
         assert_eq!(choose_mount("proc /proc proc rw 0 0\n", inode), Mount::None);
-        // This host's own mount is its hierarchy's root (hybrid here: /sys/fs/cgroup/unified).
-        assert!(matches!(cgroup2_mount(), Mount::Root(_)));
+        // A mount that cannot be read is not taken for a namespace's view.
+        assert_eq!(
+            choose_mount(mounts, |_| None),
+            Mount::Unreadable("/sys/fs/cgroup".into())
+        );
     }
 
     #[test]
