@@ -71,3 +71,36 @@ impl<T: Keyed> Ord for Shared<T> {
         self.key().cmp(other.key())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A value keyed by its first field only.
+    struct ByName(&'static str, u32);
+
+    impl Keyed for ByName {
+        type Key = str;
+        fn key(&self) -> &str {
+            self.0
+        }
+    }
+
+    #[test]
+    fn equal_keys_are_equal_hash_alike_and_order_by_key_whatever_the_allocation() {
+        let hash = |v: &Shared<ByName>| {
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            v.hash(&mut h);
+            h.finish()
+        };
+        let a = Shared::new(ByName("a", 1));
+        let a2 = Shared::new(ByName("a", 2));
+        let b = Shared::new(ByName("b", 1));
+        assert!(a == a2 && !a.ptr_eq(&a2));
+        assert_eq!(hash(&a), hash(&a2));
+        assert!(a != b && a < b);
+        let same = a.clone();
+        assert!(same.ptr_eq(&a) && same == a && same.cmp(&a).is_eq());
+        assert_eq!((a.1, a2.1), (1, 2));
+    }
+}
