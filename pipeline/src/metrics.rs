@@ -300,6 +300,8 @@ pub struct HandoffMetrics {
     pub misses: Counter,
     pub bytes_written: Counter,
     pub bytes_read: Counter,
+    /// Rows a restarted sink read again and skipped: its output held them already.
+    pub rows_skipped: Counter,
 }
 
 /// Queue depth (in batches) of each in-process edge.
@@ -596,6 +598,11 @@ impl Metrics {
                 "handoff_requests",
                 "Object-store hand-off requests, by type (GETs include polls that found nothing)",
                 by("op", [("put", h.puts.get()), ("get", h.gets.get())]),
+            ),
+            Family::counter(
+                "handoff_rows_skipped",
+                "Hand-off rows a restarted sink read again and skipped: already written",
+                h.rows_skipped.get(),
             ),
             Family::counters(
                 "errors",

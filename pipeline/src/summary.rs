@@ -10,7 +10,11 @@ use crate::metrics::Metrics;
 /// Figures printed when a run ends (text for people, JSON for scripts and `tcplake bench`).
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Summary {
+    /// Events this process captured (0 in an aggregator or a sink: see `events_handled`).
     pub events: u64,
+    /// Events this process worked on: captured, else aggregated, else written to the event log.
+    /// `events_per_sec` is of these, so an aggregator or a sink does not report 0 events/s.
+    pub events_handled: u64,
     /// Records the kernel could not queue (ring buffer full).
     pub kernel_drops: u64,
     /// Kernel records skipped because they could not be decoded.
@@ -92,8 +96,17 @@ impl Summary {
         let s3 = out.starts_with("s3://") || m.s3.by_type().iter().any(|&(_, n)| n > 0);
         let secs = elapsed.as_secs_f64();
         let events = m.capture.events.get();
+        let handled = [
+            events,
+            m.aggregate.events_in.get(),
+            m.sink_events.rows.get(),
+        ]
+        .into_iter()
+        .find(|&n| n > 0)
+        .unwrap_or(0);
         Summary {
             events,
+            events_handled: handled,
             kernel_drops: m.capture.kernel_drops.get(),
             decode_errors: m.capture.decode_errors.get(),
             late_events: m.aggregate.late_events.get(),
@@ -111,7 +124,7 @@ impl Summary {
             latency_p99_ms: m.sink_events.latency_ms().map(|l| l.1),
             elapsed_secs: secs,
             events_per_sec: if secs > 0.0 {
-                events as f64 / secs
+                handled as f64 / secs
             } else {
                 0.0
             },
@@ -152,12 +165,16 @@ impl Summary {
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        writeln!(
-            f,
-            "tcplake: {} events -> {} flow records in {} windows ({} later than the late horizon, \
-             kept in events/ only)",
-            self.events, self.flows, self.windows, self.late_events
-        )?;
+        // A sink alone neither captures nor aggregates: its line is the one of what it wrote.
+        let sink_only = self.events == 0 && self.flows == 0 && self.event_rows + self.flow_rows > 0;
+        if !sink_only {
+            writeln!(
+                f,
+                "tcplake: {} events -> {} flow records in {} windows ({} later than the late \
+                 horizon, kept in events/ only)",
+                self.events_handled, self.flows, self.windows, self.late_events
+            )?;
+        }
         if self.windows_rewritten > 0 {
             writeln!(
                 f,

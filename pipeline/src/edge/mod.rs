@@ -68,6 +68,14 @@ pub enum EdgeError {
         #[source]
         source: Box<crate::storage::StoreError>,
     },
+    /// A producer restarted on a hand-off stream it wrote before, with other data than it wrote then.
+    #[error(
+        "hand-off object {object} already exists, with other bytes than this producer's: a restarted capture or aggregator \
+         numbers its objects from the first again, and the readers would never see its new ones; \
+         start its pipeline on an empty hand-off location (stream {stream}), or use the broker, \
+         whose services resume"
+    )]
+    HandoffTaken { object: String, stream: String },
     /// An object of the object-store hand-off is not a batch this build can read.
     #[error("hand-off {what}: {source}")]
     HandoffDecode {

@@ -9,15 +9,21 @@
 //! `_handoff/<node>/flows/<shard>`, and the flows producers are named after the node, so several
 //! nodes' pipelines share one output.
 //!
-//! This edge is for comparing topologies (`tcplake bench`): it has no crash recovery of its own. For a
-//! split deployment that survives restarts, use the broker edge.
+//! This edge is for comparing topologies (`tcplake bench`). The store keeps every object, so a restarted
+//! **sink** reads its streams again from the first object and skips what its output already holds
+//! ([`CommittedEvents`], [`CommittedFlows`]). A restarted **producer** (capture, aggregator) would
+//! number its objects from 0 again: an object already there with other bytes stops it with an error
+//! naming the object, rather than its new data being dropped in favour of the old. For a split
+//! deployment whose every service resumes, use the broker edge.
 
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
+
 use super::wire;
-use super::{EdgeError, Rx, Tx};
+use super::{Ack, EdgeError, Finalized, Rx, Tx};
 use crate::event::{EventBatch, FlowBatch};
 use crate::metrics::HandoffMetrics;
 use crate::storage::Store;
@@ -94,13 +100,23 @@ impl<T> ObjectTx<T> {
         let k = key(&self.stream, self.next);
         self.metrics.puts.add(1);
         self.metrics.bytes_written.add(body.len() as u64);
-        self.store
-            .put_if_absent(&k, &body)
-            .await
-            .map_err(|source| EdgeError::Handoff {
-                what: format!("object {k}"),
-                source: Box::new(source),
-            })?;
+        let err = |source| EdgeError::Handoff {
+            what: format!("object {k}"),
+            source: Box::new(source),
+        };
+        let written = self.store.put_if_absent(&k, &body).await.map_err(err)?;
+        if !written {
+            // A producer restarted on a stream it wrote before. The same bytes (a deterministic
+            // source writing the same batch again) are harmless; other bytes are new data that the
+            // readers would never see, since they read the old object.
+            self.metrics.gets.add(1);
+            if self.store.get(&k).await.map_err(err)?.as_deref() != Some(body.as_slice()) {
+                return Err(EdgeError::HandoffTaken {
+                    object: k,
+                    stream: self.stream.clone(),
+                });
+            }
+        }
         self.next += 1;
         Ok(())
     }
@@ -216,6 +232,92 @@ impl<T: Handoff> Rx<T> for ObjectRx<T> {
     }
 }
 
+/// The events of a node's hand-off stream for its event-log sink, from the first object, without the
+/// rows its output already holds (a restarted sink: every event with a `seq` below `next_seq`). Each
+/// batch comes with an ack at its object number; releasing it (the sink does, once the batch's rows
+/// are committed) moves [`CommittedEvents::through`] on, which is how far the flows sink may commit:
+/// the aggregators' replay points count objects too.
+pub struct CommittedEvents {
+    rx: ObjectRx<Arc<EventBatch>>,
+    next_seq: u64,
+    through: Arc<watch::Sender<u64>>,
+}
+
+impl CommittedEvents {
+    pub fn new(rx: ObjectRx<Arc<EventBatch>>, next_seq: u64) -> (Self, watch::Receiver<u64>) {
+        let (through, after) = watch::channel(0);
+        let me = CommittedEvents {
+            rx,
+            next_seq,
+            through: Arc::new(through),
+        };
+        (me, after)
+    }
+
+    fn ack(&self, end: u64) -> Ack {
+        let through = Arc::clone(&self.through);
+        Ack::new(end, move || {
+            Box::pin(async move {
+                through.send_if_modified(|t| std::mem::replace(t, (*t).max(end)) < end);
+            })
+        })
+    }
+}
+
+impl Rx<Finalized<Arc<EventBatch>>> for CommittedEvents {
+    async fn recv(&mut self) -> Result<Option<Finalized<Arc<EventBatch>>>, EdgeError> {
+        let Some(batch) = self.rx.recv().await? else {
+            return Ok(None);
+        };
+        let ack = self.ack(batch.position.end);
+        let held = batch
+            .events
+            .iter()
+            .take_while(|e| e.seq < self.next_seq)
+            .count();
+        if held == 0 {
+            return Ok(Some(Finalized::new(batch, ack)));
+        }
+        self.rx.metrics.rows_skipped.add(held as u64);
+        if held == batch.events.len() {
+            return Ok(Some(Finalized::acks(vec![ack])));
+        }
+        let mut rest = EventBatch::new(
+            Arc::clone(&batch.node),
+            batch.events[held..].to_vec(),
+            batch.clock_us,
+        );
+        rest.position = batch.position.clone();
+        rest.sent_at_us = batch.sent_at_us;
+        Ok(Some(Finalized::new(Arc::new(rest), ack)))
+    }
+}
+
+/// An aggregator's flows on the hand-off for its flows sink, without the emissions its output already
+/// holds (a restarted sink: every emission up to the last committed one). Emissions are whole objects
+/// and are committed whole, in order.
+pub struct CommittedFlows {
+    rx: ObjectRx<FlowBatch>,
+    committed: Option<u64>,
+}
+
+impl CommittedFlows {
+    pub fn new(rx: ObjectRx<FlowBatch>, committed: Option<u64>) -> Self {
+        CommittedFlows { rx, committed }
+    }
+}
+
+impl Rx<FlowBatch> for CommittedFlows {
+    async fn recv(&mut self) -> Result<Option<FlowBatch>, EdgeError> {
+        loop {
+            match self.rx.recv().await? {
+                Some(b) if self.committed.is_some_and(|c| b.seq <= c) => continue,
+                other => return Ok(other),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,5 +349,78 @@ mod tests {
         assert_eq!(got, vec![(0..1, 0), (1..2, 0), (2..3, 0)]);
         assert_eq!(m.puts.get(), 4);
         assert!(m.misses.get() >= 1, "the reader polled ahead of the writer");
+    }
+
+    #[tokio::test]
+    async fn a_restarted_sink_gets_only_what_its_output_lacks_and_hears_how_far_events_are_committed(
+    ) {
+        use crate::event::{Event, EventKind};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::Local(LocalDir::open(dir.path()).unwrap());
+        let m = Arc::new(HandoffMetrics::default());
+        let mut tx: ObjectTx<Arc<EventBatch>> =
+            ObjectTx::new(store.clone(), events_stream("n"), Arc::clone(&m));
+        for first in [0u64, 4, 8] {
+            let events = (first..first + 4)
+                .map(|s| Event::sample(s, s as i64, EventKind::BytesSent { bytes: 1 }))
+                .collect();
+            tx.send(Arc::new(EventBatch::new("n".into(), events, None)))
+                .await
+                .unwrap();
+        }
+        tx.close(true).await.unwrap();
+        // The output holds events up to seq 5: the first batch is all held, the second half.
+        let (mut rx, mut through) =
+            CommittedEvents::new(ObjectRx::new(store, events_stream("n"), Arc::clone(&m)), 6);
+        let mut got = Vec::new();
+        while let Some(f) = rx.recv().await.unwrap() {
+            let seqs: Vec<u64> = f
+                .item
+                .iter()
+                .flat_map(|b| b.events.iter().map(|e| e.seq))
+                .collect();
+            got.push((seqs, f.acks.iter().map(Ack::position).collect::<Vec<_>>()));
+            for a in f.acks {
+                a.release().await;
+            }
+            assert!(through.has_changed().unwrap());
+            through.mark_unchanged();
+        }
+        assert_eq!(
+            got,
+            vec![
+                (vec![], vec![1]),
+                (vec![6, 7], vec![2]),
+                (vec![8, 9, 10, 11], vec![3]),
+            ]
+        );
+        assert_eq!(
+            *through.borrow(),
+            3,
+            "events committed through the third object"
+        );
+        assert_eq!(m.rows_skipped.get(), 6);
+    }
+
+    #[tokio::test]
+    async fn a_producer_writing_other_bytes_over_an_object_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::Local(LocalDir::open(dir.path()).unwrap());
+        let m = Arc::new(HandoffMetrics::default());
+        let batch = |clock| Arc::new(EventBatch::new("n".into(), Vec::new(), Some(clock)));
+        let mut first: ObjectTx<Arc<EventBatch>> =
+            ObjectTx::new(store.clone(), events_stream("n"), Arc::clone(&m));
+        first.send(batch(1)).await.unwrap();
+        first.send(batch(2)).await.unwrap();
+        // The same bytes again (a deterministic producer rerun) are fine; other bytes are not.
+        let mut again: ObjectTx<Arc<EventBatch>> =
+            ObjectTx::new(store, events_stream("n"), Arc::clone(&m));
+        again.send(batch(1)).await.unwrap();
+        match again.send(batch(3)).await {
+            Err(EdgeError::HandoffTaken { object, .. }) => {
+                assert!(object.ends_with("00000000000000000001.tlw"), "{object}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -438,13 +438,29 @@ async fn sink_from_objects(
     let writer =
         |ds: Dataset| RollingWriter::new(ds.name(), ds.schema(), store.clone(), roll_policy(s));
     let mut tasks = Vec::new();
-    let events_in: ObjectRx<Arc<EventBatch>> = ObjectRx::new(
-        handoff.clone(),
-        objects::events_stream(&s.node),
-        Arc::clone(&metrics.handoff),
-    );
     let mut log =
         CommitLog::recover(store.clone(), Dataset::Events, &s.node, &Default::default()).await?;
+    // The store keeps every object: a restarted sink reads the streams again from the first and
+    // skips what its output holds.
+    let next_seq = match log.last() {
+        Some(Position::Event { seq }) => seq + 1,
+        _ => 0,
+    };
+    if next_seq > 0 {
+        tracing::info!(
+            node = %s.node,
+            next_seq,
+            "resuming: the hand-off's events up to the last committed one are skipped"
+        );
+    }
+    let (events_in, events_committed) = objects::CommittedEvents::new(
+        ObjectRx::new(
+            handoff.clone(),
+            objects::events_stream(&s.node),
+            Arc::clone(&metrics.handoff),
+        ),
+        next_seq,
+    );
     let (m, w) = (Arc::clone(&metrics), writer(Dataset::Events));
     tasks.push(tokio::spawn(async move {
         sink::run(
@@ -462,11 +478,6 @@ async fn sink_from_objects(
         .await
         .map_err(edge_err("flows"))?;
     for i in 0..shards {
-        let input: ObjectRx<FlowBatch> = ObjectRx::new(
-            handoff.clone(),
-            objects::flows_stream(&s.node, i),
-            Arc::clone(&metrics.handoff),
-        );
         let mut log = CommitLog::recover(
             store.clone(),
             Dataset::Flows,
@@ -474,20 +485,29 @@ async fn sink_from_objects(
             &Default::default(),
         )
         .await?;
+        let committed = match log.last() {
+            Some(Position::Flow { emission, .. }) => Some(emission),
+            _ => None,
+        };
+        let input = objects::CommittedFlows::new(
+            ObjectRx::new(
+                handoff.clone(),
+                objects::flows_stream(&s.node, i),
+                Arc::clone(&metrics.handoff),
+            ),
+            committed,
+        );
         let (m, w) = (Arc::clone(&metrics), writer(Dataset::Flows));
         let policy = roll_policy(s);
+        // Flows are committed only once the events they count are (as in every other mode).
+        let order = CommitOrder {
+            after: Some(events_committed.clone()),
+        };
         tasks.push(tokio::spawn(async move {
-            sink::run_flows(
-                input,
-                w,
-                &mut log,
-                CommitOrder::default(),
-                policy,
-                &m.sink_flows,
-            )
-            .await
-            .map(|_| ())
-            .map_err(sink_err("flows"))
+            sink::run_flows(input, w, &mut log, order, policy, &m.sink_flows)
+                .await
+                .map(|_| ())
+                .map_err(sink_err("flows"))
         }));
     }
     for t in tasks {

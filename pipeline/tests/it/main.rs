@@ -14,6 +14,7 @@ mod deploy;
 mod docs_commands;
 mod ebpf;
 mod fuzz_regressions;
+mod handoff;
 mod lake_readers;
 mod monolith;
 mod privileges;
