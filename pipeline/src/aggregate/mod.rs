@@ -134,6 +134,7 @@ where
                     // Taken after the emission: what a rebuild needs to continue from here.
                     replay: windows.replay_point(),
                     shard_count: cfg.shard.count,
+                    windows: Some(cfg.windows),
                 })
                 .await?;
             seq += 1;

@@ -29,14 +29,7 @@ use rustc_hash::FxHashMap;
 use crate::event::{Event, EventKind, FlowKey, FlowRecord, ReplayPoint};
 use crate::sketch::RttSketch;
 
-/// Window length, allowed lateness and late horizon, in microseconds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct WindowConfig {
-    pub window_us: i64,
-    pub allowed_lateness_us: i64,
-    /// How long after the watermark passes a window it still takes late events (>= the lateness).
-    pub horizon_us: i64,
-}
+pub use crate::event::flow::WindowConfig;
 
 /// Counters the window logic keeps; read for metrics and the end summary.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

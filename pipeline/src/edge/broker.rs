@@ -526,6 +526,7 @@ impl Broker {
                         records: b.records[r].to_vec(),
                         replay: b.replay.clone(),
                         shard_count: b.shard_count,
+                        windows: b.windows,
                     };
                     (half(0..mid), half(mid..b.records.len()))
                 })

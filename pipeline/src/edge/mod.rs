@@ -150,6 +150,49 @@ pub enum StreamFault {
          aggregator of a deployment must run with the same N in --shard I/N"
     )]
     ShardBeyond { shard: u32, n: u32 },
+    #[error(
+        "the aggregators made their flows with different settings: `{this}` with {this_settings}, \
+         `{earlier}` with {earlier_settings}; one flows table holds one projection: run every \
+         aggregator of a deployment with the same window, allowed lateness and late horizon"
+    )]
+    WindowsDisagree {
+        this: String,
+        this_settings: String,
+        earlier: String,
+        earlier_settings: String,
+    },
+}
+
+/// The window settings as a person would set them.
+pub fn describe_windows(w: &crate::event::flow::WindowConfig) -> String {
+    format!(
+        "window {} s, allowed lateness {} s, late horizon {} s",
+        w.window_us / 1_000_000,
+        w.allowed_lateness_us / 1_000_000,
+        w.horizon_us / 1_000_000
+    )
+}
+
+/// Every aggregator feeding one sink must make its flows with the same settings: the first batch that
+/// says them (with its producer) is what the others are held to. Batches of older builds do not say.
+pub fn check_windows(
+    known: &mut Option<(std::sync::Arc<str>, crate::event::flow::WindowConfig)>,
+    b: &crate::event::FlowBatch,
+) -> Result<(), StreamFault> {
+    let Some(w) = b.windows else { return Ok(()) };
+    match known {
+        Some((first, k)) if *k != w => Err(StreamFault::WindowsDisagree {
+            this: b.producer.to_string(),
+            this_settings: describe_windows(&w),
+            earlier: first.to_string(),
+            earlier_settings: describe_windows(k),
+        }),
+        Some(_) => Ok(()),
+        None => {
+            *known = Some((std::sync::Arc::clone(&b.producer), w));
+            Ok(())
+        }
+    }
 }
 
 /// The sending half of an edge.

@@ -24,6 +24,7 @@ use tokio::sync::watch;
 
 use super::wire;
 use super::{Ack, EdgeError, Finalized, Rx, Tx};
+use crate::event::flow::WindowConfig;
 use crate::event::{EventBatch, FlowBatch};
 use crate::metrics::HandoffMetrics;
 use crate::storage::Store;
@@ -136,14 +137,15 @@ impl<T: Handoff + Sync> Tx<T> for ObjectTx<T> {
     }
 }
 
-/// How many aggregator shards of `node`'s pipeline write flows to the hand-off store, learned from the
-/// data: the first object of shard 0 (waited for) says it; a shard 0 that ended without any batch
-/// leaves the count to the streams present.
+/// How many aggregator shards of `node`'s pipeline write flows to the hand-off store, and with which
+/// settings (with the producer that said them), learned from the data: the first object of shard 0
+/// (waited for) says it; a shard 0 that ended without any batch leaves the count to the streams
+/// present, and the settings unknown.
 pub async fn shard_count(
     store: &Store,
     node: &str,
     metrics: &HandoffMetrics,
-) -> Result<u32, EdgeError> {
+) -> Result<(u32, Option<(Arc<str>, WindowConfig)>), EdgeError> {
     let k = key(&flows_stream(node, 0), 0);
     loop {
         metrics.gets.add(1);
@@ -161,8 +163,9 @@ pub async fn shard_count(
                 what: format!("object {k}"),
                 source: Box::new(source),
             })?;
+            let windows = b.windows.map(|w| (Arc::clone(&b.producer), w));
             if b.shard_count > 0 {
-                return Ok(b.shard_count);
+                return Ok((b.shard_count, windows));
             }
         }
         let dirs = store
@@ -173,7 +176,7 @@ pub async fn shard_count(
                 source: Box::new(source),
             })?;
         let n = dirs.iter().filter_map(|d| d.parse::<u32>().ok()).max();
-        return Ok(n.map_or(1, |m| m + 1));
+        return Ok((n.map_or(1, |m| m + 1), None));
     }
 }
 
@@ -295,25 +298,39 @@ impl Rx<Finalized<Arc<EventBatch>>> for CommittedEvents {
 
 /// An aggregator's flows on the hand-off for its flows sink, without the emissions its output already
 /// holds (a restarted sink: every emission up to the last committed one). Emissions are whole objects
-/// and are committed whole, in order.
+/// and are committed whole, in order. Every batch must say the settings the first one of the pipeline
+/// said (`windows`): one flows table holds one projection.
 pub struct CommittedFlows {
     rx: ObjectRx<FlowBatch>,
     committed: Option<u64>,
+    windows: Option<(Arc<str>, WindowConfig)>,
 }
 
 impl CommittedFlows {
-    pub fn new(rx: ObjectRx<FlowBatch>, committed: Option<u64>) -> Self {
-        CommittedFlows { rx, committed }
+    pub fn new(
+        rx: ObjectRx<FlowBatch>,
+        committed: Option<u64>,
+        windows: Option<(Arc<str>, WindowConfig)>,
+    ) -> Self {
+        CommittedFlows {
+            rx,
+            committed,
+            windows,
+        }
     }
 }
 
 impl Rx<FlowBatch> for CommittedFlows {
     async fn recv(&mut self) -> Result<Option<FlowBatch>, EdgeError> {
         loop {
-            match self.rx.recv().await? {
-                Some(b) if self.committed.is_some_and(|c| b.seq <= c) => continue,
-                other => return Ok(other),
+            let got = self.rx.recv().await?;
+            if let Some(b) = &got {
+                super::check_windows(&mut self.windows, b)?;
+                if self.committed.is_some_and(|c| b.seq <= c) {
+                    continue;
+                }
             }
+            return Ok(got);
         }
     }
 }
@@ -422,5 +439,41 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn flows_made_with_other_settings_than_the_pipelines_first_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::Local(LocalDir::open(dir.path()).unwrap());
+        let m = Arc::new(HandoffMetrics::default());
+        let mut tx: ObjectTx<FlowBatch> =
+            ObjectTx::new(store.clone(), flows_stream("n", 1), Arc::clone(&m));
+        let w = |secs: i64| WindowConfig {
+            window_us: secs * 1_000_000,
+            allowed_lateness_us: 5_000_000,
+            horizon_us: 60_000_000,
+        };
+        for (seq, windows) in [(0, Some(w(10))), (1, None), (2, Some(w(5)))] {
+            let b = FlowBatch {
+                producer: "agg-1-n".into(),
+                seq,
+                records: Vec::new(),
+                first_row: 0,
+                total_rows: 0,
+                replay: Default::default(),
+                shard_count: 2,
+                windows,
+            };
+            tx.send(b).await.unwrap();
+        }
+        // Shard 0's first batch said 10 s windows; a batch of an older build says nothing.
+        let known = Some((Arc::from("agg-0-n"), w(10)));
+        let rx = ObjectRx::new(store, flows_stream("n", 1), Arc::clone(&m));
+        let mut rx = CommittedFlows::new(rx, None, known);
+        assert_eq!(rx.recv().await.unwrap().unwrap().seq, 0);
+        assert_eq!(rx.recv().await.unwrap().unwrap().seq, 1);
+        let err = rx.recv().await.unwrap_err().to_string();
+        assert!(err.contains("`agg-1-n` with window 5 s"), "{err}");
+        assert!(err.contains("`agg-0-n` with window 10 s"), "{err}");
     }
 }

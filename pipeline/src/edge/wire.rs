@@ -12,6 +12,10 @@
 //! names each) once, before its events, and each event says its role and the index of its path and of
 //! its pod in the lists (0: none); a flow record says its role, cgroup path and pod names.
 //!
+//! Version 4 added, to flows, the settings the aggregator made them with (window, allowed lateness,
+//! late horizon), after the replay point: a sink learns them from the data, as it learns the shard
+//! count. Event batches are unchanged.
+//!
 //! Decoding checks everything and says what was wrong ([`WireError`]); a message that fails is counted
 //! and dead-lettered by the edge, never half-applied.
 
@@ -19,6 +23,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use crate::event::cgroup::Paths;
+use crate::event::flow::WindowConfig;
 use crate::event::pod::Pods;
 use crate::event::{
     Cgroup, Comm, Event, EventBatch, EventKind, FlowBatch, FlowKey, FlowRecord, Pod, ReplayPoint,
@@ -30,7 +35,7 @@ const MAGIC: &[u8; 3] = b"TLW";
 /// path: `unknown` and none), and flows of version 2; flows of version 1 (ranked rows, another replay
 /// point) are refused: drain the flows stream of an older tcplake before upgrading its aggregators.
 /// An older build refuses this version's messages (dead-lettered, counted): upgrade consumers first.
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
 const KIND_EVENTS: u8 = 1;
 const KIND_FLOWS: u8 = 2;
 const CODEC_RAW: u8 = 0;
@@ -45,7 +50,7 @@ pub enum WireError {
     #[error("not a tcplake message (bad magic)")]
     Magic,
     #[error(
-        "unsupported wire version {0} (this build reads versions 2 and {VERSION}, and version 1 events)"
+        "unsupported wire version {0} (this build reads versions 2 to {VERSION}, and version 1 events)"
     )]
     Version(u8),
     #[error("expected a {expected} message, got kind {found}")]
@@ -520,6 +525,15 @@ pub fn encode_flows(b: &FlowBatch, compress: bool) -> Vec<u8> {
         w.str(node);
         w.i64(*ts);
     }
+    w.u8(u8::from(b.windows.is_some()));
+    let c = b.windows.unwrap_or(WindowConfig {
+        window_us: 0,
+        allowed_lateness_us: 0,
+        horizon_us: 0,
+    });
+    for v in [c.window_us, c.allowed_lateness_us, c.horizon_us] {
+        w.i64(v);
+    }
     w.u32(b.records.len() as u32);
     for r in &b.records {
         w.i64(r.window_start_us);
@@ -583,6 +597,18 @@ pub fn decode_flows(msg: &[u8]) -> Result<FlowBatch, WireError> {
         from_seq,
         through_seq,
         max_ts,
+    };
+    let windows = if version >= 4 {
+        let said = flag(&mut r, "windows")?;
+        let (window_us, allowed_lateness_us, horizon_us) =
+            (r.i64("windows")?, r.i64("windows")?, r.i64("windows")?);
+        said.then_some(WindowConfig {
+            window_us,
+            allowed_lateness_us,
+            horizon_us,
+        })
+    } else {
+        None
     };
     let n = r.u32("count")? as usize;
     let cap = n.min(r.0.len() / MIN_FLOW_BYTES);
@@ -666,6 +692,7 @@ pub fn decode_flows(msg: &[u8]) -> Result<FlowBatch, WireError> {
         total_rows,
         replay,
         shard_count: u32::from(shard_count),
+        windows,
     })
 }
 
@@ -728,6 +755,11 @@ mod tests {
                 ],
             },
             shard_count: 3,
+            windows: Some(crate::aggregate::WindowConfig {
+                window_us: 10_000_000,
+                allowed_lateness_us: 5_000_000,
+                horizon_us: 60_000_000,
+            }),
         };
         for compress in [false, true] {
             assert_eq!(decode_flows(&encode_flows(&fb, compress)).unwrap(), fb);

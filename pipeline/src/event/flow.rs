@@ -57,6 +57,16 @@ pub struct FlowRecord {
     pub events: u64,
 }
 
+/// What a projection is made with: window length, allowed lateness and late horizon, in microseconds.
+/// Every aggregator feeding one `flows/` table must use the same, and the table records them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowConfig {
+    pub window_us: i64,
+    pub allowed_lateness_us: i64,
+    /// How long after the watermark passes a window it still takes late events (>= the lateness).
+    pub horizon_us: i64,
+}
+
 /// One emission of the aggregate stage: the complete rows of every window it emits at one point (a
 /// window's rows are never split across emissions), the unit the flows edge moves. A window emitted
 /// again later (it gained events) replaces its earlier rows in the table. An edge that must cut an
@@ -77,6 +87,9 @@ pub struct FlowBatch {
     /// How many aggregators share the flows (each owns those whose key hashes to its index): what a
     /// sink learns the shard count from. 0 in messages of older versions, which did not say.
     pub shard_count: u32,
+    /// The settings the rows were made with: what a sink checks the table and the other aggregators
+    /// against. `None` in messages of older versions, which did not say.
+    pub windows: Option<WindowConfig>,
 }
 
 impl FlowBatch {

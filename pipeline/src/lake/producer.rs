@@ -143,6 +143,20 @@ pub(crate) fn source_hash(s: &str) -> i64 {
 /// The table property that holds the late horizon (seconds): how far back windows still change.
 pub const HORIZON_PROPERTY: &str = "tcplake.late_horizon_secs";
 
+/// The properties a `flows/` table is created with and checked against: what its projection is made
+/// of. The monolith takes them from its settings, a sink from the aggregators' batches.
+pub fn flows_properties(w: &crate::event::flow::WindowConfig) -> Properties {
+    let secs = |us: i64| (us / 1_000_000).to_string();
+    Properties::from([
+        ("tcplake.window_secs".to_string(), secs(w.window_us)),
+        (
+            "tcplake.allowed_lateness_secs".to_string(),
+            secs(w.allowed_lateness_us),
+        ),
+        (HORIZON_PROPERTY.to_string(), secs(w.horizon_us)),
+    ])
+}
+
 /// Application id of a producer's commit number.
 pub fn app_id(dataset: Dataset, producer: &str) -> String {
     format!("tcplake/{}/{producer}", dataset.name())

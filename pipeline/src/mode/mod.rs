@@ -22,7 +22,7 @@ use crate::config::{defaults, Mode, Settings, SourceKind, StateChanges};
 use crate::edge::tee::Tee;
 use crate::edge::{memory, Ack, EdgeError, Finalized, Finalizing};
 use crate::event::{EventBatch, FlowBatch};
-use crate::lake::producer::{Properties, HORIZON_PROPERTY, SOURCE_PROPERTY};
+use crate::lake::producer::{flows_properties, Properties, SOURCE_PROPERTY};
 use crate::metrics::Metrics;
 use crate::replay::{self, ReplayError};
 use crate::shutdown::Shutdown;
@@ -241,17 +241,7 @@ fn window_config(s: &Settings) -> WindowConfig {
 /// what the projection is made of, and which event stream the log holds.
 fn table_properties(s: &Settings, source: &str) -> (Properties, Properties) {
     let events = Properties::from([(SOURCE_PROPERTY.to_string(), source.to_string())]);
-    let mut flows = Properties::new();
-    flows.insert("tcplake.window_secs".into(), s.window.as_secs().to_string());
-    flows.insert(
-        "tcplake.allowed_lateness_secs".into(),
-        s.allowed_lateness.as_secs().to_string(),
-    );
-    flows.insert(
-        HORIZON_PROPERTY.into(),
-        s.late_horizon.as_secs().to_string(),
-    );
-    (events, flows)
+    (events, flows_properties(&window_config(s)))
 }
 
 /// Which event stream a run records: the same source settings continue the same stream; others would

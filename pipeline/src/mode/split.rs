@@ -26,8 +26,10 @@ use crate::edge::broker::{
     FLOWS_STREAM,
 };
 use crate::edge::objects::{self, ObjectRx, ObjectTx};
-use crate::edge::{memory, Ack, EdgeError, Finalized, StreamFault, Tx};
+use crate::edge::{check_windows, memory, Ack, EdgeError, Finalized, StreamFault, Tx};
+use crate::event::flow::WindowConfig;
 use crate::event::{EventBatch, FlowBatch};
+use crate::lake::producer::flows_properties;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::sink::{
@@ -474,15 +476,21 @@ async fn sink_from_objects(
         .map(|_| ())
         .map_err(sink_err("events"))
     }));
-    let shards = objects::shard_count(&handoff, &s.node, &metrics.handoff)
+    let (shards, first) = objects::shard_count(&handoff, &s.node, &metrics.handoff)
         .await
         .map_err(edge_err("flows"))?;
+    // What shard 0's first batch says its rows were made with: the table and every shard are held
+    // to it.
+    let props = first
+        .as_ref()
+        .map(|(_, w)| flows_properties(w))
+        .unwrap_or_default();
     for i in 0..shards {
         let mut log = CommitLog::recover(
             store.clone(),
             Dataset::Flows,
             &objects::flows_producer(&s.node, i),
-            &Default::default(),
+            &props,
         )
         .await?;
         let committed = match log.last() {
@@ -496,6 +504,7 @@ async fn sink_from_objects(
                 Arc::clone(&metrics.handoff),
             ),
             committed,
+            first.clone(),
         );
         let (m, w) = (Arc::clone(&metrics), writer(Dataset::Flows));
         let policy = roll_policy(s);
@@ -708,6 +717,8 @@ async fn route_flows(
     let mut shards: BTreeMap<Arc<str>, ShardSink> = BTreeMap::new();
     // (producer, count) of the first batch that said how many shards there are.
     let mut count: Option<(Arc<str>, u32)> = None;
+    // (producer, settings) of the first batch that said what its rows were made with.
+    let mut windows: Option<(Arc<str>, WindowConfig)> = None;
     loop {
         let delivery = tokio::select! {
             biased;
@@ -720,9 +731,18 @@ async fn route_flows(
         let Some(d) = delivery else { break };
         let piece = d.item;
         check_shard_count(&mut count, &piece).map_err(edge_err("flows"))?;
+        check_windows(&mut windows, &piece).map_err(|f| edge_err("flows")(f.into()))?;
         let producer = Arc::clone(&piece.producer);
         if !shards.contains_key(&producer) {
-            let sh = start_shard_sink(&producer, &store, &s, &metrics, log_through.clone()).await?;
+            let sh = start_shard_sink(
+                &producer,
+                piece.windows.as_ref(),
+                &store,
+                &s,
+                &metrics,
+                log_through.clone(),
+            )
+            .await?;
             shards.insert(Arc::clone(&producer), sh);
         }
         let sh = shards.get_mut(&producer).expect("just inserted");
@@ -826,16 +846,18 @@ fn check_shard_count(count: &mut Option<(Arc<str>, u32)>, b: &FlowBatch) -> Resu
     }
 }
 
-/// Opens one shard's flows sink: its commit log tells where it stands.
+/// Opens one shard's flows sink: its commit log tells where it stands. The table is created with, or
+/// must hold, the settings the aggregator made its rows with (unknown for batches of older builds).
 async fn start_shard_sink(
     producer: &Arc<str>,
+    windows: Option<&WindowConfig>,
     store: &Store,
     s: &Settings,
     metrics: &Arc<Metrics>,
     log_through: watch::Receiver<u64>,
 ) -> Result<ShardSink, RunError> {
-    let mut log =
-        CommitLog::recover(store.clone(), Dataset::Flows, producer, &Default::default()).await?;
+    let props = windows.map(flows_properties).unwrap_or_default();
+    let mut log = CommitLog::recover(store.clone(), Dataset::Flows, producer, &props).await?;
     let done = match log.last() {
         Some(Position::Flow { emission, .. }) => Some(emission),
         _ => None,

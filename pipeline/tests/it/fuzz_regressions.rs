@@ -121,6 +121,7 @@ fn wire_seeds() -> Vec<Vec<u8>> {
             max_ts: vec![(Arc::from("n"), 2)],
         },
         shard_count: 2,
+        windows: None,
     };
     let mut small = batch.clone();
     small.events.truncate(3);

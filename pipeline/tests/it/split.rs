@@ -427,6 +427,68 @@ fn aggregators_that_disagree_on_the_shard_count_stop_the_sink() {
     assert_one_error_line(&o, &["disagree on how many shards", "--shard I/N"]);
 }
 
+/// One flows table holds one projection: aggregators that make flows with other window settings stop
+/// the sink, the table records the settings the sink learned from the aggregators, and a later run
+/// (split or monolith) with other settings is refused rather than mixing windows of two lengths.
+#[test]
+fn the_sink_learns_the_window_settings_from_the_aggregators_and_holds_the_table_to_them() {
+    let nats = Nats::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = Run::new(&nats, tmp.path(), "8", 60_000);
+    let capture = run.spawn("capture", &[]);
+    let agg0 = run.spawn("aggregate", &["--shard", "0/2", "--window", "5"]);
+    let agg1 = run.spawn("aggregate", &["--shard", "1/2"]);
+    let sink = run.spawn("sink", &[]);
+    finish(capture, "capture");
+    finish(agg0, "aggregator 0 (5 s windows)");
+    finish(agg1, "aggregator 1 (10 s windows)");
+    let o = sink.wait_bounded().unwrap();
+    assert_one_error_line(
+        &o,
+        &[
+            "different settings",
+            "window 5 s",
+            "window 10 s",
+            "same window",
+        ],
+    );
+
+    // Agreeing aggregators: the table records what they used (no sink setting says it).
+    let nats = Nats::start();
+    std::fs::create_dir_all(tmp.path().join("second")).unwrap();
+    let run = Run::new(&nats, &tmp.path().join("second"), "8", 60_000);
+    let capture = run.spawn("capture", &[]);
+    let aggs = ["0/2", "1/2"].map(|s| run.spawn("aggregate", &["--shard", s, "--window", "5"]));
+    let sink = run.spawn("sink", &[]);
+    finish(capture, "capture");
+    for a in aggs {
+        finish(a, "aggregator");
+    }
+    finish(sink, "sink");
+    let windows = duckdb(&format!(
+        "SELECT DISTINCT epoch(window_end) - epoch(window_start) FROM {}",
+        dataset(&run.out, "flows")
+    ));
+    assert_eq!(windows, vec![vec![serde_json::json!(5.0)]]);
+    // A monolith continuing this output with the default 10 s windows is refused: the table says 5.
+    let o = tcplake(
+        &[
+            "--source",
+            "synthetic",
+            "--seed",
+            "9",
+            "--node",
+            "other-node",
+            "--events",
+            "1000",
+            "--out",
+            run.out.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_one_error_line(&o, &["tcplake.window_secs = 5", "asks for 10"]);
+}
+
 #[test]
 fn a_sink_for_a_new_output_reads_the_streams_from_their_start() {
     const N: u64 = 600_000;
