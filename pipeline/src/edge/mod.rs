@@ -70,10 +70,10 @@ pub enum EdgeError {
     },
     /// A producer restarted on a hand-off stream it wrote before, with other data than it wrote then.
     #[error(
-        "hand-off object {object} already exists, with other bytes than this producer's: a restarted capture or aggregator \
-         numbers its objects from the first again, and the readers would never see its new ones; \
-         start its pipeline on an empty hand-off location (stream {stream}), or use the broker, \
-         whose services resume"
+        "hand-off object {object} already exists, with other bytes than this producer's: a \
+         restarted capture or aggregator numbers its objects from the first again, and the readers \
+         would never see its new ones; start its pipeline on an empty hand-off location (stream \
+         {stream}) and a new --out, or use the broker, whose services resume"
     )]
     HandoffTaken { object: String, stream: String },
     /// An object of the object-store hand-off is not a batch this build can read.
@@ -153,7 +153,9 @@ pub enum StreamFault {
     #[error(
         "the aggregators made their flows with different settings: `{this}` with {this_settings}, \
          `{earlier}` with {earlier_settings}; one flows table holds one projection: run every \
-         aggregator of a deployment with the same window, allowed lateness and late horizon"
+         aggregator of a deployment with the same window, allowed lateness and late horizon (the \
+         batches already published stay on the flows stream: write to a new output from a purged \
+         flows stream, e.g. `nats stream purge TCPLAKE_FLOWS`)"
     )]
     WindowsDisagree {
         this: String,
@@ -165,12 +167,8 @@ pub enum StreamFault {
 
 /// The window settings as a person would set them.
 pub fn describe_windows(w: &crate::event::flow::WindowConfig) -> String {
-    format!(
-        "window {} s, allowed lateness {} s, late horizon {} s",
-        w.window_us / 1_000_000,
-        w.allowed_lateness_us / 1_000_000,
-        w.horizon_us / 1_000_000
-    )
+    let [window, lateness, horizon] = w.secs();
+    format!("window {window} s, allowed lateness {lateness} s, late horizon {horizon} s")
 }
 
 /// Every aggregator feeding one sink must make its flows with the same settings: the first batch that

@@ -11,10 +11,12 @@
 //!
 //! This edge is for comparing topologies (`tcplake bench`). The store keeps every object, so a restarted
 //! **sink** reads its streams again from the first object and skips what its output already holds
-//! ([`CommittedEvents`], [`CommittedFlows`]). A restarted **producer** (capture, aggregator) would
-//! number its objects from 0 again: an object already there with other bytes stops it with an error
-//! naming the object, rather than its new data being dropped in favour of the old. For a split
-//! deployment whose every service resumes, use the broker edge.
+//! ([`CommittedEvents`], [`CommittedFlows`]); every commit records the hand-off's run (written by its
+//! capture at start), so an output is never continued from another run's hand-off. A restarted
+//! **producer** numbers its objects from 0 again: a capture is refused at once (its run is there),
+//! and an object already there with other bytes stops any producer with an error naming it, rather
+//! than its new data being dropped in favour of the old (an aggregator that computes the same
+//! objects again goes on). For a split deployment whose every service resumes, use the broker edge.
 
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -44,6 +46,65 @@ pub fn flows_stream(node: &str, shard: u32) -> String {
 /// pipeline's commits to the shared `flows/` table are its own.
 pub fn flows_producer(node: &str, shard: u32) -> String {
     format!("agg-{shard}-{node}")
+}
+
+/// Where a node's hand-off run says who it is.
+fn run_key(node: &str) -> String {
+    format!("_handoff/{node}/run")
+}
+
+/// Starts a node's hand-off run: its capture records a new run id (with `source`, what it records)
+/// before its first object. A run already there is refused: a restarted capture would number its
+/// objects from the first again. The sink records the id with every commit ([`run_of`]).
+pub async fn start_run(
+    store: &Store,
+    node: &str,
+    source: &str,
+    metrics: &HandoffMetrics,
+) -> Result<(), EdgeError> {
+    let k = run_key(node);
+    let body = format!("{} {source}", crate::storage::new_id());
+    metrics.puts.add(1);
+    let written = store
+        .put_if_absent(&k, body.as_bytes())
+        .await
+        .map_err(|source| EdgeError::Handoff {
+            what: format!("object {k}"),
+            source: Box::new(source),
+        })?;
+    if !written {
+        return Err(EdgeError::HandoffTaken {
+            object: k,
+            stream: events_stream(node),
+        });
+    }
+    Ok(())
+}
+
+/// The run of a node's hand-off (waited for until its capture has started): what a sink records as
+/// the source of what it commits, so that an output continued from another run's hand-off (a new
+/// location, its objects and `seq`s numbered from the first again) is refused rather than its rows
+/// skipped as already held.
+pub async fn run_of(
+    store: &Store,
+    node: &str,
+    metrics: &HandoffMetrics,
+) -> Result<String, EdgeError> {
+    let k = run_key(node);
+    loop {
+        metrics.gets.add(1);
+        let got = store.get(&k).await.map_err(|source| EdgeError::Handoff {
+            what: format!("object {k}"),
+            source: Box::new(source),
+        })?;
+        match got {
+            Some(body) => return Ok(String::from_utf8_lossy(&body).into_owned()),
+            None => {
+                metrics.misses.add(1);
+                tokio::time::sleep(POLL).await;
+            }
+        }
+    }
 }
 
 fn key(stream: &str, n: u64) -> String {
@@ -273,45 +334,31 @@ impl Rx<Finalized<Arc<EventBatch>>> for CommittedEvents {
             return Ok(None);
         };
         let ack = self.ack(batch.position.end);
-        let held = batch
-            .events
-            .iter()
-            .take_while(|e| e.seq < self.next_seq)
-            .count();
-        if held == 0 {
-            return Ok(Some(Finalized::new(batch, ack)));
-        }
+        let (held, rest) = batch.unheld(self.next_seq);
         self.rx.metrics.rows_skipped.add(held as u64);
-        if held == batch.events.len() {
-            return Ok(Some(Finalized::acks(vec![ack])));
-        }
-        let mut rest = EventBatch::new(
-            Arc::clone(&batch.node),
-            batch.events[held..].to_vec(),
-            batch.clock_us,
-        );
-        rest.position = batch.position.clone();
-        rest.sent_at_us = batch.sent_at_us;
-        Ok(Some(Finalized::new(Arc::new(rest), ack)))
+        Ok(Some(match rest {
+            Some(rest) => Finalized::new(rest, ack),
+            None => Finalized::acks(vec![ack]),
+        }))
     }
 }
 
 /// An aggregator's flows on the hand-off for its flows sink, without the emissions its output already
 /// holds (a restarted sink: every emission up to the last committed one). Emissions are whole objects
 /// and are committed whole, in order. Every batch must say the settings the first one of the pipeline
-/// said (`windows`): one flows table holds one projection.
+/// that said them said (`windows`, shared by the shards' readers): one flows table holds one
+/// projection.
 pub struct CommittedFlows {
     rx: ObjectRx<FlowBatch>,
     committed: Option<u64>,
-    windows: Option<(Arc<str>, WindowConfig)>,
+    windows: SharedWindows,
 }
 
+/// What the first batch that said its settings said, and who made it.
+pub type SharedWindows = Arc<std::sync::Mutex<Option<(Arc<str>, WindowConfig)>>>;
+
 impl CommittedFlows {
-    pub fn new(
-        rx: ObjectRx<FlowBatch>,
-        committed: Option<u64>,
-        windows: Option<(Arc<str>, WindowConfig)>,
-    ) -> Self {
+    pub fn new(rx: ObjectRx<FlowBatch>, committed: Option<u64>, windows: SharedWindows) -> Self {
         CommittedFlows {
             rx,
             committed,
@@ -325,7 +372,8 @@ impl Rx<FlowBatch> for CommittedFlows {
         loop {
             let got = self.rx.recv().await?;
             if let Some(b) = &got {
-                super::check_windows(&mut self.windows, b)?;
+                let mut known = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+                super::check_windows(&mut known, b)?;
                 if self.committed.is_some_and(|c| b.seq <= c) {
                     continue;
                 }
@@ -469,7 +517,7 @@ mod tests {
         // Shard 0's first batch said 10 s windows; a batch of an older build says nothing.
         let known = Some((Arc::from("agg-0-n"), w(10)));
         let rx = ObjectRx::new(store, flows_stream("n", 1), Arc::clone(&m));
-        let mut rx = CommittedFlows::new(rx, None, known);
+        let mut rx = CommittedFlows::new(rx, None, Arc::new(std::sync::Mutex::new(known)));
         assert_eq!(rx.recv().await.unwrap().unwrap().seq, 0);
         assert_eq!(rx.recv().await.unwrap().unwrap().seq, 1);
         let err = rx.recv().await.unwrap_err().to_string();

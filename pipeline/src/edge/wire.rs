@@ -14,7 +14,7 @@
 //!
 //! Version 4 added, to flows, the settings the aggregator made them with (window, allowed lateness,
 //! late horizon), after the replay point: a sink learns them from the data, as it learns the shard
-//! count. Event batches are unchanged.
+//! count. Event batches are unchanged, and still written as version 3.
 //!
 //! Decoding checks everything and says what was wrong ([`WireError`]); a message that fails is counted
 //! and dead-lettered by the edge, never half-applied.
@@ -31,11 +31,16 @@ use crate::event::{
 };
 
 const MAGIC: &[u8; 3] = b"TLW";
-/// The version this build writes. It reads events of versions 1 and 2 too (without role and cgroup
-/// path: `unknown` and none), and flows of version 2; flows of version 1 (ranked rows, another replay
+/// The newest version this build reads and the one it writes flows in. It reads events of versions 1
+/// and 2 too (without role and cgroup path: `unknown` and none), and flows of versions 2 and 3
+/// (without the settings they were made with); flows of version 1 (ranked rows, another replay
 /// point) are refused: drain the flows stream of an older tcplake before upgrading its aggregators.
-/// An older build refuses this version's messages (dead-lettered, counted): upgrade consumers first.
+/// An older build refuses a newer version's messages (dead-lettered, counted): upgrade consumers
+/// first.
 pub const VERSION: u8 = 4;
+/// Event batches are written in version 3: version 4 changed only flows, so a sink or aggregator of
+/// version 3 still reads an upgraded capture's events.
+const EVENTS_VERSION: u8 = 3;
 const KIND_EVENTS: u8 = 1;
 const KIND_FLOWS: u8 = 2;
 const CODEC_RAW: u8 = 0;
@@ -170,6 +175,11 @@ pub fn is_batch(msg: &[u8]) -> bool {
 }
 
 fn frame(kind: u8, body: Vec<u8>, compress: bool, extra: u16) -> Vec<u8> {
+    let version = if kind == KIND_EVENTS {
+        EVENTS_VERSION
+    } else {
+        VERSION
+    };
     let body_len = body.len();
     let (codec, payload) = match compress {
         // Level 1: several hundred MB/s; event batches shrink ~4x, which is what crosses the network.
@@ -182,7 +192,7 @@ fn frame(kind: u8, body: Vec<u8>, compress: bool, extra: u16) -> Vec<u8> {
     };
     let mut out = Vec::with_capacity(HEADER + payload.len());
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&[VERSION, kind, codec]);
+    out.extend_from_slice(&[version, kind, codec]);
     out.extend_from_slice(&extra.to_le_bytes());
     out.extend_from_slice(&(body_len as u32).to_le_bytes());
     out.extend_from_slice(&payload);

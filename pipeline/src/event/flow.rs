@@ -67,6 +67,13 @@ pub struct WindowConfig {
     pub horizon_us: i64,
 }
 
+impl WindowConfig {
+    /// Window, allowed lateness and late horizon in seconds, as they are set (whole seconds).
+    pub fn secs(&self) -> [i64; 3] {
+        [self.window_us, self.allowed_lateness_us, self.horizon_us].map(|us| us / 1_000_000)
+    }
+}
+
 /// One emission of the aggregate stage: the complete rows of every window it emits at one point (a
 /// window's rows are never split across emissions), the unit the flows edge moves. A window emitted
 /// again later (it gained events) replaces its earlier rows in the table. An edge that must cut an

@@ -250,6 +250,25 @@ impl EventBatch {
         self.events.len()
     }
 
+    /// How many of the first events an output already holds (`seq` below `next_seq`: delivered
+    /// again), and the rest as a batch of their own (`None` if none is left; the batch itself if none
+    /// is held, without a copy). The rest keeps the batch's position and times.
+    pub fn unheld(self: &Arc<Self>, next_seq: u64) -> (usize, Option<Arc<Self>>) {
+        let held = self.events.iter().take_while(|e| e.seq < next_seq).count();
+        let rest = match held {
+            0 => Some(Arc::clone(self)),
+            n if n == self.events.len() => None,
+            n => Some(Arc::new(EventBatch {
+                node: Arc::clone(&self.node),
+                events: self.events[n..].to_vec(),
+                clock_us: self.clock_us,
+                position: self.position.clone(),
+                sent_at_us: self.sent_at_us,
+            })),
+        };
+        (held, rest)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.events.is_empty()
     }

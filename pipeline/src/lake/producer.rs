@@ -146,14 +146,11 @@ pub const HORIZON_PROPERTY: &str = "tcplake.late_horizon_secs";
 /// The properties a `flows/` table is created with and checked against: what its projection is made
 /// of. The monolith takes them from its settings, a sink from the aggregators' batches.
 pub fn flows_properties(w: &crate::event::flow::WindowConfig) -> Properties {
-    let secs = |us: i64| (us / 1_000_000).to_string();
+    let [window, lateness, horizon] = w.secs().map(|s| s.to_string());
     Properties::from([
-        ("tcplake.window_secs".to_string(), secs(w.window_us)),
-        (
-            "tcplake.allowed_lateness_secs".to_string(),
-            secs(w.allowed_lateness_us),
-        ),
-        (HORIZON_PROPERTY.to_string(), secs(w.horizon_us)),
+        ("tcplake.window_secs".to_string(), window),
+        ("tcplake.allowed_lateness_secs".to_string(), lateness),
+        (HORIZON_PROPERTY.to_string(), horizon),
     ])
 }
 

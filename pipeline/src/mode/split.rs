@@ -29,7 +29,7 @@ use crate::edge::objects::{self, ObjectRx, ObjectTx};
 use crate::edge::{check_windows, memory, Ack, EdgeError, Finalized, StreamFault, Tx};
 use crate::event::flow::WindowConfig;
 use crate::event::{EventBatch, FlowBatch};
-use crate::lake::producer::flows_properties;
+use crate::lake::producer::{flows_properties, Properties, SOURCE_PROPERTY};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::sink::{
@@ -72,6 +72,10 @@ pub async fn capture(
     let node: Arc<str> = s.node.as_str().into();
     if let Some(store) = handoff_store(s, &metrics).await? {
         let source = open_source(s, &node, &metrics).await?;
+        let identity = super::source_identity(s, &source);
+        objects::start_run(&store, &s.node, &identity, &metrics.handoff)
+            .await
+            .map_err(edge_err("events"))?;
         let output = ObjectTx::new(
             store.clone(),
             objects::events_stream(&s.node),
@@ -439,15 +443,21 @@ async fn sink_from_objects(
     metrics.health.set_ready();
     let writer =
         |ds: Dataset| RollingWriter::new(ds.name(), ds.schema(), store.clone(), roll_policy(s));
-    let mut tasks = Vec::new();
-    let mut log =
-        CommitLog::recover(store.clone(), Dataset::Events, &s.node, &Default::default()).await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    // Every commit records the hand-off run it came from: an output continued from another run (a
+    // new hand-off location numbers its objects and events from the first again) is refused rather
+    // than its rows skipped as already held.
+    let run = objects::run_of(&handoff, &s.node, &metrics.handoff)
+        .await
+        .map_err(edge_err("events"))?;
+    let source = Properties::from([(
+        SOURCE_PROPERTY.to_string(),
+        format!("object-store hand-off run {run}"),
+    )]);
+    let mut log = CommitLog::recover(store.clone(), Dataset::Events, &s.node, &source).await?;
     // The store keeps every object: a restarted sink reads the streams again from the first and
     // skips what its output holds.
-    let next_seq = match log.last() {
-        Some(Position::Event { seq }) => seq + 1,
-        _ => 0,
-    };
+    let next_seq = next_event_seq(&log);
     if next_seq > 0 {
         tracing::info!(
             node = %s.node,
@@ -464,7 +474,7 @@ async fn sink_from_objects(
         next_seq,
     );
     let (m, w) = (Arc::clone(&metrics), writer(Dataset::Events));
-    tasks.push(tokio::spawn(async move {
+    tasks.spawn(async move {
         sink::run(
             events_in,
             w,
@@ -475,16 +485,18 @@ async fn sink_from_objects(
         .await
         .map(|_| ())
         .map_err(sink_err("events"))
-    }));
+    });
     let (shards, first) = objects::shard_count(&handoff, &s.node, &metrics.handoff)
         .await
         .map_err(edge_err("flows"))?;
     // What shard 0's first batch says its rows were made with: the table and every shard are held
-    // to it.
-    let props = first
+    // to it (or, if it said nothing, to what the first shard that does says).
+    let mut props = first
         .as_ref()
         .map(|(_, w)| flows_properties(w))
         .unwrap_or_default();
+    props.extend(source);
+    let windows = Arc::new(std::sync::Mutex::new(first));
     for i in 0..shards {
         let mut log = CommitLog::recover(
             store.clone(),
@@ -493,18 +505,14 @@ async fn sink_from_objects(
             &props,
         )
         .await?;
-        let committed = match log.last() {
-            Some(Position::Flow { emission, .. }) => Some(emission),
-            _ => None,
-        };
         let input = objects::CommittedFlows::new(
             ObjectRx::new(
                 handoff.clone(),
                 objects::flows_stream(&s.node, i),
                 Arc::clone(&metrics.handoff),
             ),
-            committed,
-            first.clone(),
+            last_emission(&log),
+            Arc::clone(&windows),
         );
         let (m, w) = (Arc::clone(&metrics), writer(Dataset::Flows));
         let policy = roll_policy(s);
@@ -512,17 +520,37 @@ async fn sink_from_objects(
         let order = CommitOrder {
             after: Some(events_committed.clone()),
         };
-        tasks.push(tokio::spawn(async move {
+        tasks.spawn(async move {
             sink::run_flows(input, w, &mut log, order, policy, &m.sink_flows)
                 .await
                 .map(|_| ())
                 .map_err(sink_err("flows"))
-        }));
+        });
     }
-    for t in tasks {
-        t.await.map_err(RunError::Panicked)??;
+    // The first failure stops the sink at once (the others may wait for ever on a live capture).
+    while let Some(done) = tasks.join_next().await {
+        if let Err(e) = done.map_err(RunError::Panicked).and_then(|r| r) {
+            tasks.abort_all();
+            return Err(e);
+        }
     }
     Ok(summary(&metrics, started, store.describe()))
+}
+
+/// The `seq` after the last event of a node's log committed to the output (0: none yet).
+fn next_event_seq(log: &CommitLog) -> u64 {
+    match log.last() {
+        Some(Position::Event { seq }) => seq + 1,
+        _ => 0,
+    }
+}
+
+/// The last emission of a flows producer committed to the output, if any.
+fn last_emission(log: &CommitLog) -> Option<u64> {
+    match log.last() {
+        Some(Position::Flow { emission, .. }) => Some(emission),
+        _ => None,
+    }
 }
 
 fn sink_err(dataset: &'static str) -> impl Fn(SinkError) -> RunError {
@@ -620,24 +648,13 @@ async fn route_events(
             }
         }
         // Rows a commit (or an earlier delivery) already covers are skipped: redelivery.
-        let skipped = batch.events.iter().filter(|e| e.seq < ns.next_seq).count();
+        let (skipped, fresh) = batch.unheld(ns.next_seq);
         metrics.broker.redelivered_rows_skipped.add(skipped as u64);
-        if skipped == batch.events.len() {
+        let Some(fresh) = fresh else {
             // All handed over before: the sink releases the ack once those rows are committed.
             let acks = Finalized::acks(vec![ack]);
             ns.tx.send(acks).await.map_err(edge_err("events"))?;
             continue;
-        }
-        // No copy unless rows are skipped.
-        let fresh = if skipped == 0 {
-            batch
-        } else {
-            let fresh = batch.events[skipped..].to_vec();
-            Arc::new(EventBatch::new(
-                Arc::clone(&batch.node),
-                fresh,
-                batch.clock_us,
-            ))
         };
         ns.next_seq = fresh.events.last().map_or(ns.next_seq, |e| e.seq + 1);
         ns.tx
@@ -668,10 +685,7 @@ async fn start_node_sink(
 ) -> Result<NodeSink, RunError> {
     let mut log =
         CommitLog::recover(store.clone(), Dataset::Events, node, &Default::default()).await?;
-    let next_seq = match log.last() {
-        Some(Position::Event { seq }) => seq + 1,
-        _ => 0,
-    };
+    let next_seq = next_event_seq(&log);
     let (tx, rx) = memory::channel(
         "broker→events sink",
         s.channel_capacity,
@@ -858,10 +872,7 @@ async fn start_shard_sink(
 ) -> Result<ShardSink, RunError> {
     let props = windows.map(flows_properties).unwrap_or_default();
     let mut log = CommitLog::recover(store.clone(), Dataset::Flows, producer, &props).await?;
-    let done = match log.last() {
-        Some(Position::Flow { emission, .. }) => Some(emission),
-        _ => None,
-    };
+    let done = last_emission(&log);
     let (tx, rx) = memory::channel(
         "broker→flows sink",
         s.channel_capacity,

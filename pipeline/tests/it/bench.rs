@@ -156,11 +156,12 @@ fn bench_hands_over_through_s3_and_counts_the_requests_made() {
     let m = &r["modes"][1];
     assert_eq!(m["mode"], "split-object-store");
     assert_eq!(m["handoff_on_s3"], true);
-    // Every object the edge counted is in the bucket, under each node's own streams.
+    // Every object the edge counted is in the bucket, under each node's own streams (and each node's
+    // run marker, which its capture writes first).
     let objects: Vec<String> = files_under(&server.data.path().join(BUCKET).join("bench"))
         .into_iter()
         .map(|p| p.to_string_lossy().into_owned())
-        .filter(|p| p.ends_with(".tlw"))
+        .filter(|p| p.ends_with(".tlw") || p.ends_with("/run"))
         .collect();
     assert_eq!(
         objects.len() as u64,

@@ -121,7 +121,11 @@ fn wire_seeds() -> Vec<Vec<u8>> {
             max_ts: vec![(Arc::from("n"), 2)],
         },
         shard_count: 2,
-        windows: None,
+        windows: Some(pipeline::aggregate::WindowConfig {
+            window_us: 1_000_000,
+            allowed_lateness_us: 0,
+            horizon_us: 0,
+        }),
     };
     let mut small = batch.clone();
     small.events.truncate(3);
