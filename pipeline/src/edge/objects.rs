@@ -68,10 +68,7 @@ pub async fn start_run(
     let written = store
         .put_if_absent(&k, body.as_bytes())
         .await
-        .map_err(|source| EdgeError::Handoff {
-            what: format!("object {k}"),
-            source: Box::new(source),
-        })?;
+        .map_err(store_err(&k))?;
     if !written {
         return Err(EdgeError::HandoffTaken {
             object: k,
@@ -90,15 +87,24 @@ pub async fn run_of(
     node: &str,
     metrics: &HandoffMetrics,
 ) -> Result<String, EdgeError> {
-    let k = run_key(node);
+    let body = wait_for(store, &run_key(node), metrics).await?;
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// What a request for object `k` failed with.
+fn store_err(k: &str) -> impl Fn(crate::storage::StoreError) -> EdgeError + '_ {
+    move |source| EdgeError::Handoff {
+        what: format!("object {k}"),
+        source: Box::new(source),
+    }
+}
+
+/// Object `k`, polled for until it is there (each GET counted, a miss too).
+async fn wait_for(store: &Store, k: &str, metrics: &HandoffMetrics) -> Result<Vec<u8>, EdgeError> {
     loop {
         metrics.gets.add(1);
-        let got = store.get(&k).await.map_err(|source| EdgeError::Handoff {
-            what: format!("object {k}"),
-            source: Box::new(source),
-        })?;
-        match got {
-            Some(body) => return Ok(String::from_utf8_lossy(&body).into_owned()),
+        match store.get(k).await.map_err(store_err(k))? {
+            Some(bytes) => return Ok(bytes),
             None => {
                 metrics.misses.add(1);
                 tokio::time::sleep(POLL).await;
@@ -162,17 +168,18 @@ impl<T> ObjectTx<T> {
         let k = key(&self.stream, self.next);
         self.metrics.puts.add(1);
         self.metrics.bytes_written.add(body.len() as u64);
-        let err = |source| EdgeError::Handoff {
-            what: format!("object {k}"),
-            source: Box::new(source),
-        };
-        let written = self.store.put_if_absent(&k, &body).await.map_err(err)?;
+        let written = self
+            .store
+            .put_if_absent(&k, &body)
+            .await
+            .map_err(store_err(&k))?;
         if !written {
-            // A producer restarted on a stream it wrote before. The same bytes (a deterministic
-            // source writing the same batch again) are harmless; other bytes are new data that the
+            // A producer restarted on a stream it wrote before. The same bytes (an aggregator
+            // computing the same emission again) are harmless; other bytes are new data that the
             // readers would never see, since they read the old object.
             self.metrics.gets.add(1);
-            if self.store.get(&k).await.map_err(err)?.as_deref() != Some(body.as_slice()) {
+            let there = self.store.get(&k).await.map_err(store_err(&k))?;
+            if there.as_deref() != Some(body.as_slice()) {
                 return Err(EdgeError::HandoffTaken {
                     object: k,
                     stream: self.stream.clone(),
@@ -208,37 +215,26 @@ pub async fn shard_count(
     metrics: &HandoffMetrics,
 ) -> Result<(u32, Option<(Arc<str>, WindowConfig)>), EdgeError> {
     let k = key(&flows_stream(node, 0), 0);
-    loop {
-        metrics.gets.add(1);
-        let got = store.get(&k).await.map_err(|source| EdgeError::Handoff {
+    let bytes = wait_for(store, &k, metrics).await?;
+    if !bytes.is_empty() {
+        let b = FlowBatch::decode(&bytes, 0).map_err(|source| EdgeError::HandoffDecode {
             what: format!("object {k}"),
             source: Box::new(source),
         })?;
-        let Some(bytes) = got else {
-            metrics.misses.add(1);
-            tokio::time::sleep(POLL).await;
-            continue;
-        };
-        if !bytes.is_empty() {
-            let b = FlowBatch::decode(&bytes, 0).map_err(|source| EdgeError::HandoffDecode {
-                what: format!("object {k}"),
-                source: Box::new(source),
-            })?;
-            let windows = b.windows.map(|w| (Arc::clone(&b.producer), w));
-            if b.shard_count > 0 {
-                return Ok((b.shard_count, windows));
-            }
+        let windows = b.windows.map(|w| (Arc::clone(&b.producer), w));
+        if b.shard_count > 0 {
+            return Ok((b.shard_count, windows));
         }
-        let dirs = store
-            .list_dirs(&format!("_handoff/{node}/flows/"))
-            .await
-            .map_err(|source| EdgeError::Handoff {
-                what: "streams".into(),
-                source: Box::new(source),
-            })?;
-        let n = dirs.iter().filter_map(|d| d.parse::<u32>().ok()).max();
-        return Ok((n.map_or(1, |m| m + 1), None));
     }
+    let dirs = store
+        .list_dirs(&format!("_handoff/{node}/flows/"))
+        .await
+        .map_err(|source| EdgeError::Handoff {
+            what: "streams".into(),
+            source: Box::new(source),
+        })?;
+    let n = dirs.iter().filter_map(|d| d.parse::<u32>().ok()).max();
+    Ok((n.map_or(1, |m| m + 1), None))
 }
 
 /// Reads the numbered objects in order, polling for the next one.
@@ -265,34 +261,19 @@ impl<T> ObjectRx<T> {
 impl<T: Handoff> Rx<T> for ObjectRx<T> {
     async fn recv(&mut self) -> Result<Option<T>, EdgeError> {
         let k = key(&self.stream, self.next);
-        loop {
-            self.metrics.gets.add(1);
-            let got = self
-                .store
-                .get(&k)
-                .await
-                .map_err(|source| EdgeError::Handoff {
-                    what: format!("object {k}"),
-                    source: Box::new(source),
-                })?;
-            let Some(bytes) = got else {
-                self.metrics.misses.add(1);
-                tokio::time::sleep(POLL).await;
-                continue;
-            };
-            self.metrics.bytes_read.add(bytes.len() as u64);
-            let n = self.next;
-            self.next += 1;
-            if bytes.is_empty() {
-                return Ok(None);
-            }
-            return T::decode(&bytes, n)
-                .map(Some)
-                .map_err(|source| EdgeError::HandoffDecode {
-                    what: format!("object {k}"),
-                    source: Box::new(source),
-                });
+        let bytes = wait_for(&self.store, &k, &self.metrics).await?;
+        self.metrics.bytes_read.add(bytes.len() as u64);
+        let n = self.next;
+        self.next += 1;
+        if bytes.is_empty() {
+            return Ok(None);
         }
+        T::decode(&bytes, n)
+            .map(Some)
+            .map_err(|source| EdgeError::HandoffDecode {
+                what: format!("object {k}"),
+                source: Box::new(source),
+            })
     }
 }
 
