@@ -278,6 +278,8 @@ pub struct BrokerMetrics {
     pub published_bytes: Counter,
     pub consumed_messages: Counter,
     pub consumed_bytes: Counter,
+    /// Messages of producers another sink part writes, acked unread.
+    pub not_kept_messages: Counter,
     pub acks: Counter,
     /// Publishes retried (full stream, server restarting, ack lost).
     pub publish_retries: Counter,
@@ -577,6 +579,11 @@ impl Metrics {
                 "broker_consumed_bytes",
                 "Bytes consumed from the broker",
                 b.consumed_bytes.get(),
+            ),
+            Family::counter(
+                "broker_not_kept_messages",
+                "Messages of producers another sink part writes, acknowledged unread",
+                b.not_kept_messages.get(),
             ),
             Family::counter("broker_acks", "Messages acknowledged", b.acks.get()),
             Family::counter(

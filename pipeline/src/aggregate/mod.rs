@@ -64,7 +64,8 @@ impl Shard {
     }
 }
 
-struct Fnv(u64);
+/// FNV-1a: a fixed hash every process and build agrees on (shards, sink parts).
+pub(crate) struct Fnv(pub(crate) u64);
 
 impl Default for Fnv {
     fn default() -> Self {
@@ -73,7 +74,7 @@ impl Default for Fnv {
 }
 
 impl Fnv {
-    fn bytes(&mut self, b: &[u8]) {
+    pub(crate) fn bytes(&mut self, b: &[u8]) {
         for &x in b {
             self.0 = (self.0 ^ u64::from(x)).wrapping_mul(0x100_0000_01b3);
         }

@@ -170,6 +170,8 @@ struct Node {
     windows: BTreeMap<i64, Window>,
     /// Newest event time seen (µs).
     max_ts: i64,
+    /// `seq` after the last event consumed (0: none yet).
+    next_seq: u64,
     /// Windows ending at or before this are emitted (event time or capture clock, minus the lateness).
     emit_wm: i64,
     /// The window period (`emit_wm / W`) of the last pass that emitted changed windows again: they are
@@ -186,6 +188,7 @@ impl Node {
         Node {
             windows: BTreeMap::new(),
             max_ts,
+            next_seq: 0,
             emit_wm: max_ts.saturating_sub(lateness),
             refire_period: i64::MIN,
             flows_hint: 0,
@@ -248,6 +251,12 @@ impl Windows {
                 .iter()
                 .map(|(n, s)| (Arc::clone(n), s.max_ts))
                 .collect(),
+            events_through: self
+                .nodes
+                .iter()
+                .filter(|(_, s)| s.next_seq > 0)
+                .map(|(n, s)| (Arc::clone(n), s.next_seq))
+                .collect(),
         }
     }
 
@@ -270,6 +279,10 @@ impl Windows {
             .nodes
             .entry(Arc::clone(node))
             .or_insert_with(|| Node::new(i64::MIN, cfg.allowed_lateness_us));
+        if let Some(last) = events.last() {
+            // A node's events arrive in `seq` order: the last of a batch is its newest.
+            state.next_seq = state.next_seq.max(last.seq + 1);
+        }
         for e in events {
             let start = e.ts_us.div_euclid(cfg.window_us) * cfg.window_us;
             let end = start.saturating_add(cfg.window_us);

@@ -33,6 +33,9 @@ pub fn config(args: &pipeline::config::BenchArgs, s3: S3Flags) -> Result<BenchCo
     if !(1..=64).contains(&args.shards) {
         return Err("--shards must be between 1 and 64".into());
     }
+    if !(1..=64).contains(&args.sinks) {
+        return Err("--sinks must be between 1 and 64".into());
+    }
     if args.nodes.is_empty() || args.nodes.iter().any(|n| !(1..=64).contains(n)) {
         return Err("--nodes takes counts between 1 and 64 (for example --nodes 1,2,4,8)".into());
     }
@@ -78,6 +81,7 @@ pub fn config(args: &pipeline::config::BenchArgs, s3: S3Flags) -> Result<BenchCo
         seed: args.seed,
         modes: args.modes.clone(),
         shards: args.shards,
+        sinks: args.sinks,
         nodes: args.nodes.clone(),
         handoff,
         prices,
@@ -121,6 +125,8 @@ pub struct BenchConfig {
     pub modes: Vec<BenchMode>,
     /// Aggregator processes in the split modes.
     pub shards: u32,
+    /// Sink processes over the broker, each writing its part of the output (`--sink-part`).
+    pub sinks: u32,
     /// Capture-node counts: every mode runs once per count.
     pub nodes: Vec<u32>,
     pub handoff: Handoff,
@@ -358,9 +364,13 @@ impl Run<'_> {
         // the sink start once every node has published, or one whose first batch came late would be
         // missed.
         procs::wait_for_streams(&nats.url(), self.nodes, &running)?;
-        // One tier of aggregators and one sink serve every node.
+        // One tier of aggregators and of sinks serves every node.
         running.extend(self.aggregators(None, &edge)?);
-        running.push(self.sink(None, out, &edge)?);
+        let sinks = self.cfg.sinks;
+        for j in 0..sinks {
+            let part = (sinks > 1).then_some((j, sinks));
+            running.push(self.sink(None, out, &edge, part)?);
+        }
         let done = finish_all(running)?;
         let wall = started.elapsed();
         let broker = nats.stop(wall)?;
@@ -377,7 +387,7 @@ impl Run<'_> {
             let node = node_name(i);
             running.push(self.capture(i, &edge)?);
             running.extend(self.aggregators(Some(&node), &edge)?);
-            running.push(self.sink(Some(&node), out, &edge)?);
+            running.push(self.sink(Some(&node), out, &edge, None)?);
         }
         let done = finish_all(running);
         match own_dir {
@@ -462,16 +472,25 @@ impl Run<'_> {
         Ok(out)
     }
 
-    /// The sink of one node's pipeline (`Some(node)`), or the one serving every node.
+    /// The sink of one node's pipeline (`Some(node)`), or one serving every node: all of the output,
+    /// or its `part` (J, N).
     fn sink(
         &self,
         node: Option<&str>,
         out: &Path,
         edge: &[String],
+        part: Option<(u32, u32)>,
     ) -> Result<procs::Running, BenchError> {
         let mut a = Self::split_args(&self.tier_node(node), "sink", edge);
         a.extend(out_args(out));
-        procs::spawn(&self.cfg.exe, &self.tier_role("sink".into(), node), &a)
+        let what = match part {
+            Some((j, n)) => {
+                a.extend(["--sink-part".into(), format!("{j}/{n}")]);
+                format!("sink {j}/{n}")
+            }
+            None => "sink".into(),
+        };
+        procs::spawn(&self.cfg.exe, &self.tier_role(what, node), &a)
     }
 
     /// The `--node` of a process serving `node` (or every node: its own name then only labels its

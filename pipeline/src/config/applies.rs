@@ -171,6 +171,14 @@ fn not_applicable(key: &Key, c: &Ctx) -> Option<String> {
         return (!c.stage(&[Mode::Aggregate]))
             .then(|| format!("only --mode aggregate has a shard; this is {}", c.what()));
     }
+    if k(&keys::SINK_PART) {
+        return (!c.stage(&[Mode::Sink]) || !c.broker).then(|| {
+            format!(
+                "only --mode sink over the broker writes a part of the output; this is {}",
+                c.what()
+            )
+        });
+    }
     if k(&keys::OUT) {
         return (!(c.sinks() || matches!(c.run, Run::Compact | Run::Vacuum))).then(|| {
             format!(

@@ -258,6 +258,11 @@ pub struct Cli {
     /// Aggregate mode: this aggregator's shard, I/N (0-based) [default: 0/1].
     #[arg(long, env = "TCPLAKE_SHARD", value_name = "I/N")]
     pub shard: Option<String>,
+    /// Sink mode over the broker: this sink's part of the output, I/N (0-based) [default: 0/1]. Sink I
+    /// writes the event logs of the nodes whose name hashes to I, and the flows of the aggregator
+    /// shards S with S mod N = I. Every sink of an output must say the same N (the output records it).
+    #[arg(long, env = "TCPLAKE_SINK_PART", value_name = "I/N")]
+    pub sink_part: Option<String>,
     /// Obsolete, ignored with a warning: the sink learns the aggregator shards from their batches.
     #[arg(long, env = "TCPLAKE_SHARDS", value_name = "N", hide = true)]
     pub shards: Option<u32>,
@@ -616,6 +621,7 @@ impl Cli {
             handoff,
             shard,
             shards,
+            sink_part,
             metrics_addr,
         )
     }
@@ -645,6 +651,9 @@ pub struct BenchArgs {
     /// Aggregator processes in split modes.
     #[arg(long, default_value_t = 2)]
     pub shards: u32,
+    /// Sink processes in split-broker, each writing its part of the output (`--sink-part J/N`).
+    #[arg(long, default_value_t = 1)]
+    pub sinks: u32,
     /// Capture nodes per run, in order: each topology runs once per count, with that many capture
     /// processes (own `--node`, seed + i, `--events` each).
     #[arg(long, value_delimiter = ',', default_value = "1", value_name = "N,...")]

@@ -64,6 +64,7 @@ keys! {
     MAX_FILE_AGE: "max file age", Some("max_file_age"), Some("sink.max_file_age");
     ROW_GROUP_ROWS: "row group rows", None, Some("sink.row_group_rows");
     SHARDS: "shards", Some("shards"), Some("sink.shards");
+    SINK_PART: "sink part", Some("sink_part"), Some("sink.part");
     CHANNEL_CAPACITY: "channel capacity", Some("channel_capacity"), Some("edge.channel_capacity");
     HANDOFF: "hand-off store", Some("handoff"), Some("edge.handoff");
     BROKER: "broker", Some("broker"), Some("broker.url");

@@ -114,6 +114,8 @@ pub struct Settings {
     pub handoff: Option<Output>,
     /// Aggregate mode: which flows this process owns.
     pub shard: crate::aggregate::Shard,
+    /// Sink mode: which part of the output this process writes.
+    pub sink_part: crate::sink::part::SinkPart,
     /// The admin endpoint (`None`: off).
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// The address was asked for (a busy port is then fatal; the default's is only a warning).
@@ -504,8 +506,18 @@ impl Settings {
             }
         }
         let shard = match &raw.aggregate.shard {
-            Some(s) => parse_shard(s)?,
+            Some(s) => {
+                let (index, count) = parse_i_of_n(&keys::SHARD, s)?;
+                crate::aggregate::Shard { index, count }
+            }
             None => crate::aggregate::Shard::ALL,
+        };
+        let sink_part = match &raw.sink.part {
+            Some(s) => {
+                let (index, count) = parse_i_of_n(&keys::SINK_PART, s)?;
+                crate::sink::part::SinkPart { index, count }
+            }
+            None => crate::sink::part::SinkPart::ALL,
         };
         let source = required(&raw.capture.source, &keys::SOURCE)?;
         let replay_from = match source {
@@ -579,6 +591,7 @@ impl Settings {
             broker,
             handoff,
             shard,
+            sink_part,
             metrics_addr,
             metrics_addr_given: layers.is_set(&keys::METRICS_ADDR),
             task,
@@ -667,6 +680,12 @@ impl Settings {
         if self.mode == Mode::Aggregate {
             parts.push(format!("shard={}/{}", self.shard.index, self.shard.count));
         }
+        if self.mode == Mode::Sink && self.sink_part.count > 1 {
+            parts.push(format!(
+                "sink_part={}/{}",
+                self.sink_part.index, self.sink_part.count
+            ));
+        }
         parts.push(format!(
             "metrics={}",
             self.metrics_addr
@@ -684,15 +703,9 @@ impl Settings {
     }
 }
 
-/// `I/N` with `I < N`.
-fn parse_shard(s: &str) -> Result<crate::aggregate::Shard, ConfigError> {
-    let bad = || {
-        invalid(
-            &keys::SHARD,
-            s,
-            "expected I/N with 0 <= I < N <= 1024, e.g. 0/2",
-        )
-    };
+/// `I/N` with `I < N` (a shard, a sink part).
+fn parse_i_of_n(key: &'static keys::Key, s: &str) -> Result<(u32, u32), ConfigError> {
+    let bad = || invalid(key, s, "expected I/N with 0 <= I < N <= 1024, e.g. 0/2");
     let (i, n) = s.split_once('/').ok_or_else(bad)?;
     let (index, count): (u32, u32) = (
         i.trim().parse().map_err(|_| bad())?,
@@ -701,7 +714,7 @@ fn parse_shard(s: &str) -> Result<crate::aggregate::Shard, ConfigError> {
     if count == 0 || count > 1024 || index >= count {
         return Err(bad());
     }
-    Ok(crate::aggregate::Shard { index, count })
+    Ok((index, count))
 }
 
 fn ebpf_settings(file: &Capture) -> Result<EbpfSettings, ConfigError> {
@@ -1019,6 +1032,7 @@ mod tests {
             ),
             ("--handoff", &["/tmp", "s3://bkt/x", "S3://x"]),
             ("--shard", &["0/1", "1/0", "5/2", "x"]),
+            ("--sink-part", &["1/1", "0/0", "3/2", "y"]),
             ("--out", &["s3://bkt/p", "S3://b", "s3:/b", "/tmp/x", ""]),
             (
                 "--s3-endpoint",

@@ -103,6 +103,7 @@ pub struct Sink {
     pub max_file_age: Option<String>,
     pub row_group_rows: Option<usize>,
     pub shards: Option<u32>,
+    pub part: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]

@@ -1144,9 +1144,15 @@ pub struct BrokerRx<T> {
     shard_count: Option<u32>,
     /// Everything had ended before this consumer started.
     complete: bool,
-    /// Acks of messages that carried no item (end markers, dead letters): the caller releases them.
+    /// Which producers' messages are delivered (a sharded sink's part); the others are acked unread.
+    keep: Option<Keep>,
+    /// Acks of messages that carried no item (end markers, dead letters, messages of producers not
+    /// kept): the caller releases them.
     pub settled: Vec<Ack>,
 }
+
+/// Does a consumer deliver this subject's messages?
+type Keep = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
 impl<T> BrokerRx<T> {
     fn new(
@@ -1169,8 +1175,26 @@ impl<T> BrokerRx<T> {
             ended_shards: Default::default(),
             shard_count: None,
             complete: false,
+            keep: None,
             settled: Vec::new(),
         }
+    }
+
+    /// Delivers only the events of the nodes `node` selects and the flows of the shards `shard`
+    /// selects; the others' messages are acked unread (unopened: no decompression). Their end markers
+    /// still count: the input ends when every producer on the stream has ended, kept or not.
+    pub fn keep_only(
+        &mut self,
+        node: impl Fn(&str) -> bool + Send + Sync + 'static,
+        shard: impl Fn(u32) -> bool + Send + Sync + 'static,
+    ) {
+        self.keep = Some(Box::new(move |subject: &str| {
+            match (subject.strip_prefix("tcplake.events."), shard_of(subject)) {
+                (Some(n), _) => node(n),
+                (None, Some(i)) => shard(i),
+                (None, None) => true,
+            }
+        }));
     }
 
     /// The first stream sequence this consumer delivers: everything before it was handled (acked)
@@ -1330,11 +1354,27 @@ impl<T> BrokerRx<T> {
                 }
                 continue;
             }
+            // Counted whether kept or not: the broker delivered it, payload and all.
             self.broker.metrics.consumed_messages.add(1);
             self.broker
                 .metrics
                 .consumed_bytes
                 .add(m.payload.len() as u64);
+            if self
+                .keep
+                .as_ref()
+                .is_some_and(|keep| !keep(m.subject.as_str()))
+            {
+                // Another part's: its producer is still waited for (see `keep_only`).
+                if let Some(n) = node {
+                    if !self.ended_nodes.contains(&n) {
+                        self.live_nodes.insert(n);
+                    }
+                }
+                self.broker.metrics.not_kept_messages.add(1);
+                self.settled.push(self.ack(m));
+                continue;
+            }
             let run_start = m
                 .headers
                 .as_ref()

@@ -163,6 +163,12 @@ pub enum StreamFault {
         earlier: String,
         earlier_settings: String,
     },
+    #[error(
+        "flows of `{producer}` (emission {emission}) do not say how far they consumed each node's \
+         events (an aggregator older than this sink): a sharded sink (--sink-part) cannot order their \
+         commit after the event log's; upgrade the aggregators, or run one sink"
+    )]
+    NoEventsThrough { producer: String, emission: u64 },
 }
 
 /// The window settings as a person would set them.

@@ -33,12 +33,13 @@ use crate::event::{
 const MAGIC: &[u8; 3] = b"TLW";
 /// The newest version this build reads and the one it writes flows in. It reads events of versions 1
 /// and 2 too (without role and cgroup path: `unknown` and none), and flows of versions 2 and 3
-/// (without the settings they were made with); flows of version 1 (ranked rows, another replay
+/// (without the settings they were made with) and 4 (without how far each node's events were
+/// consumed, which only sharded sinks need: they refuse such batches); flows of version 1 (ranked rows, another replay
 /// point) are refused: drain the flows stream of an older tcplake before upgrading its aggregators.
 /// An older build refuses a newer version's messages (dead-lettered, counted): upgrade consumers
 /// first.
-pub const VERSION: u8 = 4;
-/// Event batches are written in version 3: version 4 changed only flows, so a sink or aggregator of
+pub const VERSION: u8 = 5;
+/// Event batches are written in version 3: versions 4 and 5 changed only flows, so a sink or aggregator of
 /// version 3 still reads an upgraded capture's events.
 const EVENTS_VERSION: u8 = 3;
 const KIND_EVENTS: u8 = 1;
@@ -535,6 +536,11 @@ pub fn encode_flows(b: &FlowBatch, compress: bool) -> Vec<u8> {
         w.str(node);
         w.i64(*ts);
     }
+    w.u32(b.replay.events_through.len() as u32);
+    for (node, seq) in &b.replay.events_through {
+        w.str(node);
+        w.u64(*seq);
+    }
     w.u8(u8::from(b.windows.is_some()));
     let c = b.windows.unwrap_or(WindowConfig {
         window_us: 0,
@@ -603,10 +609,20 @@ pub fn decode_flows(msg: &[u8]) -> Result<FlowBatch, WireError> {
         let node: Arc<str> = r.str("replay node")?.into();
         max_ts.push((node, r.i64("replay node")?));
     }
+    let mut events_through = Vec::new();
+    if version >= 5 {
+        let nodes = r.u32("replay")? as usize;
+        events_through.reserve(nodes.min(r.0.len() / 10));
+        for _ in 0..nodes {
+            let node: Arc<str> = r.str("replay node")?.into();
+            events_through.push((node, r.u64("replay node")?));
+        }
+    }
     let replay = ReplayPoint {
         from_seq,
         through_seq,
         max_ts,
+        events_through,
     };
     let windows = if version >= 4 {
         let said = flag(&mut r, "windows")?;
@@ -763,6 +779,7 @@ mod tests {
                     ("node-1".into(), -3),
                     ("node-2".into(), 1_700_000_000_000_000),
                 ],
+                events_through: vec![("node-1".into(), 12), ("node-2".into(), 1 << 40)],
             },
             shard_count: 3,
             windows: Some(crate::aggregate::WindowConfig {
@@ -774,6 +791,18 @@ mod tests {
         for compress in [false, true] {
             assert_eq!(decode_flows(&encode_flows(&fb, compress)).unwrap(), fb);
         }
+        // A version 4 message (an older aggregator's) has no `events_through`: read as none.
+        let mut old = fb.clone();
+        old.replay.max_ts.clear();
+        old.replay.events_through.clear();
+        let mut msg = encode_flows(&old, false);
+        let at = HEADER + 2 + old.producer.len() + 8 + 4 + 4 + 8 + 8 + 4;
+        assert_eq!(msg[at..at + 4], [0, 0, 0, 0], "the events_through count");
+        msg.drain(at..at + 4);
+        msg[3] = 4;
+        let len = (msg.len() - HEADER) as u32;
+        msg[8..12].copy_from_slice(&len.to_le_bytes());
+        assert_eq!(decode_flows(&msg).unwrap(), old);
     }
 
     #[test]

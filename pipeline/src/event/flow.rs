@@ -117,4 +117,9 @@ pub struct ReplayPoint {
     pub through_seq: u64,
     /// Per node, the newest event time seen so far (µs).
     pub max_ts: Vec<(Arc<str>, i64)>,
+    /// Per node, the `seq` after the last event consumed: the rows emitted so far count no event at
+    /// or beyond it. A sink that does not write the event log itself (sharded sinks) waits for the
+    /// table to hold each node's log up to here before it commits them. Empty in messages of older
+    /// versions and in replay points read back from a table (a rebuild consumes the events again).
+    pub events_through: Vec<(Arc<str>, u64)>,
 }

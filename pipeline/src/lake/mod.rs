@@ -11,6 +11,7 @@
 //! Outputs written before the tables (schema version 1: `_tcplake/commits` records) are still read
 //! ([`legacy`]), so old event logs replay.
 
+pub mod committed;
 pub mod compact;
 pub mod events_log;
 pub mod format;

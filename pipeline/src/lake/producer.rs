@@ -274,6 +274,7 @@ impl CommitLog {
             from_seq: from as u64,
             through_seq: through as u64,
             max_ts,
+            events_through: Vec::new(),
         }))
     }
 

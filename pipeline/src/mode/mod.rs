@@ -56,6 +56,8 @@ pub enum RunError {
         dataset: &'static str,
         source: SinkError,
     },
+    #[error(transparent)]
+    Part(#[from] crate::sink::part::PartError),
     #[error("a pipeline task failed")]
     Panicked(#[source] tokio::task::JoinError),
 }
@@ -414,7 +416,10 @@ async fn monolith(
     let m = Arc::clone(&metrics);
     let flows_writer = writer(Dataset::Flows);
     let st = store.clone();
-    let flows_order = CommitOrder { after: Some(after) };
+    let flows_order = CommitOrder {
+        after: Some(after),
+        table: None,
+    };
     let policy = roll_policy(s);
     let flows_sink = tokio::spawn(async move {
         let _store = st;

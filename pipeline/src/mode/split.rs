@@ -331,31 +331,41 @@ pub async fn sink(
         return sink_from_objects(s, metrics, store, handoff, started).await;
     }
     let output_id = crate::lake::output_id(&store).await?;
+    let part = s.sink_part;
+    crate::sink::part::claim(&store, part).await?;
     let broker = connect(s, &metrics).await?;
     let ack_wait = s.broker.as_ref().and_then(|b| b.ack_wait).unwrap_or(
         // Messages stay unacked while their rows sit in open files: longer than a file stays open.
         s.max_file_age + Duration::from_secs(30),
     );
-    let events_in = broker
+    let mut events_in = broker
         .durable(
             EVENTS_STREAM,
-            &format!("tcplake-sink-events-{output_id}"),
+            &format!("tcplake-sink-events-{output_id}{}", part.suffix()),
             "tcplake.events.>",
             ack_wait,
             Box::new(decode_events_msg),
             Ends::AllSeenNodes,
         )
         .await?;
-    let flows_in = broker
+    let mut flows_in = broker
         .durable(
             FLOWS_STREAM,
-            &format!("tcplake-sink-flows-{output_id}"),
+            &format!("tcplake-sink-flows-{output_id}{}", part.suffix()),
             "tcplake.flows.>",
             ack_wait,
             Box::new(decode_flows_msg),
             Ends::AllShards,
         )
         .await?;
+    if !part.is_all() {
+        events_in.keep_only(move |n| part.owns_node(n), move |i| part.owns_shard(i));
+        flows_in.keep_only(move |n| part.owns_node(n), move |i| part.owns_shard(i));
+        tracing::info!(
+            part = %format_args!("{}/{}", part.index, part.count),
+            "writing the event logs of the nodes and the flows of the shards of this sink part"
+        );
+    }
     // Everything before the consumer's start was committed by an earlier run of this sink.
     let (progress, through_rx) = LogProgress::new(events_in.start_seq());
     metrics.health.set_ready();
@@ -380,13 +390,19 @@ pub async fn sink(
         ),
         stop.clone(),
     );
+    // One sink writes the event log itself and follows its commits in memory; a sharded one reads
+    // them from the table (other parts write some of the nodes' logs).
+    let log_committed = match part.is_all() {
+        true => LogCommitted::Here(through_rx),
+        false => LogCommitted::Table(stopped.clone()),
+    };
     let flows = spawn_route(
         route_flows(
             flows_in,
             store.clone(),
             s.clone(),
             Arc::clone(&metrics),
-            through_rx,
+            log_committed,
             stopped,
         ),
         stop.clone(),
@@ -519,6 +535,7 @@ async fn sink_from_objects(
         // Flows are committed only once the events they count are (as in every other mode).
         let order = CommitOrder {
             after: Some(events_committed.clone()),
+            table: None,
         };
         tasks.spawn(async move {
             sink::run_flows(input, w, &mut log, order, policy, &m.sink_flows)
@@ -725,7 +742,7 @@ async fn route_flows(
     store: Store,
     s: Settings,
     metrics: Arc<Metrics>,
-    log_through: watch::Receiver<u64>,
+    log_committed: LogCommitted,
     mut shutdown: Shutdown,
 ) -> Result<(), RunError> {
     let mut shards: BTreeMap<Arc<str>, ShardSink> = BTreeMap::new();
@@ -744,6 +761,18 @@ async fn route_flows(
         }
         let Some(d) = delivery else { break };
         let piece = d.item;
+        if matches!(log_committed, LogCommitted::Table(_))
+            && piece.replay.events_through.is_empty()
+            && !piece.records.is_empty()
+        {
+            return Err(edge_err("flows")(
+                StreamFault::NoEventsThrough {
+                    producer: piece.producer.to_string(),
+                    emission: piece.seq,
+                }
+                .into(),
+            ));
+        }
         check_shard_count(&mut count, &piece).map_err(edge_err("flows"))?;
         check_windows(&mut windows, &piece).map_err(|f| edge_err("flows")(f.into()))?;
         let producer = Arc::clone(&piece.producer);
@@ -754,7 +783,7 @@ async fn route_flows(
                 &store,
                 &s,
                 &metrics,
-                log_through.clone(),
+                log_committed.order(&store),
             )
             .await?;
             shards.insert(Arc::clone(&producer), sh);
@@ -839,6 +868,32 @@ async fn route_flows(
     Ok(())
 }
 
+/// How a flows sink over the broker learns that the events its rows count are committed.
+enum LogCommitted {
+    /// This process writes the whole event log: its committed position on the events stream.
+    Here(watch::Receiver<u64>),
+    /// Sink parts write it: the events table's commit records (given up when the sink stops).
+    Table(Shutdown),
+}
+
+impl LogCommitted {
+    fn order(&self, store: &Store) -> CommitOrder {
+        match self {
+            LogCommitted::Here(through) => CommitOrder {
+                after: Some(through.clone()),
+                table: None,
+            },
+            LogCommitted::Table(stop) => CommitOrder {
+                after: None,
+                table: Some(crate::lake::committed::EventsCommitted::new(
+                    store.clone(),
+                    stop.clone(),
+                )),
+            },
+        }
+    }
+}
+
 /// Every aggregator must say the same shard count (`--shard I/N`), and its index must be below it.
 fn check_shard_count(count: &mut Option<(Arc<str>, u32)>, b: &FlowBatch) -> Result<(), EdgeError> {
     if b.shard_count == 0 {
@@ -868,7 +923,7 @@ async fn start_shard_sink(
     store: &Store,
     s: &Settings,
     metrics: &Arc<Metrics>,
-    log_through: watch::Receiver<u64>,
+    order: CommitOrder,
 ) -> Result<ShardSink, RunError> {
     let props = windows.map(flows_properties).unwrap_or_default();
     let mut log = CommitLog::recover(store.clone(), Dataset::Flows, producer, &props).await?;
@@ -887,9 +942,6 @@ async fn start_shard_sink(
     let m = Arc::clone(metrics);
     let policy = roll_policy(s);
     let task = tokio::spawn(async move {
-        let order = CommitOrder {
-            after: Some(log_through),
-        };
         sink::run_flows(rx, writer, &mut log, order, policy, &m.sink_flows).await
     });
     Ok(ShardSink {

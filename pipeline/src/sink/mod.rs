@@ -8,6 +8,7 @@
 
 pub mod encoder;
 pub mod parquet_file;
+pub mod part;
 pub mod rolling;
 
 use std::ops::Range;
@@ -142,6 +143,9 @@ impl<T: SinkRows> Delivered for Finalized<T> {
 pub struct CommitOrder {
     /// The event log's committed position on the events edge (next position not yet committed).
     pub after: Option<watch::Receiver<u64>>,
+    /// Where other processes write the event log (sharded sinks): the table's commit records say how
+    /// far each node's log is committed, and the flows' replay points how far they need it.
+    pub table: Option<crate::lake::committed::EventsCommitted>,
 }
 
 /// Sealed groups, each with the acks its commit releases (an empty group: acks to release at once).
@@ -415,11 +419,26 @@ async fn commit(
             release(acks).await;
             continue;
         }
-        if let Err(e) = commit_group(&g, log, order).await {
-            for f in g.into_iter().chain(groups.flat_map(|(g, _)| g)) {
-                store.discard(&f.staged);
+        match commit_group(&g, log, order).await {
+            Ok(true) => {}
+            Ok(false) => {
+                let rows: u64 = g.iter().map(|f| f.rows).sum();
+                tracing::info!(
+                    rows,
+                    "stopping before the event log these flow rows count was committed (by another \
+                     sink part): they stay uncommitted and are delivered again"
+                );
+                for f in g.into_iter().chain(groups.flat_map(|(g, _)| g)) {
+                    store.discard(&f.staged);
+                }
+                return Ok(());
             }
-            return Err(e);
+            Err(e) => {
+                for f in g.into_iter().chain(groups.flat_map(|(g, _)| g)) {
+                    store.discard(&f.staged);
+                }
+                return Err(e);
+            }
         }
         let now = crate::time::now_us();
         for f in &g {
@@ -449,17 +468,38 @@ fn group_last(g: &Group) -> Position {
         .expect("a group holds a file")
 }
 
+/// Per node, the furthest event the group's flow rows count (from their replay points).
+fn events_through(g: &Group) -> Vec<(Arc<str>, u64)> {
+    let mut need: std::collections::BTreeMap<Arc<str>, u64> = Default::default();
+    for (node, seq) in g
+        .iter()
+        .filter_map(|f| f.replay.as_ref())
+        .flat_map(|r| &r.events_through)
+    {
+        let n = need.entry(Arc::clone(node)).or_default();
+        *n = (*n).max(*seq);
+    }
+    need.into_iter().collect()
+}
+
+/// Commits one group; `false` if it was left uncommitted because the process is stopping while the
+/// event log it counts is not yet committed by another process (see [`CommitOrder::table`]).
 async fn commit_group(
     g: &Group,
     log: &mut CommitLog,
     order: &mut CommitOrder,
-) -> Result<(), SinkError> {
+) -> Result<bool, SinkError> {
     let last = group_last(g);
     if let (Some(after), Position::Flow { through_seq, .. }) = (order.after.as_mut(), last) {
         after
             .wait_for(|committed| *committed >= through_seq)
             .await
             .map_err(|_| EdgeError::Closed("event-log commit"))?;
+    }
+    if let Some(table) = order.table.as_mut() {
+        if !table.wait(&events_through(g)).await? {
+            return Ok(false);
+        }
     }
     let files: Vec<StagedFile> = g
         .iter()
@@ -475,7 +515,7 @@ async fn commit_group(
         })
         .collect();
     log.commit(&files, last).await?;
-    Ok(())
+    Ok(true)
 }
 
 fn write_batch<T: SinkRows>(

@@ -22,6 +22,8 @@ fn bench_runs_every_mode_at_each_node_count_checks_outputs_and_writes_the_report
             "3",
             "--nodes",
             "1,2",
+            "--sinks",
+            "2",
             "--handoff",
             handoff.to_str().unwrap(),
             "--report",
@@ -87,15 +89,25 @@ fn bench_runs_every_mode_at_each_node_count_checks_outputs_and_writes_the_report
         assert!(m["latency_p99_ms"].as_f64().unwrap() > 0.0, "{m}");
         assert_eq!(m["handoff_on_s3"], false, "{m}");
         // Every process of the run is measured: one monolith per node; per node a capture and, over
-        // the object store, its own two aggregators and sink; over the broker one tier and a sink
-        // (and the broker).
-        let processes = m["processes"].as_array().unwrap().len() as u64;
+        // the object store, its own two aggregators and sink; over the broker one tier of two
+        // aggregators and two sink parts (`--sinks 2`), and the broker.
+        let processes = m["processes"].as_array().unwrap();
         let expected = match m["mode"].as_str().unwrap() {
             "monolith" => n,
-            "split-broker" => n + 2 + 1 + 1,
+            "split-broker" => n + 2 + 2 + 1,
             _ => n * 4,
         };
-        assert_eq!(processes, expected, "{m}");
+        assert_eq!(processes.len() as u64, expected, "{m}");
+        if m["mode"] == "split-broker" {
+            let roles: Vec<&str> = processes
+                .iter()
+                .filter_map(|p| p["role"].as_str())
+                .collect();
+            assert!(
+                roles.contains(&"sink 0/2") && roles.contains(&"sink 1/2"),
+                "{roles:?}"
+            );
+        }
     }
     // What crossed the boundaries is where the split designs differ.
     assert_eq!(modes[0]["boundary_bytes"], 0);

@@ -119,6 +119,7 @@ fn wire_seeds() -> Vec<Vec<u8>> {
             from_seq: 1,
             through_seq: 3,
             max_ts: vec![(Arc::from("n"), 2)],
+            events_through: vec![(Arc::from("n"), 4)],
         },
         shard_count: 2,
         windows: Some(pipeline::aggregate::WindowConfig {

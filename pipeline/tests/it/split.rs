@@ -234,12 +234,24 @@ fn three_capture_nodes_into_one_tier_write_the_union_of_their_monolith_rows() {
     finish(agg0, "aggregator 0");
     finish(agg1, "aggregator 1");
     finish(sink, "sink");
+    assert_union_of_monoliths(&run.out, tmp.path(), &nodes, N);
+    let consumers = nats.consumers("tcplake-sink-");
+    for (stream, name, unacked, beyond_ack_floor) in consumers {
+        assert_eq!((unacked, beyond_ack_floor), (0, 0), "{stream}/{name}");
+    }
+    assert_eq!(leftovers(&run.out), Vec::<PathBuf>::new());
+    report_fault(
+        "split: 3 capture nodes; one capture, an aggregator and the sink killed -9 mid-run",
+        "output == the union of the nodes' monolith runs",
+    );
+}
 
-    // The union of the nodes' own monolith runs.
+/// `out` holds exactly the union of each node's own monolith run (both datasets, both ways).
+fn assert_union_of_monoliths(out: &Path, tmp: &Path, nodes: &[(&str, &str)], events: u64) {
     let mut union = Vec::new();
     for (n, seed) in nodes {
-        let mono = tmp.path().join(format!("mono-{n}"));
-        synthetic_run(&mono, seed, n, N, &[]);
+        let mono = tmp.join(format!("mono-{n}"));
+        synthetic_run(&mono, seed, n, events, &[]);
         union.push(mono);
     }
     for ds in ["events", "flows"] {
@@ -248,7 +260,7 @@ fn three_capture_nodes_into_one_tier_write_the_union_of_their_monolith_rows() {
             .map(|m| format!("SELECT * FROM {}", dataset(m, ds)))
             .collect::<Vec<_>>()
             .join(" UNION ALL ");
-        let split = format!("SELECT * FROM {}", dataset(&run.out, ds));
+        let split = format!("SELECT * FROM {}", dataset(out, ds));
         for (p, q) in [(&split, &all), (&all, &split)] {
             let diff = duckdb_int(&format!("SELECT count(*) FROM (({p}) EXCEPT ALL ({q}))"));
             assert_eq!(
@@ -260,17 +272,71 @@ fn three_capture_nodes_into_one_tier_write_the_union_of_their_monolith_rows() {
     assert_eq!(
         duckdb_int(&format!(
             "SELECT count(DISTINCT node) FROM {}",
-            dataset(&run.out, "flows")
+            dataset(out, "flows")
         )),
-        3
+        nodes.len() as i64
     );
+}
+
+/// Sharded sinks: two sink processes each write their part of one output (part 1 the event logs of
+/// node-a and node-c and shard 1's flows, part 0 node-b's and shard 0's). Together they write the
+/// union of the nodes' monolith runs, row for row, also when part 1 is killed with SIGKILL mid-run
+/// and restarted (part 0's flows, which count node-a's and node-c's events, wait for part 1 to commit
+/// them). A sink that says another part count is refused in one line.
+#[test]
+fn two_sink_parts_write_one_output_exactly_also_when_one_is_killed() {
+    const N: u64 = 300_000;
+    let nats = Nats::start_monitored();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = Run::new(&nats, tmp.path(), "51", N);
+    let nodes = [("node-a", "51"), ("node-b", "52"), ("node-c", "53")];
+    let paced = ["--rate", "100000"];
+    let captures: Vec<Child> = nodes
+        .iter()
+        .map(|(n, seed)| spawn_capture(&run, n, seed, &paced))
+        .collect();
+    let agg0 = run.spawn("aggregate", &["--shard", "0/2"]);
+    let agg1 = run.spawn("aggregate", &["--shard", "1/2"]);
+    let part = |p: &'static str| run.spawn("sink", &["--max-file-age", "1s", "--sink-part", p]);
+    let part0 = part("0/2");
+    let mut part1 = part("1/2");
+    wait_for_commit_beyond(&run.out, "events", 2, &mut part1);
+    kill(part1);
+    // Another count for the same output: refused, naming both.
+    let o = run
+        .spawn("sink", &["--sink-part", "0/3"])
+        .wait_bounded()
+        .unwrap();
+    assert!(!o.status.success());
+    let line = assert_one_error_line(
+        &o,
+        &["written by 2 sink part(s)", "part 0/3", "--sink-part"],
+    );
+    assert!(line.contains("_tcplake/sink-parts.json"), "{line}");
+    // So is a sink of the whole output.
+    let o = run.spawn("sink", &[]).wait_bounded().unwrap();
+    assert_one_error_line(&o, &["written by 2 sink part(s)", "part 0/1"]);
+    let part1 = part("1/2");
+    for (c, (n, _)) in captures.into_iter().zip(nodes) {
+        finish(c, n);
+    }
+    finish(agg0, "aggregator 0");
+    finish(agg1, "aggregator 1");
+    finish(part0, "sink part 0");
+    finish(part1, "sink part 1");
+    assert_union_of_monoliths(&run.out, tmp.path(), &nodes, N);
     let consumers = nats.consumers("tcplake-sink-");
-    for (stream, name, unacked, beyond_ack_floor) in consumers {
-        assert_eq!((unacked, beyond_ack_floor), (0, 0), "{stream}/{name}");
+    let names: Vec<&str> = consumers.iter().map(|c| c.1.as_str()).collect();
+    assert!(
+        names.iter().any(|n| n.ends_with("-p0of2")) && names.iter().any(|n| n.ends_with("-p1of2")),
+        "each part reads on its own consumers: {names:?}"
+    );
+    for (stream, name, unacked, beyond_ack_floor) in &consumers {
+        assert_eq!((*unacked, *beyond_ack_floor), (0, 0), "{stream}/{name}");
     }
     assert_eq!(leftovers(&run.out), Vec::<PathBuf>::new());
     report_fault(
-        "split: 3 capture nodes; one capture, an aggregator and the sink killed -9 mid-run",
+        "split: 3 nodes, 2 aggregators, 2 sink parts; sink part 1 killed -9 mid-run",
         "output == the union of the nodes' monolith runs",
     );
 }
