@@ -64,6 +64,10 @@ pub struct Summary {
     /// Object-store hand-off traffic of this process (split modes over `--handoff`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub handoff: Option<HandoffSummary>,
+    /// A capture or an aggregator of a split mode: it writes no output (`out` is where it hands
+    /// over), so the text says no "wrote 0 files".
+    #[serde(skip)]
+    pub hands_over: bool,
 }
 
 /// Requests and bytes of the object-store hand-off edge.
@@ -159,6 +163,7 @@ impl Summary {
                     bytes_read: h.bytes_read.get(),
                 })
             },
+            hands_over: false,
         }
     }
 }
@@ -167,7 +172,15 @@ impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // A sink alone neither captures nor aggregates: its line is the one of what it wrote.
         let sink_only = self.events == 0 && self.flows == 0 && self.event_rows + self.flow_rows > 0;
-        if !sink_only {
+        // A capture of a split mode aggregates nothing either: its line is the one of what it took.
+        let capture_only = self.hands_over && self.events > 0 && self.flows == 0;
+        if capture_only {
+            writeln!(
+                f,
+                "tcplake: {} events captured and handed over",
+                self.events
+            )?;
+        } else if !sink_only {
             writeln!(
                 f,
                 "tcplake: {} events -> {} flow records in {} windows ({} later than the late \
@@ -189,15 +202,17 @@ impl std::fmt::Display for Summary {
                 self.kernel_drops, self.decode_errors
             )?;
         }
-        writeln!(
-            f,
-            "tcplake: wrote {} files, {:.1} MiB to {} ({} event rows, {} flow rows)",
-            self.files,
-            self.bytes as f64 / (1 << 20) as f64,
-            self.out,
-            self.event_rows,
-            self.flow_rows
-        )?;
+        if !self.hands_over {
+            writeln!(
+                f,
+                "tcplake: wrote {} files, {:.1} MiB to {} ({} event rows, {} flow rows)",
+                self.files,
+                self.bytes as f64 / (1 << 20) as f64,
+                self.out,
+                self.event_rows,
+                self.flow_rows
+            )?;
+        }
         if let Some(reqs) = &self.s3_requests {
             let list: Vec<String> = reqs
                 .iter()

@@ -12,8 +12,13 @@ use super::{Dataset, Table};
 use crate::shutdown::Shutdown;
 use crate::storage::Store;
 
-/// How often the table is read again while waiting (a commit of the log is a few per second at most).
+/// How often the table is read again while waiting: at first (a part's log commits come a few per
+/// second at most), and at most (a long wait reads the log less often: on S3 each read is requests).
 const POLL: Duration = Duration::from_millis(250);
+const POLL_MAX: Duration = Duration::from_secs(2);
+/// How long a wait goes on once the process is stopping: parts stopped together (a rollout, a script)
+/// commit their event logs as they stop, and the flows that count them can follow.
+const STOP_GRACE: Duration = Duration::from_secs(15);
 /// How long a wait goes on before it is said (and again after each as long).
 const SAY_AFTER: Duration = Duration::from_secs(30);
 
@@ -25,6 +30,8 @@ pub struct EventsCommitted {
     stop: Shutdown,
     /// A wait gave up: every later one does too (committing later rows would skip the earlier).
     gave_up: bool,
+    /// How long a wait goes on once stopping ([`STOP_GRACE`]).
+    grace: Duration,
     /// Per node, the `seq` after the last event committed (as last read).
     next: BTreeMap<Arc<str>, u64>,
 }
@@ -45,20 +52,24 @@ impl EventsCommitted {
             table: None,
             stop,
             gave_up: false,
+            grace: STOP_GRACE,
             next: BTreeMap::new(),
         }
     }
 
     /// Returns `true` once every node's log in `need` (node, `seq` after its last event counted) is
-    /// committed that far; `false` if the process is stopping first (the other sink may be stopped
-    /// too: the caller leaves the rows uncommitted, and the edge delivers them again). A wait longer
-    /// than [`SAY_AFTER`] is logged, naming the node: the sink that writes its log may not be running.
+    /// committed that far; `false` if the process has been stopping for [`STOP_GRACE`] first (the
+    /// other part may be stopped for good: the caller leaves the rows uncommitted and unacknowledged,
+    /// and the edge delivers them again), and from then on. A wait longer than [`SAY_AFTER`] is
+    /// logged, naming the node: the part that writes its log may not be running.
     pub async fn wait(&mut self, need: &[(Arc<str>, u64)]) -> Result<bool, CommitError> {
         if self.gave_up {
             return Ok(false);
         }
         let started = Instant::now();
         let mut said = started;
+        let mut poll = POLL;
+        let mut stopping: Option<Instant> = None;
         loop {
             let behind = |next: &BTreeMap<Arc<str>, u64>| {
                 need.iter()
@@ -73,8 +84,11 @@ impl EventsCommitted {
                 return Ok(true);
             }
             if self.stop.is_triggered() {
-                self.gave_up = true;
-                return Ok(false);
+                let since = *stopping.get_or_insert_with(Instant::now);
+                if since.elapsed() >= self.grace {
+                    self.gave_up = true;
+                    return Ok(false);
+                }
             }
             if said.elapsed() >= SAY_AFTER {
                 said = Instant::now();
@@ -87,9 +101,14 @@ impl EventsCommitted {
                      writes it): is that sink running?"
                 );
             }
-            tokio::select! {
-                _ = tokio::time::sleep(POLL) => {}
-                _ = self.stop.wait() => {}
+            if stopping.is_some() {
+                tokio::time::sleep(POLL).await;
+            } else {
+                tokio::select! {
+                    _ = tokio::time::sleep(poll) => {}
+                    _ = self.stop.wait() => {}
+                }
+                poll = (poll * 2).min(POLL_MAX);
             }
         }
     }
@@ -176,9 +195,10 @@ mod tests {
         let (done, mut committed) = waiter.await.unwrap();
         assert!(done);
         assert_eq!(committed.next.get("n"), Some(&10));
-        // Stopping while the log is behind: given up, and for good (a later group committed while an
+        // Stopping while the log is behind: given up once the grace is over, and for good (a later group committed while an
         // earlier one was not would be skipped on restart).
         trigger.trigger();
+        committed.grace = POLL;
         assert!(!committed.wait(&[("n".into(), 11)]).await.unwrap());
         assert!(!committed.wait(&[("n".into(), 5)]).await.unwrap());
     }

@@ -57,6 +57,14 @@ fn summary(metrics: &Metrics, started: Instant, out: String) -> Summary {
     Summary::from_metrics(metrics, started.elapsed(), out)
 }
 
+/// The summary of a capture or an aggregator, which hand over to `to` and write no output.
+fn handed_over(metrics: &Metrics, started: Instant, to: String) -> Summary {
+    Summary {
+        hands_over: true,
+        ..summary(metrics, started, to)
+    }
+}
+
 /// `--mode capture`: the source's batches to `tcplake.events.<node>`.
 pub async fn capture(
     s: &Settings,
@@ -83,13 +91,13 @@ pub async fn capture(
         );
         metrics.health.set_ready();
         capture::run(cfg, source, output, shutdown, &metrics.capture).await?;
-        return Ok(summary(&metrics, started, store.describe()));
+        return Ok(handed_over(&metrics, started, store.describe()));
     }
     let broker = connect(s, &metrics).await?;
     let (progress, run_started) = match broker.capture_progress(&s.node).await? {
         NodeProgress::Ended => {
             tracing::info!(node = %s.node, "this node's event stream already ended; nothing to do");
-            return Ok(summary(&metrics, started, s.broker_url()));
+            return Ok(handed_over(&metrics, started, s.broker_url()));
         }
         NodeProgress::Next {
             next,
@@ -139,7 +147,7 @@ pub async fn capture(
     }
     metrics.health.set_ready();
     capture::run(cfg, source, output, shutdown, &metrics.capture).await?;
-    let mut sum = summary(&metrics, started, s.broker_url());
+    let mut sum = handed_over(&metrics, started, s.broker_url());
     sum.resumed_at_seq = progress.unwrap_or(0);
     Ok(sum)
 }
@@ -195,7 +203,7 @@ pub async fn aggregate(
         aggregate::run(cfg, input, output, &metrics.aggregate)
             .await
             .map_err(RunError::Aggregate)?;
-        return Ok(summary(&metrics, started, store.describe()));
+        return Ok(handed_over(&metrics, started, store.describe()));
     }
     let broker = connect(s, &metrics).await?;
     let resume = match broker.shard_progress(shard.index).await? {
@@ -205,7 +213,7 @@ pub async fn aggregate(
                 shard = shard.index,
                 "this shard's flow stream already ended; nothing to do"
             );
-            return Ok(summary(&metrics, started, s.broker_url()));
+            return Ok(handed_over(&metrics, started, s.broker_url()));
         }
         // The last piece published: its replay point rebuilds what the shard held then, and the
         // emissions go on being numbered after it (a half-published one is superseded).
@@ -241,7 +249,7 @@ pub async fn aggregate(
             tracing::info!("stopped; open windows will be rebuilt from the events stream on restart");
         }
     }
-    let mut sum = summary(&metrics, started, s.broker_url());
+    let mut sum = handed_over(&metrics, started, s.broker_url());
     sum.resumed_at_seq = from;
     Ok(sum)
 }
@@ -761,18 +769,6 @@ async fn route_flows(
         }
         let Some(d) = delivery else { break };
         let piece = d.item;
-        if matches!(log_committed, LogCommitted::Table(_))
-            && piece.replay.events_through.is_empty()
-            && !piece.records.is_empty()
-        {
-            return Err(edge_err("flows")(
-                StreamFault::NoEventsThrough {
-                    producer: piece.producer.to_string(),
-                    emission: piece.seq,
-                }
-                .into(),
-            ));
-        }
         check_shard_count(&mut count, &piece).map_err(edge_err("flows"))?;
         check_windows(&mut windows, &piece).map_err(|f| edge_err("flows")(f.into()))?;
         let producer = Arc::clone(&piece.producer);
@@ -801,6 +797,19 @@ async fn route_flows(
             let acks = Finalized::acks(vec![d.ack]);
             sh.tx.send(acks).await.map_err(edge_err("flows"))?;
             continue;
+        }
+        // Only emissions handed over need it (older ones the output holds are skipped above).
+        if matches!(log_committed, LogCommitted::Table(_))
+            && piece.replay.events_through.is_empty()
+            && !piece.records.is_empty()
+        {
+            return Err(edge_err("flows")(
+                StreamFault::NoEventsThrough {
+                    producer: piece.producer.to_string(),
+                    emission: piece.seq,
+                }
+                .into(),
+            ));
         }
         let next_row = sh
             .partial

@@ -255,11 +255,15 @@ where
             }
         };
         // While a commit waits on the store, no input is taken: the edge fills and the producer waits.
-        commit(sealed, &store, log, &mut order, &mut stats, metrics).await?;
+        if !commit(sealed, &store, log, &mut order, &mut stats, metrics).await? {
+            return stopped(log, stats).await;
+        }
     }
     let groups = blocking::run(|| writer.seal_all())?.into_iter().collect();
     let sealed = with_acks(groups, &mut waiting, Vec::new(), true);
-    commit(sealed, &store, log, &mut order, &mut stats, metrics).await?;
+    if !commit(sealed, &store, log, &mut order, &mut stats, metrics).await? {
+        return stopped(log, stats).await;
+    }
     log.finish().await?;
     Ok(stats)
 }
@@ -318,11 +322,23 @@ where
         };
         if flush {
             let sealed = blocking::run(|| open.write(&mut writer, &mut stats, metrics))?;
-            commit(sealed, &store, log, &mut order, &mut stats, metrics).await?;
+            if !commit(sealed, &store, log, &mut order, &mut stats, metrics).await? {
+                return stopped(log, stats).await;
+            }
         }
     }
     let sealed = blocking::run(|| open.write(&mut writer, &mut stats, metrics))?;
-    commit(sealed, &store, log, &mut order, &mut stats, metrics).await?;
+    if !commit(sealed, &store, log, &mut order, &mut stats, metrics).await? {
+        return stopped(log, stats).await;
+    }
+    log.finish().await?;
+    Ok(stats)
+}
+
+/// The end of a sink that left rows uncommitted because it is stopping (see [`commit`]): nothing
+/// more is committed or acknowledged (a later commit would record a position past the rows left out,
+/// and an ack would tell the edge they are durable); the edge delivers them again.
+async fn stopped(log: &mut CommitLog, stats: SinkStats) -> Result<SinkStats, SinkError> {
     log.finish().await?;
     Ok(stats)
 }
@@ -404,7 +420,9 @@ impl OpenFlows {
 
 /// Commits sealed groups in order, each in one commit, and releases each group's acks once it is
 /// committed (an empty group's at once); on failure the rest are discarded (they were never visible)
-/// and their acks are not released (the edge will deliver them again).
+/// and their acks are not released (the edge will deliver them again). `false`: the process is
+/// stopping before a group could be committed (see [`CommitOrder::table`]); the rest are discarded
+/// likewise, and the caller must stop (see [`stopped`]).
 async fn commit(
     sealed: Sealed,
     store: &Store,
@@ -412,7 +430,7 @@ async fn commit(
     order: &mut CommitOrder,
     stats: &mut SinkStats,
     metrics: &SinkMetrics,
-) -> Result<(), SinkError> {
+) -> Result<bool, SinkError> {
     let mut groups = sealed.into_iter();
     while let Some((g, acks)) = groups.next() {
         if g.is_empty() {
@@ -423,7 +441,7 @@ async fn commit(
             Ok(true) => {}
             Ok(false) => {
                 let rows: u64 = g.iter().map(|f| f.rows).sum();
-                tracing::info!(
+                tracing::warn!(
                     rows,
                     "stopping before the event log these flow rows count was committed (by another \
                      sink part): they stay uncommitted and are delivered again"
@@ -431,7 +449,7 @@ async fn commit(
                 for f in g.into_iter().chain(groups.flat_map(|(g, _)| g)) {
                     store.discard(&f.staged);
                 }
-                return Ok(());
+                return Ok(false);
             }
             Err(e) => {
                 for f in g.into_iter().chain(groups.flat_map(|(g, _)| g)) {
@@ -451,7 +469,7 @@ async fn commit(
         }
         release(acks).await;
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Where a group ends in the stream: its files' last rows, the furthest.

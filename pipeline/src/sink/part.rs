@@ -21,15 +21,14 @@ pub const PARTS_KEY: &str = "_tcplake/sink-parts.json";
 #[derive(Debug, thiserror::Error)]
 pub enum PartError {
     #[error(
-        "{location} is written by {held} sink part(s), and this sink is part {index}/{count}: every \
-         sink of one output must run with the same --sink-part count (to change it, stop every sink \
-         of the output, then delete {location}/{PARTS_KEY})"
+        "{location} is written by {held} sink part(s), and this sink {this}: every sink of one output \
+         must run with the same --sink-part count (to change it, stop every sink of the output, then \
+         delete {location}/{PARTS_KEY})"
     )]
     Disagrees {
         location: String,
         held: String,
-        index: u32,
-        count: u32,
+        this: String,
     },
     #[error("recording the sink part count in {location}")]
     Store {
@@ -75,7 +74,7 @@ impl SinkPart {
 
 /// Records this part's count in the output, or checks it against the count recorded there: sinks
 /// that disagree would leave some nodes' logs to no sink, or to two. A sink of the whole output
-/// (`0/1`) records nothing but is refused where parts are recorded.
+/// records a count of 1.
 pub async fn claim(store: &Store, part: SinkPart) -> Result<(), PartError> {
     let location = store.describe();
     let err = |source| PartError::Store {
@@ -93,8 +92,6 @@ pub async fn claim(store: &Store, part: SinkPart) -> Result<(), PartError> {
     };
     let held = match store.get(PARTS_KEY).await.map_err(err)? {
         Some(b) => said(b),
-        // One sink for the whole output records nothing (outputs of one sink stay as they were).
-        None if part.is_all() => return Ok(()),
         None => {
             let mine = serde_json::json!({ "parts": part.count }).to_string();
             if store
@@ -111,11 +108,15 @@ pub async fn claim(store: &Store, part: SinkPart) -> Result<(), PartError> {
     if held == part.count.to_string() {
         return Ok(());
     }
+    let this = if part.is_all() {
+        "writes the whole output (no --sink-part)".to_string()
+    } else {
+        format!("is part {}/{}", part.index, part.count)
+    };
     Err(PartError::Disagrees {
         location,
         held,
-        index: part.index,
-        count: part.count,
+        this,
     })
 }
 

@@ -234,7 +234,7 @@ fn three_capture_nodes_into_one_tier_write_the_union_of_their_monolith_rows() {
     finish(agg0, "aggregator 0");
     finish(agg1, "aggregator 1");
     finish(sink, "sink");
-    assert_union_of_monoliths(&run.out, tmp.path(), &nodes, N);
+    assert_union_of_monoliths(&run.out, tmp.path(), &nodes, N, &[]);
     let consumers = nats.consumers("tcplake-sink-");
     for (stream, name, unacked, beyond_ack_floor) in consumers {
         assert_eq!((unacked, beyond_ack_floor), (0, 0), "{stream}/{name}");
@@ -246,12 +246,19 @@ fn three_capture_nodes_into_one_tier_write_the_union_of_their_monolith_rows() {
     );
 }
 
-/// `out` holds exactly the union of each node's own monolith run (both datasets, both ways).
-fn assert_union_of_monoliths(out: &Path, tmp: &Path, nodes: &[(&str, &str)], events: u64) {
+/// `out` holds exactly the union of each node's own monolith run, with `extra` flags (both datasets,
+/// both ways).
+fn assert_union_of_monoliths(
+    out: &Path,
+    tmp: &Path,
+    nodes: &[(&str, &str)],
+    events: u64,
+    extra: &[&str],
+) {
     let mut union = Vec::new();
     for (n, seed) in nodes {
         let mono = tmp.join(format!("mono-{n}"));
-        synthetic_run(&mono, seed, n, events, &[]);
+        synthetic_run(&mono, seed, n, events, extra);
         union.push(mono);
     }
     for ds in ["events", "flows"] {
@@ -315,7 +322,10 @@ fn two_sink_parts_write_one_output_exactly_also_when_one_is_killed() {
     assert!(line.contains("_tcplake/sink-parts.json"), "{line}");
     // So is a sink of the whole output.
     let o = run.spawn("sink", &[]).wait_bounded().unwrap();
-    assert_one_error_line(&o, &["written by 2 sink part(s)", "part 0/1"]);
+    assert_one_error_line(
+        &o,
+        &["written by 2 sink part(s)", "writes the whole output"],
+    );
     let part1 = part("1/2");
     for (c, (n, _)) in captures.into_iter().zip(nodes) {
         finish(c, n);
@@ -324,7 +334,7 @@ fn two_sink_parts_write_one_output_exactly_also_when_one_is_killed() {
     finish(agg1, "aggregator 1");
     finish(part0, "sink part 0");
     finish(part1, "sink part 1");
-    assert_union_of_monoliths(&run.out, tmp.path(), &nodes, N);
+    assert_union_of_monoliths(&run.out, tmp.path(), &nodes, N, &[]);
     let consumers = nats.consumers("tcplake-sink-");
     let names: Vec<&str> = consumers.iter().map(|c| c.1.as_str()).collect();
     assert!(
@@ -339,6 +349,72 @@ fn two_sink_parts_write_one_output_exactly_also_when_one_is_killed() {
         "split: 3 nodes, 2 aggregators, 2 sink parts; sink part 1 killed -9 mid-run",
         "output == the union of the nodes' monolith runs",
     );
+}
+
+/// A sink part whose flows count events another part writes, stopped with SIGTERM while that part is
+/// not running, with no new flows coming (the aggregators stopped) and its held flows delivered to it
+/// again (past the ack wait): it exits 0 having committed and acknowledged none of them. Once the
+/// aggregators are back and both parts run, the output is exact.
+#[test]
+fn a_sink_part_stopped_while_its_flows_wait_for_another_part_commits_and_acks_none_of_them() {
+    const N: u64 = 200_000;
+    let nats = Nats::start_monitored();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = Run::new(&nats, tmp.path(), "61", N);
+    // node-a's log is part 1's, node-b's part 0's.
+    let nodes = [("node-a", "61"), ("node-b", "62")];
+    // Paced (about 10 s each): the captures still publish when part 0 is stopped.
+    let paced = ["--rate", "20000"];
+    let captures: Vec<Child> = nodes
+        .iter()
+        .map(|(n, seed)| spawn_capture(&run, n, seed, &paced))
+        .collect();
+    // One-second windows, emitted as soon as they end: flows reach the sinks while capture runs.
+    let windows = ["--window", "1", "--allowed-lateness", "0"];
+    let agg0 = run.spawn("aggregate", &[&["--shard", "0/2"][..], &windows].concat());
+    let agg1 = run.spawn("aggregate", &[&["--shard", "1/2"][..], &windows].concat());
+    let part = |p: &'static str| run.spawn("sink", &["--max-file-age", "1s", "--sink-part", p]);
+    let mut part0 = part("0/2");
+    wait_for_commit_beyond(&run.out, "events", 0, &mut part0);
+    let term = |c: &Child| {
+        let status = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    for a in [agg0, agg1] {
+        term(&a);
+        let o = a.wait_bounded().unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    // Longer than the ack wait (3 s): what part 0 holds is delivered to it again meanwhile.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(commits(&run.out, "flows"), 0, "flows wait for node-a's log");
+    term(&part0);
+    let o = part0.wait_bounded().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("they stay uncommitted and are delivered again"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(commits(&run.out, "flows"), 0);
+    let agg0 = run.spawn("aggregate", &[&["--shard", "0/2"][..], &windows].concat());
+    let agg1 = run.spawn("aggregate", &[&["--shard", "1/2"][..], &windows].concat());
+    let (part0, part1) = (part("0/2"), part("1/2"));
+    for (c, (n, _)) in captures.into_iter().zip(nodes) {
+        finish(c, n);
+    }
+    finish(agg0, "aggregator 0");
+    finish(agg1, "aggregator 1");
+    finish(part0, "sink part 0");
+    finish(part1, "sink part 1");
+    assert_union_of_monoliths(&run.out, tmp.path(), &nodes, N, &windows);
+    for (stream, name, unacked, beyond_ack_floor) in nats.consumers("tcplake-sink-") {
+        assert_eq!((unacked, beyond_ack_floor), (0, 0), "{stream}/{name}");
+    }
+    assert_eq!(leftovers(&run.out), Vec::<PathBuf>::new());
 }
 
 #[test]
