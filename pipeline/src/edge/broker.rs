@@ -515,22 +515,7 @@ impl Broker {
                 let id = format!("{}-{}-{}", b.producer, b.seq, b.first_row);
                 (wire::encode_flows(b, compress), id)
             }),
-            Box::new(|b: &FlowBatch| {
-                let mid = b.records.len() / 2;
-                (mid > 0).then(|| {
-                    let half = |r: std::ops::Range<usize>| FlowBatch {
-                        producer: Arc::clone(&b.producer),
-                        seq: b.seq,
-                        first_row: b.first_row + r.start as u32,
-                        total_rows: b.total_rows,
-                        records: b.records[r].to_vec(),
-                        replay: b.replay.clone(),
-                        shard_count: b.shard_count,
-                        windows: b.windows,
-                    };
-                    (half(0..mid), half(mid..b.records.len()))
-                })
-            }),
+            Box::new(halve_flows),
             Box::new(|b: &FlowBatch| b.records.len()),
             Some(count),
             shutdown,
@@ -779,6 +764,9 @@ pub const SHARDS_HEADER: &str = "Tcplake-Shards";
 /// would be faster, but after a broker restart a lost message could be re-published behind a later
 /// one, which consumers would then treat as already seen (found by the broker-restart test).
 ///
+/// Bytes of a message's `max_payload` kept for its headers (see [`BrokerTx::send`]).
+const HEADERS_ALLOWANCE: usize = 1024;
+
 /// A batch whose message would exceed the server's `max_payload` is cut in halves (each named by its
 /// first row, as any batch), rather than refused by the server and retried in vain.
 pub struct BrokerTx<T> {
@@ -1013,11 +1001,15 @@ fn stream_of(subject: &str) -> &'static str {
 impl<T: Send + Sync> Tx<T> for BrokerTx<T> {
     async fn send(&mut self, item: T) -> Result<(), EdgeError> {
         let max_payload = self.broker.js.client().server_info().max_payload;
+        // The server counts a message's headers against max_payload too (ids, the predecessor's
+        // sequence, the source hash: a few hundred bytes): a body that fits only without them was
+        // refused on every retry.
+        let limit = max_payload.saturating_sub(HEADERS_ALLOWANCE);
         // Halves are published first half first: the subject's order stays the rows' order.
         let mut todo = vec![item];
         while let Some(item) = todo.pop() {
             let (body, id) = (self.encode)(&item);
-            if max_payload > 0 && body.len() > max_payload {
+            if max_payload > 0 && body.len() > limit {
                 match (self.split)(&item) {
                     Some((first, second)) => {
                         todo.push(second);
@@ -1050,6 +1042,36 @@ impl<T: Send + Sync> Tx<T> for BrokerTx<T> {
         }
         Ok(())
     }
+}
+
+/// Cuts a flow batch in two pieces (`None`: one row, which cannot be cut). Only a piece that completes
+/// the emission carries its replay point; the others carry the one before it, so an aggregator that
+/// restarts after publishing only some pieces rebuilds and publishes the whole emission again (as the
+/// next emission, which supersedes the pieces) rather than continue after rows never published.
+fn halve_flows(b: &FlowBatch) -> Option<(FlowBatch, FlowBatch)> {
+    let mid = b.records.len() / 2;
+    (mid > 0).then(|| {
+        let half = |r: std::ops::Range<usize>| {
+            let first_row = b.first_row + r.start as u32;
+            let completes = first_row as usize + r.len() >= b.total_rows as usize;
+            let replay = match (&b.replay_before, completes) {
+                (Some(before), false) => before.clone(),
+                _ => b.replay.clone(),
+            };
+            FlowBatch {
+                producer: Arc::clone(&b.producer),
+                seq: b.seq,
+                first_row,
+                total_rows: b.total_rows,
+                records: b.records[r].to_vec(),
+                replay,
+                replay_before: b.replay_before.clone(),
+                shard_count: b.shard_count,
+                windows: b.windows,
+            }
+        };
+        (half(0..mid), half(mid..b.records.len()))
+    })
 }
 
 /// The id of an event batch's message: the same whatever attempt or run publishes the batch, and no
@@ -1423,6 +1445,64 @@ impl Rx<Arc<EventBatch>> for BrokerRx<Arc<EventBatch>> {
 mod tests {
     use super::*;
     use crate::event::{Event, EventKind};
+
+    /// Pieces of an emission: only the one that completes it carries its replay point, at any depth
+    /// of cutting; the rows stay in order.
+    #[test]
+    fn only_the_piece_that_completes_an_emission_moves_the_checkpoint() {
+        use crate::event::flow::{FlowBatch, ReplayPoint};
+        let point = |from_seq| ReplayPoint {
+            from_seq,
+            ..Default::default()
+        };
+        let mut records = Vec::new();
+        let mut w = crate::aggregate::Windows::new(crate::aggregate::WindowConfig {
+            window_us: 1_000_000,
+            allowed_lateness_us: 0,
+            horizon_us: 0,
+        });
+        let mut src = crate::capture::synthetic::Synthetic::new(
+            "n".into(),
+            crate::capture::synthetic::SyntheticConfig {
+                seed: 5,
+                total: 2_000,
+                start_us: 0,
+                events_per_sim_sec: 1_000,
+            },
+        );
+        let b = src.next_batch(2_000).unwrap();
+        w.add(&b.node, &b.events, 0..1, |_| true);
+        w.emit_all(&mut records);
+        assert!(records.len() >= 8);
+        let whole = FlowBatch {
+            producer: "agg-0".into(),
+            seq: 4,
+            first_row: 0,
+            total_rows: records.len() as u32,
+            records: records.clone(),
+            replay: point(9),
+            replay_before: Some(point(3)),
+            shard_count: 1,
+            windows: None,
+        };
+        // Cut as the producer does for a small max_payload: halves, then their halves.
+        let (a, b) = halve_flows(&whole).unwrap();
+        let (a1, a2) = halve_flows(&a).unwrap();
+        let (b1, b2) = halve_flows(&b).unwrap();
+        let pieces = [a1, a2, b1, b2];
+        let froms: Vec<u64> = pieces.iter().map(|p| p.replay.from_seq).collect();
+        assert_eq!(froms, [3, 3, 3, 9]);
+        assert!(pieces[3].completes() && !pieces[2].completes());
+        let rows: Vec<_> = pieces.iter().flat_map(|p| p.records.clone()).collect();
+        assert_eq!(rows, records);
+        // A batch received from the broker (no checkpoint before it) keeps its own.
+        let received = FlowBatch {
+            replay_before: None,
+            ..whole
+        };
+        let (a, _) = halve_flows(&received).unwrap();
+        assert_eq!(a.replay.from_seq, 9);
+    }
 
     /// Message ids deduplicate retries of one batch, never two batches: heartbeats of different
     /// times differ from each other and from any batch of rows.

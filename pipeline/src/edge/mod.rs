@@ -94,8 +94,9 @@ pub enum StreamFault {
     )]
     Foreign { subject: String, seq: u64 },
     #[error(
-        "{subject}: one row takes {bytes} bytes, more than the broker's max_payload of {max_payload}: \
-         raise max_payload in nats-server's configuration"
+        "{subject}: one row takes {bytes} bytes, more than fits in the broker's max_payload of \
+         {max_payload} beside the message's headers (1 KiB is kept for them): raise max_payload in \
+         nats-server's configuration"
     )]
     RowTooLarge {
         subject: String,

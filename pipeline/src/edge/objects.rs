@@ -490,6 +490,7 @@ mod tests {
                 first_row: 0,
                 total_rows: 0,
                 replay: Default::default(),
+                replay_before: None,
                 shard_count: 2,
                 windows,
             };

@@ -717,6 +717,7 @@ pub fn decode_flows(msg: &[u8]) -> Result<FlowBatch, WireError> {
         first_row,
         total_rows,
         replay,
+        replay_before: None,
         shard_count: u32::from(shard_count),
         windows,
     })
@@ -781,6 +782,7 @@ mod tests {
                 ],
                 events_through: vec![("node-1".into(), 12), ("node-2".into(), 1 << 40)],
             },
+            replay_before: None,
             shard_count: 3,
             windows: Some(crate::aggregate::WindowConfig {
                 window_us: 10_000_000,

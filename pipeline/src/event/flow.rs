@@ -89,8 +89,15 @@ pub struct FlowBatch {
     /// `records.len()`).
     pub first_row: u32,
     pub total_rows: u32,
-    /// How to rebuild the aggregator's state after these rows (see [`ReplayPoint`]).
+    /// How to rebuild the aggregator's state after these rows (see [`ReplayPoint`]). A piece that
+    /// does not complete its emission carries [`Self::replay_before`] here instead: a checkpoint
+    /// only moves past an emission once all of it is published (an aggregator restarted after a
+    /// half-published one rebuilds it whole, windows let go in that pass included).
     pub replay: ReplayPoint,
+    /// The aggregator's replay point before this emission (its previous emission's, or a rebuild
+    /// from the start), for the pieces the emission may be cut into. Not on the wire (`None` when
+    /// decoded): received pieces carry it as their `replay`.
+    pub replay_before: Option<ReplayPoint>,
     /// How many aggregators share the flows (each owns those whose key hashes to its index): what a
     /// sink learns the shard count from. 0 in messages of older versions, which did not say.
     pub shard_count: u32,

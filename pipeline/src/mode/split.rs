@@ -842,6 +842,9 @@ async fn route_flows(
         let mut whole = match sh.partial.take() {
             Some(mut p) if p.seq == emission => {
                 p.records.extend(piece.records);
+                // The piece that completes the emission carries its replay point (see
+                // `edge::broker`: the others carry the one before it).
+                p.replay = piece.replay;
                 p
             }
             _ => piece,

@@ -121,6 +121,7 @@ fn wire_seeds() -> Vec<Vec<u8>> {
             max_ts: vec![(Arc::from("n"), 2)],
             events_through: vec![(Arc::from("n"), 4)],
         },
+        replay_before: None,
         shard_count: 2,
         windows: Some(pipeline::aggregate::WindowConfig {
             window_us: 1_000_000,

@@ -182,6 +182,71 @@ fn each_service_killed_mid_run_and_restarted_still_writes_the_monolith_rows() {
     );
 }
 
+/// Every message cut into pieces (a server with a 4 KiB max_payload: headers count against it too)
+/// and an aggregator killed with SIGKILL again and again while it publishes them: a restarted
+/// aggregator rebuilds from the checkpoint its last piece carries (the one before a half-published
+/// emission: `aggregate::tests::resuming_after_a_half_published_emission_rebuilds_it_whole` shows
+/// the rows the one after it lost). The output equals the monolith's.
+#[test]
+fn an_aggregator_killed_while_publishing_an_emission_in_pieces_loses_no_rows() {
+    const N: u64 = 600_000;
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = tmp.path().join("nats.conf");
+    std::fs::write(&conf, "max_payload: 4096\n").unwrap();
+    let nats = Nats::start_with(&["-c", conf.to_str().unwrap()]);
+    let run = Run::new(&nats, tmp.path(), "71", N);
+    // One-second windows closing at once, late events two seconds late and a three-second horizon:
+    // emissions every second of event time, many re-emitting windows in the pass that lets them go.
+    let late = "[capture]\nlate_every = 97\nlate_by = \"2s\"\n";
+    let windows = [
+        "--window",
+        "1",
+        "--allowed-lateness",
+        "0",
+        "--late-horizon",
+        "3",
+    ];
+    let capture_conf = tmp.path().join("capture.toml");
+    let broker_conf = std::fs::read_to_string(&run.config).unwrap();
+    std::fs::write(&capture_conf, format!("{broker_conf}{late}")).unwrap();
+    let mono_conf = tmp.path().join("mono.toml");
+    std::fs::write(&mono_conf, late).unwrap();
+
+    let mut args = run.args("capture", &["--rate", "100000"]);
+    let i = args.iter().position(|a| a == "--config").unwrap() + 1;
+    args[i] = capture_conf.to_str().unwrap().into();
+    let capture = tcplake_cmd()
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let aggregator =
+        |shard: &str| run.spawn("aggregate", &[&["--shard", shard][..], &windows].concat());
+    let mut agg0 = aggregator("0/2");
+    let agg1 = aggregator("1/2");
+    let sink = run.spawn("sink", &["--max-file-age", "1s"]);
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(700));
+        kill(agg0);
+        agg0 = aggregator("0/2");
+    }
+    finish(capture, "capture");
+    finish(agg0, "aggregator 0");
+    finish(agg1, "aggregator 1");
+    finish(sink, "sink");
+    let mono = tmp.path().join("mono");
+    synthetic_run(
+        &mono,
+        "71",
+        "split-node",
+        N,
+        &[&["--config", mono_conf.to_str().unwrap()][..], &windows].concat(),
+    );
+    same_rows(&run.out, &mono, "events");
+    same_rows(&run.out, &mono, "flows");
+}
+
 /// A capture process of another node (its own name and seed) into the same run's broker.
 fn spawn_capture(run: &Run, node: &str, seed: &str, extra: &[&str]) -> Child {
     let mut args = run.args("capture", extra);
