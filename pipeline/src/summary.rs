@@ -64,10 +64,10 @@ pub struct Summary {
     /// Object-store hand-off traffic of this process (split modes over `--handoff`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub handoff: Option<HandoffSummary>,
-    /// A capture or an aggregator of a split mode: it writes no output (`out` is where it hands
-    /// over), so the text says no "wrote 0 files".
+    /// The stage of a split mode that writes no output (`out` is where it hands over): its text
+    /// says what it did, not "wrote 0 files".
     #[serde(skip)]
-    pub hands_over: bool,
+    pub hands_over: Option<HandsOver>,
 }
 
 /// Requests and bytes of the object-store hand-off edge.
@@ -163,9 +163,16 @@ impl Summary {
                     bytes_read: h.bytes_read.get(),
                 })
             },
-            hands_over: false,
+            hands_over: None,
         }
     }
+}
+
+/// A stage that hands over to the next instead of writing an output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HandsOver {
+    Capture,
+    Aggregate,
 }
 
 impl std::fmt::Display for Summary {
@@ -173,8 +180,7 @@ impl std::fmt::Display for Summary {
         // A sink alone neither captures nor aggregates: its line is the one of what it wrote.
         let sink_only = self.events == 0 && self.flows == 0 && self.event_rows + self.flow_rows > 0;
         // A capture of a split mode aggregates nothing either: its line is the one of what it took.
-        let capture_only = self.hands_over && self.events > 0 && self.flows == 0;
-        if capture_only {
+        if self.hands_over == Some(HandsOver::Capture) {
             writeln!(
                 f,
                 "tcplake: {} events captured and handed over",
@@ -202,7 +208,7 @@ impl std::fmt::Display for Summary {
                 self.kernel_drops, self.decode_errors
             )?;
         }
-        if !self.hands_over {
+        if self.hands_over.is_none() {
             writeln!(
                 f,
                 "tcplake: wrote {} files, {:.1} MiB to {} ({} event rows, {} flow rows)",

@@ -756,6 +756,9 @@ const EXPECTED_LAST_SUBJECT_SEQ: &str = "Nats-Expected-Last-Subject-Sequence";
 /// On a flows subject's end marker: how many shards share the flows.
 pub const SHARDS_HEADER: &str = "Tcplake-Shards";
 
+/// Bytes of a message's `max_payload` kept for its headers (see [`BrokerTx::send`]).
+const HEADERS_ALLOWANCE: usize = 1024;
+
 /// The producing half. Each message waits for its acknowledgement before the next is published, and
 /// carries the stream sequence of its predecessor on the subject (`Nats-Expected-Last-Subject-Sequence`):
 /// the server refuses it unless everything before it is stored. So a producer's messages are stored in
@@ -764,9 +767,6 @@ pub const SHARDS_HEADER: &str = "Tcplake-Shards";
 /// would be faster, but after a broker restart a lost message could be re-published behind a later
 /// one, which consumers would then treat as already seen (found by the broker-restart test).
 ///
-/// Bytes of a message's `max_payload` kept for its headers (see [`BrokerTx::send`]).
-const HEADERS_ALLOWANCE: usize = 1024;
-
 /// A batch whose message would exceed the server's `max_payload` is cut in halves (each named by its
 /// first row, as any batch), rather than refused by the server and retried in vain.
 pub struct BrokerTx<T> {

@@ -35,7 +35,7 @@ use crate::shutdown::Shutdown;
 use crate::sink::{
     self, CommitLog, CommitOrder, Dataset, Position, RollingWriter, SinkError, SinkStats, Store,
 };
-use crate::summary::Summary;
+use crate::summary::{HandsOver, Summary};
 
 /// The object store that stands in for the broker (`--handoff`), if that is the chosen edge.
 async fn handoff_store(s: &Settings, metrics: &Metrics) -> Result<Option<Store>, RunError> {
@@ -58,9 +58,9 @@ fn summary(metrics: &Metrics, started: Instant, out: String) -> Summary {
 }
 
 /// The summary of a capture or an aggregator, which hand over to `to` and write no output.
-fn handed_over(metrics: &Metrics, started: Instant, to: String) -> Summary {
+fn handed_over(stage: HandsOver, metrics: &Metrics, started: Instant, to: String) -> Summary {
     Summary {
-        hands_over: true,
+        hands_over: Some(stage),
         ..summary(metrics, started, to)
     }
 }
@@ -91,13 +91,23 @@ pub async fn capture(
         );
         metrics.health.set_ready();
         capture::run(cfg, source, output, shutdown, &metrics.capture).await?;
-        return Ok(handed_over(&metrics, started, store.describe()));
+        return Ok(handed_over(
+            HandsOver::Capture,
+            &metrics,
+            started,
+            store.describe(),
+        ));
     }
     let broker = connect(s, &metrics).await?;
     let (progress, run_started) = match broker.capture_progress(&s.node).await? {
         NodeProgress::Ended => {
             tracing::info!(node = %s.node, "this node's event stream already ended; nothing to do");
-            return Ok(handed_over(&metrics, started, s.broker_url()));
+            return Ok(handed_over(
+                HandsOver::Capture,
+                &metrics,
+                started,
+                s.broker_url(),
+            ));
         }
         NodeProgress::Next {
             next,
@@ -147,7 +157,7 @@ pub async fn capture(
     }
     metrics.health.set_ready();
     capture::run(cfg, source, output, shutdown, &metrics.capture).await?;
-    let mut sum = handed_over(&metrics, started, s.broker_url());
+    let mut sum = handed_over(HandsOver::Capture, &metrics, started, s.broker_url());
     sum.resumed_at_seq = progress.unwrap_or(0);
     Ok(sum)
 }
@@ -203,7 +213,12 @@ pub async fn aggregate(
         aggregate::run(cfg, input, output, &metrics.aggregate)
             .await
             .map_err(RunError::Aggregate)?;
-        return Ok(handed_over(&metrics, started, store.describe()));
+        return Ok(handed_over(
+            HandsOver::Aggregate,
+            &metrics,
+            started,
+            store.describe(),
+        ));
     }
     let broker = connect(s, &metrics).await?;
     let resume = match broker.shard_progress(shard.index).await? {
@@ -213,7 +228,12 @@ pub async fn aggregate(
                 shard = shard.index,
                 "this shard's flow stream already ended; nothing to do"
             );
-            return Ok(handed_over(&metrics, started, s.broker_url()));
+            return Ok(handed_over(
+                HandsOver::Aggregate,
+                &metrics,
+                started,
+                s.broker_url(),
+            ));
         }
         // The last piece published: its replay point rebuilds what the shard held then, and the
         // emissions go on being numbered after it (a half-published one is superseded).
@@ -222,7 +242,9 @@ pub async fn aggregate(
             next_emission: last.seq + 1,
         }),
     };
-    let from = resume.as_ref().map_or(0, |r| r.point.from_seq);
+    // A rebuild from the stream's start (the checkpoint before an aggregator's first emission) starts
+    // at 1, so that retention having removed the start is noticed as for any other replay point.
+    let from = resume.as_ref().map_or(0, |r| r.point.from_seq.max(1));
     if resume.is_some() {
         tracing::info!(from, "rebuilding open windows from the events stream");
     }
@@ -249,7 +271,7 @@ pub async fn aggregate(
             tracing::info!("stopped; open windows will be rebuilt from the events stream on restart");
         }
     }
-    let mut sum = handed_over(&metrics, started, s.broker_url());
+    let mut sum = handed_over(HandsOver::Aggregate, &metrics, started, s.broker_url());
     sum.resumed_at_seq = from;
     Ok(sum)
 }
@@ -795,21 +817,10 @@ async fn route_flows(
                 .redelivered_rows_skipped
                 .add(piece.records.len() as u64);
             let acks = Finalized::acks(vec![d.ack]);
-            sh.tx.send(acks).await.map_err(edge_err("flows"))?;
+            if !hand_over(&mut sh.tx, acks, &shutdown).await? {
+                break;
+            }
             continue;
-        }
-        // Only emissions handed over need it (older ones the output holds are skipped above).
-        if matches!(log_committed, LogCommitted::Table(_))
-            && piece.replay.events_through.is_empty()
-            && !piece.records.is_empty()
-        {
-            return Err(edge_err("flows")(
-                StreamFault::NoEventsThrough {
-                    producer: piece.producer.to_string(),
-                    emission: piece.seq,
-                }
-                .into(),
-            ));
         }
         let next_row = sh
             .partial
@@ -851,16 +862,30 @@ async fn route_flows(
         };
         sh.piece_acks.push(d.ack);
         if whole.completes() {
+            // Only emissions handed over need it (older ones the output holds are skipped above), and
+            // only whole: pieces before the last carry the checkpoint before the emission.
+            if matches!(log_committed, LogCommitted::Table(_))
+                && whole.replay.events_through.is_empty()
+                && !whole.records.is_empty()
+            {
+                return Err(edge_err("flows")(
+                    StreamFault::NoEventsThrough {
+                        producer: whole.producer.to_string(),
+                        emission,
+                    }
+                    .into(),
+                ));
+            }
             whole.first_row = 0;
             sh.done = Some(emission);
             let acks = std::mem::take(&mut sh.piece_acks);
-            sh.tx
-                .send(Finalized {
-                    item: Some(whole),
-                    acks,
-                })
-                .await
-                .map_err(edge_err("flows"))?;
+            let item = Finalized {
+                item: Some(whole),
+                acks,
+            };
+            if !hand_over(&mut sh.tx, item, &shutdown).await? {
+                break;
+            }
         } else {
             sh.partial = Some(whole);
         }
@@ -878,6 +903,21 @@ async fn route_flows(
             .map_err(sink_err("flows"))?;
     }
     Ok(())
+}
+
+/// Hands an emission (or acks) to a shard's flows sink; `false` if that sink has ended because the
+/// process is stopping (a sink part that gave up waiting for another part's event log, see
+/// [`sink::run_flows`]): what it did not take is delivered again.
+async fn hand_over(
+    tx: &mut memory::MemoryTx<Finalized<FlowBatch>>,
+    item: Finalized<FlowBatch>,
+    shutdown: &Shutdown,
+) -> Result<bool, RunError> {
+    match tx.send(item).await {
+        Ok(()) => Ok(true),
+        Err(_) if shutdown.is_triggered() => Ok(false),
+        Err(e) => Err(edge_err("flows")(e)),
+    }
 }
 
 /// How a flows sink over the broker learns that the events its rows count are committed.

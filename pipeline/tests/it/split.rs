@@ -191,9 +191,7 @@ fn each_service_killed_mid_run_and_restarted_still_writes_the_monolith_rows() {
 fn an_aggregator_killed_while_publishing_an_emission_in_pieces_loses_no_rows() {
     const N: u64 = 600_000;
     let tmp = tempfile::tempdir().unwrap();
-    let conf = tmp.path().join("nats.conf");
-    std::fs::write(&conf, "max_payload: 4096\n").unwrap();
-    let nats = Nats::start_with(&["-c", conf.to_str().unwrap()]);
+    let nats = Nats::start_with(&["-c", &small_payload_conf(tmp.path())]);
     let run = Run::new(&nats, tmp.path(), "71", N);
     // One-second windows closing at once, late events two seconds late and a three-second horizon:
     // emissions every second of event time, many re-emitting windows in the pass that lets them go.
@@ -247,6 +245,13 @@ fn an_aggregator_killed_while_publishing_an_emission_in_pieces_loses_no_rows() {
     same_rows(&run.out, &mono, "flows");
 }
 
+/// A nats-server configuration (in `dir`) with a 4 KiB max_payload: every batch is cut into pieces.
+fn small_payload_conf(dir: &Path) -> String {
+    let conf = dir.join("nats.conf");
+    std::fs::write(&conf, "max_payload: 4096\n").unwrap();
+    conf.to_str().unwrap().to_string()
+}
+
 /// A capture process of another node (its own name and seed) into the same run's broker.
 fn spawn_capture(run: &Run, node: &str, seed: &str, extra: &[&str]) -> Child {
     let mut args = run.args("capture", extra);
@@ -263,6 +268,25 @@ fn spawn_capture(run: &Run, node: &str, seed: &str, extra: &[&str]) -> Child {
         .unwrap()
 }
 
+/// One capture process per (node, seed), with `extra` flags.
+fn spawn_captures(run: &Run, nodes: &[(&str, &str)], extra: &[&str]) -> Vec<Child> {
+    nodes
+        .iter()
+        .map(|(n, seed)| spawn_capture(run, n, seed, extra))
+        .collect()
+}
+
+/// Every sink consumer released every delivery's ack (nothing is left for the broker to deliver
+/// again) and the output holds nothing but committed files; returns the consumers' names.
+fn assert_drained(nats: &Nats, out: &Path) -> Vec<String> {
+    let consumers = nats.consumers("tcplake-sink-");
+    for (stream, name, unacked, beyond_ack_floor) in &consumers {
+        assert_eq!((*unacked, *beyond_ack_floor), (0, 0), "{stream}/{name}");
+    }
+    assert_eq!(leftovers(out), Vec::<PathBuf>::new());
+    consumers.into_iter().map(|c| c.1).collect()
+}
+
 /// Several capture nodes into one tier (two aggregators, one sink): the output is the union of each
 /// node's own monolith run, row for row, also when one capture, one aggregator and the sink are each
 /// killed with SIGKILL mid-run and restarted.
@@ -276,10 +300,7 @@ fn three_capture_nodes_into_one_tier_write_the_union_of_their_monolith_rows() {
     // Paced (about 3 s each) so every kill lands mid-stream; every node publishes before the
     // aggregators start (they finish once every node they saw has ended).
     let paced = ["--rate", "100000"];
-    let mut captures: Vec<Child> = nodes
-        .iter()
-        .map(|(n, seed)| spawn_capture(&run, n, seed, &paced))
-        .collect();
+    let mut captures = spawn_captures(&run, &nodes, &paced);
     let sink_args = ["--max-file-age", "1s"];
     let agg0 = run.spawn("aggregate", &["--shard", "0/2"]);
     let agg1 = run.spawn("aggregate", &["--shard", "1/2"]);
@@ -300,11 +321,7 @@ fn three_capture_nodes_into_one_tier_write_the_union_of_their_monolith_rows() {
     finish(agg1, "aggregator 1");
     finish(sink, "sink");
     assert_union_of_monoliths(&run.out, tmp.path(), &nodes, N, &[]);
-    let consumers = nats.consumers("tcplake-sink-");
-    for (stream, name, unacked, beyond_ack_floor) in consumers {
-        assert_eq!((unacked, beyond_ack_floor), (0, 0), "{stream}/{name}");
-    }
-    assert_eq!(leftovers(&run.out), Vec::<PathBuf>::new());
+    assert_drained(&nats, &run.out);
     report_fault(
         "split: 3 capture nodes; one capture, an aggregator and the sink killed -9 mid-run",
         "output == the union of the nodes' monolith runs",
@@ -354,19 +371,17 @@ fn assert_union_of_monoliths(
 /// node-a and node-c and shard 1's flows, part 0 node-b's and shard 0's). Together they write the
 /// union of the nodes' monolith runs, row for row, also when part 1 is killed with SIGKILL mid-run
 /// and restarted (part 0's flows, which count node-a's and node-c's events, wait for part 1 to commit
-/// them). A sink that says another part count is refused in one line.
+/// them). A sink that says another part count is refused in one line. Every message is cut into
+/// pieces (a 4 KiB max_payload): a part takes an emission's checkpoint from its last piece.
 #[test]
 fn two_sink_parts_write_one_output_exactly_also_when_one_is_killed() {
     const N: u64 = 300_000;
-    let nats = Nats::start_monitored();
     let tmp = tempfile::tempdir().unwrap();
+    let nats = Nats::start_monitored_with(&["-c", &small_payload_conf(tmp.path())]);
     let run = Run::new(&nats, tmp.path(), "51", N);
     let nodes = [("node-a", "51"), ("node-b", "52"), ("node-c", "53")];
     let paced = ["--rate", "100000"];
-    let captures: Vec<Child> = nodes
-        .iter()
-        .map(|(n, seed)| spawn_capture(&run, n, seed, &paced))
-        .collect();
+    let captures = spawn_captures(&run, &nodes, &paced);
     let agg0 = run.spawn("aggregate", &["--shard", "0/2"]);
     let agg1 = run.spawn("aggregate", &["--shard", "1/2"]);
     let part = |p: &'static str| run.spawn("sink", &["--max-file-age", "1s", "--sink-part", p]);
@@ -400,16 +415,11 @@ fn two_sink_parts_write_one_output_exactly_also_when_one_is_killed() {
     finish(part0, "sink part 0");
     finish(part1, "sink part 1");
     assert_union_of_monoliths(&run.out, tmp.path(), &nodes, N, &[]);
-    let consumers = nats.consumers("tcplake-sink-");
-    let names: Vec<&str> = consumers.iter().map(|c| c.1.as_str()).collect();
+    let names = assert_drained(&nats, &run.out);
     assert!(
         names.iter().any(|n| n.ends_with("-p0of2")) && names.iter().any(|n| n.ends_with("-p1of2")),
         "each part reads on its own consumers: {names:?}"
     );
-    for (stream, name, unacked, beyond_ack_floor) in &consumers {
-        assert_eq!((*unacked, *beyond_ack_floor), (0, 0), "{stream}/{name}");
-    }
-    assert_eq!(leftovers(&run.out), Vec::<PathBuf>::new());
     report_fault(
         "split: 3 nodes, 2 aggregators, 2 sink parts; sink part 1 killed -9 mid-run",
         "output == the union of the nodes' monolith runs",
@@ -430,10 +440,7 @@ fn a_sink_part_stopped_while_its_flows_wait_for_another_part_commits_and_acks_no
     let nodes = [("node-a", "61"), ("node-b", "62")];
     // Paced (about 10 s each): the captures still publish when part 0 is stopped.
     let paced = ["--rate", "20000"];
-    let captures: Vec<Child> = nodes
-        .iter()
-        .map(|(n, seed)| spawn_capture(&run, n, seed, &paced))
-        .collect();
+    let captures = spawn_captures(&run, &nodes, &paced);
     // One-second windows, emitted as soon as they end: flows reach the sinks while capture runs.
     let windows = ["--window", "1", "--allowed-lateness", "0"];
     let agg0 = run.spawn("aggregate", &[&["--shard", "0/2"][..], &windows].concat());
@@ -476,10 +483,7 @@ fn a_sink_part_stopped_while_its_flows_wait_for_another_part_commits_and_acks_no
     finish(part0, "sink part 0");
     finish(part1, "sink part 1");
     assert_union_of_monoliths(&run.out, tmp.path(), &nodes, N, &windows);
-    for (stream, name, unacked, beyond_ack_floor) in nats.consumers("tcplake-sink-") {
-        assert_eq!((unacked, beyond_ack_floor), (0, 0), "{stream}/{name}");
-    }
-    assert_eq!(leftovers(&run.out), Vec::<PathBuf>::new());
+    assert_drained(&nats, &run.out);
 }
 
 #[test]

@@ -36,8 +36,14 @@ impl Nats {
 
     /// A server with its HTTP monitoring endpoint on (to read consumers' ack state).
     pub fn start_monitored() -> Nats {
+        Self::start_monitored_with(&[])
+    }
+
+    /// A monitored server started with extra flags.
+    pub fn start_monitored_with(extra: &[&str]) -> Nats {
         let m = free_port();
-        let mut n = Self::start_with(&["-m", &m.to_string()]);
+        let m_arg = m.to_string();
+        let mut n = Self::start_with(&[&["-m", m_arg.as_str()][..], extra].concat());
         wait_for_port(m, "nats-server monitoring");
         n.monitor = Some(m);
         n
