@@ -276,6 +276,19 @@ fn spawn_captures(run: &Run, nodes: &[(&str, &str)], extra: &[&str]) -> Vec<Chil
         .collect()
 }
 
+/// Waits for every node's capture, both aggregators and both sink parts to finish with success.
+fn finish_tier(captures: Vec<Child>, nodes: &[(&str, &str)], aggs: [Child; 2], parts: [Child; 2]) {
+    for (c, (n, _)) in captures.into_iter().zip(nodes) {
+        finish(c, n);
+    }
+    for (i, a) in aggs.into_iter().enumerate() {
+        finish(a, &format!("aggregator {i}"));
+    }
+    for (i, p) in parts.into_iter().enumerate() {
+        finish(p, &format!("sink part {i}"));
+    }
+}
+
 /// Every sink consumer released every delivery's ack (nothing is left for the broker to deliver
 /// again) and the output holds nothing but committed files; returns the consumers' names.
 fn assert_drained(nats: &Nats, out: &Path) -> Vec<String> {
@@ -407,13 +420,7 @@ fn two_sink_parts_write_one_output_exactly_also_when_one_is_killed() {
         &["written by 2 sink part(s)", "writes the whole output"],
     );
     let part1 = part("1/2");
-    for (c, (n, _)) in captures.into_iter().zip(nodes) {
-        finish(c, n);
-    }
-    finish(agg0, "aggregator 0");
-    finish(agg1, "aggregator 1");
-    finish(part0, "sink part 0");
-    finish(part1, "sink part 1");
+    finish_tier(captures, &nodes, [agg0, agg1], [part0, part1]);
     assert_union_of_monoliths(&run.out, tmp.path(), &nodes, N, &[]);
     let names = assert_drained(&nats, &run.out);
     assert!(
@@ -460,8 +467,16 @@ fn a_sink_part_stopped_while_its_flows_wait_for_another_part_commits_and_acks_no
         let o = a.wait_bounded().unwrap();
         assert!(o.status.success(), "{}", stderr(&o));
     }
-    // Longer than the ack wait (3 s): what part 0 holds is delivered to it again meanwhile.
-    std::thread::sleep(Duration::from_secs(5));
+    // Past the ack wait (3 s), what part 0 holds is delivered to it again: wait until it has been.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while nats.redelivered("tcplake-sink-flows-") == 0 {
+        assert!(part0.try_wait().unwrap().is_none(), "part 0 exited");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no flows redelivered within a minute"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(commits(&run.out, "flows"), 0, "flows wait for node-a's log");
     term(&part0);
     let o = part0.wait_bounded().unwrap();
@@ -475,13 +490,7 @@ fn a_sink_part_stopped_while_its_flows_wait_for_another_part_commits_and_acks_no
     let agg0 = run.spawn("aggregate", &[&["--shard", "0/2"][..], &windows].concat());
     let agg1 = run.spawn("aggregate", &[&["--shard", "1/2"][..], &windows].concat());
     let (part0, part1) = (part("0/2"), part("1/2"));
-    for (c, (n, _)) in captures.into_iter().zip(nodes) {
-        finish(c, n);
-    }
-    finish(agg0, "aggregator 0");
-    finish(agg1, "aggregator 1");
-    finish(part0, "sink part 0");
-    finish(part1, "sink part 1");
+    finish_tier(captures, &nodes, [agg0, agg1], [part0, part1]);
     assert_union_of_monoliths(&run.out, tmp.path(), &nodes, N, &windows);
     assert_drained(&nats, &run.out);
 }

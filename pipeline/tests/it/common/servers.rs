@@ -57,6 +57,40 @@ impl Nats {
     /// consumers' subjects), not the server's `num_pending`: nats-server 2.9 keeps that as a running
     /// count it admits can race with deliveries.
     pub fn consumers(&self, prefix: &str) -> Vec<(String, String, u64, u64)> {
+        let mut out = Vec::new();
+        for (st, c) in self.consumer_details(prefix) {
+            // Where the consumer and its stream stand, for a failing assertion.
+            let stream = format!(
+                "{} (stream state {}; consumer delivered {}, ack floor {})",
+                st["name"].as_str().unwrap_or_default(),
+                st["state"],
+                c["delivered"],
+                c["ack_floor"]
+            );
+            out.push((
+                stream,
+                c["name"].as_str().unwrap_or_default().to_string(),
+                c["num_ack_pending"].as_u64().unwrap_or(u64::MAX),
+                st["state"]["last_seq"]
+                    .as_u64()
+                    .unwrap_or(u64::MAX)
+                    .saturating_sub(c["ack_floor"]["stream_seq"].as_u64().unwrap_or_default()),
+            ));
+        }
+        out
+    }
+
+    /// Messages the durable consumers whose name starts with `prefix` were delivered again (past
+    /// their ack wait), all together.
+    pub fn redelivered(&self, prefix: &str) -> u64 {
+        self.consumer_details(prefix)
+            .iter()
+            .map(|(_, c)| c["num_redelivered"].as_u64().unwrap_or_default())
+            .sum()
+    }
+
+    /// (stream, consumer) of every durable consumer whose name starts with `prefix`, from `/jsz`.
+    fn consumer_details(&self, prefix: &str) -> Vec<(serde_json::Value, serde_json::Value)> {
         use std::io::{Read, Write};
         let port = self.monitor.expect("started with Nats::start_monitored");
         let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -72,27 +106,8 @@ impl Nats {
         for a in v["account_details"].as_array().into_iter().flatten() {
             for st in a["stream_detail"].as_array().into_iter().flatten() {
                 for c in st["consumer_detail"].as_array().into_iter().flatten() {
-                    let name = c["name"].as_str().unwrap_or_default();
-                    if name.starts_with(prefix) {
-                        // Where the consumer and its stream stand, for a failing assertion.
-                        let stream = format!(
-                            "{} (stream state {}; consumer delivered {}, ack floor {})",
-                            st["name"].as_str().unwrap_or_default(),
-                            st["state"],
-                            c["delivered"],
-                            c["ack_floor"]
-                        );
-                        out.push((
-                            stream,
-                            name.to_string(),
-                            c["num_ack_pending"].as_u64().unwrap_or(u64::MAX),
-                            st["state"]["last_seq"]
-                                .as_u64()
-                                .unwrap_or(u64::MAX)
-                                .saturating_sub(
-                                    c["ack_floor"]["stream_seq"].as_u64().unwrap_or_default(),
-                                ),
-                        ));
+                    if c["name"].as_str().unwrap_or_default().starts_with(prefix) {
+                        out.push((st.clone(), c.clone()));
                     }
                 }
             }
