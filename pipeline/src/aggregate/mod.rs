@@ -45,22 +45,7 @@ impl Shard {
     /// Does this shard own the flow of `e`? The hash is fixed (FNV-1a over the key's fields), so every
     /// process agrees whatever its build or start order.
     pub fn owns(&self, node: &str, e: &crate::event::Event) -> bool {
-        if self.count <= 1 {
-            return true;
-        }
-        let mut h = Fnv::default();
-        h.bytes(node.as_bytes());
-        h.bytes(&e.pid.to_le_bytes());
-        h.bytes(e.comm.as_bytes());
-        h.bytes(&e.cgroup_id.to_le_bytes());
-        for (addr, port) in [(e.local_addr, e.local_port), (e.remote_addr, e.remote_port)] {
-            match addr {
-                std::net::IpAddr::V4(a) => h.bytes(&a.octets()),
-                std::net::IpAddr::V6(a) => h.bytes(&a.octets()),
-            }
-            h.bytes(&port.to_le_bytes());
-        }
-        h.0 % u64::from(self.count) == u64::from(self.index)
+        self.count <= 1 || crate::event::partition::partition_of(node, e, self.count) == self.index
     }
 }
 
@@ -116,9 +101,15 @@ where
         let batch = input.recv().await?;
         match &batch {
             Some(b) => {
-                windows.add(&b.node, &b.events, b.position.clone(), |e| {
-                    cfg.shard.owns(&b.node, e)
-                });
+                match &b.watermarks {
+                    // A partition's share: the edge delivered only this shard's flows.
+                    Some(marks) => {
+                        windows.add_partition(&b.node, &b.events, b.position.clone(), marks)
+                    }
+                    None => windows.add(&b.node, &b.events, b.position.clone(), |e| {
+                        cfg.shard.owns(&b.node, e)
+                    }),
+                }
                 if let Some(clock) = b.clock_us {
                     windows.advance_clock(&b.node, clock);
                 }
@@ -227,6 +218,111 @@ mod tests {
             out.push(b);
         }
         out
+    }
+
+    /// Like [`run_over`], fed only partition `part` of `count` of every batch, as a capture that
+    /// partitions its stream publishes it (a fresh capture: it knows no watermark before `events`).
+    async fn run_over_partition(
+        events: &[Event],
+        batch: usize,
+        part: u32,
+        count: u32,
+        cfg: AggregateConfig,
+    ) -> Vec<FlowBatch> {
+        let gauge = Arc::new(crate::metrics::Gauge::default());
+        let (mut tx, rx) = memory::channel("in", 1 << 16, Arc::clone(&gauge));
+        let (otx, mut orx) = memory::channel("out", 1 << 16, gauge);
+        let mut max_ts = i64::MIN;
+        for chunk in events.chunks(batch) {
+            let b = EventBatch::new("n".into(), chunk.to_vec(), None);
+            let mine =
+                crate::event::partition::split(&b, count, &mut max_ts).swap_remove(part as usize);
+            tx.send(Arc::new(mine)).await.unwrap();
+        }
+        drop(tx);
+        run(cfg, rx, otx, &AggregateMetrics::default())
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        while let Some(b) = orx.recv().await.unwrap() {
+            out.push(b);
+        }
+        out
+    }
+
+    /// An aggregator fed only its partition makes every decision one fed the whole stream makes:
+    /// the same emissions, row for row and at the same points (late folds, rewrites and drops
+    /// beyond the horizon included), also when it is restarted from any emission's replay point
+    /// and fed by a restarted capture that lost its watermark.
+    #[tokio::test]
+    async fn a_partitions_aggregator_emits_what_the_whole_streams_shard_emits() {
+        let mut all = events(60_000);
+        for i in (2_000..58_000).step_by(97) {
+            // Late within the horizon (folded, windows emitted again) and beyond it (dropped).
+            all[i].ts_us -= if i % 2 == 0 { 13 * S } else { 40 * S };
+        }
+        // Events just past the horizon by the node's watermark before them (moved by another
+        // partition's event just before, 3 s ahead) but not by anything their own partition has seen:
+        // only the per-event marks decide these as the whole stream does.
+        let (w, h) = (10 * S, 15 * S);
+        let part = |e: &Event| crate::event::partition::partition_of("n", e, 3);
+        let mut edge_cases = 0;
+        for k in 3..58 {
+            let i = k * 1_000 + 700;
+            if part(&all[i - 1]) == part(&all[i]) {
+                continue;
+            }
+            let newest =
+                |all: &[Event], to: usize| all[..to].iter().map(|e| e.ts_us).max().unwrap();
+            all[i - 1].ts_us = newest(&all, i - 1) + 3 * S;
+            let own = all[..i - 1]
+                .iter()
+                .filter(|e| part(e) == part(&all[i]))
+                .map(|e| e.ts_us)
+                .max()
+                .unwrap();
+            let end = (newest(&all, i) - h).div_euclid(w) * w;
+            if end > own - h {
+                all[i].ts_us = end - w + 1;
+                edge_cases += 1;
+            }
+        }
+        assert!(edge_cases >= 3, "{edge_cases}");
+        let strip = |bs: &[FlowBatch]| -> Vec<(u64, Vec<FlowRecord>)> {
+            bs.iter().map(|b| (b.seq, b.records.clone())).collect()
+        };
+        for part in 0..3 {
+            let shard = Shard {
+                index: part,
+                count: 3,
+            };
+            let whole = run_over(&all, 1_000, config(None, shard)).await;
+            let parted = run_over_partition(&all, 1_000, part, 3, config(None, shard)).await;
+            assert!(whole.len() > 5);
+            assert_eq!(strip(&parted), strip(&whole), "partition {part}");
+            assert_eq!(
+                parted.iter().map(|b| &b.replay).collect::<Vec<_>>(),
+                whole.iter().map(|b| &b.replay).collect::<Vec<_>>()
+            );
+            // Restarted after emission i: the capture too (its watermark starts unknown again).
+            let want = table_of(&whole);
+            for i in [0, whole.len() / 3, whole.len() / 2, whole.len() - 2] {
+                let last = &whole[i];
+                let resume = Resume {
+                    point: last.replay.clone(),
+                    next_emission: last.seq + 1,
+                };
+                let from = last.replay.from_seq as usize;
+                let mut t = table_of(&whole[..=i]);
+                let rest =
+                    run_over_partition(&all[from..], 1_000, part, 3, config(Some(resume), shard))
+                        .await;
+                for e in &rest {
+                    apply(&mut t, e);
+                }
+                assert!(t == want, "partition {part} resumed after emission {i}");
+            }
+        }
     }
 
     type Table = BTreeMap<(i64, Arc<str>), Vec<FlowRecord>>;

@@ -19,13 +19,16 @@
 //! where the original stopped, and from there on behaves exactly as the original would have.
 //!
 //! A sharded aggregator folds only its share of the flows (`keep`) but lets every event move its node's
-//! watermark, so each shard makes exactly the decisions a single aggregator would.
+//! watermark, so each shard makes exactly the decisions a single aggregator would. One that receives
+//! only its partition of the stream moves the watermark by the marks the partition carries instead
+//! ([`Windows::add_partition`]), to the same effect.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
+use crate::event::partition::Watermarks;
 use crate::event::{Event, EventKind, FlowKey, FlowRecord, ReplayPoint};
 use crate::sketch::RttSketch;
 
@@ -282,6 +285,30 @@ impl Windows {
         position: std::ops::Range<u64>,
         keep: impl Fn(&Event) -> bool,
     ) {
+        self.fold(node, events, position, None, keep);
+    }
+
+    /// Folds a partition's share of a node batch ([`crate::event::partition::split`]): every event
+    /// is this aggregator's, and the node's watermark comes from `marks` (the other partitions'
+    /// events move it too), so each decision is the one the whole stream makes.
+    pub fn add_partition(
+        &mut self,
+        node: &Arc<str>,
+        events: &[Event],
+        position: std::ops::Range<u64>,
+        marks: &Watermarks,
+    ) {
+        self.fold(node, events, position, Some(marks), |_| true);
+    }
+
+    fn fold(
+        &mut self,
+        node: &Arc<str>,
+        events: &[Event],
+        position: std::ops::Range<u64>,
+        marks: Option<&Watermarks>,
+        keep: impl Fn(&Event) -> bool,
+    ) {
         let cfg = self.cfg;
         let rebuilding = position.start < self.quiet_until;
         let state = self
@@ -292,7 +319,11 @@ impl Windows {
             // A node's events arrive in `seq` order: the last of a batch is its newest.
             state.next_seq = state.next_seq.max(last.seq + 1);
         }
-        for e in events {
+        let before = marks.map_or(&[][..], |m| &m.before[..]);
+        for (i, e) in events.iter().enumerate() {
+            if let Some(&b) = before.get(i) {
+                state.max_ts = state.max_ts.max(b);
+            }
             let start = e.ts_us.div_euclid(cfg.window_us) * cfg.window_us;
             let end = start.saturating_add(cfg.window_us);
             let beyond_horizon = end <= state.max_ts.saturating_sub(cfg.horizon_us);
@@ -327,6 +358,10 @@ impl Windows {
                 .entry(LocalKey::of(e))
                 .or_default()
                 .apply(&e.kind);
+        }
+        if let Some(m) = marks {
+            state.max_ts = state.max_ts.max(m.after);
+            state.next_seq = state.next_seq.max(m.next_seq);
         }
         state.emit_wm = state
             .emit_wm

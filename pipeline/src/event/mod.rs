@@ -8,6 +8,7 @@
 pub mod cgroup;
 pub mod flow;
 pub mod kernel;
+pub mod partition;
 pub mod pod;
 pub mod schema;
 mod shared;
@@ -226,6 +227,9 @@ pub struct EventBatch {
     /// Wall-clock time (µs, UTC) capture handed the batch on: the start of its end-to-end latency,
     /// which the sink measures when the batch's rows are committed.
     pub sent_at_us: Option<i64>,
+    /// Set on a partition's share of a node batch ([`partition::split`]): the node's watermark
+    /// before each event and after the batch, which the share alone cannot know.
+    pub watermarks: Option<Arc<partition::Watermarks>>,
 }
 
 impl EventBatch {
@@ -243,6 +247,7 @@ impl EventBatch {
             clock_us,
             position,
             sent_at_us: None,
+            watermarks: None,
         }
     }
 
@@ -264,6 +269,13 @@ impl EventBatch {
                 clock_us: self.clock_us,
                 position: self.position.clone(),
                 sent_at_us: self.sent_at_us,
+                watermarks: self.watermarks.as_ref().map(|w| {
+                    Arc::new(partition::Watermarks {
+                        before: w.before[n.min(w.before.len())..].to_vec(),
+                        after: w.after,
+                        next_seq: w.next_seq,
+                    })
+                }),
             })),
         };
         (held, rest)
