@@ -82,6 +82,7 @@ pub fn config(args: &pipeline::config::BenchArgs, s3: S3Flags) -> Result<BenchCo
         modes: args.modes.clone(),
         shards: args.shards,
         sinks: args.sinks,
+        partitioned: args.partitioned,
         nodes: args.nodes.clone(),
         handoff,
         prices,
@@ -127,6 +128,8 @@ pub struct BenchConfig {
     pub shards: u32,
     /// Sink processes over the broker, each writing its part of the output (`--sink-part`).
     pub sinks: u32,
+    /// split-broker: the events stream partitioned, one partition per aggregator.
+    pub partitioned: bool,
     /// Capture-node counts: every mode runs once per count.
     pub nodes: Vec<u32>,
     pub handoff: Handoff,
@@ -343,12 +346,18 @@ impl Run<'_> {
         // would refuse publishes past ~50 M events and stall the captures).
         let conf = self.cfg.dir.join("broker.toml");
         let mib = (self.cfg.events * u64::from(self.nodes) * 64 / (1 << 20)).max(1024);
-        std::fs::write(&conf, format!("[broker]\nmax_bytes = \"{mib}MiB\"\n")).map_err(
-            |source| BenchError::Report {
-                path: conf.clone(),
-                source,
-            },
-        )?;
+        let partitions = match self.cfg.partitioned {
+            true => format!("partitions = {}\n", self.cfg.shards),
+            false => String::new(),
+        };
+        std::fs::write(
+            &conf,
+            format!("[broker]\nmax_bytes = \"{mib}MiB\"\n{partitions}"),
+        )
+        .map_err(|source| BenchError::Report {
+            path: conf.clone(),
+            source,
+        })?;
         let edge = [
             "--broker".to_string(),
             nats.url(),

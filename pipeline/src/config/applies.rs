@@ -235,6 +235,7 @@ fn not_applicable(key: &Key, c: &Ctx) -> Option<String> {
         || k(&keys::BROKER_MAX_AGE)
         || k(&keys::BROKER_MAX_BYTES)
         || k(&keys::BROKER_COMPRESS)
+        || k(&keys::BROKER_PARTITIONS)
         || k(&keys::BROKER_USER)
         || k(&keys::BROKER_PASSWORD_FILE)
         || k(&keys::BROKER_TOKEN_FILE)

@@ -25,6 +25,10 @@ pub fn max_message_bytes(batch_size: usize) -> u64 {
     HEADER_AND_NODE + EVENT * batch_size as u64
 }
 
+/// Most partitions of the events stream: one aggregator each, and every capture batch is one message
+/// per partition.
+pub const MAX_PARTITIONS: u32 = 64;
+
 pub(super) fn settings(
     file: &Broker,
     batch_size: usize,
@@ -68,6 +72,17 @@ pub(super) fn settings(
             .map(|t| {
                 duration_within(t, Duration::from_secs(1), Duration::from_secs(2 * DAY))
                     .map_err(|e| invalid(&keys::BROKER_ACK_WAIT, t, e))
+            })
+            .transpose()?,
+        partitions: file
+            .partitions
+            .map(|p| match p {
+                1..=MAX_PARTITIONS => Ok(p),
+                _ => Err(invalid(
+                    &keys::BROKER_PARTITIONS,
+                    p.to_string(),
+                    format!("must be 1 to {MAX_PARTITIONS}"),
+                )),
             })
             .transpose()?,
     }))

@@ -251,6 +251,11 @@ pub struct Cli {
     /// Split modes: file holding a user NKey seed (`SU...`).
     #[arg(long, env = "TCPLAKE_BROKER_NKEY", value_name = "FILE")]
     pub broker_nkey: Option<PathBuf>,
+    /// Split modes: partition the events stream by flow key for P aggregators (one each), so each
+    /// reads only its share. Fixed when the streams are created; later processes learn it from the
+    /// broker [default: as the stream was created; 1 for a new one].
+    #[arg(long, env = "TCPLAKE_BROKER_PARTITIONS", value_name = "P")]
+    pub broker_partitions: Option<u32>,
     /// Split modes without a broker: hand batches over through this object store (a directory or
     /// s3://bucket/prefix), the seed's original design, for comparison (no crash recovery).
     #[arg(long, env = "TCPLAKE_HANDOFF", value_name = "DIR|S3_URL")]
@@ -618,6 +623,8 @@ impl Cli {
             broker_token_file,
             broker_creds,
             broker_nkey,
+            broker_partitions,
+            broker_partitions,
             handoff,
             shard,
             shards,
@@ -654,6 +661,10 @@ pub struct BenchArgs {
     /// Sink processes in split-broker, each writing its part of the output (`--sink-part J/N`).
     #[arg(long, default_value_t = 1)]
     pub sinks: u32,
+    /// split-broker: partition the events stream by flow key, one partition per aggregator
+    /// (`broker.partitions` = `--shards`), so each aggregator reads only its share.
+    #[arg(long)]
+    pub partitioned: bool,
     /// Capture nodes per run, in order: each topology runs once per count, with that many capture
     /// processes (own `--node`, seed + i, `--events` each).
     #[arg(long, value_delimiter = ',', default_value = "1", value_name = "N,...")]

@@ -73,6 +73,7 @@ keys! {
     BROKER_MAX_BYTES: "broker max bytes", None, Some("broker.max_bytes");
     BROKER_COMPRESS: "broker compress", None, Some("broker.compress");
     BROKER_ACK_WAIT: "broker ack wait", None, Some("broker.ack_wait");
+    BROKER_PARTITIONS: "broker partitions", Some("broker_partitions"), Some("broker.partitions");
     BROKER_USER: "broker user", Some("broker_user"), Some("broker.user");
     BROKER_PASSWORD_FILE: "broker password file", Some("broker_password_file"), Some("broker.password_file");
     BROKER_TOKEN_FILE: "broker token file", Some("broker_token_file"), Some("broker.token_file");

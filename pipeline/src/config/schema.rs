@@ -39,6 +39,7 @@ pub struct Broker {
     pub max_bytes: Option<String>,
     pub compress: Option<bool>,
     pub ack_wait: Option<String>,
+    pub partitions: Option<u32>,
     pub user: Option<String>,
     pub password_file: Option<PathBuf>,
     pub token_file: Option<PathBuf>,

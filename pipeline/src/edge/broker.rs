@@ -38,9 +38,12 @@ use crate::shutdown::Shutdown;
 use Ends::AllSeenNodes;
 
 pub const EVENTS_STREAM: &str = "TCPLAKE_EVENTS";
+/// Partitioned streams: each node batch again, cut by flow key, one subject per partition and node
+/// (`tcplake.part.<p>.<node>`), read by aggregator `p` alone (see [`super::partitioned`]).
+pub const PARTS_STREAM: &str = "TCPLAKE_PARTS";
 pub const FLOWS_STREAM: &str = "TCPLAKE_FLOWS";
 pub const DEAD_STREAM: &str = "TCPLAKE_DEAD";
-const END_HEADER: &str = "Tcplake-End";
+pub(crate) const END_HEADER: &str = "Tcplake-End";
 /// On the first message of a capture run that found nothing of its node on the stream: its events'
 /// `seq` start a numbering of their own there (see `mode::split::capture`), so a jump from what the
 /// output holds is a new run, not a gap.
@@ -60,6 +63,33 @@ const SETTLE_FOR: Duration = Duration::from_secs(10);
 
 pub fn events_subject(node: &str) -> String {
     format!("tcplake.events.{node}")
+}
+
+pub fn part_subject(part: u32, node: &str) -> String {
+    format!("tcplake.part.{part}.{node}")
+}
+
+/// The node of an events or partition subject.
+fn node_of(subject: &str) -> Option<&str> {
+    match subject.strip_prefix("tcplake.events.") {
+        Some(node) => Some(node),
+        None => subject
+            .strip_prefix("tcplake.part.")?
+            .split_once('.')
+            .map(|(_, n)| n),
+    }
+}
+
+/// How the events stream records its partition count (its description): fixed when it is created,
+/// learned by every later process.
+const PARTITIONS_MARK: &str = "tcplake events; partitions=";
+
+fn recorded_partitions(description: Option<&str>) -> u32 {
+    // A stream of an older tcplake says nothing: it is not partitioned.
+    description
+        .and_then(|d| d.strip_prefix(PARTITIONS_MARK))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1)
 }
 
 pub fn flows_subject(shard: u32) -> String {
@@ -136,6 +166,9 @@ pub struct BrokerSettings {
     /// [default: the max file age + 30 s]. Redeliveries are deduplicated; a short wait after a sink
     /// crash makes the restarted sink get its messages sooner.
     pub ack_wait: Option<Duration>,
+    /// Partitions of the events stream asked for (`None`: as the stream was created, or 1 when
+    /// creating it). The stream records it; [`Broker::partitions`] is what it says.
+    pub partitions: Option<u32>,
 }
 
 /// Any error of the NATS client, kept as the cause of tcplake's own.
@@ -216,6 +249,29 @@ pub enum BrokerError {
          the node's messages have left the broker"
     )]
     SourceChanged { node: String, run: String },
+    #[error(
+        "broker.partitions is {asked}, but the events stream {name} was created with {recorded} \
+         partition(s): the count is fixed when the streams are created (every process learns it \
+         from the broker; leave broker.partitions unset). To change it, let the sinks and \
+         aggregators drain the streams, stop everything, delete the streams (`nats stream rm`) and \
+         start again"
+    )]
+    PartitionsDisagree {
+        name: &'static str,
+        asked: u32,
+        recorded: u32,
+    },
+    #[error(
+        "this aggregator is shard {index} of {count}, but the events stream is cut into {partitions} \
+         partitions (broker.partitions), one aggregator each: run {partitions} aggregators, \
+         --shard 0/{partitions} to {last}/{partitions}",
+        last = partitions - 1
+    )]
+    ShardsNotPartitions {
+        index: u32,
+        count: u32,
+        partitions: u32,
+    },
 }
 
 /// A connection to JetStream with the tcplake streams in place.
@@ -224,6 +280,8 @@ pub struct Broker {
     js: jetstream::Context,
     settings: BrokerSettings,
     metrics: Arc<BrokerMetrics>,
+    /// Partitions of the events stream, as the stream records them (1: not partitioned).
+    partitions: u32,
 }
 
 impl std::fmt::Debug for Broker {
@@ -284,53 +342,102 @@ impl Broker {
                 }
             }
         };
-        let broker = Broker {
+        let mut broker = Broker {
             js: jetstream::new(client),
             settings: settings.clone(),
             metrics,
+            partitions: 1,
         };
+        let (partitions, existed) = broker.learn_partitions().await?;
+        broker.partitions = partitions;
+        let events = |p: u32| {
+            (
+                EVENTS_STREAM,
+                "tcplake.events.>",
+                settings.max_bytes,
+                Some(p),
+            )
+        };
+        if !existed {
+            // Created here with the count recorded, unless another process created it meanwhile:
+            // then that one's count holds (learned again, and refused if the setting disagrees).
+            let (name, subjects, max_bytes, p) = events(partitions);
+            match broker
+                .js
+                .create_stream(stream_config(settings, name, subjects, max_bytes, p))
+                .await
+            {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(e.kind(), CreateStreamErrorKind::JetStream(ref j)
+                        if j.error_code() == ErrorCode::STREAM_NAME_EXIST) =>
+                {
+                    broker.partitions = broker.learn_partitions().await?.0;
+                }
+                Err(e) => return Err(create_err(name, max_bytes, e)),
+            }
+        }
         // Dead letters are rare and small: they get a small fixed budget.
-        for (name, subjects, max_bytes) in [
-            (EVENTS_STREAM, "tcplake.events.>", settings.max_bytes),
-            (FLOWS_STREAM, "tcplake.flows.>", settings.max_bytes),
-            (DEAD_STREAM, "tcplake.dead.>", 64 << 20),
-        ] {
+        let mut streams = vec![
+            events(broker.partitions),
+            (FLOWS_STREAM, "tcplake.flows.>", settings.max_bytes, None),
+            (DEAD_STREAM, "tcplake.dead.>", 64 << 20, None),
+        ];
+        if broker.partitions > 1 {
+            streams.push((PARTS_STREAM, "tcplake.part.>", settings.max_bytes, None));
+        }
+        for (name, subjects, max_bytes, p) in streams {
             broker
                 .js
-                .create_or_update_stream(stream::Config {
-                    name: name.to_string(),
-                    subjects: vec![subjects.to_string()],
-                    retention: stream::RetentionPolicy::Limits,
-                    discard: stream::DiscardPolicy::New,
-                    max_age: settings.max_age,
-                    max_bytes,
-                    storage: stream::StorageType::File,
-                    duplicate_window: Duration::from_secs(120),
-                    ..Default::default()
-                })
+                .create_or_update_stream(stream_config(settings, name, subjects, max_bytes, p))
                 .await
-                .map_err(|e| match e.kind() {
-                    // Said plainly: the server's own words only name the resource, not the setting.
-                    CreateStreamErrorKind::JetStream(js)
-                        if js.error_code() == ErrorCode::STORAGE_RESOURCES_EXCEEDED
-                            || js.error_code() == ErrorCode::INSUFFICIENT_RESOURCES =>
-                    {
-                        BrokerError::NoRoom {
-                            name,
-                            mib: max_bytes >> 20,
-                        }
-                    }
-                    _ => BrokerError::Stream {
-                        name,
-                        source: e.into(),
-                    },
-                })?;
+                .map_err(|e| create_err(name, max_bytes, e))?;
         }
         Ok(broker)
     }
 
     pub fn metrics(&self) -> &Arc<BrokerMetrics> {
         &self.metrics
+    }
+
+    /// Partitions of the events stream (1: not partitioned), as the stream records them.
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// The partition count the events stream records, or (a new stream) the one asked for, which
+    /// creating it then records. A stream that exists and disagrees with an explicit setting is
+    /// refused: every process must read and write the same partitions.
+    /// Also says whether the stream exists.
+    async fn learn_partitions(&self) -> Result<(u32, bool), BrokerError> {
+        let recorded = match self.js.get_stream(EVENTS_STREAM).await {
+            Ok(st) => Some(recorded_partitions(
+                st.cached_info().config.description.as_deref(),
+            )),
+            Err(e)
+                if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                    if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                None
+            }
+            Err(e) => {
+                return Err(BrokerError::Stream {
+                    name: EVENTS_STREAM,
+                    source: e.into(),
+                })
+            }
+        };
+        match (recorded, self.settings.partitions) {
+            (Some(recorded), Some(asked)) if recorded != asked => {
+                Err(BrokerError::PartitionsDisagree {
+                    name: EVENTS_STREAM,
+                    asked,
+                    recorded,
+                })
+            }
+            (Some(recorded), _) => Ok((recorded, true)),
+            (None, asked) => Ok((asked.unwrap_or(1), false)),
+        }
     }
 
     /// Makes sure the acks released so far reached the broker: the last thing a consuming process
@@ -467,10 +574,16 @@ impl Broker {
         next_seq: u64,
         source: String,
         shutdown: Shutdown,
-    ) -> Result<BrokerTx<Arc<EventBatch>>, BrokerError> {
+    ) -> Result<super::partitioned::EventsTx, BrokerError> {
         if !valid_node(node) {
             return Err(BrokerError::NodeName(node.to_string()));
         }
+        let parts = match self.partitions {
+            1 => Vec::new(),
+            n => (0..n)
+                .map(|p| self.part_tx(p, node, shutdown.clone()))
+                .collect(),
+        };
         let compress = self.settings.compress;
         let node = node.to_string();
         Ok(BrokerTx::new(
@@ -501,6 +614,64 @@ impl Broker {
             source,
             Box::new(|b: &Arc<EventBatch>| b.events.last().map(|e| e.seq.saturating_add(1))),
         ))
+        .map(|tx| super::partitioned::EventsTx::new(tx, parts))
+    }
+
+    /// A producer of partition `part`'s shares of `node`'s batches (see [`super::partitioned`]).
+    pub(crate) fn part_tx(
+        &self,
+        part: u32,
+        node: &str,
+        shutdown: Shutdown,
+    ) -> BrokerTx<Arc<EventBatch>> {
+        let compress = self.settings.compress;
+        let node = node.to_string();
+        BrokerTx::new(
+            self.clone(),
+            part_subject(part, &node),
+            Box::new(move |b: &Arc<EventBatch>| {
+                (
+                    wire::encode_partition(b, compress),
+                    part_msg_id(&node, part, b),
+                )
+            }),
+            Box::new(|b: &Arc<EventBatch>| super::partitioned::halve(b)),
+            Box::new(|b: &Arc<EventBatch>| b.events.len()),
+            None,
+            shutdown,
+        )
+    }
+
+    /// The last message on a subject of stream `name`, and the first after stream sequence `after`.
+    pub(crate) async fn message_after(
+        &self,
+        name: &'static str,
+        subject: &str,
+        after: u64,
+    ) -> Result<Option<jetstream::message::StreamMessage>, BrokerError> {
+        let stream = self.stream(name).await?;
+        match stream
+            .get_first_raw_message_by_subject(subject, after.saturating_add(1))
+            .await
+        {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound => {
+                Ok(None)
+            }
+            Err(e) => Err(BrokerError::Stream {
+                name,
+                source: e.into(),
+            }),
+        }
+    }
+
+    /// The last message on `subject` of stream `name`, if any.
+    pub(crate) async fn last_message(
+        &self,
+        name: &'static str,
+        subject: &str,
+    ) -> Result<Option<jetstream::message::StreamMessage>, BrokerError> {
+        self.last_on(name, subject).await
     }
 
     /// A producer of flow batches for shard `index` of `count`; its end marker names how many shards
@@ -524,29 +695,63 @@ impl Broker {
 
     /// Every event batch from stream position `from` on, in order (aggregators).
     pub async fn events_from(&self, from: u64) -> Result<BrokerRx<Arc<EventBatch>>, BrokerError> {
-        let stream = self.stream(EVENTS_STREAM).await?;
+        self.ordered(
+            EVENTS_STREAM,
+            "tcplake.events.>".into(),
+            from,
+            Box::new(decode_positioned_events),
+        )
+        .await
+    }
+
+    /// Partition `part`'s shares of every node's batches from stream position `from` of the
+    /// partitions stream on, in order (the aggregator of a partitioned stream).
+    pub async fn partition_from(
+        &self,
+        part: u32,
+        from: u64,
+    ) -> Result<BrokerRx<Arc<EventBatch>>, BrokerError> {
+        self.ordered(
+            PARTS_STREAM,
+            format!("tcplake.part.{part}.>"),
+            from,
+            Box::new(decode_positioned_partition),
+        )
+        .await
+    }
+
+    async fn ordered(
+        &self,
+        name: &'static str,
+        filter: String,
+        from: u64,
+        decode: Decoder<Arc<EventBatch>>,
+    ) -> Result<BrokerRx<Arc<EventBatch>>, BrokerError> {
+        let stream = self.stream(name).await?;
         let info = stream.get_info().await.map_err(|e| BrokerError::Stream {
-            name: EVENTS_STREAM,
+            name,
             source: e.into(),
         })?;
         if from > 0 && from < info.state.first_sequence {
             return Err(BrokerError::Retained {
-                subject: "tcplake.events.>".into(),
+                subject: filter,
                 from,
                 first: info.state.first_sequence,
             });
         }
-        let messages = open_ordered(self.clone(), from)
+        let messages = open_ordered(self.clone(), name, filter.clone(), from)
             .await
-            .map_err(|e| consumer_err("tcplake.events.>", e))?;
+            .map_err(|e| consumer_err(&filter, e))?;
         let broker = self.clone();
-        let reopen: Reopen = Arc::new(move |next| Box::pin(open_ordered(broker.clone(), next)));
+        let reopen: Reopen = Arc::new(move |next| {
+            Box::pin(open_ordered(broker.clone(), name, filter.clone(), next))
+        });
         Ok(BrokerRx::new(
             self.clone(),
             messages,
             reopen,
             from,
-            Box::new(decode_positioned_events),
+            decode,
             Ends::AllSeenNodes,
         ))
     }
@@ -699,8 +904,59 @@ impl Broker {
     }
 }
 
-/// An ordered consumer of the events stream from stream sequence `from` on (0: from the start).
-async fn open_ordered(broker: Broker, from: u64) -> Result<MessageStream, Cause> {
+/// A tcplake stream's configuration; the events stream records its partition count `partitions`.
+fn stream_config(
+    settings: &BrokerSettings,
+    name: &'static str,
+    subjects: &str,
+    max_bytes: i64,
+    partitions: Option<u32>,
+) -> stream::Config {
+    stream::Config {
+        name: name.to_string(),
+        description: partitions.map(|p| format!("{PARTITIONS_MARK}{p}")),
+        subjects: vec![subjects.to_string()],
+        retention: stream::RetentionPolicy::Limits,
+        discard: stream::DiscardPolicy::New,
+        max_age: settings.max_age,
+        max_bytes,
+        storage: stream::StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    }
+}
+
+fn create_err(
+    name: &'static str,
+    max_bytes: i64,
+    e: jetstream::context::CreateStreamError,
+) -> BrokerError {
+    match e.kind() {
+        // Said plainly: the server's own words only name the resource, not the setting.
+        CreateStreamErrorKind::JetStream(js)
+            if js.error_code() == ErrorCode::STORAGE_RESOURCES_EXCEEDED
+                || js.error_code() == ErrorCode::INSUFFICIENT_RESOURCES =>
+        {
+            BrokerError::NoRoom {
+                name,
+                mib: max_bytes >> 20,
+            }
+        }
+        _ => BrokerError::Stream {
+            name,
+            source: e.into(),
+        },
+    }
+}
+
+/// An ordered consumer of `filter` on stream `name` from stream sequence `from` on (0: from the
+/// start).
+async fn open_ordered(
+    broker: Broker,
+    name: &'static str,
+    filter: String,
+    from: u64,
+) -> Result<MessageStream, Cause> {
     let deliver_policy = if from <= 1 {
         consumer::DeliverPolicy::All
     } else {
@@ -708,10 +964,10 @@ async fn open_ordered(broker: Broker, from: u64) -> Result<MessageStream, Cause>
             start_sequence: from,
         }
     };
-    let stream = broker.stream(EVENTS_STREAM).await?;
+    let stream = broker.stream(name).await?;
     let c = stream
         .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: "tcplake.events.>".into(),
+            filter_subject: filter,
             deliver_policy,
             ..Default::default()
         })
@@ -787,6 +1043,8 @@ pub struct BrokerTx<T> {
     source: Option<String>,
     /// Stream sequence of the last message stored on the subject (0: none); `None` until looked up.
     last_seq: Option<u64>,
+    /// Further headers of the next messages (partitions: the node message they were cut from).
+    extra: Vec<(&'static str, String)>,
     /// Once fired, a failing publish is not retried any more.
     shutdown: Shutdown,
 }
@@ -813,8 +1071,27 @@ impl<T> BrokerTx<T> {
             after: None,
             source: None,
             last_seq: None,
+            extra: Vec::new(),
             shutdown,
         }
+    }
+
+    /// Sets a header on the messages published from now on.
+    pub(crate) fn set_header(&mut self, name: &'static str, value: String) {
+        match self.extra.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, v)) => *v = value,
+            None => self.extra.push((name, value)),
+        }
+    }
+
+    /// The stream sequence of the last message stored on the subject (0: none).
+    pub(crate) async fn last_stored_seq(&mut self) -> Result<u64, EdgeError> {
+        if let Some(s) = self.last_seq {
+            return Ok(s);
+        }
+        let (s, _) = self.last_stored().await?;
+        self.last_seq = Some(s);
+        Ok(s)
     }
 
     fn numbering_from(mut self, next_seq: u64, source: String, after: After<T>) -> Self {
@@ -893,6 +1170,9 @@ impl<T> BrokerTx<T> {
                 }
                 if let Some(source) = &self.source {
                     h.insert(SOURCE_HEADER, source.as_str());
+                }
+                for (name, value) in &self.extra {
+                    h.insert(*name, value.as_str());
                 }
                 let ack = self
                     .broker
@@ -993,6 +1273,8 @@ enum Attempt {
 fn stream_of(subject: &str) -> &'static str {
     if subject.starts_with("tcplake.flows.") {
         FLOWS_STREAM
+    } else if subject.starts_with("tcplake.part.") {
+        PARTS_STREAM
     } else {
         EVENTS_STREAM
     }
@@ -1096,6 +1378,23 @@ fn decode_positioned_events(m: &jetstream::Message) -> Result<Arc<EventBatch>, W
     let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
     b.position = seq..seq + 1;
     Ok(Arc::new(b))
+}
+
+fn decode_positioned_partition(m: &jetstream::Message) -> Result<Arc<EventBatch>, WireError> {
+    let mut b = wire::decode_partition(&m.payload)?;
+    let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+    b.position = seq..seq + 1;
+    Ok(Arc::new(b))
+}
+
+/// The id of a partition's share of a node batch: the node, the partition, and the `seq` after the
+/// share (which no other share of the partition has), or a heartbeat's clock.
+fn part_msg_id(node: &str, part: u32, b: &EventBatch) -> String {
+    match (b.watermarks.as_deref().map(|w| w.next_seq), b.clock_us) {
+        (Some(next), _) if next > 0 => format!("{node}-p{part}-{next}"),
+        (_, Some(clock)) => format!("{node}-p{part}-clock-{clock}"),
+        _ => format!("{node}-p{part}-empty"),
+    }
 }
 
 /// Decoder for the sink's event consumer (positions do not matter there).
@@ -1228,7 +1527,7 @@ impl<T> BrokerRx<T> {
     /// Takes in what the stream says about its producers before the first delivery.
     fn seed(&mut self, p: Producers) -> Result<(), EdgeError> {
         for subject in p.live {
-            if let Some(n) = subject.strip_prefix("tcplake.events.") {
+            if let Some(n) = node_of(&subject) {
                 self.live_nodes.insert(n.to_string());
             }
         }
@@ -1247,7 +1546,7 @@ impl<T> BrokerRx<T> {
     fn mark_ended(&mut self, subject: &str, shards: Option<u32>) -> Result<bool, EdgeError> {
         match self.ends {
             AllSeenNodes => {
-                let Some(n) = subject.strip_prefix("tcplake.events.") else {
+                let Some(n) = node_of(subject) else {
                     return Ok(false);
                 };
                 self.live_nodes.remove(n);
@@ -1362,11 +1661,7 @@ impl<T> BrokerRx<T> {
             if let Ok(info) = m.info() {
                 self.next_seq = info.stream_sequence + 1;
             }
-            let node = m
-                .subject
-                .as_str()
-                .strip_prefix("tcplake.events.")
-                .map(str::to_string);
+            let node = node_of(m.subject.as_str()).map(str::to_string);
             if let Some(h) = m.headers.as_ref().filter(|h| h.get(END_HEADER).is_some()) {
                 let shards = h.get(SHARDS_HEADER).and_then(|v| v.as_str().parse().ok());
                 let done = self.mark_ended(m.subject.as_str(), shards)?;

@@ -8,6 +8,7 @@ pub mod ack;
 pub mod broker;
 pub mod memory;
 pub mod objects;
+pub mod partitioned;
 pub mod tee;
 pub mod wire;
 

@@ -2,7 +2,7 @@
 //! many events per message (the broker moves ~100 k messages/s; the pipeline moves millions of events).
 //!
 //! ```text
-//! header (12 bytes): b"TLW" | version u8 | kind u8 (1 events, 2 flows) | codec u8 (0 raw, 1 zstd)
+//! header (12 bytes): b"TLW" | version u8 | kind u8 (1 events, 2 flows, 3 partition) | codec u8 (0 raw, 1 zstd)
 //!                    | extra u16 | body length before compression u32 (little endian)
 //! extra: flows: the producer's shard count (0: not said, as in messages of older builds); events: 0
 //! body: the batch, fixed-width little-endian fields; strings as u16 length + UTF-8
@@ -15,6 +15,10 @@
 //! Version 4 added, to flows, the settings the aggregator made them with (window, allowed lateness,
 //! late horizon), after the replay point: a sink learns them from the data, as it learns the shard
 //! count. Event batches are unchanged, and still written as version 3.
+//!
+//! Kind 3, a partition's share of a node batch (partitioned streams), is an event body followed by
+//! the node's watermarks: the `seq` after the node batch (u64), the node's newest event time after it
+//! (i64), and before each event (the first as i64, then each as its u64 increase).
 //!
 //! Decoding checks everything and says what was wrong ([`WireError`]); a message that fails is counted
 //! and dead-lettered by the edge, never half-applied.
@@ -44,6 +48,8 @@ pub const VERSION: u8 = 5;
 const EVENTS_VERSION: u8 = 3;
 const KIND_EVENTS: u8 = 1;
 const KIND_FLOWS: u8 = 2;
+/// A partition's share of a node batch, with the node's watermarks (see [`encode_partition`]).
+const KIND_PARTITION: u8 = 3;
 const CODEC_RAW: u8 = 0;
 const CODEC_ZSTD: u8 = 1;
 const HEADER: usize = 12;
@@ -247,6 +253,30 @@ fn unframe<'m>(
 
 /// Encodes an event batch (its position is the edge's business, not the message's).
 pub fn encode_events(b: &EventBatch, compress: bool) -> Vec<u8> {
+    frame(KIND_EVENTS, events_body(b).0, compress, 0)
+}
+
+/// Encodes a partition's share of a node batch: the events, then its watermarks (see
+/// [`crate::event::partition`]): the `seq` after the node batch, the node's newest event time after
+/// it, and before each event (the first as is, then each as its increase over the one before: a
+/// running maximum, so mostly zero).
+pub fn encode_partition(b: &EventBatch, compress: bool) -> Vec<u8> {
+    let mut w = events_body(b);
+    let marks = b.watermarks.as_deref().cloned().unwrap_or_default();
+    w.u64(marks.next_seq);
+    w.i64(marks.after);
+    let mut last = i64::MIN;
+    for (i, &before) in marks.before.iter().enumerate() {
+        match i {
+            0 => w.i64(before),
+            _ => w.u64(before.wrapping_sub(last) as u64),
+        }
+        last = before;
+    }
+    frame(KIND_PARTITION, w.0, compress, 0)
+}
+
+fn events_body(b: &EventBatch) -> Writer {
     let mut w = Writer(Vec::with_capacity(64 + b.events.len() * 110));
     w.str(&b.node);
     match b.clock_us {
@@ -301,7 +331,7 @@ pub fn encode_events(b: &EventBatch, compress: bool) -> Vec<u8> {
         w.u32(cgroup);
         w.u32(pod);
     }
-    frame(KIND_EVENTS, w.0, compress, 0)
+    w
 }
 
 /// The distinct values of `rows`, in first-seen order, and each row's index + 1 among them (0: none).
@@ -327,6 +357,41 @@ fn distinct<'a, T: std::hash::Hash + Eq>(
 pub fn decode_events(msg: &[u8]) -> Result<EventBatch, WireError> {
     let (body, _, version) = unframe(msg, KIND_EVENTS, "events")?;
     let mut r = Reader(&body);
+    let batch = read_events(&mut r, version)?;
+    if !r.0.is_empty() {
+        return Err(WireError::Trailing(r.0.len()));
+    }
+    Ok(batch)
+}
+
+/// Decodes a partition's share of a node batch ([`encode_partition`]), watermarks included.
+pub fn decode_partition(msg: &[u8]) -> Result<EventBatch, WireError> {
+    let (body, _, version) = unframe(msg, KIND_PARTITION, "partition")?;
+    let mut r = Reader(&body);
+    let mut batch = read_events(&mut r, version)?;
+    let next_seq = r.u64("next seq")?;
+    let after = r.i64("watermark after")?;
+    let mut before = Vec::with_capacity(batch.events.len());
+    let mut last = i64::MIN;
+    for i in 0..batch.events.len() {
+        last = match i {
+            0 => r.i64("watermark before")?,
+            _ => last.wrapping_add(r.u64("watermark before")? as i64),
+        };
+        before.push(last);
+    }
+    if !r.0.is_empty() {
+        return Err(WireError::Trailing(r.0.len()));
+    }
+    batch.watermarks = Some(Arc::new(crate::event::partition::Watermarks {
+        before,
+        after,
+        next_seq,
+    }));
+    Ok(batch)
+}
+
+fn read_events(r: &mut Reader<'_>, version: u8) -> Result<EventBatch, WireError> {
     let node: Arc<str> = r.str("node")?.into();
     let has_clock = r.u8("clock")?;
     let clock = r.i64("clock")?;
@@ -348,7 +413,7 @@ pub fn decode_events(msg: &[u8]) -> Result<EventBatch, WireError> {
         let n = r.u32("pods")? as usize;
         let mut known = Pods::default();
         for _ in 0..n.min(r.0.len() / 10) {
-            pods.push(read_pod(&mut r, &mut known)?);
+            pods.push(read_pod(r, &mut known)?);
         }
         if pods.len() < n {
             return Err(WireError::Truncated("pods"));
@@ -408,9 +473,9 @@ pub fn decode_events(msg: &[u8]) -> Result<EventBatch, WireError> {
         };
         let (role, cgroup, pod) = if version >= 3 {
             (
-                read_role(&mut r)?,
-                read_index(&mut r, &cgroups, "cgroup")?,
-                read_index(&mut r, &pods, "pod")?,
+                read_role(r)?,
+                read_index(r, &cgroups, "cgroup")?,
+                read_index(r, &pods, "pod")?,
             )
         } else {
             (None, None, None)
@@ -431,9 +496,6 @@ pub fn decode_events(msg: &[u8]) -> Result<EventBatch, WireError> {
             remote_port,
             kind,
         });
-    }
-    if !r.0.is_empty() {
-        return Err(WireError::Trailing(r.0.len()));
     }
     let mut batch = EventBatch::new(node, events, (has_clock == 1).then_some(clock));
     batch.sent_at_us = (has_sent == 1).then_some(sent_at);
@@ -754,6 +816,29 @@ mod tests {
         let raw = encode_events(&b, false).len();
         let packed = encode_events(&b, true).len();
         assert!(packed * 2 < raw, "zstd shrinks batches: {raw} -> {packed}");
+    }
+
+    /// A partition's share round-trips with its watermarks (`i64::MIN` and a late event's flat
+    /// stretch included); an events decoder refuses it by kind, so a sink cannot mistake it for a
+    /// node's log.
+    #[test]
+    fn partition_batches_round_trip_with_their_watermarks() {
+        let b = batch();
+        let mut max_ts = i64::MIN;
+        for part in crate::event::partition::split(&b, 2, &mut max_ts) {
+            for compress in [false, true] {
+                let msg = encode_partition(&part, compress);
+                let got = decode_partition(&msg).unwrap();
+                assert_eq!(got.events, part.events);
+                assert_eq!(got.watermarks, part.watermarks);
+                assert_eq!(got.clock_us, part.clock_us);
+                assert!(matches!(decode_events(&msg), Err(WireError::Kind { .. })));
+            }
+        }
+        assert!(matches!(
+            decode_partition(&encode_events(&b, true)),
+            Err(WireError::Kind { .. })
+        ));
     }
 
     #[test]

@@ -99,6 +99,16 @@ pub async fn capture(
         ));
     }
     let broker = connect(s, &metrics).await?;
+    // Before the node's progress is read: partitions missing a share of its last messages get it.
+    let repaired = crate::edge::partitioned::repair(&broker, &s.node, shutdown.clone())
+        .await
+        .map_err(edge_err("events"))?;
+    if repaired > 0 {
+        tracing::info!(
+            repaired,
+            "published the partition shares of node messages an earlier capture had not"
+        );
+    }
     let (progress, run_started) = match broker.capture_progress(&s.node).await? {
         NodeProgress::Ended => {
             tracing::info!(node = %s.node, "this node's event stream already ended; nothing to do");
@@ -221,6 +231,15 @@ pub async fn aggregate(
         ));
     }
     let broker = connect(s, &metrics).await?;
+    let partitions = broker.partitions();
+    if partitions > 1 && shard.count != partitions {
+        return Err(crate::edge::broker::BrokerError::ShardsNotPartitions {
+            index: shard.index,
+            count: shard.count,
+            partitions,
+        }
+        .into());
+    }
     let resume = match broker.shard_progress(shard.index).await? {
         None => None,
         Some(None) => {
@@ -248,7 +267,11 @@ pub async fn aggregate(
     if resume.is_some() {
         tracing::info!(from, "rebuilding open windows from the events stream");
     }
-    let input = broker.events_from(from).await?;
+    // Partitioned, the shard reads its partition only; positions are on the partitions stream.
+    let input = match partitions {
+        1 => broker.events_from(from).await?,
+        _ => broker.partition_from(shard.index, from).await?,
+    };
     let output = broker.flows_tx(shard.index, shard.count, shutdown.clone());
     let cfg = AggregateConfig {
         windows,
@@ -422,7 +445,9 @@ pub async fn sink(
     );
     // One sink writes the event log itself and follows its commits in memory; a sharded one reads
     // them from the table (other parts write some of the nodes' logs).
-    let log_committed = match part.is_all() {
+    // Partitioned, flows name positions on the partitions stream, not on the events stream this
+    // sink follows: they wait for the table too.
+    let log_committed = match part.is_all() && broker.partitions() == 1 {
         true => LogCommitted::Here(through_rx),
         false => LogCommitted::Table(stopped.clone()),
     };

@@ -1126,3 +1126,170 @@ fn a_full_stream_makes_capture_stop_promptly_on_sigterm_saying_what_was_not_publ
         assert!(errors[0].contains(n), "`{n}` not in {}", errors[0]);
     }
 }
+
+/// Partitioned streams (`broker.partitions = 2`, one config for every process): each aggregator
+/// reads only its partition, and the output is still the union of the nodes' monolith runs, row for
+/// row, with one capture and one aggregator killed with SIGKILL mid-run and restarted. A process that
+/// asks for another partition count, and an aggregator of another shard count, are refused in one
+/// line each.
+#[test]
+fn partitioned_streams_give_each_aggregator_its_share_and_stay_exact_through_kills() {
+    const N: u64 = 300_000;
+    let nats = Nats::start_monitored();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = Run::new(&nats, tmp.path(), "71", N);
+    std::fs::write(
+        &run.config,
+        "[broker]\nack_wait = \"3s\"\nmax_bytes = \"256MiB\"\npartitions = 2\n",
+    )
+    .unwrap();
+    let nodes = [("node-a", "71"), ("node-b", "72"), ("node-c", "73")];
+    let paced = ["--rate", "100000"];
+    let mut captures = spawn_captures(&run, &nodes, &paced);
+    let agg0 = run.spawn("aggregate", &["--shard", "0/2"]);
+    let agg1 = run.spawn("aggregate", &["--shard", "1/2"]);
+    let mut sink = run.spawn("sink", &["--max-file-age", "1s"]);
+    wait_for_commit_beyond(&run.out, "events", 0, &mut sink);
+    kill(captures.remove(1));
+    captures.insert(1, spawn_capture(&run, "node-b", "72", &paced));
+    kill(agg1);
+    let agg1 = run.spawn("aggregate", &["--shard", "1/2"]);
+    // The stream records 2: a process asking for 3 is refused, as is a third aggregator.
+    let o = run
+        .spawn("aggregate", &["--shard", "0/2", "--broker-partitions", "3"])
+        .wait_bounded()
+        .unwrap();
+    assert_one_error_line(
+        &o,
+        &["broker.partitions is 3", "created with 2 partition(s)"],
+    );
+    let o = run
+        .spawn("aggregate", &["--shard", "2/3"])
+        .wait_bounded()
+        .unwrap();
+    assert_one_error_line(&o, &["shard 2 of 3", "cut into 2 partitions"]);
+    for (c, (n, _)) in captures.into_iter().zip(nodes) {
+        finish(c, n);
+    }
+    let a0 = finish(agg0, "aggregator 0");
+    finish(agg1, "aggregator 1");
+    finish(sink, "sink");
+    assert_union_of_monoliths(&run.out, tmp.path(), &nodes, N, &[]);
+    assert_drained(&nats, &run.out);
+    // Aggregator 0 (never killed) read its partition only: about half of what the node logs take.
+    let consumed = a0["broker"]["consumed_bytes"].as_u64().unwrap();
+    let log = nats.stream_state("TCPLAKE_EVENTS")["bytes"]
+        .as_u64()
+        .unwrap();
+    let parts = nats.stream_state("TCPLAKE_PARTS")["bytes"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        consumed > parts / 4 && consumed < log * 3 / 4,
+        "aggregator 0 consumed {consumed} B; node logs {log} B, partitions {parts} B"
+    );
+    report_fault(
+        "split, partitioned streams: 3 nodes, 2 aggregators; a capture and an aggregator killed -9",
+        "output == the union of the nodes' monolith runs; each aggregator read its partition only",
+    );
+}
+
+/// A capture that died after publishing a node message but before its partition shares: the next
+/// capture of the node cuts that message again for every partition lacking it (and ends the
+/// partitions of an ended node), so each partition holds every event of the node's log once, each
+/// with the node's watermark. Driven through the library against a real server: no process can be
+/// killed at exactly that point.
+#[test]
+fn a_capture_that_died_between_a_node_message_and_its_shares_is_repaired_by_the_next() {
+    use pipeline::capture::synthetic::{Synthetic, SyntheticConfig};
+    use pipeline::edge::broker::{Broker, BrokerAuth, BrokerSettings};
+    use pipeline::edge::{partitioned, wire, Rx, Tx};
+    use pipeline::event::partition::partition_of;
+    let nats = Nats::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let settings = BrokerSettings {
+            url: nats.url(),
+            auth: BrokerAuth::None,
+            connect_for: Duration::from_secs(10),
+            max_age: Duration::from_secs(3600),
+            max_bytes: 64 << 20,
+            compress: true,
+            ack_wait: None,
+            partitions: Some(2),
+        };
+        let broker = Broker::connect(&settings, Default::default())
+            .await
+            .unwrap();
+        assert_eq!(broker.partitions(), 2);
+        let (_stop, shutdown) = pipeline::shutdown::channel();
+        let mut src = Synthetic::new(
+            "n".into(),
+            SyntheticConfig {
+                seed: 5,
+                total: 3_000,
+                start_us: 1_700_000_000_000_000,
+                events_per_sim_sec: 1_000,
+            },
+        );
+        let (a, b) = (
+            src.next_batch(1_000).unwrap(),
+            src.next_batch(2_000).unwrap(),
+        );
+        let mut tx = broker
+            .events_tx("n", 0, "src".into(), shutdown.clone())
+            .unwrap();
+        tx.send(std::sync::Arc::new(a)).await.unwrap();
+        // Batch b reaches the node's log only, as from a capture killed right after.
+        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+        let publish = |headers: &[(&str, &str)], body: Vec<u8>| {
+            let mut h = async_nats::HeaderMap::new();
+            for (k, v) in headers {
+                h.insert(*k, *v);
+            }
+            let js = js.clone();
+            async move {
+                js.publish_with_headers("tcplake.events.n", h, body.into())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+            }
+        };
+        publish(
+            &[("Nats-Msg-Id", "n-1000"), ("Tcplake-Next-Seq", "3000")],
+            wire::encode_events(&b, true),
+        )
+        .await;
+        let repair = || partitioned::repair(&broker, "n", shutdown.clone());
+        assert_eq!(repair().await.unwrap(), 2, "both partitions lacked batch b");
+        assert_eq!(repair().await.unwrap(), 0, "nothing left to repair");
+        // The node ended (its capture died before ending the partitions): they are ended too.
+        publish(
+            &[("Nats-Msg-Id", "n-end"), ("Tcplake-End", "1")],
+            Vec::new(),
+        )
+        .await;
+        assert_eq!(repair().await.unwrap(), 0);
+        let mut seqs = Vec::new();
+        for p in 0..2 {
+            let mut rx = broker.partition_from(p, 0).await.unwrap();
+            let mut last = 0;
+            while let Some(share) = rx.recv().await.unwrap() {
+                let marks = share
+                    .watermarks
+                    .clone()
+                    .expect("a share carries watermarks");
+                assert_eq!(marks.before.len(), share.events.len());
+                for e in &share.events {
+                    assert_eq!(partition_of("n", e, 2), p);
+                    assert!(e.seq >= last, "in node order");
+                    last = e.seq;
+                    seqs.push(e.seq);
+                }
+            }
+        }
+        seqs.sort_unstable();
+        assert_eq!(seqs, (0..3_000).collect::<Vec<u64>>(), "every event once");
+    });
+}

@@ -89,19 +89,22 @@ impl Nats {
             .sum()
     }
 
+    /// The state of stream `name` (`messages`, `bytes`, ...), from `/jsz`.
+    pub fn stream_state(&self, name: &str) -> serde_json::Value {
+        let v = self.jsz();
+        v["account_details"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
+            .find(|st| st["name"] == name)
+            .map(|st| st["state"].clone())
+            .unwrap_or_else(|| panic!("no stream {name} on the server"))
+    }
+
     /// (stream, consumer) of every durable consumer whose name starts with `prefix`, from `/jsz`.
     fn consumer_details(&self, prefix: &str) -> Vec<(serde_json::Value, serde_json::Value)> {
-        use std::io::{Read, Write};
-        let port = self.monitor.expect("started with Nats::start_monitored");
-        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        c.write_all(
-            b"GET /jsz?accounts=true&streams=true&consumers=true HTTP/1.0\r\nHost: localhost\r\n\r\n",
-        )
-        .unwrap();
-        let mut reply = String::new();
-        c.read_to_string(&mut reply).unwrap();
-        let body = reply.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-        let v: serde_json::Value = serde_json::from_str(body).expect("/jsz answers JSON");
+        let v = self.jsz();
         let mut out = Vec::new();
         for a in v["account_details"].as_array().into_iter().flatten() {
             for st in a["stream_detail"].as_array().into_iter().flatten() {
@@ -113,6 +116,21 @@ impl Nats {
             }
         }
         out
+    }
+
+    /// The server's `/jsz` answer: accounts, streams and consumers.
+    fn jsz(&self) -> serde_json::Value {
+        use std::io::{Read, Write};
+        let port = self.monitor.expect("started with Nats::start_monitored");
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.write_all(
+            b"GET /jsz?accounts=true&streams=true&consumers=true HTTP/1.0\r\nHost: localhost\r\n\r\n",
+        )
+        .unwrap();
+        let mut reply = String::new();
+        c.read_to_string(&mut reply).unwrap();
+        let body = reply.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        serde_json::from_str(body).expect("/jsz answers JSON")
     }
 
     pub fn spawn(port: u16, store: &Path) -> Child {

@@ -1,0 +1,231 @@
+//! Partitioned streams, the producing side: with `P` partitions (recorded by the events stream, see
+//! [`Broker::partitions`]), a capture publishes every batch to its node's subject, as always (the
+//! event log: complete and ordered per node, what sinks read), and then once more cut by flow key,
+//! one message per partition (`tcplake.part.<p>.<node>` on [`PARTS_STREAM`], empty shares too),
+//! each event with the node's watermark before it ([`crate::event::partition`]). Aggregator `p`
+//! reads only partition `p`: aggregation costs the same per event whatever the number of aggregators.
+//!
+//! Order of publishing, and what a restart repairs: the node message first, then the shares, each
+//! marked with the stream sequence of the node message it was cut from ([`FROM_HEADER`]). A capture
+//! that dies in between leaves node messages some partitions lack; the next capture of the node
+//! ([`repair`]) cuts them again from the node's messages on the stream before it publishes anything
+//! new, so every partition holds every event of the node log, once and in order.
+
+use std::sync::Arc;
+
+use super::broker::{
+    events_subject, part_subject, Broker, BrokerError, BrokerTx, END_HEADER, EVENTS_STREAM,
+    PARTS_STREAM,
+};
+use super::wire;
+use super::{EdgeError, Tx};
+use crate::event::partition::{split, Watermarks};
+use crate::event::EventBatch;
+use crate::shutdown::Shutdown;
+
+/// On a partition message: the stream sequence (on [`EVENTS_STREAM`]) of the node message it was
+/// cut from.
+pub const FROM_HEADER: &str = "Tcplake-From";
+
+/// A capture's producer: its node's messages, and (partitioned) every partition's shares of them.
+pub struct EventsTx {
+    node: BrokerTx<Arc<EventBatch>>,
+    parts: Vec<BrokerTx<Arc<EventBatch>>>,
+    /// The node's newest event time so far (`i64::MIN` at start: see the module doc of
+    /// [`crate::event::partition`] for why a restart may start low).
+    max_ts: i64,
+}
+
+impl EventsTx {
+    pub(crate) fn new(
+        node: BrokerTx<Arc<EventBatch>>,
+        parts: Vec<BrokerTx<Arc<EventBatch>>>,
+    ) -> Self {
+        EventsTx {
+            node,
+            parts,
+            max_ts: i64::MIN,
+        }
+    }
+
+    /// See [`BrokerTx::starting_run`].
+    pub fn starting_run(mut self) -> Self {
+        self.node = self.node.starting_run();
+        self
+    }
+
+    /// Marks the shares published next as cut from the node's last stored message.
+    async fn mark_from(&mut self) -> Result<(), EdgeError> {
+        let from = self.node.last_stored_seq().await?.to_string();
+        for tx in &mut self.parts {
+            tx.set_header(FROM_HEADER, from.clone());
+        }
+        Ok(())
+    }
+}
+
+impl Tx<Arc<EventBatch>> for EventsTx {
+    async fn send(&mut self, item: Arc<EventBatch>) -> Result<(), EdgeError> {
+        self.node.send(Arc::clone(&item)).await?;
+        if self.parts.is_empty() {
+            return Ok(());
+        }
+        self.mark_from().await?;
+        let shares = split(&item, self.parts.len() as u32, &mut self.max_ts);
+        // Each partition is a subject of its own: their publishes need not wait for each other.
+        futures_util::future::try_join_all(
+            self.parts
+                .iter_mut()
+                .zip(shares)
+                .map(|(tx, share)| tx.send(Arc::new(share))),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn close(&mut self, end_of_stream: bool) -> Result<(), EdgeError> {
+        self.node.close(end_of_stream).await?;
+        if end_of_stream && !self.parts.is_empty() {
+            self.mark_from().await?;
+        }
+        for tx in &mut self.parts {
+            tx.close(end_of_stream).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Cuts a share in two (`None`: fewer than two events). The first half's watermark after it is the
+/// node's before the second half's first event, and its `seq` after is that event's: true of the node
+/// stream at that point, which is all an aggregator folds them into.
+pub(crate) fn halve(b: &Arc<EventBatch>) -> Option<(Arc<EventBatch>, Arc<EventBatch>)> {
+    let mid = b.events.len() / 2;
+    let marks = b.watermarks.as_deref()?;
+    (mid > 0 && marks.before.len() == b.events.len()).then(|| {
+        let half = |r: std::ops::Range<usize>, after: i64, next_seq: u64| {
+            Arc::new(EventBatch {
+                node: Arc::clone(&b.node),
+                events: b.events[r.clone()].to_vec(),
+                clock_us: b.clock_us,
+                position: b.position.clone(),
+                sent_at_us: b.sent_at_us,
+                watermarks: Some(Arc::new(Watermarks {
+                    before: marks.before[r].to_vec(),
+                    after,
+                    next_seq,
+                })),
+            })
+        };
+        (
+            half(0..mid, marks.before[mid], b.events[mid].seq),
+            half(mid..b.events.len(), marks.after, marks.next_seq),
+        )
+    })
+}
+
+/// Before a capture of `node` publishes: cuts again the node messages a partition lacks (a capture
+/// that died between its node message and the shares), and ends the partitions of an ended node.
+/// Returns how many node messages were cut again. Nothing to do unless the stream is partitioned.
+pub async fn repair(broker: &Broker, node: &str, shutdown: Shutdown) -> Result<u64, EdgeError> {
+    let count = broker.partitions();
+    if count <= 1 {
+        return Ok(0);
+    }
+    let request = |what: &'static str| {
+        move |e: BrokerError| EdgeError::BrokerRequest {
+            what,
+            source: Box::new(e),
+        }
+    };
+    let subject = events_subject(node);
+    let Some(last) = broker
+        .last_message(EVENTS_STREAM, &subject)
+        .await
+        .map_err(request("reading the node's last message"))?
+    else {
+        return Ok(0);
+    };
+    let mut repaired = 0;
+    for part in 0..count {
+        let held = broker
+            .last_message(PARTS_STREAM, &part_subject(part, node))
+            .await
+            .map_err(request("reading a partition's last message"))?;
+        let mut after = held
+            .as_ref()
+            .and_then(|m| m.headers.get(FROM_HEADER))
+            .and_then(|v| v.as_str().parse::<u64>().ok())
+            .unwrap_or(0);
+        if after >= last.sequence {
+            continue;
+        }
+        let mut tx = broker.part_tx(part, node, shutdown.clone());
+        while let Some(m) = broker
+            .message_after(EVENTS_STREAM, &subject, after)
+            .await
+            .map_err(request("reading the node's messages"))?
+        {
+            after = m.sequence;
+            tx.set_header(FROM_HEADER, m.sequence.to_string());
+            if m.headers.get(END_HEADER).is_some() {
+                tx.close(true).await?;
+                break;
+            }
+            let batch =
+                wire::decode_events(&m.payload).map_err(|source| EdgeError::BrokerRequest {
+                    what: "cutting the node's messages into partitions again",
+                    source: Box::new(BrokerError::Unreadable {
+                        name: EVENTS_STREAM,
+                        of: format!("node `{node}`"),
+                        source,
+                    }),
+                })?;
+            // A low watermark is safe here: the partition's aggregator holds the node's watermark
+            // up to the shares before these, and takes the larger.
+            let mut max_ts = i64::MIN;
+            let share = split(&batch, count, &mut max_ts).swap_remove(part as usize);
+            tx.send(Arc::new(share)).await?;
+            repaired += 1;
+            if after >= last.sequence {
+                break;
+            }
+        }
+        tracing::info!(
+            node,
+            partition = part,
+            through = after,
+            "cut the node's messages this partition lacked (a capture stopped between them)"
+        );
+    }
+    Ok(repaired)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Event, EventKind};
+
+    #[test]
+    fn halves_keep_every_event_and_a_true_watermark() {
+        let events: Vec<Event> = (0..9)
+            .map(|i| Event::sample(i * 3, 100 + i as i64, EventKind::BytesSent { bytes: 1 }))
+            .collect();
+        let b = EventBatch::new("n".into(), events, None);
+        let mut max_ts = 7;
+        let share = Arc::new(split(&b, 1, &mut max_ts).remove(0));
+        let (first, second) = halve(&share).unwrap();
+        let (m1, m2) = (
+            first.watermarks.as_deref().unwrap(),
+            second.watermarks.as_deref().unwrap(),
+        );
+        assert_eq!(first.events.len() + second.events.len(), 9);
+        assert_eq!(m1.after, m2.before[0]);
+        assert_eq!(m1.next_seq, second.events[0].seq);
+        assert_eq!(m2.after, 108);
+        assert_eq!(m2.next_seq, 25);
+        assert_eq!(
+            [&m1.before[..], &m2.before[..]].concat(),
+            share.watermarks.as_deref().unwrap().before
+        );
+    }
+}
