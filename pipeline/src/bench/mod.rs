@@ -214,6 +214,11 @@ pub struct Report {
     pub nodes: Vec<u32>,
     pub machine: String,
     pub prices_source: String,
+    /// Aggregator processes in the split modes, and sinks over the broker.
+    pub shards: u32,
+    pub sinks: u32,
+    /// split-broker ran on a partitioned events stream (one partition per aggregator).
+    pub partitioned: bool,
     /// One entry per (mode, node count), node counts in order and modes in order within each.
     pub modes: Vec<ModeReport>,
     /// At every node count, every mode wrote the same `flows/` rows as the first.
@@ -274,6 +279,9 @@ pub fn run(cfg: &BenchConfig) -> Result<Report, BenchError> {
         nodes: cfg.nodes.clone(),
         machine: procs::machine(),
         prices_source: cfg.prices.source.clone(),
+        shards: cfg.shards,
+        sinks: cfg.sinks,
+        partitioned: cfg.partitioned && cfg.shards > 1,
         modes,
         identical_flows: true,
     })
@@ -801,7 +809,8 @@ impl Report {
     pub fn markdown(&self) -> String {
         format!(
             "# tcplake bench\n\n{} synthetic events per capture node (seed {} + node index), {} node(s), \
-             every mode as real processes on {}.\n\
+             every mode as real processes on {}; split modes with {} aggregator(s){}, {} sink(s) \
+             over the broker.\n\
              At every node count, every mode wrote identical `flows/` rows: {}.\n\nPrices: {}.\n\n{}\n![throughput and cost](report.svg)\n",
             self.events,
             self.seed,
@@ -811,6 +820,13 @@ impl Report {
                 .collect::<Vec<_>>()
                 .join(", "),
             self.machine,
+            self.shards,
+            if self.partitioned {
+                " on a partitioned stream"
+            } else {
+                ""
+            },
+            self.sinks,
             self.identical_flows,
             self.prices_source,
             self.table()

@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::keys::{self, Key};
 use super::values::{duration_within, parse_size, redact_url};
 use super::{invalid, required, Broker, ConfigError};
-use crate::edge::broker::{BrokerAuth, BrokerSettings};
+use crate::edge::broker::{BrokerAuth, BrokerSettings, MAX_PARTITIONS};
 use crate::secrets::Secret;
 
 /// Environment variables that hold broker secrets themselves (no flag: see the module doc).
@@ -24,10 +24,6 @@ pub fn max_message_bytes(batch_size: usize) -> u64 {
     const EVENT: u64 = 128;
     HEADER_AND_NODE + EVENT * batch_size as u64
 }
-
-/// Most partitions of the events stream: one aggregator each, and every capture batch is one message
-/// per partition.
-pub const MAX_PARTITIONS: u32 = 64;
 
 pub(super) fn settings(
     file: &Broker,

@@ -624,7 +624,6 @@ impl Cli {
             broker_creds,
             broker_nkey,
             broker_partitions,
-            broker_partitions,
             handoff,
             shard,
             shards,

@@ -80,16 +80,24 @@ fn node_of(subject: &str) -> Option<&str> {
     }
 }
 
+/// Most partitions of the events stream: one aggregator each, and every capture batch is one message
+/// per partition.
+pub const MAX_PARTITIONS: u32 = 64;
+
 /// How the events stream records its partition count (its description): fixed when it is created,
 /// learned by every later process.
 const PARTITIONS_MARK: &str = "tcplake events; partitions=";
 
-fn recorded_partitions(description: Option<&str>) -> u32 {
-    // A stream of an older tcplake says nothing: it is not partitioned.
-    description
-        .and_then(|d| d.strip_prefix(PARTITIONS_MARK))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(1)
+/// The partition count a description records (`None`: it records none that can be used).
+fn recorded_partitions(description: Option<&str>) -> Option<u32> {
+    match description {
+        // A stream of an older tcplake says nothing: it is not partitioned.
+        None | Some("") => Some(1),
+        Some(d) => d
+            .strip_prefix(PARTITIONS_MARK)
+            .and_then(|n| n.parse().ok())
+            .filter(|n| (1..=MAX_PARTITIONS).contains(n)),
+    }
 }
 
 pub fn flows_subject(shard: u32) -> String {
@@ -209,6 +217,13 @@ pub enum BrokerError {
         #[source]
         source: Cause,
     },
+    #[error("broker stream {name}: message {seq} is unreadable")]
+    UnreadableAt {
+        name: &'static str,
+        seq: u64,
+        #[source]
+        source: WireError,
+    },
     #[error("broker stream {name}: the last message of {of} is unreadable")]
     Unreadable {
         name: &'static str,
@@ -250,17 +265,25 @@ pub enum BrokerError {
     )]
     SourceChanged { node: String, run: String },
     #[error(
-        "broker.partitions is {asked}, but the events stream {name} was created with {recorded} \
-         partition(s): the count is fixed when the streams are created (every process learns it \
-         from the broker; leave broker.partitions unset). To change it, let the sinks and \
-         aggregators drain the streams, stop everything, delete the streams (`nats stream rm`) and \
-         start again"
+        "this process asks for {asked} partitions (broker.partitions, --broker-partitions or \
+         TCPLAKE_BROKER_PARTITIONS), but the events stream {name} was created with {recorded}: the \
+         count is fixed when the streams are created, and every process learns it from the broker \
+         (leave the setting unset). To change it, let the aggregators and sinks drain the streams, \
+         stop every process, delete TCPLAKE_EVENTS, TCPLAKE_PARTS and TCPLAKE_FLOWS (`nats stream rm`) \
+         and start again into a new output (--out)"
     )]
     PartitionsDisagree {
         name: &'static str,
         asked: u32,
         recorded: u32,
     },
+    #[error(
+        "the events stream TCPLAKE_EVENTS does not say how many partitions it has (its description \
+         is `{description}`; tcplake records `tcplake events; partitions=P` there when it creates \
+         the stream, and TCPLAKE_PARTS exists or the description was edited): restore it with \
+         `nats stream edit TCPLAKE_EVENTS --description 'tcplake events; partitions=P'`"
+    )]
+    PartitionsUnknown { description: String },
     #[error(
         "this aggregator is shard {index} of {count}, but the events stream is cut into {partitions} \
          partitions (broker.partitions), one aggregator each: run {partitions} aggregators, \
@@ -411,9 +434,17 @@ impl Broker {
     /// Also says whether the stream exists.
     async fn learn_partitions(&self) -> Result<(u32, bool), BrokerError> {
         let recorded = match self.js.get_stream(EVENTS_STREAM).await {
-            Ok(st) => Some(recorded_partitions(
-                st.cached_info().config.description.as_deref(),
-            )),
+            Ok(st) => {
+                let description = st.cached_info().config.description.clone();
+                match recorded_partitions(description.as_deref()) {
+                    Some(p) => Some(p),
+                    None => {
+                        return Err(BrokerError::PartitionsUnknown {
+                            description: description.unwrap_or_default(),
+                        })
+                    }
+                }
+            }
             Err(e)
                 if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j)
                     if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
@@ -435,8 +466,31 @@ impl Broker {
                     recorded,
                 })
             }
+            (Some(1), _) if self.has_stream(PARTS_STREAM).await? => {
+                // Partitioned once: a description rewritten since (by hand, or by an older tcplake)
+                // must not turn its aggregators into readers of the other stream.
+                Err(BrokerError::PartitionsUnknown {
+                    description: "(none)".into(),
+                })
+            }
             (Some(recorded), _) => Ok((recorded, true)),
             (None, asked) => Ok((asked.unwrap_or(1), false)),
+        }
+    }
+
+    async fn has_stream(&self, name: &'static str) -> Result<bool, BrokerError> {
+        match self.js.get_stream(name).await {
+            Ok(_) => Ok(true),
+            Err(e)
+                if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j)
+                    if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(BrokerError::Stream {
+                name,
+                source: e.into(),
+            }),
         }
     }
 
@@ -623,26 +677,30 @@ impl Broker {
         part: u32,
         node: &str,
         shutdown: Shutdown,
-    ) -> BrokerTx<Arc<EventBatch>> {
+    ) -> BrokerTx<super::partitioned::Share> {
+        use super::partitioned::{Share, FROM_HEADER};
         let compress = self.settings.compress;
         let node = node.to_string();
         BrokerTx::new(
             self.clone(),
             part_subject(part, &node),
-            Box::new(move |b: &Arc<EventBatch>| {
+            Box::new(move |s: &Share| {
                 (
-                    wire::encode_partition(b, compress),
-                    part_msg_id(&node, part, b),
+                    wire::encode_partition(&s.batch, compress),
+                    part_msg_id(&node, part, &s.batch),
                 )
             }),
-            Box::new(|b: &Arc<EventBatch>| super::partitioned::halve(b)),
-            Box::new(|b: &Arc<EventBatch>| b.events.len()),
+            Box::new(Share::halve),
+            Box::new(|s: &Share| s.batch.events.len()),
             None,
             shutdown,
         )
+        .with_item_headers(Box::new(|s: &Share| {
+            vec![(FROM_HEADER, s.from.to_string())]
+        }))
     }
 
-    /// The last message on a subject of stream `name`, and the first after stream sequence `after`.
+    /// The first message on `subject` of stream `name` after stream sequence `after`, if any.
     pub(crate) async fn message_after(
         &self,
         name: &'static str,
@@ -987,6 +1045,8 @@ type Encoder<T> = Box<dyn Fn(&T) -> (Vec<u8>, String) + Send + Sync>;
 /// Cuts an item in two halves (`None`: it holds one row and cannot be cut).
 type Splitter<T> = Box<dyn Fn(&T) -> Option<(T, T)> + Send + Sync>;
 type Counter<T> = Box<dyn Fn(&T) -> usize + Send + Sync>;
+/// Headers of an item's message.
+pub(crate) type ItemHeaders<T> = Box<dyn Fn(&T) -> Vec<(&'static str, String)> + Send + Sync>;
 /// The `seq` after an item's last row (`None`: it holds none).
 type After<T> = Box<dyn Fn(&T) -> Option<u64> + Send + Sync>;
 
@@ -1045,6 +1105,8 @@ pub struct BrokerTx<T> {
     last_seq: Option<u64>,
     /// Further headers of the next messages (partitions: the node message they were cut from).
     extra: Vec<(&'static str, String)>,
+    /// Headers an item's messages carry, set before each is published (a piece's own).
+    item_headers: Option<ItemHeaders<T>>,
     /// Once fired, a failing publish is not retried any more.
     shutdown: Shutdown,
 }
@@ -1072,8 +1134,15 @@ impl<T> BrokerTx<T> {
             source: None,
             last_seq: None,
             extra: Vec::new(),
+            item_headers: None,
             shutdown,
         }
+    }
+
+    /// Gives each item's message (each piece's, when cut) the headers `of` says.
+    pub(crate) fn with_item_headers(mut self, of: ItemHeaders<T>) -> Self {
+        self.item_headers = Some(of);
+        self
     }
 
     /// Sets a header on the messages published from now on.
@@ -1311,6 +1380,11 @@ impl<T: Send + Sync> Tx<T> for BrokerTx<T> {
             let rows = (self.rows)(&item);
             if let Some(next) = self.after.as_ref().and_then(|after| after(&item)) {
                 self.next_seq = Some(next);
+            }
+            if let Some(of) = &self.item_headers {
+                for (name, value) in of(&item) {
+                    self.set_header(name, value);
+                }
             }
             self.publish(Bytes::from(body), &id, false, rows).await?;
         }
@@ -1714,10 +1788,10 @@ impl<T> BrokerRx<T> {
                 Err(e) => {
                     // Counted, logged once per reason, set aside; the stream goes on.
                     tracing::warn!(subject = %m.subject, error = %crate::report::one_line(&e), "undecodable message sent to the dead-letter stream");
-                    let kind = if m.subject.as_str().starts_with("tcplake.flows") {
-                        "flows"
-                    } else {
-                        "events"
+                    let kind = match m.subject.as_str() {
+                        s if s.starts_with("tcplake.flows.") => "flows",
+                        s if s.starts_with("tcplake.part.") => "partitions",
+                        _ => "events",
                     };
                     self.broker.dead_letter(kind, &m, &e).await;
                     self.settled.push(self.ack(m));

@@ -11,8 +11,10 @@
 //! (the aggregator's watermark already covers everything before).
 //!
 //! Every node batch yields one batch per partition, empty ones too: the watermark and the capture
-//! clock then move every partition at the same points as the whole stream, so a partition's
-//! aggregator emits when a whole-stream aggregator would.
+//! clock then move every partition at the same batch boundaries as the whole stream, so a partition's
+//! aggregator emits when a whole-stream aggregator would (a share cut into pieces, or cut again by a
+//! restarted capture, moves them at other points: when rows appear then differs, what they count
+//! does not).
 
 use std::sync::Arc;
 

@@ -265,7 +265,14 @@ pub async fn aggregate(
     // at 1, so that retention having removed the start is noticed as for any other replay point.
     let from = resume.as_ref().map_or(0, |r| r.point.from_seq.max(1));
     if resume.is_some() {
-        tracing::info!(from, "rebuilding open windows from the events stream");
+        match partitions {
+            1 => tracing::info!(from, "rebuilding open windows from the events stream"),
+            _ => tracing::info!(
+                from,
+                partition = shard.index,
+                "rebuilding open windows from this shard's partition"
+            ),
+        }
     }
     // Partitioned, the shard reads its partition only; positions are on the partitions stream.
     let input = match partitions {

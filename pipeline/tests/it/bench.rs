@@ -24,6 +24,8 @@ fn bench_runs_every_mode_at_each_node_count_checks_outputs_and_writes_the_report
             "1,2",
             "--sinks",
             "2",
+            // The split-broker runs on a partitioned stream: its flows must still be the monolith's.
+            "--partitioned",
             "--handoff",
             handoff.to_str().unwrap(),
             "--report",
@@ -47,6 +49,10 @@ fn bench_runs_every_mode_at_each_node_count_checks_outputs_and_writes_the_report
         serde_json::from_slice(&std::fs::read(report.join("report.json")).unwrap()).unwrap();
     assert_eq!(r["identical_flows"], true);
     assert_eq!(r["nodes"], serde_json::json!([1, 2]));
+    assert_eq!(
+        (&r["shards"], &r["partitioned"]),
+        (&serde_json::json!(2), &serde_json::json!(true))
+    );
     let modes = r["modes"].as_array().unwrap();
     // One entry per (mode, nodes): node counts in order, modes in order within each.
     let runs: Vec<(String, u64)> = modes

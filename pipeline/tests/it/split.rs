@@ -1159,10 +1159,7 @@ fn partitioned_streams_give_each_aggregator_its_share_and_stay_exact_through_kil
         .spawn("aggregate", &["--shard", "0/2", "--broker-partitions", "3"])
         .wait_bounded()
         .unwrap();
-    assert_one_error_line(
-        &o,
-        &["broker.partitions is 3", "created with 2 partition(s)"],
-    );
+    assert_one_error_line(&o, &["asks for 3 partitions", "was created with 2"]);
     let o = run
         .spawn("aggregate", &["--shard", "2/3"])
         .wait_bounded()
@@ -1194,11 +1191,11 @@ fn partitioned_streams_give_each_aggregator_its_share_and_stay_exact_through_kil
     );
 }
 
-/// A capture that died after publishing a node message but before its partition shares: the next
-/// capture of the node cuts that message again for every partition lacking it (and ends the
-/// partitions of an ended node), so each partition holds every event of the node's log once, each
-/// with the node's watermark. Driven through the library against a real server: no process can be
-/// killed at exactly that point.
+/// A capture that died between a node message and its shares (partition 1 lacks the share, partition
+/// 0 holds the first piece of one cut in two): the next capture of the node cuts that message again for
+/// what each partition lacks (and ends the partitions of an ended node), so each partition holds every
+/// event of the node's log once, each with the node's watermark. Driven through the library against
+/// a real server: no process can be killed at exactly those points.
 #[test]
 fn a_capture_that_died_between_a_node_message_and_its_shares_is_repaired_by_the_next() {
     use pipeline::capture::synthetic::{Synthetic, SyntheticConfig};
@@ -1256,13 +1253,52 @@ fn a_capture_that_died_between_a_node_message_and_its_shares_is_repaired_by_the_
                     .unwrap();
             }
         };
+        let a_seq = js
+            .get_stream("TCPLAKE_EVENTS")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .last_sequence;
         publish(
             &[("Nats-Msg-Id", "n-1000"), ("Tcplake-Next-Seq", "3000")],
             wire::encode_events(&b, true),
         )
         .await;
+        // Partition 0 got the first piece of its share of b (a piece that does not complete a share
+        // points at the node message before it).
+        let mut max_ts = i64::MIN;
+        let share = pipeline::event::partition::split(&b, 2, &mut max_ts).swap_remove(0);
+        let marks = share.watermarks.clone().unwrap();
+        let mid = share.events.len() / 2;
+        let mut piece =
+            pipeline::event::EventBatch::new("n".into(), share.events[..mid].to_vec(), None);
+        piece.watermarks = Some(std::sync::Arc::new(
+            pipeline::event::partition::Watermarks {
+                before: marks.before[..mid].to_vec(),
+                after: marks.before[mid],
+                next_seq: share.events[mid].seq,
+            },
+        ));
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Tcplake-From", a_seq.to_string().as_str());
+        js.publish_with_headers(
+            "tcplake.part.0.n",
+            h,
+            wire::encode_partition(&piece, true).into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
         let repair = || partitioned::repair(&broker, "n", shutdown.clone());
-        assert_eq!(repair().await.unwrap(), 2, "both partitions lacked batch b");
+        assert_eq!(
+            repair().await.unwrap(),
+            2,
+            "both partitions lacked (some of) batch b"
+        );
         assert_eq!(repair().await.unwrap(), 0, "nothing left to repair");
         // The node ended (its capture died before ending the partitions): they are ended too.
         publish(
@@ -1291,5 +1327,29 @@ fn a_capture_that_died_between_a_node_message_and_its_shares_is_repaired_by_the_
         }
         seqs.sort_unstable();
         assert_eq!(seqs, (0..3_000).collect::<Vec<u64>>(), "every event once");
+        // The count recorded in the stream's description, edited away (by hand, by an older
+        // tcplake): refused, rather than read as unpartitioned.
+        let mut config = js
+            .get_stream("TCPLAKE_EVENTS")
+            .await
+            .unwrap()
+            .cached_info()
+            .config
+            .clone();
+        config.description = None;
+        js.update_stream(config).await.unwrap();
+        let e = Broker::connect(
+            &BrokerSettings {
+                partitions: None,
+                ..settings
+            },
+            Default::default(),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("does not say how many partitions"),
+            "{e}"
+        );
     });
 }
