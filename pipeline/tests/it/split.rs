@@ -1129,14 +1129,14 @@ fn a_full_stream_makes_capture_stop_promptly_on_sigterm_saying_what_was_not_publ
 
 /// Partitioned streams (`broker.partitions = 2`, one config for every process): each aggregator
 /// reads only its partition, and the output is still the union of the nodes' monolith runs, row for
-/// row, with one capture and one aggregator killed with SIGKILL mid-run and restarted. A process that
-/// asks for another partition count, and an aggregator of another shard count, are refused in one
-/// line each.
+/// row, with one capture and one aggregator killed with SIGKILL mid-run and restarted. Every message
+/// is cut into pieces (a 4 KiB max_payload), shares included. A process that asks for another
+/// partition count, and an aggregator of another shard count, are refused in one line each.
 #[test]
 fn partitioned_streams_give_each_aggregator_its_share_and_stay_exact_through_kills() {
     const N: u64 = 300_000;
-    let nats = Nats::start_monitored();
     let tmp = tempfile::tempdir().unwrap();
+    let nats = Nats::start_monitored_with(&["-c", &small_payload_conf(tmp.path())]);
     let run = Run::new(&nats, tmp.path(), "71", N);
     std::fs::write(
         &run.config,
