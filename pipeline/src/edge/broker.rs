@@ -217,13 +217,6 @@ pub enum BrokerError {
         #[source]
         source: Cause,
     },
-    #[error("broker stream {name}: message {seq} is unreadable")]
-    UnreadableAt {
-        name: &'static str,
-        seq: u64,
-        #[source]
-        source: WireError,
-    },
     #[error("broker stream {name}: the last message of {of} is unreadable")]
     Unreadable {
         name: &'static str,
@@ -284,6 +277,12 @@ pub enum BrokerError {
          `nats stream edit TCPLAKE_EVENTS --description 'tcplake events; partitions=P'`"
     )]
     PartitionsUnknown { description: String },
+    #[error(
+        "the broker has a partitions stream TCPLAKE_PARTS but no events stream TCPLAKE_EVENTS (deleted \
+         alone?): the partitions point into the old events stream; delete TCPLAKE_PARTS and \
+         TCPLAKE_FLOWS too (`nats stream rm`) and start again into a new output (--out)"
+    )]
+    PartsWithoutEvents,
     #[error(
         "this aggregator is shard {index} of {count}, but the events stream is cut into {partitions} \
          partitions (broker.partitions), one aggregator each: run {partitions} aggregators, \
@@ -433,16 +432,14 @@ impl Broker {
     /// refused: every process must read and write the same partitions.
     /// Also says whether the stream exists.
     async fn learn_partitions(&self) -> Result<(u32, bool), BrokerError> {
+        let mut description = String::new();
         let recorded = match self.js.get_stream(EVENTS_STREAM).await {
             Ok(st) => {
-                let description = st.cached_info().config.description.clone();
-                match recorded_partitions(description.as_deref()) {
+                let d = st.cached_info().config.description.clone();
+                description = d.clone().unwrap_or_default();
+                match recorded_partitions(d.as_deref()) {
                     Some(p) => Some(p),
-                    None => {
-                        return Err(BrokerError::PartitionsUnknown {
-                            description: description.unwrap_or_default(),
-                        })
-                    }
+                    None => return Err(BrokerError::PartitionsUnknown { description }),
                 }
             }
             Err(e)
@@ -469,11 +466,13 @@ impl Broker {
             (Some(1), _) if self.has_stream(PARTS_STREAM).await? => {
                 // Partitioned once: a description rewritten since (by hand, or by an older tcplake)
                 // must not turn its aggregators into readers of the other stream.
-                Err(BrokerError::PartitionsUnknown {
-                    description: "(none)".into(),
-                })
+                Err(BrokerError::PartitionsUnknown { description })
             }
             (Some(recorded), _) => Ok((recorded, true)),
+            // The events stream deleted alone: the partitions left behind point into the old one.
+            (None, _) if self.has_stream(PARTS_STREAM).await? => {
+                Err(BrokerError::PartsWithoutEvents)
+            }
             (None, asked) => Ok((asked.unwrap_or(1), false)),
         }
     }
@@ -678,7 +677,7 @@ impl Broker {
         node: &str,
         shutdown: Shutdown,
     ) -> BrokerTx<super::partitioned::Share> {
-        use super::partitioned::{Share, FROM_HEADER};
+        use super::partitioned::{Share, FROM_HEADER, PIECE_OF_HEADER};
         let compress = self.settings.compress;
         let node = node.to_string();
         BrokerTx::new(
@@ -696,7 +695,11 @@ impl Broker {
             shutdown,
         )
         .with_item_headers(Box::new(|s: &Share| {
-            vec![(FROM_HEADER, s.from.to_string())]
+            let mut h = vec![(FROM_HEADER, s.from.to_string())];
+            if let Some(of) = s.piece_of {
+                h.push((PIECE_OF_HEADER, of.to_string()));
+            }
+            h
         }))
     }
 
@@ -1210,6 +1213,7 @@ impl<T> BrokerTx<T> {
         id: &str,
         end: bool,
         rows: usize,
+        own: &[(&'static str, String)],
     ) -> Result<(), EdgeError> {
         let started = Instant::now();
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
@@ -1240,7 +1244,7 @@ impl<T> BrokerTx<T> {
                 if let Some(source) = &self.source {
                     h.insert(SOURCE_HEADER, source.as_str());
                 }
-                for (name, value) in &self.extra {
+                for (name, value) in self.extra.iter().chain(own) {
                     h.insert(*name, value.as_str());
                 }
                 let ack = self
@@ -1381,12 +1385,14 @@ impl<T: Send + Sync> Tx<T> for BrokerTx<T> {
             if let Some(next) = self.after.as_ref().and_then(|after| after(&item)) {
                 self.next_seq = Some(next);
             }
-            if let Some(of) = &self.item_headers {
-                for (name, value) in of(&item) {
-                    self.set_header(name, value);
-                }
-            }
-            self.publish(Bytes::from(body), &id, false, rows).await?;
+            // This message's own headers (a piece's): not kept for the ones after it.
+            let own = self
+                .item_headers
+                .as_ref()
+                .map(|of| of(&item))
+                .unwrap_or_default();
+            self.publish(Bytes::from(body), &id, false, rows, &own)
+                .await?;
         }
         Ok(())
     }
@@ -1394,7 +1400,7 @@ impl<T: Send + Sync> Tx<T> for BrokerTx<T> {
     async fn close(&mut self, end_of_stream: bool) -> Result<(), EdgeError> {
         if end_of_stream {
             let id = format!("{}-end", self.subject);
-            self.publish(Bytes::new(), &id, true, 0).await?;
+            self.publish(Bytes::new(), &id, true, 0, &[]).await?;
         }
         Ok(())
     }

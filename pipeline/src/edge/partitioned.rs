@@ -31,6 +31,9 @@ use crate::shutdown::Shutdown;
 /// killed between the pieces leaves a partition whose last message points before the node message
 /// it lacks part of.
 pub const FROM_HEADER: &str = "Tcplake-From";
+/// On a piece that does not complete its share: the node message the share is cut from. What a
+/// partition holds of that message's events is known only from such a piece.
+pub const PIECE_OF_HEADER: &str = "Tcplake-Piece-Of";
 
 /// A partition's share of a node batch, and where it stands on the node's messages.
 pub struct Share {
@@ -39,6 +42,8 @@ pub struct Share {
     pub from: u64,
     /// The node message before it: what a piece that does not complete the share says.
     pub from_before: u64,
+    /// Set on a piece that does not complete its share: the node message the share is cut from.
+    pub piece_of: Option<u64>,
 }
 
 impl Share {
@@ -51,7 +56,11 @@ impl Share {
         let mid = b.events.len() / 2;
         let marks = b.watermarks.as_deref()?;
         (mid > 0 && marks.before.len() == b.events.len()).then(|| {
-            let half = |r: std::ops::Range<usize>, after: i64, next_seq: u64, from: u64| Share {
+            let half = |r: std::ops::Range<usize>,
+                        after: i64,
+                        next_seq: u64,
+                        from: u64,
+                        piece_of: Option<u64>| Share {
                 batch: Arc::new(EventBatch {
                     node: Arc::clone(&b.node),
                     events: b.events[r.clone()].to_vec(),
@@ -66,15 +75,24 @@ impl Share {
                 }),
                 from,
                 from_before: self.from_before,
+                piece_of,
             };
+            let of = self.piece_of.unwrap_or(self.from);
             (
                 half(
                     0..mid,
                     marks.before[mid],
                     b.events[mid].seq,
                     self.from_before,
+                    Some(of),
                 ),
-                half(mid..b.events.len(), marks.after, marks.next_seq, self.from),
+                half(
+                    mid..b.events.len(),
+                    marks.after,
+                    marks.next_seq,
+                    self.from,
+                    self.piece_of,
+                ),
             )
         })
     }
@@ -128,6 +146,7 @@ impl Tx<Arc<EventBatch>> for EventsTx {
                 batch: Arc::new(share),
                 from,
                 from_before,
+                piece_of: None,
             })
         }))
         .await?;
@@ -174,10 +193,6 @@ pub async fn repair(broker: &Broker, node: &str, shutdown: Shutdown) -> Result<u
     else {
         return Ok(0);
     };
-    let unreadable = |name: &'static str, seq: u64, source| EdgeError::BrokerRequest {
-        what: "cutting the node's messages into partitions again",
-        source: Box::new(BrokerError::UnreadableAt { name, seq, source }),
-    };
     let mut repaired = 0;
     for part in 0..count {
         let held = broker
@@ -192,13 +207,32 @@ pub async fn repair(broker: &Broker, node: &str, shutdown: Shutdown) -> Result<u
         if after >= last.sequence {
             continue;
         }
-        // Events the partition holds already (a piece of a share published before the capture died).
-        let held_through = match &held {
-            Some(m) if m.headers.get(END_HEADER).is_none() => wire::decode_partition(&m.payload)
-                .map_err(|e| unreadable(PARTS_STREAM, m.sequence, e))?
-                .watermarks
-                .map_or(0, |w| w.next_seq),
-            _ => 0,
+        // Events the partition holds already of the node messages up to `piece_of` (the last message
+        // is a piece of a share, published before the capture died). A complete share holds all of
+        // its node message: what comes after it is wanted whole, whatever its numbering.
+        let (held_through, piece_of) = match held.as_ref().and_then(|m| {
+            let of = m
+                .headers
+                .get(PIECE_OF_HEADER)?
+                .as_str()
+                .parse::<u64>()
+                .ok()?;
+            Some((m, of))
+        }) {
+            None => (0, 0),
+            Some((m, of)) => match wire::decode_partition(&m.payload) {
+                Ok(b) => (b.watermarks.map_or(0, |w| w.next_seq), of),
+                Err(e) => {
+                    tracing::warn!(
+                        node,
+                        partition = part,
+                        seq = m.sequence,
+                        error = %crate::report::one_line(&e),
+                        "a partition's last message is unreadable: its node message is cut again whole"
+                    );
+                    (0, 0)
+                }
+            },
         };
         let mut tx = broker.part_tx(part, node, shutdown.clone());
         while let Some(m) = broker
@@ -212,17 +246,32 @@ pub async fn repair(broker: &Broker, node: &str, shutdown: Shutdown) -> Result<u
                 tx.close(true).await?;
                 break;
             }
-            let batch = wire::decode_events(&m.payload)
-                .map_err(|e| unreadable(EVENTS_STREAM, m.sequence, e))?;
+            let batch = match wire::decode_events(&m.payload) {
+                Ok(b) => b,
+                Err(e) => {
+                    // The sink dead-letters it too: its events are in neither log nor flows. An
+                    // empty share moves the partition past it.
+                    tracing::warn!(
+                        node,
+                        seq = m.sequence,
+                        error = %crate::report::one_line(&e),
+                        "a node message is unreadable: its partitions get an empty share for it"
+                    );
+                    EventBatch::new(Arc::from(node), Vec::new(), None)
+                }
+            };
             // A low watermark is safe here: the partition's aggregator holds the node's watermark
             // up to the shares before these, and takes the larger.
             let mut max_ts = i64::MIN;
             let mut share = split(&batch, count, &mut max_ts).swap_remove(part as usize);
-            let held = share
-                .events
-                .iter()
-                .take_while(|e| e.seq < held_through)
-                .count();
+            let held = match m.sequence <= piece_of {
+                true => share
+                    .events
+                    .iter()
+                    .take_while(|e| e.seq < held_through)
+                    .count(),
+                false => 0,
+            };
             if held > 0 {
                 share.events.drain(..held);
                 if let Some(w) = share.watermarks.as_mut() {
@@ -233,6 +282,7 @@ pub async fn repair(broker: &Broker, node: &str, shutdown: Shutdown) -> Result<u
                 batch: Arc::new(share),
                 from: m.sequence,
                 from_before,
+                piece_of: None,
             })
             .await?;
             repaired += 1;
@@ -266,6 +316,7 @@ mod tests {
             batch: Arc::new(split(&b, 1, &mut max_ts).remove(0)),
             from: 12,
             from_before: 10,
+            piece_of: None,
         };
         let (first, second) = share.halve().unwrap();
         let (m1, m2) = (
@@ -282,10 +333,14 @@ mod tests {
             share.batch.watermarks.as_deref().unwrap().before
         );
         assert_eq!((first.from, second.from), (10, 12));
-        // Cut again: still only the very last piece completes the share.
+        assert_eq!((first.piece_of, second.piece_of), (Some(12), None));
+        // Cut again: still only the very last piece completes the share; every other one says
+        // which node message it is a piece of.
         let (a, b) = second.halve().unwrap();
         assert_eq!((a.from, b.from), (10, 12));
+        assert_eq!((a.piece_of, b.piece_of), (Some(12), None));
         let (a, b) = first.halve().unwrap();
         assert_eq!((a.from, b.from), (10, 10));
+        assert_eq!((a.piece_of, b.piece_of), (Some(12), Some(12)));
     }
 }

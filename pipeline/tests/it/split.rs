@@ -1268,7 +1268,7 @@ fn a_capture_that_died_between_a_node_message_and_its_shares_is_repaired_by_the_
         )
         .await;
         // Partition 0 got the first piece of its share of b (a piece that does not complete a share
-        // points at the node message before it).
+        // points at the node message before it, and says which one it is a piece of: b's, the next).
         let mut max_ts = i64::MIN;
         let share = pipeline::event::partition::split(&b, 2, &mut max_ts).swap_remove(0);
         let marks = share.watermarks.clone().unwrap();
@@ -1284,6 +1284,7 @@ fn a_capture_that_died_between_a_node_message_and_its_shares_is_repaired_by_the_
         ));
         let mut h = async_nats::HeaderMap::new();
         h.insert("Tcplake-From", a_seq.to_string().as_str());
+        h.insert("Tcplake-Piece-Of", (a_seq + 1).to_string().as_str());
         js.publish_with_headers(
             "tcplake.part.0.n",
             h,
@@ -1351,5 +1352,87 @@ fn a_capture_that_died_between_a_node_message_and_its_shares_is_repaired_by_the_
             e.to_string().contains("does not say how many partitions"),
             "{e}"
         );
+    });
+}
+
+/// A node whose messages left the events stream (purged, or aged out a moment before its shares) and
+/// whose next capture numbers its events from 0 again, killed between its first node message and the
+/// shares: the repair cuts that message whole. (What a partition's last complete share held, under the
+/// old numbering, says nothing about the new messages: only a piece of a share limits what is cut.)
+#[test]
+fn a_repair_after_the_node_numbering_restarted_cuts_the_new_messages_whole() {
+    use pipeline::capture::synthetic::{Synthetic, SyntheticConfig};
+    use pipeline::edge::broker::{Broker, BrokerAuth, BrokerSettings};
+    use pipeline::edge::{partitioned, wire, Rx, Tx};
+    let nats = Nats::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let settings = BrokerSettings {
+            url: nats.url(),
+            auth: BrokerAuth::None,
+            connect_for: Duration::from_secs(10),
+            max_age: Duration::from_secs(3600),
+            max_bytes: 64 << 20,
+            compress: true,
+            ack_wait: None,
+            partitions: Some(2),
+        };
+        let broker = Broker::connect(&settings, Default::default())
+            .await
+            .unwrap();
+        let (_stop, shutdown) = pipeline::shutdown::channel();
+        let batch = |seed: u64, n: usize| {
+            Synthetic::new(
+                "n".into(),
+                SyntheticConfig {
+                    seed,
+                    total: n as u64,
+                    start_us: 1_700_000_000_000_000,
+                    events_per_sim_sec: 1_000,
+                },
+            )
+            .next_batch(n)
+            .unwrap()
+        };
+        let mut tx = broker
+            .events_tx("n", 0, "src".into(), shutdown.clone())
+            .unwrap();
+        tx.send(std::sync::Arc::new(batch(5, 3_000))).await.unwrap();
+        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+        js.get_stream("TCPLAKE_EVENTS")
+            .await
+            .unwrap()
+            .purge()
+            .filter("tcplake.events.n")
+            .await
+            .unwrap();
+        // The new run's first message (seqs 0..1000 again), its shares never published.
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Msg-Id", "n-new-0");
+        js.publish_with_headers(
+            "tcplake.events.n",
+            h,
+            wire::encode_events(&batch(6, 1_000), true).into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+        assert_eq!(
+            partitioned::repair(&broker, "n", shutdown.clone())
+                .await
+                .unwrap(),
+            2
+        );
+        // Each partition: its share of the old 3 000 and of the new 1 000, nothing dropped.
+        let mut total = 0;
+        for p in 0..2 {
+            let mut rx = broker.partition_from(p, 0).await.unwrap();
+            let want = 2; // the old share and the repaired one
+            for _ in 0..want {
+                total += rx.recv().await.unwrap().unwrap().events.len();
+            }
+        }
+        assert_eq!(total, 4_000);
     });
 }
