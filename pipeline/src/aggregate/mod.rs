@@ -202,22 +202,10 @@ mod tests {
     /// Runs the stage over `events` (batches of `batch`; positions are `seq`s) and returns what it
     /// emitted.
     async fn run_over(events: &[Event], batch: usize, cfg: AggregateConfig) -> Vec<FlowBatch> {
-        let gauge = Arc::new(crate::metrics::Gauge::default());
-        let (mut tx, rx) = memory::channel("in", 1 << 16, Arc::clone(&gauge));
-        let (otx, mut orx) = memory::channel("out", 1 << 16, gauge);
-        for chunk in events.chunks(batch) {
-            let b = EventBatch::new("n".into(), chunk.to_vec(), None);
-            tx.send(Arc::new(b)).await.unwrap();
-        }
-        drop(tx);
-        run(cfg, rx, otx, &AggregateMetrics::default())
-            .await
-            .unwrap();
-        let mut out = Vec::new();
-        while let Some(b) = orx.recv().await.unwrap() {
-            out.push(b);
-        }
-        out
+        let batches = events
+            .chunks(batch)
+            .map(|chunk| EventBatch::new("n".into(), chunk.to_vec(), None));
+        run_batches(batches, cfg).await
     }
 
     /// Like [`run_over`], fed only partition `part` of `count` of every batch, as a capture that
@@ -229,15 +217,27 @@ mod tests {
         count: u32,
         cfg: AggregateConfig,
     ) -> Vec<FlowBatch> {
+        let mut max_ts = i64::MIN;
+        let batches: Vec<EventBatch> = events
+            .chunks(batch)
+            .map(|chunk| {
+                let b = EventBatch::new("n".into(), chunk.to_vec(), None);
+                crate::event::partition::split(&b, count, &mut max_ts).swap_remove(part as usize)
+            })
+            .collect();
+        run_batches(batches, cfg).await
+    }
+
+    /// Runs the stage over `batches` and returns what it emitted.
+    async fn run_batches(
+        batches: impl IntoIterator<Item = EventBatch>,
+        cfg: AggregateConfig,
+    ) -> Vec<FlowBatch> {
         let gauge = Arc::new(crate::metrics::Gauge::default());
         let (mut tx, rx) = memory::channel("in", 1 << 16, Arc::clone(&gauge));
         let (otx, mut orx) = memory::channel("out", 1 << 16, gauge);
-        let mut max_ts = i64::MIN;
-        for chunk in events.chunks(batch) {
-            let b = EventBatch::new("n".into(), chunk.to_vec(), None);
-            let mine =
-                crate::event::partition::split(&b, count, &mut max_ts).swap_remove(part as usize);
-            tx.send(Arc::new(mine)).await.unwrap();
+        for b in batches {
+            tx.send(Arc::new(b)).await.unwrap();
         }
         drop(tx);
         run(cfg, rx, otx, &AggregateMetrics::default())

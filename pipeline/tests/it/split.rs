@@ -1198,37 +1198,19 @@ fn partitioned_streams_give_each_aggregator_its_share_and_stay_exact_through_kil
 /// a real server: no process can be killed at exactly those points.
 #[test]
 fn a_capture_that_died_between_a_node_message_and_its_shares_is_repaired_by_the_next() {
-    use pipeline::capture::synthetic::{Synthetic, SyntheticConfig};
-    use pipeline::edge::broker::{Broker, BrokerAuth, BrokerSettings};
+    use pipeline::edge::broker::{Broker, BrokerSettings};
     use pipeline::edge::{partitioned, wire, Rx, Tx};
     use pipeline::event::partition::partition_of;
     let nats = Nats::start();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let settings = BrokerSettings {
-            url: nats.url(),
-            auth: BrokerAuth::None,
-            connect_for: Duration::from_secs(10),
-            max_age: Duration::from_secs(3600),
-            max_bytes: 64 << 20,
-            compress: true,
-            ack_wait: None,
-            partitions: Some(2),
-        };
+        let settings = two_partitions(&nats);
         let broker = Broker::connect(&settings, Default::default())
             .await
             .unwrap();
         assert_eq!(broker.partitions(), 2);
         let (_stop, shutdown) = pipeline::shutdown::channel();
-        let mut src = Synthetic::new(
-            "n".into(),
-            SyntheticConfig {
-                seed: 5,
-                total: 3_000,
-                start_us: 1_700_000_000_000_000,
-                events_per_sim_sec: 1_000,
-            },
-        );
+        let mut src = synthetic_node_n(5, 3_000);
         let (a, b) = (
             src.next_batch(1_000).unwrap(),
             src.next_batch(2_000).unwrap(),
@@ -1361,39 +1343,17 @@ fn a_capture_that_died_between_a_node_message_and_its_shares_is_repaired_by_the_
 /// old numbering, says nothing about the new messages: only a piece of a share limits what is cut.)
 #[test]
 fn a_repair_after_the_node_numbering_restarted_cuts_the_new_messages_whole() {
-    use pipeline::capture::synthetic::{Synthetic, SyntheticConfig};
-    use pipeline::edge::broker::{Broker, BrokerAuth, BrokerSettings};
+    use pipeline::edge::broker::Broker;
     use pipeline::edge::{partitioned, wire, Rx, Tx};
     let nats = Nats::start();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let settings = BrokerSettings {
-            url: nats.url(),
-            auth: BrokerAuth::None,
-            connect_for: Duration::from_secs(10),
-            max_age: Duration::from_secs(3600),
-            max_bytes: 64 << 20,
-            compress: true,
-            ack_wait: None,
-            partitions: Some(2),
-        };
+        let settings = two_partitions(&nats);
         let broker = Broker::connect(&settings, Default::default())
             .await
             .unwrap();
         let (_stop, shutdown) = pipeline::shutdown::channel();
-        let batch = |seed: u64, n: usize| {
-            Synthetic::new(
-                "n".into(),
-                SyntheticConfig {
-                    seed,
-                    total: n as u64,
-                    start_us: 1_700_000_000_000_000,
-                    events_per_sim_sec: 1_000,
-                },
-            )
-            .next_batch(n)
-            .unwrap()
-        };
+        let batch = |seed: u64, n: usize| synthetic_node_n(seed, n as u64).next_batch(n).unwrap();
         let mut tx = broker
             .events_tx("n", 0, "src".into(), shutdown.clone())
             .unwrap();
@@ -1435,4 +1395,31 @@ fn a_repair_after_the_node_numbering_restarted_cuts_the_new_messages_whole() {
         }
         assert_eq!(total, 4_000);
     });
+}
+
+/// A broker on `nats` whose events stream is cut into two partitions (the library-driven tests).
+fn two_partitions(nats: &Nats) -> pipeline::edge::broker::BrokerSettings {
+    pipeline::edge::broker::BrokerSettings {
+        url: nats.url(),
+        auth: pipeline::edge::broker::BrokerAuth::None,
+        connect_for: Duration::from_secs(10),
+        max_age: Duration::from_secs(3600),
+        max_bytes: 64 << 20,
+        compress: true,
+        ack_wait: None,
+        partitions: Some(2),
+    }
+}
+
+/// Node `n`'s synthetic events: `total` of them, from `seed`.
+fn synthetic_node_n(seed: u64, total: u64) -> pipeline::capture::synthetic::Synthetic {
+    pipeline::capture::synthetic::Synthetic::new(
+        "n".into(),
+        pipeline::capture::synthetic::SyntheticConfig {
+            seed,
+            total,
+            start_us: 1_700_000_000_000_000,
+            events_per_sim_sec: 1_000,
+        },
+    )
 }
