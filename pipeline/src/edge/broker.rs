@@ -433,8 +433,8 @@ impl Broker {
     /// Also says whether the stream exists.
     async fn learn_partitions(&self) -> Result<(u32, bool), BrokerError> {
         let mut description = String::new();
-        let recorded = match self.js.get_stream(EVENTS_STREAM).await {
-            Ok(st) => {
+        let recorded = match self.find_stream(EVENTS_STREAM).await? {
+            Some(st) => {
                 let d = st.cached_info().config.description.clone();
                 description = d.clone().unwrap_or_default();
                 match recorded_partitions(d.as_deref()) {
@@ -442,18 +442,7 @@ impl Broker {
                     None => return Err(BrokerError::PartitionsUnknown { description }),
                 }
             }
-            Err(e)
-                if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j)
-                    if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
-            {
-                None
-            }
-            Err(e) => {
-                return Err(BrokerError::Stream {
-                    name: EVENTS_STREAM,
-                    source: e.into(),
-                })
-            }
+            None => None,
         };
         match (recorded, self.settings.partitions) {
             (Some(recorded), Some(asked)) if recorded != asked => {
@@ -463,28 +452,29 @@ impl Broker {
                     recorded,
                 })
             }
-            (Some(1), _) if self.has_stream(PARTS_STREAM).await? => {
+            (Some(1), _) if self.find_stream(PARTS_STREAM).await?.is_some() => {
                 // Partitioned once: a description rewritten since (by hand, or by an older tcplake)
                 // must not turn its aggregators into readers of the other stream.
                 Err(BrokerError::PartitionsUnknown { description })
             }
             (Some(recorded), _) => Ok((recorded, true)),
             // The events stream deleted alone: the partitions left behind point into the old one.
-            (None, _) if self.has_stream(PARTS_STREAM).await? => {
+            (None, _) if self.find_stream(PARTS_STREAM).await?.is_some() => {
                 Err(BrokerError::PartsWithoutEvents)
             }
             (None, asked) => Ok((asked.unwrap_or(1), false)),
         }
     }
 
-    async fn has_stream(&self, name: &'static str) -> Result<bool, BrokerError> {
+    /// Stream `name`, if the broker has it.
+    async fn find_stream(&self, name: &'static str) -> Result<Option<stream::Stream>, BrokerError> {
         match self.js.get_stream(name).await {
-            Ok(_) => Ok(true),
+            Ok(st) => Ok(Some(st)),
             Err(e)
                 if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j)
                     if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
             {
-                Ok(false)
+                Ok(None)
             }
             Err(e) => Err(BrokerError::Stream {
                 name,
@@ -536,7 +526,7 @@ impl Broker {
     }
 
     /// The last message on `subject`, if any.
-    async fn last_on(
+    pub(crate) async fn last_on(
         &self,
         name: &'static str,
         subject: &str,
@@ -724,15 +714,6 @@ impl Broker {
                 source: e.into(),
             }),
         }
-    }
-
-    /// The last message on `subject` of stream `name`, if any.
-    pub(crate) async fn last_message(
-        &self,
-        name: &'static str,
-        subject: &str,
-    ) -> Result<Option<jetstream::message::StreamMessage>, BrokerError> {
-        self.last_on(name, subject).await
     }
 
     /// A producer of flow batches for shard `index` of `count`; its end marker names how many shards
@@ -1106,8 +1087,6 @@ pub struct BrokerTx<T> {
     source: Option<String>,
     /// Stream sequence of the last message stored on the subject (0: none); `None` until looked up.
     last_seq: Option<u64>,
-    /// Further headers of the next messages (partitions: the node message they were cut from).
-    extra: Vec<(&'static str, String)>,
     /// Headers an item's messages carry, set before each is published (a piece's own).
     item_headers: Option<ItemHeaders<T>>,
     /// Once fired, a failing publish is not retried any more.
@@ -1136,7 +1115,6 @@ impl<T> BrokerTx<T> {
             after: None,
             source: None,
             last_seq: None,
-            extra: Vec::new(),
             item_headers: None,
             shutdown,
         }
@@ -1148,12 +1126,14 @@ impl<T> BrokerTx<T> {
         self
     }
 
-    /// Sets a header on the messages published from now on.
-    pub(crate) fn set_header(&mut self, name: &'static str, value: String) {
-        match self.extra.iter_mut().find(|(n, _)| *n == name) {
-            Some((_, v)) => *v = value,
-            None => self.extra.push((name, value)),
-        }
+    /// Ends the subject with an end marker that carries `own` headers too (a partition's says the
+    /// node message it follows).
+    pub(crate) async fn end_with(
+        &mut self,
+        own: &[(&'static str, String)],
+    ) -> Result<(), EdgeError> {
+        let id = format!("{}-end", self.subject);
+        self.publish(Bytes::new(), &id, true, 0, own).await
     }
 
     /// The stream sequence of the last message stored on the subject (0: none).
@@ -1244,7 +1224,7 @@ impl<T> BrokerTx<T> {
                 if let Some(source) = &self.source {
                     h.insert(SOURCE_HEADER, source.as_str());
                 }
-                for (name, value) in self.extra.iter().chain(own) {
+                for (name, value) in own {
                     h.insert(*name, value.as_str());
                 }
                 let ack = self
@@ -1399,8 +1379,7 @@ impl<T: Send + Sync> Tx<T> for BrokerTx<T> {
 
     async fn close(&mut self, end_of_stream: bool) -> Result<(), EdgeError> {
         if end_of_stream {
-            let id = format!("{}-end", self.subject);
-            self.publish(Bytes::new(), &id, true, 0, &[]).await?;
+            self.end_with(&[]).await?;
         }
         Ok(())
     }

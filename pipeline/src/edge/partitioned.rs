@@ -158,13 +158,10 @@ impl Tx<Arc<EventBatch>> for EventsTx {
         self.node.close(end_of_stream).await?;
         if end_of_stream && !self.parts.is_empty() {
             // The partitions' end markers point at the node's: nothing is left to repair after them.
-            let from = self.node.last_stored_seq().await?.to_string();
+            let from = [(FROM_HEADER, self.node.last_stored_seq().await?.to_string())];
             for tx in &mut self.parts {
-                tx.set_header(FROM_HEADER, from.clone());
+                tx.end_with(&from).await?;
             }
-        }
-        for tx in &mut self.parts {
-            tx.close(end_of_stream).await?;
         }
         Ok(())
     }
@@ -187,7 +184,7 @@ pub async fn repair(broker: &Broker, node: &str, shutdown: Shutdown) -> Result<u
     };
     let subject = events_subject(node);
     let Some(last) = broker
-        .last_message(EVENTS_STREAM, &subject)
+        .last_on(EVENTS_STREAM, &subject)
         .await
         .map_err(request("reading the node's last message"))?
     else {
@@ -196,7 +193,7 @@ pub async fn repair(broker: &Broker, node: &str, shutdown: Shutdown) -> Result<u
     let mut repaired = 0;
     for part in 0..count {
         let held = broker
-            .last_message(PARTS_STREAM, &part_subject(part, node))
+            .last_on(PARTS_STREAM, &part_subject(part, node))
             .await
             .map_err(request("reading a partition's last message"))?;
         let mut after = held
@@ -242,8 +239,8 @@ pub async fn repair(broker: &Broker, node: &str, shutdown: Shutdown) -> Result<u
         {
             let from_before = std::mem::replace(&mut after, m.sequence);
             if m.headers.get(END_HEADER).is_some() {
-                tx.set_header(FROM_HEADER, m.sequence.to_string());
-                tx.close(true).await?;
+                tx.end_with(&[(FROM_HEADER, m.sequence.to_string())])
+                    .await?;
                 break;
             }
             let batch = match wire::decode_events(&m.payload) {
