@@ -10,8 +10,11 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use parquet::arrow::ArrowWriter;
 use pipeline::aggregate::{WindowConfig, Windows};
 use pipeline::capture::synthetic::{Synthetic, SyntheticConfig};
-use pipeline::event::schema::{events_to_batch, flows_to_batch};
+use pipeline::event::schema::{
+    events_schema, events_to_batch, events_to_file_batch_on, flows_to_batch,
+};
 use pipeline::event::{Event, FlowRecord};
+use pipeline::sink::encoder::Encoder;
 use pipeline::sink::parquet_file::ParquetFile;
 
 const EVENTS: u64 = 100_000;
@@ -88,11 +91,12 @@ fn stages(c: &mut Criterion) {
             w.close().unwrap();
         })
     });
-    // What the sink does: the same rows, columns encoded on every core this process may use.
+    // What the sink does: the same rows (owners' columns as dictionaries), columns encoded on every
+    // core this process may use.
     g.bench_function("write_events_parquet_zstd_parallel", |b| {
         let batches: Vec<_> = evs
             .chunks(4096)
-            .map(|c| events_to_batch(&node, c).unwrap())
+            .map(|c| events_to_file_batch_on(Encoder::SERIAL, &node, c).unwrap())
             .collect();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("events.parquet");
@@ -100,9 +104,10 @@ fn stages(c: &mut Criterion) {
             let file = std::fs::File::create(&path).unwrap();
             let mut w = ParquetFile::try_new(
                 file,
-                batches[0].schema(),
+                events_schema(),
+                &batches[0].schema(),
                 props(),
-                pipeline::sink::encoder::Encoder::new(pipeline::sink::encoder::threads()),
+                Encoder::new(pipeline::sink::encoder::threads()),
             )
             .unwrap();
             for batch in &batches {

@@ -33,6 +33,11 @@ struct Info {
 }
 
 impl Cgroup {
+    /// Where the shared value lives: rows holding the same one give the same address.
+    pub(crate) fn addr(&self) -> usize {
+        self.0.addr()
+    }
+
     /// Reads what `path` says about its owner.
     pub fn new(path: &str) -> Self {
         let components: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
@@ -118,10 +123,13 @@ fn container_id(component: &str) -> Option<&str> {
         return None;
     }
     let stem = component.strip_suffix(".scope").unwrap_or(component);
-    if stem.len() < 64 {
-        return None;
-    }
-    let (prefix, id) = stem.split_at(stem.len() - 64);
+    // A name is any bytes a cgroup's creator chose (delegated subtrees included): cut only between
+    // characters, as 64 hex digits end on one anyway.
+    let cut = stem
+        .len()
+        .checked_sub(64)
+        .filter(|&c| stem.is_char_boundary(c))?;
+    let (prefix, id) = stem.split_at(cut);
     let prefixed = prefix.is_empty() || prefix.ends_with('-') || prefix.ends_with(':');
     (prefixed && is_hex64(id)).then_some(id)
 }
@@ -235,6 +243,12 @@ mod tests {
         assert_eq!(says(&format!("/docker/{}", &ID[1..])), (None, None, None));
         assert_eq!(says("/kubepods/burstable/pod1234"), (None, None, None));
         assert_eq!(says(&format!("/ipod{UID}")), (None, None, None));
+        // Any name a creator chose is read without a panic, wherever its characters' bytes fall.
+        for pad in 0..4 {
+            let name = format!("{}{}é€.service", "x".repeat(pad), "ü".repeat(40));
+            let path = format!("/system.slice/{name}");
+            assert_eq!(says(&path), (None, None, Some(name)));
+        }
     }
 
     #[test]

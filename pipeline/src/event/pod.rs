@@ -27,6 +27,11 @@ impl Keyed for Names {
 }
 
 impl Pod {
+    /// Where the shared value lives: rows holding the same one give the same address.
+    pub(crate) fn addr(&self) -> usize {
+        self.0.addr()
+    }
+
     pub fn new(
         name: &str,
         namespace: &str,

@@ -14,9 +14,10 @@ use std::net::IpAddr;
 use std::sync::{Arc, LazyLock};
 
 use arrow::array::{
-    Array, ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray, StringBuilder,
-    TimestampMicrosecondArray,
+    Array, ArrayRef, DictionaryArray, Int32Array, Int64Array, RecordBatch, StringArray,
+    StringBuilder, TimestampMicrosecondArray,
 };
+use arrow::datatypes::Int32Type;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
 
@@ -167,25 +168,114 @@ struct Identity<'a> {
 }
 
 /// Column `i` of the who-is-talking columns at the end of both schemas ([`IDENTITY_FIELDS`]).
-fn identity_column<'a, I>(i: usize, len: usize, rows: I) -> ArrayRef
+fn identity_column<'a, I>(i: usize, len: usize, rows: I, form: &Form<'_>) -> ArrayRef
 where
     I: Iterator<Item = Identity<'a>> + Clone,
 {
     let cgroups = rows.clone().map(|r| r.cgroup);
     let pods = rows.clone().map(|r| r.pod);
-    match i {
-        0 => Arc::new(StringArray::from_iter(
+    match (i, form) {
+        (0, _) => Arc::new(StringArray::from_iter(
             rows.map(|r| r.role.map(Role::as_str)),
         )),
-        1 => optional_strings(len, cgroups, |c: &Cgroup| Some(c.path())),
-        2 => optional_strings(len, cgroups, Cgroup::container_id),
-        3 => optional_strings(len, cgroups, Cgroup::pod_uid),
-        4 => optional_strings(len, cgroups, Cgroup::systemd_unit),
-        5 => optional_strings(len, pods, |p: &Pod| Some(p.name())),
-        6 => optional_strings(len, pods, |p: &Pod| Some(p.namespace())),
-        7 => optional_strings(len, pods, |p: &Pod| Some(p.workload_kind())),
-        8 => optional_strings(len, pods, |p: &Pod| Some(p.workload_name())),
-        _ => optional_strings(len, pods, |p: &Pod| Some(p.node())),
+        (1, Form::Plain) => optional_strings(len, cgroups, |c: &Cgroup| Some(c.path())),
+        (2, Form::Plain) => optional_strings(len, cgroups, Cgroup::container_id),
+        (3, Form::Plain) => optional_strings(len, cgroups, Cgroup::pod_uid),
+        (4, Form::Plain) => optional_strings(len, cgroups, Cgroup::systemd_unit),
+        (5, Form::Plain) => optional_strings(len, pods, |p: &Pod| Some(p.name())),
+        (6, Form::Plain) => optional_strings(len, pods, |p: &Pod| Some(p.namespace())),
+        (7, Form::Plain) => optional_strings(len, pods, |p: &Pod| Some(p.workload_kind())),
+        (8, Form::Plain) => optional_strings(len, pods, |p: &Pod| Some(p.workload_name())),
+        (_, Form::Plain) => optional_strings(len, pods, |p: &Pod| Some(p.node())),
+        (1, Form::Dictionary { cgroups, .. }) => cgroups.column(|c| Some(c.path())),
+        (2, Form::Dictionary { cgroups, .. }) => cgroups.column(Cgroup::container_id),
+        (3, Form::Dictionary { cgroups, .. }) => cgroups.column(Cgroup::pod_uid),
+        (4, Form::Dictionary { cgroups, .. }) => cgroups.column(Cgroup::systemd_unit),
+        (5, Form::Dictionary { pods, .. }) => pods.column(|p| Some(p.name())),
+        (6, Form::Dictionary { pods, .. }) => pods.column(|p| Some(p.namespace())),
+        (7, Form::Dictionary { pods, .. }) => pods.column(|p| Some(p.workload_kind())),
+        (8, Form::Dictionary { pods, .. }) => pods.column(|p| Some(p.workload_name())),
+        (_, Form::Dictionary { pods, .. }) => pods.column(|p| Some(p.node())),
+    }
+}
+
+/// How a batch holds the identity columns taken from a shared [`Cgroup`] or [`Pod`].
+enum Form<'a> {
+    /// A string per row ([`events_schema`]).
+    Plain,
+    /// Dictionaries of the batch's owners' values ([`events_file_batch_schema`]).
+    Dictionary {
+        cgroups: Owners<'a, Cgroup>,
+        pods: Owners<'a, Pod>,
+    },
+}
+
+/// The identity columns [`events_to_file_batch_on`] builds as dictionaries: every one whose value
+/// comes from a shared [`Cgroup`] or [`Pod`] (all but `role`).
+fn is_dictionary_identity(name: &str) -> bool {
+    IDENTITY_FIELDS[1..].contains(&name)
+}
+
+/// The distinct owners (cgroups or pods) of a batch's rows, found once for all the columns taken
+/// from them. Rows share an owner by reference, so it is known by its address; a socket's events come
+/// in runs, so most rows repeat the row before's.
+struct Owners<'a, T> {
+    /// Per row, its owner's index in `distinct`.
+    of_row: Vec<Option<u32>>,
+    distinct: Vec<&'a T>,
+}
+
+impl<'a, T> Owners<'a, T> {
+    fn new(len: usize, rows: impl Iterator<Item = Option<&'a T>>, addr: fn(&T) -> usize) -> Self {
+        let mut of_row = Vec::with_capacity(len);
+        let mut distinct = Vec::new();
+        let mut index: rustc_hash::FxHashMap<usize, u32> = Default::default();
+        let mut last: Option<(usize, u32)> = None;
+        for row in rows {
+            of_row.push(row.map(|owner| {
+                let at = addr(owner);
+                match last {
+                    Some((a, i)) if a == at => i,
+                    _ => {
+                        let i = *index.entry(at).or_insert_with(|| {
+                            distinct.push(owner);
+                            (distinct.len() - 1) as u32
+                        });
+                        last = Some((at, i));
+                        i
+                    }
+                }
+            }));
+        }
+        Owners { of_row, distinct }
+    }
+
+    /// The dictionary column of `f` of each row's owner (null where there is none or it gives none):
+    /// each value is copied once per batch instead of once per row (a pod's cgroup path is ~190
+    /// bytes). Two owners with equal values both have an entry: the Parquet writer merges them.
+    fn column(&self, f: impl Fn(&'a T) -> Option<&'a str>) -> ArrayRef {
+        let mut values = StringBuilder::new();
+        let mut next = 0;
+        let key_of: Vec<Option<i32>> = self
+            .distinct
+            .iter()
+            .map(|owner| {
+                f(owner).map(|v| {
+                    values.append_value(v);
+                    next += 1;
+                    next - 1
+                })
+            })
+            .collect();
+        let keys: Int32Array = self
+            .of_row
+            .iter()
+            .map(|o| o.and_then(|i| key_of[i as usize]))
+            .collect();
+        Arc::new(DictionaryArray::<Int32Type>::new(
+            keys,
+            Arc::new(values.finish()),
+        ))
     }
 }
 
@@ -226,10 +316,64 @@ pub fn events_to_batch_on(
     node: &str,
     events: &[Event],
 ) -> Result<RecordBatch, ArrowError> {
-    let schema = events_schema();
+    events_batch(encoder, node, events, events_schema(), Form::Plain)
+}
+
+/// The schema of [`events_to_file_batch_on`]'s batches: [`events_schema`] with the identity columns
+/// taken from a shared cgroup or pod as dictionaries of strings. Written to a file of
+/// [`events_schema`], they are the same Parquet column (a dictionary-encoded string), and
+/// [`crate::sink::parquet_file`] takes their statistics from the dictionary.
+pub fn events_file_batch_schema() -> SchemaRef {
+    static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
+        let fields: Vec<Field> = events_schema()
+            .fields()
+            .iter()
+            .map(|f| {
+                if is_dictionary_identity(f.name()) {
+                    Field::new(
+                        f.name(),
+                        DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8)),
+                        f.is_nullable(),
+                    )
+                } else {
+                    f.as_ref().clone()
+                }
+            })
+            .collect();
+        Arc::new(Schema::new_with_metadata(
+            fields,
+            events_schema().metadata().clone(),
+        ))
+    });
+    SCHEMA.clone()
+}
+
+/// The sink's form of [`events_to_batch_on`]: a batch of [`events_file_batch_schema`], for a Parquet
+/// file of [`events_schema`]. Most of an event row's bytes are its owner's cgroup path and pod names,
+/// shared by every event of the owner: this copies each once per batch, not once per row.
+pub fn events_to_file_batch_on(
+    encoder: Encoder,
+    node: &str,
+    events: &[Event],
+) -> Result<RecordBatch, ArrowError> {
+    let n = events.len();
+    let form = Form::Dictionary {
+        cgroups: Owners::new(n, events.iter().map(|e| e.cgroup.as_ref()), Cgroup::addr),
+        pods: Owners::new(n, events.iter().map(|e| e.pod.as_ref()), Pod::addr),
+    };
+    events_batch(encoder, node, events, events_file_batch_schema(), form)
+}
+
+fn events_batch(
+    encoder: Encoder,
+    node: &str,
+    events: &[Event],
+    schema: SchemaRef,
+    form: Form<'_>,
+) -> Result<RecordBatch, ArrowError> {
     let columns = encoder
         .map(events.len(), schema.fields().len(), |c| {
-            event_column(c, node, events)
+            event_column(c, node, events, &form)
         })
         .into_iter()
         .collect::<Result<_, _>>()?;
@@ -237,7 +381,12 @@ pub fn events_to_batch_on(
 }
 
 /// Column `c` of [`events_schema`] for `events`.
-fn event_column(c: usize, node: &str, events: &[Event]) -> Result<ArrayRef, ArrowError> {
+fn event_column(
+    c: usize,
+    node: &str,
+    events: &[Event],
+    form: &Form<'_>,
+) -> Result<ArrayRef, ArrowError> {
     let n = events.len();
     // Unsigned values are stored bit for bit in the signed types (see the module doc).
     let i64s = |f: fn(&Event) -> u64| -> ArrayRef {
@@ -315,6 +464,7 @@ fn event_column(c: usize, node: &str, events: &[Event]) -> Result<ArrayRef, Arro
                 cgroup: e.cgroup.as_ref(),
                 pod: e.pod.as_ref(),
             }),
+            form,
         ),
         _ => {
             return Err(ArrowError::SchemaError(format!(
@@ -389,6 +539,7 @@ pub fn flows_to_batch(records: &[FlowRecord]) -> Result<RecordBatch, ArrowError>
                 cgroup: r.key.cgroup.as_ref(),
                 pod: r.key.pod.as_ref(),
             }),
+            &Form::Plain,
         ));
     }
     RecordBatch::try_new(flows_schema(), columns)

@@ -27,6 +27,11 @@ impl<T: Keyed> Shared<T> {
     pub fn ptr_eq(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
     }
+
+    /// The allocation's address: equal for two handles exactly when [`Self::ptr_eq`].
+    pub fn addr(&self) -> usize {
+        Arc::as_ptr(&self.0) as usize
+    }
 }
 
 impl<T> Clone for Shared<T> {

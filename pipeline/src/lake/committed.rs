@@ -164,12 +164,7 @@ mod tests {
             row_group_rows: 1024,
             encode_threads: 1,
         };
-        let writer = RollingWriter::new(
-            Dataset::Events.name(),
-            Dataset::Events.schema(),
-            store.clone(),
-            policy,
-        );
+        let writer = RollingWriter::new(Dataset::Events, store.clone(), policy);
         let m = Default::default();
         sink::run(rx, writer, &mut log, CommitOrder::default(), &m)
             .await

@@ -27,7 +27,7 @@ pub mod vacuum;
 use arrow::datatypes::SchemaRef;
 use serde::{Deserialize, Serialize};
 
-use crate::event::schema::{events_schema, flows_schema};
+use crate::event::schema::{events_file_batch_schema, events_schema, flows_schema};
 use crate::storage::{new_id, Store, StoreError};
 pub use producer::{CommitError, CommitLog};
 pub use table::{FileEntry, NewFile, Table, TableError};
@@ -55,6 +55,15 @@ impl Dataset {
     pub fn schema(self) -> SchemaRef {
         match self {
             Dataset::Events => events_schema(),
+            Dataset::Flows => flows_schema(),
+        }
+    }
+
+    /// The schema of the record batches the sink writes into this dataset's files of [`Self::schema`]
+    /// (the same Parquet columns; some built as dictionaries, see [`events_file_batch_schema`]).
+    pub fn batch_schema(self) -> SchemaRef {
+        match self {
+            Dataset::Events => events_file_batch_schema(),
             Dataset::Flows => flows_schema(),
         }
     }

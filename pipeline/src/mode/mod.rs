@@ -392,8 +392,7 @@ async fn monolith(
             .map_err(RunError::Aggregate)
     });
 
-    let writer =
-        |ds: Dataset| RollingWriter::new(ds.name(), ds.schema(), store.clone(), roll_policy(s));
+    let writer = |ds: Dataset| RollingWriter::new(ds, store.clone(), roll_policy(s));
     let m = Arc::clone(&metrics);
     let events_writer = writer(Dataset::Events);
     let st = store.clone();

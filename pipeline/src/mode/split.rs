@@ -519,8 +519,7 @@ async fn sink_from_objects(
     started: Instant,
 ) -> Result<Summary, RunError> {
     metrics.health.set_ready();
-    let writer =
-        |ds: Dataset| RollingWriter::new(ds.name(), ds.schema(), store.clone(), roll_policy(s));
+    let writer = |ds: Dataset| RollingWriter::new(ds, store.clone(), roll_policy(s));
     let mut tasks = tokio::task::JoinSet::new();
     // Every commit records the hand-off run it came from: an output continued from another run (a
     // new hand-off location numbers its objects and events from the first again) is refused rather
@@ -770,12 +769,7 @@ async fn start_node_sink(
         s.channel_capacity,
         Arc::clone(&metrics.edges.events_to_sink),
     );
-    let writer = RollingWriter::new(
-        Dataset::Events.name(),
-        Dataset::Events.schema(),
-        store.clone(),
-        roll_policy(s),
-    );
+    let writer = RollingWriter::new(Dataset::Events, store.clone(), roll_policy(s));
     let m = Arc::clone(metrics);
     let task = tokio::spawn(async move {
         sink::run(rx, writer, &mut log, CommitOrder::default(), &m.sink_events).await
@@ -1017,12 +1011,7 @@ async fn start_shard_sink(
         s.channel_capacity,
         Arc::clone(&metrics.edges.flows_to_sink),
     );
-    let writer = RollingWriter::new(
-        Dataset::Flows.name(),
-        Dataset::Flows.schema(),
-        store.clone(),
-        roll_policy(s),
-    );
+    let writer = RollingWriter::new(Dataset::Flows, store.clone(), roll_policy(s));
     let m = Arc::clone(metrics);
     let policy = roll_policy(s);
     let task = tokio::spawn(async move {

@@ -6,6 +6,7 @@
 //! dataset's table ([`crate::lake`]). One sink instance serves one dataset; it does not know what feeds
 //! it.
 
+pub mod dictionary_stats;
 pub mod encoder;
 pub mod parquet_file;
 pub mod part;
@@ -22,7 +23,7 @@ use tokio::sync::watch;
 
 use crate::blocking;
 use crate::edge::{Ack, EdgeError, Finalized, Rx};
-use crate::event::schema::{events_to_batch_on, flows_to_batch};
+use crate::event::schema::{events_to_file_batch_on, flows_to_batch};
 use crate::event::{EventBatch, FlowBatch};
 pub use crate::lake::producer::StagedFile;
 pub use crate::lake::{output_id, CommitError, CommitLog, Dataset, Position};
@@ -38,7 +39,8 @@ pub trait SinkRows: Send + 'static {
     fn num_rows(&self) -> usize;
     /// Event time that decides row `i`'s partition.
     fn partition_ts(&self, i: usize) -> i64;
-    /// Rows `range` as Arrow, columns built on `encoder`.
+    /// Rows `range` as Arrow, columns built on `encoder`, in the dataset's
+    /// [`Dataset::batch_schema`].
     fn to_arrow(&self, range: Range<usize>, encoder: Encoder) -> Result<RecordBatch, ArrowError>;
     /// Deterministic, unique file stem for a file whose first row is row `i` of this batch.
     fn file_stem(&self, i: usize) -> String;
@@ -63,7 +65,7 @@ impl SinkRows for Arc<EventBatch> {
         self.events[i].ts_us
     }
     fn to_arrow(&self, range: Range<usize>, encoder: Encoder) -> Result<RecordBatch, ArrowError> {
-        events_to_batch_on(encoder, &self.node, &self.events[range])
+        events_to_file_batch_on(encoder, &self.node, &self.events[range])
     }
     fn file_stem(&self, i: usize) -> String {
         // (node, seq) identifies an event: the file is named after its first one.

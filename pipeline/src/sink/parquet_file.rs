@@ -7,13 +7,16 @@
 //! cut at exactly the configured row count, and the bytes are the ones `ArrowWriter` writes with the
 //! same properties (same encoders, same Arrow schema in the footer): readers see no difference.
 //!
+//! String columns the batches hold as dictionaries (see [`super::dictionary_stats`]) get their
+//! column-chunk statistics from the dictionary instead of from every row.
+//!
 //! With one core available (`taskset`, a CPU quota of one), or in a process capturing live traffic
 //! (which must not take a second core from the workload it watches), it encodes on the calling thread.
 
 use std::fs::File;
 
 use arrow::array::RecordBatch;
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{Schema, SchemaRef};
 use parquet::arrow::arrow_writer::{
     compute_leaves, ArrowColumnWriter, ArrowLeafColumn, ArrowRowGroupWriterFactory,
 };
@@ -22,6 +25,7 @@ use parquet::errors::{ParquetError, Result};
 use parquet::file::properties::WriterProperties;
 use parquet::file::writer::SerializedFileWriter;
 
+use super::dictionary_stats::DictionaryStats;
 use super::encoder::Encoder;
 
 /// A Parquet file open for writing.
@@ -35,16 +39,20 @@ pub struct ParquetFile {
     groups: usize,
     max_group_rows: usize,
     encoder: Encoder,
+    dictionaries: DictionaryStats,
 }
 
 impl ParquetFile {
-    /// A file encoding each batch's columns on `encoder`.
+    /// A file of `schema`, written from batches of `batches` (the same columns; strings may come as
+    /// dictionaries), encoding each batch's columns on `encoder`.
     pub fn try_new(
         file: File,
         schema: SchemaRef,
+        batches: &Schema,
         props: WriterProperties,
         encoder: Encoder,
     ) -> Result<Self> {
+        let (dictionaries, props) = DictionaryStats::plan(&schema, batches, props)?;
         let max_group_rows = props
             .max_row_group_row_count()
             .unwrap_or(1024 * 1024)
@@ -63,6 +71,7 @@ impl ParquetFile {
             groups: 0,
             max_group_rows,
             encoder,
+            dictionaries,
         })
     }
 
@@ -94,6 +103,7 @@ impl ParquetFile {
                 self.columns.len()
             )));
         }
+        self.dictionaries.observe(batch)?;
         self.encoder.zip_mut(
             batch.num_rows(),
             &mut self.columns,
@@ -110,9 +120,14 @@ impl ParquetFile {
         self.groups += 1;
         let next = self.factory.create_column_writers(self.groups)?;
         let columns = std::mem::replace(&mut self.columns, next);
+        let mut chunks = columns
+            .into_iter()
+            .map(ArrowColumnWriter::close)
+            .collect::<Result<Vec<_>>>()?;
+        self.dictionaries.seal(&mut chunks)?;
         let mut group = self.writer.next_row_group()?;
-        for writer in columns {
-            writer.close()?.append_to_row_group(&mut group)?;
+        for chunk in chunks {
+            chunk.append_to_row_group(&mut group)?;
         }
         group.close()?;
         self.group_rows = 0;
@@ -192,6 +207,7 @@ mod tests {
             let mut f = ParquetFile::try_new(
                 File::create(&path).unwrap(),
                 schema.clone(),
+                &schema,
                 props.clone(),
                 Encoder::new(threads),
             )
@@ -212,6 +228,117 @@ mod tests {
                 .unwrap();
             let rows: usize = reader.map(|b| b.unwrap().num_rows()).sum();
             assert_eq!(rows, 16_106);
+        }
+    }
+
+    /// Events as the sink writes them (identity columns as dictionaries, their chunk statistics from
+    /// the dictionary) read back as the rows `ArrowWriter` writes from strings, and every column chunk
+    /// carries `ArrowWriter`'s statistics: min and max truncated the same way (cgroup paths are longer
+    /// than the 64 bytes kept), null counts, a row group with no owners at all.
+    #[test]
+    fn dictionary_columns_get_the_statistics_arrow_writer_computes_row_by_row() {
+        use crate::capture::synthetic::{Synthetic, SyntheticConfig};
+        use crate::event::schema::{
+            events_file_batch_schema, events_schema, events_to_batch, events_to_file_batch_on,
+        };
+        use crate::event::Cgroup;
+
+        let mut src = Synthetic::new(
+            "node-a".into(),
+            SyntheticConfig {
+                seed: 5,
+                total: 30_000,
+                start_us: 1_767_225_600_000_000,
+                events_per_sim_sec: 2_000,
+            },
+        );
+        let batch = src.next_batch(30_000).unwrap();
+        let mut events = batch.events;
+        // The first row group has no owner at all; some rows later have none, and some have an owner
+        // whose path is not ASCII, so truncation must keep whole characters.
+        for e in &mut events[..7_000] {
+            e.cgroup = None;
+            e.pod = None;
+        }
+        for e in &mut events[10_000..12_000] {
+            e.cgroup = None;
+        }
+        let odd = Cgroup::new(&format!("/system.slice/{}é€.service", "ü".repeat(40)));
+        for e in events[20_000..20_500].iter_mut() {
+            e.cgroup = Some(odd.clone());
+        }
+        assert!(events.iter().any(|e| e.pod.is_some()), "some rows in pods");
+
+        let schema = events_schema();
+        let props = crate::lake::format::writer_properties("events", 7_000);
+        let dir = tempfile::tempdir().unwrap();
+        let reference = dir.path().join("reference.parquet");
+        let mut w = ArrowWriter::try_new(
+            File::create(&reference).unwrap(),
+            schema.clone(),
+            Some(props.clone()),
+        )
+        .unwrap();
+        for chunk in events.chunks(4_096) {
+            w.write(&events_to_batch(&batch.node, chunk).unwrap())
+                .unwrap();
+        }
+        w.close().unwrap();
+        let read = |path: &std::path::Path| {
+            let b = ParquetRecordBatchReaderBuilder::try_new(File::open(path).unwrap()).unwrap();
+            let meta = b.metadata().clone();
+            let rows: Vec<RecordBatch> = b.build().unwrap().map(Result::unwrap).collect();
+            (
+                meta,
+                arrow::compute::concat_batches(&schema, &rows).unwrap(),
+            )
+        };
+        let (want_meta, want_rows) = read(&reference);
+
+        for threads in [1, 2] {
+            let path = dir.path().join(format!("sink-{threads}.parquet"));
+            let mut f = ParquetFile::try_new(
+                File::create(&path).unwrap(),
+                schema.clone(),
+                &events_file_batch_schema(),
+                props.clone(),
+                Encoder::new(threads),
+            )
+            .unwrap();
+            for chunk in events.chunks(4_096) {
+                let b = events_to_file_batch_on(Encoder::new(threads), &batch.node, chunk).unwrap();
+                f.write(&b).unwrap();
+            }
+            f.finish().unwrap().sync_all().unwrap();
+            let (meta, rows) = read(&path);
+            assert_eq!(rows, want_rows, "{threads} threads: the same rows");
+            assert_eq!(meta.num_row_groups(), want_meta.num_row_groups());
+            let mut truncated = 0;
+            for (g, (got, want)) in meta
+                .row_groups()
+                .iter()
+                .zip(want_meta.row_groups())
+                .enumerate()
+            {
+                for (c, (got, want)) in got.columns().iter().zip(want.columns()).enumerate() {
+                    let name = schema.field(c).name();
+                    assert_eq!(
+                        got.statistics(),
+                        want.statistics(),
+                        "row group {g}, column {name}"
+                    );
+                    assert_eq!(got.num_values(), want.num_values(), "{g} {name}");
+                    if got.statistics().is_some_and(|s| !s.max_is_exact()) {
+                        truncated += 1;
+                    }
+                }
+            }
+            assert!(truncated > 0, "some statistics were truncated");
+            let first = &meta.row_groups()[0];
+            let path_col = schema.index_of("cgroup_path").unwrap();
+            let stats = first.column(path_col).statistics().unwrap();
+            assert_eq!(stats.null_count_opt(), Some(7_000), "a row group of nulls");
+            assert!(stats.min_bytes_opt().is_none());
         }
     }
 }

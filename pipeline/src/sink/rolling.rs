@@ -20,7 +20,7 @@ use parquet::file::properties::WriterProperties;
 use super::encoder::Encoder;
 use super::parquet_file::ParquetFile;
 use crate::lake::format::writer_properties;
-use crate::lake::Position;
+use crate::lake::{Dataset, Position};
 use crate::storage::{Store, StoreError};
 use crate::time::Partition;
 
@@ -116,6 +116,8 @@ pub struct Chunk<'a> {
 pub struct RollingWriter {
     dataset: &'static str,
     schema: SchemaRef,
+    /// What the sink's batches hold ([`Dataset::batch_schema`]).
+    batches: SchemaRef,
     store: Store,
     policy: RollPolicy,
     props: WriterProperties,
@@ -123,11 +125,12 @@ pub struct RollingWriter {
 }
 
 impl RollingWriter {
-    pub fn new(dataset: &'static str, schema: SchemaRef, store: Store, policy: RollPolicy) -> Self {
-        let props = writer_properties(dataset, policy.row_group_rows);
+    pub fn new(dataset: Dataset, store: Store, policy: RollPolicy) -> Self {
+        let props = writer_properties(dataset.name(), policy.row_group_rows);
         RollingWriter {
-            dataset,
-            schema,
+            dataset: dataset.name(),
+            schema: dataset.schema(),
+            batches: dataset.batch_schema(),
             store,
             policy,
             props,
@@ -243,6 +246,7 @@ impl RollingWriter {
         let writer = ParquetFile::try_new(
             file,
             self.schema.clone(),
+            &self.batches,
             self.props.clone(),
             self.encoder(),
         )
