@@ -245,9 +245,11 @@ mod tests {
         assert_eq!(says(&format!("/ipod{UID}")), (None, None, None));
         // Any name a creator chose is read without a panic, wherever its characters' bytes fall.
         for pad in 0..4 {
-            let name = format!("{}{}é€.service", "x".repeat(pad), "ü".repeat(40));
-            let path = format!("/system.slice/{name}");
-            assert_eq!(says(&path), (None, None, Some(name)));
+            for suffix in [".service", ".scope"] {
+                let name = format!("{}é€{}{suffix}", "ü".repeat(40), "x".repeat(pad));
+                let path = format!("/system.slice/{name}");
+                assert_eq!(says(&path), (None, None, Some(name)));
+            }
         }
     }
 

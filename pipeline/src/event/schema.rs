@@ -17,8 +17,7 @@ use arrow::array::{
     Array, ArrayRef, DictionaryArray, Int32Array, Int64Array, RecordBatch, StringArray,
     StringBuilder, TimestampMicrosecondArray,
 };
-use arrow::datatypes::Int32Type;
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::datatypes::{DataType, Field, Int32Type, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
 
 use super::cgroup::Paths;
@@ -187,15 +186,35 @@ where
         (7, Form::Plain) => optional_strings(len, pods, |p: &Pod| Some(p.workload_kind())),
         (8, Form::Plain) => optional_strings(len, pods, |p: &Pod| Some(p.workload_name())),
         (_, Form::Plain) => optional_strings(len, pods, |p: &Pod| Some(p.node())),
-        (1, Form::Dictionary { cgroups, .. }) => cgroups.column(|c| Some(c.path())),
-        (2, Form::Dictionary { cgroups, .. }) => cgroups.column(Cgroup::container_id),
-        (3, Form::Dictionary { cgroups, .. }) => cgroups.column(Cgroup::pod_uid),
-        (4, Form::Dictionary { cgroups, .. }) => cgroups.column(Cgroup::systemd_unit),
-        (5, Form::Dictionary { pods, .. }) => pods.column(|p| Some(p.name())),
-        (6, Form::Dictionary { pods, .. }) => pods.column(|p| Some(p.namespace())),
-        (7, Form::Dictionary { pods, .. }) => pods.column(|p| Some(p.workload_kind())),
-        (8, Form::Dictionary { pods, .. }) => pods.column(|p| Some(p.workload_name())),
-        (_, Form::Dictionary { pods, .. }) => pods.column(|p| Some(p.node())),
+        (
+            1,
+            Form::Dictionary {
+                cgroups: owners, ..
+            },
+        ) => owners.column(|c| Some(c.path())),
+        (
+            2,
+            Form::Dictionary {
+                cgroups: owners, ..
+            },
+        ) => owners.column(Cgroup::container_id),
+        (
+            3,
+            Form::Dictionary {
+                cgroups: owners, ..
+            },
+        ) => owners.column(Cgroup::pod_uid),
+        (
+            4,
+            Form::Dictionary {
+                cgroups: owners, ..
+            },
+        ) => owners.column(Cgroup::systemd_unit),
+        (5, Form::Dictionary { pods: owners, .. }) => owners.column(|p| Some(p.name())),
+        (6, Form::Dictionary { pods: owners, .. }) => owners.column(|p| Some(p.namespace())),
+        (7, Form::Dictionary { pods: owners, .. }) => owners.column(|p| Some(p.workload_kind())),
+        (8, Form::Dictionary { pods: owners, .. }) => owners.column(|p| Some(p.workload_name())),
+        (_, Form::Dictionary { pods: owners, .. }) => owners.column(|p| Some(p.node())),
     }
 }
 
@@ -321,7 +340,7 @@ pub fn events_to_batch_on(
 
 /// The schema of [`events_to_file_batch_on`]'s batches: [`events_schema`] with the identity columns
 /// taken from a shared cgroup or pod as dictionaries of strings. Written to a file of
-/// [`events_schema`], they are the same Parquet column (a dictionary-encoded string), and
+/// [`events_schema`], they are the same Parquet string column, and
 /// [`crate::sink::parquet_file`] takes their statistics from the dictionary.
 pub fn events_file_batch_schema() -> SchemaRef {
     static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
@@ -357,10 +376,12 @@ pub fn events_to_file_batch_on(
     events: &[Event],
 ) -> Result<RecordBatch, ArrowError> {
     let n = events.len();
-    let form = Form::Dictionary {
-        cgroups: Owners::new(n, events.iter().map(|e| e.cgroup.as_ref()), Cgroup::addr),
-        pods: Owners::new(n, events.iter().map(|e| e.pod.as_ref()), Pod::addr),
-    };
+    let (cgroups, pods) = encoder.join(
+        n,
+        || Owners::new(n, events.iter().map(|e| e.cgroup.as_ref()), Cgroup::addr),
+        || Owners::new(n, events.iter().map(|e| e.pod.as_ref()), Pod::addr),
+    );
+    let form = Form::Dictionary { cgroups, pods };
     events_batch(encoder, node, events, events_file_batch_schema(), form)
 }
 
@@ -380,7 +401,7 @@ fn events_batch(
     RecordBatch::try_new(schema, columns)
 }
 
-/// Column `c` of [`events_schema`] for `events`.
+/// Column `c` of [`events_schema`] for `events`, its owner columns in `form`.
 fn event_column(
     c: usize,
     node: &str,

@@ -6,9 +6,11 @@
 //! whose values come from a shared cgroup or pod as dictionaries
 //! ([`crate::event::schema::events_file_batch_schema`]), so their min and max are those of the few
 //! values the keys use. For those columns the writer's own statistics are turned off, and this puts
-//! the same column-chunk statistics in their metadata: min, max and null count, truncated as the
-//! writer truncates them (`statistics_truncate_length`), which a unit test holds against
-//! `ArrowWriter`'s. What they lose is the page index (per-page min and max) of those columns.
+//! what it would have recorded for the column chunk in their metadata: min, max and null count
+//! (truncated as the writer truncates them, `statistics_truncate_length`), the values' unencoded
+//! bytes and the definition-level histogram, which a unit test holds against `ArrowWriter`'s. What
+//! those columns lose is the column index (per-page min and max): engines that skip pages by it
+//! (Spark, Trino, DataFusion) skip none in them; row groups are still skipped by the chunk statistics.
 
 use arrow::array::{Array, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Int32Type, Schema};
@@ -20,7 +22,7 @@ use parquet::file::statistics::{Statistics, ValueStatistics};
 use parquet::schema::types::ColumnPath;
 
 /// The dictionary columns of one file and what its open row group holds in them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct DictionaryStats {
     columns: Vec<Column>,
     truncate: Option<usize>,
@@ -30,9 +32,14 @@ pub struct DictionaryStats {
 struct Column {
     /// Index in the (flat) schema: the leaf column.
     leaf: usize,
+    /// Whether rows may be null (the column has definition levels).
+    nullable: bool,
     min: Option<String>,
     max: Option<String>,
     nulls: u64,
+    rows: u64,
+    /// The non-null rows' value bytes.
+    bytes: i64,
 }
 
 impl DictionaryStats {
@@ -65,9 +72,12 @@ impl DictionaryStats {
             }
             columns.push(Column {
                 leaf,
+                nullable: f.is_nullable(),
                 min: None,
                 max: None,
                 nulls: 0,
+                rows: 0,
+                bytes: 0,
             });
             builder = Some(
                 builder
@@ -102,20 +112,23 @@ impl DictionaryStats {
                     dict.values().data_type()
                 )));
             };
-            let mut used = vec![false; values.len()];
+            // Rows per dictionary value: the values used, and their bytes.
+            let mut rows = vec![0u64; values.len()];
             for key in dict.keys().iter() {
                 match key {
-                    Some(k) => used[k as usize] = true,
+                    Some(k) => rows[k as usize] += 1,
                     None => c.nulls += 1,
                 }
             }
-            for (i, _) in used.iter().enumerate().filter(|(_, u)| **u) {
-                // A null value in the dictionary is a null row.
+            c.rows += dict.len() as u64;
+            for (i, &n) in rows.iter().enumerate().filter(|(_, n)| **n > 0) {
+                // A null value in the dictionary makes its rows null.
                 if values.is_null(i) {
-                    c.nulls += dict.keys().iter().filter(|k| *k == Some(i as i32)).count() as u64;
+                    c.nulls += n;
                     continue;
                 }
                 let v = values.value(i);
+                c.bytes += n as i64 * v.len() as i64;
                 if c.min.as_deref().is_none_or(|m| v < m) {
                     c.min = Some(v.to_string());
                 }
@@ -132,7 +145,13 @@ impl DictionaryStats {
     pub fn seal(&mut self, chunks: &mut [ArrowColumnChunk]) -> Result<()> {
         for c in &mut self.columns {
             let stats = chunk_statistics(c.min.take(), c.max.take(), c.nulls, self.truncate);
-            c.nulls = 0;
+            // A flat nullable column's definition levels: 0 for a null row, 1 for a value (a required
+            // column has none).
+            let levels = c
+                .nullable
+                .then(|| vec![c.nulls as i64, (c.rows - c.nulls) as i64].into());
+            let bytes = c.bytes;
+            (c.nulls, c.rows, c.bytes) = (0, 0, 0);
             let chunk = chunks.get_mut(c.leaf).ok_or_else(|| {
                 ParquetError::General(format!("no column chunk {} to put statistics in", c.leaf))
             })?;
@@ -142,6 +161,8 @@ impl DictionaryStats {
                 .clone()
                 .into_builder()
                 .set_statistics(stats)
+                .set_unencoded_byte_array_data_bytes(Some(bytes))
+                .set_definition_level_histogram(levels)
                 .build()?;
         }
         Ok(())

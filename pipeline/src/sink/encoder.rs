@@ -75,6 +75,23 @@ impl Encoder {
         }
     }
 
+    /// `a()` and `b()`, at once for a batch of `rows` rows.
+    pub fn join<A, B>(
+        &self,
+        rows: usize,
+        a: impl FnOnce() -> A + Send,
+        b: impl FnOnce() -> B + Send,
+    ) -> (A, B)
+    where
+        A: Send,
+        B: Send,
+    {
+        match self.pool_for(rows) {
+            Some(pool) => pool.install(|| rayon::join(a, b)),
+            None => (a(), b()),
+        }
+    }
+
     /// `f(a[i], b[i])` for every pair, in parallel for a batch of `rows` rows; the first error (in
     /// column order when serial, any when parallel) is returned.
     pub fn zip_mut<A, B, E, F>(&self, rows: usize, a: &mut [A], b: &[B], f: F) -> Result<(), E>

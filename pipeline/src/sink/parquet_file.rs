@@ -8,7 +8,10 @@
 //! same properties (same encoders, same Arrow schema in the footer): readers see no difference.
 //!
 //! String columns the batches hold as dictionaries (see [`super::dictionary_stats`]) get their
-//! column-chunk statistics from the dictionary instead of from every row.
+//! column-chunk statistics from the dictionary instead of from every row. For those the rows are the
+//! same as `ArrowWriter`'s from strings but the bytes are not: they have no column index, and a
+//! column chunk whose dictionary outgrows the dictionary page limit (thousands of distinct ~190-byte
+//! cgroup paths in one row group) falls back to plain encoding at another row.
 //!
 //! With one core available (`taskset`, a CPU quota of one), or in a process capturing live traffic
 //! (which must not take a second core from the workload it watches), it encodes on the calling thread.
@@ -43,16 +46,16 @@ pub struct ParquetFile {
 }
 
 impl ParquetFile {
-    /// A file of `schema`, written from batches of `batches` (the same columns; strings may come as
-    /// dictionaries), encoding each batch's columns on `encoder`.
+    /// A file of `schema`, written from batches of `batch_schema` (the same columns; strings may come
+    /// as dictionaries), encoding each batch's columns on `encoder`.
     pub fn try_new(
         file: File,
         schema: SchemaRef,
-        batches: &Schema,
+        batch_schema: &Schema,
         props: WriterProperties,
         encoder: Encoder,
     ) -> Result<Self> {
-        let (dictionaries, props) = DictionaryStats::plan(&schema, batches, props)?;
+        let (dictionaries, props) = DictionaryStats::plan(&schema, batch_schema, props)?;
         let max_group_rows = props
             .max_row_group_row_count()
             .unwrap_or(1024 * 1024)
@@ -234,7 +237,8 @@ mod tests {
     /// Events as the sink writes them (identity columns as dictionaries, their chunk statistics from
     /// the dictionary) read back as the rows `ArrowWriter` writes from strings, and every column chunk
     /// carries `ArrowWriter`'s statistics: min and max truncated the same way (cgroup paths are longer
-    /// than the 64 bytes kept), null counts, a row group with no owners at all.
+    /// than the 64 bytes kept), null counts, value bytes and level histograms, a row group with no
+    /// owners at all. (Only the column index of those columns is not written.)
     #[test]
     fn dictionary_columns_get_the_statistics_arrow_writer_computes_row_by_row() {
         use crate::capture::synthetic::{Synthetic, SyntheticConfig};
@@ -328,6 +332,26 @@ mod tests {
                         "row group {g}, column {name}"
                     );
                     assert_eq!(got.num_values(), want.num_values(), "{g} {name}");
+                    assert_eq!(
+                        got.encodings().collect::<Vec<_>>(),
+                        want.encodings().collect::<Vec<_>>(),
+                        "{g} {name}"
+                    );
+                    assert_eq!(
+                        got.unencoded_byte_array_data_bytes(),
+                        want.unencoded_byte_array_data_bytes(),
+                        "{g} {name}"
+                    );
+                    assert_eq!(
+                        got.definition_level_histogram(),
+                        want.definition_level_histogram(),
+                        "{g} {name}"
+                    );
+                    assert_eq!(
+                        got.repetition_level_histogram(),
+                        want.repetition_level_histogram(),
+                        "{g} {name}"
+                    );
                     if got.statistics().is_some_and(|s| !s.max_is_exact()) {
                         truncated += 1;
                     }
