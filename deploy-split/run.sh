@@ -10,8 +10,9 @@
 # Environment: TCPLAKE_SHARDS (aggregators, default 2), TCPLAKE_SINKS (sink parts, default 2; every run
 # into one output must keep the count, which the output records), TCPLAKE_OUT (default ./tcplake-data-split),
 # NATS_PORT (default 4222), NATS_STORE (default <output>.nats-store), TCPLAKE_RUN_FOR (live capture, 30s).
-# TCPLAKE_BROKER_PARTITIONS=$TCPLAKE_SHARDS partitions the events stream (each aggregator reads its share;
-# fixed when the streams are first created, docs/scaling.md); every process reads it from the environment.
+# TCPLAKE_BROKER_PARTITIONS=P (P >= TCPLAKE_SHARDS) partitions the events stream (each aggregator reads its
+# partitions' share; fixed when the streams are first created, docs/scaling.md); every process reads it
+# from the environment.
 # Extra arguments (the workload: source, events, duration...) go to the capture process. Logs go to $TCPLAKE_OUT/../split-logs/.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -251,9 +251,10 @@ pub struct Cli {
     /// Split modes: file holding a user NKey seed (`SU...`).
     #[arg(long, env = "TCPLAKE_BROKER_NKEY", value_name = "FILE")]
     pub broker_nkey: Option<PathBuf>,
-    /// Split modes: partition the events stream by flow key for P aggregators (one each), so each
-    /// reads only its share. Fixed when the streams are created; later processes learn it from the
-    /// broker [default: as the stream was created; 1 for a new one].
+    /// Split modes: partition the events stream by flow key into P partitions, shared by up to P
+    /// aggregators (each reads only its partitions' share; their count can change while capture
+    /// runs). Fixed when the streams are created; later processes learn it from the broker
+    /// [default: as the stream was created; 1 for a new one].
     #[arg(long, env = "TCPLAKE_BROKER_PARTITIONS", value_name = "P")]
     pub broker_partitions: Option<u32>,
     /// Split modes without a broker: hand batches over through this object store (a directory or

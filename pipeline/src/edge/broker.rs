@@ -56,6 +56,12 @@ const SOURCE_HEADER: &str = "Tcplake-Source";
 /// the numbering stands as well as a batch, so a capture restarted after one continues it.
 const NEXT_SEQ_HEADER: &str = "Tcplake-Next-Seq";
 const MSG_ID: &str = "Nats-Msg-Id";
+/// On a flows subject: an aggregator took the shard over from here (see [`Broker::claim_shard`]); the
+/// value names the claimant. Consumers skip it.
+pub(crate) const CLAIM_HEADER: &str = "Tcplake-Claim";
+/// On a claim: the stream sequence of the shard's last flow message before it (0: none), where the
+/// claimant resumed from.
+const CHECKPOINT_HEADER: &str = "Tcplake-Checkpoint";
 /// How long a failed publish is retried before the producing stage fails.
 const PUBLISH_RETRY_FOR: Duration = Duration::from_secs(120);
 /// How long a process waits at its end for the broker to confirm the acks it sent.
@@ -80,8 +86,8 @@ fn node_of(subject: &str) -> Option<&str> {
     }
 }
 
-/// Most partitions of the events stream: one aggregator each, and every capture batch is one message
-/// per partition.
+/// Most partitions of the events stream: every capture batch is one message per partition, and each
+/// partition one consumer in the aggregator that owns it.
 pub const MAX_PARTITIONS: u32 = 64;
 
 /// How the events stream records its partition count (its description): fixed when it is created,
@@ -98,6 +104,19 @@ fn recorded_partitions(description: Option<&str>) -> Option<u32> {
             .and_then(|n| n.parse().ok())
             .filter(|n| (1..=MAX_PARTITIONS).contains(n)),
     }
+}
+
+/// Where a shard stood when an aggregator claimed it ([`Broker::claim_shard`]).
+pub enum Claimed {
+    /// Its flows ended (an end marker): nothing is left to do.
+    Ended,
+    /// `last`: the last flow batch published before the claim (`None`: none yet), from which the
+    /// claimant rebuilds what the shard held; `claim`: the claim's stream sequence, after which the
+    /// claimant's own messages follow.
+    From {
+        last: Option<Box<FlowBatch>>,
+        claim: u64,
+    },
 }
 
 pub fn flows_subject(shard: u32) -> String {
@@ -285,15 +304,21 @@ pub enum BrokerError {
     PartsWithoutEvents,
     #[error(
         "this aggregator is shard {index} of {count}, but the events stream is cut into {partitions} \
-         partitions (broker.partitions), one aggregator each: run {partitions} aggregators, \
-         --shard 0/{partitions} to {last}/{partitions}",
-        last = partitions - 1
+         partitions (broker.partitions), which {count} aggregators cannot share: each one takes the \
+         partitions k with k mod N = I, so run at most {partitions} (--shard I/N with N <= \
+         {partitions})"
     )]
     ShardsNotPartitions {
         index: u32,
         count: u32,
         partitions: u32,
     },
+    #[error(
+        "every shard of this aggregator (--shard {index}/{count}) was claimed by another aggregator \
+         while it ran: the tier was resized, or another process runs with the same --shard; the \
+         others go on with those shards (nothing is lost), this one has nothing left to do"
+    )]
+    ClaimedAway { index: u32, count: u32 },
 }
 
 /// A connection to JetStream with the tcplake streams in place.
@@ -588,23 +613,83 @@ impl Broker {
         })
     }
 
-    /// The last flow batch a shard published: `Ok(None)` if none, `Some(None)` if the shard ended.
-    pub async fn shard_progress(
+    /// Takes shard `shard`'s flows subject over for an aggregator named `owner`: publishes a claim
+    /// right after the subject's last message and returns where the shard stands there. From the claim
+    /// on, a publish of the previous owner fails (its predecessor on the subject is no longer its own:
+    /// [`StreamFault::Foreign`]) and it leaves the shard, so one aggregator at a time emits a shard's
+    /// flows, and the new one continues from exactly the last flow message before its claim.
+    pub async fn claim_shard(
         &self,
         shard: u32,
-    ) -> Result<Option<Option<FlowBatch>>, BrokerError> {
-        let Some(m) = self.last_on(FLOWS_STREAM, &flows_subject(shard)).await? else {
-            return Ok(None);
-        };
-        if m.headers.get(END_HEADER).is_some() {
-            return Ok(Some(None));
-        }
-        let batch = wire::decode_flows(&m.payload).map_err(|source| BrokerError::Unreadable {
+        count: u32,
+        owner: &str,
+    ) -> Result<Claimed, BrokerError> {
+        let subject = flows_subject(shard);
+        let unreadable = |source| BrokerError::Unreadable {
             name: FLOWS_STREAM,
             of: format!("shard {shard}"),
             source,
-        })?;
-        Ok(Some(Some(batch)))
+        };
+        let stream_err = |source: Cause| BrokerError::Stream {
+            name: FLOWS_STREAM,
+            source,
+        };
+        let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
+        loop {
+            let last = self.last_on(FLOWS_STREAM, &subject).await?;
+            let (after, checkpoint) = match &last {
+                None => (0, 0),
+                Some(m) if m.headers.get(END_HEADER).is_some() => return Ok(Claimed::Ended),
+                Some(m) => match m.headers.get(CHECKPOINT_HEADER) {
+                    // An earlier claim: the checkpoint it resumed from is still the last flow message.
+                    Some(c) if m.headers.get(CLAIM_HEADER).is_some() => {
+                        (m.sequence, c.as_str().parse().unwrap_or(0))
+                    }
+                    _ => (m.sequence, m.sequence),
+                },
+            };
+            let mut h = HeaderMap::new();
+            h.insert(MSG_ID, format!("claim-{shard}-{after}-{owner}").as_str());
+            h.insert(EXPECTED_LAST_SUBJECT_SEQ, after.to_string().as_str());
+            h.insert(CLAIM_HEADER, owner);
+            h.insert(SHARDS_HEADER, count.to_string().as_str());
+            h.insert(CHECKPOINT_HEADER, checkpoint.to_string().as_str());
+            let published = async {
+                self.js
+                    .publish_with_headers(subject.clone(), h, Bytes::new())
+                    .await?
+                    .await
+            };
+            let claim = match published.await {
+                Ok(ack) => ack.sequence,
+                // Something was published after the last message looked at: look again.
+                Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                    backoff.wait().await;
+                    continue;
+                }
+                Err(e) => return Err(stream_err(e.into())),
+            };
+            let last = match checkpoint {
+                0 => None,
+                seq if Some(seq) == last.as_ref().map(|m| m.sequence) => {
+                    let m = last.expect("looked up");
+                    Some(Box::new(
+                        wire::decode_flows(&m.payload).map_err(unreadable)?,
+                    ))
+                }
+                seq => {
+                    let stream = self.stream(FLOWS_STREAM).await?;
+                    let m = stream
+                        .get_raw_message(seq)
+                        .await
+                        .map_err(|e| stream_err(e.into()))?;
+                    Some(Box::new(
+                        wire::decode_flows(&m.payload).map_err(unreadable)?,
+                    ))
+                }
+            };
+            return Ok(Claimed::From { last, claim });
+        }
     }
 
     /// A producer of event batches for `node`. It gives up retrying a failing publish once `shutdown`
@@ -914,7 +999,8 @@ impl Broker {
                     .get(SHARDS_HEADER)
                     .and_then(|v| v.as_str().parse().ok());
                 out.ended.push((subject, shards));
-            } else if wire::is_batch(&last.payload) {
+            } else if wire::is_batch(&last.payload) || last.headers.get(CLAIM_HEADER).is_some() {
+                // A claimed shard has an aggregator that will go on publishing.
                 out.live.push(subject);
             }
         }
@@ -1087,6 +1173,10 @@ pub struct BrokerTx<T> {
     source: Option<String>,
     /// Stream sequence of the last message stored on the subject (0: none); `None` until looked up.
     last_seq: Option<u64>,
+    /// A claimed flows subject ([`Self::after_claim`]): the newest message known to be this
+    /// producer's (its claim, or its own publish). A lookup that finds a later message of another id
+    /// means another aggregator claimed the shard.
+    claimed_tail: Option<u64>,
     /// Headers an item's messages carry, set before each is published (a piece's own).
     item_headers: Option<ItemHeaders<T>>,
     /// Once fired, a failing publish is not retried any more.
@@ -1115,9 +1205,18 @@ impl<T> BrokerTx<T> {
             after: None,
             source: None,
             last_seq: None,
+            claimed_tail: None,
             item_headers: None,
             shutdown,
         }
+    }
+
+    /// Publishes right after this producer's claim at stream sequence `claim`, and never after a
+    /// message another producer published since (see [`Broker::claim_shard`]).
+    pub fn after_claim(mut self, claim: u64) -> Self {
+        self.last_seq = Some(claim);
+        self.claimed_tail = Some(claim);
+        self
     }
 
     /// Gives each item's message (each piece's, when cut) the headers `of` says.
@@ -1202,7 +1301,15 @@ impl<T> BrokerTx<T> {
                 let last = match self.last_seq {
                     Some(s) => s,
                     None => {
-                        let (s, _) = self.last_stored().await.map_err(Attempt::Lookup)?;
+                        let (s, last_id) = self.last_stored().await.map_err(Attempt::Lookup)?;
+                        // After a failed or duplicate publish the subject's last message is looked up
+                        // again: on a claimed subject it must be this producer's (or this message,
+                        // stored before its acknowledgement was lost).
+                        if self.claimed_tail.is_some_and(|t| s > t)
+                            && last_id.as_deref() != Some(id)
+                        {
+                            return Err(Attempt::Claimed(s));
+                        }
                         self.last_seq = Some(s);
                         s
                     }
@@ -1248,6 +1355,9 @@ impl<T> BrokerTx<T> {
                     } else {
                         self.last_seq = Some(ack.sequence);
                     }
+                    if let Some(t) = &mut self.claimed_tail {
+                        *t = (*t).max(ack.sequence);
+                    }
                     self.published_rows(rows);
                     return Ok(());
                 }
@@ -1259,9 +1369,19 @@ impl<T> BrokerTx<T> {
                     let (seq, last_id) = self.last_stored().await?;
                     if last_id.as_deref() == Some(id) {
                         self.last_seq = Some(seq);
+                        if let Some(t) = &mut self.claimed_tail {
+                            *t = (*t).max(seq);
+                        }
                         self.published_rows(rows);
                         return Ok(());
                     }
+                    return Err(StreamFault::Foreign {
+                        subject: self.subject.clone(),
+                        seq,
+                    }
+                    .into());
+                }
+                Err(Attempt::Claimed(seq)) => {
                     return Err(StreamFault::Foreign {
                         subject: self.subject.clone(),
                         seq,
@@ -1318,6 +1438,9 @@ fn publish_hint(failure: &Attempt, s: &BrokerSettings) -> String {
 enum Attempt {
     #[error(transparent)]
     Lookup(EdgeError),
+    /// Another producer published on a claimed subject (at this stream sequence).
+    #[error("another producer published on the subject (stream sequence {0})")]
+    Claimed(u64),
     #[error(transparent)]
     Publish(jetstream::context::PublishError),
 }
@@ -1721,6 +1844,14 @@ impl<T> BrokerRx<T> {
                 self.next_seq = info.stream_sequence + 1;
             }
             let node = node_of(m.subject.as_str()).map(str::to_string);
+            if m.headers
+                .as_ref()
+                .is_some_and(|h| h.get(CLAIM_HEADER).is_some())
+            {
+                // A shard changing hands carries no rows.
+                self.settled.push(self.ack(m));
+                continue;
+            }
             if let Some(h) = m.headers.as_ref().filter(|h| h.get(END_HEADER).is_some()) {
                 let shards = h.get(SHARDS_HEADER).and_then(|v| v.as_str().parse().ok());
                 let done = self.mark_ended(m.subject.as_str(), shards)?;

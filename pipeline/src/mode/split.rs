@@ -22,8 +22,8 @@ use crate::aggregate::{self, AggregateConfig, Resume};
 use crate::capture::{self, AnySource, CaptureConfig};
 use crate::config::Settings;
 use crate::edge::broker::{
-    decode_events_msg, decode_flows_msg, Broker, BrokerRx, Ends, NodeProgress, EVENTS_STREAM,
-    FLOWS_STREAM,
+    decode_events_msg, decode_flows_msg, Broker, BrokerRx, Claimed, Ends, NodeProgress,
+    EVENTS_STREAM, FLOWS_STREAM,
 };
 use crate::edge::objects::{self, ObjectRx, ObjectTx};
 use crate::edge::{check_windows, memory, Ack, EdgeError, Finalized, StreamFault, Tx};
@@ -232,44 +232,133 @@ pub async fn aggregate(
     }
     let broker = connect(s, &metrics).await?;
     let partitions = broker.partitions();
-    if partitions > 1 && shard.count != partitions {
-        return Err(crate::edge::broker::BrokerError::ShardsNotPartitions {
+    // Partitioned, the flows are sharded by partition, and the N aggregators share the partitions
+    // (k with k mod N = I): N can change from one run of the tier to the next, even while capture
+    // runs, as each partition is claimed by one aggregator at a time. Unpartitioned, each of the N
+    // aggregators is one shard.
+    let (shards, owned): (u32, Vec<u32>) = if partitions > 1 {
+        if shard.count > partitions {
+            return Err(crate::edge::broker::BrokerError::ShardsNotPartitions {
+                index: shard.index,
+                count: shard.count,
+                partitions,
+            }
+            .into());
+        }
+        let owned = (0..partitions)
+            .filter(|k| k % shard.count == shard.index)
+            .collect();
+        (partitions, owned)
+    } else {
+        (shard.count, vec![shard.index])
+    };
+    // Who claims the shards: unique per process, so two processes told the same --shard are told
+    // apart on the subjects.
+    let owner = format!(
+        "{}/{} pid {} at {}",
+        shard.index,
+        shard.count,
+        std::process::id(),
+        chrono::Utc::now().timestamp_micros()
+    );
+    metrics.health.set_ready();
+    let mut tasks = tokio::task::JoinSet::new();
+    for k in owned.iter().copied() {
+        let shard = aggregate::Shard {
+            index: k,
+            count: shards,
+        };
+        tasks.spawn(run_shard(
+            broker.clone(),
+            shard,
+            partitions,
+            windows,
+            owner.clone(),
+            shutdown.clone(),
+            Arc::clone(&metrics),
+        ));
+    }
+    let mut from = u64::MAX;
+    let mut left = Vec::new();
+    let stopped = loop {
+        tokio::select! {
+            r = tasks.join_next() => match r {
+                None => break false,
+                Some(r) => match r.map_err(RunError::Panicked)?? {
+                    ShardEnd::Done { from: f } => from = from.min(f),
+                    ShardEnd::ClaimedAway(k) => left.push(k),
+                },
+            },
+            _ = shutdown.wait() => {
+                // Open windows are not flushed half-full: a restart rebuilds them from the stream.
+                tasks.abort_all();
+                while tasks.join_next().await.is_some() {}
+                tracing::info!("stopped; open windows will be rebuilt from the events stream on restart");
+                break true;
+            }
+        }
+    };
+    if !stopped && !left.is_empty() && left.len() == owned.len() {
+        return Err(crate::edge::broker::BrokerError::ClaimedAway {
             index: shard.index,
             count: shard.count,
-            partitions,
         }
         .into());
     }
-    let resume = match broker.shard_progress(shard.index).await? {
-        None => None,
-        Some(None) => {
+    let mut sum = handed_over(HandsOver::Aggregate, &metrics, started, s.broker_url());
+    sum.resumed_at_seq = if from == u64::MAX { 0 } else { from };
+    Ok(sum)
+}
+
+/// How one shard's aggregation ended.
+enum ShardEnd {
+    /// Its input ended (or it had ended before), after rebuilding from stream position `from`.
+    Done { from: u64 },
+    /// Another aggregator claimed shard `k` (the tier was resized): it continues the shard.
+    ClaimedAway(u32),
+}
+
+/// Claims `shard`'s flows, rebuilds what it held from the events (its partition, when partitioned)
+/// and aggregates until the input ends or another aggregator claims the shard.
+async fn run_shard(
+    broker: Broker,
+    shard: aggregate::Shard,
+    partitions: u32,
+    windows: WindowConfig,
+    owner: String,
+    shutdown: Shutdown,
+    metrics: Arc<Metrics>,
+) -> Result<ShardEnd, RunError> {
+    let k = shard.index;
+    let (last, claim) = match broker.claim_shard(k, shard.count, &owner).await? {
+        Claimed::Ended => {
             tracing::info!(
-                shard = shard.index,
+                shard = k,
                 "this shard's flow stream already ended; nothing to do"
             );
-            return Ok(handed_over(
-                HandsOver::Aggregate,
-                &metrics,
-                started,
-                s.broker_url(),
-            ));
+            return Ok(ShardEnd::Done { from: 0 });
         }
-        // The last piece published: its replay point rebuilds what the shard held then, and the
-        // emissions go on being numbered after it (a half-published one is superseded).
-        Some(Some(last)) => Some(Resume {
-            point: last.replay,
-            next_emission: last.seq + 1,
-        }),
+        Claimed::From { last, claim } => (last, claim),
     };
+    // The last piece published before the claim: its replay point rebuilds what the shard held then,
+    // and the emissions go on being numbered after it (a half-published one is superseded).
+    let resume = last.map(|last| Resume {
+        point: last.replay,
+        next_emission: last.seq + 1,
+    });
     // A rebuild from the stream's start (the checkpoint before an aggregator's first emission) starts
     // at 1, so that retention having removed the start is noticed as for any other replay point.
     let from = resume.as_ref().map_or(0, |r| r.point.from_seq.max(1));
     if resume.is_some() {
         match partitions {
-            1 => tracing::info!(from, "rebuilding open windows from the events stream"),
+            1 => tracing::info!(
+                from,
+                shard = k,
+                "rebuilding open windows from the events stream"
+            ),
             _ => tracing::info!(
                 from,
-                partition = shard.index,
+                partition = k,
                 "rebuilding open windows from this shard's partition"
             ),
         }
@@ -277,33 +366,28 @@ pub async fn aggregate(
     // Partitioned, the shard reads its partition only; positions are on the partitions stream.
     let input = match partitions {
         1 => broker.events_from(from).await?,
-        _ => broker.partition_from(shard.index, from).await?,
+        _ => broker.partition_from(k, from).await?,
     };
-    let output = broker.flows_tx(shard.index, shard.count, shutdown.clone());
+    let output = broker.flows_tx(k, shard.count, shutdown).after_claim(claim);
     let cfg = AggregateConfig {
         windows,
-        producer: format!("agg-{}", shard.index).into(),
+        producer: format!("agg-{k}").into(),
         resume,
         shard,
     };
-    metrics.health.set_ready();
-    let m = Arc::clone(&metrics);
-    let mut task =
-        tokio::spawn(async move { aggregate::run(cfg, input, output, &m.aggregate).await });
-    tokio::select! {
-        r = &mut task => {
-            r.map_err(RunError::Panicked)?.map_err(RunError::Aggregate)?;
+    match aggregate::run(cfg, input, output, &metrics.aggregate).await {
+        Ok(_) => Ok(ShardEnd::Done { from }),
+        Err(EdgeError::Stream(StreamFault::Foreign { seq, .. })) => {
+            tracing::warn!(
+                shard = k,
+                seq,
+                "another aggregator claimed this shard (the tier was resized or restarted); leaving \
+                 it to that one"
+            );
+            Ok(ShardEnd::ClaimedAway(k))
         }
-        _ = shutdown.wait() => {
-            // Open windows are not flushed half-full: a restart rebuilds them from the stream.
-            task.abort();
-            let _ = task.await;
-            tracing::info!("stopped; open windows will be rebuilt from the events stream on restart");
-        }
+        Err(e) => Err(RunError::Aggregate(e)),
     }
-    let mut sum = handed_over(HandsOver::Aggregate, &metrics, started, s.broker_url());
-    sum.resumed_at_seq = from;
-    Ok(sum)
 }
 
 /// Which deliveries of the events stream are not yet committed, and so how far the event log is

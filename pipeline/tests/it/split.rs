@@ -1191,6 +1191,157 @@ fn partitioned_streams_give_each_aggregator_its_share_and_stay_exact_through_kil
     );
 }
 
+/// Elastic aggregators: over a stream of 6 partitions the tier goes from 2 aggregators to 3 and back
+/// to 2 while capture runs, each change made the way a rollout makes it (the new processes start while
+/// the old ones still run; the old ones are stopped, one killed -9). Each aggregator takes the
+/// partitions k with k mod N = I, claiming each on its flows subject, so one aggregator at a time
+/// emits a partition's flows and the next continues from exactly where the last stopped. An old
+/// aggregator whose every partition was claimed away says so in one line. The output equals the
+/// monolith's, row for row.
+#[test]
+fn the_aggregator_count_changes_2_3_2_while_capture_runs_and_the_output_stays_exact() {
+    const N: u64 = 400_000;
+    let tmp = tempfile::tempdir().unwrap();
+    // 4 KiB messages: emissions go out in pieces, so claims land between pieces too.
+    let nats = Nats::start_monitored_with(&["-c", &small_payload_conf(tmp.path())]);
+    let run = Run::new(&nats, tmp.path(), "91", N);
+    std::fs::write(
+        &run.config,
+        "[broker]\nack_wait = \"3s\"\nmax_bytes = \"256MiB\"\npartitions = 6\n",
+    )
+    .unwrap();
+    // About 20 s of capture, one-second windows: flows are committed while the tier changes.
+    let capture = run.spawn("capture", &["--rate", "20000"]);
+    let windows = ["--window", "1", "--allowed-lateness", "0"];
+    let agg = |i: &str| run.spawn("aggregate", &[&["--shard", i][..], &windows].concat());
+    let mut sink = run.spawn("sink", &["--max-file-age", "1s"]);
+    let next_flows = |sink: &mut Child| {
+        let known = commits(&run.out, "flows");
+        wait_for_commit_beyond(&run.out, "flows", known, sink);
+    };
+    let stop = |c: Child, what: &str| {
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let o = c.wait_bounded().unwrap();
+        assert!(o.status.success(), "{what}: {}", stderr(&o));
+    };
+    let claimed_away = |c: Child, i: &str| {
+        let o = c.wait_bounded().unwrap();
+        assert_one_error_line(
+            &o,
+            &[&format!("--shard {i}"), "claimed by another aggregator"],
+        );
+    };
+
+    // 2 aggregators: 0/2 has partitions 0, 2, 4; 1/2 has 1, 3, 5.
+    let a0 = agg("0/2");
+    let a1 = agg("1/2");
+    next_flows(&mut sink);
+    // 2 -> 3. 2/3 takes 2 and 5 from the running two; then 0/2 is stopped and 0/3 (0, 3) and
+    // 1/3 (1, 4) start: 1/2 has lost all three of its partitions.
+    let b2 = agg("2/3");
+    next_flows(&mut sink);
+    stop(a0, "aggregator 0/2");
+    let b0 = agg("0/3");
+    let b1 = agg("1/3");
+    claimed_away(a1, "1/2");
+    next_flows(&mut sink);
+    // 3 -> 2, with a kill -9: 2/3 is stopped, 1/3 killed, and 0/2 and 1/2 start again; 0/3 loses
+    // both of its partitions.
+    stop(b2, "aggregator 2/3");
+    kill(b1);
+    let c0 = agg("0/2");
+    let c1 = agg("1/2");
+    claimed_away(b0, "0/3");
+    finish(capture, "capture");
+    finish(c0, "aggregator 0/2");
+    finish(c1, "aggregator 1/2");
+    finish(sink, "sink");
+    assert_union_of_monoliths(&run.out, tmp.path(), &[("split-node", "91")], N, &windows);
+    assert_drained(&nats, &run.out);
+    report_fault(
+        "split, 6 partitions: aggregators 2 -> 3 -> 2 while capture runs (one killed -9)",
+        "output == the monolith's; each partition emitted by one aggregator at a time",
+    );
+}
+
+/// The claim protocol against a real server, driven through the library: a claim resumes from the
+/// shard's last flow message (also when the last message is an earlier claim), the aggregator before
+/// it is refused at its next publish (also one claimed away before it published anything), and an
+/// ended shard is not claimed.
+#[test]
+fn a_shard_claim_resumes_from_the_last_flow_message_and_fences_the_aggregator_before() {
+    use pipeline::edge::broker::{Broker, Claimed};
+    use pipeline::edge::{EdgeError, StreamFault, Tx};
+    use pipeline::event::{FlowBatch, ReplayPoint};
+    let nats = Nats::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let broker = Broker::connect(&two_partitions(&nats), Default::default())
+            .await
+            .unwrap();
+        let (_stop, shutdown) = pipeline::shutdown::channel();
+        let batch = |seq: u64| FlowBatch {
+            producer: "agg-1".into(),
+            seq,
+            records: Vec::new(),
+            first_row: 0,
+            total_rows: 0,
+            replay: ReplayPoint {
+                from_seq: 100 + seq,
+                ..Default::default()
+            },
+            replay_before: None,
+            shard_count: 2,
+            windows: None,
+        };
+        let claim = |owner: &'static str| {
+            let broker = broker.clone();
+            async move {
+                match broker.claim_shard(1, 2, owner).await.unwrap() {
+                    Claimed::From { last, claim } => {
+                        (last.map(|l| (l.seq, l.replay.from_seq)), claim)
+                    }
+                    Claimed::Ended => panic!("{owner}: the shard has not ended"),
+                }
+            }
+        };
+        let refused = |e: EdgeError| {
+            assert!(
+                matches!(e, EdgeError::Stream(StreamFault::Foreign { .. })),
+                "{e}"
+            )
+        };
+        // Nothing published yet: nothing to resume from.
+        let (last, a_claim) = claim("a").await;
+        assert_eq!(last, None);
+        let mut a = broker.flows_tx(1, 2, shutdown.clone()).after_claim(a_claim);
+        a.send(batch(0)).await.unwrap();
+        a.send(batch(1)).await.unwrap();
+        // b resumes from a's last batch; a is refused from then on.
+        let (last, b_claim) = claim("b").await;
+        assert_eq!(last, Some((1, 101)));
+        refused(a.send(batch(2)).await.unwrap_err());
+        // c claims before b published: it too resumes from a's last batch, and b is refused at once.
+        let (last, c_claim) = claim("c").await;
+        assert_eq!(last, Some((1, 101)));
+        assert!(c_claim > b_claim);
+        let mut b = broker.flows_tx(1, 2, shutdown.clone()).after_claim(b_claim);
+        refused(b.send(batch(2)).await.unwrap_err());
+        let mut c = broker.flows_tx(1, 2, shutdown.clone()).after_claim(c_claim);
+        c.send(batch(2)).await.unwrap();
+        let (last, _) = claim("d").await;
+        assert_eq!(last, Some((2, 102)));
+        // A shard whose flows ended is not claimed.
+        let (_, e_claim) = claim("e").await;
+        let mut e = broker.flows_tx(1, 2, shutdown.clone()).after_claim(e_claim);
+        e.close(true).await.unwrap();
+        assert!(matches!(
+            broker.claim_shard(1, 2, "f").await.unwrap(),
+            Claimed::Ended
+        ));
+    });
+}
+
 /// A capture that died between a node message and its shares (partition 1 lacks the share, partition
 /// 0 holds the first piece of one cut in two): the next capture of the node cuts that message again for
 /// what each partition lacks (and ends the partitions of an ended node), so each partition holds every
