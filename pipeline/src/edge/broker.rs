@@ -314,11 +314,18 @@ pub enum BrokerError {
         partitions: u32,
     },
     #[error(
-        "every shard of this aggregator (--shard {index}/{count}) was claimed by another aggregator \
-         while it ran: the tier was resized, or another process runs with the same --shard; the \
-         others go on with those shards (nothing is lost), this one has nothing left to do"
+        "the last claim on tcplake.flows.{shard} names checkpoint `{value}`, not a stream sequence \
+         (edited by hand?): the shard's aggregator cannot tell where to continue; delete that message \
+         (`nats stream rmm TCPLAKE_FLOWS SEQ`) so the one before it is the subject's last"
     )]
-    ClaimedAway { index: u32, count: u32 },
+    BadClaim { shard: u32, value: String },
+    #[error(
+        "shard {shard}'s last flow batch (stream sequence {seq} of TCPLAKE_FLOWS) was removed by the \
+         stream's retention before an aggregator claimed the shard, so its emissions cannot be \
+         continued: raise broker.max_age / broker.max_bytes; to go on, write to a new output from \
+         purged streams"
+    )]
+    CheckpointGone { shard: u32, seq: u64 },
 }
 
 /// A connection to JetStream with the tcplake streams in place.
@@ -625,31 +632,43 @@ impl Broker {
         owner: &str,
     ) -> Result<Claimed, BrokerError> {
         let subject = flows_subject(shard);
-        let unreadable = |source| BrokerError::Unreadable {
-            name: FLOWS_STREAM,
-            of: format!("shard {shard}"),
-            source,
+        let started = Instant::now();
+        let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
+        // Transient failures (a restarting server, a full stream) are retried as a publish is.
+        let retry = |what: &str, error: &dyn std::fmt::Display| {
+            if started.elapsed() >= PUBLISH_RETRY_FOR {
+                return false;
+            }
+            tracing::warn!(shard, %error, "claiming the shard: {what} failed; retrying");
+            true
         };
-        let stream_err = |source: Cause| BrokerError::Stream {
-            name: FLOWS_STREAM,
-            source,
-        };
-        let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(500));
         loop {
-            let last = self.last_on(FLOWS_STREAM, &subject).await?;
-            let (after, checkpoint) = match &last {
+            let tail = match self.last_on(FLOWS_STREAM, &subject).await {
+                Ok(tail) => tail,
+                Err(e) if retry("looking up its last message", &e) => {
+                    backoff.wait().await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let (after, checkpoint) = match &tail {
                 None => (0, 0),
                 Some(m) if m.headers.get(END_HEADER).is_some() => return Ok(Claimed::Ended),
                 Some(m) => match m.headers.get(CHECKPOINT_HEADER) {
                     // An earlier claim: the checkpoint it resumed from is still the last flow message.
                     Some(c) if m.headers.get(CLAIM_HEADER).is_some() => {
-                        (m.sequence, c.as_str().parse().unwrap_or(0))
+                        let seq = c.as_str().parse().map_err(|_| BrokerError::BadClaim {
+                            shard,
+                            value: c.as_str().to_string(),
+                        })?;
+                        (m.sequence, seq)
                     }
                     _ => (m.sequence, m.sequence),
                 },
             };
+            let id = format!("claim-{shard}-{after}-{owner}");
             let mut h = HeaderMap::new();
-            h.insert(MSG_ID, format!("claim-{shard}-{after}-{owner}").as_str());
+            h.insert(MSG_ID, id.as_str());
             h.insert(EXPECTED_LAST_SUBJECT_SEQ, after.to_string().as_str());
             h.insert(CLAIM_HEADER, owner);
             h.insert(SHARDS_HEADER, count.to_string().as_str());
@@ -662,34 +681,78 @@ impl Broker {
             };
             let claim = match published.await {
                 Ok(ack) => ack.sequence,
-                // Something was published after the last message looked at: look again.
                 Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                    // Something was published after the last message looked at: look again.
+                    tracing::debug!(
+                        shard,
+                        "the shard moved on while being claimed; looking again"
+                    );
                     backoff.wait().await;
                     continue;
                 }
-                Err(e) => return Err(stream_err(e.into())),
+                Err(e) => {
+                    // Stored, with its acknowledgement lost? Then the claim is made.
+                    let stored = self.last_on(FLOWS_STREAM, &subject).await.ok().flatten();
+                    match stored {
+                        Some(m)
+                            if m.headers.get(MSG_ID).map(|v| v.as_str()) == Some(id.as_str()) =>
+                        {
+                            m.sequence
+                        }
+                        _ if retry("publishing the claim", &e) => {
+                            backoff.wait().await;
+                            continue;
+                        }
+                        _ => {
+                            return Err(BrokerError::Stream {
+                                name: FLOWS_STREAM,
+                                source: e.into(),
+                            })
+                        }
+                    }
+                }
             };
             let last = match checkpoint {
                 0 => None,
-                seq if Some(seq) == last.as_ref().map(|m| m.sequence) => {
-                    let m = last.expect("looked up");
-                    Some(Box::new(
-                        wire::decode_flows(&m.payload).map_err(unreadable)?,
-                    ))
-                }
-                seq => {
-                    let stream = self.stream(FLOWS_STREAM).await?;
-                    let m = stream
-                        .get_raw_message(seq)
-                        .await
-                        .map_err(|e| stream_err(e.into()))?;
-                    Some(Box::new(
-                        wire::decode_flows(&m.payload).map_err(unreadable)?,
-                    ))
-                }
+                seq => Some(Box::new(self.flow_batch_at(shard, seq, tail).await?)),
             };
             return Ok(Claimed::From { last, claim });
         }
+    }
+
+    /// The flow batch at stream sequence `seq` of shard `shard`'s subject (`tail`: the subject's last
+    /// message, if that is the one).
+    async fn flow_batch_at(
+        &self,
+        shard: u32,
+        seq: u64,
+        tail: Option<jetstream::message::StreamMessage>,
+    ) -> Result<FlowBatch, BrokerError> {
+        let m = match tail.filter(|m| m.sequence == seq) {
+            Some(m) => m,
+            None => {
+                let stream = self.stream(FLOWS_STREAM).await?;
+                match stream.get_raw_message(seq).await {
+                    Ok(m) => m,
+                    Err(e)
+                        if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound =>
+                    {
+                        return Err(BrokerError::CheckpointGone { shard, seq })
+                    }
+                    Err(e) => {
+                        return Err(BrokerError::Stream {
+                            name: FLOWS_STREAM,
+                            source: e.into(),
+                        })
+                    }
+                }
+            }
+        };
+        wire::decode_flows(&m.payload).map_err(|source| BrokerError::Unreadable {
+            name: FLOWS_STREAM,
+            of: format!("shard {shard}"),
+            source,
+        })
     }
 
     /// A producer of event batches for `node`. It gives up retrying a failing publish once `shutdown`
@@ -999,8 +1062,7 @@ impl Broker {
                     .get(SHARDS_HEADER)
                     .and_then(|v| v.as_str().parse().ok());
                 out.ended.push((subject, shards));
-            } else if wire::is_batch(&last.payload) || last.headers.get(CLAIM_HEADER).is_some() {
-                // A claimed shard has an aggregator that will go on publishing.
+            } else if wire::is_batch(&last.payload) {
                 out.live.push(subject);
             }
         }
@@ -1177,6 +1239,10 @@ pub struct BrokerTx<T> {
     /// producer's (its claim, or its own publish). A lookup that finds a later message of another id
     /// means another aggregator claimed the shard.
     claimed_tail: Option<u64>,
+    /// A claimed flows subject: appended to every message id (`@<claim>`), so the server's duplicate
+    /// detection never takes this producer's message for the same emission published by the owner
+    /// before or after it (which would be acknowledged as stored, the owners then riding each other).
+    id_suffix: String,
     /// Headers an item's messages carry, set before each is published (a piece's own).
     item_headers: Option<ItemHeaders<T>>,
     /// Once fired, a failing publish is not retried any more.
@@ -1206,6 +1272,7 @@ impl<T> BrokerTx<T> {
             source: None,
             last_seq: None,
             claimed_tail: None,
+            id_suffix: String::new(),
             item_headers: None,
             shutdown,
         }
@@ -1216,6 +1283,7 @@ impl<T> BrokerTx<T> {
     pub fn after_claim(mut self, claim: u64) -> Self {
         self.last_seq = Some(claim);
         self.claimed_tail = Some(claim);
+        self.id_suffix = format!("@{claim}");
         self
     }
 
@@ -1294,6 +1362,8 @@ impl<T> BrokerTx<T> {
         rows: usize,
         own: &[(&'static str, String)],
     ) -> Result<(), EdgeError> {
+        let id = &format!("{id}{}", self.id_suffix);
+        let id = id.as_str();
         let started = Instant::now();
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         loop {

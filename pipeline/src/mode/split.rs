@@ -261,82 +261,114 @@ pub async fn aggregate(
         std::process::id(),
         chrono::Utc::now().timestamp_micros()
     );
-    metrics.health.set_ready();
+    let tier = Arc::new(Tier {
+        broker,
+        partitions,
+        windows,
+        owner,
+        shutdown: shutdown.clone(),
+        metrics: Arc::clone(&metrics),
+        owned: owned.len(),
+        opened: AtomicU64::new(0),
+        from: AtomicU64::new(u64::MAX),
+    });
     let mut tasks = tokio::task::JoinSet::new();
     for k in owned.iter().copied() {
         let shard = aggregate::Shard {
             index: k,
             count: shards,
         };
-        tasks.spawn(run_shard(
-            broker.clone(),
-            shard,
-            partitions,
-            windows,
-            owner.clone(),
-            shutdown.clone(),
-            Arc::clone(&metrics),
-        ));
+        tasks.spawn(run_shard(Arc::clone(&tier), shard));
     }
-    let mut from = u64::MAX;
-    let mut left = Vec::new();
-    let stopped = loop {
+    let mut claimed_away = 0;
+    loop {
         tokio::select! {
             r = tasks.join_next() => match r {
-                None => break false,
-                Some(r) => match r.map_err(RunError::Panicked)?? {
-                    ShardEnd::Done { from: f } => from = from.min(f),
-                    ShardEnd::ClaimedAway(k) => left.push(k),
-                },
+                None => break,
+                Some(r) => {
+                    if let ShardEnd::ClaimedAway = r.map_err(RunError::Panicked)?? {
+                        claimed_away += 1;
+                    }
+                }
             },
             _ = shutdown.wait() => {
                 // Open windows are not flushed half-full: a restart rebuilds them from the stream.
                 tasks.abort_all();
                 while tasks.join_next().await.is_some() {}
                 tracing::info!("stopped; open windows will be rebuilt from the events stream on restart");
-                break true;
+                break;
             }
         }
-    };
-    if !stopped && !left.is_empty() && left.len() == owned.len() {
-        return Err(crate::edge::broker::BrokerError::ClaimedAway {
-            index: shard.index,
-            count: shard.count,
-        }
-        .into());
+    }
+    if claimed_away == owned.len() && !shutdown.is_triggered() {
+        // Exiting would have a supervisor restart it with the same --shard, and it would claim its
+        // shards back from the aggregators that took them, and so on: it waits to be stopped instead.
+        let why = "every shard of this aggregator was claimed by another aggregator";
+        tracing::warn!(
+            "{why} (--shard {}/{}): the tier was resized, or another process runs with the same \
+             --shard; nothing is lost, and this one waits to be stopped",
+            shard.index,
+            shard.count
+        );
+        metrics.health.set_not_ready(why);
+        shutdown.wait().await;
     }
     let mut sum = handed_over(HandsOver::Aggregate, &metrics, started, s.broker_url());
-    sum.resumed_at_seq = if from == u64::MAX { 0 } else { from };
+    sum.resumed_at_seq = match tier.from.load(Ordering::Relaxed) {
+        u64::MAX => 0,
+        from => from,
+    };
     Ok(sum)
+}
+
+/// What the shards of one aggregator process share, and how far they have started: the process is
+/// ready once every one reads its input.
+struct Tier {
+    broker: Broker,
+    partitions: u32,
+    windows: WindowConfig,
+    /// Who claims the shards (see `aggregate`).
+    owner: String,
+    shutdown: Shutdown,
+    metrics: Arc<Metrics>,
+    owned: usize,
+    opened: AtomicU64,
+    /// The lowest stream position a shard rebuilds from.
+    from: AtomicU64,
+}
+
+impl Tier {
+    /// One more shard reads its input from stream position `from` (`None`: it has nothing to do).
+    fn opened(&self, from: Option<u64>) {
+        if let Some(from) = from {
+            self.from.fetch_min(from, Ordering::Relaxed);
+        }
+        if self.opened.fetch_add(1, Ordering::AcqRel) + 1 == self.owned as u64 {
+            self.metrics.health.set_ready();
+        }
+    }
 }
 
 /// How one shard's aggregation ended.
 enum ShardEnd {
-    /// Its input ended (or it had ended before), after rebuilding from stream position `from`.
-    Done { from: u64 },
-    /// Another aggregator claimed shard `k` (the tier was resized): it continues the shard.
-    ClaimedAway(u32),
+    /// Its input ended (or it had ended before).
+    Done,
+    /// Another aggregator claimed the shard (the tier was resized): it continues the shard.
+    ClaimedAway,
 }
 
 /// Claims `shard`'s flows, rebuilds what it held from the events (its partition, when partitioned)
 /// and aggregates until the input ends or another aggregator claims the shard.
-async fn run_shard(
-    broker: Broker,
-    shard: aggregate::Shard,
-    partitions: u32,
-    windows: WindowConfig,
-    owner: String,
-    shutdown: Shutdown,
-    metrics: Arc<Metrics>,
-) -> Result<ShardEnd, RunError> {
-    let k = shard.index;
-    let (last, claim) = match broker.claim_shard(k, shard.count, &owner).await? {
+async fn run_shard(tier: Arc<Tier>, shard: aggregate::Shard) -> Result<ShardEnd, RunError> {
+    let (broker, partitions, k) = (&tier.broker, tier.partitions, shard.index);
+    let (last, claim) = match broker.claim_shard(k, shard.count, &tier.owner).await? {
         Claimed::Ended => {
             tracing::info!(
                 shard = k,
                 "this shard's flow stream already ended; nothing to do"
             );
-            return Ok(ShardEnd::Done { from: 0 });
+            tier.opened(None);
+            return Ok(ShardEnd::Done);
         }
         Claimed::From { last, claim } => (last, claim),
     };
@@ -368,15 +400,18 @@ async fn run_shard(
         1 => broker.events_from(from).await?,
         _ => broker.partition_from(k, from).await?,
     };
-    let output = broker.flows_tx(k, shard.count, shutdown).after_claim(claim);
+    tier.opened(Some(from));
+    let output = broker
+        .flows_tx(k, shard.count, tier.shutdown.clone())
+        .after_claim(claim);
     let cfg = AggregateConfig {
-        windows,
+        windows: tier.windows,
         producer: format!("agg-{k}").into(),
         resume,
         shard,
     };
-    match aggregate::run(cfg, input, output, &metrics.aggregate).await {
-        Ok(_) => Ok(ShardEnd::Done { from }),
+    match aggregate::run(cfg, input, output, &tier.metrics.aggregate).await {
+        Ok(_) => Ok(ShardEnd::Done),
         Err(EdgeError::Stream(StreamFault::Foreign { seq, .. })) => {
             tracing::warn!(
                 shard = k,
@@ -384,7 +419,7 @@ async fn run_shard(
                 "another aggregator claimed this shard (the tier was resized or restarted); leaving \
                  it to that one"
             );
-            Ok(ShardEnd::ClaimedAway(k))
+            Ok(ShardEnd::ClaimedAway)
         }
         Err(e) => Err(RunError::Aggregate(e)),
     }
