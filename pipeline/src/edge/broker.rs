@@ -9,7 +9,10 @@
 //!   after its predecessor on the subject is stored (`Nats-Expected-Last-Subject-Sequence`), so a
 //!   producer's messages are stored in order even across broker restarts; a message id
 //!   (`Nats-Msg-Id`: events `(node, first seq)` or a heartbeat's clock, flows `(producer, emission,
-//!   first row)`) recognises a retried message that was in fact stored.
+//!   first row)` and the claim it follows, `@<claim>`) recognises a retried message that was in fact
+//!   stored.
+//! * An aggregator claims its flows subject before it publishes (`Tcplake-Claim`,
+//!   [`Broker::claim_shard`]): from then on, the subject's previous producer is refused.
 //! * A stream ends with an end marker (header `Tcplake-End`) when a finite source is exhausted; a stop
 //!   by signal sends none, so a restarted producer simply continues: every event message says the
 //!   node's next `seq` (`Tcplake-Next-Seq`), and the first rows of a run that could not continue (its
@@ -314,15 +317,17 @@ pub enum BrokerError {
         partitions: u32,
     },
     #[error(
-        "the last claim on tcplake.flows.{shard} names checkpoint `{value}`, not a stream sequence \
-         (edited by hand?): the shard's aggregator cannot tell where to continue; delete that message \
-         (`nats stream rmm TCPLAKE_FLOWS SEQ`) so the one before it is the subject's last"
+        "the claim at stream sequence {seq} of TCPLAKE_FLOWS (tcplake.flows.{shard}'s last message) \
+         names checkpoint `{value}`, not a stream sequence (published by hand?): the shard's \
+         aggregator cannot tell where to continue; delete it (`nats stream rmm TCPLAKE_FLOWS {seq}`) \
+         so the message before it is the subject's last"
     )]
-    BadClaim { shard: u32, value: String },
+    BadClaim { shard: u32, seq: u64, value: String },
     #[error(
         "shard {shard}'s last flow batch (stream sequence {seq} of TCPLAKE_FLOWS) was removed by the \
-         stream's retention before an aggregator claimed the shard, so its emissions cannot be \
-         continued: raise broker.max_age / broker.max_bytes; to go on, write to a new output from \
+         stream's retention (broker.max_age) before an aggregator claimed the shard, so its emissions \
+         cannot be continued: the shard's running owner, if any, goes on; keep broker.max_age above \
+         the longest time a shard goes without flows; to go on without it, write to a new output from \
          purged streams"
     )]
     CheckpointGone { shard: u32, seq: u64 },
@@ -634,6 +639,7 @@ impl Broker {
         let subject = flows_subject(shard);
         let started = Instant::now();
         let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
+        let mut said = Instant::now();
         // Transient failures (a restarting server, a full stream) are retried as a publish is.
         let retry = |what: &str, error: &dyn std::fmt::Display| {
             if started.elapsed() >= PUBLISH_RETRY_FOR {
@@ -654,16 +660,31 @@ impl Broker {
             let (after, checkpoint) = match &tail {
                 None => (0, 0),
                 Some(m) if m.headers.get(END_HEADER).is_some() => return Ok(Claimed::Ended),
-                Some(m) => match m.headers.get(CHECKPOINT_HEADER) {
-                    // An earlier claim: the checkpoint it resumed from is still the last flow message.
-                    Some(c) if m.headers.get(CLAIM_HEADER).is_some() => {
-                        let seq = c.as_str().parse().map_err(|_| BrokerError::BadClaim {
+                // An earlier claim: the checkpoint it resumed from is still the last flow message.
+                Some(m) if m.headers.get(CLAIM_HEADER).is_some() => {
+                    let value = m.headers.get(CHECKPOINT_HEADER).map(|c| c.as_str());
+                    let seq = value.and_then(|c| c.parse().ok()).ok_or_else(|| {
+                        BrokerError::BadClaim {
                             shard,
-                            value: c.as_str().to_string(),
-                        })?;
-                        (m.sequence, seq)
+                            seq: m.sequence,
+                            value: value.unwrap_or("").to_string(),
+                        }
+                    })?;
+                    (m.sequence, seq)
+                }
+                Some(m) => (m.sequence, m.sequence),
+            };
+            // The batch to resume from is read before the claim is made: a claim its claimant could
+            // not follow would only stop the running owner.
+            let last = match checkpoint {
+                0 => None,
+                seq => match self.flow_batch_at(shard, seq, tail.as_ref()).await {
+                    Ok(batch) => Some(Box::new(batch)),
+                    Err(e @ BrokerError::Stream { .. }) if retry("reading its last batch", &e) => {
+                        backoff.wait().await;
+                        continue;
                     }
-                    _ => (m.sequence, m.sequence),
+                    Err(e) => return Err(e),
                 },
             };
             let id = format!("claim-{shard}-{after}-{owner}");
@@ -682,11 +703,16 @@ impl Broker {
             let claim = match published.await {
                 Ok(ack) => ack.sequence,
                 Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
-                    // Something was published after the last message looked at: look again.
-                    tracing::debug!(
-                        shard,
-                        "the shard moved on while being claimed; looking again"
-                    );
+                    // Something was published after the last message looked at: look again (for
+                    // as long as it takes; said every few seconds, as the shard waits meanwhile).
+                    if said.elapsed() >= Duration::from_secs(5) {
+                        tracing::warn!(
+                            shard,
+                            "the shard's owner keeps publishing while it is being claimed; still \
+                             trying"
+                        );
+                        said = Instant::now();
+                    }
                     backoff.wait().await;
                     continue;
                 }
@@ -712,10 +738,6 @@ impl Broker {
                     }
                 }
             };
-            let last = match checkpoint {
-                0 => None,
-                seq => Some(Box::new(self.flow_batch_at(shard, seq, tail).await?)),
-            };
             return Ok(Claimed::From { last, claim });
         }
     }
@@ -726,14 +748,18 @@ impl Broker {
         &self,
         shard: u32,
         seq: u64,
-        tail: Option<jetstream::message::StreamMessage>,
+        tail: Option<&jetstream::message::StreamMessage>,
     ) -> Result<FlowBatch, BrokerError> {
+        let fetched;
         let m = match tail.filter(|m| m.sequence == seq) {
             Some(m) => m,
             None => {
                 let stream = self.stream(FLOWS_STREAM).await?;
                 match stream.get_raw_message(seq).await {
-                    Ok(m) => m,
+                    Ok(m) => {
+                        fetched = m;
+                        &fetched
+                    }
                     Err(e)
                         if e.kind() == jetstream::stream::RawMessageErrorKind::NoMessageFound =>
                     {

@@ -177,6 +177,21 @@ mod tests {
         RecordBatch::try_new(schema.clone(), columns).unwrap()
     }
 
+    /// `batches` written to `path` by parquet's own `ArrowWriter`: the reference.
+    fn arrow_writer_file(
+        path: &std::path::Path,
+        schema: &SchemaRef,
+        props: &WriterProperties,
+        batches: impl IntoIterator<Item = RecordBatch>,
+    ) {
+        let file = File::create(path).unwrap();
+        let mut w = ArrowWriter::try_new(file, schema.clone(), Some(props.clone())).unwrap();
+        for b in batches {
+            w.write(&b).unwrap();
+        }
+        w.close().unwrap();
+    }
+
     /// Same rows, row groups and bytes as `ArrowWriter` with the same properties, on any thread count.
     #[test]
     fn writes_what_arrow_writer_writes_with_columns_in_parallel() {
@@ -194,16 +209,7 @@ mod tests {
             .collect();
 
         let reference = dir.path().join("reference.parquet");
-        let mut w = ArrowWriter::try_new(
-            File::create(&reference).unwrap(),
-            schema.clone(),
-            Some(props.clone()),
-        )
-        .unwrap();
-        for b in &batches {
-            w.write(b).unwrap();
-        }
-        w.close().unwrap();
+        arrow_writer_file(&reference, &schema, &props, batches.iter().cloned());
 
         for threads in [1, 2, 3] {
             let path = dir.path().join(format!("parallel-{threads}.parquet"));
@@ -277,17 +283,10 @@ mod tests {
         let props = crate::lake::format::writer_properties("events", 7_000);
         let dir = tempfile::tempdir().unwrap();
         let reference = dir.path().join("reference.parquet");
-        let mut w = ArrowWriter::try_new(
-            File::create(&reference).unwrap(),
-            schema.clone(),
-            Some(props.clone()),
-        )
-        .unwrap();
-        for chunk in events.chunks(4_096) {
-            w.write(&events_to_batch(&batch.node, chunk).unwrap())
-                .unwrap();
-        }
-        w.close().unwrap();
+        let plain = events
+            .chunks(4_096)
+            .map(|chunk| events_to_batch(&batch.node, chunk).unwrap());
+        arrow_writer_file(&reference, &schema, &props, plain);
         let read = |path: &std::path::Path| {
             let b = ParquetRecordBatchReaderBuilder::try_new(File::open(path).unwrap()).unwrap();
             let meta = b.metadata().clone();
