@@ -176,26 +176,17 @@ fn chunk_statistics(
     nulls: u64,
     truncate: Option<usize>,
 ) -> Statistics {
-    let (min, min_exact) = match min {
-        Some(m) => match truncate
-            .filter(|l| m.len() > *l)
-            .and_then(|l| truncate_utf8(&m, l))
-        {
+    // A bound longer than `truncate` is cut (and, for the max, incremented) when it can be, and then
+    // no longer exact.
+    let bound = |value: Option<String>, cut: fn(&str, usize) -> Option<Vec<u8>>| match value {
+        Some(v) => match truncate.filter(|l| v.len() > *l).and_then(|l| cut(&v, l)) {
             Some(t) => (Some(t), false),
-            None => (Some(m.into_bytes()), true),
+            None => (Some(v.into_bytes()), true),
         },
         None => (None, false),
     };
-    let (max, max_exact) = match max {
-        Some(m) => match truncate
-            .filter(|l| m.len() > *l)
-            .and_then(|l| truncate_and_increment_utf8(&m, l))
-        {
-            Some(t) => (Some(t), false),
-            None => (Some(m.into_bytes()), true),
-        },
-        None => (None, false),
-    };
+    let (min, min_exact) = bound(min, truncate_utf8);
+    let (max, max_exact) = bound(max, truncate_and_increment_utf8);
     let has = min.is_some();
     let stats = ValueStatistics::new(
         min.map(ByteArray::from),

@@ -9,6 +9,13 @@ use std::time::Duration;
 
 use crate::common::*;
 
+/// The broker settings of every process of a run, with `more` lines: a short ack wait (a restarted
+/// sink gets the messages its killed predecessor held sooner) and small streams (JetStream reserves
+/// their size on disk up front).
+fn config_with(more: &str) -> String {
+    format!("[broker]\nack_wait = \"3s\"\nmax_bytes = \"256MiB\"\n{more}")
+}
+
 /// The same workload for every process of a run.
 struct Run {
     seed: &'static str,
@@ -20,14 +27,8 @@ struct Run {
 
 impl Run {
     fn new(nats: &Nats, tmp: &Path, seed: &'static str, events: u64) -> Run {
-        // Short ack wait: a restarted sink gets the messages its killed predecessor held sooner.
         let config = tmp.join("split.toml");
-        // Small streams: JetStream reserves their size on disk up front.
-        std::fs::write(
-            &config,
-            "[broker]\nack_wait = \"3s\"\nmax_bytes = \"256MiB\"\n",
-        )
-        .unwrap();
+        std::fs::write(&config, config_with("")).unwrap();
         Run {
             seed,
             events,
@@ -65,6 +66,15 @@ impl Run {
         }
         a.extend(extra.iter().map(|s| s.to_string()));
         a
+    }
+
+    /// Every process of the run asks for `partitions` partitions (the first creates the streams so).
+    fn partitioned(&self, partitions: u32) {
+        std::fs::write(
+            &self.config,
+            config_with(&format!("partitions = {partitions}\n")),
+        )
+        .unwrap();
     }
 
     fn spawn(&self, mode: &str, extra: &[&str]) -> Child {
@@ -1138,11 +1148,7 @@ fn partitioned_streams_give_each_aggregator_its_share_and_stay_exact_through_kil
     let tmp = tempfile::tempdir().unwrap();
     let nats = Nats::start_monitored_with(&["-c", &small_payload_conf(tmp.path())]);
     let run = Run::new(&nats, tmp.path(), "71", N);
-    std::fs::write(
-        &run.config,
-        "[broker]\nack_wait = \"3s\"\nmax_bytes = \"256MiB\"\npartitions = 2\n",
-    )
-    .unwrap();
+    run.partitioned(2);
     let nodes = [("node-a", "71"), ("node-b", "72"), ("node-c", "73")];
     let paced = ["--rate", "100000"];
     let mut captures = spawn_captures(&run, &nodes, &paced);
@@ -1205,11 +1211,7 @@ fn the_aggregator_count_changes_2_3_2_while_capture_runs_and_the_output_stays_ex
     // 4 KiB messages: emissions go out in pieces, so claims land between pieces too.
     let nats = Nats::start_monitored_with(&["-c", &small_payload_conf(tmp.path())]);
     let run = Run::new(&nats, tmp.path(), "91", N);
-    std::fs::write(
-        &run.config,
-        "[broker]\nack_wait = \"3s\"\nmax_bytes = \"256MiB\"\npartitions = 6\n",
-    )
-    .unwrap();
+    run.partitioned(6);
     // About 40 s of capture, one-second windows: flows are committed while the tier changes.
     let mut capture = run.spawn("capture", &["--rate", "15000"]);
     let windows = ["--window", "1", "--allowed-lateness", "0"];
